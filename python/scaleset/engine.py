@@ -1,0 +1,208 @@
+"""The engine facade: the only module that imports the native core (``scaleset._core``).
+
+It turns the dataclasses of :mod:`scaleset.model` into plain data for the core and the core's answers
+back into dataclasses. The core releases the GIL for every call and serialises calls on one engine, so an
+:class:`Engine` may be shared between threads.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from scaleset import _core
+from scaleset.errors import invalid_input
+from scaleset.model import (
+    Eviction,
+    Instance,
+    LazyItems,
+    Plan,
+    PlannedCreate,
+    PlannedDelete,
+    Region,
+    ScaleSet,
+    ScaleSetSpec,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Engine"]
+
+_INSTANCE_COLUMNS = (
+    "instance_id",
+    "name",
+    "zone",
+    "fault_domain",
+    "vm_size",
+    "priority",
+    "power_state",
+    "health",
+    "model_version",
+    "protect_from_scale_in",
+    "protect_from_scale_set_actions",
+)
+
+
+def _count(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise invalid_input(f"{what} must be a non-negative integer, got {value!r}.")
+    return value
+
+
+def _ids(instance_ids: Iterable[int]) -> list[int]:
+    ids = list(instance_ids)
+    for i in ids:
+        _count(i, "instance id")
+    return ids
+
+
+def _plan(handle: Any, dry_run: bool) -> Plan:
+    return Plan(
+        scale_set=handle.scale_set,
+        capacity_before=handle.capacity_before,
+        capacity_after=handle.capacity_after,
+        dry_run=dry_run,
+        creates=LazyItems(handle.creates_len(), lambda i: PlannedCreate(*handle.create_at(i))),
+        deletes=LazyItems(handle.deletes_len(), lambda i: PlannedDelete(*handle.delete_at(i))),
+        _handle=handle,
+    )
+
+
+class Engine:
+    """Places, scales, evicts and protects the instances of scale sets in one region.
+
+    Args:
+        region: zones, fault domains per zone, zones down, and capacity pools.
+        instance_limit: replaces Azure's per-scale-set instance limits (1,000 / 600 / 200 / 100) with this
+            ceiling, for private fleets. ``None`` enforces Azure's limits.
+    """
+
+    def __init__(self, region: Region, *, instance_limit: int | None = None) -> None:
+        if instance_limit is not None:
+            _count(instance_limit, "instance_limit")
+        self._core = _core.Engine(region.to_dict(), instance_limit)
+
+    # ----- scale sets ---------------------------------------------------------------------------------
+
+    def create_scale_set(self, spec: ScaleSetSpec, capacity: int = 0) -> Plan:
+        """Validates and stores a scale set, then scales it to ``capacity``.
+
+        Returns the plan that placed the initial instances. Nothing is stored if validation or placement
+        fails. Raises :class:`~scaleset.errors.ScaleSetError` subclasses with Azure's codes.
+        """
+        _, handle = self._core.create_scale_set(spec.to_dict(), _count(capacity, "capacity"))
+        log.debug("created scale set %s with %d instances", spec.name, capacity)
+        return _plan(handle, dry_run=False)
+
+    def get_scale_set(self, name: str) -> ScaleSet:
+        """The stored spec (with Azure's defaults filled in) and every instance."""
+        spec = ScaleSetSpec.from_dict(self._core.get_spec(name))
+        return ScaleSet(spec=spec, instances=self._instances(name))
+
+    def get_spec(self, name: str) -> ScaleSetSpec:
+        """The stored spec alone (cheap for large scale sets)."""
+        return ScaleSetSpec.from_dict(self._core.get_spec(name))
+
+    def list_scale_sets(self) -> list[ScaleSetSpec]:
+        """Every scale set's stored spec, sorted by name."""
+        return [self.get_spec(name) for name in self._core.list_scale_sets()]
+
+    def update_scale_set(self, spec: ScaleSetSpec) -> ScaleSetSpec:
+        """Replaces a scale set's model; returns the stored spec.
+
+        Unset optional fields keep their stored values. Changing an immutable property raises
+        ``ConflictError`` with code ``PropertyChangeNotAllowed``; a changed VM model (size, sizes, image)
+        bumps ``model_version``. Existing instances are not touched.
+        """
+        return ScaleSetSpec.from_dict(self._core.update_scale_set(spec.to_dict()))
+
+    def delete_scale_set(self, name: str) -> None:
+        """Deletes a scale set and its instances (protection does not block deleting the whole set)."""
+        self._core.delete_scale_set(name)
+
+    def capacity(self, name: str) -> int:
+        return int(self._core.capacity(name))
+
+    def instance_limit(self, name: str) -> int:
+        """The most instances this scale set may hold under the engine's limits."""
+        return int(self._core.instance_limit(name))
+
+    # ----- scaling ------------------------------------------------------------------------------------
+
+    def set_capacity(self, name: str, capacity: int, dry_run: bool = False) -> Plan:
+        """Scales out or in to ``capacity`` instances. With ``dry_run`` nothing changes."""
+        handle = self._core.set_capacity(name, _count(capacity, "capacity"), dry_run)
+        return _plan(handle, dry_run=dry_run)
+
+    # ----- instances ----------------------------------------------------------------------------------
+
+    def instance_columns(self, name: str) -> dict[str, list[Any]]:
+        """The instances as columns (one list per :class:`~scaleset.model.Instance` field)."""
+        return dict(self._core.instances(name))
+
+    def _instances(self, name: str) -> tuple[Instance, ...]:
+        cols = self._core.instances(name)
+        names = [n if n is not None else f"{name}_{i}" for n, i in zip(cols["name"], cols["instance_id"])]
+        cols["name"] = names
+        return tuple(
+            Instance(**dict(zip(_INSTANCE_COLUMNS, row)))
+            for row in zip(*(cols[c] for c in _INSTANCE_COLUMNS))
+        )
+
+    def import_instances(self, name: str, instances: Iterable[Instance]) -> None:
+        """Adopts existing instances with their ids, zones, fault domains, sizes, priorities and states.
+
+        Imported instances keep the capacity they already hold: pools are not charged for them.
+        """
+        items: Sequence[Instance] = list(instances)
+        columns = {c: [getattr(i, c) for i in items] for c in _INSTANCE_COLUMNS}
+        self._core.import_instances(name, columns)
+
+    def delete_instances(self, name: str, instance_ids: Iterable[int]) -> Plan:
+        """Deletes chosen instances, protected ones included (as Azure allows for user deletes)."""
+        return _plan(self._core.delete_instances(name, _ids(instance_ids)), dry_run=False)
+
+    def evict(self, name: str, instance_ids: Iterable[int]) -> Eviction:
+        """Spot eviction per the scale set's ``eviction_policy`` (Delete removes, Deallocate keeps)."""
+        deleted, deallocated = self._core.evict(name, _ids(instance_ids))
+        return Eviction(deleted=tuple(deleted), deallocated=tuple(deallocated))
+
+    def set_protection(
+        self,
+        name: str,
+        instance_ids: Iterable[int],
+        protect_from_scale_in: bool,
+        protect_from_scale_set_actions: bool = False,
+    ) -> None:
+        """Sets both protection flags on the given instances (Azure's instance protection policy)."""
+        self._core.set_protection(
+            name, _ids(instance_ids), bool(protect_from_scale_in), bool(protect_from_scale_set_actions)
+        )
+
+    def report_health(self, name: str, instance_ids: Iterable[int], health: str) -> None:
+        """Records Application Health: ``Healthy``, ``Unhealthy``, ``Unknown`` or ``Initializing``."""
+        self._core.report_health(name, _ids(instance_ids), health)
+
+    # ----- region -------------------------------------------------------------------------------------
+
+    def set_zone_available(self, zone: str, available: bool) -> None:
+        """Marks a zone down (outage) or up again."""
+        self._core.set_zone_available(zone, bool(available))
+
+    def set_pool_capacity(
+        self,
+        zone: str | None,
+        vm_size: str,
+        priority: str,
+        available: int | None,
+        price: float | None = None,
+    ) -> None:
+        """Sets how many more instances a pool can take (``None``: unlimited) and optionally its price."""
+        if available is not None:
+            _count(available, "available")
+        self._core.set_pool_capacity(zone, vm_size, priority, available, price)
+
+    def describe_region(self) -> Region:
+        """The region as it stands now: zones, zones down, and every configured pool."""
+        return Region.from_dict(self._core.region())

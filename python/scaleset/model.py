@@ -1,0 +1,362 @@
+"""The domain model: frozen dataclasses named after Azure's properties, snake_cased.
+
+Every field but the essential ones is defaulted as Azure defaults it, so
+``ScaleSetSpec(name="web", zones=["1", "2", "3"], sku=Sku(name="Standard_D2s_v5"))`` is a complete
+zone-spanning Flexible scale set. Fields that Azure fills in at creation (``platform_fault_domain_count``,
+``eviction_policy``, ``single_placement_group``) may be left ``None``; the stored spec returned by the
+engine has them filled in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, TypeVar, overload
+
+from scaleset.errors import invalid_input
+
+__all__ = [
+    "Eviction",
+    "Instance",
+    "Plan",
+    "PlannedCreate",
+    "PlannedDelete",
+    "Pool",
+    "PriorityMixPolicy",
+    "Region",
+    "ScaleInPolicy",
+    "ScaleSet",
+    "ScaleSetSpec",
+    "Sku",
+    "SkuProfile",
+    "VmSize",
+]
+
+
+def _freeze(obj: Any, name: str) -> None:
+    """Stores a user-given list as a tuple, so specs stay immutable and hashable."""
+    value = getattr(obj, name)
+    if isinstance(value, str):
+        raise invalid_input(f"{type(obj).__name__}.{name} must be a list, not the string {value!r}.")
+    if not isinstance(value, tuple):
+        object.__setattr__(obj, name, tuple(value))
+
+
+def _check_int(obj: Any, name: str, minimum: int = 0) -> None:
+    value = getattr(obj, name)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise invalid_input(f"{type(obj).__name__}.{name} must be an integer >= {minimum}, got {value!r}.")
+
+
+@dataclass(frozen=True, slots=True)
+class Sku:
+    """``sku``: one VM size (``name``), or ``"Mix"`` with a :class:`SkuProfile`."""
+
+    name: str
+    tier: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VmSize:
+    """One size of an instance mix; ``rank`` is used only by the ``Prioritized`` strategy (lower first)."""
+
+    name: str
+    rank: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_int(self, "rank")
+
+
+@dataclass(frozen=True, slots=True)
+class SkuProfile:
+    """``sku_profile`` (instance mix, Flexible only): up to five sizes and an allocation strategy."""
+
+    vm_sizes: Sequence[VmSize]
+    allocation_strategy: str = "LowestPrice"
+
+    def __post_init__(self) -> None:
+        _freeze(self, "vm_sizes")
+        object.__setattr__(
+            self, "vm_sizes", tuple(VmSize(name=v) if isinstance(v, str) else v for v in self.vm_sizes)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PriorityMixPolicy:
+    """``priority_mix_policy`` (Flexible + Spot): a Regular base, then a Regular percentage above it."""
+
+    base_regular_priority_count: int = 0
+    regular_priority_percentage_above_base: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int(self, "base_regular_priority_count")
+        _check_int(self, "regular_priority_percentage_above_base")
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleInPolicy:
+    """``scale_in_policy``: one of the rules ``Default``, ``NewestVM``, ``OldestVM``."""
+
+    rules: Sequence[str] = ("Default",)
+    force_deletion: bool = False
+    prioritize_unhealthy_vms: bool = False
+
+    def __post_init__(self) -> None:
+        _freeze(self, "rules")
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleSetSpec:
+    """A scale set's model (Azure's ``virtualMachineScaleSets`` properties, snake_cased)."""
+
+    name: str
+    orchestration_mode: str = "Flexible"
+    zones: Sequence[str] = ()
+    zone_balance: bool = False
+    platform_fault_domain_count: int | None = None
+    sku: Sku | None = None
+    sku_profile: SkuProfile | None = None
+    priority: str = "Regular"
+    eviction_policy: str | None = None
+    max_price: float | None = None
+    priority_mix_policy: PriorityMixPolicy | None = None
+    scale_in_policy: ScaleInPolicy = field(default_factory=ScaleInPolicy)
+    single_placement_group: bool | None = None
+    image_kind: str = "Marketplace"
+    #: Engine-managed: starts at 1 and grows by one each time the VM model (size, sizes, image) changes.
+    model_version: int = 0
+
+    def __post_init__(self) -> None:
+        _freeze(self, "zones")
+        _check_int(self, "platform_fault_domain_count")
+        if isinstance(self.max_price, int) and not isinstance(self.max_price, bool):
+            object.__setattr__(self, "max_price", float(self.max_price))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dicts, lists and scalars, keyed by the snake_cased property names."""
+        return _to_plain(self)  # type: ignore[no-any-return]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ScaleSetSpec:
+        """Builds a spec from :meth:`to_dict`'s shape; unknown keys are an error, missing ones default."""
+        return _from_plain(cls, data, "spec")
+
+
+@dataclass(frozen=True, slots=True)
+class Pool:
+    """Capacity for one (zone, vm_size, priority): ``available`` more instances (None: unlimited)."""
+
+    zone: str | None
+    vm_size: str
+    priority: str = "Regular"
+    available: int | None = None
+    price: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_int(self, "available")
+
+
+@dataclass(frozen=True, slots=True)
+class Region:
+    """Zones, fault domains per zone, zones currently down, and capacity pools."""
+
+    zones: Sequence[str] = ()
+    fault_domains_per_zone: int = 3
+    unavailable_zones: Sequence[str] = ()
+    pools: Sequence[Pool] = ()
+
+    def __post_init__(self) -> None:
+        _freeze(self, "zones")
+        _freeze(self, "unavailable_zones")
+        _freeze(self, "pools")
+        _check_int(self, "fault_domains_per_zone", 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)  # type: ignore[no-any-return]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Region:
+        return _from_plain(cls, data, "region")
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """One VM of a scale set. A higher ``instance_id`` is a newer instance."""
+
+    instance_id: int
+    zone: str | None = None
+    fault_domain: int = 0
+    vm_size: str = ""
+    priority: str = "Regular"
+    power_state: str = "running"
+    health: str = "Unknown"
+    model_version: int | None = None
+    protect_from_scale_in: bool = False
+    protect_from_scale_set_actions: bool = False
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_int(self, "instance_id")
+        _check_int(self, "fault_domain")
+        _check_int(self, "model_version")
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleSet:
+    """A stored scale set: its model and its instances (sorted by instance id)."""
+
+    spec: ScaleSetSpec
+    instances: tuple[Instance, ...]
+
+    @property
+    def capacity(self) -> int:
+        return len(self.instances)
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedCreate:
+    instance_id: int
+    zone: str | None
+    fault_domain: int
+    vm_size: str
+    priority: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedDelete:
+    instance_id: int
+    zone: str | None
+    fault_domain: int
+    vm_size: str
+    priority: str
+    reason: str
+
+
+T = TypeVar("T")
+
+
+class LazyItems(Sequence[T], Generic[T]):
+    """A read-only sequence whose items are built on access, so a 100,000-instance plan costs nothing
+    until somebody looks at its items."""
+
+    __slots__ = ("_get", "_len")
+
+    def __init__(self, length: int, get: Callable[[int], T]) -> None:
+        self._len = length
+        self._get = get
+
+    def __len__(self) -> int:
+        return self._len
+
+    @overload
+    def __getitem__(self, index: int) -> T: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[T]: ...
+    def __getitem__(self, index: int | slice) -> T | list[T]:
+        if isinstance(index, slice):
+            return [self._get(i) for i in range(*index.indices(self._len))]
+        if index < 0:
+            index += self._len
+        if not 0 <= index < self._len:
+            raise IndexError(index)
+        return self._get(index)
+
+    def __iter__(self) -> Iterator[T]:
+        return (self._get(i) for i in range(self._len))
+
+    def __repr__(self) -> str:
+        return f"<{self._len} items>"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What a change does: ``creates`` and ``deletes``, each with the rule that chose it (``reason``).
+
+    ``creates``/``deletes`` build their items on access; :meth:`create_columns` and
+    :meth:`delete_columns` return plain columns for bulk use.
+    """
+
+    scale_set: str
+    capacity_before: int
+    capacity_after: int
+    dry_run: bool
+    creates: Sequence[PlannedCreate] = field(repr=False)
+    deletes: Sequence[PlannedDelete] = field(repr=False)
+    _handle: Any = field(repr=False, compare=False, default=None)
+
+    def create_columns(self) -> dict[str, list[Any]]:
+        """The creates as columns: instance_id, zone, fault_domain, vm_size, priority."""
+        return self._handle.create_columns()  # type: ignore[no-any-return]
+
+    def delete_columns(self) -> dict[str, list[Any]]:
+        """The deletes as columns: instance_id, zone, fault_domain, vm_size, priority."""
+        return self._handle.delete_columns()  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True, slots=True)
+class Eviction:
+    """Result of a Spot eviction: ids deleted (eviction_policy Delete) or deallocated (Deallocate)."""
+
+    deleted: tuple[int, ...]
+    deallocated: tuple[int, ...]
+
+
+# ----- plain-data conversion (dicts for the native core, the CLI's YAML/JSON and the gRPC layer) -----
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+_NESTED: dict[str, Callable[[Any, str], Any]] = {}
+
+
+def _from_plain(cls: type[T], data: Mapping[str, Any], where: str) -> T:
+    if not isinstance(data, Mapping):
+        raise invalid_input(f"{where} must be a mapping of property names to values, got {type(data).__name__}.")
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise invalid_input(f"{where}: unknown properties {unknown}; known: {sorted(names)}.")
+    kwargs = {}
+    for key, value in data.items():
+        conv = _NESTED.get(f"{cls.__name__}.{key}")
+        kwargs[key] = conv(value, f"{where}.{key}") if conv is not None and value is not None else value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise invalid_input(f"{where}: {e}") from None
+
+
+def _many(cls: type[T]) -> Callable[[Any, str], tuple[T, ...]]:
+    def conv(values: Iterable[Any], where: str) -> tuple[T, ...]:
+        return tuple(v if isinstance(v, (cls, str)) else _from_plain(cls, v, where) for v in values)
+
+    return conv
+
+
+def _one(cls: type[T]) -> Callable[[Any, str], T]:
+    def conv(value: Any, where: str) -> T:
+        return value if isinstance(value, cls) else _from_plain(cls, value, where)
+
+    return conv
+
+
+_NESTED.update(
+    {
+        "ScaleSetSpec.sku": _one(Sku),
+        "ScaleSetSpec.sku_profile": _one(SkuProfile),
+        "ScaleSetSpec.priority_mix_policy": _one(PriorityMixPolicy),
+        "ScaleSetSpec.scale_in_policy": _one(ScaleInPolicy),
+        "SkuProfile.vm_sizes": _many(VmSize),
+        "Region.pools": _many(Pool),
+    }
+)

@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC modules (produced at install time from proto/scaleset/v1)."""

@@ -1,0 +1,517 @@
+//! The engine: the region, every scale set and its instances, and the operations on them. Planning
+//! borrows the state immutably (so dry runs are free); applying a plan is the only mutation path.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::error::{codes, CoreError, Result};
+use crate::model::{
+    EvictionPolicy, Health, Instance, PoolKey, PowerState, Priority, Region, ScaleSetSpec, ZoneSlot,
+};
+use crate::plan::{DeleteCause, Plan, PlannedDelete};
+use crate::scale_in::plan_scale_in;
+use crate::scale_out::{plan_scale_out, SetView};
+use crate::validate::{check_update, instance_limit, limit_error, resolve};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScaleSetState {
+    pub spec: ScaleSetSpec,
+    /// Sorted by instance id, ascending.
+    pub instances: Vec<Instance>,
+    pub next_instance_id: u64,
+    size_ids: Vec<u16>,
+}
+
+impl ScaleSetState {
+    pub fn capacity(&self) -> u64 {
+        self.instances.len() as u64
+    }
+
+    fn position(&self, instance_id: u64) -> Option<usize> {
+        self.instances.binary_search_by_key(&instance_id, |i| i.instance_id).ok()
+    }
+}
+
+/// An instance as a user describes it when importing an existing fleet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceInput {
+    pub instance_id: u64,
+    pub name: Option<String>,
+    pub zone: Option<String>,
+    pub fault_domain: u32,
+    pub vm_size: String,
+    pub priority: Priority,
+    pub power_state: PowerState,
+    pub health: Health,
+    pub model_version: Option<u64>,
+    pub protect_from_scale_in: bool,
+    pub protect_from_scale_set_actions: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Eviction {
+    pub deleted: Vec<u64>,
+    pub deallocated: Vec<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Engine {
+    region: Region,
+    sets: BTreeMap<String, ScaleSetState>,
+    sizes: Vec<String>,
+    instance_limit_override: Option<u64>,
+}
+
+fn not_found(name: &str) -> CoreError {
+    CoreError::not_found(codes::RESOURCE_NOT_FOUND, format!("scale set '{name}' does not exist."))
+}
+
+impl Engine {
+    pub fn new(region: Region, instance_limit_override: Option<u64>) -> Self {
+        Self { region, sets: BTreeMap::new(), sizes: Vec::new(), instance_limit_override }
+    }
+
+    pub fn region(&self) -> &Region {
+        &self.region
+    }
+
+    /// The engine's VM size table; instances and plans refer to sizes by index into it.
+    pub fn sizes(&self) -> &[String] {
+        &self.sizes
+    }
+
+    pub fn scale_set(&self, name: &str) -> Result<&ScaleSetState> {
+        self.sets.get(name).ok_or_else(|| not_found(name))
+    }
+
+    fn scale_set_mut(&mut self, name: &str) -> Result<&mut ScaleSetState> {
+        self.sets.get_mut(name).ok_or_else(|| not_found(name))
+    }
+
+    pub fn scale_sets(&self) -> impl Iterator<Item = &ScaleSetState> {
+        self.sets.values()
+    }
+
+    pub fn instance_limit(&self, name: &str) -> Result<u64> {
+        Ok(instance_limit(&self.scale_set(name)?.spec, self.instance_limit_override))
+    }
+
+    fn intern_size(&mut self, name: &str) -> Result<u16> {
+        if let Some(i) = self.sizes.iter().position(|s| s == name) {
+            return Ok(i as u16);
+        }
+        if self.sizes.len() >= usize::from(u16::MAX) {
+            return Err(CoreError::invalid(codes::INVALID_PARAMETER, "too many distinct VM sizes."));
+        }
+        self.sizes.push(name.to_owned());
+        Ok((self.sizes.len() - 1) as u16)
+    }
+
+    fn intern_spec_sizes(&mut self, spec: &ScaleSetSpec) -> Result<Vec<u16>> {
+        spec.vm_size_names().into_iter().map(|s| self.intern_size(s)).collect()
+    }
+
+    fn view<'a>(&'a self, state: &'a ScaleSetState) -> SetView<'a> {
+        SetView { spec: &state.spec, instances: &state.instances, size_ids: &state.size_ids, region: &self.region }
+    }
+
+    // ----- scale sets -------------------------------------------------------------------------------
+
+    /// Creates a scale set and scales it to `capacity`; nothing is stored if either step fails.
+    pub fn create_scale_set(&mut self, spec: ScaleSetSpec, capacity: u64) -> Result<(ScaleSetSpec, Plan)> {
+        let mut spec = resolve(spec, &self.region)?;
+        if self.sets.contains_key(&spec.name) {
+            return Err(CoreError::conflict(
+                codes::SCALE_SET_ALREADY_EXISTS,
+                format!("scale set '{}' already exists; update it or choose another name.", spec.name),
+            ));
+        }
+        spec.model_version = 1;
+        let limit = instance_limit(&spec, self.instance_limit_override);
+        if capacity > limit {
+            return Err(limit_error(&spec.name, limit));
+        }
+        let size_ids = self.intern_spec_sizes(&spec)?;
+        let state = ScaleSetState { spec: spec.clone(), instances: Vec::new(), next_instance_id: 0, size_ids };
+        let creates = plan_scale_out(&self.view(&state), capacity, 0)?;
+        let name = spec.name.clone();
+        self.sets.insert(name.clone(), state);
+        let plan = Plan { scale_set: name, capacity_before: 0, capacity_after: capacity, creates, deletes: Vec::new() };
+        self.apply(&plan)?;
+        Ok((spec, plan))
+    }
+
+    /// Replaces a scale set's model. Unset optional fields keep their stored values. Returns the stored spec.
+    pub fn update_scale_set(&mut self, mut spec: ScaleSetSpec) -> Result<ScaleSetSpec> {
+        let old = self.scale_set(&spec.name)?.spec.clone();
+        spec.platform_fault_domain_count = spec.platform_fault_domain_count.or(old.platform_fault_domain_count);
+        spec.single_placement_group = spec.single_placement_group.or(old.single_placement_group);
+        if spec.priority == old.priority {
+            spec.eviction_policy = spec.eviction_policy.or(old.eviction_policy);
+        }
+        let mut spec = resolve(spec, &self.region)?;
+        let model_changed = check_update(&old, &spec)?;
+        spec.model_version = old.model_version + u64::from(model_changed);
+        let limit = instance_limit(&spec, self.instance_limit_override);
+        let capacity = self.scale_set(&spec.name)?.capacity();
+        if capacity > limit {
+            return Err(limit_error(&spec.name, limit));
+        }
+        let size_ids = self.intern_spec_sizes(&spec)?;
+        let state = self.scale_set_mut(&spec.name)?;
+        state.spec = spec.clone();
+        state.size_ids = size_ids;
+        Ok(spec)
+    }
+
+    /// Deletes a scale set and all its instances, returning their capacity to the pools.
+    pub fn delete_scale_set(&mut self, name: &str) -> Result<()> {
+        let state = self.sets.remove(name).ok_or_else(|| not_found(name))?;
+        let released: Vec<(ZoneSlot, u16, Priority)> =
+            state.instances.iter().map(|i| (i.zone, i.vm_size, i.priority)).collect();
+        self.adjust_pools(&released, true);
+        Ok(())
+    }
+
+    // ----- capacity -----------------------------------------------------------------------------------
+
+    /// The plan that takes `name` to `capacity` instances; changes nothing.
+    pub fn plan_capacity(&self, name: &str, capacity: u64) -> Result<Plan> {
+        let state = self.scale_set(name)?;
+        let current = state.capacity();
+        let view = self.view(state);
+        let mut plan =
+            Plan { scale_set: name.to_owned(), capacity_before: current, capacity_after: capacity, ..Plan::default() };
+        if capacity > current {
+            let limit = instance_limit(&state.spec, self.instance_limit_override);
+            if capacity > limit {
+                return Err(limit_error(name, limit));
+            }
+            plan.creates = plan_scale_out(&view, capacity - current, state.next_instance_id)?;
+        } else if capacity < current {
+            plan.deletes = plan_scale_in(&view, current - capacity, &self.sizes)?;
+        }
+        Ok(plan)
+    }
+
+    pub fn set_capacity(&mut self, name: &str, capacity: u64, dry_run: bool) -> Result<Plan> {
+        let plan = self.plan_capacity(name, capacity)?;
+        if !dry_run {
+            self.apply(&plan)?;
+        }
+        Ok(plan)
+    }
+
+    /// Applies a plan made by this engine: creates instances, removes instances, moves pool capacity.
+    pub fn apply(&mut self, plan: &Plan) -> Result<()> {
+        let state = self.sets.get_mut(&plan.scale_set).ok_or_else(|| not_found(&plan.scale_set))?;
+        let model_version = state.spec.model_version;
+        if !plan.deletes.is_empty() {
+            let mut gone: Vec<u64> = plan.deletes.iter().map(|d| d.instance_id).collect();
+            gone.sort_unstable();
+            state.instances.retain(|i| gone.binary_search(&i.instance_id).is_err());
+        }
+        for c in &plan.creates {
+            state.instances.push(Instance {
+                instance_id: c.instance_id,
+                name: None,
+                zone: c.zone,
+                fault_domain: c.fault_domain,
+                vm_size: c.vm_size,
+                priority: c.priority,
+                power_state: PowerState::Running,
+                health: Health::Unknown,
+                model_version,
+                protect_from_scale_in: false,
+                protect_from_scale_set_actions: false,
+            });
+            state.next_instance_id = state.next_instance_id.max(c.instance_id + 1);
+        }
+        let taken: Vec<(ZoneSlot, u16, Priority)> = plan.creates.iter().map(|c| (c.zone, c.vm_size, c.priority)).collect();
+        let released: Vec<(ZoneSlot, u16, Priority)> = plan
+            .deletes
+            .iter()
+            .filter(|d| d.cause != DeleteCause::Evicted)
+            .map(|d| (d.zone, d.vm_size, d.priority))
+            .collect();
+        self.adjust_pools(&taken, false);
+        self.adjust_pools(&released, true);
+        Ok(())
+    }
+
+    /// Moves limited pools' capacity: `release` gives it back, otherwise it is taken.
+    fn adjust_pools(&mut self, items: &[(ZoneSlot, u16, Priority)], release: bool) {
+        let mut per_pool: BTreeMap<(ZoneSlot, u16, Priority), u64> = BTreeMap::new();
+        for &key in items {
+            *per_pool.entry(key).or_default() += 1;
+        }
+        for ((zone, size, priority), n) in per_pool {
+            let key = PoolKey { zone, vm_size: self.sizes[usize::from(size)].clone(), priority };
+            if let Some(pool) = self.region.pools.get_mut(&key) {
+                if let Some(available) = pool.available.as_mut() {
+                    *available = if release { available.saturating_add(n) } else { available.saturating_sub(n) };
+                }
+            }
+        }
+    }
+
+    // ----- instances ----------------------------------------------------------------------------------
+
+    /// Adopts existing instances (a migrated fleet, or an exact starting state for tests).
+    pub fn import_instances(&mut self, name: &str, inputs: Vec<InstanceInput>) -> Result<()> {
+        let state = self.scale_set(name)?;
+        let limit = instance_limit(&state.spec, self.instance_limit_override);
+        if state.capacity() + inputs.len() as u64 > limit {
+            return Err(limit_error(name, limit));
+        }
+        let span = self.view(state).fault_domain_span()?;
+        let spec = state.spec.clone();
+        let allowed_sizes = spec.vm_size_names();
+        let mut seen = BTreeSet::new();
+        let mut imported = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            let id = input.instance_id;
+            if !seen.insert(id) {
+                return Err(CoreError::invalid(codes::INVALID_PARAMETER, format!("instance id {id} is listed twice.")));
+            }
+            if state.position(id).is_some() {
+                return Err(CoreError::conflict(
+                    codes::INSTANCE_ALREADY_EXISTS,
+                    format!("instance id {id} already exists in scale set '{name}'."),
+                ));
+            }
+            let zone = match &input.zone {
+                None => None,
+                Some(z) if spec.zones.contains(z) => Some(self.region.zone_index(z)?),
+                Some(z) => {
+                    return Err(CoreError::invalid(
+                        codes::INVALID_PARAMETER,
+                        format!("instance {id}: zone '{z}' is not one of the scale set's zones {:?}.", spec.zones),
+                    ))
+                }
+            };
+            if input.fault_domain >= span {
+                return Err(CoreError::invalid(
+                    codes::INVALID_PARAMETER,
+                    format!("instance {id}: fault_domain {} is out of range; this scale set uses fault domains 0..{}.", input.fault_domain, span - 1),
+                ));
+            }
+            if !allowed_sizes.contains(&input.vm_size.as_str()) {
+                return Err(CoreError::invalid(
+                    codes::INVALID_PARAMETER,
+                    format!("instance {id}: vm_size '{}' is not one of the scale set's sizes {allowed_sizes:?}.", input.vm_size),
+                ));
+            }
+            let priority_ok = if spec.priority_mix_policy.is_some() { true } else { input.priority == spec.priority };
+            if !priority_ok {
+                return Err(CoreError::invalid(
+                    codes::INVALID_PARAMETER,
+                    format!("instance {id}: priority {} does not match the scale set's priority {}.", input.priority, spec.priority),
+                ));
+            }
+            if input.protect_from_scale_set_actions && !input.protect_from_scale_in {
+                return Err(protection_error());
+            }
+            imported.push((input, zone));
+        }
+        let mut new_instances = Vec::with_capacity(imported.len());
+        for (input, zone) in imported {
+            let vm_size = self.intern_size(&input.vm_size)?;
+            new_instances.push(Instance {
+                instance_id: input.instance_id,
+                name: input.name,
+                zone,
+                fault_domain: input.fault_domain,
+                vm_size,
+                priority: input.priority,
+                power_state: input.power_state,
+                health: input.health,
+                model_version: input.model_version.unwrap_or(spec.model_version),
+                protect_from_scale_in: input.protect_from_scale_in,
+                protect_from_scale_set_actions: input.protect_from_scale_set_actions,
+            });
+        }
+        let state = self.scale_set_mut(name)?;
+        state.instances.extend(new_instances);
+        state.instances.sort_by_key(|i| i.instance_id);
+        let max_id = state.instances.last().map_or(0, |i| i.instance_id + 1);
+        state.next_instance_id = state.next_instance_id.max(max_id);
+        Ok(())
+    }
+
+    /// Positions of `ids` in the scale set, in the order given; rejects duplicates and unknown ids.
+    fn positions(&self, name: &str, ids: &[u64]) -> Result<Vec<usize>> {
+        let state = self.scale_set(name)?;
+        let mut seen = BTreeSet::new();
+        let mut missing = Vec::new();
+        let mut out = Vec::with_capacity(ids.len());
+        for &id in ids {
+            if !seen.insert(id) {
+                return Err(CoreError::invalid(codes::INVALID_PARAMETER, format!("instance id {id} is listed twice.")));
+            }
+            match state.position(id) {
+                Some(p) => out.push(p),
+                None => missing.push(id),
+            }
+        }
+        if !missing.is_empty() {
+            let shown: Vec<String> = missing.iter().take(10).map(u64::to_string).collect();
+            return Err(CoreError::not_found(
+                codes::INSTANCE_NOT_FOUND,
+                format!("scale set '{name}' has no instance with id {}{}.", shown.join(", "), if missing.len() > 10 { ", ..." } else { "" }),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Deletes chosen instances. Allowed for protected instances too: protection guards against
+    /// scale-in and scale-set actions, not against a user deleting one instance (reference §4).
+    pub fn delete_instances(&mut self, name: &str, ids: &[u64]) -> Result<Plan> {
+        let positions = self.positions(name, ids)?;
+        let state = self.scale_set(name)?;
+        let deletes = positions
+            .iter()
+            .map(|&p| {
+                let i = &state.instances[p];
+                PlannedDelete {
+                    instance_id: i.instance_id,
+                    zone: i.zone,
+                    fault_domain: i.fault_domain,
+                    vm_size: i.vm_size,
+                    priority: i.priority,
+                    cause: DeleteCause::Manual,
+                }
+            })
+            .collect::<Vec<_>>();
+        let before = state.capacity();
+        let plan = Plan {
+            scale_set: name.to_owned(),
+            capacity_before: before,
+            capacity_after: before - deletes.len() as u64,
+            creates: Vec::new(),
+            deletes,
+        };
+        self.apply(&plan)?;
+        Ok(plan)
+    }
+
+    /// Spot eviction: `Delete` removes the instances (capacity drops; the pool keeps the capacity Azure
+    /// reclaimed), `Deallocate` keeps them deallocated (they still count toward capacity and balance).
+    pub fn evict(&mut self, name: &str, ids: &[u64]) -> Result<Eviction> {
+        let positions = self.positions(name, ids)?;
+        let state = self.scale_set(name)?;
+        if let Some(&p) = positions.iter().find(|&&p| state.instances[p].priority != Priority::Spot) {
+            return Err(CoreError::invalid(
+                codes::NOT_A_SPOT_INSTANCE,
+                format!("instance {} is a Regular instance; only Spot instances can be evicted.", state.instances[p].instance_id),
+            ));
+        }
+        let policy = state.spec.eviction_policy.unwrap_or(EvictionPolicy::Deallocate);
+        let mut result = Eviction::default();
+        match policy {
+            EvictionPolicy::Delete => {
+                let deletes = positions
+                    .iter()
+                    .map(|&p| {
+                        let i = &state.instances[p];
+                        PlannedDelete {
+                            instance_id: i.instance_id,
+                            zone: i.zone,
+                            fault_domain: i.fault_domain,
+                            vm_size: i.vm_size,
+                            priority: i.priority,
+                            cause: DeleteCause::Evicted,
+                        }
+                    })
+                    .collect::<Vec<_>>();
+                result.deleted = deletes.iter().map(|d| d.instance_id).collect();
+                let before = state.capacity();
+                let plan = Plan {
+                    scale_set: name.to_owned(),
+                    capacity_before: before,
+                    capacity_after: before - deletes.len() as u64,
+                    creates: Vec::new(),
+                    deletes,
+                };
+                self.apply(&plan)?;
+            }
+            EvictionPolicy::Deallocate => {
+                let state = self.scale_set_mut(name)?;
+                for &p in &positions {
+                    state.instances[p].power_state = PowerState::Deallocated;
+                    result.deallocated.push(state.instances[p].instance_id);
+                }
+            }
+        }
+        Ok(result)
+    }
+
+    pub fn set_protection(
+        &mut self,
+        name: &str,
+        ids: &[u64],
+        protect_from_scale_in: bool,
+        protect_from_scale_set_actions: bool,
+    ) -> Result<()> {
+        if protect_from_scale_set_actions && !protect_from_scale_in {
+            return Err(protection_error());
+        }
+        let positions = self.positions(name, ids)?;
+        let state = self.scale_set_mut(name)?;
+        for p in positions {
+            state.instances[p].protect_from_scale_in = protect_from_scale_in;
+            state.instances[p].protect_from_scale_set_actions = protect_from_scale_set_actions;
+        }
+        Ok(())
+    }
+
+    pub fn report_health(&mut self, name: &str, ids: &[u64], health: Health) -> Result<()> {
+        let positions = self.positions(name, ids)?;
+        let state = self.scale_set_mut(name)?;
+        for p in positions {
+            state.instances[p].health = health;
+        }
+        Ok(())
+    }
+
+    // ----- region -------------------------------------------------------------------------------------
+
+    pub fn set_zone_available(&mut self, zone: &str, available: bool) -> Result<()> {
+        let z = self.region.zone_index(zone)?;
+        self.region.zone_available[usize::from(z)] = available;
+        Ok(())
+    }
+
+    /// Sets how many more instances a pool can take (`None`: unlimited) and optionally its price.
+    pub fn set_pool_capacity(
+        &mut self,
+        zone: Option<&str>,
+        vm_size: &str,
+        priority: Priority,
+        available: Option<u64>,
+        price: Option<f64>,
+    ) -> Result<()> {
+        let zone = zone.map(|z| self.region.zone_index(z)).transpose()?;
+        if vm_size.trim().is_empty() {
+            return Err(CoreError::invalid(codes::INVALID_PARAMETER, "a pool needs a vm_size name."));
+        }
+        if let Some(p) = price {
+            if !(p.is_finite() && p >= 0.0) {
+                return Err(CoreError::invalid(codes::INVALID_PARAMETER, format!("pool price must be a non-negative number, got {p}.")));
+            }
+        }
+        let key = PoolKey { zone, vm_size: vm_size.to_owned(), priority };
+        let pool = self.region.pools.entry(key).or_default();
+        pool.available = available;
+        if let Some(p) = price {
+            pool.price = p;
+        }
+        Ok(())
+    }
+}
+
+fn protection_error() -> CoreError {
+    CoreError::invalid(
+        codes::INVALID_PROTECTION_POLICY,
+        "protect_from_scale_set_actions requires protect_from_scale_in: you can't set protect_from_scale_in to false while protect_from_scale_set_actions is true.",
+    )
+}

@@ -1,0 +1,279 @@
+//! The domain: Azure's property names, snake_cased. Enumerations parse case-insensitively (Azure's own
+//! documentation spells `lowestPrice` and `LowestPrice` alike) and print in Azure's canonical spelling.
+
+use crate::error::{codes, CoreError, Result};
+
+macro_rules! azure_enum {
+    ($(#[$meta:meta])* $name:ident, $field:literal, $code:expr, { $($variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub enum $name { $($variant),+ }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+
+            pub fn parse(text: &str) -> Result<Self> {
+                $(if text.eq_ignore_ascii_case($text) { return Ok($name::$variant); })+
+                let allowed: Vec<&str> = vec![$($text),+];
+                Err(CoreError::invalid(
+                    $code,
+                    format!("{} '{}' is not valid; use one of: {}.", $field, text, allowed.join(", ")),
+                ))
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { f.write_str(self.as_str()) }
+        }
+    };
+}
+
+azure_enum!(OrchestrationMode, "orchestration_mode", codes::INVALID_PARAMETER,
+    { Uniform = "Uniform", Flexible = "Flexible" });
+azure_enum!(
+    /// Regular (on-demand) or Spot. `Regular` sorts first and indexes slot 0 of per-priority tables.
+    Priority, "priority", codes::INVALID_PARAMETER, { Regular = "Regular", Spot = "Spot" });
+azure_enum!(EvictionPolicy, "eviction_policy", codes::INVALID_PARAMETER,
+    { Deallocate = "Deallocate", Delete = "Delete" });
+azure_enum!(AllocationStrategy, "sku_profile.allocation_strategy", codes::SKU_PROFILE_ALLOCATION_STRATEGY_INVALID,
+    { LowestPrice = "LowestPrice", CapacityOptimized = "CapacityOptimized", Prioritized = "Prioritized" });
+azure_enum!(ScaleInRule, "scale_in_policy.rules", codes::INVALID_PARAMETER,
+    { Default = "Default", NewestVm = "NewestVM", OldestVm = "OldestVM" });
+azure_enum!(PowerState, "power_state", codes::INVALID_PARAMETER,
+    { Running = "running", Deallocated = "deallocated" });
+azure_enum!(
+    /// Application Health states. `Initializing` waits; `Unknown` counts as unhealthy for repairs and upgrades.
+    Health, "health", codes::INVALID_PARAMETER,
+    { Unknown = "Unknown", Initializing = "Initializing", Healthy = "Healthy", Unhealthy = "Unhealthy" });
+azure_enum!(
+    /// What the OS image is; a legacy managed image lowers the instance limit to 600.
+    ImageKind, "image_kind", codes::INVALID_PARAMETER,
+    { Marketplace = "Marketplace", Gallery = "Gallery", ManagedImage = "ManagedImage" });
+
+impl Priority {
+    pub fn index(self) -> usize {
+        match self {
+            Priority::Regular => 0,
+            Priority::Spot => 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sku {
+    pub name: String,
+    pub tier: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmSize {
+    pub name: String,
+    pub rank: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SkuProfile {
+    pub vm_sizes: Vec<VmSize>,
+    pub allocation_strategy: AllocationStrategy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PriorityMixPolicy {
+    pub base_regular_priority_count: u32,
+    pub regular_priority_percentage_above_base: u32,
+}
+
+impl PriorityMixPolicy {
+    /// Regular instances wanted at `total` instances: min(total, base) + floor(max(0, total - base) * pct / 100).
+    /// Floor matches every row of Azure's worked tables ("2.5 rounded to 2"; "Spot VMs get the extra VM").
+    pub fn regular_target(&self, total: u64) -> u64 {
+        let base = u64::from(self.base_regular_priority_count);
+        let above = total.saturating_sub(base);
+        total.min(base) + above * u64::from(self.regular_priority_percentage_above_base) / 100
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScaleInPolicy {
+    pub rules: Vec<ScaleInRule>,
+    pub force_deletion: bool,
+    pub prioritize_unhealthy_vms: bool,
+}
+
+impl Default for ScaleInPolicy {
+    fn default() -> Self {
+        Self { rules: vec![ScaleInRule::Default], force_deletion: false, prioritize_unhealthy_vms: false }
+    }
+}
+
+impl ScaleInPolicy {
+    pub fn rule(&self) -> ScaleInRule {
+        self.rules.first().copied().unwrap_or(ScaleInRule::Default)
+    }
+}
+
+/// A scale set's model. Optional fields left `None` take Azure's default when the scale set is created
+/// (see `validate::resolve`), and the stored spec always has them filled in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScaleSetSpec {
+    pub name: String,
+    pub orchestration_mode: OrchestrationMode,
+    pub zones: Vec<String>,
+    pub zone_balance: bool,
+    pub platform_fault_domain_count: Option<u32>,
+    pub sku: Option<Sku>,
+    pub sku_profile: Option<SkuProfile>,
+    pub priority: Priority,
+    pub eviction_policy: Option<EvictionPolicy>,
+    pub max_price: Option<f64>,
+    pub priority_mix_policy: Option<PriorityMixPolicy>,
+    pub scale_in_policy: ScaleInPolicy,
+    pub single_placement_group: Option<bool>,
+    pub image_kind: ImageKind,
+    /// Engine-managed: bumped whenever the VM model (size, sizes, image) changes.
+    pub model_version: u64,
+}
+
+impl ScaleSetSpec {
+    /// The VM sizes this scale set may use, in the order the user listed them.
+    pub fn vm_size_names(&self) -> Vec<&str> {
+        match (&self.sku_profile, &self.sku) {
+            (Some(profile), _) => profile.vm_sizes.iter().map(|s| s.name.as_str()).collect(),
+            (None, Some(sku)) => vec![sku.name.as_str()],
+            (None, None) => Vec::new(),
+        }
+    }
+
+    pub fn is_zonal(&self) -> bool {
+        !self.zones.is_empty()
+    }
+
+    pub fn fault_domain_count(&self) -> u32 {
+        self.platform_fault_domain_count.unwrap_or(1)
+    }
+}
+
+/// One VM. `zone` and `vm_size` are indexes: into the region's zones and the engine's size table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Instance {
+    pub instance_id: u64,
+    /// Set only when an imported instance brought its own name; otherwise the name is `{scale set}_{id}`.
+    pub name: Option<String>,
+    pub zone: Option<u16>,
+    pub fault_domain: u32,
+    pub vm_size: u16,
+    pub priority: Priority,
+    pub power_state: PowerState,
+    pub health: Health,
+    pub model_version: u64,
+    pub protect_from_scale_in: bool,
+    pub protect_from_scale_set_actions: bool,
+}
+
+impl Instance {
+    pub fn is_protected_from_scale_in(&self) -> bool {
+        self.protect_from_scale_in || self.protect_from_scale_set_actions
+    }
+
+    /// "Unhealthy and inactive" in the sense of `prioritize_unhealthy_vms`.
+    pub fn is_unhealthy_or_inactive(&self) -> bool {
+        self.health == Health::Unhealthy || self.power_state == PowerState::Deallocated
+    }
+}
+
+/// The display name of a zone slot: the zone's name, or "regional".
+pub fn zone_label(zones: &[String], slot: ZoneSlot) -> &str {
+    match slot {
+        Some(z) => zones.get(usize::from(z)).map_or("?", String::as_str),
+        None => "regional",
+    }
+}
+
+/// Where a pool is: a zone of the region, or the regional (non-zonal) capacity.
+pub type ZoneSlot = Option<u16>;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pool {
+    /// How many more instances the pool can take; `None` is unlimited.
+    pub available: Option<u64>,
+    /// Price per hour (Spot price for Spot pools).
+    pub price: f64,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Self { available: None, price: 0.0 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PoolKey {
+    pub zone: ZoneSlot,
+    pub vm_size: String,
+    pub priority: Priority,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Region {
+    pub zones: Vec<String>,
+    pub zone_available: Vec<bool>,
+    pub fault_domains_per_zone: u32,
+    pub pools: std::collections::BTreeMap<PoolKey, Pool>,
+}
+
+impl Region {
+    pub fn new(zones: Vec<String>, fault_domains_per_zone: u32) -> Result<Self> {
+        if fault_domains_per_zone == 0 || fault_domains_per_zone > 20 {
+            return Err(CoreError::invalid(
+                codes::INVALID_PARAMETER,
+                format!("fault_domains_per_zone must be between 1 and 20, got {fault_domains_per_zone}."),
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for zone in &zones {
+            if zone.is_empty() || !seen.insert(zone.as_str()) {
+                return Err(CoreError::invalid(
+                    codes::INVALID_PARAMETER,
+                    format!("region zones must be distinct, non-empty names; got {zones:?}."),
+                ));
+            }
+        }
+        if zones.len() > usize::from(u16::MAX) {
+            return Err(CoreError::invalid(codes::INVALID_PARAMETER, "a region has too many zones."));
+        }
+        let zone_available = vec![true; zones.len()];
+        Ok(Self { zones, zone_available, fault_domains_per_zone, pools: Default::default() })
+    }
+
+    pub fn zone_index(&self, zone: &str) -> Result<u16> {
+        self.zones.iter().position(|z| z == zone).map(|i| i as u16).ok_or_else(|| {
+            CoreError::not_found(
+                codes::ZONE_NOT_FOUND,
+                format!("zone '{zone}' is not a zone of this region (zones: {}).", self.zones.join(", ")),
+            )
+        })
+    }
+
+    pub fn zone_name(&self, slot: ZoneSlot) -> &str {
+        zone_label(&self.zones, slot)
+    }
+
+    pub fn is_available(&self, slot: ZoneSlot) -> bool {
+        match slot {
+            Some(z) => self.zone_available.get(usize::from(z)).copied().unwrap_or(false),
+            // Regional capacity survives a zone outage unless every zone is down.
+            None => self.zone_available.is_empty() || self.zone_available.iter().any(|&up| up),
+        }
+    }
+
+    pub fn pool(&self, zone: ZoneSlot, vm_size: &str, priority: Priority) -> Pool {
+        self.pools
+            .get(&PoolKey { zone, vm_size: vm_size.to_owned(), priority })
+            .copied()
+            .unwrap_or_default()
+    }
+}

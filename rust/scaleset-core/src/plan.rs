@@ -1,0 +1,169 @@
+//! Plans: what the engine will create and delete, each step with the rule that chose it.
+//! Reasons are stored as small enums and rendered to text only when somebody reads them, so a plan for
+//! 100,000 instances costs no strings.
+
+use crate::model::{zone_label, AllocationStrategy, Priority, ScaleInRule, ZoneSlot};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZoneChoice {
+    /// A regional scale set: no zone.
+    Regional,
+    /// The zone held the fewest instances (`count`, before this one).
+    Fewest { count: u32 },
+    /// A zone with fewer instances was down or out of capacity, so this one (holding `count`) took it.
+    FewestAvailable { count: u32 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PriorityChoice {
+    /// The scale set's own priority.
+    Spec,
+    /// The Spot priority mix wants `regular_target` Regular instances at `total` instances.
+    Mix { regular_target: u64, total: u64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SizeChoice {
+    /// The scale set has one VM size.
+    Only,
+    /// The allocation strategy's first choice.
+    Preferred(AllocationStrategy),
+    /// The strategy's earlier choices had no capacity (or were above max_price).
+    Fallback(AllocationStrategy),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreateReason {
+    pub zone: ZoneChoice,
+    /// Instances in the chosen fault domain of the zone before this one.
+    pub fault_domain_count: u32,
+    pub priority: PriorityChoice,
+    pub size: SizeChoice,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedCreate {
+    pub instance_id: u64,
+    pub zone: ZoneSlot,
+    pub fault_domain: u32,
+    /// Index into the engine's VM size table.
+    pub vm_size: u16,
+    pub priority: Priority,
+    pub reason: CreateReason,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScaleInReason {
+    pub rule: ScaleInRule,
+    /// Chosen among unhealthy or deallocated instances first (`prioritize_unhealthy_vms`).
+    pub unhealthy_first: bool,
+    /// The priority mix decided which priority goes: (regular target after the deletion, total after).
+    pub mix: Option<(u64, u64)>,
+    /// A regional instance in a zone-spanning set: removed before any zonal one.
+    pub regional_first: bool,
+    /// Instances in the instance's zone before the deletion (the most among eligible zones).
+    pub zone_count: u32,
+    /// Default policy: instances in the instance's fault domain (the most in that zone).
+    pub fault_domain_count: Option<u32>,
+    /// LowestPrice instance mix: the most expensive size went first.
+    pub most_expensive: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteCause {
+    ScaleIn(ScaleInReason),
+    Manual,
+    Evicted,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedDelete {
+    pub instance_id: u64,
+    pub zone: ZoneSlot,
+    pub fault_domain: u32,
+    pub vm_size: u16,
+    pub priority: Priority,
+    pub cause: DeleteCause,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Plan {
+    pub scale_set: String,
+    pub capacity_before: u64,
+    pub capacity_after: u64,
+    pub creates: Vec<PlannedCreate>,
+    pub deletes: Vec<PlannedDelete>,
+}
+
+impl PlannedCreate {
+    /// A sentence an operator can read: why this zone, fault domain, priority and size.
+    pub fn describe(&self, zones: &[String], sizes: &[String]) -> String {
+        let zone = zone_label(zones, self.zone);
+        let size = sizes.get(usize::from(self.vm_size)).map_or("?", String::as_str);
+        let r = &self.reason;
+        let zone_part = match r.zone {
+            ZoneChoice::Regional => "regional scale set".to_owned(),
+            ZoneChoice::Fewest { count } => format!("zone {zone} held the fewest instances ({count})"),
+            ZoneChoice::FewestAvailable { count } => format!(
+                "zone {zone} held the fewest instances ({count}) among zones that could take one (a zone with fewer is down or full)"
+            ),
+        };
+        let priority_part = match r.priority {
+            PriorityChoice::Spec => format!("{} per the scale set's priority", self.priority),
+            PriorityChoice::Mix { regular_target, total } => format!(
+                "{} per priority_mix_policy ({regular_target} Regular wanted at {total} instances)",
+                self.priority
+            ),
+        };
+        let size_part = match r.size {
+            SizeChoice::Only => format!("{size} (the scale set's size)"),
+            SizeChoice::Preferred(s) => format!("{size} ({s} first choice)"),
+            SizeChoice::Fallback(s) => format!("{size} ({s}; preferred sizes had no capacity)"),
+        };
+        format!(
+            "scale-out: {zone_part}; fault domain {} held the fewest in it ({}); {priority_part}; {size_part}",
+            self.fault_domain, r.fault_domain_count
+        )
+    }
+}
+
+impl PlannedDelete {
+    pub fn describe(&self, zones: &[String]) -> String {
+        let zone = zone_label(zones, self.zone);
+        match self.cause {
+            DeleteCause::Manual => "manual delete requested by the user".to_owned(),
+            DeleteCause::Evicted => "Spot eviction with eviction_policy Delete".to_owned(),
+            DeleteCause::ScaleIn(r) => {
+                let mut parts = vec![format!("scale-in ({})", r.rule)];
+                if r.unhealthy_first {
+                    parts.push("unhealthy or deallocated instances go first".to_owned());
+                }
+                if let Some((target, total)) = r.mix {
+                    parts.push(format!(
+                        "{} per priority_mix_policy ({target} Regular wanted at {total} instances)",
+                        self.priority
+                    ));
+                }
+                if r.regional_first {
+                    parts.push("regional instances go before zonal ones".to_owned());
+                } else if self.zone.is_some() {
+                    parts.push(format!("zone {zone} held the most instances ({})", r.zone_count));
+                }
+                if r.most_expensive {
+                    parts.push("LowestPrice removes the most expensive size first".to_owned());
+                }
+                if let Some(fd) = r.fault_domain_count {
+                    parts.push(format!("fault domain {} held the most in its zone ({fd})", self.fault_domain));
+                }
+                parts.push(
+                    match r.rule {
+                        ScaleInRule::OldestVm => "the oldest (lowest instance id) eligible instance",
+                        ScaleInRule::NewestVm | ScaleInRule::Default => "the newest (highest instance id) eligible instance",
+                    }
+                    .to_owned(),
+                );
+                parts.join("; ")
+            }
+        }
+    }
+}

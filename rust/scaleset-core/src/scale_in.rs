@@ -1,0 +1,243 @@
+//! Scale-in: which instances go, per Azure's scale-in policy (reference §3).
+//!
+//! For every deletion, in order: unhealthy or deallocated instances first (`prioritize_unhealthy_vms`);
+//! the priority the Spot mix wants removed; regional instances before zonal ones; the zones holding the
+//! most instances; with LowestPrice instance mix, the most expensive size; with the Default rule, the fault
+//! domain holding the most in its zone; then the highest instance id (Default, NewestVM) or the lowest
+//! (OldestVM). Protected instances are never candidates.
+//!
+//! Instances are grouped into buckets of interchangeable instances (slot, fault domain, priority, size,
+//! health), so each decision looks at a few hundred buckets at most, never at every instance.
+
+use crate::error::{codes, CoreError, Result};
+use crate::model::{AllocationStrategy, Priority, ScaleInRule, ZoneSlot};
+use crate::plan::{DeleteCause, PlannedDelete, ScaleInReason};
+use crate::scale_out::SetView;
+
+struct Bucket {
+    slot: usize,
+    fd: usize,
+    priority: Priority,
+    bad: bool,
+    price: f64,
+    /// Indexes into the instance slice, ascending by instance id; `head..` are still present.
+    members: Vec<u32>,
+    head: usize,
+}
+
+impl Bucket {
+    fn is_empty(&self) -> bool {
+        self.head >= self.members.len()
+    }
+}
+
+fn balanced(counts: &[u32]) -> bool {
+    match (counts.iter().max(), counts.iter().min()) {
+        (Some(max), Some(min)) => max - min <= 1,
+        _ => true,
+    }
+}
+
+/// Plans `count` deletions. Fails as a whole when protection or zone rules forbid them.
+pub fn plan_scale_in(view: &SetView<'_>, count: u64, size_table: &[String]) -> Result<Vec<PlannedDelete>> {
+    let spec = view.spec;
+    let instances = view.instances;
+    let zonal = spec.is_zonal();
+    let strict = spec.zone_balance;
+    let rule = spec.scale_in_policy.rule();
+    let prioritize_unhealthy = spec.scale_in_policy.prioritize_unhealthy_vms;
+    let lowest_price = spec
+        .sku_profile
+        .as_ref()
+        .is_some_and(|p| p.allocation_strategy == AllocationStrategy::LowestPrice);
+
+    // Slots: the set's zones, plus one for regional instances of a zone-spanning set (last).
+    let mut slots: Vec<ZoneSlot> = view.slots()?;
+    let zone_slots = if zonal { slots.len() } else { 0 };
+    if zonal {
+        slots.push(None);
+    }
+    let span = view.fault_domain_span()?.max(1) as usize;
+    let slot_of = |zone: ZoneSlot| slots.iter().position(|&s| s == zone).unwrap_or(slots.len() - 1);
+
+    if zonal && !strict {
+        let down = slots[..zone_slots].iter().filter(|&&s| !view.region.is_available(s)).count();
+        if down >= 2 {
+            return Err(CoreError::capacity(
+                codes::TOO_MANY_ZONES_UNAVAILABLE,
+                format!(
+                    "scaling '{}' is blocked: {down} of its zones are unavailable and best-effort zone balance tolerates only one; wait for a zone to recover.",
+                    spec.name
+                ),
+            ));
+        }
+    }
+
+    let mut zone_count = vec![0u32; slots.len()];
+    let mut fd_count = vec![0u32; slots.len() * span];
+    let mut regular = 0u64;
+    let mut eligible = 0u64;
+    // Sizes present, so buckets can be indexed densely: (slot, fd, priority, size, bad).
+    let mut sizes: Vec<u16> = Vec::new();
+    for inst in instances {
+        if !sizes.contains(&inst.vm_size) {
+            sizes.push(inst.vm_size);
+        }
+    }
+    let mut buckets: Vec<Bucket> = Vec::new();
+    let mut bucket_at = vec![usize::MAX; slots.len() * span * 2 * sizes.len().max(1) * 2];
+    for (i, inst) in instances.iter().enumerate() {
+        let slot = slot_of(inst.zone);
+        let fd = (inst.fault_domain as usize).min(span - 1);
+        zone_count[slot] += 1;
+        fd_count[slot * span + fd] += 1;
+        if inst.priority == Priority::Regular {
+            regular += 1;
+        }
+        if inst.is_protected_from_scale_in() {
+            continue;
+        }
+        eligible += 1;
+        let bad = prioritize_unhealthy && inst.is_unhealthy_or_inactive();
+        let size = sizes.iter().position(|&s| s == inst.vm_size).unwrap_or(0);
+        let key = (((slot * span + fd) * 2 + inst.priority.index()) * sizes.len() + size) * 2 + usize::from(bad);
+        if bucket_at[key] == usize::MAX {
+            let size_name = size_table.get(usize::from(inst.vm_size)).map_or("", String::as_str);
+            bucket_at[key] = buckets.len();
+            buckets.push(Bucket {
+                slot,
+                fd,
+                priority: inst.priority,
+                bad,
+                price: view.region.pool(inst.zone, size_name, inst.priority).price,
+                members: Vec::new(),
+                head: 0,
+            });
+        }
+        buckets[bucket_at[key]].members.push(i as u32);
+    }
+    if eligible < count {
+        return Err(CoreError::conflict(
+            codes::SCALE_IN_BLOCKED_BY_PROTECTION,
+            format!(
+                "cannot remove {count} instances from '{}': only {eligible} of its {} instances are not protected from scale-in. Lift protection or scale in by fewer.",
+                spec.name,
+                instances.len()
+            ),
+        ));
+    }
+
+    let mut total = instances.len() as u64;
+    let mut active: Vec<usize> = (0..buckets.len()).collect();
+    let mut cands: Vec<usize> = Vec::with_capacity(buckets.len());
+    let mut deletes = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
+    for _ in 0..count {
+        active.retain(|&b| !buckets[b].is_empty());
+        cands.clear();
+        cands.extend_from_slice(&active);
+        let mut reason = ScaleInReason {
+            rule,
+            unhealthy_first: false,
+            mix: None,
+            regional_first: false,
+            zone_count: 0,
+            fault_domain_count: None,
+            most_expensive: false,
+        };
+
+        if prioritize_unhealthy && cands.iter().any(|&b| buckets[b].bad) {
+            cands.retain(|&b| buckets[b].bad);
+            reason.unhealthy_first = true;
+        }
+        if let Some(mix) = spec.priority_mix_policy {
+            let target = mix.regular_target(total - 1);
+            let want = if regular > target { Priority::Regular } else { Priority::Spot };
+            if cands.iter().any(|&b| buckets[b].priority == want) {
+                cands.retain(|&b| buckets[b].priority == want);
+            }
+            reason.mix = Some((target, total - 1));
+        }
+        if zonal && cands.iter().any(|&b| buckets[b].slot == zone_slots) {
+            cands.retain(|&b| buckets[b].slot == zone_slots);
+            reason.regional_first = true;
+        }
+        let max_zone = cands.iter().map(|&b| zone_count[buckets[b].slot]).max().unwrap_or(0);
+        cands.retain(|&b| zone_count[buckets[b].slot] == max_zone);
+        reason.zone_count = max_zone;
+        if lowest_price {
+            let max_price = cands.iter().map(|&b| buckets[b].price).fold(f64::NEG_INFINITY, f64::max);
+            reason.most_expensive = cands.iter().any(|&b| buckets[b].price < max_price);
+            cands.retain(|&b| buckets[b].price == max_price);
+        }
+        if rule == ScaleInRule::Default {
+            let fd_of = |b: usize| fd_count[buckets[b].slot * span + buckets[b].fd];
+            let most_in_slot = |slot: usize| {
+                cands.iter().filter(|&&b| buckets[b].slot == slot).map(|&b| fd_of(b)).max().unwrap_or(0)
+            };
+            let keep: Vec<bool> = cands.iter().map(|&b| fd_of(b) == most_in_slot(buckets[b].slot)).collect();
+            let mut k = keep.iter();
+            cands.retain(|_| *k.next().unwrap_or(&false));
+        }
+
+        let pick = match rule {
+            ScaleInRule::OldestVm => cands
+                .iter()
+                .copied()
+                .min_by_key(|&b| instances[buckets[b].members[buckets[b].head] as usize].instance_id),
+            ScaleInRule::NewestVm | ScaleInRule::Default => cands.iter().copied().max_by_key(|&b| {
+                let members = &buckets[b].members;
+                members.last().map_or(0, |&m| instances[m as usize].instance_id)
+            }),
+        };
+        let Some(b) = pick else {
+            return Err(CoreError::conflict(
+                codes::SCALE_IN_BLOCKED_BY_PROTECTION,
+                format!("no instance of '{}' is eligible for scale-in.", spec.name),
+            ));
+        };
+        let member = match rule {
+            ScaleInRule::OldestVm => {
+                let m = buckets[b].members[buckets[b].head];
+                buckets[b].head += 1;
+                m
+            }
+            _ => buckets[b].members.pop().unwrap_or_default(),
+        };
+        let inst = &instances[member as usize];
+        let slot = buckets[b].slot;
+        let fd = buckets[b].fd;
+        if rule == ScaleInRule::Default {
+            reason.fault_domain_count = Some(fd_count[slot * span + fd]);
+        }
+        if strict && slot < zone_slots {
+            let before = balanced(&zone_count[..zone_slots]);
+            zone_count[slot] -= 1;
+            let after = balanced(&zone_count[..zone_slots]);
+            zone_count[slot] += 1;
+            if before && !after {
+                return Err(CoreError::capacity(
+                    codes::ZONE_BALANCE_BLOCKED,
+                    format!(
+                        "scale-in of '{}' is blocked by strict zone balance: the zones holding the most instances have only protected instances left, so any deletion would unbalance the zones. Lift protection or turn zone_balance off.",
+                        spec.name
+                    ),
+                ));
+            }
+        }
+        zone_count[slot] -= 1;
+        fd_count[slot * span + fd] -= 1;
+        total -= 1;
+        if inst.priority == Priority::Regular {
+            regular -= 1;
+        }
+        deletes.push(PlannedDelete {
+            instance_id: inst.instance_id,
+            zone: inst.zone,
+            fault_domain: inst.fault_domain,
+            vm_size: inst.vm_size,
+            priority: inst.priority,
+            cause: DeleteCause::ScaleIn(reason),
+        });
+    }
+    Ok(deletes)
+}

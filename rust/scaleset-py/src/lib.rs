@@ -1,0 +1,297 @@
+//! The PyO3 binding of scaleset-core, importable as `scaleset._core`. It converts plain Python data
+//! (dicts and lists built by `scaleset.engine`) to core types, releases the GIL around every core call,
+//! and maps `CoreError` to Python exceptions in one place. It holds no logic of its own.
+
+use std::sync::Mutex;
+
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use scaleset_core as core;
+use scaleset_core::{CoreError, ErrorKind};
+
+mod convert;
+use convert::{
+    extract, instance_columns, parse, plan_columns, spec_from_dto, spec_to_dto, InstanceColumns,
+    PoolDto, RegionDto, SpecDto,
+};
+
+create_exception!(_core, ScaleSetError, PyException, "Base class of every scaleset error; `.code` is stable.");
+create_exception!(_core, InvalidInputError, ScaleSetError, "The request is malformed or out of range.");
+create_exception!(_core, ConflictError, ScaleSetError, "The request conflicts with current state.");
+create_exception!(_core, NotFoundError, ScaleSetError, "A scale set, instance or zone does not exist.");
+create_exception!(_core, CapacityError, ScaleSetError, "The region cannot supply what was asked.");
+
+/// The one mapping from core errors to Python exceptions: the class by kind, `.code` set on the instance.
+pub(crate) fn to_py_err(e: CoreError) -> PyErr {
+    let err = match e.kind {
+        ErrorKind::InvalidInput => InvalidInputError::new_err(e.message),
+        ErrorKind::Conflict => ConflictError::new_err(e.message),
+        ErrorKind::NotFound => NotFoundError::new_err(e.message),
+        ErrorKind::Capacity => CapacityError::new_err(e.message),
+    };
+    Python::attach(|py| {
+        // Setting an attribute on a fresh exception instance cannot fail in practice; if it ever did,
+        // the exception still carries its class and message.
+        let _ = err.value(py).setattr("code", e.code);
+    });
+    err
+}
+
+/// Runs a core call with the GIL released (like polars' `enter_polars`), so other Python threads and
+/// gRPC handlers keep running, and maps its error.
+fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> core::Result<T> + Send) -> PyResult<T> {
+    py.detach(f).map_err(to_py_err)
+}
+
+/// The placement engine: one region and its scale sets. Thread-safe; every method releases the GIL.
+#[pyclass(frozen, module = "scaleset._core")]
+struct Engine {
+    inner: Mutex<core::Engine>,
+}
+
+impl Engine {
+    fn with<T>(&self, f: impl FnOnce(&mut core::Engine) -> core::Result<T>) -> core::Result<T> {
+        let mut guard = self.inner.lock().map_err(|_| {
+            CoreError::conflict("EnginePoisoned", "the engine was poisoned by an earlier panic; restart the process.")
+        })?;
+        f(&mut guard)
+    }
+}
+
+/// An immutable plan; items are rendered to Python objects only when read.
+#[pyclass(frozen, module = "scaleset._core")]
+struct PlanHandle {
+    plan: core::Plan,
+    zones: Vec<String>,
+    sizes: Vec<String>,
+}
+
+impl PlanHandle {
+    fn new(engine: &core::Engine, plan: core::Plan) -> Self {
+        Self { plan, zones: engine.region().zones.clone(), sizes: engine.sizes().to_vec() }
+    }
+
+    fn size(&self, i: u16) -> &str {
+        self.sizes.get(usize::from(i)).map_or("?", String::as_str)
+    }
+
+    fn zone(&self, slot: core::ZoneSlot) -> Option<&str> {
+        slot.map(|_| core::zone_label(&self.zones, slot))
+    }
+}
+
+#[pymethods]
+impl PlanHandle {
+    #[getter]
+    fn scale_set(&self) -> &str {
+        &self.plan.scale_set
+    }
+    #[getter]
+    fn capacity_before(&self) -> u64 {
+        self.plan.capacity_before
+    }
+    #[getter]
+    fn capacity_after(&self) -> u64 {
+        self.plan.capacity_after
+    }
+    fn creates_len(&self) -> usize {
+        self.plan.creates.len()
+    }
+    fn deletes_len(&self) -> usize {
+        self.plan.deletes.len()
+    }
+
+    /// One planned create: (instance_id, zone, fault_domain, vm_size, priority, reason).
+    fn create_at(&self, i: usize) -> PyResult<(u64, Option<&str>, u32, &str, &'static str, String)> {
+        let c = self.plan.creates.get(i).ok_or_else(|| pyo3::exceptions::PyIndexError::new_err(i))?;
+        Ok((c.instance_id, self.zone(c.zone), c.fault_domain, self.size(c.vm_size), c.priority.as_str(), c.describe(&self.zones, &self.sizes)))
+    }
+
+    /// One planned delete: (instance_id, zone, fault_domain, vm_size, priority, reason).
+    fn delete_at(&self, i: usize) -> PyResult<(u64, Option<&str>, u32, &str, &'static str, String)> {
+        let d = self.plan.deletes.get(i).ok_or_else(|| pyo3::exceptions::PyIndexError::new_err(i))?;
+        Ok((d.instance_id, self.zone(d.zone), d.fault_domain, self.size(d.vm_size), d.priority.as_str(), d.describe(&self.zones)))
+    }
+
+    /// The creates as columns (no reasons): instance_id, zone, fault_domain, vm_size, priority.
+    fn create_columns<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        plan_columns(py, &self.zones, &self.sizes, self.plan.creates.iter().map(|c| (c.instance_id, c.zone, c.fault_domain, c.vm_size, c.priority)))
+    }
+
+    /// The deletes as columns (no reasons): instance_id, zone, fault_domain, vm_size, priority.
+    fn delete_columns<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        plan_columns(py, &self.zones, &self.sizes, self.plan.deletes.iter().map(|d| (d.instance_id, d.zone, d.fault_domain, d.vm_size, d.priority)))
+    }
+}
+
+#[pymethods]
+impl Engine {
+    /// Engine(region: dict, instance_limit: int | None): a region of zones, fault domains and pools.
+    #[new]
+    #[pyo3(signature = (region, instance_limit=None))]
+    fn new(region: &Bound<'_, PyAny>, instance_limit: Option<u64>) -> PyResult<Self> {
+        let dto: RegionDto = extract(region, "region")?;
+        let mut r = core::Region::new(dto.zones, dto.fault_domains_per_zone).map_err(to_py_err)?;
+        for zone in &dto.unavailable_zones {
+            let z = r.zone_index(zone).map_err(to_py_err)?;
+            r.zone_available[usize::from(z)] = false;
+        }
+        let mut engine = core::Engine::new(r, instance_limit);
+        for pool in dto.pools {
+            let priority = parse(&pool.priority, core::Priority::parse)?;
+            engine
+                .set_pool_capacity(pool.zone.as_deref(), &pool.vm_size, priority, pool.available, Some(pool.price))
+                .map_err(to_py_err)?;
+        }
+        Ok(Self { inner: Mutex::new(engine) })
+    }
+
+    /// Validates and stores a scale set, scales it to `capacity`; returns (stored spec, plan).
+    fn create_scale_set(&self, py: Python<'_>, spec: &Bound<'_, PyAny>, capacity: u64) -> PyResult<(SpecDto, PlanHandle)> {
+        let spec = spec_from_dto(extract(spec, "spec")?)?;
+        let (stored, handle) = detached(py, || {
+            self.with(|e| {
+                let (stored, plan) = e.create_scale_set(spec, capacity)?;
+                Ok((stored, PlanHandle::new(e, plan)))
+            })
+        })?;
+        Ok((spec_to_dto(&stored), handle))
+    }
+
+    fn update_scale_set(&self, py: Python<'_>, spec: &Bound<'_, PyAny>) -> PyResult<SpecDto> {
+        let spec = spec_from_dto(extract(spec, "spec")?)?;
+        let stored = detached(py, || self.with(|e| e.update_scale_set(spec)))?;
+        Ok(spec_to_dto(&stored))
+    }
+
+    fn delete_scale_set(&self, py: Python<'_>, name: &str) -> PyResult<()> {
+        detached(py, || self.with(|e| e.delete_scale_set(name)))
+    }
+
+    /// The stored spec of one scale set.
+    fn get_spec(&self, py: Python<'_>, name: &str) -> PyResult<SpecDto> {
+        let spec = detached(py, || self.with(|e| Ok(e.scale_set(name)?.spec.clone())))?;
+        Ok(spec_to_dto(&spec))
+    }
+
+    /// Names of all scale sets, sorted.
+    fn list_scale_sets(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        detached(py, || self.with(|e| Ok(e.scale_sets().map(|s| s.spec.name.clone()).collect())))
+    }
+
+    fn capacity(&self, py: Python<'_>, name: &str) -> PyResult<u64> {
+        detached(py, || self.with(|e| Ok(e.scale_set(name)?.capacity())))
+    }
+
+    fn instance_limit(&self, py: Python<'_>, name: &str) -> PyResult<u64> {
+        detached(py, || self.with(|e| e.instance_limit(name)))
+    }
+
+    /// The instances of one scale set as columns (see `InstanceColumns`).
+    fn instances(&self, py: Python<'_>, name: &str) -> PyResult<InstanceColumns> {
+        detached(py, || self.with(|e| Ok(instance_columns(e, e.scale_set(name)?))))
+    }
+
+    #[pyo3(signature = (name, capacity, dry_run=false))]
+    fn set_capacity(&self, py: Python<'_>, name: &str, capacity: u64, dry_run: bool) -> PyResult<PlanHandle> {
+        detached(py, || self.with(|e| e.set_capacity(name, capacity, dry_run).map(|plan| PlanHandle::new(e, plan))))
+    }
+
+    /// Adopts instances given as columns (the same shape `instances()` returns).
+    fn import_instances(&self, py: Python<'_>, name: &str, columns: &Bound<'_, PyAny>) -> PyResult<()> {
+        let inputs = convert::instance_inputs(extract(columns, "instances")?)?;
+        detached(py, || self.with(|e| e.import_instances(name, inputs)))
+    }
+
+    fn delete_instances(&self, py: Python<'_>, name: &str, instance_ids: Vec<u64>) -> PyResult<PlanHandle> {
+        detached(py, || self.with(|e| e.delete_instances(name, &instance_ids).map(|plan| PlanHandle::new(e, plan))))
+    }
+
+    /// Evicts Spot instances; returns (deleted ids, deallocated ids).
+    fn evict(&self, py: Python<'_>, name: &str, instance_ids: Vec<u64>) -> PyResult<(Vec<u64>, Vec<u64>)> {
+        let ev = detached(py, || self.with(|e| e.evict(name, &instance_ids)))?;
+        Ok((ev.deleted, ev.deallocated))
+    }
+
+    fn set_protection(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        instance_ids: Vec<u64>,
+        protect_from_scale_in: bool,
+        protect_from_scale_set_actions: bool,
+    ) -> PyResult<()> {
+        detached(py, || {
+            self.with(|e| e.set_protection(name, &instance_ids, protect_from_scale_in, protect_from_scale_set_actions))
+        })
+    }
+
+    fn report_health(&self, py: Python<'_>, name: &str, instance_ids: Vec<u64>, health: &str) -> PyResult<()> {
+        let health = parse(health, core::Health::parse)?;
+        detached(py, || self.with(|e| e.report_health(name, &instance_ids, health)))
+    }
+
+    fn set_zone_available(&self, py: Python<'_>, zone: &str, available: bool) -> PyResult<()> {
+        detached(py, || self.with(|e| e.set_zone_available(zone, available)))
+    }
+
+    #[pyo3(signature = (zone, vm_size, priority, available, price=None))]
+    fn set_pool_capacity(
+        &self,
+        py: Python<'_>,
+        zone: Option<&str>,
+        vm_size: &str,
+        priority: &str,
+        available: Option<u64>,
+        price: Option<f64>,
+    ) -> PyResult<()> {
+        let priority = parse(priority, core::Priority::parse)?;
+        detached(py, || self.with(|e| e.set_pool_capacity(zone, vm_size, priority, available, price)))
+    }
+
+    /// The region as it stands: zones, which are down, fault domains, pools.
+    fn region(&self, py: Python<'_>) -> PyResult<RegionDto> {
+        detached(py, || {
+            self.with(|e| {
+                let r = e.region();
+                Ok(RegionDto {
+                    zones: r.zones.clone(),
+                    fault_domains_per_zone: r.fault_domains_per_zone,
+                    unavailable_zones: r
+                        .zones
+                        .iter()
+                        .zip(&r.zone_available)
+                        .filter(|(_, &up)| !up)
+                        .map(|(z, _)| z.clone())
+                        .collect(),
+                    pools: r
+                        .pools
+                        .iter()
+                        .map(|(k, p)| PoolDto {
+                            zone: k.zone.map(|z| core::zone_label(&r.zones, Some(z)).to_owned()),
+                            vm_size: k.vm_size.clone(),
+                            priority: k.priority.as_str().to_owned(),
+                            available: p.available,
+                            price: p.price,
+                        })
+                        .collect(),
+                })
+            })
+        })
+    }
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add_class::<Engine>()?;
+    m.add_class::<PlanHandle>()?;
+    m.add("ScaleSetError", py.get_type::<ScaleSetError>())?;
+    m.add("InvalidInputError", py.get_type::<InvalidInputError>())?;
+    m.add("ConflictError", py.get_type::<ConflictError>())?;
+    m.add("NotFoundError", py.get_type::<NotFoundError>())?;
+    m.add("CapacityError", py.get_type::<CapacityError>())?;
+    Ok(())
+}
