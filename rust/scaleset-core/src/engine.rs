@@ -148,6 +148,8 @@ impl Engine {
         if spec.priority == old.priority {
             spec.eviction_policy = spec.eviction_policy.or(old.eviction_policy);
         }
+        // Immutable properties first, so a forbidden change says so rather than failing validation.
+        check_update(&old, &spec)?;
         let mut spec = resolve(spec, &self.region)?;
         let model_changed = check_update(&old, &spec)?;
         spec.model_version = old.model_version + u64::from(model_changed);

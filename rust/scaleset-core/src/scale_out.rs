@@ -115,6 +115,9 @@ fn choose_size(
 
 /// Plans `count` new instances with ids from `next_id`. Fails as a whole: no partial plans.
 pub fn plan_scale_out(view: &SetView<'_>, count: u64, next_id: u64) -> Result<Vec<PlannedCreate>> {
+    if count == 0 {
+        return Ok(Vec::new());
+    }
     let spec = view.spec;
     let slots = view.slots()?;
     let span = view.fault_domain_span()? as usize;

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+
+import pytest
+
+from scaleset import Engine, Instance, Region, ScaleSetSpec, Sku
+
+SIZE = "Standard_D2s_v5"
+
+
+@pytest.fixture
+def region() -> Region:
+    return Region(zones=["1", "2", "3"], fault_domains_per_zone=5)
+
+
+@pytest.fixture
+def engine(region: Region) -> Engine:
+    return Engine(region)
+
+
+def zonal_spec(name: str = "web", **kwargs: object) -> ScaleSetSpec:
+    fields: dict[str, object] = {"zones": ["1", "2", "3"], "sku": Sku(name=SIZE)}
+    fields.update(kwargs)
+    return ScaleSetSpec(name=name, **fields)  # type: ignore[arg-type]
+
+
+def zone_counts(engine: Engine, name: str) -> dict[str | None, int]:
+    return dict(sorted(Counter(i.zone for i in engine.get_scale_set(name).instances).items(), key=str))
+
+
+def priority_counts(engine: Engine, name: str) -> tuple[int, int]:
+    c = Counter(i.priority for i in engine.get_scale_set(name).instances)
+    return c["Regular"], c["Spot"]
+
+
+def instances_in(zones: dict[str, Iterable[int]], **kwargs: object) -> list[Instance]:
+    """Instances with the given ids per zone, e.g. {"1": [3, 4], "2": [2]}."""
+    return [
+        Instance(instance_id=i, zone=z, vm_size=SIZE, **kwargs)  # type: ignore[arg-type]
+        for z, ids in zones.items()
+        for i in ids
+    ]
