@@ -48,6 +48,8 @@ def plan_scale_out(
     spec: ScaleSetSpec, region: Region, instances: list[Instance], count: int, next_id: int
 ) -> list[Placed]:
     """New instances, one at a time: the zone with the fewest, then the fault domain with the fewest."""
+    if count == 0:
+        return []
     slots: list[str | None] = list(spec.zones) if spec.zones else [None]
     down = {z for z in slots if z is not None and z in region.unavailable_zones}
     zonal = bool(spec.zones)

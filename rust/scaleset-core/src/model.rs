@@ -277,3 +277,26 @@ impl Region {
             .unwrap_or_default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regular_target_matches_azures_scenario_table() {
+        let mix = PriorityMixPolicy { base_regular_priority_count: 10, regular_priority_percentage_above_base: 50 };
+        let rows = [(10, 10), (20, 15), (30, 20), (40, 25), (41, 25), (42, 26), (44, 27), (5, 5), (0, 0)];
+        for (total, regular) in rows {
+            assert_eq!(mix.regular_target(total), regular, "total {total}");
+        }
+    }
+
+    #[test]
+    fn enums_parse_case_insensitively_and_print_canonically() {
+        assert_eq!(AllocationStrategy::parse("lowestPrice").map(|s| s.as_str()), Ok("LowestPrice"));
+        assert_eq!(ScaleInRule::parse("newestvm").map(|s| s.as_str()), Ok("NewestVM"));
+        let err = Priority::parse("Cheap").expect_err("invalid");
+        assert_eq!(err.code, crate::codes::INVALID_PARAMETER);
+        assert!(err.message.contains("Regular, Spot"));
+    }
+}

@@ -286,3 +286,49 @@ fn allocation_error(
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::model::*;
+    use crate::Engine;
+
+    fn spec(zones: &[&str]) -> ScaleSetSpec {
+        ScaleSetSpec {
+            name: "t".into(),
+            orchestration_mode: OrchestrationMode::Flexible,
+            zones: zones.iter().map(|z| z.to_string()).collect(),
+            zone_balance: false,
+            platform_fault_domain_count: None,
+            sku: Some(Sku { name: "Standard_D2s_v5".into(), tier: None }),
+            sku_profile: None,
+            priority: Priority::Regular,
+            eviction_policy: None,
+            max_price: None,
+            priority_mix_policy: None,
+            scale_in_policy: ScaleInPolicy::default(),
+            single_placement_group: None,
+            image_kind: ImageKind::Marketplace,
+            model_version: 0,
+        }
+    }
+
+    #[test]
+    fn round_robins_zones_then_fault_domains() {
+        let region = Region::new(vec!["1".into(), "2".into()], 2).expect("region");
+        let mut e = Engine::new(region, None);
+        let (_, plan) = e.create_scale_set(spec(&["1", "2"]), 5).expect("create");
+        let got: Vec<(Option<u16>, u32)> = plan.creates.iter().map(|c| (c.zone, c.fault_domain)).collect();
+        assert_eq!(got, vec![(Some(0), 0), (Some(1), 0), (Some(0), 1), (Some(1), 1), (Some(0), 0)]);
+    }
+
+    #[test]
+    fn zero_instances_plan_nothing_even_when_zones_are_down() {
+        let region = Region::new(vec!["1".into(), "2".into(), "3".into()], 2).expect("region");
+        let mut e = Engine::new(region, None);
+        e.create_scale_set(spec(&["1", "2", "3"]), 0).expect("create");
+        e.set_zone_available("1", false).expect("zone");
+        e.set_zone_available("2", false).expect("zone");
+        assert!(e.set_capacity("t", 0, false).expect("no-op").creates.is_empty());
+        assert_eq!(e.set_capacity("t", 1, false).expect_err("blocked").code, crate::codes::TOO_MANY_ZONES_UNAVAILABLE);
+    }
+}

@@ -60,6 +60,9 @@ impl Engine {
     }
 }
 
+/// One plan item as Python receives it: (instance_id, zone, fault_domain, vm_size, priority, reason).
+type PlanItem<'a> = (u64, Option<&'a str>, u32, &'a str, &'static str, String);
+
 /// An immutable plan; items are rendered to Python objects only when read.
 #[pyclass(frozen, module = "scaleset._core")]
 struct PlanHandle {
@@ -104,13 +107,13 @@ impl PlanHandle {
     }
 
     /// One planned create: (instance_id, zone, fault_domain, vm_size, priority, reason).
-    fn create_at(&self, i: usize) -> PyResult<(u64, Option<&str>, u32, &str, &'static str, String)> {
+    fn create_at(&self, i: usize) -> PyResult<PlanItem<'_>> {
         let c = self.plan.creates.get(i).ok_or_else(|| pyo3::exceptions::PyIndexError::new_err(i))?;
         Ok((c.instance_id, self.zone(c.zone), c.fault_domain, self.size(c.vm_size), c.priority.as_str(), c.describe(&self.zones, &self.sizes)))
     }
 
     /// One planned delete: (instance_id, zone, fault_domain, vm_size, priority, reason).
-    fn delete_at(&self, i: usize) -> PyResult<(u64, Option<&str>, u32, &str, &'static str, String)> {
+    fn delete_at(&self, i: usize) -> PyResult<PlanItem<'_>> {
         let d = self.plan.deletes.get(i).ok_or_else(|| pyo3::exceptions::PyIndexError::new_err(i))?;
         Ok((d.instance_id, self.zone(d.zone), d.fault_domain, self.size(d.vm_size), d.priority.as_str(), d.describe(&self.zones)))
     }

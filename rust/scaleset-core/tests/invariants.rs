@@ -1,0 +1,147 @@
+//! Invariants of the placement core, checked with proptest over random regions, specs and fleets.
+
+use proptest::prelude::*;
+use scaleset_core::*;
+
+const SIZE: &str = "Standard_D2s_v5";
+
+fn spec(zones: &[&str], mix: Option<(u32, u32)>, rule: ScaleInRule) -> ScaleSetSpec {
+    ScaleSetSpec {
+        name: "p".into(),
+        orchestration_mode: OrchestrationMode::Flexible,
+        zones: zones.iter().map(|z| z.to_string()).collect(),
+        zone_balance: false,
+        platform_fault_domain_count: None,
+        sku: Some(Sku { name: SIZE.into(), tier: None }),
+        sku_profile: None,
+        priority: if mix.is_some() { Priority::Spot } else { Priority::Regular },
+        eviction_policy: None,
+        max_price: None,
+        priority_mix_policy: mix.map(|(b, p)| PriorityMixPolicy {
+            base_regular_priority_count: b,
+            regular_priority_percentage_above_base: p,
+        }),
+        scale_in_policy: ScaleInPolicy { rules: vec![rule], ..ScaleInPolicy::default() },
+        single_placement_group: None,
+        image_kind: ImageKind::Marketplace,
+        model_version: 0,
+    }
+}
+
+fn engine() -> Engine {
+    let region = Region::new(vec!["1".into(), "2".into(), "3".into()], 3).expect("valid region");
+    Engine::new(region, Some(100_000))
+}
+
+fn zone_counts(e: &Engine) -> Vec<u64> {
+    let set = e.scale_set("p").expect("exists");
+    (0..3u16).map(|z| set.instances.iter().filter(|i| i.zone == Some(z)).count() as u64).collect()
+}
+
+fn spread(counts: &[u64]) -> u64 {
+    counts.iter().max().unwrap_or(&0) - counts.iter().min().unwrap_or(&0)
+}
+
+fn arb_rule() -> impl Strategy<Value = ScaleInRule> {
+    prop_oneof![Just(ScaleInRule::Default), Just(ScaleInRule::NewestVm), Just(ScaleInRule::OldestVm)]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// With every zone healthy, scale-out never widens the zone spread, and a balanced set stays balanced.
+    #[test]
+    fn scale_out_never_widens_the_zone_spread(
+        start in proptest::collection::vec(0u16..3, 0..40),
+        extra in 0u64..60,
+    ) {
+        let mut e = engine();
+        e.create_scale_set(spec(&["1", "2", "3"], None, ScaleInRule::Default), 0).expect("create");
+        let inputs = start.iter().enumerate().map(|(i, &z)| InstanceInput {
+            instance_id: i as u64, name: None, zone: Some((z + 1).to_string()), fault_domain: 0,
+            vm_size: SIZE.into(), priority: Priority::Regular, power_state: PowerState::Running,
+            health: Health::Unknown, model_version: None, protect_from_scale_in: false,
+            protect_from_scale_set_actions: false,
+        }).collect();
+        e.import_instances("p", inputs).expect("import");
+        let before = spread(&zone_counts(&e));
+        let n = start.len() as u64 + extra;
+        e.set_capacity("p", n, false).expect("scale out");
+        let after = spread(&zone_counts(&e));
+        prop_assert!(after <= before.max(1));
+        if before <= 1 { prop_assert!(after <= 1); }
+    }
+
+    /// No pool ever goes past its capacity: plans fail rather than overdraw.
+    #[test]
+    fn pools_are_never_overdrawn(caps in proptest::collection::vec(0u64..8, 3), want in 0u64..30) {
+        let mut e = engine();
+        for (z, &cap) in caps.iter().enumerate() {
+            e.set_pool_capacity(Some(&(z + 1).to_string()), SIZE, Priority::Regular, Some(cap), None).expect("pool");
+        }
+        e.create_scale_set(spec(&["1", "2", "3"], None, ScaleInRule::Default), 0).expect("create");
+        let ok = e.set_capacity("p", want, false).is_ok();
+        let counts = zone_counts(&e);
+        for (z, &cap) in caps.iter().enumerate() {
+            prop_assert!(counts[z] <= cap);
+            let left = e.region().pool(Some(z as u16), SIZE, Priority::Regular).available.expect("limited");
+            prop_assert_eq!(left + counts[z], cap);
+        }
+        if !ok { prop_assert_eq!(counts.iter().sum::<u64>(), 0); }
+    }
+
+    /// After a scale-out from empty, the priority mix is exact.
+    #[test]
+    fn priority_mix_is_exact_after_scale_out(base in 0u32..20, pct in 0u32..=100, steps in proptest::collection::vec(0u64..80, 1..5)) {
+        let mut e = engine();
+        e.create_scale_set(spec(&["1", "2"], Some((base, pct)), ScaleInRule::Default), 0).expect("create");
+        let mut n = 0;
+        for s in steps {
+            n += s;
+            e.set_capacity("p", n, false).expect("scale out");
+            let set = e.scale_set("p").expect("exists");
+            let regular = set.instances.iter().filter(|i| i.priority == Priority::Regular).count() as u64;
+            let mix = set.spec.priority_mix_policy.expect("mix");
+            prop_assert_eq!(regular, mix.regular_target(n));
+        }
+    }
+
+    /// Scale-in never removes a protected instance, whatever the rule; it fails whole instead.
+    #[test]
+    fn protected_instances_survive_scale_in(
+        n in 1u64..50,
+        protected in proptest::collection::btree_set(0u64..50, 0..20),
+        target in 0u64..50,
+        rule in arb_rule(),
+    ) {
+        let mut e = engine();
+        e.create_scale_set(spec(&["1", "2", "3"], None, rule), n).expect("create");
+        let ids: Vec<u64> = protected.into_iter().filter(|&i| i < n).collect();
+        e.set_protection("p", &ids, true, false).expect("protect");
+        let target = target.min(n);
+        let result = e.set_capacity("p", target, false);
+        let set = e.scale_set("p").expect("exists");
+        for id in &ids {
+            prop_assert!(set.instances.iter().any(|i| i.instance_id == *id));
+        }
+        match result {
+            Ok(_) => prop_assert_eq!(set.capacity(), target),
+            Err(err) => {
+                prop_assert_eq!(err.code, codes::SCALE_IN_BLOCKED_BY_PROTECTION);
+                prop_assert_eq!(set.capacity(), n);
+                prop_assert!((ids.len() as u64) > target);
+            }
+        }
+    }
+
+    /// Same state and request, same plan.
+    #[test]
+    fn plans_are_deterministic(a in 0u64..120, b in 0u64..120, rule in arb_rule()) {
+        let run = || {
+            let mut e = engine();
+            e.create_scale_set(spec(&["1", "2", "3"], Some((3, 40)), rule), a).expect("create");
+            e.plan_capacity("p", b).expect("plan")
+        };
+        prop_assert_eq!(run(), run());
+    }
+}
