@@ -1,14 +1,15 @@
 """A straightforward pure-Python implementation of the core placement rules.
 
 It is the differential oracle for the Rust core in the tests and the baseline of the benchmarks: one
-instance at a time, scanning every instance for every decision, exactly as the rules read. It covers zone
+instance at a time, exactly as the rules read; every scale-in decision rescans the live instances. It covers zone
 balance (best effort and strict), fault-domain spreading, the Spot priority mix, and the Default /
-NewestVM / OldestVM scale-in rules with protection, ``prioritize_unhealthy_vms`` and regional-first. It
-models a single VM size with unlimited pools (the Rust core also handles instance mix and pool capacity).
+NewestVM / OldestVM scale-in rules with protection, ``prioritize_unhealthy_vms`` and regional-first, with
+plain ``Counter``s for the zone and fault-domain tallies (no indexing tricks). It models a single VM size with unlimited pools (the Rust core also handles instance mix and pool capacity).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 from scaleset.model import Instance, Region, ScaleSetSpec
@@ -56,27 +57,23 @@ def plan_scale_out(
     if zonal and not spec.zone_balance and len(down) >= 2:
         raise ReferenceError("TooManyZonesUnavailable")
     span = _span(spec, region)
+    zone_count: Counter[str | None] = Counter(i.zone for i in instances)
+    zone_priority: Counter[tuple[str | None, str]] = Counter((i.zone, i.priority) for i in instances)
+    fd_count: Counter[tuple[str | None, int]] = Counter((i.zone, i.fault_domain) for i in instances)
+    total = len(instances)
+    regular = sum(1 for i in instances if i.priority == "Regular")
     placed: list[Placed] = []
-    world: list[tuple[str | None, int, str]] = [(i.zone, i.fault_domain, i.priority) for i in instances]
     for k in range(count):
         if spec.priority_mix_policy is not None:
-            regular = sum(1 for _, _, p in world if p == "Regular")
-            priority = "Regular" if regular < regular_target(spec, len(world) + 1) else "Spot"
+            priority = "Regular" if regular < regular_target(spec, total + 1) else "Spot"
         else:
             priority = spec.priority
-
-        def zone_count(z: str | None) -> int:
-            return sum(1 for zz, _, _ in world if zz == z)
-
-        def zone_priority_count(z: str | None, prio: str = priority) -> int:
-            return sum(1 for zz, _, p in world if zz == z and p == prio)
-
-        order = sorted(range(len(slots)), key=lambda s: (zone_count(slots[s]), zone_priority_count(slots[s]), s))
-        min_count = zone_count(slots[order[0]])
+        order = sorted(range(len(slots)), key=lambda s: (zone_count[slots[s]], zone_priority[slots[s], priority], s))
+        min_count = zone_count[slots[order[0]]]
         chosen = None
         unable = 0
         for s in order:
-            if spec.zone_balance and zone_count(slots[s]) != min_count:
+            if spec.zone_balance and zone_count[slots[s]] != min_count:
                 break
             if slots[s] in down:
                 unable += 1
@@ -86,11 +83,15 @@ def plan_scale_out(
         if chosen is None:
             raise ReferenceError("ZoneBalanceBlocked" if spec.zone_balance else "ZonalAllocationFailed")
         zone = slots[chosen]
-        if zonal and zone_count(zone) > min_count and unable >= 2:
+        if zonal and zone_count[zone] > min_count and unable >= 2:
             raise ReferenceError("ZonalAllocationFailed")
-        fd = min(range(span), key=lambda f: (sum(1 for zz, ff, _ in world if zz == zone and ff == f), f))
+        fd = min(range(span), key=lambda f: (fd_count[zone, f], f))
         placed.append(Placed(next_id + k, zone, fd, priority))
-        world.append((zone, fd, priority))
+        zone_count[zone] += 1
+        zone_priority[zone, priority] += 1
+        fd_count[zone, fd] += 1
+        total += 1
+        regular += priority == "Regular"
     return placed
 
 
@@ -118,22 +119,18 @@ def plan_scale_in(spec: ScaleSetSpec, region: Region, instances: list[Instance],
                 cands = [i for i in cands if i.priority == want]
         if zonal and any(i.zone is None for i in cands):
             cands = [i for i in cands if i.zone is None]
-
-        def zone_count(z: str | None) -> int:
-            return sum(1 for i in live if i.zone == z)
-
-        most = max(zone_count(i.zone) for i in cands)
-        cands = [i for i in cands if zone_count(i.zone) == most]
+        zone_count = Counter(i.zone for i in live)
+        most = max(zone_count[i.zone] for i in cands)
+        cands = [i for i in cands if zone_count[i.zone] == most]
         if rule == "Default":
-
-            def fd_count(z: str | None, f: int) -> int:
-                return sum(1 for i in live if i.zone == z and i.fault_domain == f)
-
-            fd_most = {z: max(fd_count(z, i.fault_domain) for i in cands if i.zone == z) for z in {c.zone for c in cands}}
-            cands = [i for i in cands if fd_count(i.zone, i.fault_domain) == fd_most[i.zone]]
+            fd_count = Counter((i.zone, i.fault_domain) for i in live)
+            fd_most: dict[str | None, int] = {}
+            for c in cands:
+                fd_most[c.zone] = max(fd_most.get(c.zone, 0), fd_count[c.zone, c.fault_domain])
+            cands = [i for i in cands if fd_count[i.zone, i.fault_domain] == fd_most[i.zone]]
         victim = min(cands, key=lambda i: i.instance_id) if rule == "OldestVM" else max(cands, key=lambda i: i.instance_id)
         if spec.zone_balance and victim.zone is not None:
-            counts = {z: zone_count(z) for z in spec.zones}
+            counts = {z: zone_count[z] for z in spec.zones}
             before = max(counts.values()) - min(counts.values()) <= 1
             counts[victim.zone] -= 1
             if before and max(counts.values()) - min(counts.values()) > 1:

@@ -20,14 +20,14 @@ struct Bucket {
     priority: Priority,
     bad: bool,
     price: f64,
-    /// Indexes into the instance slice, ascending by instance id; `head..` are still present.
-    members: Vec<u32>,
+    /// `flat[head..tail]` are this bucket's instances still present, ascending by instance id.
     head: usize,
+    tail: usize,
 }
 
 impl Bucket {
     fn is_empty(&self) -> bool {
-        self.head >= self.members.len()
+        self.head >= self.tail
     }
 }
 
@@ -58,8 +58,15 @@ pub fn plan_scale_in(view: &SetView<'_>, count: u64, size_table: &[String]) -> R
         slots.push(None);
     }
     let span = view.fault_domain_span()?.max(1) as usize;
-    let slot_of = |zone: ZoneSlot| slots.iter().position(|&s| s == zone).unwrap_or(slots.len() - 1);
-
+    // Zone -> slot as a table indexed by the region's zone index (the last entry is "no zone").
+    let region_zones = view.region.zones.len();
+    let mut slot_table = vec![slots.len() - 1; region_zones + 1];
+    for (i, slot) in slots.iter().enumerate() {
+        if let Some(z) = slot {
+            slot_table[usize::from(*z)] = i;
+        }
+    }
+    let slot_of = |zone: ZoneSlot| slot_table[zone.map_or(region_zones, usize::from).min(region_zones)];
     if zonal && !strict {
         let down = slots[..zone_slots].iter().filter(|&&s| !view.region.is_available(s)).count();
         if down >= 2 {
@@ -77,44 +84,84 @@ pub fn plan_scale_in(view: &SetView<'_>, count: u64, size_table: &[String]) -> R
     let mut fd_count = vec![0u32; slots.len() * span];
     let mut regular = 0u64;
     let mut eligible = 0u64;
-    // Sizes present, so buckets can be indexed densely: (slot, fd, priority, size, bad).
-    let mut sizes: Vec<u16> = Vec::new();
-    for inst in instances {
-        if !sizes.contains(&inst.vm_size) {
-            sizes.push(inst.vm_size);
-        }
-    }
-    let mut buckets: Vec<Bucket> = Vec::new();
-    let mut bucket_at = vec![usize::MAX; slots.len() * span * 2 * sizes.len().max(1) * 2];
+    // Pass 1 counts the buckets and notes each one's oldest and newest member. A single decision needs
+    // nothing more; larger scale-ins lay every bucket out in one flat array (pass 2), so even a large set
+    // costs a handful of allocations.
+    const NONE: usize = usize::MAX;
+    let single = count == 1;
+    let sizes = size_table.len().max(1);
+    let key_space = slots.len() * span * 2 * sizes * 2;
+    let mut keys = Vec::with_capacity(if single { 0 } else { instances.len() });
+    let mut per_key = vec![0u32; key_space];
+    let mut first = vec![NONE; key_space];
+    let mut last = vec![NONE; key_space];
     for (i, inst) in instances.iter().enumerate() {
         let slot = slot_of(inst.zone);
         let fd = (inst.fault_domain as usize).min(span - 1);
         zone_count[slot] += 1;
         fd_count[slot * span + fd] += 1;
-        if inst.priority == Priority::Regular {
-            regular += 1;
-        }
+        regular += u64::from(inst.priority == Priority::Regular);
         if inst.is_protected_from_scale_in() {
+            if !single {
+                keys.push(NONE);
+            }
             continue;
         }
         eligible += 1;
         let bad = prioritize_unhealthy && inst.is_unhealthy_or_inactive();
-        let size = sizes.iter().position(|&s| s == inst.vm_size).unwrap_or(0);
-        let key = (((slot * span + fd) * 2 + inst.priority.index()) * sizes.len() + size) * 2 + usize::from(bad);
-        if bucket_at[key] == usize::MAX {
-            let size_name = size_table.get(usize::from(inst.vm_size)).map_or("", String::as_str);
-            bucket_at[key] = buckets.len();
-            buckets.push(Bucket {
-                slot,
-                fd,
-                priority: inst.priority,
-                bad,
-                price: view.region.pool(inst.zone, size_name, inst.priority).price,
-                members: Vec::new(),
-                head: 0,
-            });
+        let size = usize::from(inst.vm_size).min(sizes - 1);
+        let key = (((slot * span + fd) * 2 + inst.priority.index()) * sizes + size) * 2 + usize::from(bad);
+        per_key[key] += 1;
+        if first[key] == NONE {
+            first[key] = i;
         }
-        buckets[bucket_at[key]].members.push(i as u32);
+        last[key] = i;
+        if !single {
+            keys.push(key);
+        }
+    }
+    let mut buckets: Vec<Bucket> = Vec::new();
+    let mut flat: Vec<u32> = Vec::new();
+    let mut fill = vec![0usize; if single { 0 } else { key_space }];
+    for (key, &n) in per_key.iter().enumerate() {
+        if n == 0 {
+            continue;
+        }
+        let inst = &instances[first[key]];
+        let price = if lowest_price {
+            let size_name = size_table.get(usize::from(inst.vm_size)).map_or("", String::as_str);
+            view.region.pool(inst.zone, size_name, inst.priority).price
+        } else {
+            0.0
+        };
+        let head = flat.len();
+        let len = if single {
+            // Only the oldest and the newest can be picked by one decision.
+            flat.push(first[key] as u32);
+            if n > 1 {
+                flat.push(last[key] as u32);
+            }
+            flat.len() - head
+        } else {
+            fill[key] = head;
+            flat.resize(head + n as usize, 0);
+            n as usize
+        };
+        buckets.push(Bucket {
+            slot: slot_of(inst.zone),
+            fd: (inst.fault_domain as usize).min(span - 1),
+            priority: inst.priority,
+            bad: key % 2 == 1,
+            price,
+            head,
+            tail: head + len,
+        });
+    }
+    for (i, &key) in keys.iter().enumerate() {
+        if key != NONE {
+            flat[fill[key]] = i as u32;
+            fill[key] += 1;
+        }
     }
     if eligible < count {
         return Err(CoreError::conflict(
@@ -179,15 +226,12 @@ pub fn plan_scale_in(view: &SetView<'_>, count: u64, size_table: &[String]) -> R
             cands.retain(|_| *k.next().unwrap_or(&false));
         }
 
+        let id_at = |pos: usize| instances[flat[pos] as usize].instance_id;
         let pick = match rule {
-            ScaleInRule::OldestVm => cands
-                .iter()
-                .copied()
-                .min_by_key(|&b| instances[buckets[b].members[buckets[b].head] as usize].instance_id),
-            ScaleInRule::NewestVm | ScaleInRule::Default => cands.iter().copied().max_by_key(|&b| {
-                let members = &buckets[b].members;
-                members.last().map_or(0, |&m| instances[m as usize].instance_id)
-            }),
+            ScaleInRule::OldestVm => cands.iter().copied().min_by_key(|&b| id_at(buckets[b].head)),
+            ScaleInRule::NewestVm | ScaleInRule::Default => {
+                cands.iter().copied().max_by_key(|&b| id_at(buckets[b].tail - 1))
+            }
         };
         let Some(b) = pick else {
             return Err(CoreError::conflict(
@@ -197,11 +241,13 @@ pub fn plan_scale_in(view: &SetView<'_>, count: u64, size_table: &[String]) -> R
         };
         let member = match rule {
             ScaleInRule::OldestVm => {
-                let m = buckets[b].members[buckets[b].head];
                 buckets[b].head += 1;
-                m
+                flat[buckets[b].head - 1]
             }
-            _ => buckets[b].members.pop().unwrap_or_default(),
+            ScaleInRule::NewestVm | ScaleInRule::Default => {
+                buckets[b].tail -= 1;
+                flat[buckets[b].tail]
+            }
         };
         let inst = &instances[member as usize];
         let slot = buckets[b].slot;

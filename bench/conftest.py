@@ -1,0 +1,40 @@
+"""Benchmark support: every core benchmark has its baseline in the same run; the summary prints ratios.
+
+Machines here are noisy, so absolute times mean little; the ratio core/baseline measured in one process
+is what the README reports.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import pytest
+
+#: group -> {"core" | "baseline": median seconds}
+MEDIANS: dict[str, dict[str, float]] = defaultdict(dict)
+
+
+@pytest.fixture
+def record(benchmark: Any) -> Any:
+    """Call ``record(kind)`` after a benchmark ran, to file its median under its group."""
+
+    def _record(kind: str) -> None:
+        stats = getattr(benchmark, "stats", None)
+        if stats is not None and benchmark.group:
+            MEDIANS[benchmark.group][kind] = stats.stats.median
+
+    return _record
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    rows = [(g, m) for g, m in sorted(MEDIANS.items()) if "core" in m]
+    if not rows:
+        return
+    terminalreporter.section("scaleset: core vs baseline (medians, same process)")
+    for group, m in rows:
+        core = m["core"]
+        line = f"{group:<34} core {core * 1e6:>12.1f} us"
+        if "baseline" in m:
+            line += f"   baseline {m['baseline'] * 1e6:>14.1f} us   speed-up {m['baseline'] / core:>8.1f}x"
+        terminalreporter.write_line(line)

@@ -1,0 +1,133 @@
+"""Placement benchmarks: the Rust core through the Python API against the pure-Python reference rules.
+
+Run: ``pytest bench --benchmark-only`` (a release build: ``pip install .``). Every benchmark checks its
+result. The reference (scaleset.testing.reference) implements the same zone / fault-domain /
+priority-mix / scale-in rules in plain Python and is the differential oracle of the tests.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from scaleset import Engine, Instance, PriorityMixPolicy, Region, ScaleSetSpec, Sku
+from scaleset.testing import reference
+
+SIZE = "Standard_D2s_v5"
+REGION = Region(zones=["1", "2", "3"], fault_domains_per_zone=5)
+
+
+def spec(mix: bool = True) -> ScaleSetSpec:
+    return ScaleSetSpec(
+        name="bench",
+        zones=["1", "2", "3"],
+        sku=Sku(name=SIZE),
+        priority="Spot" if mix else "Regular",
+        priority_mix_policy=PriorityMixPolicy(10, 50) if mix else None,
+    )
+
+
+def fresh(capacity: int = 0, limit: int | None = None) -> Engine:
+    engine = Engine(REGION, instance_limit=limit)
+    engine.create_scale_set(spec(), capacity=capacity)
+    return engine
+
+
+def assert_balanced_counts(zones: list[str | None], n: int) -> None:
+    counts = Counter(zones)
+    assert sum(counts.values()) == n
+    assert max(counts.values()) - min(counts.values()) <= 1
+
+
+def regular_target(n: int) -> int:
+    return reference.regular_target(spec(), n)
+
+
+# ----- scale out 0 -> N ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1_000, 100_000], ids=["1k", "100k"])
+def test_scale_out_core(benchmark: Any, record: Any, n: int) -> None:
+    benchmark.group = f"scale_out_0_to_{n}"
+    plan = benchmark.pedantic(
+        lambda e: e.set_capacity("bench", n),
+        setup=lambda: ((fresh(limit=n),), {}),
+        rounds=20 if n <= 1_000 else 5,
+    )
+    record("core")
+    cols = plan.create_columns()
+    assert_balanced_counts(cols["zone"], n)
+    assert cols["priority"].count("Regular") == regular_target(n)
+
+
+@pytest.mark.parametrize("n", [1_000, 100_000], ids=["1k", "100k"])
+def test_scale_out_baseline(benchmark: Any, record: Any, n: int) -> None:
+    benchmark.group = f"scale_out_0_to_{n}"
+    stored = fresh().get_spec("bench")
+    placed = benchmark.pedantic(
+        lambda: reference.plan_scale_out(stored, REGION, [], n, 0), rounds=3 if n <= 1_000 else 1
+    )
+    record("baseline")
+    assert_balanced_counts([p.zone for p in placed], n)
+    assert sum(p.priority == "Regular" for p in placed) == regular_target(n)
+
+
+# ----- one scale-in decision on a 1,000-instance set --------------------------------------------------
+
+
+def test_scale_in_one_decision_core(benchmark: Any, record: Any) -> None:
+    benchmark.group = "scale_in_one_decision_1k"
+    engine = fresh(1_000)
+    plan = benchmark(lambda: engine.set_capacity("bench", 999, dry_run=True))
+    record("core")
+    (delete,) = plan.deletes
+    assert delete.priority == "Regular"  # 506 Regular > 504.5 wanted at 999: a Regular goes
+    assert engine.capacity("bench") == 1_000
+
+
+def test_scale_in_one_decision_baseline(benchmark: Any, record: Any) -> None:
+    benchmark.group = "scale_in_one_decision_1k"
+    engine = fresh(1_000)
+    stored = engine.get_spec("bench")
+    instances = list(engine.get_scale_set("bench").instances)
+    expected = engine.set_capacity("bench", 999, dry_run=True).deletes[0].instance_id
+    ids = benchmark(lambda: reference.plan_scale_in(stored, REGION, instances, 1))
+    record("baseline")
+    assert ids == [expected]
+
+
+# ----- 1,000 -> 0, one decision (one call) at a time ---------------------------------------------------
+
+
+def test_scale_in_1k_to_0_core(benchmark: Any, record: Any) -> None:
+    benchmark.group = "scale_in_1k_to_0_one_at_a_time"
+
+    def run(engine: Engine) -> list[int]:
+        return [engine.set_capacity("bench", n).deletes[0].instance_id for n in range(999, -1, -1)]
+
+    order = benchmark.pedantic(run, setup=lambda: ((fresh(1_000),), {}), rounds=5)
+    record("core")
+    assert sorted(order) == list(range(1_000))
+
+
+def test_scale_in_1k_to_0_baseline(benchmark: Any, record: Any) -> None:
+    benchmark.group = "scale_in_1k_to_0_one_at_a_time"
+    engine = fresh(1_000)
+    stored = engine.get_spec("bench")
+    start: list[Instance] = list(engine.get_scale_set("bench").instances)
+    expected = [engine.set_capacity("bench", n).deletes[0].instance_id for n in range(999, -1, -1)]
+
+    def run() -> list[int]:
+        live = list(start)
+        order = []
+        for _ in range(1_000):
+            (victim,) = reference.plan_scale_in(stored, REGION, live, 1)
+            order.append(victim)
+            live = [i for i in live if i.instance_id != victim]
+        return order
+
+    order = benchmark.pedantic(run, rounds=1)
+    record("baseline")
+    assert order == expected
