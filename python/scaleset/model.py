@@ -338,7 +338,8 @@ def _from_plain(cls: type[T], data: Mapping[str, Any], where: str) -> T:
 
 def _many(cls: type[T]) -> Callable[[Any, str], tuple[T, ...]]:
     def conv(values: Iterable[Any], where: str) -> tuple[T, ...]:
-        return tuple(v if isinstance(v, (cls, str)) else _from_plain(cls, v, where) for v in values)
+        # Strings pass through: SkuProfile accepts bare VM size names.
+        return tuple(v if isinstance(v, (cls, str)) else _from_plain(cls, v, where) for v in values)  # type: ignore[misc]
 
     return conv
 
