@@ -104,6 +104,10 @@ class Engine:
         """The stored spec alone (cheap for large scale sets)."""
         return ScaleSetSpec.from_dict(self._core.get_spec(name))
 
+    def scale_set_names(self) -> list[str]:
+        """Every scale set's name, sorted."""
+        return list(self._core.list_scale_sets())
+
     def list_scale_sets(self) -> list[ScaleSetSpec]:
         """Every scale set's stored spec, sorted by name."""
         return [self.get_spec(name) for name in self._core.list_scale_sets()]
@@ -123,6 +127,29 @@ class Engine:
 
     def capacity(self, name: str) -> int:
         return int(self._core.capacity(name))
+
+    def export_state(self) -> dict[str, Any]:
+        """The whole engine as plain data (region, every scale set with instances and next id), for
+        snapshots. :meth:`from_state` rebuilds an identical engine."""
+        return {
+            "region": self._core.region(),
+            "scale_sets": [
+                {
+                    "spec": self._core.get_spec(name),
+                    "instances": dict(self._core.instances(name)),
+                    "next_instance_id": self._core.next_instance_id(name),
+                }
+                for name in self._core.list_scale_sets()
+            ],
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], *, instance_limit: int | None = None) -> Engine:
+        """Rebuilds an engine saved by :meth:`export_state`."""
+        engine = cls(Region.from_dict(state["region"]), instance_limit=instance_limit)
+        for saved in state["scale_sets"]:
+            engine._core.restore_scale_set(saved["spec"], saved["instances"], saved["next_instance_id"])
+        return engine
 
     def instance_limit(self, name: str) -> int:
         """The most instances this scale set may hold under the engine's limits."""
@@ -182,7 +209,18 @@ class Engine:
 
     def report_health(self, name: str, instance_ids: Iterable[int], health: str) -> None:
         """Records Application Health: ``Healthy``, ``Unhealthy``, ``Unknown`` or ``Initializing``."""
-        self._core.report_health(name, _ids(instance_ids), health)
+        ids = _ids(instance_ids)
+        self._core.report_health(name, ids, [health] * len(ids))
+
+    def report_health_batch(self, name: str, reports: Iterable[tuple[Iterable[int], str]]) -> None:
+        """Records several health reports at once; nothing changes unless every instance id exists."""
+        ids: list[int] = []
+        states: list[str] = []
+        for report_ids, health in reports:
+            batch = _ids(report_ids)
+            ids.extend(batch)
+            states.extend([health] * len(batch))
+        self._core.report_health(name, ids, states)
 
     # ----- region -------------------------------------------------------------------------------------
 

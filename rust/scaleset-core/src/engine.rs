@@ -265,6 +265,35 @@ impl Engine {
         if state.capacity() + inputs.len() as u64 > limit {
             return Err(limit_error(name, limit));
         }
+        self.adopt(name, inputs, true)
+    }
+
+    /// Puts back a scale set exactly as it was saved (a snapshot): its stored spec with its model
+    /// version, its instances, and the next instance id (which may be past every live instance).
+    pub fn restore_scale_set(&mut self, spec: ScaleSetSpec, inputs: Vec<InstanceInput>, next_instance_id: u64) -> Result<()> {
+        let model_version = spec.model_version;
+        let mut spec = resolve(spec, &self.region)?;
+        spec.model_version = model_version;
+        if self.sets.contains_key(&spec.name) {
+            return Err(CoreError::conflict(
+                codes::SCALE_SET_ALREADY_EXISTS,
+                format!("scale set '{}' already exists.", spec.name),
+            ));
+        }
+        let size_ids = self.intern_spec_sizes(&spec)?;
+        let name = spec.name.clone();
+        self.sets.insert(name.clone(), ScaleSetState { spec, instances: Vec::new(), next_instance_id, size_ids });
+        if let Err(e) = self.adopt(&name, inputs, false) {
+            self.sets.remove(&name);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Adds instances; `model_sizes_only` also requires each size to be one of the spec's current sizes
+    /// (a restore keeps instances of sizes the model has since moved away from).
+    fn adopt(&mut self, name: &str, inputs: Vec<InstanceInput>, model_sizes_only: bool) -> Result<()> {
+        let state = self.scale_set(name)?;
         let span = self.view(state).fault_domain_span()?;
         let spec = state.spec.clone();
         let allowed_sizes = spec.vm_size_names();
@@ -297,7 +326,7 @@ impl Engine {
                     format!("instance {id}: fault_domain {} is out of range; this scale set uses fault domains 0..{}.", input.fault_domain, span - 1),
                 ));
             }
-            if !allowed_sizes.contains(&input.vm_size.as_str()) {
+            if model_sizes_only && !allowed_sizes.contains(&input.vm_size.as_str()) {
                 return Err(CoreError::invalid(
                     codes::INVALID_PARAMETER,
                     format!("instance {id}: vm_size '{}' is not one of the scale set's sizes {allowed_sizes:?}.", input.vm_size),
@@ -466,11 +495,15 @@ impl Engine {
         Ok(())
     }
 
-    pub fn report_health(&mut self, name: &str, ids: &[u64], health: Health) -> Result<()> {
+    /// Records Application Health for several instances at once: all ids are checked before any changes.
+    pub fn report_health(&mut self, name: &str, ids: &[u64], health: &[Health]) -> Result<()> {
+        if ids.len() != health.len() {
+            return Err(CoreError::invalid(codes::INVALID_PARAMETER, "every instance id needs one health state."));
+        }
         let positions = self.positions(name, ids)?;
         let state = self.scale_set_mut(name)?;
-        for p in positions {
-            state.instances[p].health = health;
+        for (p, &h) in positions.into_iter().zip(health) {
+            state.instances[p].health = h;
         }
         Ok(())
     }

@@ -184,6 +184,24 @@ impl Engine {
         detached(py, || self.with(|e| Ok(e.scale_sets().map(|s| s.spec.name.clone()).collect())))
     }
 
+    /// The id the next new instance of `name` will get.
+    fn next_instance_id(&self, py: Python<'_>, name: &str) -> PyResult<u64> {
+        detached(py, || self.with(|e| Ok(e.scale_set(name)?.next_instance_id)))
+    }
+
+    /// Puts back a saved scale set exactly: stored spec (with model version), instances as columns, next id.
+    fn restore_scale_set(
+        &self,
+        py: Python<'_>,
+        spec: &Bound<'_, PyAny>,
+        columns: &Bound<'_, PyAny>,
+        next_instance_id: u64,
+    ) -> PyResult<()> {
+        let spec = spec_from_dto(extract(spec, "spec")?)?;
+        let inputs = convert::instance_inputs(extract(columns, "instances")?)?;
+        detached(py, || self.with(|e| e.restore_scale_set(spec, inputs, next_instance_id)))
+    }
+
     fn capacity(&self, py: Python<'_>, name: &str) -> PyResult<u64> {
         detached(py, || self.with(|e| Ok(e.scale_set(name)?.capacity())))
     }
@@ -231,9 +249,10 @@ impl Engine {
         })
     }
 
-    fn report_health(&self, py: Python<'_>, name: &str, instance_ids: Vec<u64>, health: &str) -> PyResult<()> {
-        let health = parse(health, core::Health::parse)?;
-        detached(py, || self.with(|e| e.report_health(name, &instance_ids, health)))
+    /// Records health for many instances atomically: `health[i]` is the state of `instance_ids[i]`.
+    fn report_health(&self, py: Python<'_>, name: &str, instance_ids: Vec<u64>, health: Vec<String>) -> PyResult<()> {
+        let health = health.iter().map(|h| parse(h, core::Health::parse)).collect::<PyResult<Vec<_>>>()?;
+        detached(py, || self.with(|e| e.report_health(name, &instance_ids, &health)))
     }
 
     fn set_zone_available(&self, py: Python<'_>, zone: &str, available: bool) -> PyResult<()> {

@@ -1,0 +1,3 @@
+from scaleset.cli import main
+
+raise SystemExit(main())

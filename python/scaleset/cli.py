@@ -1,0 +1,336 @@
+"""The ``scaleset`` command: ``scaleset serve`` runs the service; the other subcommands talk to it.
+
+Logs go to stderr, data to stdout. ``--server`` (or ``SCALESET_SERVER``) names the server to talk to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from scaleset.errors import ScaleSetError
+from scaleset.model import Instance, Plan, PlannedCreate, PlannedDelete, Region
+
+log = logging.getLogger("scaleset")
+
+DEFAULT_REGION = Region(zones=["1", "2", "3"], fault_domains_per_zone=5)
+
+
+# ----- serve --------------------------------------------------------------------------------------------
+
+
+async def run_server(
+    db: str,
+    address: str,
+    region: Region,
+    *,
+    metrics_port: int = 0,
+    instance_limit: int | None = None,
+    grace: float = 5.0,
+) -> None:
+    """Runs the service until SIGTERM or SIGINT, then drains in-flight calls and commits."""
+    from prometheus_client import start_http_server
+
+    from scaleset.control import ControlPlane
+    from scaleset.service import build_server
+    from scaleset.store import SQLiteStore
+
+    control = ControlPlane(SQLiteStore(db), region, instance_limit=instance_limit)
+    await control.start()
+    server, port, metrics = await build_server(control, address)
+    if metrics_port:
+        start_http_server(metrics_port, addr=address.rsplit(":", 1)[0].strip("[]") or "127.0.0.1", registry=metrics.registry)
+        log.info("metrics on port %d", metrics_port)
+    await server.start()
+    log.info("scaleset listening on %s (port %d), state in %s", address, port, db)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining calls for up to %.0f s", grace)
+    await server.stop(grace)
+    await control.stop()
+    log.info("stopped")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from scaleset.documents import load_document
+
+    region = Region.from_dict(load_document(args.region)) if args.region else DEFAULT_REGION
+    asyncio.run(
+        run_server(
+            args.db, f"{args.host}:{args.port}", region,
+            metrics_port=args.metrics_port, instance_limit=args.instance_limit, grace=args.grace,
+        )
+    )
+    return 0
+
+
+# ----- client commands ----------------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from scaleset.client import Client
+
+    return Client(args.server)
+
+
+def _print_plan(plan: Plan, limit: int = 20) -> None:
+    what = "dry run" if plan.dry_run else "applied"
+    print(f"{plan.scale_set}: {plan.capacity_before} -> {plan.capacity_after} instances ({what}): "
+          f"{len(plan.creates)} to create, {len(plan.deletes)} to delete")
+    items: Sequence[PlannedCreate | PlannedDelete]
+    for label, items in (("create", plan.creates), ("delete", plan.deletes)):
+        for item in items[:limit]:
+            zone = item.zone or "regional"
+            print(f"  {label} {item.instance_id:>6}  zone {zone:<8} fd {item.fault_domain}  {item.priority:<7} {item.vm_size}")
+            print(f"         {item.reason}")
+        if len(items) > limit:
+            print(f"  ... and {len(items) - limit} more")
+
+
+def render_table(name: str, info: Any, instances: Sequence[Instance]) -> str:
+    """A zone x fault-domain table of instance counts, then priority, size and state counts."""
+    spec = info.spec
+    lines = [
+        f"{name}  {spec.orchestration_mode}  capacity {info.capacity}  revision {info.revision}  model {spec.model_version}",
+    ]
+    zones = sorted({i.zone for i in instances}, key=lambda z: (z is None, z or ""))
+    fds = sorted({i.fault_domain for i in instances})
+    cells = Counter((i.zone, i.fault_domain) for i in instances)
+    header = "            " + "".join(f"{'FD' + str(f):>6}" for f in fds) + f"{'total':>8}"
+    lines.append(header)
+    for z in zones:
+        label = f"zone {z}" if z is not None else "regional"
+        row = "".join(f"{cells.get((z, f), 0):>6}" for f in fds)
+        lines.append(f"{label:<12}{row}{sum(cells.get((z, f), 0) for f in fds):>8}")
+    priorities = Counter(i.priority for i in instances)
+    sizes = Counter(i.vm_size for i in instances)
+    lines.append("priority: " + ", ".join(f"{p} {n}" for p, n in sorted(priorities.items())) if priorities else "priority: -")
+    lines.append("sizes:    " + ", ".join(f"{s} {n}" for s, n in sorted(sizes.items())) if sizes else "sizes:    -")
+    deallocated = sum(i.power_state == "deallocated" for i in instances)
+    unhealthy = sum(i.health == "Unhealthy" for i in instances)
+    protected = sum(i.protect_from_scale_in or i.protect_from_scale_set_actions for i in instances)
+    lines.append(f"deallocated {deallocated}, unhealthy {unhealthy}, protected {protected}")
+    return "\n".join(lines)
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    from scaleset.documents import load_document, spec_from_document
+
+    spec, capacity, ignored = spec_from_document(load_document(args.file))
+    for prop in ignored:
+        log.warning("ignored ARM property %s (scaleset does not model it)", prop)
+    if args.name:
+        import dataclasses
+
+        spec = dataclasses.replace(spec, name=args.name)
+    if args.capacity is not None:
+        capacity = args.capacity
+    with _client(args) as client:
+        info, plan = client.create_scale_set(spec, capacity or 0)
+    print(f"created {info.spec.name} (revision {info.revision})")
+    _print_plan(plan)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        info = client.get_scale_set(args.name)
+        instances = client.list_instances(args.name)
+    if args.output == "json":
+        print(json.dumps({"spec": info.spec.to_dict(), "capacity": info.capacity, "revision": info.revision,
+                          "etag": info.etag, "instances": [_instance_dict(i) for i in instances]}, indent=2))
+    else:
+        print(render_table(args.name, info, instances))
+    return 0
+
+
+def _instance_dict(i: Instance) -> dict[str, Any]:
+    return {f: getattr(i, f) for f in i.__slots__}
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        infos = client.list_scale_sets()
+    if args.output == "json":
+        print(json.dumps([{"spec": i.spec.to_dict(), "capacity": i.capacity, "revision": i.revision} for i in infos], indent=2))
+        return 0
+    print(f"{'NAME':<24}{'MODE':<10}{'ZONES':<10}{'CAPACITY':>9}{'REVISION':>10}")
+    for i in infos:
+        print(f"{i.spec.name:<24}{i.spec.orchestration_mode:<10}{','.join(i.spec.zones) or '-':<10}{i.capacity:>9}{i.revision:>10}")
+    return 0
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        plan = client.set_capacity(args.name, args.capacity, dry_run=args.dry_run, etag=args.etag or "")
+    _print_plan(plan, limit=args.limit)
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.instances:
+            _print_plan(client.delete_instances(args.name, args.instances))
+        else:
+            client.delete_scale_set(args.name)
+            print(f"deleted {args.name}")
+    return 0
+
+
+def cmd_evict(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        eviction = client.evict(args.name, args.instances)
+    print(f"deleted: {list(eviction.deleted)}\ndeallocated: {list(eviction.deallocated)}")
+    return 0
+
+
+def cmd_protect(args: argparse.Namespace) -> int:
+    scale_in = not args.off
+    actions = scale_in and args.scale_set_actions
+    with _client(args) as client:
+        client.set_protection(args.name, args.instances, scale_in, actions)
+    state = "off" if args.off else ("from scale-in and scale-set actions" if actions else "from scale-in")
+    print(f"protection {state} for {len(args.instances)} instances of {args.name}")
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        for e in client.watch(args.name or "", args.after):
+            where = e.scale_set or "region"
+            print(f"#{e.sequence} {where} r{e.revision} {e.type}: {e.summary}", flush=True)
+            if args.count and e.sequence >= args.count:
+                break
+    return 0
+
+
+def cmd_region(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.action == "zone":
+            region = client.set_zone_available(args.zone, args.state == "up")
+        elif args.action == "pool":
+            available = None if args.available == "unlimited" else int(args.available)
+            region = client.set_pool_capacity(args.zone if args.zone != "regional" else None, args.vm_size,
+                                              args.priority, available, args.price)
+        else:
+            region = client.describe_region()
+    print(f"zones: " + ", ".join(f"{z} ({'down' if z in region.unavailable_zones else 'up'})" for z in region.zones))
+    print(f"fault domains per zone: {region.fault_domains_per_zone}")
+    for p in region.pools:
+        avail = "unlimited" if p.available is None else p.available
+        print(f"pool {p.zone or 'regional'}/{p.vm_size}/{p.priority}: available {avail}, price {p.price}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scaleset", description=__doc__)
+    parser.add_argument("--log-level", default=os.environ.get("SCALESET_LOG_LEVEL", "INFO"))
+    parser.add_argument("--server", default=os.environ.get("SCALESET_SERVER", "localhost:50051"),
+                        help="server address (default: %(default)s)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the gRPC service")
+    p.add_argument("--db", default="scaleset.db", help="SQLite file (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--metrics-port", type=int, default=9464, help="Prometheus metrics port; 0 turns it off")
+    p.add_argument("--region", help="YAML/JSON region: zones, fault_domains_per_zone, pools (first start only)")
+    p.add_argument("--instance-limit", type=int, help="raise the per-scale-set instance ceiling (private fleets)")
+    p.add_argument("--grace", type=float, default=5.0, help="seconds to drain calls on shutdown")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("create", help="create a scale set from a YAML/JSON spec")
+    p.add_argument("-f", "--file", required=True, help="spec file (Azure property names; '-' for stdin)")
+    p.add_argument("--name")
+    p.add_argument("--capacity", type=int)
+    p.set_defaults(func=cmd_create)
+
+    for name in ("show", "get"):
+        p = sub.add_parser(name, help="a scale set: zone x fault-domain table, priority and size counts")
+        p.add_argument("name")
+        p.add_argument("-o", "--output", choices=["table", "json"], default="table")
+        p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("list", help="all scale sets")
+    p.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("scale", help="set a scale set's capacity")
+    p.add_argument("name")
+    p.add_argument("capacity", type=int)
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--etag")
+    p.add_argument("--limit", type=int, default=20, help="plan items to print")
+    p.set_defaults(func=cmd_scale)
+
+    p = sub.add_parser("delete", help="delete a scale set, or chosen instances of it")
+    p.add_argument("name")
+    p.add_argument("instances", nargs="*", type=int)
+    p.set_defaults(func=cmd_delete)
+
+    p = sub.add_parser("evict", help="evict Spot instances")
+    p.add_argument("name")
+    p.add_argument("instances", nargs="+", type=int)
+    p.set_defaults(func=cmd_evict)
+
+    p = sub.add_parser("protect", help="protect instances from scale-in (and scale-set actions)")
+    p.add_argument("name")
+    p.add_argument("instances", nargs="+", type=int)
+    p.add_argument("--scale-set-actions", action="store_true", help="also protect from scale-set actions")
+    p.add_argument("--off", action="store_true", help="remove protection")
+    p.set_defaults(func=cmd_protect)
+
+    p = sub.add_parser("watch", help="stream changes (resumable)")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--after", type=int, default=0, help="revision (with a name) or global sequence to resume after")
+    p.add_argument("--count", type=int, default=0, help="stop after this sequence number")
+    p.set_defaults(func=cmd_watch)
+
+    p = sub.add_parser("region", help="show the region, mark a zone up/down, set pool capacity")
+    rsub = p.add_subparsers(dest="action")
+    rsub.add_parser("show")
+    z = rsub.add_parser("zone")
+    z.add_argument("zone")
+    z.add_argument("state", choices=["up", "down"])
+    pool = rsub.add_parser("pool")
+    pool.add_argument("zone", help="zone name, or 'regional'")
+    pool.add_argument("vm_size")
+    pool.add_argument("priority", choices=["Regular", "Spot"])
+    pool.add_argument("available", help="count, or 'unlimited'")
+    pool.add_argument("--price", type=float)
+    p.set_defaults(func=cmd_region)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args))
+    except ScaleSetError as e:
+        print(f"error [{e.code}]: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,243 @@
+"""A typed, blocking Python client for a scaleset server.
+
+It speaks the same domain types as the in-process :class:`~scaleset.Engine` and raises the same
+:mod:`scaleset.errors` (kind from the gRPC status, ``code`` from the ``ErrorInfo`` detail). Every
+mutation carries a ``request_id`` (generated unless given), and is retried with it when the server is
+briefly unavailable, so a retry never applies twice.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from scaleset import convert
+from scaleset.errors import CapacityError, ConflictError, InvalidInputError, NotFoundError, ScaleSetError
+from scaleset.model import Eviction, Instance, Plan, Region, ScaleSetSpec
+from scaleset.v1 import scaleset_pb2 as pb
+from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
+
+__all__ = ["Client", "ScaleSetInfo", "WatchedEvent"]
+
+_ERROR_BY_STATUS: dict[grpc.StatusCode, type[ScaleSetError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidInputError,
+    grpc.StatusCode.FAILED_PRECONDITION: ConflictError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: CapacityError,
+}
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleSetInfo:
+    """A scale set as the server stores it: its spec, capacity, and revision/etag for preconditions."""
+
+    spec: ScaleSetSpec
+    capacity: int
+    revision: int
+    etag: str
+
+
+@dataclass(frozen=True, slots=True)
+class WatchedEvent:
+    sequence: int
+    scale_set: str
+    revision: int
+    type: str
+    summary: str
+    time_unix_ms: int
+    plan: Plan | None
+
+
+def _error(err: grpc.RpcError) -> Exception:
+    """A server error as the scaleset exception it was raised as."""
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    status = rpc_status.from_call(err) if isinstance(err, grpc.Call) else None
+    reason = code.name
+    metadata: dict[str, str] = {}
+    if status is not None:
+        for detail in status.details:
+            info = error_details_pb2.ErrorInfo()
+            if detail.Unpack(info):
+                reason, metadata = info.reason, dict(info.metadata)
+    cls = _ERROR_BY_STATUS.get(code, ScaleSetError)
+    exc = cls(err.details() if hasattr(err, "details") else str(err))
+    exc.code = reason
+    exc.metadata = metadata  # type: ignore[attr-defined]
+    return exc
+
+
+def _info(msg: pb.ScaleSet) -> ScaleSetInfo:
+    return ScaleSetInfo(convert.spec_from_proto(msg.spec), msg.capacity, msg.revision, msg.etag)
+
+
+class Client:
+    """Blocking client. ``Client("localhost:50051")``; use as a context manager or call :meth:`close`."""
+
+    def __init__(self, target: str = "localhost:50051", *, timeout: float = 30.0, retries: int = 3) -> None:
+        self._channel = grpc.insecure_channel(target)
+        self._scale_sets = pb_grpc.ScaleSetsStub(self._channel)
+        self._regions = pb_grpc.RegionsStub(self._channel)
+        self._diagnostics = pb_grpc.DiagnosticsStub(self._channel)
+        self._timeout = timeout
+        self._retries = retries
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: Any, request: Any, *, idempotent: bool = True) -> Any:
+        delay = 0.1
+        for attempt in range(self._retries + 1):
+            try:
+                return method(request, timeout=self._timeout)
+            except grpc.RpcError as err:
+                if idempotent and err.code() in _RETRYABLE and attempt < self._retries:
+                    time.sleep(delay)
+                    delay *= 2
+                    continue
+                raise _error(err) from None
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _request_id(request_id: str | None) -> str:
+        return request_id if request_id is not None else str(uuid.uuid4())
+
+    # ----- scale sets ---------------------------------------------------------------------------------
+
+    def create_scale_set(self, spec: ScaleSetSpec, capacity: int = 0, *, request_id: str | None = None) -> tuple[ScaleSetInfo, Plan]:
+        reply = self._call(
+            self._scale_sets.CreateScaleSet,
+            pb.CreateScaleSetRequest(scale_set=convert.spec_to_proto(spec), capacity=capacity, request_id=self._request_id(request_id)),
+        )
+        return _info(reply.scale_set), convert.plan_from_proto(reply.plan)
+
+    def get_scale_set(self, name: str) -> ScaleSetInfo:
+        return _info(self._call(self._scale_sets.GetScaleSet, pb.GetScaleSetRequest(name=name)))
+
+    def list_scale_sets(self, page_size: int = 100) -> list[ScaleSetInfo]:
+        out: list[ScaleSetInfo] = []
+        token = ""
+        while True:
+            reply = self._call(self._scale_sets.ListScaleSets, pb.ListScaleSetsRequest(page_size=page_size, page_token=token))
+            out.extend(_info(s) for s in reply.scale_sets)
+            token = reply.next_page_token
+            if not token:
+                return out
+
+    def update_scale_set(
+        self, spec: ScaleSetSpec, *, update_mask: Sequence[str] = (), etag: str = "", request_id: str | None = None
+    ) -> ScaleSetInfo:
+        request = pb.UpdateScaleSetRequest(scale_set=convert.spec_to_proto(spec), etag=etag, request_id=self._request_id(request_id))
+        request.update_mask.paths.extend(update_mask)
+        return _info(self._call(self._scale_sets.UpdateScaleSet, request))
+
+    def delete_scale_set(self, name: str, *, etag: str = "", request_id: str | None = None) -> None:
+        self._call(self._scale_sets.DeleteScaleSet, pb.DeleteScaleSetRequest(name=name, etag=etag, request_id=self._request_id(request_id)))
+
+    def set_capacity(
+        self, name: str, capacity: int, *, dry_run: bool = False, etag: str = "", request_id: str | None = None,
+        summary_only: bool = False,
+    ) -> Plan:
+        request = pb.SetCapacityRequest(
+            name=name, capacity=capacity, dry_run=dry_run, etag=etag, request_id=self._request_id(request_id),
+            view=pb.PLAN_VIEW_SUMMARY if summary_only else pb.PLAN_VIEW_FULL,
+        )
+        return convert.plan_from_proto(self._call(self._scale_sets.SetCapacity, request).plan)
+
+    # ----- instances ----------------------------------------------------------------------------------
+
+    def import_instances(self, name: str, instances: Iterable[Instance], *, request_id: str | None = None) -> None:
+        request = pb.ImportInstancesRequest(name=name, request_id=self._request_id(request_id))
+        for i in instances:
+            request.instances.add(
+                instance_id=i.instance_id, name=i.name or "", zone=i.zone or "", fault_domain=i.fault_domain,
+                vm_size=i.vm_size, priority=convert.PRIORITY_TO_PB[i.priority],
+                power_state=convert.POWER_TO_PB[i.power_state], health=convert.HEALTH_TO_PB[i.health],
+                model_version=i.model_version or 0, protect_from_scale_in=i.protect_from_scale_in,
+                protect_from_scale_set_actions=i.protect_from_scale_set_actions,
+            )
+        self._call(self._scale_sets.ImportInstances, request)
+
+    def list_instances(self, name: str, page_size: int = 1000) -> list[Instance]:
+        out: list[Instance] = []
+        token = ""
+        while True:
+            reply = self._call(self._scale_sets.ListInstances, pb.ListInstancesRequest(name=name, page_size=page_size, page_token=token))
+            out.extend(convert.columns_from_proto(reply.instances, name))
+            token = reply.next_page_token
+            if not token:
+                return out
+
+    def delete_instances(self, name: str, instance_ids: Iterable[int], *, request_id: str | None = None) -> Plan:
+        request = pb.DeleteInstancesRequest(name=name, instance_ids=list(instance_ids), request_id=self._request_id(request_id))
+        return convert.plan_from_proto(self._call(self._scale_sets.DeleteInstances, request).plan)
+
+    def evict(self, name: str, instance_ids: Iterable[int], *, request_id: str | None = None) -> Eviction:
+        request = pb.EvictInstancesRequest(name=name, instance_ids=list(instance_ids), request_id=self._request_id(request_id))
+        reply = self._call(self._scale_sets.EvictInstances, request)
+        return Eviction(deleted=tuple(reply.deleted), deallocated=tuple(reply.deallocated))
+
+    def set_protection(
+        self, name: str, instance_ids: Iterable[int], protect_from_scale_in: bool,
+        protect_from_scale_set_actions: bool = False, *, request_id: str | None = None,
+    ) -> None:
+        request = pb.SetInstanceProtectionRequest(
+            name=name, instance_ids=list(instance_ids), protect_from_scale_in=protect_from_scale_in,
+            protect_from_scale_set_actions=protect_from_scale_set_actions, request_id=self._request_id(request_id),
+        )
+        self._call(self._scale_sets.SetInstanceProtection, request)
+
+    def report_health(self, name: str, instance_ids: Iterable[int], health: str, *, request_id: str | None = None) -> None:
+        request = pb.ReportInstanceHealthRequest(name=name, request_id=self._request_id(request_id))
+        request.reports.add(instance_ids=list(instance_ids), health=convert.HEALTH_TO_PB[health])
+        self._call(self._scale_sets.ReportInstanceHealth, request)
+
+    def watch(self, scale_set: str = "", after: int = 0) -> Iterator[WatchedEvent]:
+        """Events after ``after`` (a revision of ``scale_set``, or a global sequence), then live ones."""
+        try:
+            for e in self._scale_sets.WatchEvents(pb.WatchEventsRequest(scale_set=scale_set, after=after)):
+                yield WatchedEvent(
+                    e.sequence, e.scale_set, e.revision, e.type, e.summary, e.time_unix_ms,
+                    convert.plan_from_proto(e.plan) if e.HasField("plan") else None,
+                )
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.CANCELLED:
+                return
+            raise _error(err) from None
+
+    # ----- region -------------------------------------------------------------------------------------
+
+    def describe_region(self) -> Region:
+        return convert.region_from_proto(self._call(self._regions.GetRegion, pb.GetRegionRequest()))
+
+    def set_zone_available(self, zone: str, available: bool, *, request_id: str | None = None) -> Region:
+        request = pb.SetZoneAvailabilityRequest(zone=zone, available=available, request_id=self._request_id(request_id))
+        return convert.region_from_proto(self._call(self._regions.SetZoneAvailability, request))
+
+    def set_pool_capacity(
+        self, zone: str | None, vm_size: str, priority: str, available: int | None, price: float | None = None,
+        *, request_id: str | None = None,
+    ) -> Region:
+        pool = pb.Pool(zone=zone or "", vm_size=vm_size, priority=priority)
+        if available is not None:
+            pool.available = available
+        if price is not None:
+            pool.price = price
+        request = pb.SetPoolCapacityRequest(pool=pool, request_id=self._request_id(request_id))
+        return convert.region_from_proto(self._call(self._regions.SetPoolCapacity, request))
+
+    def echo(self, payload: bytes = b"") -> bytes:
+        return bytes(self._call(self._diagnostics.Echo, pb.EchoRequest(payload=payload)).payload)

@@ -1,0 +1,507 @@
+"""The control plane: one engine, its durable event log, and the rules every mutation follows.
+
+A mutation is applied to the engine under one lock (so the global order of changes is the order of the
+log, and replay reproduces it exactly), then handed to a group committer that writes whole batches in
+one transaction: one fsync for many concurrent mutations. The caller gets its answer only once its
+batch is on disk. Reads wait until everything they could observe is committed, so nothing a client
+sees can be lost.
+
+This module knows nothing of gRPC: the service passes an ``encode`` callback that turns an outcome into
+its reply, which is cached (as bytes) for ``request_id`` retries in the same transaction as the event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from scaleset.engine import Engine
+from scaleset.errors import ConflictError, invalid_input
+from scaleset.model import Eviction, Instance, Plan, Region, ScaleSetSpec
+from scaleset.store import EventRecord, RequestRecord, Snapshot, Store
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ControlPlane", "Outcome", "StoreUnavailableError", "apply_command"]
+
+#: Plans with more changes than this are summarised (counts only) in watch events.
+EVENT_PLAN_ITEMS = 1000
+#: Events a watcher may fall behind by before it is switched to catching up from the store.
+WATCH_BACKLOG = 10_000
+
+_EVENT_TYPES = {
+    "create": "ScaleSetCreated",
+    "update": "ScaleSetUpdated",
+    "delete": "ScaleSetDeleted",
+    "set_capacity": "CapacitySet",
+    "import": "InstancesImported",
+    "delete_instances": "InstancesDeleted",
+    "evict": "InstancesEvicted",
+    "protect": "InstanceProtectionSet",
+    "health": "InstanceHealthReported",
+    "zone": "ZoneAvailabilityChanged",
+    "pool": "PoolCapacityChanged",
+}
+
+
+class StoreUnavailableError(Exception):
+    """The store failed to commit; the change was not acknowledged and has been rolled back."""
+
+
+class Encodable(Protocol):
+    def SerializeToString(self) -> bytes: ...  # noqa: N802 (protobuf's name)
+
+
+def apply_command(engine: Engine, cmd: dict[str, Any]) -> Any:
+    """Applies one logged command. Live mutations and replay both come through here, so they agree."""
+    op = cmd["op"]
+    if op == "create":
+        return engine.create_scale_set(ScaleSetSpec.from_dict(cmd["spec"]), cmd["capacity"])
+    if op == "update":
+        return engine.update_scale_set(ScaleSetSpec.from_dict(cmd["spec"]))
+    if op == "delete":
+        engine.delete_scale_set(cmd["name"])
+        return None
+    if op == "set_capacity":
+        return engine.set_capacity(cmd["name"], cmd["capacity"])
+    if op == "import":
+        engine.import_instances(cmd["name"], [Instance(**row) for row in cmd["instances"]])
+        return None
+    if op == "delete_instances":
+        return engine.delete_instances(cmd["name"], cmd["instance_ids"])
+    if op == "evict":
+        return engine.evict(cmd["name"], cmd["instance_ids"])
+    if op == "protect":
+        engine.set_protection(
+            cmd["name"], cmd["instance_ids"], cmd["protect_from_scale_in"], cmd["protect_from_scale_set_actions"]
+        )
+        return None
+    if op == "health":
+        engine.report_health_batch(cmd["name"], [(ids, health) for ids, health in cmd["reports"]])
+        return None
+    if op == "zone":
+        engine.set_zone_available(cmd["zone"], cmd["available"])
+        return None
+    if op == "pool":
+        engine.set_pool_capacity(cmd["zone"], cmd["vm_size"], cmd["priority"], cmd["available"], cmd["price"])
+        return None
+    raise ValueError(f"unknown command {op!r}")
+
+
+def _plan_summary(plan: Plan) -> dict[str, Any]:
+    summary: dict[str, Any] = {
+        "capacity_before": plan.capacity_before,
+        "capacity_after": plan.capacity_after,
+        "create_count": len(plan.creates),
+        "delete_count": len(plan.deletes),
+    }
+    if len(plan.creates) <= EVENT_PLAN_ITEMS and len(plan.deletes) <= EVENT_PLAN_ITEMS:
+        creates, deletes = plan.create_columns(), plan.delete_columns()
+        summary["creates"] = [list(row) for row in zip(*creates.values())] if creates["instance_id"] else []
+        summary["deletes"] = [list(row) for row in zip(*deletes.values())] if deletes["instance_id"] else []
+    return summary
+
+
+def _describe(cmd: dict[str, Any], result: Any) -> dict[str, Any]:
+    """What watchers are told about a change: a sentence and, for plans, the instances involved."""
+    op = cmd["op"]
+    out: dict[str, Any] = {}
+    if isinstance(result, Plan):
+        out["plan"] = _plan_summary(result)
+        text = f"{result.capacity_before} -> {result.capacity_after} instances"
+    elif isinstance(result, Eviction):
+        text = f"evicted: {len(result.deleted)} deleted, {len(result.deallocated)} deallocated"
+    elif op in ("protect", "delete_instances", "health"):
+        n = len(cmd.get("instance_ids", [])) or sum(len(ids) for ids, _ in cmd.get("reports", []))
+        text = f"{n} instances"
+    elif op == "zone":
+        text = f"zone {cmd['zone']} {'available' if cmd['available'] else 'unavailable'}"
+    elif op == "pool":
+        text = f"pool {cmd['zone'] or 'regional'}/{cmd['vm_size']}/{cmd['priority']} available={cmd['available']}"
+    elif op == "import":
+        text = f"{len(cmd['instances'])} instances imported"
+    else:
+        text = op
+    out["text"] = text
+    return out
+
+
+def fingerprint(method: str, payload: bytes) -> str:
+    return hashlib.sha256(method.encode() + b"\0" + payload).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a mutation did: the engine's result, and the scale set's (or region's) new revision."""
+
+    result: Any
+    revision: int
+    etag: str
+    sequence: int
+
+
+def make_etag(name: str, revision: int) -> str:
+    return f'W/"{revision}"'
+
+
+@dataclass(slots=True)
+class _Pending:
+    event: EventRecord
+    request: RequestRecord | None
+    future: asyncio.Future[None]
+
+
+class ControlPlane:
+    """Owns the engine and its log. All methods run on one asyncio event loop.
+
+    Args:
+        store: where events, replies and snapshots go.
+        region: the region to start with when the store is empty (a stored state wins).
+        instance_limit: the engine's instance ceiling override (stored with the state; see README).
+        clock: seconds since the epoch; injectable for tests.
+        snapshot_every: take a snapshot after this many events.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        region: Region,
+        *,
+        instance_limit: int | None = None,
+        clock: Callable[[], float] = time.time,
+        snapshot_every: int = 1000,
+    ) -> None:
+        self._store = store
+        self._initial_region = region
+        self._instance_limit = instance_limit
+        self._clock = clock
+        self._snapshot_every = snapshot_every
+        self._lock = asyncio.Lock()
+        self._queue: list[_Pending] = []
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._committer: asyncio.Task[None] | None = None
+        self._last_commit: asyncio.Future[None] | None = None
+        self._subscribers: set[asyncio.Queue[EventRecord | None]] = set()
+        self._inflight: dict[str, asyncio.Future[bytes]] = {}
+        self._recent: dict[str, RequestRecord] = {}
+        self._snapshot_task: asyncio.Task[None] | None = None
+        self.engine: Engine
+        self.revisions: dict[str, int] = {}
+        self.region_revision = 0
+        self.sequence = 0
+        self._snapshot_sequence = 0
+        self.healthy = True
+
+    # ----- lifecycle ----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._load)
+        self._committer = asyncio.create_task(self._commit_loop(), name="scaleset-group-commit")
+
+    def _load(self) -> None:
+        limit = self._store.get_meta("instance_limit")
+        if limit is None:
+            self._store.set_meta("instance_limit", json.dumps(self._instance_limit))
+        elif json.loads(limit) != self._instance_limit:
+            log.warning("instance_limit %s differs from the stored %s; using the stored one", self._instance_limit, limit)
+            self._instance_limit = json.loads(limit)
+        stored_region = self._store.get_meta("initial_region")
+        if stored_region is None:
+            self._store.set_meta("initial_region", json.dumps(self._initial_region.to_dict()))
+            initial = self._initial_region
+        else:
+            initial = Region.from_dict(json.loads(stored_region))
+        snapshot, events = self._store.load()
+        if snapshot is not None:
+            state = snapshot.state
+            self.engine = Engine.from_state(state["engine"], instance_limit=self._instance_limit)
+            self.revisions = dict(state["revisions"])
+            self.region_revision = state["region_revision"]
+            self.sequence = self._snapshot_sequence = snapshot.sequence
+        else:
+            self.engine = Engine(initial, instance_limit=self._instance_limit)
+            self.revisions, self.region_revision, self.sequence = {}, 0, 0
+        for event in events:
+            try:
+                apply_command(self.engine, event.command)
+            except Exception as exc:
+                raise RuntimeError(
+                    f"the stored log cannot be replayed at sequence {event.sequence} ({event.type}): {exc}"
+                ) from exc
+            self._count(event)
+        log.info("loaded state at sequence %d (%d events replayed)", self.sequence, len(events))
+
+    def _count(self, event: EventRecord) -> None:
+        self.sequence = event.sequence
+        if event.scale_set:
+            self.revisions[event.scale_set] = event.revision
+        else:
+            self.region_revision = event.revision
+
+    async def stop(self) -> None:
+        """Commits what is queued, takes a snapshot and closes the store."""
+        self._closing = True
+        self._wake.set()
+        if self._committer is not None:
+            await self._committer
+        if self._snapshot_task is not None:
+            await self._snapshot_task
+        if self.healthy and self.sequence > self._snapshot_sequence:
+            await self._snapshot()
+        for q in list(self._subscribers):
+            q.put_nowait(None)
+        await asyncio.to_thread(self._store.close)
+
+    # ----- reads --------------------------------------------------------------------------------------
+
+    async def settled(self) -> Engine:
+        """The engine, once every change applied so far is committed (so a read never shows a change
+        that a crash could still lose)."""
+        last = self._last_commit
+        if last is not None and not last.done():
+            await asyncio.shield(last)
+        return self.engine
+
+    def revision(self, name: str) -> int:
+        return self.revisions.get(name, 0)
+
+    def etag(self, name: str) -> str:
+        return make_etag(name, self.revision(name))
+
+    def check_etag(self, name: str, etag: str) -> None:
+        """Optimistic concurrency: a given etag must be the scale set's current one."""
+        if not etag or not name or etag == self.etag(name):
+            return
+        err = ConflictError(
+            f"etag {etag} is stale: '{name}' is at revision {self.revision(name)} (etag {self.etag(name)}); "
+            "read it again and retry."
+        )
+        err.code = "Aborted"
+        err.metadata = {"current_etag": self.etag(name), "current_revision": str(self.revision(name))}  # type: ignore[attr-defined]
+        raise err
+
+    # ----- mutations ----------------------------------------------------------------------------------
+
+    async def mutate(
+        self,
+        *,
+        method: str,
+        command: dict[str, Any] | Callable[[Engine], dict[str, Any]],
+        scale_set: str,
+        encode: Callable[[Outcome], Encodable],
+        request_id: str = "",
+        payload: bytes = b"",
+        etag: str = "",
+        big: bool = False,
+    ) -> Encodable | bytes:
+        """Applies ``command`` durably and returns its reply, or the cached reply bytes of an earlier
+        request with the same ``request_id``. ``scale_set`` is empty for region commands; ``big`` runs
+        the engine call on a worker thread. ``command`` may be a function of the engine, evaluated under
+        the lock (for read-modify-write changes such as masked updates)."""
+        if not self.healthy:
+            raise StoreUnavailableError("the store failed and the state could not be reloaded; restart the server.")
+        fp = fingerprint(method, payload)
+        if request_id:
+            cached = await self._cached_reply(request_id, method, fp)
+            if cached is not None:
+                return cached
+        async with self._lock:
+            if request_id and (earlier := self._recent.get(request_id)) is not None:
+                # Committed while we looked in the store.
+                self._check_same_request(earlier, request_id, method, fp)
+                return earlier.response
+            duplicate = self._inflight.get(request_id) if request_id else None
+            if duplicate is None:
+                future, reply, request = await self._apply(method, command, scale_set, encode, request_id, fp, etag, big)
+        if duplicate is not None:
+            return await asyncio.shield(duplicate)
+        try:
+            await asyncio.shield(future)
+        finally:
+            if request_id:
+                waiting = self._inflight.pop(request_id)
+                if future.done() and future.exception() is None and request is not None:
+                    waiting.set_result(request.response)
+                elif future.done():
+                    waiting.set_exception(StoreUnavailableError("the change was not committed"))
+                    waiting.exception()  # retrieved here: a duplicate request may not be waiting
+                else:
+                    waiting.cancel()
+        return reply
+
+    async def _apply(
+        self,
+        method: str,
+        command: dict[str, Any] | Callable[[Engine], dict[str, Any]],
+        scale_set: str,
+        encode: Callable[[Outcome], Encodable],
+        request_id: str,
+        fp: str,
+        etag: str,
+        big: bool,
+    ) -> tuple[asyncio.Future[None], Encodable, RequestRecord | None]:
+        """Applies and queues one mutation; the caller holds the lock."""
+        self.check_etag(scale_set, etag)
+        if callable(command):
+            command = command(self.engine)
+        if big:
+            result = await asyncio.to_thread(apply_command, self.engine, command)
+        else:
+            result = apply_command(self.engine, command)
+        self.sequence += 1
+        if scale_set:
+            revision = self.revisions.get(scale_set, 0) + 1
+            self.revisions[scale_set] = revision
+        else:
+            self.region_revision += 1
+            revision = self.region_revision
+        reply = encode(Outcome(result, revision, make_etag(scale_set, revision), self.sequence))
+        event = EventRecord(
+            sequence=self.sequence,
+            scale_set=scale_set,
+            revision=revision,
+            type=_EVENT_TYPES[command["op"]],
+            command=command,
+            summary=_describe(command, result),
+            time_ms=int(self._clock() * 1000),
+        )
+        request = RequestRecord(request_id, method, fp, reply.SerializeToString(), self.sequence) if request_id else None
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._queue.append(_Pending(event, request, future))
+        self._last_commit = future
+        if request_id:
+            self._inflight[request_id] = loop.create_future()
+        self._wake.set()
+        return future, reply, request
+
+    @staticmethod
+    def _check_same_request(record: RequestRecord, request_id: str, method: str, fp: str) -> None:
+        if record.method != method or record.fingerprint != fp:
+            raise invalid_input(
+                f"request_id {request_id!r} was already used for a different request ({record.method}); "
+                "use a new request_id for a new request.",
+                code="RequestIdReused",
+            )
+
+    async def _cached_reply(self, request_id: str, method: str, fp: str) -> bytes | None:
+        record = self._recent.get(request_id) or await asyncio.to_thread(self._store.lookup_request, request_id)
+        if record is None:
+            return None
+        self._check_same_request(record, request_id, method, fp)
+        return record.response
+
+    # ----- group commit -------------------------------------------------------------------------------
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._queue = self._queue, []
+            if batch:
+                try:
+                    await asyncio.to_thread(
+                        self._store.append,
+                        [p.event for p in batch],
+                        [p.request for p in batch if p.request is not None],
+                    )
+                except Exception as exc:
+                    log.exception("commit of %d events failed; rolling the engine back to the store", len(batch))
+                    await self._fail_and_reload(batch, exc)
+                else:
+                    for p in batch:
+                        p.future.set_result(None)
+                        if p.request is not None:
+                            self._remember(p.request)
+                    self._publish([p.event for p in batch])
+                    if self.sequence - self._snapshot_sequence >= self._snapshot_every and self._snapshot_task is None:
+                        self._snapshot_task = asyncio.create_task(self._snapshot_soon())
+            if self._closing and not self._queue:
+                return
+
+    async def _fail_and_reload(self, batch: list[_Pending], exc: Exception) -> None:
+        async with self._lock:
+            failed = batch + self._queue
+            self._queue = []
+            for p in failed:
+                if not p.future.done():
+                    p.future.set_exception(StoreUnavailableError(f"the change was not committed: {exc}"))
+                    p.future.exception()  # mark retrieved: the waiter may have gone
+            try:
+                await asyncio.to_thread(self._load)
+            except Exception:
+                log.exception("reloading the state from the store failed; refusing further changes")
+                self.healthy = False
+
+    def _remember(self, record: RequestRecord) -> None:
+        self._recent[record.request_id] = record
+        if len(self._recent) > 10_000:
+            del self._recent[next(iter(self._recent))]
+
+    def _publish(self, events: list[EventRecord]) -> None:
+        for q in list(self._subscribers):
+            if q.qsize() > WATCH_BACKLOG:
+                # A slow watcher: it catches up from the store instead of holding events in memory.
+                self._subscribers.discard(q)
+                q.put_nowait(None)
+                continue
+            for e in events:
+                q.put_nowait(e)
+
+    # ----- snapshots ----------------------------------------------------------------------------------
+
+    async def _snapshot_soon(self) -> None:
+        try:
+            await self._snapshot()
+        finally:
+            self._snapshot_task = None
+
+    async def _snapshot(self) -> None:
+        async with self._lock:
+            sequence = self.sequence
+            state = {
+                "engine": self.engine.export_state(),
+                "revisions": dict(self.revisions),
+                "region_revision": self.region_revision,
+            }
+            last = self._last_commit
+        if last is not None and not last.done():
+            await asyncio.shield(last)
+        await asyncio.to_thread(self._store.save_snapshot, Snapshot(sequence, state))
+        self._snapshot_sequence = sequence
+        log.info("snapshot at sequence %d", sequence)
+
+    # ----- watching -----------------------------------------------------------------------------------
+
+    async def watch(self, scale_set: str, after: int) -> AsyncIterator[EventRecord]:
+        """Committed events after ``after`` (a revision of ``scale_set``, or a global sequence when
+        ``scale_set`` is empty): history from the store first, then live ones, with no gaps."""
+
+        def key(e: EventRecord) -> int:
+            return e.revision if scale_set else e.sequence
+
+        last = after
+        while True:
+            queue: asyncio.Queue[EventRecord | None] = asyncio.Queue()
+            self._subscribers.add(queue)
+            try:
+                while batch := await asyncio.to_thread(self._store.events_after, scale_set or None, last, 500):
+                    for past in batch:
+                        yield past
+                        last = key(past)
+                while (live := await queue.get()) is not None:
+                    if (not scale_set or live.scale_set == scale_set) and key(live) > last:
+                        yield live
+                        last = key(live)
+            finally:
+                self._subscribers.discard(queue)
+            if self._closing:
+                return
+            # Fell behind: catch up from the store and carry on.

@@ -1,0 +1,95 @@
+"""Scale-set specs from YAML or JSON documents, in Azure's property names.
+
+Three shapes are accepted: our own snake_case (``orchestration_mode``), Azure's camelCase
+(``orchestrationMode``), or an ARM resource (``{"name", "sku": {"name", "capacity"}, "zones",
+"properties": {...}}``). In an ARM resource, properties scaleset does not model (network profiles,
+extensions, ...) are ignored and reported; in the flat shapes an unknown property is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from scaleset.errors import invalid_input
+from scaleset.model import ScaleSetSpec
+
+__all__ = ["load_document", "spec_from_document"]
+
+_CAMEL = re.compile(r"([a-z0-9])([A-Z])")
+
+
+def snake(key: str) -> str:
+    return _CAMEL.sub(r"\1_\2", key).lower()
+
+
+def _snake_keys(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {snake(str(k)): _snake_keys(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_snake_keys(v) for v in value]
+    return value
+
+
+def load_document(path: str) -> Any:
+    """Parses a YAML or JSON file (JSON is YAML)."""
+    text = Path(path).read_text() if path != "-" else __import__("sys").stdin.read()
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            raise invalid_input(f"{path} is neither valid YAML nor JSON: {e}") from None
+
+
+def spec_from_document(doc: Any) -> tuple[ScaleSetSpec, int | None, list[str]]:
+    """Returns the spec, the capacity if the document gives one (``capacity`` or ARM's
+    ``sku.capacity``), and the ARM properties that were ignored."""
+    if not isinstance(doc, Mapping):
+        raise invalid_input("a scale-set document must be a mapping of property names to values.")
+    data = _snake_keys(doc)
+    ignored: list[str] = []
+    if "properties" in data:
+        data = _flatten_arm(data, ignored)
+    capacity = data.pop("capacity", None)
+    sku = data.get("sku")
+    if isinstance(sku, Mapping) and "capacity" in sku:
+        sku = dict(sku)
+        capacity = sku.pop("capacity")
+        data["sku"] = sku
+    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0):
+        raise invalid_input(f"capacity must be a non-negative integer, got {capacity!r}.")
+    return ScaleSetSpec.from_dict(data), capacity, ignored
+
+
+_ARM_TOP = {"name", "sku", "zones", "capacity"}
+_ARM_PROPERTIES = {
+    "orchestration_mode", "platform_fault_domain_count", "single_placement_group", "zone_balance",
+    "scale_in_policy", "priority_mix_policy", "sku_profile",
+}
+
+
+def _flatten_arm(data: dict[str, Any], ignored: list[str]) -> dict[str, Any]:
+    flat = {k: v for k, v in data.items() if k in _ARM_TOP}
+    ignored.extend(k for k in data if k not in _ARM_TOP and k != "properties")
+    props = data["properties"] or {}
+    for key, value in props.items():
+        if key in _ARM_PROPERTIES:
+            flat[key] = value
+        elif key == "virtual_machine_profile":
+            for vm_key, vm_value in (value or {}).items():
+                if vm_key in ("priority", "eviction_policy"):
+                    flat[vm_key] = vm_value
+                elif vm_key == "billing_profile" and isinstance(vm_value, Mapping) and "max_price" in vm_value:
+                    flat["max_price"] = vm_value["max_price"]
+                else:
+                    ignored.append(f"properties.virtualMachineProfile.{vm_key}")
+        else:
+            ignored.append(f"properties.{key}")
+    return flat

@@ -1,0 +1,421 @@
+"""The gRPC service: scale sets, instances, the region and diagnostics over ``grpc.aio``.
+
+This module (with ``convert`` and ``client``) is the gRPC edge: it turns requests into domain calls on
+the :class:`~scaleset.control.ControlPlane` and domain results into replies. Every exception leaves
+through one mapping (:func:`status_for`): a stable code in a ``google.rpc.ErrorInfo`` detail and the
+gRPC status of its kind. Standard health checking and server reflection are served too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import bisect
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2, field_mask_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from scaleset import convert
+from scaleset.control import ControlPlane, Outcome, StoreUnavailableError
+from scaleset.engine import Engine
+from scaleset.errors import CapacityError, ConflictError, InvalidInputError, NotFoundError, ScaleSetError, invalid_input
+from scaleset.model import Instance, Plan
+from scaleset.v1 import scaleset_pb2 as pb
+from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Metrics", "build_server", "status_for"]
+
+ERROR_DOMAIN = "scaleset"
+#: Capacity changes or imports larger than this run on a worker thread, off the event loop.
+BIG_CHANGE = 2_000
+
+_STATUS_BY_KIND: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ConflictError, grpc.StatusCode.FAILED_PRECONDITION),
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (StoreUnavailableError, grpc.StatusCode.UNAVAILABLE),
+]
+
+
+def status_for(exc: BaseException) -> grpc.Status:
+    """The one mapping from exceptions to gRPC statuses, with the stable code as ErrorInfo.reason."""
+    code = grpc.StatusCode.INTERNAL
+    for kind, status in _STATUS_BY_KIND:
+        if isinstance(exc, kind):
+            code = status
+            break
+    if isinstance(exc, ScaleSetError):
+        reason, message = exc.code, str(exc)
+    elif isinstance(exc, StoreUnavailableError):
+        reason, message = "StoreUnavailable", str(exc)
+    else:
+        log.exception("internal error", exc_info=exc)
+        reason, message = "InternalError", "internal error; the server logged the details."
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=getattr(exc, "metadata", None) or {})
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status = status_pb2.Status(code=code.value[0], message=message, details=[detail])
+    return rpc_status.to_status(status)
+
+
+class Metrics:
+    """Prometheus metrics of one server (its own registry, so several servers can share a process)."""
+
+    def __init__(self, control: ControlPlane) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "scaleset_rpc_requests_total", "RPCs handled, by method and status code.", ["method", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "scaleset_rpc_latency_seconds", "RPC latency, by method.", ["method"], registry=self.registry,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+        scale_sets = Gauge("scaleset_scale_sets", "Scale sets.", registry=self.registry)
+        scale_sets.set_function(lambda: len(control.engine.scale_set_names()))
+        instances = Gauge("scaleset_instances", "Instances across all scale sets.", registry=self.registry)
+        instances.set_function(lambda: sum(control.engine.capacity(n) for n in control.engine.scale_set_names()))
+
+
+class _Interceptor(grpc.aio.ServerInterceptor):
+    """Maps every exception through :func:`status_for` and records metrics, for every RPC."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        metrics = self._metrics
+
+        async def abort(context: grpc.aio.ServicerContext, exc: BaseException, started: float) -> None:
+            status = status_for(exc)
+            metrics.requests.labels(method, status.code.name).inc()
+            metrics.latency.labels(method).observe(time.perf_counter() - started)
+            await context.abort(status.code, status.details, status.trailing_metadata)
+
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                started = time.perf_counter()
+                try:
+                    reply = await inner(request, context)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - every error leaves through status_for
+                    await abort(context, exc, started)
+                    raise  # unreachable: abort raises
+                metrics.requests.labels(method, "OK").inc()
+                metrics.latency.labels(method).observe(time.perf_counter() - started)
+                return reply
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+            )
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                started = time.perf_counter()
+                try:
+                    async for item in inner_stream(request, context):
+                        yield item
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    await abort(context, exc, started)
+                metrics.requests.labels(method, "OK").inc()
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+            )
+        return handler
+
+
+def _reply(cls: Any, reply: Any) -> Any:
+    """A reply from the control plane: fresh (a message) or replayed for a request_id (bytes)."""
+    return cls.FromString(reply) if isinstance(reply, bytes) else reply
+
+
+def _page_token(value: str) -> str:
+    return base64.urlsafe_b64encode(value.encode()).decode()
+
+
+def _read_token(token: str) -> str:
+    try:
+        return base64.urlsafe_b64decode(token.encode()).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise invalid_input("page_token is not one this server issued; start again without it.", "InvalidPageToken") from None
+
+
+def _require(value: str, field: str) -> str:
+    if not value:
+        raise invalid_input(f"{field} is required.")
+    return value
+
+
+class ScaleSetsServicer(pb_grpc.ScaleSetsServicer):
+    def __init__(self, control: ControlPlane) -> None:
+        self._control = control
+        self._pages: OrderedDict[tuple[str, int, int, int], pb.ListInstancesResponse] = OrderedDict()
+        self._columns: OrderedDict[tuple[str, int], dict[str, list[Any]]] = OrderedDict()
+
+    def _scale_set(self, engine: Engine, name: str) -> pb.ScaleSet:
+        return pb.ScaleSet(
+            spec=convert.spec_to_proto(engine.get_spec(name)),
+            capacity=engine.capacity(name),
+            revision=self._control.revision(name),
+            etag=self._control.etag(name),
+        )
+
+    async def _mutate(self, method: str, request: Any, name: str, command: Any, encode: Callable[[Outcome], Any],
+                      cls: Any, *, etag: str = "", big: bool = False) -> Any:
+        reply = await self._control.mutate(
+            method=method, command=command, scale_set=name, encode=encode,
+            request_id=request.request_id, payload=request.SerializeToString(), etag=etag, big=big,
+        )
+        return _reply(cls, reply)
+
+    async def CreateScaleSet(self, request: pb.CreateScaleSetRequest, context: Any) -> pb.CreateScaleSetResponse:
+        spec = convert.spec_from_proto(request.scale_set)
+        summary = request.view == pb.PLAN_VIEW_SUMMARY
+        engine = self._control.engine
+
+        def encode(o: Outcome) -> pb.CreateScaleSetResponse:
+            return pb.CreateScaleSetResponse(
+                scale_set=self._scale_set(engine, spec.name), plan=convert.plan_to_proto(o.result, summary)
+            )
+
+        command = {"op": "create", "spec": spec.to_dict(), "capacity": request.capacity}
+        return await self._mutate("CreateScaleSet", request, spec.name, command, encode, pb.CreateScaleSetResponse,
+                                  big=request.capacity > BIG_CHANGE)
+
+    async def GetScaleSet(self, request: pb.GetScaleSetRequest, context: Any) -> pb.ScaleSet:
+        engine = await self._control.settled()
+        return self._scale_set(engine, _require(request.name, "name"))
+
+    async def ListScaleSets(self, request: pb.ListScaleSetsRequest, context: Any) -> pb.ListScaleSetsResponse:
+        engine = await self._control.settled()
+        size = min(request.page_size or 100, 1000)
+        names = engine.scale_set_names()
+        after = _read_token(request.page_token) if request.page_token else None
+        if after is not None:
+            names = [n for n in names if n > after]
+        page = names[:size]
+        reply = pb.ListScaleSetsResponse(scale_sets=[self._scale_set(engine, n) for n in page])
+        if len(names) > size:
+            reply.next_page_token = _page_token(page[-1])
+        return reply
+
+    async def UpdateScaleSet(self, request: pb.UpdateScaleSetRequest, context: Any) -> pb.ScaleSet:
+        name = _require(request.scale_set.name, "scale_set.name")
+        mask = request.update_mask
+        if mask.paths and not mask.IsValidForDescriptor(pb.ScaleSetSpec.DESCRIPTOR):
+            raise invalid_input(f"update_mask has a path that is not a ScaleSetSpec field: {list(mask.paths)}.")
+        engine = self._control.engine
+
+        def command(current: Engine) -> dict[str, Any]:
+            # Merged under the control plane's lock, against the spec as it is when the change applies.
+            if mask.paths:
+                merged = convert.spec_to_proto(current.get_spec(name))
+                mask.MergeMessage(request.scale_set, merged, replace_message_field=True, replace_repeated_field=True)
+            else:
+                merged = request.scale_set
+            return {"op": "update", "spec": convert.spec_from_proto(merged).to_dict()}
+
+        return await self._mutate("UpdateScaleSet", request, name, command,
+                                  lambda o: self._scale_set(engine, name), pb.ScaleSet, etag=request.etag)
+
+    async def DeleteScaleSet(self, request: pb.DeleteScaleSetRequest, context: Any) -> pb.DeleteScaleSetResponse:
+        name = _require(request.name, "name")
+        return await self._mutate("DeleteScaleSet", request, name, {"op": "delete", "name": name},
+                                  lambda o: pb.DeleteScaleSetResponse(revision=o.revision),
+                                  pb.DeleteScaleSetResponse, etag=request.etag)
+
+    async def SetCapacity(self, request: pb.SetCapacityRequest, context: Any) -> pb.SetCapacityResponse:
+        name = _require(request.name, "name")
+        summary = request.view == pb.PLAN_VIEW_SUMMARY
+        if request.dry_run:
+            engine = await self._control.settled()
+            self._control.check_etag(name, request.etag)
+            plan = engine.set_capacity(name, request.capacity, dry_run=True)
+            return pb.SetCapacityResponse(
+                plan=convert.plan_to_proto(plan, summary), revision=self._control.revision(name), etag=self._control.etag(name)
+            )
+        current = self._control.engine.capacity(name)
+
+        def encode(o: Outcome) -> pb.SetCapacityResponse:
+            return pb.SetCapacityResponse(plan=convert.plan_to_proto(o.result, summary), revision=o.revision, etag=o.etag)
+
+        command = {"op": "set_capacity", "name": name, "capacity": request.capacity}
+        return await self._mutate("SetCapacity", request, name, command, encode, pb.SetCapacityResponse,
+                                  etag=request.etag, big=abs(request.capacity - current) > BIG_CHANGE)
+
+    async def ImportInstances(self, request: pb.ImportInstancesRequest, context: Any) -> pb.ImportInstancesResponse:
+        name = _require(request.name, "name")
+        rows = [_instance_row(convert.instance_from_proto(i)) for i in request.instances]
+        return await self._mutate("ImportInstances", request, name, {"op": "import", "name": name, "instances": rows},
+                                  lambda o: pb.ImportInstancesResponse(revision=o.revision, etag=o.etag),
+                                  pb.ImportInstancesResponse, etag=request.etag, big=len(rows) > BIG_CHANGE)
+
+    async def ListInstances(self, request: pb.ListInstancesRequest, context: Any) -> pb.ListInstancesResponse:
+        name = _require(request.name, "name")
+        engine = await self._control.settled()
+        revision = self._control.revision(name)
+        size = min(request.page_size or 1000, 10_000)
+        after = int(_read_token(request.page_token)) if request.page_token else -1
+        key = (name, revision, after, size)
+        if (cached := self._pages.get(key)) is not None:
+            return cached
+        cols = self._columns.get((name, revision))
+        if cols is None:
+            cols = engine.instance_columns(name)
+            _remember(self._columns, (name, revision), cols, 4)
+        ids = cols["instance_id"]
+        start = bisect.bisect_right(ids, after)
+        stop = min(start + size, len(ids))
+        reply = pb.ListInstancesResponse(instances=convert.columns_to_proto(cols, start, stop), revision=revision)
+        if stop < len(ids):
+            reply.next_page_token = _page_token(str(ids[stop - 1]))
+        _remember(self._pages, key, reply, 64)
+        return reply
+
+    async def DeleteInstances(self, request: pb.DeleteInstancesRequest, context: Any) -> pb.DeleteInstancesResponse:
+        name = _require(request.name, "name")
+        command = {"op": "delete_instances", "name": name, "instance_ids": list(request.instance_ids)}
+        return await self._mutate(
+            "DeleteInstances", request, name, command,
+            lambda o: pb.DeleteInstancesResponse(plan=convert.plan_to_proto(o.result), revision=o.revision, etag=o.etag),
+            pb.DeleteInstancesResponse, etag=request.etag,
+        )
+
+    async def EvictInstances(self, request: pb.EvictInstancesRequest, context: Any) -> pb.EvictInstancesResponse:
+        name = _require(request.name, "name")
+        command = {"op": "evict", "name": name, "instance_ids": list(request.instance_ids)}
+        return await self._mutate(
+            "EvictInstances", request, name, command,
+            lambda o: pb.EvictInstancesResponse(
+                deleted=o.result.deleted, deallocated=o.result.deallocated, revision=o.revision, etag=o.etag
+            ),
+            pb.EvictInstancesResponse, etag=request.etag,
+        )
+
+    async def SetInstanceProtection(
+        self, request: pb.SetInstanceProtectionRequest, context: Any
+    ) -> pb.SetInstanceProtectionResponse:
+        name = _require(request.name, "name")
+        command = {
+            "op": "protect", "name": name, "instance_ids": list(request.instance_ids),
+            "protect_from_scale_in": request.protect_from_scale_in,
+            "protect_from_scale_set_actions": request.protect_from_scale_set_actions,
+        }
+        return await self._mutate("SetInstanceProtection", request, name, command,
+                                  lambda o: pb.SetInstanceProtectionResponse(revision=o.revision, etag=o.etag),
+                                  pb.SetInstanceProtectionResponse, etag=request.etag)
+
+    async def ReportInstanceHealth(
+        self, request: pb.ReportInstanceHealthRequest, context: Any
+    ) -> pb.ReportInstanceHealthResponse:
+        name = _require(request.name, "name")
+        reports = [
+            [list(r.instance_ids), convert._enum(convert.HEALTH_FROM_PB, r.health, "reports.health")] for r in request.reports
+        ]
+        return await self._mutate("ReportInstanceHealth", request, name, {"op": "health", "name": name, "reports": reports},
+                                  lambda o: pb.ReportInstanceHealthResponse(revision=o.revision, etag=o.etag),
+                                  pb.ReportInstanceHealthResponse)
+
+    async def WatchEvents(self, request: pb.WatchEventsRequest, context: Any) -> AsyncIterator[pb.Event]:
+        async for event in self._control.watch(request.scale_set, request.after):
+            yield convert.event_to_proto(event)
+
+
+def _instance_row(instance: Instance) -> dict[str, Any]:
+    return {f: getattr(instance, f) for f in instance.__slots__}
+
+
+def _remember(cache: OrderedDict[Any, Any], key: Any, value: Any, limit: int) -> None:
+    cache[key] = value
+    if len(cache) > limit:
+        cache.popitem(last=False)
+
+
+class RegionsServicer(pb_grpc.RegionsServicer):
+    def __init__(self, control: ControlPlane) -> None:
+        self._control = control
+
+    def _region(self) -> pb.Region:
+        return convert.region_to_proto(self._control.engine.describe_region(), self._control.region_revision)
+
+    async def GetRegion(self, request: pb.GetRegionRequest, context: Any) -> pb.Region:
+        await self._control.settled()
+        return self._region()
+
+    async def SetZoneAvailability(self, request: pb.SetZoneAvailabilityRequest, context: Any) -> pb.Region:
+        command = {"op": "zone", "zone": _require(request.zone, "zone"), "available": request.available}
+        reply = await self._control.mutate(
+            method="SetZoneAvailability", command=command, scale_set="", encode=lambda o: self._region(),
+            request_id=request.request_id, payload=request.SerializeToString(),
+        )
+        return _reply(pb.Region, reply)
+
+    async def SetPoolCapacity(self, request: pb.SetPoolCapacityRequest, context: Any) -> pb.Region:
+        pool = request.pool
+        command = {
+            "op": "pool",
+            "zone": pool.zone or None,
+            "vm_size": _require(pool.vm_size, "pool.vm_size"),
+            "priority": pool.priority or "Regular",
+            "available": pool.available if pool.HasField("available") else None,
+            "price": pool.price if pool.HasField("price") else None,
+        }
+        reply = await self._control.mutate(
+            method="SetPoolCapacity", command=command, scale_set="", encode=lambda o: self._region(),
+            request_id=request.request_id, payload=request.SerializeToString(),
+        )
+        return _reply(pb.Region, reply)
+
+
+class DiagnosticsServicer(pb_grpc.DiagnosticsServicer):
+    async def Echo(self, request: pb.EchoRequest, context: Any) -> pb.EchoResponse:
+        return pb.EchoResponse(payload=request.payload)
+
+
+async def build_server(control: ControlPlane, address: str) -> tuple[grpc.aio.Server, int, Metrics]:
+    """A server with every service, health checking and reflection, bound to ``address``
+    (``host:port``; port 0 picks a free one). Returns the server, its port and its metrics."""
+    metrics = Metrics(control)
+    server = grpc.aio.server(interceptors=[_Interceptor(metrics)])
+    pb_grpc.add_ScaleSetsServicer_to_server(ScaleSetsServicer(control), server)
+    pb_grpc.add_RegionsServicer_to_server(RegionsServicer(control), server)
+    pb_grpc.add_DiagnosticsServicer_to_server(DiagnosticsServicer(), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [pb.DESCRIPTOR.services_by_name[s].full_name for s in ("ScaleSets", "Regions", "Diagnostics")]
+    for name in ["", *names]:
+        # Set before the server starts accepting, so checks never see UNKNOWN.
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    return server, port, metrics

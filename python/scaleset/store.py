@@ -1,0 +1,209 @@
+"""Durable state: an append-only event log with snapshots, behind a small interface.
+
+Every acknowledged mutation is one :class:`EventRecord` (the command that reproduces it, plus what
+watchers see), written in the same transaction as the reply cached for its ``request_id``. A restart
+loads the newest snapshot and re-applies the commands after it; the engine is deterministic, so the
+state comes back exactly. :class:`SQLiteStore` is the embedded default (WAL, ``synchronous=FULL``: a
+commit is on disk before it returns). A shared database for several replicas would implement the same
+:class:`Store` protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EventRecord", "RequestRecord", "SQLiteStore", "Snapshot", "Store"]
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    """One committed change. ``sequence`` orders every change; ``revision`` is per scale set
+    (``scale_set`` is empty for region changes)."""
+
+    sequence: int
+    scale_set: str
+    revision: int
+    type: str
+    command: dict[str, Any]
+    summary: dict[str, Any]
+    time_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """The reply sent for a ``request_id``, so a retry gets the same answer and nothing applies twice."""
+
+    request_id: str
+    method: str
+    fingerprint: str
+    response: bytes
+    sequence: int
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    sequence: int
+    state: dict[str, Any]
+
+
+class Store(Protocol):
+    def load(self) -> tuple[Snapshot | None, list[EventRecord]]:
+        """The newest snapshot and every event after it, in order."""
+        ...
+
+    def append(self, events: Sequence[EventRecord], requests: Sequence[RequestRecord]) -> None:
+        """Writes a batch atomically and durably (group commit)."""
+        ...
+
+    def events_after(self, scale_set: str | None, after: int, limit: int) -> list[EventRecord]:
+        """Events after a revision of one scale set, or after a global sequence (``scale_set`` None)."""
+        ...
+
+    def lookup_request(self, request_id: str) -> RequestRecord | None: ...
+
+    def save_snapshot(self, snapshot: Snapshot) -> None: ...
+
+    def get_meta(self, key: str) -> str | None: ...
+
+    def set_meta(self, key: str, value: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    sequence INTEGER PRIMARY KEY,
+    scale_set TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    command TEXT NOT NULL,
+    summary TEXT NOT NULL,
+    time_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_scale_set ON events (scale_set, revision);
+CREATE TABLE IF NOT EXISTS requests (
+    request_id TEXT PRIMARY KEY,
+    method TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    response BLOB NOT NULL,
+    sequence INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS snapshots (sequence INTEGER PRIMARY KEY, state TEXT NOT NULL);
+"""
+
+_COLUMNS = "sequence, scale_set, revision, type, command, summary, time_ms"
+
+
+def _event(row: tuple[Any, ...]) -> EventRecord:
+    seq, scale_set, revision, type_, command, summary, time_ms = row
+    return EventRecord(seq, scale_set, revision, type_, json.loads(command), json.loads(summary), time_ms)
+
+
+class SQLiteStore:
+    """The embedded store. One writer connection (used by the group committer), one reader."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._write_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._writer = self._connect()
+        self._writer.executescript(_SCHEMA)
+        self._reader = self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        return conn
+
+    def load(self) -> tuple[Snapshot | None, list[EventRecord]]:
+        with self._read_lock:
+            row = self._reader.execute("SELECT sequence, state FROM snapshots ORDER BY sequence DESC LIMIT 1").fetchone()
+            snapshot = Snapshot(row[0], json.loads(row[1])) if row else None
+            after = snapshot.sequence if snapshot else 0
+            rows = self._reader.execute(
+                f"SELECT {_COLUMNS} FROM events WHERE sequence > ? ORDER BY sequence", (after,)
+            ).fetchall()
+        return snapshot, [_event(r) for r in rows]
+
+    def append(self, events: Sequence[EventRecord], requests: Sequence[RequestRecord]) -> None:
+        with self._write_lock:
+            cur = self._writer.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                cur.executemany(
+                    f"INSERT INTO events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (e.sequence, e.scale_set, e.revision, e.type, json.dumps(e.command), json.dumps(e.summary), e.time_ms)
+                        for e in events
+                    ],
+                )
+                cur.executemany(
+                    "INSERT INTO requests (request_id, method, fingerprint, response, sequence) VALUES (?, ?, ?, ?, ?)",
+                    [(r.request_id, r.method, r.fingerprint, r.response, r.sequence) for r in requests],
+                )
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+
+    def events_after(self, scale_set: str | None, after: int, limit: int) -> list[EventRecord]:
+        with self._read_lock:
+            if scale_set is None:
+                rows = self._reader.execute(
+                    f"SELECT {_COLUMNS} FROM events WHERE sequence > ? ORDER BY sequence LIMIT ?", (after, limit)
+                ).fetchall()
+            else:
+                rows = self._reader.execute(
+                    f"SELECT {_COLUMNS} FROM events WHERE scale_set = ? AND revision > ? ORDER BY sequence LIMIT ?",
+                    (scale_set, after, limit),
+                ).fetchall()
+        return [_event(r) for r in rows]
+
+    def lookup_request(self, request_id: str) -> RequestRecord | None:
+        with self._read_lock:
+            row = self._reader.execute(
+                "SELECT request_id, method, fingerprint, response, sequence FROM requests WHERE request_id = ?",
+                (request_id,),
+            ).fetchone()
+        return RequestRecord(*row) if row else None
+
+    def save_snapshot(self, snapshot: Snapshot) -> None:
+        data = json.dumps(snapshot.state, separators=(",", ":"))
+        with self._write_lock:
+            self._writer.execute("BEGIN IMMEDIATE")
+            self._writer.execute("INSERT OR REPLACE INTO snapshots (sequence, state) VALUES (?, ?)", (snapshot.sequence, data))
+            # Older snapshots are no longer needed to rebuild; events stay for WatchEvents.
+            self._writer.execute("DELETE FROM snapshots WHERE sequence < ?", (snapshot.sequence,))
+            self._writer.execute("COMMIT")
+
+    def get_meta(self, key: str) -> str | None:
+        with self._read_lock:
+            row = self._reader.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._write_lock:
+            self._writer.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def close(self) -> None:
+        with self._write_lock, self._read_lock:
+            self._writer.close()
+            self._reader.close()
+
+    def iter_all_events(self) -> Iterator[EventRecord]:
+        """Every event in order (diagnostics and tests)."""
+        after = 0
+        while batch := self.events_after(None, after, 1000):
+            yield from batch
+            after = batch[-1].sequence
