@@ -168,6 +168,13 @@ def _read_token(token: str) -> str:
         raise invalid_input("page_token is not one this server issued; start again without it.", "InvalidPageToken") from None
 
 
+def _read_int_token(token: str) -> int:
+    text = _read_token(token)
+    if not text.isdigit():
+        raise invalid_input("page_token is not one this server issued; start again without it.", "InvalidPageToken")
+    return int(text)
+
+
 def _require(value: str, field: str) -> str:
     if not value:
         raise invalid_input(f"{field} is required.")
@@ -283,7 +290,7 @@ class ScaleSetsServicer(pb_grpc.ScaleSetsServicer):
         engine = await self._control.settled()
         revision = self._control.revision(name)
         size = min(request.page_size or 1000, 10_000)
-        after = int(_read_token(request.page_token)) if request.page_token else -1
+        after = _read_int_token(request.page_token) if request.page_token else -1
         key = (name, revision, after, size)
         if (cached := self._pages.get(key)) is not None:
             return cached

@@ -1,0 +1,279 @@
+"""End to end over a real gRPC channel: every RPC, the error mapping, idempotency, etags, paging,
+WatchEvents, health checking, reflection, and durability across restarts."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
+
+from scaleset import Instance, Region, ScaleInPolicy
+from scaleset.client import Client
+from scaleset.errors import CapacityError, ConflictError, InvalidInputError, NotFoundError
+from scaleset.testing.server import ServerThread
+from scaleset.v1 import scaleset_pb2 as pb
+from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
+from tests.conftest import SIZE, zonal_spec
+
+REGION = Region(zones=["1", "2", "3"], fault_domains_per_zone=3)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerThread]:
+    with ServerThread(str(tmp_path / "state.db"), REGION) as s:
+        yield s
+
+
+@pytest.fixture
+def client(server: ServerThread) -> Iterator[Client]:
+    with Client(server.target) as c:
+        yield c
+
+
+@pytest.fixture
+def stub(server: ServerThread) -> Iterator[pb_grpc.ScaleSetsStub]:
+    with grpc.insecure_channel(server.target) as channel:
+        yield pb_grpc.ScaleSetsStub(channel)
+
+
+def error_info(err: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    assert info.domain == "scaleset"
+    return err.code(), info.reason
+
+
+def test_scale_set_lifecycle_through_the_generated_stub(stub: pb_grpc.ScaleSetsStub) -> None:
+    spec = pb.ScaleSetSpec(name="web", zones=["1", "2", "3"], sku=pb.Sku(name=SIZE))
+    created = stub.CreateScaleSet(pb.CreateScaleSetRequest(scale_set=spec, capacity=6))
+    assert created.scale_set.capacity == 6 and created.scale_set.revision == 1
+    assert created.scale_set.spec.orchestration_mode == "Flexible"  # Azure's default filled in
+    assert created.scale_set.spec.platform_fault_domain_count == 1
+    assert [c.zone for c in created.plan.creates] == ["1", "2", "3", "1", "2", "3"]
+    assert all(c.reason.startswith("scale-out:") for c in created.plan.creates)
+
+    got = stub.GetScaleSet(pb.GetScaleSetRequest(name="web"))
+    assert got == created.scale_set
+
+    scaled = stub.SetCapacity(pb.SetCapacityRequest(name="web", capacity=4, etag=got.etag))
+    assert scaled.revision == 2 and scaled.plan.delete_count == 2
+    assert [d.instance_id for d in scaled.plan.deletes] == [5, 4]
+
+    summary = stub.SetCapacity(pb.SetCapacityRequest(name="web", capacity=10, dry_run=True, view=pb.PLAN_VIEW_SUMMARY))
+    assert summary.plan.create_count == 6 and not summary.plan.creates and summary.plan.dry_run
+    assert stub.GetScaleSet(pb.GetScaleSetRequest(name="web")).capacity == 4
+
+    update = pb.UpdateScaleSetRequest(scale_set=pb.ScaleSetSpec(name="web", scale_in_policy=pb.ScaleInPolicy(rules=["OldestVM"])))
+    update.update_mask.paths.append("scale_in_policy")
+    updated = stub.UpdateScaleSet(update)
+    assert updated.spec.scale_in_policy.rules == ["OldestVM"] and updated.spec.zones == ["1", "2", "3"]
+    assert updated.spec.model_version == 1
+
+    stub.DeleteScaleSet(pb.DeleteScaleSetRequest(name="web"))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetScaleSet(pb.GetScaleSetRequest(name="web"))
+    assert error_info(err.value) == (grpc.StatusCode.NOT_FOUND, "ResourceNotFound")
+
+
+@pytest.mark.parametrize(
+    ("request_", "status", "reason"),
+    [
+        (pb.CreateScaleSetRequest(scale_set=pb.ScaleSetSpec(name="x", orchestration_mode="Sideways", sku=pb.Sku(name=SIZE))),
+         grpc.StatusCode.INVALID_ARGUMENT, "InvalidParameter"),
+        (pb.CreateScaleSetRequest(scale_set=pb.ScaleSetSpec(name="bad name", sku=pb.Sku(name=SIZE))),
+         grpc.StatusCode.INVALID_ARGUMENT, "InvalidResourceName"),
+        (pb.CreateScaleSetRequest(scale_set=pb.ScaleSetSpec(name="x", zones=["1"], zone_balance=True, sku=pb.Sku(name=SIZE))),
+         grpc.StatusCode.INVALID_ARGUMENT, "ZoneBalanceRequiresMultipleZones"),
+        (pb.CreateScaleSetRequest(scale_set=pb.ScaleSetSpec(name="x", sku=pb.Sku(name=SIZE)), capacity=5000),
+         grpc.StatusCode.RESOURCE_EXHAUSTED, "OperationNotAllowed"),
+        (pb.CreateScaleSetRequest(scale_set=pb.ScaleSetSpec(name="x", sku=pb.Sku(name=SIZE), max_price=0.5)),
+         grpc.StatusCode.INVALID_ARGUMENT, "MaxPriceIsSupportedOnlyForAzureSpotVirtualMachines"),
+    ],
+)
+def test_errors_carry_status_and_stable_code(stub: pb_grpc.ScaleSetsStub, request_: pb.CreateScaleSetRequest,
+                                             status: grpc.StatusCode, reason: str) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        stub.CreateScaleSet(request_)
+    assert error_info(err.value) == (status, reason)
+    assert err.value.details()
+    assert stub.ListScaleSets(pb.ListScaleSetsRequest()).scale_sets == []
+
+
+def test_error_codes_through_the_client(client: Client) -> None:
+    client.create_scale_set(zonal_spec(orchestration_mode="Uniform"), 3)
+    with pytest.raises(ConflictError) as conflict:
+        client.update_scale_set(zonal_spec(orchestration_mode="Flexible"))
+    assert conflict.value.code == "PropertyChangeNotAllowed"
+    with pytest.raises(NotFoundError) as missing:
+        client.set_capacity("nope", 1)
+    assert missing.value.code == "ResourceNotFound"
+    with pytest.raises(NotFoundError) as no_instance:
+        client.delete_instances("web", [99])
+    assert no_instance.value.code == "InstanceNotFound"
+    client.set_zone_available("1", False)
+    client.set_zone_available("2", False)
+    with pytest.raises(CapacityError) as blocked:
+        client.set_capacity("web", 6)
+    assert blocked.value.code == "TooManyZonesUnavailable"
+    with pytest.raises(InvalidInputError):
+        client.set_protection("web", [0], protect_from_scale_in=False, protect_from_scale_set_actions=True)
+    assert client.get_scale_set("web").revision == 1
+
+
+def test_request_id_makes_retries_safe(server: ServerThread, stub: pb_grpc.ScaleSetsStub) -> None:
+    stub.CreateScaleSet(pb.CreateScaleSetRequest(scale_set=pb.ScaleSetSpec(name="web", zones=["1", "2"], sku=pb.Sku(name=SIZE))))
+    request = pb.SetCapacityRequest(name="web", capacity=5, request_id="retry-1")
+    first = stub.SetCapacity(request)
+    stub.SetCapacity(pb.SetCapacityRequest(name="web", capacity=2))
+    again = stub.SetCapacity(request)
+    assert again == first  # the first answer, not a second application
+    got = stub.GetScaleSet(pb.GetScaleSetRequest(name="web"))
+    assert got.capacity == 2 and got.revision == 3
+    with pytest.raises(grpc.RpcError) as err:
+        stub.SetCapacity(pb.SetCapacityRequest(name="web", capacity=7, request_id="retry-1"))
+    assert error_info(err.value) == (grpc.StatusCode.INVALID_ARGUMENT, "RequestIdReused")
+
+
+def test_concurrent_duplicates_apply_once(server: ServerThread, client: Client) -> None:
+    client.create_scale_set(zonal_spec(), 0)
+    results = []
+
+    def call() -> None:
+        results.append(client.set_capacity("web", 30, request_id="same"))
+
+    threads = [threading.Thread(target=call) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({tuple(c.instance_id for c in plan.creates) for plan in results}) == 1
+    assert client.get_scale_set("web").revision == 2
+
+
+def test_stale_etag_is_rejected_with_the_current_one(stub: pb_grpc.ScaleSetsStub) -> None:
+    created = stub.CreateScaleSet(pb.CreateScaleSetRequest(scale_set=pb.ScaleSetSpec(name="web", sku=pb.Sku(name=SIZE))))
+    etag = created.scale_set.etag
+    stub.SetCapacity(pb.SetCapacityRequest(name="web", capacity=1, etag=etag))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.SetCapacity(pb.SetCapacityRequest(name="web", capacity=3, etag=etag))
+    assert error_info(err.value) == (grpc.StatusCode.FAILED_PRECONDITION, "Aborted")
+    status = rpc_status.from_call(err.value)  # type: ignore[arg-type]
+    info = error_details_pb2.ErrorInfo()
+    status.details[0].Unpack(info)
+    current = stub.GetScaleSet(pb.GetScaleSetRequest(name="web"))
+    assert info.metadata["current_etag"] == current.etag and info.metadata["current_revision"] == "2"
+    assert current.capacity == 1
+
+
+def test_paging(client: Client, stub: pb_grpc.ScaleSetsStub) -> None:
+    for n in range(5):
+        client.create_scale_set(zonal_spec(f"s{n}"), 0)
+    first = stub.ListScaleSets(pb.ListScaleSetsRequest(page_size=2))
+    assert [s.spec.name for s in first.scale_sets] == ["s0", "s1"] and first.next_page_token
+    names = [s.spec.name for s in client.list_scale_sets(page_size=2)]
+    assert names == [f"s{n}" for n in range(5)]
+    client.set_capacity("s0", 25)
+    page = stub.ListInstances(pb.ListInstancesRequest(name="s0", page_size=10))
+    assert list(page.instances.instance_id) == list(range(10)) and page.next_page_token
+    assert page.instances.zone_names[0] == ""
+    assert [i.instance_id for i in client.list_instances("s0", page_size=7)] == list(range(25))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ListInstances(pb.ListInstancesRequest(name="s0", page_token="%%%"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_instances_rpcs(client: Client) -> None:
+    client.create_scale_set(zonal_spec(priority="Spot", eviction_policy="Delete", scale_in_policy=ScaleInPolicy(prioritize_unhealthy_vms=True)), 0)
+    client.import_instances("web", [Instance(instance_id=i, zone=str(1 + i % 3), vm_size=SIZE, priority="Spot", name=f"old-{i}") for i in range(6)])
+    listed = client.list_instances("web")
+    assert [(i.instance_id, i.name, i.zone) for i in listed[:2]] == [(0, "old-0", "1"), (1, "old-1", "2")]
+    client.set_protection("web", [0], protect_from_scale_in=True)
+    client.report_health("web", [3], "Unhealthy")
+    plan = client.set_capacity("web", 5)
+    assert [d.instance_id for d in plan.deletes] == [3]
+    eviction = client.evict("web", [1])
+    assert eviction.deleted == (1,)
+    deleted = client.delete_instances("web", [0])
+    assert [d.instance_id for d in deleted.deletes] == [0] and "manual" in deleted.deletes[0].reason
+    final = client.list_instances("web")
+    assert [i.instance_id for i in final] == [2, 4, 5]
+
+
+def test_region_rpcs(client: Client) -> None:
+    region = client.describe_region()
+    assert region.zones == ("1", "2", "3") and region.unavailable_zones == ()
+    region = client.set_zone_available("3", False)
+    assert region.unavailable_zones == ("3",)
+    region = client.set_pool_capacity("1", SIZE, "Spot", 4, price=0.02)
+    assert [(p.zone, p.available, p.price) for p in region.pools] == [("1", 4, 0.02)]
+    client.set_pool_capacity("1", SIZE, "Spot", None)
+    assert client.describe_region().pools[0].available is None
+    assert client.echo(b"ping") == b"ping"
+
+
+def test_watch_events_resume(client: Client) -> None:
+    client.create_scale_set(zonal_spec(), 3)
+    client.set_capacity("web", 5)
+    client.set_zone_available("2", False)
+    client.set_capacity("web", 4)
+    events = client.watch("web", after=0)
+    got = [next(events) for _ in range(3)]
+    assert [(e.revision, e.type) for e in got] == [(1, "ScaleSetCreated"), (2, "CapacitySet"), (3, "CapacitySet")]
+    assert got[1].plan is not None and [c.instance_id for c in got[1].plan.creates] == [3, 4]
+    # Resume after revision 2 of the scale set; then a live event arrives.
+    resumed = client.watch("web", after=2)
+    assert next(resumed).revision == 3
+    client.set_capacity("web", 6)
+    live = next(resumed)
+    assert (live.revision, live.type, live.summary) == (4, "CapacitySet", "4 -> 6 instances")
+    # Global sequence: the region change is there too.
+    everything = client.watch("", after=2)
+    region_event = next(everything)
+    assert (region_event.sequence, region_event.scale_set, region_event.type) == (3, "", "ZoneAvailabilityChanged")
+
+
+def test_health_checking_and_reflection(server: ServerThread) -> None:
+    with grpc.insecure_channel(server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.SERVING
+        assert health.Check(health_pb2.HealthCheckRequest(service="scaleset.v1.ScaleSets")).status == health_pb2.HealthCheckResponse.SERVING
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = list(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        names = {s.name for s in replies[0].list_services_response.service}
+        assert {"scaleset.v1.ScaleSets", "scaleset.v1.Regions", "grpc.health.v1.Health"} <= names
+
+
+def test_state_survives_restarts_with_and_without_snapshots(tmp_path: Path) -> None:
+    db = str(tmp_path / "state.db")
+    with ServerThread(db, REGION, snapshot_every=3) as first, Client(first.target) as c:
+        c.create_scale_set(zonal_spec(), 5)
+        c.set_zone_available("2", False)
+        c.set_capacity("web", 9)
+        c.set_protection("web", [1], protect_from_scale_in=True)
+        c.update_scale_set(zonal_spec(sku=__import__("scaleset").Sku(name="Standard_D4s_v5")))
+        c.set_capacity("web", 11)
+        before = (c.get_scale_set("web"), c.list_instances("web"), c.describe_region())
+    with ServerThread(db, REGION) as second, Client(second.target) as c:
+        after = (c.get_scale_set("web"), c.list_instances("web"), c.describe_region())
+        assert after == before
+        plan = c.set_capacity("web", 12)  # ids continue where they left off
+        assert plan.creates[0].instance_id == 11
+
+
+def test_metrics_count_rpcs(server: ServerThread, client: Client) -> None:
+    client.create_scale_set(zonal_spec(), 2)
+    with pytest.raises(NotFoundError):
+        client.get_scale_set("missing")
+    registry = server.metrics.registry
+    assert registry.get_sample_value("scaleset_rpc_requests_total", {"method": "CreateScaleSet", "code": "OK"}) == 1
+    assert registry.get_sample_value("scaleset_rpc_requests_total", {"method": "GetScaleSet", "code": "NOT_FOUND"}) == 1
+    assert registry.get_sample_value("scaleset_instances") == 2
