@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 from typing import Any
 
 from scaleset.control import ControlPlane
@@ -11,7 +17,40 @@ from scaleset.model import Region
 from scaleset.service import build_server
 from scaleset.store import SQLiteStore
 
-__all__ = ["ServerThread"]
+__all__ = ["ServerThread", "free_port", "start_server_process"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server_process(db: Path, port: int, log: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """``scaleset serve`` in a child process (the way operators run it); returns once it is SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with log.open("ab") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "scaleset", "serve", "--db", str(db), "--port", str(port), "--metrics-port", "0", *extra],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    deadline = time.monotonic() + 60
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    return proc
+            except grpc.RpcError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"server did not start: {log.read_text()}")
+            time.sleep(0.1)
 
 
 class ServerThread:
