@@ -13,6 +13,8 @@ import pytest
 
 #: group -> {"core" | "baseline": median seconds}
 MEDIANS: dict[str, dict[str, float]] = defaultdict(dict)
+#: service load results by workload (echo is the baseline)
+LOAD: dict[str, Any] = {}
 
 
 @pytest.fixture
@@ -28,6 +30,14 @@ def record(benchmark: Any) -> Any:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if LOAD:
+        terminalreporter.section("scaleset: service load (8 in flight, 2 client processes)")
+        echo = LOAD.get("echo")
+        for workload, r in LOAD.items():
+            ratio = f"   {r.per_second / echo.per_second:>5.2f}x echo" if echo else ""
+            terminalreporter.write_line(
+                f"{workload:<16} {r.per_second:>8.0f} req/s   p50 {r.p50_ms:>6.2f} ms   p99 {r.p99_ms:>6.2f} ms{ratio}"
+            )
     rows = [(g, m) for g, m in sorted(MEDIANS.items()) if "core" in m]
     if not rows:
         return

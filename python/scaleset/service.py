@@ -113,6 +113,12 @@ class _Interceptor(grpc.aio.ServerInterceptor):
             metrics.latency.labels(method).observe(time.perf_counter() - started)
             await context.abort(status.code, status.details, status.trailing_metadata)
 
+        # Handlers may return ready-made bytes (cached listings, replies replayed for a request_id).
+        serialize = handler.response_serializer
+
+        def response_serializer(reply: Any) -> bytes:
+            return reply if isinstance(reply, bytes) else serialize(reply)
+
         if handler.unary_unary is not None:
             inner = handler.unary_unary
 
@@ -130,7 +136,7 @@ class _Interceptor(grpc.aio.ServerInterceptor):
                 return reply
 
             return grpc.unary_unary_rpc_method_handler(
-                unary, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+                unary, request_deserializer=handler.request_deserializer, response_serializer=response_serializer
             )
         if handler.unary_stream is not None:
             inner_stream = handler.unary_stream
@@ -150,11 +156,6 @@ class _Interceptor(grpc.aio.ServerInterceptor):
                 stream, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
             )
         return handler
-
-
-def _reply(cls: Any, reply: Any) -> Any:
-    """A reply from the control plane: fresh (a message) or replayed for a request_id (bytes)."""
-    return cls.FromString(reply) if isinstance(reply, bytes) else reply
 
 
 def _page_token(value: str) -> str:
@@ -184,7 +185,8 @@ def _require(value: str, field: str) -> str:
 class ScaleSetsServicer(pb_grpc.ScaleSetsServicer):
     def __init__(self, control: ControlPlane) -> None:
         self._control = control
-        self._pages: OrderedDict[tuple[str, int, int, int], pb.ListInstancesResponse] = OrderedDict()
+        # Encoded once per revision: a listing of an unchanged scale set is served from these bytes.
+        self._pages: OrderedDict[tuple[str, int, int, int], bytes] = OrderedDict()
         self._columns: OrderedDict[tuple[str, int], dict[str, list[Any]]] = OrderedDict()
 
     def _scale_set(self, engine: Engine, name: str) -> pb.ScaleSet:
@@ -196,12 +198,13 @@ class ScaleSetsServicer(pb_grpc.ScaleSetsServicer):
         )
 
     async def _mutate(self, method: str, request: Any, name: str, command: Any, encode: Callable[[Outcome], Any],
-                      cls: Any, *, etag: str = "", big: bool = False) -> Any:
-        reply = await self._control.mutate(
+                      *, etag: str = "", big: bool = False) -> Any:
+        """A durable change; the reply is a message, or the bytes first sent for this request_id (the
+        interceptor's serializer passes bytes through)."""
+        return await self._control.mutate(
             method=method, command=command, scale_set=name, encode=encode,
             request_id=request.request_id, payload=request.SerializeToString(), etag=etag, big=big,
         )
-        return _reply(cls, reply)
 
     async def CreateScaleSet(self, request: pb.CreateScaleSetRequest, context: Any) -> pb.CreateScaleSetResponse:
         spec = convert.spec_from_proto(request.scale_set)
@@ -214,7 +217,7 @@ class ScaleSetsServicer(pb_grpc.ScaleSetsServicer):
             )
 
         command = {"op": "create", "spec": spec.to_dict(), "capacity": request.capacity}
-        return await self._mutate("CreateScaleSet", request, spec.name, command, encode, pb.CreateScaleSetResponse,
+        return await self._mutate("CreateScaleSet", request, spec.name, command, encode,
                                   big=request.capacity > BIG_CHANGE)
 
     async def GetScaleSet(self, request: pb.GetScaleSetRequest, context: Any) -> pb.ScaleSet:
@@ -251,13 +254,12 @@ class ScaleSetsServicer(pb_grpc.ScaleSetsServicer):
             return {"op": "update", "spec": convert.spec_from_proto(merged).to_dict()}
 
         return await self._mutate("UpdateScaleSet", request, name, command,
-                                  lambda o: self._scale_set(engine, name), pb.ScaleSet, etag=request.etag)
+                                  lambda o: self._scale_set(engine, name), etag=request.etag)
 
     async def DeleteScaleSet(self, request: pb.DeleteScaleSetRequest, context: Any) -> pb.DeleteScaleSetResponse:
         name = _require(request.name, "name")
         return await self._mutate("DeleteScaleSet", request, name, {"op": "delete", "name": name},
-                                  lambda o: pb.DeleteScaleSetResponse(revision=o.revision),
-                                  pb.DeleteScaleSetResponse, etag=request.etag)
+                                  lambda o: pb.DeleteScaleSetResponse(revision=o.revision), etag=request.etag)
 
     async def SetCapacity(self, request: pb.SetCapacityRequest, context: Any) -> pb.SetCapacityResponse:
         name = _require(request.name, "name")
@@ -275,17 +277,16 @@ class ScaleSetsServicer(pb_grpc.ScaleSetsServicer):
             return pb.SetCapacityResponse(plan=convert.plan_to_proto(o.result, summary), revision=o.revision, etag=o.etag)
 
         command = {"op": "set_capacity", "name": name, "capacity": request.capacity}
-        return await self._mutate("SetCapacity", request, name, command, encode, pb.SetCapacityResponse,
+        return await self._mutate("SetCapacity", request, name, command, encode,
                                   etag=request.etag, big=abs(request.capacity - current) > BIG_CHANGE)
 
     async def ImportInstances(self, request: pb.ImportInstancesRequest, context: Any) -> pb.ImportInstancesResponse:
         name = _require(request.name, "name")
         rows = [_instance_row(convert.instance_from_proto(i)) for i in request.instances]
         return await self._mutate("ImportInstances", request, name, {"op": "import", "name": name, "instances": rows},
-                                  lambda o: pb.ImportInstancesResponse(revision=o.revision, etag=o.etag),
-                                  pb.ImportInstancesResponse, etag=request.etag, big=len(rows) > BIG_CHANGE)
+                                  lambda o: pb.ImportInstancesResponse(revision=o.revision, etag=o.etag), etag=request.etag, big=len(rows) > BIG_CHANGE)
 
-    async def ListInstances(self, request: pb.ListInstancesRequest, context: Any) -> pb.ListInstancesResponse:
+    async def ListInstances(self, request: pb.ListInstancesRequest, context: Any) -> bytes:
         name = _require(request.name, "name")
         engine = await self._control.settled()
         revision = self._control.revision(name)
@@ -304,16 +305,16 @@ class ScaleSetsServicer(pb_grpc.ScaleSetsServicer):
         reply = pb.ListInstancesResponse(instances=convert.columns_to_proto(cols, start, stop), revision=revision)
         if stop < len(ids):
             reply.next_page_token = _page_token(str(ids[stop - 1]))
-        _remember(self._pages, key, reply, 64)
-        return reply
+        encoded = reply.SerializeToString()
+        _remember(self._pages, key, encoded, 64)
+        return encoded
 
     async def DeleteInstances(self, request: pb.DeleteInstancesRequest, context: Any) -> pb.DeleteInstancesResponse:
         name = _require(request.name, "name")
         command = {"op": "delete_instances", "name": name, "instance_ids": list(request.instance_ids)}
         return await self._mutate(
             "DeleteInstances", request, name, command,
-            lambda o: pb.DeleteInstancesResponse(plan=convert.plan_to_proto(o.result), revision=o.revision, etag=o.etag),
-            pb.DeleteInstancesResponse, etag=request.etag,
+            lambda o: pb.DeleteInstancesResponse(plan=convert.plan_to_proto(o.result), revision=o.revision, etag=o.etag), etag=request.etag,
         )
 
     async def EvictInstances(self, request: pb.EvictInstancesRequest, context: Any) -> pb.EvictInstancesResponse:
@@ -323,8 +324,7 @@ class ScaleSetsServicer(pb_grpc.ScaleSetsServicer):
             "EvictInstances", request, name, command,
             lambda o: pb.EvictInstancesResponse(
                 deleted=o.result.deleted, deallocated=o.result.deallocated, revision=o.revision, etag=o.etag
-            ),
-            pb.EvictInstancesResponse, etag=request.etag,
+            ), etag=request.etag,
         )
 
     async def SetInstanceProtection(
@@ -337,8 +337,7 @@ class ScaleSetsServicer(pb_grpc.ScaleSetsServicer):
             "protect_from_scale_set_actions": request.protect_from_scale_set_actions,
         }
         return await self._mutate("SetInstanceProtection", request, name, command,
-                                  lambda o: pb.SetInstanceProtectionResponse(revision=o.revision, etag=o.etag),
-                                  pb.SetInstanceProtectionResponse, etag=request.etag)
+                                  lambda o: pb.SetInstanceProtectionResponse(revision=o.revision, etag=o.etag), etag=request.etag)
 
     async def ReportInstanceHealth(
         self, request: pb.ReportInstanceHealthRequest, context: Any
@@ -348,8 +347,7 @@ class ScaleSetsServicer(pb_grpc.ScaleSetsServicer):
             [list(r.instance_ids), convert._enum(convert.HEALTH_FROM_PB, r.health, "reports.health")] for r in request.reports
         ]
         return await self._mutate("ReportInstanceHealth", request, name, {"op": "health", "name": name, "reports": reports},
-                                  lambda o: pb.ReportInstanceHealthResponse(revision=o.revision, etag=o.etag),
-                                  pb.ReportInstanceHealthResponse)
+                                  lambda o: pb.ReportInstanceHealthResponse(revision=o.revision, etag=o.etag))
 
     async def WatchEvents(self, request: pb.WatchEventsRequest, context: Any) -> AsyncIterator[pb.Event]:
         async for event in self._control.watch(request.scale_set, request.after):
@@ -377,15 +375,14 @@ class RegionsServicer(pb_grpc.RegionsServicer):
         await self._control.settled()
         return self._region()
 
-    async def SetZoneAvailability(self, request: pb.SetZoneAvailabilityRequest, context: Any) -> pb.Region:
+    async def SetZoneAvailability(self, request: pb.SetZoneAvailabilityRequest, context: Any) -> pb.Region | bytes:
         command = {"op": "zone", "zone": _require(request.zone, "zone"), "available": request.available}
-        reply = await self._control.mutate(
+        return await self._control.mutate(
             method="SetZoneAvailability", command=command, scale_set="", encode=lambda o: self._region(),
             request_id=request.request_id, payload=request.SerializeToString(),
         )
-        return _reply(pb.Region, reply)
 
-    async def SetPoolCapacity(self, request: pb.SetPoolCapacityRequest, context: Any) -> pb.Region:
+    async def SetPoolCapacity(self, request: pb.SetPoolCapacityRequest, context: Any) -> pb.Region | bytes:
         pool = request.pool
         command = {
             "op": "pool",
@@ -395,11 +392,10 @@ class RegionsServicer(pb_grpc.RegionsServicer):
             "available": pool.available if pool.HasField("available") else None,
             "price": pool.price if pool.HasField("price") else None,
         }
-        reply = await self._control.mutate(
+        return await self._control.mutate(
             method="SetPoolCapacity", command=command, scale_set="", encode=lambda o: self._region(),
             request_id=request.request_id, payload=request.SerializeToString(),
         )
-        return _reply(pb.Region, reply)
 
 
 class DiagnosticsServicer(pb_grpc.DiagnosticsServicer):

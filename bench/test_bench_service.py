@@ -1,0 +1,75 @@
+"""Service load: durable SetCapacity and 1,000-instance ListInstances against a trivial Echo RPC on the same
+server (the baseline), from several client processes with 8 calls in flight.
+
+Run: ``pytest bench/test_bench_service.py --benchmark-only -s``. The server runs as ``scaleset serve`` in
+its own process with its SQLite file in a temporary directory; every acknowledged SetCapacity is durable.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from bench.conftest import LOAD
+from bench.load import run_load
+from scaleset.testing.server import free_port, start_server_process
+from scaleset.v1 import scaleset_pb2 as pb
+from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
+
+PROCESSES = 2
+INFLIGHT = 4  # per process: 8 in flight
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    tmp = tmp_path_factory.mktemp("load")
+    port = free_port()
+    proc = start_server_process(tmp / "state.db", port, tmp / "server.log")
+    target = f"127.0.0.1:{port}"
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.ScaleSetsStub(channel)
+        spec = pb.ScaleSetSpec(zones=["1", "2", "3"], sku=pb.Sku(name="Standard_D2s_v5"))
+        for p in range(PROCESSES):
+            for k in range(INFLIGHT):
+                spec.name = f"load-{p}-{k}"
+                stub.CreateScaleSet(pb.CreateScaleSetRequest(scale_set=spec, capacity=10))
+        spec.name = "listing"
+        stub.CreateScaleSet(pb.CreateScaleSetRequest(scale_set=spec, capacity=1000))
+    yield target
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+
+
+def calls(benchmark: Any, full: int) -> int:
+    return 10 if benchmark.disabled else full
+
+
+@pytest.mark.parametrize(
+    ("workload", "full_calls"),
+    [("echo", 1500), ("set_capacity", 400), ("list_instances", 400)],
+)
+def test_load(benchmark: Any, target: str, workload: str, full_calls: int) -> None:
+    benchmark.group = "service_load"
+    n = calls(benchmark, full_calls)
+    result = benchmark.pedantic(run_load, args=(target, workload, PROCESSES, INFLIGHT, n), rounds=1, iterations=1)
+    assert result.errors == 0
+    assert result.requests == PROCESSES * INFLIGHT * n
+    benchmark.extra_info.update(
+        {"requests_per_second": round(result.per_second), "p50_ms": round(result.p50_ms, 2), "p99_ms": round(result.p99_ms, 2)}
+    )
+    if not benchmark.disabled:
+        LOAD[workload] = result
+    if workload == "set_capacity":
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.ScaleSetsStub(channel)
+            for p in range(PROCESSES):
+                for k in range(INFLIGHT):
+                    got = stub.GetScaleSet(pb.GetScaleSetRequest(name=f"load-{p}-{k}"))
+                    # Each slot alternated 10 and 11 and ended on its last call's value; every call was one revision.
+                    assert got.capacity == 10 + (n - 1) % 2
+                    assert got.revision >= n + 1
