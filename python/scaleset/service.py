@@ -375,14 +375,14 @@ class RegionsServicer(pb_grpc.RegionsServicer):
         await self._control.settled()
         return self._region()
 
-    async def SetZoneAvailability(self, request: pb.SetZoneAvailabilityRequest, context: Any) -> pb.Region | bytes:
+    async def SetZoneAvailability(self, request: pb.SetZoneAvailabilityRequest, context: Any) -> Any:
         command = {"op": "zone", "zone": _require(request.zone, "zone"), "available": request.available}
         return await self._control.mutate(
             method="SetZoneAvailability", command=command, scale_set="", encode=lambda o: self._region(),
             request_id=request.request_id, payload=request.SerializeToString(),
         )
 
-    async def SetPoolCapacity(self, request: pb.SetPoolCapacityRequest, context: Any) -> pb.Region | bytes:
+    async def SetPoolCapacity(self, request: pb.SetPoolCapacityRequest, context: Any) -> Any:
         pool = request.pool
         command = {
             "op": "pool",
