@@ -8,5 +8,6 @@ cd "$(dirname "$0")/.."
 python3 -m pip install --quiet --disable-pip-version-check '.[test]'
 cargo test --quiet --manifest-path rust/Cargo.toml --workspace
 python3 -m mypy.stubtest scaleset._core
+python3 -m mypy
 python3 -m pytest
 python3 -m pytest bench --benchmark-disable -q

@@ -98,14 +98,15 @@ def _print_plan(plan: Plan, limit: int = 20) -> None:
             print(f"  ... and {len(items) - limit} more")
 
 
-def render_table(name: str, info: Any, instances: Sequence[Instance]) -> str:
+def render_table(name: str, info: Any, instances: Sequence[Instance], fault_domains: int) -> str:
     """A zone x fault-domain table of instance counts, then priority, size and state counts."""
     spec = info.spec
     lines = [
         f"{name}  {spec.orchestration_mode}  capacity {info.capacity}  revision {info.revision}  model {spec.model_version}",
     ]
-    zones = sorted({i.zone for i in instances}, key=lambda z: (z is None, z or ""))
-    fds = sorted({i.fault_domain for i in instances})
+    zones: list[str | None] = list(spec.zones) or [None]
+    zones += sorted({i.zone for i in instances} - set(zones), key=lambda z: (z is None, z or ""))
+    fds = sorted(set(range(fault_domains)) | {i.fault_domain for i in instances})
     cells = Counter((i.zone, i.fault_domain) for i in instances)
     header = "            " + "".join(f"{'FD' + str(f):>6}" for f in fds) + f"{'total':>8}"
     lines.append(header)
@@ -129,7 +130,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 
     spec, capacity, ignored = spec_from_document(load_document(args.file))
     for prop in ignored:
-        log.warning("ignored ARM property %s (scaleset does not model it)", prop)
+        print(f"warning: ignored ARM property {prop} (scaleset does not model it)", file=sys.stderr)
     if args.name:
         import dataclasses
 
@@ -147,11 +148,14 @@ def cmd_show(args: argparse.Namespace) -> int:
     with _client(args) as client:
         info = client.get_scale_set(args.name)
         instances = client.list_instances(args.name)
+        region = client.describe_region()
+    fixed = info.spec.platform_fault_domain_count or 1
+    span = region.fault_domains_per_zone if fixed <= 1 else fixed
     if args.output == "json":
         print(json.dumps({"spec": info.spec.to_dict(), "capacity": info.capacity, "revision": info.revision,
                           "etag": info.etag, "instances": [_instance_dict(i) for i in instances]}, indent=2))
     else:
-        print(render_table(args.name, info, instances))
+        print(render_table(args.name, info, instances, span))
     return 0
 
 

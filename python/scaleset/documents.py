@@ -89,7 +89,7 @@ def _flatten_arm(data: dict[str, Any], ignored: list[str]) -> dict[str, Any]:
                 elif vm_key == "billing_profile" and isinstance(vm_value, Mapping) and "max_price" in vm_value:
                     flat["max_price"] = vm_value["max_price"]
                 else:
-                    ignored.append(f"properties.virtualMachineProfile.{vm_key}")
+                    ignored.append(f"properties.virtual_machine_profile.{vm_key}")
         else:
             ignored.append(f"properties.{key}")
     return flat
