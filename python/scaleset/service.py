@@ -95,22 +95,33 @@ class _Interceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
+        path = handler_call_details.method
+        if (wrapped := self._wrapped.get(path)) is not None:
+            return wrapped
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        method = handler_call_details.method.rsplit("/", 1)[-1]
+        wrapped = self._wrap(handler, path.rsplit("/", 1)[-1])
+        self._wrapped[path] = wrapped
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         metrics = self._metrics
+        # Label children bound once per handler, not looked up on every call.
+        ok = metrics.requests.labels(method, "OK")
+        latency = metrics.latency.labels(method)
 
         async def abort(context: grpc.aio.ServicerContext, exc: BaseException, started: float) -> None:
             status = status_for(exc)
             metrics.requests.labels(method, status.code.name).inc()
-            metrics.latency.labels(method).observe(time.perf_counter() - started)
+            latency.observe(time.perf_counter() - started)
             await context.abort(status.code, status.details, status.trailing_metadata)
 
         # Handlers may return ready-made bytes (cached listings, replies replayed for a request_id).
@@ -131,8 +142,8 @@ class _Interceptor(grpc.aio.ServerInterceptor):
                 except Exception as exc:  # noqa: BLE001 - every error leaves through status_for
                     await abort(context, exc, started)
                     raise  # unreachable: abort raises
-                metrics.requests.labels(method, "OK").inc()
-                metrics.latency.labels(method).observe(time.perf_counter() - started)
+                ok.inc()
+                latency.observe(time.perf_counter() - started)
                 return reply
 
             return grpc.unary_unary_rpc_method_handler(
@@ -150,7 +161,7 @@ class _Interceptor(grpc.aio.ServerInterceptor):
                     raise
                 except Exception as exc:  # noqa: BLE001
                     await abort(context, exc, started)
-                metrics.requests.labels(method, "OK").inc()
+                ok.inc()
 
             return grpc.unary_stream_rpc_method_handler(
                 stream, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
