@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from scaleset import _core
 from scaleset.errors import invalid_input
@@ -24,6 +24,9 @@ from scaleset.model import (
     ScaleSet,
     ScaleSetSpec,
 )
+
+if TYPE_CHECKING:
+    from scaleset.rebalance import RebalancePlan
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +224,68 @@ class Engine:
             ids.extend(batch)
             states.extend([health] * len(batch))
         self._core.report_health(name, ids, states)
+
+    # ----- rebalancing --------------------------------------------------------------------------------
+
+    def rebalance(
+        self,
+        name: str,
+        max_replacements: int | None = None,
+        max_surge: int = 1,
+        time_limit_s: float = 1.0,
+        dry_run: bool = True,
+        *,
+        max_replacements_percent: float | None = None,
+        num_workers: int = 1,
+        random_seed: int = 0,
+    ) -> RebalancePlan:
+        """Plans (and with ``dry_run=False`` applies) the fewest replacements that bring ``name`` back to
+        its target shape: zones and fault domains balanced, the Spot mix exact, sizes per the model,
+        every pool within capacity. Protected and deallocated instances never move.
+
+        Args:
+            max_replacements: the most instances this plan may replace (``None``: no limit).
+            max_replacements_percent: the same as a percentage of the capacity (the smaller limit wins).
+            max_surge: the most extra instances running at once; each wave creates that many, then
+                deletes as many.
+            time_limit_s: the solver's time limit; when it ends the proof early, the best plan found is
+                returned with ``status == "FEASIBLE"`` and its bound.
+            num_workers: CP-SAT workers. One (the default) is deterministic: the same state and budget
+                give the same plan. More workers race, and may return another plan that is just as good.
+        """
+        from scaleset.rebalance import solve_rebalance
+
+        limit = max_replacements
+        if limit is not None:
+            _count(limit, "max_replacements")
+        if max_replacements_percent is not None:
+            if not 0 <= max_replacements_percent <= 100:
+                raise invalid_input(f"max_replacements_percent must be between 0 and 100, got {max_replacements_percent}.")
+            by_percent = int(self.capacity(name) * max_replacements_percent // 100)
+            limit = by_percent if limit is None else min(limit, by_percent)
+        _count(max_surge, "max_surge")
+        plan, _ = solve_rebalance(
+            self._core, name, max_replacements=limit, max_surge=max_surge, time_limit_s=time_limit_s,
+            num_workers=num_workers, random_seed=random_seed,
+        )
+        if dry_run or plan.replacements == 0:
+            return plan
+        return self.apply_rebalance(plan)
+
+    def apply_rebalance(self, plan: RebalancePlan) -> RebalancePlan:
+        """Executes a rebalance plan's waves in order (creates get the next instance ids). Fails, changing
+        nothing, if the scale set changed so that a move is no longer possible."""
+        creates = plan.creates()
+        handle = self._core.apply_rebalance(
+            plan.scale_set,
+            [c[0] for c in creates],
+            [c[1] for c in creates],
+            [c[2] for c in creates],
+            [c[3] for c in creates],
+            plan.deletes(),
+        )
+        created = handle.create_columns()["instance_id"]
+        return plan.applied(created)
 
     # ----- region -------------------------------------------------------------------------------------
 

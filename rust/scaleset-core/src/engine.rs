@@ -26,6 +26,11 @@ impl ScaleSetState {
         self.instances.len() as u64
     }
 
+    /// The spec's VM sizes as indexes into the engine's size table.
+    pub fn size_ids(&self) -> &[u16] {
+        &self.size_ids
+    }
+
     fn position(&self, instance_id: u64) -> Option<usize> {
         self.instances.binary_search_by_key(&instance_id, |i| i.instance_id).ok()
     }

@@ -41,6 +41,13 @@ pub struct CreateReason {
     pub size: SizeChoice,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreateCause {
+    ScaleOut(CreateReason),
+    /// A rebalance moved an instance into this pool (the plan's waves say why, pool by pool).
+    Rebalance,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlannedCreate {
     pub instance_id: u64,
@@ -49,7 +56,7 @@ pub struct PlannedCreate {
     /// Index into the engine's VM size table.
     pub vm_size: u16,
     pub priority: Priority,
-    pub reason: CreateReason,
+    pub cause: CreateCause,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +81,7 @@ pub enum DeleteCause {
     ScaleIn(ScaleInReason),
     Manual,
     Evicted,
+    Rebalance,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,7 +108,15 @@ impl PlannedCreate {
     pub fn describe(&self, zones: &[String], sizes: &[String]) -> String {
         let zone = zone_label(zones, self.zone);
         let size = sizes.get(usize::from(self.vm_size)).map_or("?", String::as_str);
-        let r = &self.reason;
+        let r = match &self.cause {
+            CreateCause::ScaleOut(r) => r,
+            CreateCause::Rebalance => {
+                return format!(
+                    "rebalance: a replacement in zone {zone}, fault domain {}, {} {size}",
+                    self.fault_domain, self.priority
+                )
+            }
+        };
         let zone_part = match r.zone {
             ZoneChoice::Regional => "regional scale set".to_owned(),
             ZoneChoice::Fewest { count } => format!("zone {zone} held the fewest instances ({count})"),
@@ -133,6 +149,7 @@ impl PlannedDelete {
         match self.cause {
             DeleteCause::Manual => "manual delete requested by the user".to_owned(),
             DeleteCause::Evicted => "Spot eviction with eviction_policy Delete".to_owned(),
+            DeleteCause::Rebalance => "rebalance: replaced by an instance in a better place".to_owned(),
             DeleteCause::ScaleIn(r) => {
                 let mut parts = vec![format!("scale-in ({})", r.rule)];
                 if r.unhealthy_first {

@@ -3,7 +3,7 @@
 
 use crate::error::{codes, CoreError, Result};
 use crate::model::{AllocationStrategy, Instance, Priority, Region, ScaleSetSpec, ZoneSlot};
-use crate::plan::{CreateReason, PlannedCreate, PriorityChoice, SizeChoice, ZoneChoice};
+use crate::plan::{CreateCause, CreateReason, PlannedCreate, PriorityChoice, SizeChoice, ZoneChoice};
 
 /// Everything a planner reads about one scale set.
 pub struct SetView<'a> {
@@ -225,7 +225,7 @@ pub fn plan_scale_out(view: &SetView<'_>, count: u64, next_id: u64) -> Result<Ve
             fault_domain: fd as u32,
             vm_size: view.size_ids[size],
             priority,
-            reason,
+            cause: CreateCause::ScaleOut(reason),
         });
         zone_count[s] += 1;
         zone_priority_count[s][priority.index()] += 1;

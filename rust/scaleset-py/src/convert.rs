@@ -277,3 +277,43 @@ pub fn plan_columns<'py>(
     d.set_item("priority", PyList::new(py, ps)?)?;
     Ok(d)
 }
+
+/// The rebalancer's input as plain Python data: scalars, and pool rows / new pools as columns.
+pub fn rebalance_input_to_py<'py>(
+    py: Python<'py>,
+    input: &core::RebalanceInput,
+    zones: &[String],
+    sizes: &[String],
+) -> PyResult<Bound<'py, PyDict>> {
+    let size = |i: u16| sizes.get(usize::from(i)).map_or("?", String::as_str);
+    let d = PyDict::new(py);
+    d.set_item("capacity", input.capacity)?;
+    d.set_item("fault_domains", input.fault_domains)?;
+    d.set_item("slots", input.slots.iter().map(|&s| s.map(|_| core::zone_label(zones, s))).collect::<Vec<_>>())?;
+    d.set_item("slot_available", &input.slot_available)?;
+    d.set_item("regular_target", input.regular_target)?;
+    d.set_item("outside_regular", input.outside[0])?;
+    d.set_item("outside_spot", input.outside[1])?;
+    d.set_item("model_sizes", input.model_sizes.iter().map(|&s| size(s)).collect::<Vec<_>>())?;
+    let rows = PyDict::new(py);
+    rows.set_item("slot", input.rows.iter().map(|r| r.slot).collect::<Vec<_>>())?;
+    rows.set_item("fault_domain", input.rows.iter().map(|r| r.fault_domain).collect::<Vec<_>>())?;
+    rows.set_item("vm_size", input.rows.iter().map(|r| size(r.vm_size)).collect::<Vec<_>>())?;
+    rows.set_item("priority", input.rows.iter().map(|r| r.priority.as_str()).collect::<Vec<_>>())?;
+    // -1 marks fixed (immovable) instances; 0 unhealthy, 1 out-of-date model, 2 current.
+    rows.set_item("class", input.rows.iter().map(|r| r.class.map_or(-1, |c| c as i32)).collect::<Vec<_>>())?;
+    rows.set_item("count", input.rows.iter().map(|r| r.count).collect::<Vec<_>>())?;
+    rows.set_item("price", input.rows.iter().map(|r| r.price).collect::<Vec<_>>())?;
+    d.set_item("rows", rows)?;
+    let pools = PyDict::new(py);
+    pools.set_item("slot", input.new_pools.iter().map(|p| p.slot).collect::<Vec<_>>())?;
+    pools.set_item("vm_size", input.new_pools.iter().map(|p| size(p.vm_size)).collect::<Vec<_>>())?;
+    pools.set_item("priority", input.new_pools.iter().map(|p| p.priority.as_str()).collect::<Vec<_>>())?;
+    pools.set_item(
+        "available",
+        input.new_pools.iter().map(|p| (p.available != u64::MAX).then_some(p.available)).collect::<Vec<_>>(),
+    )?;
+    pools.set_item("price", input.new_pools.iter().map(|p| p.price).collect::<Vec<_>>())?;
+    d.set_item("new_pools", pools)?;
+    Ok(d)
+}

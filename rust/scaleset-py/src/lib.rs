@@ -273,6 +273,50 @@ impl Engine {
         detached(py, || self.with(|e| e.set_pool_capacity(zone, vm_size, priority, available, price)))
     }
 
+    /// The scale set grouped into pools for the rebalancer (see `scaleset.rebalance`), as plain columns.
+    fn rebalance_input<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyDict>> {
+        let (input, zones, sizes) = detached(py, || {
+            self.with(|e| Ok((e.rebalance_input(name)?, e.region().zones.clone(), e.sizes().to_vec())))
+        })?;
+        convert::rebalance_input_to_py(py, &input, &zones, &sizes)
+    }
+
+    /// Which instances leave: `removals[r]` of pool row `r` (oldest first).
+    fn select_rebalance_deletes(&self, py: Python<'_>, name: &str, removals: Vec<u64>) -> PyResult<Vec<u64>> {
+        detached(py, || self.with(|e| e.select_rebalance_deletes(name, &removals)))
+    }
+
+    /// Applies rebalance moves: creates as (zone, fault_domain, vm_size, priority) columns, then deletes.
+    fn apply_rebalance(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        zones: Vec<Option<String>>,
+        fault_domains: Vec<u32>,
+        vm_sizes: Vec<String>,
+        priorities: Vec<String>,
+        deletes: Vec<u64>,
+    ) -> PyResult<PlanHandle> {
+        if [fault_domains.len(), vm_sizes.len(), priorities.len()].iter().any(|&l| l != zones.len()) {
+            return Err(to_py_err(CoreError::invalid(core::codes::INVALID_PARAMETER, "create columns must all have the same length.")));
+        }
+        let priorities = priorities.iter().map(|p| parse(p, core::Priority::parse)).collect::<PyResult<Vec<_>>>()?;
+        detached(py, || {
+            self.with(|e| {
+                let mut creates = Vec::with_capacity(zones.len());
+                for (k, zone) in zones.iter().enumerate() {
+                    let slot = zone.as_deref().map(|z| e.region().zone_index(z)).transpose()?;
+                    let size = e.sizes().iter().position(|s| *s == vm_sizes[k]).ok_or_else(|| {
+                        CoreError::invalid(core::codes::INVALID_PARAMETER, format!("unknown VM size '{}'.", vm_sizes[k]))
+                    })?;
+                    creates.push((slot, fault_domains[k], size as u16, priorities[k]));
+                }
+                let plan = e.apply_rebalance(name, &creates, &deletes)?;
+                Ok(PlanHandle::new(e, plan))
+            })
+        })
+    }
+
     /// The region as it stands: zones, which are down, fault domains, pools.
     fn region(&self, py: Python<'_>) -> PyResult<RegionDto> {
         detached(py, || {

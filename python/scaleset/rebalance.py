@@ -1,0 +1,422 @@
+"""Constrained rebalancing with OR-Tools CP-SAT, modelled over capacity pools.
+
+A pool is (zone, fault domain, VM size, priority); instances in one pool are interchangeable, so the
+model has one integer per pool (how many stay, how many are created) instead of one boolean per VM, and
+proves optimal plans for 100,000 instances in milliseconds. Which instances leave is a cheap second
+stage in the Rust core (oldest first within a pool; pools are split by replacement preference).
+
+The objective, in strict priority:
+
+1. the remaining violation of the target shape: zone counts outside the balanced floor/ceil, fault
+   domains outside their zone's floor/ceil, distance from the Spot priority mix target, and instances on
+   VM sizes no longer in the model;
+2. the number of replaced instances;
+3. replacing unhealthy, then out-of-date-model instances before others, then the hourly price of the
+   result.
+
+(1) and (2) are one solve (violation weighted above replacements); (3) is a second solve with (1) and
+(2) held at their optimum. Every solve is bounded (``max_time_in_seconds``), seeded and hinted with
+the current placement; a solve stopped by its time limit returns its best plan and the proven bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ortools.sat.python import cp_model
+
+from scaleset.errors import invalid_input
+from scaleset.model import LazyItems
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RebalanceMove", "RebalancePlan", "Wave", "solve_rebalance"]
+
+_CLASS_NAMES = {0: "unhealthy", 1: "running an out-of-date model", 2: "healthy and current"}
+#: Prices are per hour; the model works in integer micro-units.
+_PRICE_SCALE = 1_000_000
+#: How much each unit of violation weighs. Zone balance and the priority mix come first (as Azure balances
+#: zones before fault domains); a fault-domain fix never costs zone balance, the mix or a size.
+WEIGHTS = {"zones": 4, "priority_mix": 4, "vm_sizes": 2, "fault_domains": 1}
+
+
+def score(violation: dict[str, int]) -> int:
+    """The weighted violation the solver minimises."""
+    return sum(WEIGHTS[k] * v for k, v in violation.items())
+
+
+@dataclass(frozen=True, slots=True)
+class RebalanceMove:
+    """One step: an instance created in a pool, or an existing instance deleted. ``instance_id`` of a
+    create is known once the plan is applied."""
+
+    action: str  # "create" | "delete"
+    instance_id: int | None
+    zone: str | None
+    fault_domain: int
+    vm_size: str
+    priority: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Wave:
+    """Create these, then (once they run) delete those: the running count stays between capacity and
+    capacity + max_surge."""
+
+    index: int
+    creates: tuple[RebalanceMove, ...]
+    deletes: tuple[RebalanceMove, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RebalancePlan:
+    scale_set: str
+    status: str  # OPTIMAL | FEASIBLE (time limit reached before the proof)
+    dry_run: bool
+    capacity: int
+    max_surge: int
+    replacements: int
+    #: Remaining violation of the target shape, by component (instances out of place), before and after.
+    violation_before: dict[str, int]
+    violation_after: dict[str, int]
+    #: The proven lower bound on the weighted violation (:func:`score`); equal to it when OPTIMAL.
+    violation_bound: int
+    solve_seconds: float
+    zone_counts_before: dict[str | None, int]
+    zone_counts_after: dict[str | None, int]
+    fault_domain_counts_before: dict[tuple[str | None, int], int] = field(repr=False)
+    fault_domain_counts_after: dict[tuple[str | None, int], int] = field(repr=False)
+    waves: LazyItems[Wave] = field(repr=False)
+    _creates: list[tuple[str | None, int, str, str, str]] = field(repr=False, compare=False)
+    _deletes: list[tuple[int, str | None, int, str, str, str]] = field(repr=False, compare=False)
+
+    #: Instance ids given to the creates when the plan was applied (wave order); empty for a dry run.
+    created_ids: tuple[int, ...] = ()
+
+    @property
+    def optimal(self) -> bool:
+        return self.status == "OPTIMAL"
+
+    @property
+    def score_before(self) -> int:
+        return score(self.violation_before)
+
+    @property
+    def score_after(self) -> int:
+        return score(self.violation_after)
+
+    def applied(self, created_ids: list[int]) -> RebalancePlan:
+        """This plan as executed: not a dry run, and each create with the id it received."""
+        return replace(
+            self, dry_run=False, created_ids=tuple(created_ids),
+            waves=_waves(self._creates, self._deletes, self.max_surge, created_ids),
+        )
+
+    def creates(self) -> list[tuple[str | None, int, str, str]]:
+        """(zone, fault_domain, vm_size, priority) of every create, in wave order."""
+        return [c[:4] for c in self._creates]
+
+    def deletes(self) -> list[int]:
+        """Instance ids of every delete, in wave order."""
+        return [d[0] for d in self._deletes]
+
+
+def _waves(creates: list[Any], deletes: list[Any], surge: int, created_ids: list[int] | None = None) -> LazyItems[Wave]:
+    count = math.ceil(max(len(creates), len(deletes)) / surge) if creates or deletes else 0
+
+    def wave(i: int) -> Wave:
+        lo, hi = i * surge, (i + 1) * surge
+        ids = created_ids[lo:hi] if created_ids is not None else [None] * len(creates[lo:hi])
+        return Wave(
+            index=i,
+            creates=tuple(
+                RebalanceMove("create", id_, z, f, s, p, r) for id_, (z, f, s, p, r) in zip(ids, creates[lo:hi])
+            ),
+            deletes=tuple(RebalanceMove("delete", i_, z, f, s, p, r) for i_, z, f, s, p, r in deletes[lo:hi]),
+        )
+
+    return LazyItems(count, wave)
+
+
+class _Shape:
+    """The target-shape violation of given pool counts, as numbers (for reporting) or model terms."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.slots: list[str | None] = data["slots"]
+        self.available = [i for i, up in enumerate(data["slot_available"]) if up]
+        self.fds: int = data["fault_domains"]
+        self.regular_target: int | None = data["regular_target"]
+        self.outside_regular: int = data["outside_regular"]
+        self.model_sizes = set(data["model_sizes"])
+        inside = data["capacity"] - data["outside_regular"] - data["outside_spot"]
+        k = max(1, len(self.available))
+        self.floor, self.ceil = inside // k, -(-inside // k)
+
+    def measure(self, zone: Counter[int], fd: Counter[tuple[int, int]], regular: int, off_model: int) -> dict[str, int]:
+        zones = sum(max(0, zone[s] - self.ceil) + max(0, self.floor - zone[s]) for s in self.available)
+        fds = 0
+        for s in self.available:
+            lo, hi = zone[s] // self.fds, -(-zone[s] // self.fds)
+            fds += sum(max(0, fd[s, f] - hi) + max(0, lo - fd[s, f]) for f in range(self.fds))
+        mix = abs(regular - self.regular_target) if self.regular_target is not None else 0
+        return {"zones": zones, "fault_domains": fds, "priority_mix": mix, "vm_sizes": off_model}
+
+
+def _solver(time_limit_s: float, num_workers: int, random_seed: int) -> cp_model.CpSolver:
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = time_limit_s
+    solver.parameters.num_workers = num_workers
+    solver.parameters.random_seed = random_seed
+    return solver
+
+
+def solve_rebalance(
+    engine: Any,
+    name: str,
+    *,
+    max_replacements: int | None,
+    max_surge: int,
+    time_limit_s: float,
+    num_workers: int,
+    random_seed: int = 0,
+) -> tuple[RebalancePlan, list[int]]:
+    """Plans a rebalance of ``name`` (the engine facade's core); returns the plan and the removal count per
+    pool row (for applying)."""
+    if max_surge < 1:
+        raise invalid_input(f"max_surge must be at least 1, got {max_surge}.")
+    if not time_limit_s > 0:
+        raise invalid_input(f"time_limit_s must be positive, got {time_limit_s}.")
+    started = time.perf_counter()
+    data = engine.rebalance_input(name)
+    shape = _Shape(data)
+    rows, pools = data["rows"], data["new_pools"]
+    n_rows, n_pools, fds = len(rows["count"]), len(pools["slot"]), shape.fds
+    movable = [c >= 0 for c in rows["class"]]
+    budget = sum(c for c, m in zip(rows["count"], movable) if m)
+    if max_replacements is not None:
+        budget = min(budget, max_replacements)
+
+    model = cp_model.CpModel()
+    keep = [
+        model.new_int_var(0, count, f"keep{r}") if movable[r] else count
+        for r, count in enumerate(rows["count"])
+    ]
+    new: dict[tuple[int, int], Any] = {}
+    for q in range(n_pools):
+        cap = budget if pools["available"][q] is None else min(budget, pools["available"][q])
+        if cap <= 0:
+            continue
+        per_fd = [model.new_int_var(0, cap, f"new{q}_{f}") for f in range(fds)]
+        model.add(sum(per_fd) <= cap)
+        for f, var in enumerate(per_fd):
+            new[q, f] = var
+    removed = [rows["count"][r] - keep[r] for r in range(n_rows) if movable[r]]
+    replacements = sum(removed) if removed else 0
+    model.add(sum(new.values()) == replacements)
+    model.add(replacements <= budget)
+
+    # Shape terms.
+    zone_terms: dict[int, list[Any]] = {s: [] for s in shape.available}
+    fd_terms: dict[tuple[int, int], list[Any]] = {(s, f): [] for s in shape.available for f in range(fds)}
+    regular_terms: list[Any] = []
+    for r in range(n_rows):
+        s, f = rows["slot"][r], rows["fault_domain"][r]
+        zone_terms[s].append(keep[r])
+        fd_terms[s, min(f, fds - 1)].append(keep[r])
+        if rows["priority"][r] == "Regular":
+            regular_terms.append(keep[r])
+    for (q, f), var in new.items():
+        s = pools["slot"][q]
+        zone_terms[s].append(var)
+        fd_terms[s, f].append(var)
+        if pools["priority"][q] == "Regular":
+            regular_terms.append(var)
+    violations: list[Any] = []
+    inside = sum(c for c in rows["count"])
+    for s in shape.available:
+        z = sum(zone_terms[s])
+        over, under = model.new_int_var(0, inside, f"over{s}"), model.new_int_var(0, inside, f"under{s}")
+        model.add(over >= z - shape.ceil)
+        model.add(under >= shape.floor - z)
+        violations += [WEIGHTS["zones"] * over, WEIGHTS["zones"] * under]
+        if fds > 1:
+            hi, lo = model.new_int_var(0, inside, f"hi{s}"), model.new_int_var(0, inside, f"lo{s}")
+            model.add(fds * hi >= z)
+            model.add(fds * hi <= z + fds - 1)
+            model.add(fds * lo <= z)
+            model.add(fds * lo >= z - fds + 1)
+            for f in range(fds):
+                cnt = sum(fd_terms[s, f])
+                fo, fu = model.new_int_var(0, inside, f"fo{s}_{f}"), model.new_int_var(0, inside, f"fu{s}_{f}")
+                model.add(fo >= cnt - hi)
+                model.add(fu >= lo - cnt)
+                violations += [WEIGHTS["fault_domains"] * fo, WEIGHTS["fault_domains"] * fu]
+    if shape.regular_target is not None:
+        regular = shape.outside_regular + sum(regular_terms)
+        mix = model.new_int_var(0, data["capacity"], "mix")
+        model.add(mix >= regular - shape.regular_target)
+        model.add(mix >= shape.regular_target - regular)
+        violations.append(WEIGHTS["priority_mix"] * mix)
+    off_model = [keep[r] for r in range(n_rows) if movable[r] and rows["vm_size"][r] not in shape.model_sizes]
+    violations += [WEIGHTS["vm_sizes"] * k for k in off_model]
+    violation = sum(violations)
+
+    # Hint: the current placement.
+    for r in range(n_rows):
+        if movable[r]:
+            model.add_hint(keep[r], rows["count"][r])
+    for var in new.values():
+        model.add_hint(var, 0)
+
+    weight = data["capacity"] + 1  # every replacement weighs less than one unit of violation
+    model.minimize(violation * weight + replacements)
+    solver = _solver(time_limit_s, num_workers, random_seed)
+    status = solver.solve(model)
+    if status == cp_model.INFEASIBLE:
+        # Keeping every instance where it is always fits, so this is a bug, not a user error.
+        raise RuntimeError("the rebalance model is infeasible although the current placement fits it")
+    bound = max(0, int(solver.best_objective_bound) // weight)
+    if status != cp_model.OPTIMAL and status != cp_model.FEASIBLE:
+        # No solution within the time limit: the current placement (no moves) is the best plan known.
+        log.warning("rebalance of %s: no better plan found within %.3f s; returning the empty plan", name, time_limit_s)
+        removals = [0] * n_rows
+        plan = _assemble(engine, name, data, shape, removals, {}, max_surge, cp_model.FEASIBLE, bound, started)
+        return plan, removals
+    first_optimal = status == cp_model.OPTIMAL
+    best_violation = solver.value(violation)
+    best_replacements = solver.value(replacements)
+
+    # Second solve: hold (1) and (2), prefer unhealthy / out-of-date replacements, then the cheapest result.
+    if best_replacements > 0:
+        model.add(violation == best_violation)
+        model.add(replacements == best_replacements)
+        price_total = sum(
+            keep[r] * int(round(rows["price"][r] * _PRICE_SCALE)) for r in range(n_rows) if movable[r]
+        ) + sum(var * int(round(pools["price"][q] * _PRICE_SCALE)) for (q, _), var in new.items())
+        price_bound = (data["capacity"] + 1) * max(
+            [int(round(p * _PRICE_SCALE)) for p in [*rows["price"], *pools["price"]]] + [0]
+        ) + 1
+        class_cost = sum(
+            (rows["count"][r] - keep[r]) * rows["class"][r] for r in range(n_rows) if movable[r]
+        )
+        model.clear_hints()
+        for r in range(n_rows):
+            if movable[r]:
+                model.add_hint(keep[r], solver.value(keep[r]))
+        for var in new.values():
+            model.add_hint(var, solver.value(var))
+        model.minimize(class_cost * price_bound + price_total)
+        remaining = max(0.01, time_limit_s - (time.perf_counter() - started))
+        second = _solver(remaining, num_workers, random_seed)
+        status2 = second.solve(model)
+        if status2 in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            solver, status = second, (status2 if first_optimal else cp_model.FEASIBLE)
+        elif status2 == cp_model.MODEL_INVALID:
+            raise RuntimeError(f"rebalance tie-break model is invalid: {model.validate()}")
+
+    keep_values = [solver.value(k) if movable[r] else k for r, k in enumerate(keep)]
+    removals = [rows["count"][r] - keep_values[r] if movable[r] else 0 for r in range(n_rows)]
+    news = {key: solver.value(var) for key, var in new.items() if solver.value(var) > 0}
+    plan = _assemble(engine, name, data, shape, removals, news, max_surge, status, bound, started)
+    return plan, removals
+
+
+def _assemble(
+    engine: Any,
+    name: str,
+    data: dict[str, Any],
+    shape: _Shape,
+    removals: list[int],
+    news: dict[tuple[int, int], int],
+    surge: int,
+    status: int,
+    bound: int,
+    started: float,
+) -> RebalancePlan:
+    rows, pools = data["rows"], data["new_pools"]
+    slots = shape.slots
+    zone_b: Counter[int] = Counter()
+    fd_b: Counter[tuple[int, int]] = Counter()
+    regular_b = shape.outside_regular
+    off_b = 0
+    for r, count in enumerate(rows["count"]):
+        s, f = rows["slot"][r], min(rows["fault_domain"][r], shape.fds - 1)
+        zone_b[s] += count
+        fd_b[s, f] += count
+        regular_b += count if rows["priority"][r] == "Regular" else 0
+        off_b += count if rows["class"][r] >= 0 and rows["vm_size"][r] not in shape.model_sizes else 0
+    zone_a, fd_a, regular_a, off_a = Counter(zone_b), Counter(fd_b), regular_b, off_b
+    for r, gone in enumerate(removals):
+        s, f = rows["slot"][r], min(rows["fault_domain"][r], shape.fds - 1)
+        zone_a[s] -= gone
+        fd_a[s, f] -= gone
+        regular_a -= gone if rows["priority"][r] == "Regular" else 0
+        off_a -= gone if rows["vm_size"][r] not in shape.model_sizes else 0
+    for (q, f), n in news.items():
+        s = pools["slot"][q]
+        zone_a[s] += n
+        fd_a[s, f] += n
+        regular_a += n if pools["priority"][q] == "Regular" else 0
+    before = shape.measure(zone_b, fd_b, regular_b, off_b)
+    after = shape.measure(zone_a, fd_a, regular_a, off_a)
+    target = f"{shape.floor}" if shape.floor == shape.ceil else f"{shape.floor}-{shape.ceil}"
+
+    def zone_note(s: int) -> str:
+        return f"zone {slots[s] or 'regional'}: {zone_b[s]} -> {zone_a[s]} instances (balanced share {target})"
+
+    def mix_note(priority: str) -> str:
+        if shape.regular_target is None:
+            return ""
+        return f"; {priority} for the priority mix (Regular {regular_b} -> {regular_a}, target {shape.regular_target})"
+
+    creates: list[tuple[str | None, int, str, str, str]] = []
+    for (q, f), n in sorted(news.items()):
+        s, size, priority = pools["slot"][q], pools["vm_size"][q], pools["priority"][q]
+        reason = f"rebalance: {zone_note(s)}; fault domain {f} {fd_b[s, f]} -> {fd_a[s, f]}{mix_note(priority) if regular_b != regular_a else ''}"
+        creates.extend([(slots[s], f, size, priority, reason)] * n)
+    ids = engine.select_rebalance_deletes(name, removals) if any(removals) else []
+    # Ids come pool row by pool row (rows are ordered by slot, fault domain, size, priority, class).
+    ranked: list[tuple[int, int, str | None, int, str, str, str]] = []
+    pos = 0
+    for r, gone in enumerate(removals):
+        if not gone:
+            continue
+        s, f = rows["slot"][r], rows["fault_domain"][r]
+        size, priority, klass = rows["vm_size"][r], rows["priority"][r], rows["class"][r]
+        why = [f"{_CLASS_NAMES[klass]}", zone_note(s)]
+        if size not in shape.model_sizes:
+            why.append(f"{size} is no longer in the model")
+        reason = "rebalance: replaced; " + "; ".join(why) + (mix_note(priority) if regular_b != regular_a else "")
+        ranked.extend((klass, i, slots[s], f, size, priority, reason) for i in ids[pos : pos + gone])
+        pos += gone
+    # Waves replace unhealthy instances first, then out-of-date ones, then the rest; oldest first.
+    ranked.sort(key=lambda d: (d[0], d[1]))
+    deletes = [d[1:] for d in ranked]
+    plan = RebalancePlan(
+        scale_set=name,
+        status="OPTIMAL" if status == cp_model.OPTIMAL else "FEASIBLE",
+        dry_run=True,
+        capacity=data["capacity"],
+        max_surge=surge,
+        replacements=len(deletes),
+        violation_before=before,
+        violation_after=after,
+        violation_bound=bound,
+        solve_seconds=time.perf_counter() - started,
+        zone_counts_before={slots[s]: zone_b[s] for s in sorted(set(zone_b) | set(shape.available))},
+        zone_counts_after={slots[s]: zone_a[s] for s in sorted(set(zone_a) | set(shape.available))},
+        fault_domain_counts_before={(slots[s], f): n for (s, f), n in sorted(fd_b.items())},
+        fault_domain_counts_after={(slots[s], f): n for (s, f), n in sorted(fd_a.items())},
+        waves=_waves(creates, deletes, surge),
+        _creates=creates,
+        _deletes=deletes,
+    )
+    if plan.replacements != len(creates):
+        raise RuntimeError(f"rebalance plan is inconsistent: {len(creates)} creates for {plan.replacements} deletes")
+    return plan
