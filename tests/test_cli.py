@@ -110,3 +110,23 @@ def test_cli_errors_exit_2_with_the_code(server: ServerThread, capsys: pytest.Ca
     assert code == 2 and err.startswith("error [ResourceNotFound]: scale set 'missing' does not exist.")
     code, _, err = run(server, capsys, "create", "-f", "/no/such/file.yaml")
     assert code == 2 and "No such file" in err
+
+
+def test_cli_rebalance(server: ServerThread, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    doc = tmp_path / "web.yaml"
+    doc.write_text("name: web\nzones: ['1', '2', '3']\nsku: {name: Standard_D2s_v5}\n")
+    run(server, capsys, "region", "zone", "1", "down")
+    run(server, capsys, "create", "-f", str(doc), "--capacity", "6")
+    run(server, capsys, "region", "zone", "1", "up")
+    code, out, _ = run(server, capsys, "rebalance", "web")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].startswith("web: OPTIMAL, 2 replacements in 2 waves (max surge 1)") and lines[0].endswith("(dry run)")
+    assert "zones 4 -> 0" in lines[1]
+    zone1 = lines[3].split()
+    assert zone1[:2] == ["zone", "1"] and zone1[-1] == "0->2" and sorted(zone1[2:5]) == ["0->0", "0->1", "0->1"]
+    assert "wave 2:" in out and "create zone 1 fd" in out and "rebalance: replaced; healthy and current" in out
+    code, out, _ = run(server, capsys, "rebalance", "web", "--apply", "--max-surge", "2")
+    assert "in 1 waves (max surge 2)" in out and "(applied)" in out and "(id 6)" in out
+    code, out, _ = run(server, capsys, "show", "web")
+    assert out.splitlines()[2].split()[-1] == "2"

@@ -277,3 +277,28 @@ def test_metrics_count_rpcs(server: ServerThread, client: Client) -> None:
     assert registry.get_sample_value("scaleset_rpc_requests_total", {"method": "CreateScaleSet", "code": "OK"}) == 1
     assert registry.get_sample_value("scaleset_rpc_requests_total", {"method": "GetScaleSet", "code": "NOT_FOUND"}) == 1
     assert registry.get_sample_value("scaleset_instances") == 2
+
+
+def test_rebalance_rpc_plans_applies_and_survives_restart(tmp_path: Path) -> None:
+    db = str(tmp_path / "state.db")
+    with ServerThread(db, REGION) as first, Client(first.target) as c:
+        c.set_zone_available("1", False)
+        c.create_scale_set(zonal_spec(), 12)
+        c.set_zone_available("1", True)
+        dry = c.rebalance("web", max_surge=2)
+        assert dry.status == "OPTIMAL" and dry.dry_run and dry.replacements == 4 and len(dry.waves) == 2
+        assert dry.violation_before["zones"] == 8 and dry.violation_after["zones"] == 0 and dry.score_bound == 0
+        assert c.get_scale_set("web").revision == 1
+        applied = c.rebalance("web", dry_run=False, request_id="rb-1")
+        again = c.rebalance("web", dry_run=False, request_id="rb-1")
+        assert again == applied and not applied.dry_run
+        assert [w.creates[0].instance_id for w in applied.waves] == [12, 13, 14, 15]
+        info = c.get_scale_set("web")
+        assert info.revision == 2 and info.capacity == 12
+        before = c.list_instances("web")
+        with pytest.raises(ConflictError) as stale:
+            c.rebalance("web", dry_run=False, etag='W/"1"')
+        assert stale.value.code == "Aborted"
+    with ServerThread(db, REGION) as second, Client(second.target) as c:
+        assert c.list_instances("web") == before
+        assert c.rebalance("web").replacements == 0

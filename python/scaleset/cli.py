@@ -219,6 +219,46 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return 0
 
 
+def render_rebalance(plan: Any, limit: int = 20) -> str:
+    """The before/after zone x fault-domain table and the waves of a rebalance plan (protobuf form)."""
+    what = "dry run" if plan.dry_run else "applied"
+    lines = [
+        f"{plan.scale_set}: {plan.status}, {plan.replacements} replacements in {len(plan.waves)} waves "
+        f"(max surge {plan.max_surge}), solved in {plan.solve_seconds * 1000:.0f} ms ({what})",
+        "violation: " + ", ".join(f"{k} {plan.violation_before[k]} -> {plan.violation_after[k]}" for k in sorted(plan.violation_before))
+        + f" (weighted {plan.score_after}, proven bound {plan.score_bound})",
+    ]
+    zones = [c.zone for c in plan.counts if c.fault_domain < 0]
+    fds = sorted({c.fault_domain for c in plan.counts if c.fault_domain >= 0})
+    cell = {(c.zone, c.fault_domain): f"{c.before}->{c.after}" for c in plan.counts}
+    lines.append("            " + "".join(f"{'FD' + str(f):>10}" for f in fds) + f"{'total':>12}")
+    for z in zones:
+        row = "".join(f"{cell.get((z, f), '0->0'):>10}" for f in fds)
+        lines.append(f"{('zone ' + z) if z else 'regional':<12}{row}{cell[(z, -1)]:>12}")
+    for wave in list(plan.waves)[:limit]:
+        lines.append(f"wave {wave.index + 1}:")
+        for c in wave.creates:
+            ident = f" (id {c.instance_id})" if not plan.dry_run else ""
+            lines.append(f"  create zone {c.zone or 'regional'} fd {c.fault_domain} {c.priority} {c.vm_size}{ident}")
+            lines.append(f"         {c.reason}")
+        for d in wave.deletes:
+            lines.append(f"  delete {d.instance_id} (zone {d.zone or 'regional'} fd {d.fault_domain} {d.priority} {d.vm_size})")
+            lines.append(f"         {d.reason}")
+    if len(plan.waves) > limit:
+        lines.append(f"... and {len(plan.waves) - limit} more waves")
+    return "\n".join(lines)
+
+
+def cmd_rebalance(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        plan = client.rebalance(
+            args.name, max_replacements=args.max_replacements, max_surge=args.max_surge,
+            time_limit_s=args.time_limit, dry_run=not args.apply, max_replacements_percent=args.max_replacements_percent,
+        )
+    print(render_rebalance(plan, args.limit))
+    return 0
+
+
 def cmd_region(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.action == "zone":
@@ -300,6 +340,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--after", type=int, default=0, help="revision (with a name) or global sequence to resume after")
     p.add_argument("--count", type=int, default=0, help="stop after this sequence number")
     p.set_defaults(func=cmd_watch)
+
+    p = sub.add_parser("rebalance", help="plan (or --apply) the fewest replacements that restore the target shape")
+    p.add_argument("name")
+    p.add_argument("--apply", action="store_true", help="execute the plan (default: dry run)")
+    p.add_argument("--max-replacements", type=int)
+    p.add_argument("--max-replacements-percent", type=float)
+    p.add_argument("--max-surge", type=int, default=1)
+    p.add_argument("--time-limit", type=float, default=1.0, help="solver time limit in seconds")
+    p.add_argument("--limit", type=int, default=20, help="waves to print")
+    p.set_defaults(func=cmd_rebalance)
 
     p = sub.add_parser("region", help="show the region, mark a zone up/down, set pool capacity")
     rsub = p.add_subparsers(dest="action")

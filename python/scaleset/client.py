@@ -205,6 +205,22 @@ class Client:
         request.reports.add(instance_ids=list(instance_ids), health=convert.HEALTH_TO_PB[health])
         self._call(self._scale_sets.ReportInstanceHealth, request)
 
+    def rebalance(
+        self, name: str, max_replacements: int | None = None, max_surge: int = 1, time_limit_s: float = 1.0,
+        dry_run: bool = True, *, max_replacements_percent: float | None = None, etag: str = "",
+        request_id: str | None = None,
+    ) -> pb.RebalancePlan:
+        """The server's rebalance plan (as the protobuf message: waves, counts, status, bound)."""
+        request = pb.RebalanceRequest(
+            name=name, max_surge=max_surge, time_limit_s=time_limit_s, dry_run=dry_run, etag=etag,
+            request_id=self._request_id(request_id),
+        )
+        if max_replacements is not None:
+            request.max_replacements = max_replacements
+        if max_replacements_percent is not None:
+            request.max_replacements_percent = max_replacements_percent
+        return self._call(self._scale_sets.Rebalance, request).plan
+
     def watch(self, scale_set: str = "", after: int = 0) -> Iterator[WatchedEvent]:
         """Events after ``after`` (a revision of ``scale_set``, or a global sequence), then live ones."""
         try:

@@ -45,6 +45,7 @@ _EVENT_TYPES = {
     "evict": "InstancesEvicted",
     "protect": "InstanceProtectionSet",
     "health": "InstanceHealthReported",
+    "rebalance": "ScaleSetRebalanced",
     "zone": "ZoneAvailabilityChanged",
     "pool": "PoolCapacityChanged",
 }
@@ -85,6 +86,8 @@ def apply_command(engine: Engine, cmd: dict[str, Any]) -> Any:
     if op == "health":
         engine.report_health_batch(cmd["name"], [(ids, health) for ids, health in cmd["reports"]])
         return None
+    if op == "rebalance":
+        return engine.apply_rebalance_moves(cmd["name"], cmd["creates"], cmd["deletes"])
     if op == "zone":
         engine.set_zone_available(cmd["zone"], cmd["available"])
         return None
@@ -350,7 +353,7 @@ class ControlPlane:
         """Applies and queues one mutation; the caller holds the lock."""
         self.check_etag(scale_set, etag)
         if callable(command):
-            command = command(self.engine)
+            command = await asyncio.to_thread(command, self.engine) if big else command(self.engine)
         if big:
             result = await asyncio.to_thread(apply_command, self.engine, command)
         else:

@@ -22,6 +22,7 @@ from scaleset.model import (
     SkuProfile,
     VmSize,
 )
+from scaleset.rebalance import RebalancePlan
 from scaleset.store import EventRecord
 from scaleset.v1 import scaleset_pb2 as pb
 
@@ -198,6 +199,33 @@ def event_to_proto(event: EventRecord) -> pb.Event:
     )
     if "plan" in event.summary:
         msg.plan.CopyFrom(event_plan_to_proto(event.scale_set, event.summary["plan"]))
+    return msg
+
+
+def rebalance_plan_to_proto(plan: RebalancePlan) -> pb.RebalancePlan:
+    msg = pb.RebalancePlan(
+        scale_set=plan.scale_set, status=plan.status, dry_run=plan.dry_run, capacity=plan.capacity,
+        max_surge=plan.max_surge, replacements=plan.replacements, score_after=plan.score_after,
+        score_bound=plan.violation_bound, solve_seconds=plan.solve_seconds,
+    )
+    msg.violation_before.update(plan.violation_before)
+    msg.violation_after.update(plan.violation_after)
+    for zone, before in plan.zone_counts_before.items():
+        msg.counts.add(zone=zone or "", fault_domain=-1, before=before, after=plan.zone_counts_after.get(zone, 0))
+    keys = sorted(set(plan.fault_domain_counts_before) | set(plan.fault_domain_counts_after), key=lambda k: (str(k[0]), k[1]))
+    for zone, fd in keys:
+        msg.counts.add(
+            zone=zone or "", fault_domain=fd,
+            before=plan.fault_domain_counts_before.get((zone, fd), 0), after=plan.fault_domain_counts_after.get((zone, fd), 0),
+        )
+    for wave in plan.waves:
+        w = msg.waves.add(index=wave.index)
+        for target, moves in ((w.creates, wave.creates), (w.deletes, wave.deletes)):
+            for m in moves:
+                target.add(
+                    instance_id=m.instance_id or 0, zone=m.zone or "", fault_domain=m.fault_domain,
+                    vm_size=m.vm_size, priority=m.priority, reason=m.reason,
+                )
     return msg
 
 

@@ -275,17 +275,23 @@ class Engine:
     def apply_rebalance(self, plan: RebalancePlan) -> RebalancePlan:
         """Executes a rebalance plan's waves in order (creates get the next instance ids). Fails, changing
         nothing, if the scale set changed so that a move is no longer possible."""
-        creates = plan.creates()
+        applied = self.apply_rebalance_moves(plan.scale_set, plan.creates(), plan.deletes())
+        return plan.applied([c.instance_id for c in applied.creates])
+
+    def apply_rebalance_moves(
+        self, name: str, creates: Sequence[Sequence[Any]], deletes: Sequence[int]
+    ) -> Plan:
+        """Applies explicit moves: creates as (zone, fault_domain, vm_size, priority), then deletes.
+        (What the service logs for a rebalance, so a replay never needs the solver.)"""
         handle = self._core.apply_rebalance(
-            plan.scale_set,
+            name,
             [c[0] for c in creates],
             [c[1] for c in creates],
             [c[2] for c in creates],
             [c[3] for c in creates],
-            plan.deletes(),
+            _ids(deletes),
         )
-        created = handle.create_columns()["instance_id"]
-        return plan.applied(created)
+        return _plan(handle, dry_run=False)
 
     # ----- region -------------------------------------------------------------------------------------
 

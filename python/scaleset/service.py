@@ -360,6 +360,36 @@ class ScaleSetsServicer(pb_grpc.ScaleSetsServicer):
         return await self._mutate("ReportInstanceHealth", request, name, {"op": "health", "name": name, "reports": reports},
                                   lambda o: pb.ReportInstanceHealthResponse(revision=o.revision, etag=o.etag))
 
+    async def Rebalance(self, request: pb.RebalanceRequest, context: Any) -> pb.RebalanceResponse:
+        name = _require(request.name, "name")
+        options: dict[str, Any] = {
+            "max_replacements": request.max_replacements if request.HasField("max_replacements") else None,
+            "max_replacements_percent": request.max_replacements_percent if request.HasField("max_replacements_percent") else None,
+            "max_surge": request.max_surge or 1,
+            "time_limit_s": request.time_limit_s or 1.0,
+        }
+        if not request.HasField("dry_run") or request.dry_run:
+            engine = await self._control.settled()
+            self._control.check_etag(name, request.etag)
+            plan = await asyncio.to_thread(engine.rebalance, name, dry_run=True, **options)
+            return pb.RebalanceResponse(
+                plan=convert.rebalance_plan_to_proto(plan), revision=self._control.revision(name), etag=self._control.etag(name)
+            )
+        planned: list[Any] = []
+
+        def command(engine: Engine) -> dict[str, Any]:
+            # Solved under the control plane's lock against the state it applies to; the log keeps the
+            # explicit moves, so a replay never runs the solver.
+            plan = engine.rebalance(name, dry_run=True, **options)
+            planned.append(plan)
+            return {"op": "rebalance", "name": name, "creates": [list(c) for c in plan.creates()], "deletes": plan.deletes()}
+
+        def encode(o: Outcome) -> pb.RebalanceResponse:
+            applied = planned[0].applied([c.instance_id for c in o.result.creates])
+            return pb.RebalanceResponse(plan=convert.rebalance_plan_to_proto(applied), revision=o.revision, etag=o.etag)
+
+        return await self._mutate("Rebalance", request, name, command, encode, etag=request.etag, big=True)
+
     async def WatchEvents(self, request: pb.WatchEventsRequest, context: Any) -> AsyncIterator[pb.Event]:
         async for event in self._control.watch(request.scale_set, request.after):
             yield convert.event_to_proto(event)
