@@ -15,6 +15,8 @@ import pytest
 MEDIANS: dict[str, dict[str, float]] = defaultdict(dict)
 #: service load results by workload (echo is the baseline)
 LOAD: dict[str, Any] = {}
+#: rebalance results: label -> (replacements, weighted violation left, median seconds, status)
+REBALANCE: dict[str, tuple[int, int, float, str]] = {}
 
 
 @pytest.fixture
@@ -30,6 +32,11 @@ def record(benchmark: Any) -> Any:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if REBALANCE:
+        terminalreporter.section("scaleset: rebalance (moves, violation left, median time)")
+        for label, (moves, violation, seconds, status) in sorted(REBALANCE.items()):
+            left = "-" if violation < 0 else str(violation)
+            terminalreporter.write_line(f"{label:<22} {moves:>7} moves   violation left {left:>6}   {seconds * 1000:>9.1f} ms   {status}")
     if LOAD:
         terminalreporter.section("scaleset: service load (8 in flight, 2 client processes)")
         echo = LOAD.get("echo")

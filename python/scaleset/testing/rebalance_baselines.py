@@ -137,8 +137,9 @@ def per_vm_rebalance(
 
 def greedy_rebalance(engine: Engine, name: str, max_replacements: int | None = None) -> BaselineResult:
     """Moves one instance at a time from the fullest zone (its fullest fault domain) to the emptiest
-    zone (its emptiest fault domain) until zones are balanced or the budget is spent. It ignores the
-    priority mix and sizes, as a quick operator script would."""
+    zone (its emptiest fault domain) until zones are balanced or the budget is spent. Moved instances keep
+    their priority and size: like a quick operator script, it does not fix the priority mix or sizes
+    (the violation it leaves there is counted)."""
     started = time.perf_counter()
     data, instances, _ = _setup(engine, name)
     slots, fds = data["slots"], data["fault_domains"]
@@ -176,4 +177,12 @@ def greedy_rebalance(engine: Engine, name: str, max_replacements: int | None = N
     for z in available:
         lo, hi = zone[z] // fds, -(-zone[z] // fds)
         violation += WEIGHTS["fault_domains"] * sum(max(0, fd[z, f] - hi) + max(0, lo - fd[z, f]) for f in range(fds))
+    if data["regular_target"] is not None:
+        regular = data["outside_regular"] + sum(1 for i in instances if i.priority == "Regular")
+        violation += WEIGHTS["priority_mix"] * abs(regular - data["regular_target"])
+    violation += WEIGHTS["vm_sizes"] * sum(
+        1 for i in instances
+        if i.vm_size not in data["model_sizes"]
+        and not (i.protect_from_scale_in or i.protect_from_scale_set_actions or i.power_state == "deallocated")
+    )
     return BaselineResult("HEURISTIC", violation, moves, time.perf_counter() - started)
