@@ -12,6 +12,7 @@ Import the engine and the model from here::
 from scaleset import errors
 from scaleset.engine import Engine
 from scaleset.model import (
+    AutomaticZoneRebalancingPolicy,
     Eviction,
     Instance,
     Plan,
@@ -29,6 +30,7 @@ from scaleset.model import (
 )
 
 __all__ = [
+    "AutomaticZoneRebalancingPolicy",
     "Engine",
     "Eviction",
     "Instance",

@@ -35,8 +35,10 @@ async def run_server(
     metrics_port: int = 0,
     instance_limit: int | None = None,
     grace: float = 5.0,
+    advance_interval: float = 10.0,
 ) -> None:
-    """Runs the service until SIGTERM or SIGINT, then drains in-flight calls and commits."""
+    """Runs the service until SIGTERM or SIGINT, then drains in-flight calls and commits. Every
+    ``advance_interval`` seconds the time-driven policies (automatic zone balance) advance to the clock."""
     from prometheus_client import start_http_server
 
     from scaleset.control import ControlPlane
@@ -55,8 +57,23 @@ async def run_server(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    async def drive_policies() -> None:
+        while not stop.is_set():
+            try:
+                for action in await control.advance():
+                    log.info("%s %s: %s", action.scale_set, action.kind, action.reason)
+            except Exception:
+                log.exception("advancing the time-driven policies failed; retrying next interval")
+            try:
+                await asyncio.wait_for(stop.wait(), advance_interval)
+            except TimeoutError:
+                pass
+
+    driver = asyncio.create_task(drive_policies(), name="scaleset-policies")
     await stop.wait()
     log.info("shutting down: draining calls for up to %.0f s", grace)
+    await driver
     await server.stop(grace)
     await control.stop()
     log.info("stopped")
@@ -70,6 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         run_server(
             args.db, f"{args.host}:{args.port}", region,
             metrics_port=args.metrics_port, instance_limit=args.instance_limit, grace=args.grace,
+            advance_interval=args.advance_interval,
         )
     )
     return 0
@@ -292,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--region", help="YAML/JSON region: zones, fault_domains_per_zone, pools (first start only)")
     p.add_argument("--instance-limit", type=int, help="raise the per-scale-set instance ceiling (private fleets)")
     p.add_argument("--grace", type=float, default=5.0, help="seconds to drain calls on shutdown")
+    p.add_argument("--advance-interval", type=float, default=10.0,
+                   help="seconds between runs of the time-driven policies (automatic zone balance)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("create", help="create a scale set from a YAML/JSON spec")

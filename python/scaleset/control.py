@@ -25,6 +25,7 @@ from scaleset.engine import Engine
 from scaleset.errors import ConflictError, invalid_input
 from scaleset.model import Eviction, Instance, Plan, Region, ScaleSetSpec
 from scaleset.store import EventRecord, RequestRecord, Snapshot, Store
+from scaleset.zone_balance import Action
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ _EVENT_TYPES = {
     "protect": "InstanceProtectionSet",
     "health": "InstanceHealthReported",
     "rebalance": "ScaleSetRebalanced",
+    "advance": "PolicyActions",
     "zone": "ZoneAvailabilityChanged",
     "pool": "PoolCapacityChanged",
 }
@@ -88,6 +90,8 @@ def apply_command(engine: Engine, cmd: dict[str, Any]) -> Any:
         return None
     if op == "rebalance":
         return engine.apply_rebalance_moves(cmd["name"], cmd["creates"], cmd["deletes"])
+    if op == "advance":
+        return engine.advance(cmd["now"], cmd["name"])
     if op == "zone":
         engine.set_zone_available(cmd["zone"], cmd["available"])
         return None
@@ -129,10 +133,18 @@ def _describe(cmd: dict[str, Any], result: Any) -> dict[str, Any]:
         text = f"pool {cmd['zone'] or 'regional'}/{cmd['vm_size']}/{cmd['priority']} available={cmd['available']}"
     elif op == "import":
         text = f"{len(cmd['instances'])} instances imported"
+    elif op == "advance":
+        text = "; ".join(a.reason for a in result)
     else:
         text = op
     out["text"] = text
     return out
+
+
+def _event_type(command: dict[str, Any], result: Any) -> str:
+    if command["op"] == "advance" and result:
+        return str(result[0].kind)
+    return _EVENT_TYPES[command["op"]]
 
 
 def fingerprint(method: str, payload: bytes) -> str:
@@ -201,6 +213,8 @@ class ControlPlane:
         self.sequence = 0
         self._snapshot_sequence = 0
         self.healthy = True
+        #: The time of the change being applied (live: the clock; replay: the logged time).
+        self.now = 0.0
 
     # ----- lifecycle ----------------------------------------------------------------------------------
 
@@ -224,14 +238,15 @@ class ControlPlane:
         snapshot, events = self._store.load()
         if snapshot is not None:
             state = snapshot.state
-            self.engine = Engine.from_state(state["engine"], instance_limit=self._instance_limit)
+            self.engine = Engine.from_state(state["engine"], instance_limit=self._instance_limit, clock=self._engine_clock)
             self.revisions = dict(state["revisions"])
             self.region_revision = state["region_revision"]
             self.sequence = self._snapshot_sequence = snapshot.sequence
         else:
-            self.engine = Engine(initial, instance_limit=self._instance_limit)
+            self.engine = Engine(initial, instance_limit=self._instance_limit, clock=self._engine_clock)
             self.revisions, self.region_revision, self.sequence = {}, 0, 0
         for event in events:
+            self.now = event.time_ms / 1000
             try:
                 apply_command(self.engine, event.command)
             except Exception as exc:
@@ -240,6 +255,9 @@ class ControlPlane:
                 ) from exc
             self._count(event)
         log.info("loaded state at sequence %d (%d events replayed)", self.sequence, len(events))
+
+    def _engine_clock(self) -> float:
+        return self.now
 
     def _count(self, event: EventRecord) -> None:
         self.sequence = event.sequence
@@ -352,12 +370,30 @@ class ControlPlane:
     ) -> tuple[asyncio.Future[None], Encodable, RequestRecord | None]:
         """Applies and queues one mutation; the caller holds the lock."""
         self.check_etag(scale_set, etag)
+        time_ms = self._tick()
         if callable(command):
             command = await asyncio.to_thread(command, self.engine) if big else command(self.engine)
         if big:
             result = await asyncio.to_thread(apply_command, self.engine, command)
         else:
             result = apply_command(self.engine, command)
+        future, outcome, event = self._record(command, result, scale_set, time_ms)
+        reply = encode(outcome)
+        request = RequestRecord(request_id, method, fp, reply.SerializeToString(), self.sequence) if request_id else None
+        self._queue.append(_Pending(event, request, future))
+        if request_id:
+            self._inflight[request_id] = asyncio.get_running_loop().create_future()
+        self._wake.set()
+        return future, reply, request
+
+    def _tick(self) -> int:
+        """The time of the change being applied, in ms; the engine's clock reads it (see ``now``)."""
+        time_ms = int(self._clock() * 1000)
+        self.now = time_ms / 1000
+        return time_ms
+
+    def _record(self, command: dict[str, Any], result: Any, scale_set: str, time_ms: int) -> tuple[asyncio.Future[None], Outcome, EventRecord]:
+        """Numbers an applied change and makes its event; the caller queues it (holding the lock)."""
         self.sequence += 1
         if scale_set:
             revision = self.revisions.get(scale_set, 0) + 1
@@ -365,25 +401,39 @@ class ControlPlane:
         else:
             self.region_revision += 1
             revision = self.region_revision
-        reply = encode(Outcome(result, revision, make_etag(scale_set, revision), self.sequence))
         event = EventRecord(
             sequence=self.sequence,
             scale_set=scale_set,
             revision=revision,
-            type=_EVENT_TYPES[command["op"]],
+            type=_event_type(command, result),
             command=command,
             summary=_describe(command, result),
-            time_ms=int(self._clock() * 1000),
+            time_ms=time_ms,
         )
-        request = RequestRecord(request_id, method, fp, reply.SerializeToString(), self.sequence) if request_id else None
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        self._queue.append(_Pending(event, request, future))
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._last_commit = future
-        if request_id:
-            self._inflight[request_id] = loop.create_future()
-        self._wake.set()
-        return future, reply, request
+        return future, Outcome(result, revision, make_etag(scale_set, revision), self.sequence), event
+
+    async def advance(self) -> list[Action]:
+        """Advances every scale set's time-driven policies to the control plane's clock; each scale set
+        that changed gets one durable event (replayed as the same ``advance`` at the same time)."""
+        done: list[Action] = []
+        futures = []
+        for name in self.engine.scale_set_names():
+            async with self._lock:
+                time_ms = self._tick()
+                command = {"op": "advance", "name": name, "now": self.now}
+                actions = apply_command(self.engine, command)
+                if not actions:
+                    continue
+                future, _, event = self._record(command, actions, name, time_ms)
+                self._queue.append(_Pending(event, None, future))
+                self._wake.set()
+                futures.append(future)
+                done += actions
+        for f in futures:
+            await asyncio.shield(f)
+        return done
 
     @staticmethod
     def _check_same_request(record: RequestRecord, request_id: str, method: str, fp: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from scaleset.model import (
+    AutomaticZoneRebalancingPolicy,
     Instance,
     LazyItems,
     Plan,
@@ -86,6 +87,10 @@ def spec_to_proto(spec: ScaleSetSpec) -> pb.ScaleSetSpec:
         )
     if spec.single_placement_group is not None:
         msg.single_placement_group = spec.single_placement_group
+    if (azb := spec.automatic_zone_rebalancing_policy) is not None:
+        msg.automatic_zone_rebalancing_policy.enabled = azb.enabled
+        msg.automatic_zone_rebalancing_policy.rebalance_strategy = azb.rebalance_strategy
+        msg.automatic_zone_rebalancing_policy.rebalance_behavior = azb.rebalance_behavior
     return msg
 
 
@@ -104,6 +109,14 @@ def spec_from_proto(msg: pb.ScaleSetSpec) -> ScaleSetSpec:
             regular_priority_percentage_above_base=msg.priority_mix_policy.regular_priority_percentage_above_base,
         )
     policy = msg.scale_in_policy
+    azb = None
+    if msg.HasField("automatic_zone_rebalancing_policy"):
+        p = msg.automatic_zone_rebalancing_policy
+        azb = AutomaticZoneRebalancingPolicy(
+            enabled=p.enabled,
+            rebalance_strategy=p.rebalance_strategy or "Recreate",
+            rebalance_behavior=p.rebalance_behavior or "CreateBeforeDelete",
+        )
     return ScaleSetSpec(
         name=msg.name,
         orchestration_mode=msg.orchestration_mode or "Flexible",
@@ -123,6 +136,7 @@ def spec_from_proto(msg: pb.ScaleSetSpec) -> ScaleSetSpec:
         ),
         single_placement_group=msg.single_placement_group if msg.HasField("single_placement_group") else None,
         image_kind=msg.image_kind or "Marketplace",
+        automatic_zone_rebalancing_policy=azb,
         model_version=msg.model_version,
     )
 

@@ -82,6 +82,12 @@ def _flatten_arm(data: dict[str, Any], ignored: list[str]) -> dict[str, Any]:
     for key, value in props.items():
         if key in _ARM_PROPERTIES:
             flat[key] = value
+        elif key == "resiliency_policy" and isinstance(value, Mapping):
+            for rp_key, rp_value in value.items():
+                if rp_key == "automatic_zone_rebalancing_policy":
+                    flat[rp_key] = rp_value
+                else:
+                    ignored.append(f"properties.resiliency_policy.{rp_key}")
         elif key == "virtual_machine_profile":
             for vm_key, vm_value in (value or {}).items():
                 if vm_key in ("priority", "eviction_policy"):

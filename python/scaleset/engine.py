@@ -8,11 +8,12 @@ back into dataclasses. The core releases the GIL for every call and serialises c
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from scaleset import _core
+from scaleset import _core, zone_balance
 from scaleset.errors import invalid_input
+from scaleset.zone_balance import Action, ZoneBalanceOperation
 from scaleset.model import (
     Eviction,
     Instance,
@@ -81,10 +82,24 @@ class Engine:
             ceiling, for private fleets. ``None`` enforces Azure's limits.
     """
 
-    def __init__(self, region: Region, *, instance_limit: int | None = None) -> None:
+    def __init__(
+        self, region: Region, *, instance_limit: int | None = None, clock: Callable[[], float] | None = None
+    ) -> None:
         if instance_limit is not None:
             _count(instance_limit, "instance_limit")
         self._core = _core.Engine(region.to_dict(), instance_limit)
+        self._instance_limit = instance_limit
+        #: Stamps user changes (for policies that wait for a quiet period); None leaves them unstamped.
+        self.clock = clock
+        self._modified: dict[str, float] = {}
+        self._zone_balance: dict[str, ZoneBalanceOperation] = {}
+        self._zone_balance_started: dict[str, float] = {}
+
+    def _touch(self, name: str) -> None:
+        """Records a user change (PUT/PATCH/POST in Azure's terms); a capacity change also cancels an
+        automatic zone balance in progress (its new VM stays)."""
+        if self.clock is not None:
+            self._modified[name] = self.clock()
 
     # ----- scale sets ---------------------------------------------------------------------------------
 
@@ -96,6 +111,7 @@ class Engine:
         """
         _, handle = self._core.create_scale_set(spec.to_dict(), _count(capacity, "capacity"))
         log.debug("created scale set %s with %d instances", spec.name, capacity)
+        self._touch(spec.name)
         return _plan(handle, dry_run=False)
 
     def get_scale_set(self, name: str) -> ScaleSet:
@@ -122,19 +138,28 @@ class Engine:
         ``ConflictError`` with code ``PropertyChangeNotAllowed``; a changed VM model (size, sizes, image)
         bumps ``model_version``. Existing instances are not touched.
         """
-        return ScaleSetSpec.from_dict(self._core.update_scale_set(spec.to_dict()))
+        stored = ScaleSetSpec.from_dict(self._core.update_scale_set(spec.to_dict()))
+        self._touch(spec.name)
+        return stored
 
     def delete_scale_set(self, name: str) -> None:
         """Deletes a scale set and its instances (protection does not block deleting the whole set)."""
         self._core.delete_scale_set(name)
+        for state in (self._modified, self._zone_balance, self._zone_balance_started):
+            state.pop(name, None)
 
     def capacity(self, name: str) -> int:
         return int(self._core.capacity(name))
 
     def export_state(self) -> dict[str, Any]:
-        """The whole engine as plain data (region, every scale set with instances and next id), for
-        snapshots. :meth:`from_state` rebuilds an identical engine."""
+        """The whole engine as plain data (region, every scale set with instances and next id, and the
+        time-driven policies' state), for snapshots. :meth:`from_state` rebuilds an identical engine."""
         return {
+            "policies": {
+                "modified": dict(self._modified),
+                "zone_balance": {n: op.to_dict() for n, op in self._zone_balance.items()},
+                "zone_balance_started": dict(self._zone_balance_started),
+            },
             "region": self._core.region(),
             "scale_sets": [
                 {
@@ -147,11 +172,17 @@ class Engine:
         }
 
     @classmethod
-    def from_state(cls, state: dict[str, Any], *, instance_limit: int | None = None) -> Engine:
+    def from_state(
+        cls, state: dict[str, Any], *, instance_limit: int | None = None, clock: Callable[[], float] | None = None
+    ) -> Engine:
         """Rebuilds an engine saved by :meth:`export_state`."""
-        engine = cls(Region.from_dict(state["region"]), instance_limit=instance_limit)
+        engine = cls(Region.from_dict(state["region"]), instance_limit=instance_limit, clock=clock)
         for saved in state["scale_sets"]:
             engine._core.restore_scale_set(saved["spec"], saved["instances"], saved["next_instance_id"])
+        policies = state.get("policies", {})
+        engine._modified = dict(policies.get("modified", {}))
+        engine._zone_balance = {n: ZoneBalanceOperation(**op) for n, op in policies.get("zone_balance", {}).items()}
+        engine._zone_balance_started = dict(policies.get("zone_balance_started", {}))
         return engine
 
     def instance_limit(self, name: str) -> int:
@@ -163,6 +194,9 @@ class Engine:
     def set_capacity(self, name: str, capacity: int, dry_run: bool = False) -> Plan:
         """Scales out or in to ``capacity`` instances. With ``dry_run`` nothing changes."""
         handle = self._core.set_capacity(name, _count(capacity, "capacity"), dry_run)
+        if not dry_run:
+            self._touch(name)
+            self._zone_balance.pop(name, None)
         return _plan(handle, dry_run=dry_run)
 
     # ----- instances ----------------------------------------------------------------------------------
@@ -188,10 +222,13 @@ class Engine:
         items: Sequence[Instance] = list(instances)
         columns = {c: [getattr(i, c) for i in items] for c in _INSTANCE_COLUMNS}
         self._core.import_instances(name, columns)
+        self._touch(name)
 
     def delete_instances(self, name: str, instance_ids: Iterable[int]) -> Plan:
         """Deletes chosen instances, protected ones included (as Azure allows for user deletes)."""
-        return _plan(self._core.delete_instances(name, _ids(instance_ids)), dry_run=False)
+        plan = _plan(self._core.delete_instances(name, _ids(instance_ids)), dry_run=False)
+        self._touch(name)
+        return plan
 
     def evict(self, name: str, instance_ids: Iterable[int]) -> Eviction:
         """Spot eviction per the scale set's ``eviction_policy`` (Delete removes, Deallocate keeps)."""
@@ -279,10 +316,11 @@ class Engine:
         return plan.applied([c.instance_id for c in applied.creates])
 
     def apply_rebalance_moves(
-        self, name: str, creates: Sequence[Sequence[Any]], deletes: Sequence[int]
+        self, name: str, creates: Sequence[Sequence[Any]], deletes: Sequence[int], *, user: bool = True
     ) -> Plan:
         """Applies explicit moves: creates as (zone, fault_domain, vm_size, priority), then deletes.
-        (What the service logs for a rebalance, so a replay never needs the solver.)"""
+        (What the service logs for a rebalance, so a replay never needs the solver.) ``user`` moves
+        count as a change to the scale set; the platform's own (automatic zone balance) do not."""
         handle = self._core.apply_rebalance(
             name,
             [c[0] for c in creates],
@@ -291,7 +329,33 @@ class Engine:
             [c[3] for c in creates],
             _ids(deletes),
         )
+        if user:
+            self._touch(name)
         return _plan(handle, dry_run=False)
+
+    # ----- time-driven policies ------------------------------------------------------------------------
+
+    def advance(self, now: float, name: str | None = None) -> list[Action]:
+        """Advances the time-driven policies (automatic zone balance) of every scale set, or of ``name``,
+        to ``now`` (seconds since the epoch; the engine never reads a clock itself). Returns what was done.
+        The same state and ``now`` always give the same actions."""
+        actions: list[Action] = []
+        for n in [name] if name is not None else self.scale_set_names():
+            op, started, done = zone_balance.step(
+                self, n, now, self._zone_balance.get(n), self._zone_balance_started.get(n), self._modified.get(n)
+            )
+            if op is None:
+                self._zone_balance.pop(n, None)
+            else:
+                self._zone_balance[n] = op
+            if started is not None:
+                self._zone_balance_started[n] = started
+            actions += done
+        return actions
+
+    def zone_balance_operation(self, name: str) -> ZoneBalanceOperation | None:
+        """The automatic zone balance operation in progress on ``name``, if any."""
+        return self._zone_balance.get(name)
 
     # ----- region -------------------------------------------------------------------------------------
 

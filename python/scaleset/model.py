@@ -17,6 +17,7 @@ from typing import Any, Callable, Generic, TypeVar, overload
 from scaleset.errors import invalid_input
 
 __all__ = [
+    "AutomaticZoneRebalancingPolicy",
     "Eviction",
     "Instance",
     "Plan",
@@ -109,6 +110,16 @@ class ScaleInPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class AutomaticZoneRebalancingPolicy:
+    """Azure's automatic zone balance (``resiliencyPolicy.automaticZoneRebalancingPolicy``): one VM at a
+    time is recreated in the most under-provisioned zone, driven by :meth:`Engine.advance`."""
+
+    enabled: bool = False
+    rebalance_strategy: str = "Recreate"
+    rebalance_behavior: str = "CreateBeforeDelete"
+
+
+@dataclass(frozen=True, slots=True)
 class ScaleSetSpec:
     """A scale set's model (Azure's ``virtualMachineScaleSets`` properties, snake_cased)."""
 
@@ -126,6 +137,7 @@ class ScaleSetSpec:
     scale_in_policy: ScaleInPolicy = field(default_factory=ScaleInPolicy)
     single_placement_group: bool | None = None
     image_kind: str = "Marketplace"
+    automatic_zone_rebalancing_policy: AutomaticZoneRebalancingPolicy | None = None
     #: Engine-managed: starts at 1 and grows by one each time the VM model (size, sizes, image) changes.
     model_version: int = 0
 
@@ -357,6 +369,7 @@ _NESTED.update(
         "ScaleSetSpec.sku_profile": _one(SkuProfile),
         "ScaleSetSpec.priority_mix_policy": _one(PriorityMixPolicy),
         "ScaleSetSpec.scale_in_policy": _one(ScaleInPolicy),
+        "ScaleSetSpec.automatic_zone_rebalancing_policy": _one(AutomaticZoneRebalancingPolicy),
         "SkuProfile.vm_sizes": _many(VmSize),
         "Region.pools": _many(Pool),
     }

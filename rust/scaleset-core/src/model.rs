@@ -116,6 +116,16 @@ impl ScaleInPolicy {
     }
 }
 
+/// `resiliency_policy.automatic_zone_rebalancing_policy` (Azure's automatic zone balance, preview).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AutomaticZoneRebalancingPolicy {
+    pub enabled: bool,
+    /// Only "Recreate" exists.
+    pub rebalance_strategy: String,
+    /// Only "CreateBeforeDelete" exists.
+    pub rebalance_behavior: String,
+}
+
 /// A scale set's model. Optional fields left `None` take Azure's default when the scale set is created
 /// (see `validate::resolve`), and the stored spec always has them filled in.
 #[derive(Debug, Clone, PartialEq)]
@@ -134,6 +144,7 @@ pub struct ScaleSetSpec {
     pub scale_in_policy: ScaleInPolicy,
     pub single_placement_group: Option<bool>,
     pub image_kind: ImageKind,
+    pub automatic_zone_rebalancing_policy: Option<AutomaticZoneRebalancingPolicy>,
     /// Engine-managed: bumped whenever the VM model (size, sizes, image) changes.
     pub model_version: u64,
 }

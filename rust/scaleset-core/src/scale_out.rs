@@ -308,6 +308,7 @@ mod tests {
             scale_in_policy: ScaleInPolicy::default(),
             single_placement_group: None,
             image_kind: ImageKind::Marketplace,
+            automatic_zone_rebalancing_policy: None,
             model_version: 0,
         }
     }

@@ -153,6 +153,26 @@ pub fn resolve(mut spec: ScaleSetSpec, region: &Region) -> Result<ScaleSetSpec> 
         }
     }
 
+    if let Some(policy) = &spec.automatic_zone_rebalancing_policy {
+        if !policy.rebalance_strategy.eq_ignore_ascii_case("Recreate") {
+            return Err(invalid(
+                codes::INVALID_PARAMETER,
+                format!("automatic_zone_rebalancing_policy.rebalance_strategy '{}' is not supported; the only value is Recreate.", policy.rebalance_strategy),
+            ));
+        }
+        if !policy.rebalance_behavior.eq_ignore_ascii_case("CreateBeforeDelete") {
+            return Err(invalid(
+                codes::INVALID_PARAMETER,
+                format!("automatic_zone_rebalancing_policy.rebalance_behavior '{}' is not supported; the only value is CreateBeforeDelete.", policy.rebalance_behavior),
+            ));
+        }
+        if policy.enabled && (spec.zones.len() < 2 || spec.zone_balance) {
+            return Err(invalid(
+                codes::INVALID_PARAMETER,
+                "automatic zone balance needs a zone-spanning scale set (two or more zones) without strict zone_balance.".into(),
+            ));
+        }
+    }
     if spec.scale_in_policy.rules.len() > 1 {
         return Err(invalid(
             codes::INVALID_PARAMETER,

@@ -24,6 +24,7 @@ fn spec(zones: &[&str], mix: Option<(u32, u32)>, rule: ScaleInRule) -> ScaleSetS
         scale_in_policy: ScaleInPolicy { rules: vec![rule], ..ScaleInPolicy::default() },
         single_placement_group: None,
         image_kind: ImageKind::Marketplace,
+        automatic_zone_rebalancing_policy: None,
         model_version: 0,
     }
 }

@@ -77,6 +77,14 @@ pub struct ScaleInPolicyDto {
 
 #[derive(FromPyObject, IntoPyObject)]
 #[pyo3(from_item_all)]
+pub struct ZoneRebalancingDto {
+    pub enabled: bool,
+    pub rebalance_strategy: String,
+    pub rebalance_behavior: String,
+}
+
+#[derive(FromPyObject, IntoPyObject)]
+#[pyo3(from_item_all)]
 pub struct SpecDto {
     pub name: String,
     pub orchestration_mode: String,
@@ -92,6 +100,7 @@ pub struct SpecDto {
     pub scale_in_policy: ScaleInPolicyDto,
     pub single_placement_group: Option<bool>,
     pub image_kind: String,
+    pub automatic_zone_rebalancing_policy: Option<ZoneRebalancingDto>,
     pub model_version: u64,
 }
 
@@ -127,6 +136,11 @@ pub fn spec_from_dto(d: SpecDto) -> PyResult<core::ScaleSetSpec> {
             },
             single_placement_group: d.single_placement_group,
             image_kind: core::ImageKind::parse(&d.image_kind)?,
+            automatic_zone_rebalancing_policy: d.automatic_zone_rebalancing_policy.map(|p| core::AutomaticZoneRebalancingPolicy {
+                enabled: p.enabled,
+                rebalance_strategy: p.rebalance_strategy,
+                rebalance_behavior: p.rebalance_behavior,
+            }),
             model_version: d.model_version,
         })
     };
@@ -159,6 +173,11 @@ pub fn spec_to_dto(s: &core::ScaleSetSpec) -> SpecDto {
         },
         single_placement_group: s.single_placement_group,
         image_kind: s.image_kind.as_str().to_owned(),
+        automatic_zone_rebalancing_policy: s.automatic_zone_rebalancing_policy.as_ref().map(|p| ZoneRebalancingDto {
+            enabled: p.enabled,
+            rebalance_strategy: p.rebalance_strategy.clone(),
+            rebalance_behavior: p.rebalance_behavior.clone(),
+        }),
         model_version: s.model_version,
     }
 }
