@@ -12,6 +12,7 @@ Import the engine and the model from here::
 from scaleset import errors
 from scaleset.engine import Engine
 from scaleset.model import (
+    AutomaticRepairsPolicy,
     AutomaticZoneRebalancingPolicy,
     Eviction,
     Instance,
@@ -21,15 +22,18 @@ from scaleset.model import (
     Pool,
     PriorityMixPolicy,
     Region,
+    RollingUpgradePolicy,
     ScaleInPolicy,
     ScaleSet,
     ScaleSetSpec,
     Sku,
     SkuProfile,
+    UpgradePolicy,
     VmSize,
 )
 
 __all__ = [
+    "AutomaticRepairsPolicy",
     "AutomaticZoneRebalancingPolicy",
     "Engine",
     "Eviction",
@@ -40,11 +44,13 @@ __all__ = [
     "Pool",
     "PriorityMixPolicy",
     "Region",
+    "RollingUpgradePolicy",
     "ScaleInPolicy",
     "ScaleSet",
     "ScaleSetSpec",
     "Sku",
     "SkuProfile",
+    "UpgradePolicy",
     "VmSize",
     "errors",
 ]

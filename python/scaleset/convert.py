@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from scaleset.model import (
+    AutomaticRepairsPolicy,
     AutomaticZoneRebalancingPolicy,
     Instance,
     LazyItems,
@@ -17,10 +18,12 @@ from scaleset.model import (
     Pool,
     PriorityMixPolicy,
     Region,
+    RollingUpgradePolicy,
     ScaleInPolicy,
     ScaleSetSpec,
     Sku,
     SkuProfile,
+    UpgradePolicy,
     VmSize,
 )
 from scaleset.rebalance import RebalancePlan
@@ -87,6 +90,21 @@ def spec_to_proto(spec: ScaleSetSpec) -> pb.ScaleSetSpec:
         )
     if spec.single_placement_group is not None:
         msg.single_placement_group = spec.single_placement_group
+    up, rolling = spec.upgrade_policy, spec.upgrade_policy.rolling_upgrade_policy
+    msg.upgrade_policy.mode = up.mode
+    r = msg.upgrade_policy.rolling_upgrade_policy
+    r.max_batch_instance_percent = rolling.max_batch_instance_percent
+    r.max_unhealthy_instance_percent = rolling.max_unhealthy_instance_percent
+    r.max_unhealthy_upgraded_instance_percent = rolling.max_unhealthy_upgraded_instance_percent
+    r.pause_time_between_batches = rolling.pause_time_between_batches
+    r.prioritize_unhealthy_instances = rolling.prioritize_unhealthy_instances
+    r.enable_cross_zone_upgrade = rolling.enable_cross_zone_upgrade
+    r.max_surge = rolling.max_surge
+    r.rollback_failed_instances_on_policy_breach = rolling.rollback_failed_instances_on_policy_breach
+    if (repairs := spec.automatic_repairs_policy) is not None:
+        msg.automatic_repairs_policy.enabled = repairs.enabled
+        msg.automatic_repairs_policy.grace_period = repairs.grace_period
+        msg.automatic_repairs_policy.repair_action = repairs.repair_action
     if (azb := spec.automatic_zone_rebalancing_policy) is not None:
         msg.automatic_zone_rebalancing_policy.enabled = azb.enabled
         msg.automatic_zone_rebalancing_policy.rebalance_strategy = azb.rebalance_strategy
@@ -117,6 +135,28 @@ def spec_from_proto(msg: pb.ScaleSetSpec) -> ScaleSetSpec:
             rebalance_strategy=p.rebalance_strategy or "Recreate",
             rebalance_behavior=p.rebalance_behavior or "CreateBeforeDelete",
         )
+    r = msg.upgrade_policy.rolling_upgrade_policy
+    default = RollingUpgradePolicy()
+    upgrade = UpgradePolicy(
+        mode=msg.upgrade_policy.mode or "Manual",
+        rolling_upgrade_policy=RollingUpgradePolicy(
+            max_batch_instance_percent=r.max_batch_instance_percent if r.HasField("max_batch_instance_percent") else default.max_batch_instance_percent,
+            max_unhealthy_instance_percent=r.max_unhealthy_instance_percent if r.HasField("max_unhealthy_instance_percent") else default.max_unhealthy_instance_percent,
+            max_unhealthy_upgraded_instance_percent=(
+                r.max_unhealthy_upgraded_instance_percent if r.HasField("max_unhealthy_upgraded_instance_percent")
+                else default.max_unhealthy_upgraded_instance_percent
+            ),
+            pause_time_between_batches=r.pause_time_between_batches or "PT0S",
+            prioritize_unhealthy_instances=r.prioritize_unhealthy_instances,
+            enable_cross_zone_upgrade=r.enable_cross_zone_upgrade,
+            max_surge=r.max_surge,
+            rollback_failed_instances_on_policy_breach=r.rollback_failed_instances_on_policy_breach,
+        ),
+    )
+    repairs = None
+    if msg.HasField("automatic_repairs_policy"):
+        a = msg.automatic_repairs_policy
+        repairs = AutomaticRepairsPolicy(enabled=a.enabled, grace_period=a.grace_period or "PT10M", repair_action=a.repair_action or "Replace")
     return ScaleSetSpec(
         name=msg.name,
         orchestration_mode=msg.orchestration_mode or "Flexible",
@@ -137,6 +177,8 @@ def spec_from_proto(msg: pb.ScaleSetSpec) -> ScaleSetSpec:
         single_placement_group=msg.single_placement_group if msg.HasField("single_placement_group") else None,
         image_kind=msg.image_kind or "Marketplace",
         automatic_zone_rebalancing_policy=azb,
+        upgrade_policy=upgrade,
+        automatic_repairs_policy=repairs,
         model_version=msg.model_version,
     )
 

@@ -71,7 +71,7 @@ def spec_from_document(doc: Any) -> tuple[ScaleSetSpec, int | None, list[str]]:
 _ARM_TOP = {"name", "sku", "zones", "capacity"}
 _ARM_PROPERTIES = {
     "orchestration_mode", "platform_fault_domain_count", "single_placement_group", "zone_balance",
-    "scale_in_policy", "priority_mix_policy", "sku_profile",
+    "scale_in_policy", "priority_mix_policy", "sku_profile", "upgrade_policy", "automatic_repairs_policy",
 }
 
 

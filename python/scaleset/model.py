@@ -17,6 +17,7 @@ from typing import Any, Callable, Generic, TypeVar, overload
 from scaleset.errors import invalid_input
 
 __all__ = [
+    "AutomaticRepairsPolicy",
     "AutomaticZoneRebalancingPolicy",
     "Eviction",
     "Instance",
@@ -28,9 +29,11 @@ __all__ = [
     "Region",
     "ScaleInPolicy",
     "ScaleSet",
+    "RollingUpgradePolicy",
     "ScaleSetSpec",
     "Sku",
     "SkuProfile",
+    "UpgradePolicy",
     "VmSize",
 ]
 
@@ -120,6 +123,37 @@ class AutomaticZoneRebalancingPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class RollingUpgradePolicy:
+    """``upgrade_policy.rolling_upgrade_policy``, with Azure's defaults and ranges (reference §7.2)."""
+
+    max_batch_instance_percent: int = 20
+    max_unhealthy_instance_percent: int = 20
+    max_unhealthy_upgraded_instance_percent: int = 20
+    pause_time_between_batches: str = "PT0S"
+    prioritize_unhealthy_instances: bool = False
+    enable_cross_zone_upgrade: bool = False
+    max_surge: bool = False
+    rollback_failed_instances_on_policy_breach: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class UpgradePolicy:
+    """``upgrade_policy``: ``Manual`` (default), ``Automatic`` or ``Rolling``."""
+
+    mode: str = "Manual"
+    rolling_upgrade_policy: RollingUpgradePolicy = field(default_factory=RollingUpgradePolicy)
+
+
+@dataclass(frozen=True, slots=True)
+class AutomaticRepairsPolicy:
+    """``automatic_repairs_policy``: repair instances unhealthy past their grace period (10 to 90 minutes)."""
+
+    enabled: bool = False
+    grace_period: str = "PT10M"
+    repair_action: str = "Replace"
+
+
+@dataclass(frozen=True, slots=True)
 class ScaleSetSpec:
     """A scale set's model (Azure's ``virtualMachineScaleSets`` properties, snake_cased)."""
 
@@ -138,6 +172,8 @@ class ScaleSetSpec:
     single_placement_group: bool | None = None
     image_kind: str = "Marketplace"
     automatic_zone_rebalancing_policy: AutomaticZoneRebalancingPolicy | None = None
+    upgrade_policy: UpgradePolicy = field(default_factory=UpgradePolicy)
+    automatic_repairs_policy: AutomaticRepairsPolicy | None = None
     #: Engine-managed: starts at 1 and grows by one each time the VM model (size, sizes, image) changes.
     model_version: int = 0
 
@@ -370,6 +406,9 @@ _NESTED.update(
         "ScaleSetSpec.priority_mix_policy": _one(PriorityMixPolicy),
         "ScaleSetSpec.scale_in_policy": _one(ScaleInPolicy),
         "ScaleSetSpec.automatic_zone_rebalancing_policy": _one(AutomaticZoneRebalancingPolicy),
+        "ScaleSetSpec.upgrade_policy": _one(UpgradePolicy),
+        "UpgradePolicy.rolling_upgrade_policy": _one(RollingUpgradePolicy),
+        "ScaleSetSpec.automatic_repairs_policy": _one(AutomaticRepairsPolicy),
         "SkuProfile.vm_sizes": _many(VmSize),
         "Region.pools": _many(Pool),
     }

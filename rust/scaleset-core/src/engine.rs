@@ -88,7 +88,7 @@ impl Engine {
         self.sets.get(name).ok_or_else(|| not_found(name))
     }
 
-    fn scale_set_mut(&mut self, name: &str) -> Result<&mut ScaleSetState> {
+    pub(crate) fn scale_set_mut(&mut self, name: &str) -> Result<&mut ScaleSetState> {
         self.sets.get_mut(name).ok_or_else(|| not_found(name))
     }
 

@@ -10,6 +10,7 @@ pub mod plan;
 pub mod rebalance;
 pub mod scale_in;
 pub mod scale_out;
+pub mod upgrade;
 pub mod validate;
 
 pub use engine::{Engine, Eviction, InstanceInput, ScaleSetState};

@@ -116,6 +116,83 @@ impl ScaleInPolicy {
     }
 }
 
+azure_enum!(UpgradeMode, "upgrade_policy.mode", codes::INVALID_PARAMETER,
+    { Manual = "Manual", Automatic = "Automatic", Rolling = "Rolling" });
+azure_enum!(RepairAction, "automatic_repairs_policy.repair_action", codes::INVALID_PARAMETER,
+    { Replace = "Replace", Reimage = "Reimage", Restart = "Restart" });
+
+/// `upgrade_policy.rolling_upgrade_policy` (reference §7.2); durations are ISO 8601 ("PT10S").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RollingUpgradePolicy {
+    pub max_batch_instance_percent: u32,
+    pub max_unhealthy_instance_percent: u32,
+    pub max_unhealthy_upgraded_instance_percent: u32,
+    pub pause_time_between_batches: String,
+    pub prioritize_unhealthy_instances: bool,
+    pub enable_cross_zone_upgrade: bool,
+    pub max_surge: bool,
+    pub rollback_failed_instances_on_policy_breach: bool,
+}
+
+impl Default for RollingUpgradePolicy {
+    fn default() -> Self {
+        Self {
+            max_batch_instance_percent: 20,
+            max_unhealthy_instance_percent: 20,
+            max_unhealthy_upgraded_instance_percent: 20,
+            pause_time_between_batches: "PT0S".into(),
+            prioritize_unhealthy_instances: false,
+            enable_cross_zone_upgrade: false,
+            max_surge: false,
+            rollback_failed_instances_on_policy_breach: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpgradePolicy {
+    pub mode: UpgradeMode,
+    pub rolling_upgrade_policy: RollingUpgradePolicy,
+}
+
+/// `automatic_repairs_policy` (reference §8.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AutomaticRepairsPolicy {
+    pub enabled: bool,
+    /// ISO 8601 minutes, 10 to 90 ("PT10M").
+    pub grace_period: String,
+    pub repair_action: RepairAction,
+}
+
+/// Seconds in an ISO 8601 duration of days, hours, minutes and seconds ("PT1H30M", "P1DT2H", "PT0.5S").
+pub fn parse_duration(text: &str) -> Option<f64> {
+    let rest = text.strip_prefix('P')?;
+    let (days, time) = match rest.split_once('T') {
+        Some((d, t)) => (d, t),
+        None => (rest, ""),
+    };
+    let mut total = 0.0;
+    let mut seen = false;
+    for (part, units) in [(days, &[('D', 86_400.0)][..]), (time, &[('H', 3600.0), ('M', 60.0), ('S', 1.0)][..])] {
+        let mut number = String::new();
+        let mut allowed = units.iter();
+        for c in part.chars() {
+            if c.is_ascii_digit() || c == '.' {
+                number.push(c);
+                continue;
+            }
+            let (_, scale) = allowed.find(|(u, _)| *u == c)?;
+            total += number.parse::<f64>().ok()? * scale;
+            number.clear();
+            seen = true;
+        }
+        if !number.is_empty() {
+            return None;
+        }
+    }
+    (seen && (time.is_empty() || !text.ends_with('T'))).then_some(total)
+}
+
 /// `resiliency_policy.automatic_zone_rebalancing_policy` (Azure's automatic zone balance, preview).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AutomaticZoneRebalancingPolicy {
@@ -145,6 +222,8 @@ pub struct ScaleSetSpec {
     pub single_placement_group: Option<bool>,
     pub image_kind: ImageKind,
     pub automatic_zone_rebalancing_policy: Option<AutomaticZoneRebalancingPolicy>,
+    pub upgrade_policy: UpgradePolicy,
+    pub automatic_repairs_policy: Option<AutomaticRepairsPolicy>,
     /// Engine-managed: bumped whenever the VM model (size, sizes, image) changes.
     pub model_version: u64,
 }
@@ -299,6 +378,17 @@ mod tests {
         let rows = [(10, 10), (20, 15), (30, 20), (40, 25), (41, 25), (42, 26), (44, 27), (5, 5), (0, 0)];
         for (total, regular) in rows {
             assert_eq!(mix.regular_target(total), regular, "total {total}");
+        }
+    }
+
+    #[test]
+    fn iso_8601_durations() {
+        assert_eq!(parse_duration("PT0S"), Some(0.0));
+        assert_eq!(parse_duration("PT10M"), Some(600.0));
+        assert_eq!(parse_duration("PT1H30M10S"), Some(5410.0));
+        assert_eq!(parse_duration("P1DT1S"), Some(86_401.0));
+        for bad in ["", "P", "PT", "10M", "PT10", "PT1M1H", "PTXS"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
         }
     }
 

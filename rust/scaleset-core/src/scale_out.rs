@@ -309,6 +309,8 @@ mod tests {
             single_placement_group: None,
             image_kind: ImageKind::Marketplace,
             automatic_zone_rebalancing_policy: None,
+            upgrade_policy: UpgradePolicy { mode: UpgradeMode::Manual, rolling_upgrade_policy: RollingUpgradePolicy::default() },
+            automatic_repairs_policy: None,
             model_version: 0,
         }
     }

@@ -173,6 +173,40 @@ pub fn resolve(mut spec: ScaleSetSpec, region: &Region) -> Result<ScaleSetSpec> 
             ));
         }
     }
+    let rolling = &spec.upgrade_policy.rolling_upgrade_policy;
+    for (field, value, min) in [
+        ("max_batch_instance_percent", rolling.max_batch_instance_percent, 5),
+        ("max_unhealthy_instance_percent", rolling.max_unhealthy_instance_percent, 5),
+        ("max_unhealthy_upgraded_instance_percent", rolling.max_unhealthy_upgraded_instance_percent, 0),
+    ] {
+        if value < min || value > 100 {
+            return Err(invalid(
+                codes::INVALID_PARAMETER,
+                format!("rolling_upgrade_policy.{field} must be between {min} and 100, got {value}."),
+            ));
+        }
+    }
+    if crate::model::parse_duration(&rolling.pause_time_between_batches).is_none() {
+        return Err(invalid(
+            codes::INVALID_PARAMETER,
+            format!(
+                "rolling_upgrade_policy.pause_time_between_batches '{}' is not an ISO 8601 duration such as PT0S or PT5M.",
+                rolling.pause_time_between_batches
+            ),
+        ));
+    }
+    if let Some(repairs) = &spec.automatic_repairs_policy {
+        let minutes = crate::model::parse_duration(&repairs.grace_period).map(|s| s / 60.0);
+        if !minutes.is_some_and(|m| (10.0..=90.0).contains(&m)) {
+            return Err(invalid(
+                codes::INVALID_PARAMETER,
+                format!(
+                    "automatic_repairs_policy.grace_period '{}' must be an ISO 8601 duration between 10 and 90 minutes (PT10M to PT90M).",
+                    repairs.grace_period
+                ),
+            ));
+        }
+    }
     if spec.scale_in_policy.rules.len() > 1 {
         return Err(invalid(
             codes::INVALID_PARAMETER,

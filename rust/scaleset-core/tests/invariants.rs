@@ -25,6 +25,8 @@ fn spec(zones: &[&str], mix: Option<(u32, u32)>, rule: ScaleInRule) -> ScaleSetS
         single_placement_group: None,
         image_kind: ImageKind::Marketplace,
         automatic_zone_rebalancing_policy: None,
+        upgrade_policy: UpgradePolicy { mode: UpgradeMode::Manual, rolling_upgrade_policy: RollingUpgradePolicy::default() },
+        automatic_repairs_policy: None,
         model_version: 0,
     }
 }

@@ -85,6 +85,34 @@ pub struct ZoneRebalancingDto {
 
 #[derive(FromPyObject, IntoPyObject)]
 #[pyo3(from_item_all)]
+pub struct RollingUpgradeDto {
+    pub max_batch_instance_percent: u32,
+    pub max_unhealthy_instance_percent: u32,
+    pub max_unhealthy_upgraded_instance_percent: u32,
+    pub pause_time_between_batches: String,
+    pub prioritize_unhealthy_instances: bool,
+    pub enable_cross_zone_upgrade: bool,
+    pub max_surge: bool,
+    pub rollback_failed_instances_on_policy_breach: bool,
+}
+
+#[derive(FromPyObject, IntoPyObject)]
+#[pyo3(from_item_all)]
+pub struct UpgradePolicyDto {
+    pub mode: String,
+    pub rolling_upgrade_policy: RollingUpgradeDto,
+}
+
+#[derive(FromPyObject, IntoPyObject)]
+#[pyo3(from_item_all)]
+pub struct RepairsDto {
+    pub enabled: bool,
+    pub grace_period: String,
+    pub repair_action: String,
+}
+
+#[derive(FromPyObject, IntoPyObject)]
+#[pyo3(from_item_all)]
 pub struct SpecDto {
     pub name: String,
     pub orchestration_mode: String,
@@ -101,6 +129,8 @@ pub struct SpecDto {
     pub single_placement_group: Option<bool>,
     pub image_kind: String,
     pub automatic_zone_rebalancing_policy: Option<ZoneRebalancingDto>,
+    pub upgrade_policy: UpgradePolicyDto,
+    pub automatic_repairs_policy: Option<RepairsDto>,
     pub model_version: u64,
 }
 
@@ -141,6 +171,32 @@ pub fn spec_from_dto(d: SpecDto) -> PyResult<core::ScaleSetSpec> {
                 rebalance_strategy: p.rebalance_strategy,
                 rebalance_behavior: p.rebalance_behavior,
             }),
+            upgrade_policy: {
+                let r = d.upgrade_policy.rolling_upgrade_policy;
+                core::UpgradePolicy {
+                    mode: core::UpgradeMode::parse(&d.upgrade_policy.mode)?,
+                    rolling_upgrade_policy: core::RollingUpgradePolicy {
+                        max_batch_instance_percent: r.max_batch_instance_percent,
+                        max_unhealthy_instance_percent: r.max_unhealthy_instance_percent,
+                        max_unhealthy_upgraded_instance_percent: r.max_unhealthy_upgraded_instance_percent,
+                        pause_time_between_batches: r.pause_time_between_batches,
+                        prioritize_unhealthy_instances: r.prioritize_unhealthy_instances,
+                        enable_cross_zone_upgrade: r.enable_cross_zone_upgrade,
+                        max_surge: r.max_surge,
+                        rollback_failed_instances_on_policy_breach: r.rollback_failed_instances_on_policy_breach,
+                    },
+                }
+            },
+            automatic_repairs_policy: d
+                .automatic_repairs_policy
+                .map(|p| -> core::Result<core::AutomaticRepairsPolicy> {
+                    Ok(core::AutomaticRepairsPolicy {
+                        enabled: p.enabled,
+                        grace_period: p.grace_period,
+                        repair_action: core::RepairAction::parse(&p.repair_action)?,
+                    })
+                })
+                .transpose()?,
             model_version: d.model_version,
         })
     };
@@ -177,6 +233,27 @@ pub fn spec_to_dto(s: &core::ScaleSetSpec) -> SpecDto {
             enabled: p.enabled,
             rebalance_strategy: p.rebalance_strategy.clone(),
             rebalance_behavior: p.rebalance_behavior.clone(),
+        }),
+        upgrade_policy: {
+            let r = &s.upgrade_policy.rolling_upgrade_policy;
+            UpgradePolicyDto {
+                mode: s.upgrade_policy.mode.as_str().to_owned(),
+                rolling_upgrade_policy: RollingUpgradeDto {
+                    max_batch_instance_percent: r.max_batch_instance_percent,
+                    max_unhealthy_instance_percent: r.max_unhealthy_instance_percent,
+                    max_unhealthy_upgraded_instance_percent: r.max_unhealthy_upgraded_instance_percent,
+                    pause_time_between_batches: r.pause_time_between_batches.clone(),
+                    prioritize_unhealthy_instances: r.prioritize_unhealthy_instances,
+                    enable_cross_zone_upgrade: r.enable_cross_zone_upgrade,
+                    max_surge: r.max_surge,
+                    rollback_failed_instances_on_policy_breach: r.rollback_failed_instances_on_policy_breach,
+                },
+            }
+        },
+        automatic_repairs_policy: s.automatic_repairs_policy.as_ref().map(|p| RepairsDto {
+            enabled: p.enabled,
+            grace_period: p.grace_period.clone(),
+            repair_action: p.repair_action.as_str().to_owned(),
         }),
         model_version: s.model_version,
     }

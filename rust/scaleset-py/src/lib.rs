@@ -317,6 +317,28 @@ impl Engine {
         })
     }
 
+    /// Out-of-date instances in rolling-upgrade batches (see scaleset-core's `upgrade` module).
+    fn plan_upgrade_batches(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        batch_size: usize,
+        prioritize_unhealthy: bool,
+        cross_zone: bool,
+    ) -> PyResult<Vec<Vec<u64>>> {
+        detached(py, || self.with(|e| e.plan_upgrade_batches(name, batch_size, prioritize_unhealthy, cross_zone)))
+    }
+
+    /// Moves instances to the current model in place; health becomes Initializing.
+    fn upgrade_instances(&self, py: Python<'_>, name: &str, instance_ids: Vec<u64>) -> PyResult<()> {
+        detached(py, || self.with(|e| e.upgrade_instances(name, &instance_ids)))
+    }
+
+    /// Puts instances back on an earlier model version; health becomes Initializing.
+    fn roll_back_instances(&self, py: Python<'_>, name: &str, instance_ids: Vec<u64>, model_version: u64) -> PyResult<()> {
+        detached(py, || self.with(|e| e.roll_back_instances(name, &instance_ids, model_version)))
+    }
+
     /// The region as it stands: zones, which are down, fault domains, pools.
     fn region(&self, py: Python<'_>) -> PyResult<RegionDto> {
         detached(py, || {
