@@ -11,8 +11,10 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from scaleset import _core, zone_balance
-from scaleset.errors import invalid_input
+from scaleset import _core, repairs, upgrade, zone_balance
+from scaleset.errors import conflict, invalid_input
+from scaleset.repairs import RepairState
+from scaleset.upgrade import RollingUpgrade
 from scaleset.zone_balance import Action, ZoneBalanceOperation
 from scaleset.model import (
     Eviction,
@@ -94,6 +96,9 @@ class Engine:
         self._modified: dict[str, float] = {}
         self._zone_balance: dict[str, ZoneBalanceOperation] = {}
         self._zone_balance_started: dict[str, float] = {}
+        self._upgrades: dict[str, RollingUpgrade] = {}
+        self._upgrade_pending: set[str] = set()
+        self._repairs: dict[str, RepairState] = {}
 
     def _touch(self, name: str) -> None:
         """Records a user change (PUT/PATCH/POST in Azure's terms); a capacity change also cancels an
@@ -138,15 +143,36 @@ class Engine:
         ``ConflictError`` with code ``PropertyChangeNotAllowed``; a changed VM model (size, sizes, image)
         bumps ``model_version``. Existing instances are not touched.
         """
+        before = self._core.get_spec(spec.name)["model_version"]
         stored = ScaleSetSpec.from_dict(self._core.update_scale_set(spec.to_dict()))
         self._touch(spec.name)
+        if stored.model_version != before:
+            self._model_changed(stored)
         return stored
+
+    def _model_changed(self, spec: ScaleSetSpec) -> None:
+        """Automatic mode upgrades every out-of-date instance now; Rolling starts a rolling upgrade at the
+        next :meth:`advance` (superseding one in progress); Manual does nothing."""
+        name, mode = spec.name, spec.upgrade_policy.mode
+        if mode == "Automatic":
+            cols = self._core.instances(name)
+            stale = [i for i, v, p in zip(cols["instance_id"], cols["model_version"], cols["protect_from_scale_set_actions"])
+                     if (v or 0) < spec.model_version and not p]
+            if stale:
+                self._core.upgrade_instances(name, stale)
+        elif mode == "Rolling":
+            current = self._upgrades.get(name)
+            if current is not None and current.active:
+                current.status, current.error_message = "Cancelled", "superseded by a newer model"
+                current.in_batch, current.surge_old = [], []
+            self._upgrade_pending.add(name)
 
     def delete_scale_set(self, name: str) -> None:
         """Deletes a scale set and its instances (protection does not block deleting the whole set)."""
         self._core.delete_scale_set(name)
-        for state in (self._modified, self._zone_balance, self._zone_balance_started):
+        for state in (self._modified, self._zone_balance, self._zone_balance_started, self._upgrades, self._repairs):
             state.pop(name, None)
+        self._upgrade_pending.discard(name)
 
     def capacity(self, name: str) -> int:
         return int(self._core.capacity(name))
@@ -159,6 +185,9 @@ class Engine:
                 "modified": dict(self._modified),
                 "zone_balance": {n: op.to_dict() for n, op in self._zone_balance.items()},
                 "zone_balance_started": dict(self._zone_balance_started),
+                "upgrades": {n: u.to_dict() for n, u in self._upgrades.items()},
+                "upgrade_pending": sorted(self._upgrade_pending),
+                "repairs": {n: r.to_dict() for n, r in self._repairs.items()},
             },
             "region": self._core.region(),
             "scale_sets": [
@@ -183,6 +212,9 @@ class Engine:
         engine._modified = dict(policies.get("modified", {}))
         engine._zone_balance = {n: ZoneBalanceOperation(**op) for n, op in policies.get("zone_balance", {}).items()}
         engine._zone_balance_started = dict(policies.get("zone_balance_started", {}))
+        engine._upgrades = {n: RollingUpgrade.from_dict(u) for n, u in policies.get("upgrades", {}).items()}
+        engine._upgrade_pending = set(policies.get("upgrade_pending", []))
+        engine._repairs = {n: RepairState.from_dict(r) for n, r in policies.get("repairs", {}).items()}
         return engine
 
     def instance_limit(self, name: str) -> int:
@@ -336,11 +368,20 @@ class Engine:
     # ----- time-driven policies ------------------------------------------------------------------------
 
     def advance(self, now: float, name: str | None = None) -> list[Action]:
-        """Advances the time-driven policies (automatic zone balance) of every scale set, or of ``name``,
-        to ``now`` (seconds since the epoch; the engine never reads a clock itself). Returns what was done.
-        The same state and ``now`` always give the same actions."""
+        """Advances the time-driven policies (rolling upgrades, automatic repairs, automatic zone
+        balance) of every scale set, or of ``name``, to ``now`` (seconds since the epoch; the engine never
+        reads a clock itself). Returns what was done. The same state and ``now`` give the same actions."""
         actions: list[Action] = []
         for n in [name] if name is not None else self.scale_set_names():
+            if n in self._upgrade_pending:
+                self._upgrade_pending.discard(n)
+                self._upgrades[n], started_actions = upgrade.start(self, n, now)
+                actions += started_actions
+            current = self._upgrades.get(n)
+            if current is not None:
+                actions += upgrade.step(self, n, now, current)
+            busy = set(current.in_batch) if current is not None and current.active else set()
+            actions += repairs.step(self, n, now, self._repairs.setdefault(n, RepairState()), self._modified.get(n), busy)
             op, started, done = zone_balance.step(
                 self, n, now, self._zone_balance.get(n), self._zone_balance_started.get(n), self._modified.get(n)
             )
@@ -352,6 +393,53 @@ class Engine:
                 self._zone_balance_started[n] = started
             actions += done
         return actions
+
+    def _now(self, now: float | None) -> float:
+        if now is not None:
+            return now
+        return self.clock() if self.clock is not None else 0.0
+
+    # ----- upgrades and repairs -----------------------------------------------------------------------
+
+    def start_rolling_upgrade(self, name: str, now: float | None = None) -> RollingUpgrade:
+        """Starts a rolling upgrade of ``name``'s out-of-date instances (any upgrade mode); the batches run
+        as :meth:`advance` moves time on. Fails with ``RollingUpgradeInProgress`` if one is running."""
+        current = self._upgrades.get(name)
+        if current is not None and current.active:
+            raise conflict(f"a rolling upgrade of '{name}' is already in progress; cancel it first.", "RollingUpgradeInProgress")
+        self._upgrade_pending.discard(name)
+        self._upgrades[name], _ = upgrade.start(self, name, self._now(now))
+        return self.get_rolling_upgrade(name)  # type: ignore[return-value]
+
+    def get_rolling_upgrade(self, name: str) -> RollingUpgrade | None:
+        """The latest rolling upgrade of ``name`` (a copy), or None if there has been none."""
+        self._core.capacity(name)  # NotFound for an unknown scale set
+        current = self._upgrades.get(name)
+        return None if current is None else RollingUpgrade.from_dict(current.to_dict())
+
+    def cancel_rolling_upgrade(self, name: str, now: float | None = None) -> RollingUpgrade:
+        """Stops the rolling upgrade in progress; instances already upgraded keep the new model."""
+        upgrade.cancel(self._upgrades.get(name), name, self._now(now))
+        self._upgrade_pending.discard(name)
+        return self.get_rolling_upgrade(name)  # type: ignore[return-value]
+
+    def upgrade_instances(self, name: str, instance_ids: Iterable[int]) -> None:
+        """Manual upgrade: moves the given instances to the latest model in place (health Initializing)."""
+        self._core.upgrade_instances(name, _ids(instance_ids))
+        self._touch(name)
+
+    def repairs_service_state(self, name: str) -> str:
+        """``Running`` or ``Suspended`` (after repeated failed repairs)."""
+        self._core.capacity(name)
+        return self._repairs.get(name, RepairState()).service_state
+
+    def set_repairs_service_state(self, name: str, state: str) -> None:
+        """Resumes (``Running``) or suspends (``Suspended``) automatic repairs of ``name``."""
+        if state not in ("Running", "Suspended"):
+            raise invalid_input(f"the automatic repairs service state must be Running or Suspended, not {state!r}.")
+        repair = self._repairs.setdefault(name, RepairState())
+        repair.service_state = state
+        repair.consecutive_failures = 0
 
     def zone_balance_operation(self, name: str) -> ZoneBalanceOperation | None:
         """The automatic zone balance operation in progress on ``name``, if any."""

@@ -26,8 +26,16 @@ __all__ = [
     "InvalidInputError",
     "NotFoundError",
     "ScaleSetError",
+    "conflict",
     "invalid_input",
 ]
+
+
+def conflict(message: str, code: str) -> ConflictError:
+    """Builds a :class:`ConflictError` raised by the Python layers (upgrades, etags)."""
+    err = ConflictError(message)
+    err.code = code
+    return err
 
 
 def invalid_input(message: str, code: str = "InvalidParameter") -> InvalidInputError:

@@ -138,3 +138,61 @@ def plan_scale_in(spec: ScaleSetSpec, region: Region, instances: list[Instance],
         chosen.append(victim.instance_id)
         live.remove(victim)
     return chosen
+
+
+def plan_upgrade_batches(
+    spec: ScaleSetSpec, instances: list[Instance], batch_size: int, prioritize_unhealthy: bool, cross_zone: bool
+) -> list[list[int]]:
+    """Rolling-upgrade batches by the same rules as the core's planner, in plain Python."""
+    batch_size = max(1, batch_size)
+    big = 1 << 62
+
+    def rank(zone: str | None) -> int:
+        if zone is None:
+            return big + 1
+        return list(spec.zones).index(zone) if zone in spec.zones else big
+
+    groups: dict[int, dict[tuple[bool, tuple[int, int]], list[int]]] = {}
+    totals: dict[int, Counter[tuple[int, int]]] = {}
+    for i in sorted(instances, key=lambda i: i.instance_id):
+        r = rank(i.zone)
+        group = 0 if cross_zone else r
+        fd = (r, i.fault_domain)
+        totals.setdefault(group, Counter())[fd] += 1
+        if (i.model_version or 0) >= spec.model_version or i.protect_from_scale_set_actions:
+            continue
+        first = prioritize_unhealthy and i.health in ("Unhealthy", "Unknown")
+        groups.setdefault(group, {}).setdefault((not first, fd), []).append(i.instance_id)
+    order = sorted(groups, key=lambda g: (-sum(len(v) for (later, _), v in groups[g].items() if not later), g)
+                   if prioritize_unhealthy else (0, g))
+    out: list[list[int]] = []
+    for g in order:
+        first_q = {fd: list(v) for (later, fd), v in sorted(groups[g].items()) if not later}
+        rest_q = {fd: list(v) for (later, fd), v in sorted(groups[g].items()) if later}
+        mine = _fd_batches(first_q, totals[g], batch_size)
+        rest = _fd_batches(rest_q, totals[g], batch_size)
+        if mine and len(mine[-1]) < batch_size:
+            flat = [i for b in rest for i in b]
+            room = batch_size - len(mine[-1])
+            mine[-1] += flat[:room]
+            rest = [flat[k : k + batch_size] for k in range(room, len(flat), batch_size)]
+        out += mine + rest
+    return out
+
+
+def _fd_batches(by_fd: dict[tuple[int, int], list[int]], totals: Counter[tuple[int, int]], size: int) -> list[list[int]]:
+    out: list[list[int]] = []
+    batch: list[int] = []
+    in_batch: Counter[tuple[int, int]] = Counter()
+    while any(by_fd.values()):
+        order = sorted(((len(q), fd) for fd, q in by_fd.items() if q), key=lambda t: (-t[0], t[1]))
+        whole = [totals[fd] > 1 and in_batch[fd] + 1 >= totals[fd] for _, fd in order]
+        fd = next((fd for (_, fd), w in zip(order, whole) if not w), order[0][1])
+        batch.append(by_fd[fd].pop(0))
+        in_batch[fd] += 1
+        if len(batch) == size:
+            out.append(batch)
+            batch, in_batch = [], Counter()
+    if batch:
+        out.append(batch)
+    return out

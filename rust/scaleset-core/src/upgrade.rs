@@ -18,16 +18,21 @@ fn unhealthy(i: &Instance) -> bool {
 }
 
 /// Interleaves one zone's candidates over fault domains (fullest remaining first) and cuts batches.
-fn zone_batches(mut by_fd: BTreeMap<u32, Vec<u64>>, fd_totals: &BTreeMap<u32, usize>, batch_size: usize, out: &mut Vec<Vec<u64>>) {
+/// Fault domains are keyed (zone rank, fault domain), so cross-zone batches tell zones' fault domains apart.
+fn zone_batches(mut by_fd: BTreeMap<(usize, u32), Vec<u64>>, fd_totals: &BTreeMap<(usize, u32), usize>, batch_size: usize, out: &mut Vec<Vec<u64>>) {
     let mut batch: Vec<u64> = Vec::with_capacity(batch_size);
-    let mut in_batch: BTreeMap<u32, usize> = BTreeMap::new();
+    let mut in_batch: BTreeMap<(usize, u32), usize> = BTreeMap::new();
     let mut left: usize = by_fd.values().map(Vec::len).sum();
     while left > 0 {
-        // The fault domain with the most left to upgrade; but not one this batch would take down whole,
-        // while another fault domain still has candidates.
-        let mut order: Vec<(usize, u32)> = by_fd.iter().filter(|(_, q)| !q.is_empty()).map(|(&f, q)| (q.len(), f)).collect();
+        // The fault domain with the most left to upgrade; but not one this batch would take down whole
+        // (all of its two or more instances; a lone instance's fault domain goes down whenever it is
+        // upgraded), while another fault domain still has candidates.
+        let mut order: Vec<(usize, (usize, u32))> = by_fd.iter().filter(|(_, q)| !q.is_empty()).map(|(&f, q)| (q.len(), f)).collect();
         order.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        let whole = |f: u32| in_batch.get(&f).copied().unwrap_or(0) + 1 >= fd_totals.get(&f).copied().unwrap_or(0);
+        let whole = |f: (usize, u32)| {
+            let total = fd_totals.get(&f).copied().unwrap_or(0);
+            total > 1 && in_batch.get(&f).copied().unwrap_or(0) + 1 >= total
+        };
         let pick = order.iter().find(|&&(_, f)| !whole(f)).or(order.first()).map(|&(_, f)| f);
         let Some(f) = pick else { break };
         let queue = by_fd.get_mut(&f).expect("picked from the map");
@@ -62,16 +67,18 @@ impl Engine {
             None => usize::MAX,
         };
         // group -> (unhealthy?, fd) -> ids; and every instance per (group, fd) for the whole-fault-domain rule.
-        let mut groups: BTreeMap<usize, BTreeMap<(bool, u32), Vec<u64>>> = BTreeMap::new();
-        let mut totals: BTreeMap<usize, BTreeMap<u32, usize>> = BTreeMap::new();
+        let mut groups: BTreeMap<usize, BTreeMap<(bool, (usize, u32)), Vec<u64>>> = BTreeMap::new();
+        let mut totals: BTreeMap<usize, BTreeMap<(usize, u32), usize>> = BTreeMap::new();
         for i in &state.instances {
-            let group = if cross_zone { 0 } else { zone_rank(i.zone) };
-            *totals.entry(group).or_default().entry(i.fault_domain).or_default() += 1;
+            let rank = zone_rank(i.zone);
+            let group = if cross_zone { 0 } else { rank };
+            let fd = (rank, i.fault_domain);
+            *totals.entry(group).or_default().entry(fd).or_default() += 1;
             if i.model_version >= version || i.protect_from_scale_set_actions {
                 continue;
             }
             let first = prioritize_unhealthy && unhealthy(i);
-            groups.entry(group).or_default().entry((!first, i.fault_domain)).or_default().push(i.instance_id);
+            groups.entry(group).or_default().entry((!first, fd)).or_default().push(i.instance_id);
         }
         let mut order: Vec<(usize, usize)> = groups
             .iter()
@@ -85,8 +92,8 @@ impl Engine {
             let queues = groups.remove(&group).unwrap_or_default();
             let fd_totals = totals.remove(&group).unwrap_or_default();
             // Unhealthy first (their batches may share with healthy ones only at the boundary).
-            let mut first: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
-            let mut rest: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+            let mut first: BTreeMap<(usize, u32), Vec<u64>> = BTreeMap::new();
+            let mut rest: BTreeMap<(usize, u32), Vec<u64>> = BTreeMap::new();
             for ((later, fd), ids) in queues {
                 if later { rest.insert(fd, ids); } else { first.insert(fd, ids); }
             }

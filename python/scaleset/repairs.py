@@ -1,0 +1,118 @@
+"""Automatic instance repairs (reference §8.1), advanced with explicit time.
+
+An instance that is Unhealthy or Unknown past its grace period (which starts after the last change to
+the scale set, or after its own repair) is repaired by the policy's action: Replace (delete it, create a
+new one on the latest model), Reimage (latest model, health Initializing) or Restart (health
+Initializing). At most 5% of the scale set is in repair at once, one at a time under 20 instances;
+protected (either flag) and deallocated instances are never repaired. A repair ends when the instance
+reports Healthy; one still unhealthy after its grace period is a failed repair, and after
+:data:`SUSPEND_AFTER` failed repairs in a row the service suspends itself until resumed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from scaleset.errors import CapacityError
+from scaleset.upgrade import UNHEALTHY, parse_duration
+from scaleset.zone_balance import Action
+
+if TYPE_CHECKING:
+    from scaleset.engine import Engine
+
+__all__ = ["SUSPEND_AFTER", "RepairState", "step"]
+
+SUSPEND_AFTER = 3
+
+
+@dataclass
+class RepairState:
+    service_state: str = "Running"  # Running | Suspended
+    in_repair: dict[int, float] = field(default_factory=dict)
+    repaired_at: dict[int, float] = field(default_factory=dict)
+    consecutive_failures: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "service_state": self.service_state,
+            "in_repair": {str(k): v for k, v in self.in_repair.items()},
+            "repaired_at": {str(k): v for k, v in self.repaired_at.items()},
+            "consecutive_failures": self.consecutive_failures,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RepairState:
+        return cls(
+            data["service_state"],
+            {int(k): v for k, v in data["in_repair"].items()},
+            {int(k): v for k, v in data["repaired_at"].items()},
+            data["consecutive_failures"],
+        )
+
+
+def step(engine: Engine, name: str, now: float, state: RepairState, last_modified: float | None,
+         busy: set[int]) -> list[Action]:
+    """Repairs what is due at ``now``; ``busy`` instances (a rolling upgrade's batch) are left alone."""
+    spec = engine.get_spec(name)
+    policy = spec.automatic_repairs_policy
+    if policy is None or not policy.enabled or state.service_state != "Running":
+        return []
+    grace = parse_duration(policy.grace_period)
+    cols = engine.instance_columns(name)
+    health = dict(zip(cols["instance_id"], cols["health"]))
+    actions: list[Action] = []
+    for i, started in sorted(state.in_repair.items()):
+        if i not in health or health[i] == "Healthy":
+            del state.in_repair[i]
+            state.consecutive_failures = 0 if i in health else state.consecutive_failures
+        elif now - started >= grace:
+            del state.in_repair[i]
+            state.consecutive_failures += 1
+    if state.consecutive_failures >= SUSPEND_AFTER:
+        state.service_state = "Suspended"
+        return [Action(name, "AutomaticRepairsSuspended", (),
+                       f"automatic repairs suspended: {state.consecutive_failures} repairs in a row left instances unhealthy; resume the service once the cause is fixed")]
+    total = len(health)
+    limit = 1 if total < 20 else max(1, total * 5 // 100)
+    room = limit - len(state.in_repair)
+    if room <= 0:
+        return actions
+    since = last_modified if last_modified is not None else float("-inf")
+    due = [
+        i for i, h, power, p_in, p_act in zip(
+            cols["instance_id"], cols["health"], cols["power_state"],
+            cols["protect_from_scale_in"], cols["protect_from_scale_set_actions"],
+        )
+        if h in UNHEALTHY and power == "running" and not p_in and not p_act and i not in state.in_repair
+        and i not in busy and now - max(since, state.repaired_at.get(i, float("-inf"))) >= grace
+    ][:room]
+    if not due:
+        return actions
+    action = policy.repair_action
+    if action == "Replace":
+        row = {i: k for k, i in enumerate(cols["instance_id"])}
+        model_sizes = [v.name for v in spec.sku_profile.vm_sizes] if spec.sku_profile else [spec.sku.name] if spec.sku else []
+        creates = []
+        for i in due:
+            k = row[i]
+            size = cols["vm_size"][k] if cols["vm_size"][k] in model_sizes else model_sizes[0]
+            creates.append((cols["zone"][k], cols["fault_domain"][k], size, cols["priority"][k]))
+        try:
+            plan = engine.apply_rebalance_moves(name, creates, due, user=False)
+        except CapacityError:
+            # No capacity for replacements right now (zone down, pool full): try again later.
+            return actions
+        repaired = [c.instance_id for c in plan.creates]
+        engine._core.report_health(name, repaired, ["Initializing"] * len(repaired))
+        text = f"replaced unhealthy {due} with {repaired} (latest model)"
+    elif action == "Reimage":
+        engine._core.upgrade_instances(name, due)
+        repaired, text = due, f"reimaged unhealthy {due} (latest model)"
+    else:
+        engine._core.report_health(name, due, ["Initializing"] * len(due))
+        repaired, text = due, f"restarted unhealthy {due}"
+    for i in repaired:
+        state.in_repair[i] = now
+        state.repaired_at[i] = now
+    return [*actions, Action(name, "InstancesRepaired", tuple(repaired), f"automatic repairs ({action}): {text}")]
