@@ -277,6 +277,35 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
     return 0
 
 
+def render_upgrade(u: Any) -> str:
+    """A readable rolling-upgrade progress view (protobuf RollingUpgradeStatus)."""
+    if u.status == "NotStarted":
+        return f"{u.scale_set}: no rolling upgrade has run"
+    lines = [
+        f"{u.scale_set}: rolling upgrade to model {u.model_version}: {u.status}",
+        f"batches: {u.batches_done} of {u.batches_total} done, {u.batches_total - u.batches_done} left",
+        f"instances: {u.successful_instance_count} upgraded, {u.failed_instance_count} failed, "
+        f"{u.in_progress_instance_count} in progress, {u.pending_instance_count} pending",
+    ]
+    if u.current_batch:
+        lines.append(f"current batch: {list(u.current_batch)}")
+    if u.error_code:
+        lines.append(f"error [{u.error_code}]: {u.error_message}")
+    return "\n".join(lines)
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.action == "start":
+            status = client.start_rolling_upgrade(args.name)
+        elif args.action == "cancel":
+            status = client.cancel_rolling_upgrade(args.name)
+        else:
+            status = client.get_rolling_upgrade(args.name)
+    print(render_upgrade(status))
+    return 0
+
+
 def cmd_region(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.action == "zone":
@@ -370,6 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=float, default=1.0, help="solver time limit in seconds")
     p.add_argument("--limit", type=int, default=20, help="waves to print")
     p.set_defaults(func=cmd_rebalance)
+
+    p = sub.add_parser("upgrade", help="start, watch or cancel a rolling upgrade")
+    p.add_argument("action", choices=["start", "status", "cancel"])
+    p.add_argument("name")
+    p.set_defaults(func=cmd_upgrade)
 
     p = sub.add_parser("region", help="show the region, mark a zone up/down, set pool capacity")
     rsub = p.add_subparsers(dest="action")

@@ -221,6 +221,25 @@ class Client:
             request.max_replacements_percent = max_replacements_percent
         return self._call(self._scale_sets.Rebalance, request).plan
 
+    def start_rolling_upgrade(self, name: str, *, etag: str = "", request_id: str | None = None) -> pb.RollingUpgradeStatus:
+        request = pb.StartRollingUpgradeRequest(name=name, etag=etag, request_id=self._request_id(request_id))
+        return self._call(self._scale_sets.StartRollingUpgrade, request)
+
+    def get_rolling_upgrade(self, name: str) -> pb.RollingUpgradeStatus:
+        return self._call(self._scale_sets.GetRollingUpgrade, pb.GetRollingUpgradeRequest(name=name))
+
+    def cancel_rolling_upgrade(self, name: str, *, request_id: str | None = None) -> pb.RollingUpgradeStatus:
+        request = pb.CancelRollingUpgradeRequest(name=name, request_id=self._request_id(request_id))
+        return self._call(self._scale_sets.CancelRollingUpgrade, request)
+
+    def upgrade_instances(self, name: str, instance_ids: Iterable[int], *, request_id: str | None = None) -> None:
+        request = pb.UpgradeInstancesRequest(name=name, instance_ids=list(instance_ids), request_id=self._request_id(request_id))
+        self._call(self._scale_sets.UpgradeInstances, request)
+
+    def set_repairs_service_state(self, name: str, state: str, *, request_id: str | None = None) -> None:
+        request = pb.SetRepairsServiceStateRequest(name=name, state=state, request_id=self._request_id(request_id))
+        self._call(self._scale_sets.SetRepairsServiceState, request)
+
     def watch(self, scale_set: str = "", after: int = 0) -> Iterator[WatchedEvent]:
         """Events after ``after`` (a revision of ``scale_set``, or a global sequence), then live ones."""
         try:

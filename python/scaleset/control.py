@@ -48,6 +48,10 @@ _EVENT_TYPES = {
     "health": "InstanceHealthReported",
     "rebalance": "ScaleSetRebalanced",
     "advance": "PolicyActions",
+    "start_upgrade": "RollingUpgradeStarted",
+    "cancel_upgrade": "RollingUpgradeCancelled",
+    "upgrade_instances": "InstancesUpgraded",
+    "repairs_state": "RepairsServiceStateChanged",
     "zone": "ZoneAvailabilityChanged",
     "pool": "PoolCapacityChanged",
 }
@@ -92,6 +96,16 @@ def apply_command(engine: Engine, cmd: dict[str, Any]) -> Any:
         return engine.apply_rebalance_moves(cmd["name"], cmd["creates"], cmd["deletes"])
     if op == "advance":
         return engine.advance(cmd["now"], cmd["name"])
+    if op == "start_upgrade":
+        return engine.start_rolling_upgrade(cmd["name"], cmd["now"])
+    if op == "cancel_upgrade":
+        return engine.cancel_rolling_upgrade(cmd["name"], cmd["now"])
+    if op == "upgrade_instances":
+        engine.upgrade_instances(cmd["name"], cmd["instance_ids"])
+        return None
+    if op == "repairs_state":
+        engine.set_repairs_service_state(cmd["name"], cmd["state"])
+        return None
     if op == "zone":
         engine.set_zone_available(cmd["zone"], cmd["available"])
         return None
@@ -135,6 +149,12 @@ def _describe(cmd: dict[str, Any], result: Any) -> dict[str, Any]:
         text = f"{len(cmd['instances'])} instances imported"
     elif op == "advance":
         text = "; ".join(a.reason for a in result)
+    elif op in ("start_upgrade", "cancel_upgrade"):
+        text = f"rolling upgrade to model {result.model_version}: {result.status}, {len(result.batches)} batches"
+    elif op == "upgrade_instances":
+        text = f"{len(cmd['instance_ids'])} instances upgraded to the latest model"
+    elif op == "repairs_state":
+        text = f"automatic repairs {cmd['state']}"
     else:
         text = op
     out["text"] = text

@@ -28,6 +28,7 @@ from scaleset.model import (
 )
 from scaleset.rebalance import RebalancePlan
 from scaleset.store import EventRecord
+from scaleset.upgrade import RollingUpgrade
 from scaleset.v1 import scaleset_pb2 as pb
 
 PRIORITY_TO_PB = {"Regular": pb.REGULAR, "Spot": pb.SPOT}
@@ -283,6 +284,20 @@ def rebalance_plan_to_proto(plan: RebalancePlan) -> pb.RebalancePlan:
                     vm_size=m.vm_size, priority=m.priority, reason=m.reason,
                 )
     return msg
+
+
+def rolling_upgrade_to_proto(name: str, upgrade: RollingUpgrade | None, revision: int) -> pb.RollingUpgradeStatus:
+    if upgrade is None:
+        return pb.RollingUpgradeStatus(scale_set=name, status="NotStarted", revision=revision)
+    progress = upgrade.progress()
+    return pb.RollingUpgradeStatus(
+        scale_set=name, status=upgrade.status, model_version=upgrade.model_version,
+        batches_total=len(upgrade.batches), batches_done=min(upgrade.next_batch, len(upgrade.batches)), error_code=upgrade.error_code,
+        error_message=upgrade.error_message, started_unix_ms=int(upgrade.started_at * 1000),
+        finished_unix_ms=int((upgrade.finished_at or 0) * 1000), current_batch=upgrade.in_batch,
+        next_batch_unix_ms=int((upgrade.pause_until or 0) * 1000) if upgrade.active and not upgrade.in_batch else 0,
+        revision=revision, **progress,
+    )
 
 
 # ----- instances --------------------------------------------------------------------------------------

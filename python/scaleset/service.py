@@ -390,6 +390,39 @@ class ScaleSetsServicer(pb_grpc.ScaleSetsServicer):
 
         return await self._mutate("Rebalance", request, name, command, encode, etag=request.etag, big=True)
 
+    def _upgrade(self, name: str, o: Outcome | None = None) -> pb.RollingUpgradeStatus:
+        revision = o.revision if o is not None else self._control.revision(name)
+        return convert.rolling_upgrade_to_proto(name, self._control.engine.get_rolling_upgrade(name), revision)
+
+    async def StartRollingUpgrade(self, request: pb.StartRollingUpgradeRequest, context: Any) -> Any:
+        name = _require(request.name, "name")
+        return await self._mutate("StartRollingUpgrade", request, name,
+                                  lambda e: {"op": "start_upgrade", "name": name, "now": self._control.now},
+                                  lambda o: self._upgrade(name, o), etag=request.etag)
+
+    async def GetRollingUpgrade(self, request: pb.GetRollingUpgradeRequest, context: Any) -> pb.RollingUpgradeStatus:
+        name = _require(request.name, "name")
+        await self._control.settled()
+        return self._upgrade(name)
+
+    async def CancelRollingUpgrade(self, request: pb.CancelRollingUpgradeRequest, context: Any) -> Any:
+        name = _require(request.name, "name")
+        return await self._mutate("CancelRollingUpgrade", request, name,
+                                  lambda e: {"op": "cancel_upgrade", "name": name, "now": self._control.now},
+                                  lambda o: self._upgrade(name, o))
+
+    async def UpgradeInstances(self, request: pb.UpgradeInstancesRequest, context: Any) -> Any:
+        name = _require(request.name, "name")
+        command = {"op": "upgrade_instances", "name": name, "instance_ids": list(request.instance_ids)}
+        return await self._mutate("UpgradeInstances", request, name, command,
+                                  lambda o: pb.UpgradeInstancesResponse(revision=o.revision, etag=o.etag), etag=request.etag)
+
+    async def SetRepairsServiceState(self, request: pb.SetRepairsServiceStateRequest, context: Any) -> Any:
+        name = _require(request.name, "name")
+        command = {"op": "repairs_state", "name": name, "state": request.state}
+        return await self._mutate("SetRepairsServiceState", request, name, command,
+                                  lambda o: pb.SetRepairsServiceStateResponse(state=request.state, revision=o.revision))
+
     async def WatchEvents(self, request: pb.WatchEventsRequest, context: Any) -> AsyncIterator[pb.Event]:
         async for event in self._control.watch(request.scale_set, request.after):
             yield convert.event_to_proto(event)
