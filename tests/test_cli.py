@@ -130,3 +130,26 @@ def test_cli_rebalance(server: ServerThread, capsys: pytest.CaptureFixture[str],
     assert "in 1 waves (max surge 2)" in out and "(applied)" in out and "(id 6)" in out
     code, out, _ = run(server, capsys, "show", "web")
     assert out.splitlines()[2].split()[-1] == "2"
+
+
+def test_cli_upgrade(server: ServerThread, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    doc = tmp_path / "web.yaml"
+    doc.write_text("name: web\nzones: ['1']\nsku: {name: Standard_D2s_v5, capacity: 5}\nupgradePolicy: {mode: Manual}\n")
+    run(server, capsys, "create", "-f", str(doc))
+    code, out, _ = run(server, capsys, "upgrade", "status", "web")
+    assert out.strip() == "web: no rolling upgrade has run"
+    doc.write_text("name: web\nzones: ['1']\nsku: {name: Standard_D4s_v5}\n")
+    from scaleset.client import Client
+    from scaleset.documents import load_document, spec_from_document
+
+    with Client(server.target) as client:
+        client.update_scale_set(spec_from_document(load_document(str(doc)))[0])
+        client.report_health("web", range(5), "Healthy")
+    code, out, _ = run(server, capsys, "upgrade", "start", "web")
+    lines = out.splitlines()
+    assert lines[0] == "web: rolling upgrade to model 2: RollingForward"
+    assert lines[1] == "batches: 0 of 5 done, 5 left" and "5 pending" in lines[2]
+    code, out, _ = run(server, capsys, "upgrade", "cancel", "web")
+    assert "Cancelled" in out.splitlines()[0]
+    code, _, err = run(server, capsys, "upgrade", "cancel", "web")
+    assert code == 2 and "[NoRollingUpgradeInProgress]" in err

@@ -130,3 +130,31 @@ def test_balanced_sets_stay_balanced_when_zones_are_healthy(zone_count: int, fir
     for z in zones:
         per_fd = [fd_counts.get((z, f), 0) for f in range(FDS)]
         assert max(per_fd) - min(per_fd) <= 1
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.sampled_from([["1"], ["1", "2"], ["1", "2", "3"]]),
+    st.lists(st.tuples(st.integers(0, 3), st.integers(0, FDS - 1), st.sampled_from(["Healthy", "Unhealthy", "Unknown"]),
+                       st.integers(0, 1), st.integers(0, 9)), max_size=30),
+    st.integers(1, 6),
+    st.booleans(),
+    st.booleans(),
+)
+def test_upgrade_batches_match_the_reference_planner(
+    zones: list[str], rows: list[tuple[int, int, str, int, int]], batch_size: int, prioritize: bool, cross_zone: bool
+) -> None:
+    engine = Engine(Region(zones=["1", "2", "3"], fault_domains_per_zone=FDS))
+    engine.create_scale_set(ScaleSetSpec(name="u", zones=zones, sku=Sku(name=SIZE)))
+    engine.import_instances("u", [
+        Instance(instance_id=k, zone=zones[z] if z < len(zones) else None, fault_domain=fd, vm_size=SIZE, health=health,
+                 model_version=version, protect_from_scale_in=protect == 0, protect_from_scale_set_actions=protect == 0)
+        for k, (z, fd, health, version, protect) in enumerate(rows)
+    ])
+    engine.update_scale_set(ScaleSetSpec(name="u", zones=zones, sku=Sku(name="Standard_D4s_v5")))
+    spec, instances = engine.get_spec("u"), list(engine.get_scale_set("u").instances)
+    got = engine._core.plan_upgrade_batches("u", batch_size, prioritize, cross_zone)
+    assert got == reference.plan_upgrade_batches(spec, instances, batch_size, prioritize, cross_zone)
+    upgradable = {i.instance_id for i in instances if (i.model_version or 0) < spec.model_version and not i.protect_from_scale_set_actions}
+    assert sorted(i for b in got for i in b) == sorted(upgradable)
+    assert all(0 < len(b) <= batch_size for b in got)

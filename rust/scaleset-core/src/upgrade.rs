@@ -19,29 +19,47 @@ fn unhealthy(i: &Instance) -> bool {
 
 /// Interleaves one zone's candidates over fault domains (fullest remaining first) and cuts batches.
 /// Fault domains are keyed (zone rank, fault domain), so cross-zone batches tell zones' fault domains apart.
-fn zone_batches(mut by_fd: BTreeMap<(usize, u32), Vec<u64>>, fd_totals: &BTreeMap<(usize, u32), usize>, batch_size: usize, out: &mut Vec<Vec<u64>>) {
+type FdKey = (usize, u32);
+
+/// Interleaves one zone's candidates over fault domains (fullest remaining first) and cuts batches.
+fn zone_batches(by_fd: BTreeMap<FdKey, Vec<u64>>, fd_totals: &BTreeMap<FdKey, usize>, batch_size: usize, out: &mut Vec<Vec<u64>>) {
+    // (key, ids, next unread, instances of the fault domain, taken into the current batch)
+    let mut queues: Vec<(FdKey, Vec<u64>, usize, usize, usize)> = by_fd
+        .into_iter()
+        .map(|(k, ids)| (k, ids, 0, fd_totals.get(&k).copied().unwrap_or(0), 0))
+        .collect();
+    let mut left: usize = queues.iter().map(|q| q.1.len()).sum();
     let mut batch: Vec<u64> = Vec::with_capacity(batch_size);
-    let mut in_batch: BTreeMap<(usize, u32), usize> = BTreeMap::new();
-    let mut left: usize = by_fd.values().map(Vec::len).sum();
     while left > 0 {
-        // The fault domain with the most left to upgrade; but not one this batch would take down whole
-        // (all of its two or more instances; a lone instance's fault domain goes down whenever it is
-        // upgraded), while another fault domain still has candidates.
-        let mut order: Vec<(usize, (usize, u32))> = by_fd.iter().filter(|(_, q)| !q.is_empty()).map(|(&f, q)| (q.len(), f)).collect();
-        order.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        let whole = |f: (usize, u32)| {
-            let total = fd_totals.get(&f).copied().unwrap_or(0);
-            total > 1 && in_batch.get(&f).copied().unwrap_or(0) + 1 >= total
-        };
-        let pick = order.iter().find(|&&(_, f)| !whole(f)).or(order.first()).map(|&(_, f)| f);
-        let Some(f) = pick else { break };
-        let queue = by_fd.get_mut(&f).expect("picked from the map");
-        batch.push(queue.remove(0));
-        *in_batch.entry(f).or_default() += 1;
+        // The fault domain with the most left to upgrade (ties: the lowest key); but not one this batch
+        // would take down whole (all of its two or more instances; a lone instance's fault domain goes
+        // down whenever it is upgraded), while another fault domain still has candidates.
+        let mut best: Option<(usize, usize)> = None; // (remaining, index), preferring non-whole
+        let mut fallback: Option<(usize, usize)> = None;
+        for (k, (_, ids, next, total, taken)) in queues.iter().enumerate() {
+            let remaining = ids.len() - next;
+            if remaining == 0 {
+                continue;
+            }
+            if fallback.is_none_or(|(r, _)| remaining > r) {
+                fallback = Some((remaining, k));
+            }
+            let whole = *total > 1 && taken + 1 >= *total;
+            if !whole && best.is_none_or(|(r, _)| remaining > r) {
+                best = Some((remaining, k));
+            }
+        }
+        let Some((_, k)) = best.or(fallback) else { break };
+        let q = &mut queues[k];
+        batch.push(q.1[q.2]);
+        q.2 += 1;
+        q.4 += 1;
         left -= 1;
         if batch.len() == batch_size {
-            out.push(std::mem::take(&mut batch));
-            in_batch.clear();
+            out.push(std::mem::replace(&mut batch, Vec::with_capacity(batch_size)));
+            for q in &mut queues {
+                q.4 = 0;
+            }
         }
     }
     if !batch.is_empty() {
@@ -67,8 +85,8 @@ impl Engine {
             None => usize::MAX,
         };
         // group -> (unhealthy?, fd) -> ids; and every instance per (group, fd) for the whole-fault-domain rule.
-        let mut groups: BTreeMap<usize, BTreeMap<(bool, (usize, u32)), Vec<u64>>> = BTreeMap::new();
-        let mut totals: BTreeMap<usize, BTreeMap<(usize, u32), usize>> = BTreeMap::new();
+        let mut groups: BTreeMap<usize, BTreeMap<(bool, FdKey), Vec<u64>>> = BTreeMap::new();
+        let mut totals: BTreeMap<usize, BTreeMap<FdKey, usize>> = BTreeMap::new();
         for i in &state.instances {
             let rank = zone_rank(i.zone);
             let group = if cross_zone { 0 } else { rank };
@@ -92,8 +110,8 @@ impl Engine {
             let queues = groups.remove(&group).unwrap_or_default();
             let fd_totals = totals.remove(&group).unwrap_or_default();
             // Unhealthy first (their batches may share with healthy ones only at the boundary).
-            let mut first: BTreeMap<(usize, u32), Vec<u64>> = BTreeMap::new();
-            let mut rest: BTreeMap<(usize, u32), Vec<u64>> = BTreeMap::new();
+            let mut first: BTreeMap<FdKey, Vec<u64>> = BTreeMap::new();
+            let mut rest: BTreeMap<FdKey, Vec<u64>> = BTreeMap::new();
             for ((later, fd), ids) in queues {
                 if later { rest.insert(fd, ids); } else { first.insert(fd, ids); }
             }
