@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 import pytest
 
@@ -42,3 +43,16 @@ def instances_in(zones: dict[str, Iterable[int]], **kwargs: object) -> list[Inst
         for z, ids in zones.items()
         for i in ids
     ]
+
+
+T = TypeVar("T")
+
+
+def take(items: Iterator[T], n: int) -> list[T]:
+    """The first ``n`` items of a (possibly endless) stream, such as a watch."""
+    out: list[T] = []
+    for item in items:
+        out.append(item)
+        if len(out) == n:
+            break
+    return out

@@ -14,7 +14,7 @@ from scaleset.errors import ConflictError, InvalidInputError
 from scaleset.repairs import SUSPEND_AFTER
 from scaleset.testing.server import ServerThread
 from scaleset.upgrade import HEALTH_WAIT_S
-from tests.conftest import SIZE
+from tests.conftest import SIZE, take
 
 NEW = "Standard_D4s_v5"
 T0 = 1_800_000_000.0
@@ -346,7 +346,7 @@ def test_upgrades_over_grpc(tmp_path: Path) -> None:
         restarted = c.start_rolling_upgrade("web")
         assert restarted.status == "RollingForward" and restarted.batches_total == 3
         c.upgrade_instances("web", [3])
-        kinds = [e.type for e in _take(c.watch("web"), 9)]
+        kinds = [e.type for e in take(c.watch("web"), 9)]
         assert "RollingUpgradeStarted" in kinds and "RollingUpgradeBatchCompleted" in kinds and "RollingUpgradeCancelled" in kinds
         c.set_repairs_service_state("web", "Running")
         with pytest.raises(InvalidInputError):
@@ -355,11 +355,3 @@ def test_upgrades_over_grpc(tmp_path: Path) -> None:
         assert c.get_rolling_upgrade("web").status == "RollingForward"
         assert [i.model_version for i in c.list_instances("web")] == [2, 1, 1, 2]
 
-
-def _take(it: object, n: int) -> list:  # type: ignore[type-arg]
-    out = []
-    for e in it:  # type: ignore[attr-defined]
-        out.append(e)
-        if len(out) == n:
-            break
-    return out

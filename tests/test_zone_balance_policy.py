@@ -12,7 +12,7 @@ from scaleset.client import Client
 from scaleset.errors import InvalidInputError
 from scaleset.testing.server import ServerThread
 from scaleset.zone_balance import HEALTH_WAIT_S, QUIET_PERIOD_S, RATE_LIMIT_S
-from tests.conftest import SIZE, zonal_spec
+from tests.conftest import SIZE, take, zonal_spec
 
 T0 = 1_800_000_000.0
 ON = AutomaticZoneRebalancingPolicy(enabled=True)
@@ -150,17 +150,9 @@ def test_the_server_drives_and_logs_policy_actions(tmp_path: Path) -> None:
         clock.now += 30
         (done,) = server.call(server.control.advance())
         assert done.kind == "ZoneBalanceCompleted"
-        events = [(e.type, e.revision) for e in _take(c.watch("web"), 4)]
+        events = [(e.type, e.revision) for e in take(c.watch("web"), 4)]
         assert events == [("ScaleSetCreated", 1), ("ZoneBalanceStarted", 2), ("InstanceHealthReported", 3), ("ZoneBalanceCompleted", 4)]
         before = c.list_instances("web")
     with ServerThread(db, Region(zones=["1", "2", "3"]), clock=clock) as again, Client(again.target) as c:
         assert c.list_instances("web") == before
 
-
-def _take(it: object, n: int) -> list:  # type: ignore[type-arg]
-    out = []
-    for e in it:  # type: ignore[attr-defined]
-        out.append(e)
-        if len(out) == n:
-            break
-    return out

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from scaleset.engine import Engine
-from scaleset.errors import ConflictError, invalid_input
+from scaleset.errors import conflict, invalid_input
 from scaleset.model import Eviction, Instance, Plan, Region, ScaleSetSpec
 from scaleset.store import EventRecord, RequestRecord, Snapshot, Store
 from scaleset.zone_balance import Action
@@ -320,11 +320,11 @@ class ControlPlane:
         """Optimistic concurrency: a given etag must be the scale set's current one."""
         if not etag or not name or etag == self.etag(name):
             return
-        err = ConflictError(
+        err = conflict(
             f"etag {etag} is stale: '{name}' is at revision {self.revision(name)} (etag {self.etag(name)}); "
-            "read it again and retry."
+            "read it again and retry.",
+            "Aborted",
         )
-        err.code = "Aborted"
         err.metadata = {"current_etag": self.etag(name), "current_revision": str(self.revision(name))}  # type: ignore[attr-defined]
         raise err
 

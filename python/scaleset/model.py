@@ -187,6 +187,18 @@ class ScaleSetSpec:
         """Plain nested dicts, lists and scalars, keyed by the snake_cased property names."""
         return _to_plain(self)  # type: ignore[no-any-return]
 
+    def vm_size_names(self) -> list[str]:
+        """The model's VM sizes: the sku_profile's, or the sku's one size."""
+        if self.sku_profile is not None:
+            return [v.name for v in self.sku_profile.vm_sizes]
+        return [self.sku.name] if self.sku is not None else []
+
+    def replacement_size(self, current: str) -> str:
+        """The size a replacement of an instance of ``current`` size gets: the same if the model still
+        has it (instance mix keeps sizes on replacement), else the model's first size."""
+        sizes = self.vm_size_names()
+        return current if current in sizes or not sizes else sizes[0]
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ScaleSetSpec:
         """Builds a spec from :meth:`to_dict`'s shape; unknown keys are an error, missing ones default."""

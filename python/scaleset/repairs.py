@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from scaleset.errors import CapacityError
-from scaleset.upgrade import UNHEALTHY, parse_duration
+from scaleset.upgrade import UNHEALTHY, parse_duration, replacements
 from scaleset.zone_balance import Action
 
 if TYPE_CHECKING:
@@ -91,13 +91,7 @@ def step(engine: Engine, name: str, now: float, state: RepairState, last_modifie
         return actions
     action = policy.repair_action
     if action == "Replace":
-        row = {i: k for k, i in enumerate(cols["instance_id"])}
-        model_sizes = [v.name for v in spec.sku_profile.vm_sizes] if spec.sku_profile else [spec.sku.name] if spec.sku else []
-        creates = []
-        for i in due:
-            k = row[i]
-            size = cols["vm_size"][k] if cols["vm_size"][k] in model_sizes else model_sizes[0]
-            creates.append((cols["zone"][k], cols["fault_domain"][k], size, cols["priority"][k]))
+        creates = replacements(spec, cols, due)
         try:
             plan = engine.apply_rebalance_moves(name, creates, due, user=False)
         except CapacityError:

@@ -24,6 +24,7 @@ from scaleset.zone_balance import Action
 
 if TYPE_CHECKING:
     from scaleset.engine import Engine
+    from scaleset.model import ScaleSetSpec
 
 __all__ = ["HEALTH_WAIT_S", "RollingUpgrade", "parse_duration", "start", "step"]
 
@@ -171,14 +172,7 @@ def step(engine: Engine, name: str, now: float, upgrade: RollingUpgrade) -> list
 
 def _surge(engine: Engine, name: str, cols: dict[str, list[Any]], batch: list[int], upgrade: RollingUpgrade) -> bool:
     """Creates the batch's replacements first; False if they do not fit (the batch goes in place)."""
-    spec = engine.get_spec(name)
-    model_sizes = [v.name for v in spec.sku_profile.vm_sizes] if spec.sku_profile else [spec.sku.name] if spec.sku else []
-    row = {i: k for k, i in enumerate(cols["instance_id"])}
-    creates = []
-    for i in batch:
-        k = row[i]
-        size = cols["vm_size"][k] if cols["vm_size"][k] in model_sizes else model_sizes[0]
-        creates.append((cols["zone"][k], cols["fault_domain"][k], size, cols["priority"][k]))
+    creates = replacements(engine.get_spec(name), cols, batch)
     try:
         plan = engine.apply_rebalance_moves(name, creates, [], user=False)
     except CapacityError:
@@ -187,6 +181,16 @@ def _surge(engine: Engine, name: str, cols: dict[str, list[Any]], batch: list[in
     engine._core.report_health(name, new_ids, ["Initializing"] * len(new_ids))
     upgrade.in_batch, upgrade.surge_old = new_ids, batch
     return True
+
+
+def replacements(spec: ScaleSetSpec, cols: dict[str, list[Any]], ids: list[int]) -> list[tuple[Any, ...]]:
+    """Where new-model replacements of ``ids`` go: each in its instance's zone and fault domain, with its
+    priority and the model's size for it."""
+    row = {i: k for k, i in enumerate(cols["instance_id"])}
+    return [
+        (cols["zone"][row[i]], cols["fault_domain"][row[i]], spec.replacement_size(cols["vm_size"][row[i]]), cols["priority"][row[i]])
+        for i in ids
+    ]
 
 
 def _breach(engine: Engine, name: str, now: float, upgrade: RollingUpgrade, rollback: bool,

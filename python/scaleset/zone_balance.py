@@ -96,10 +96,7 @@ def step(
     if source is None or engine.capacity(name) + 1 > engine.instance_limit(name):
         return None, last_started, []
     k = cols["instance_id"].index(source)
-    size, priority = cols["vm_size"][k], cols["priority"][k]
-    model_sizes = [v.name for v in spec.sku_profile.vm_sizes] if spec.sku_profile else [spec.sku.name if spec.sku else size]
-    if size not in model_sizes:
-        size = model_sizes[0]
+    size, priority = spec.replacement_size(cols["vm_size"][k]), cols["priority"][k]
     fds = engine.describe_region().fault_domains_per_zone
     fixed = spec.platform_fault_domain_count or 1
     span = fds if fixed <= 1 else fixed
