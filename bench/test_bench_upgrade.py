@@ -37,7 +37,7 @@ def check(batches: list[list[int]], n: int, size: int, zone: dict[int, str | Non
 def test_plan_upgrade_core(benchmark: Any, record: Any, n: int) -> None:
     benchmark.group = f"upgrade_batches_{n}"
     engine, size = out_of_date(n)
-    batches = benchmark(lambda: engine._core.plan_upgrade_batches("up", size, True, False))
+    batches = benchmark(lambda: engine.plan_upgrade_batches("up", size, True, False))
     record("core")
     cols = engine.instance_columns("up")
     check(batches, n, size, dict(zip(cols["instance_id"], cols["zone"])))
@@ -52,4 +52,4 @@ def test_plan_upgrade_baseline(benchmark: Any, record: Any, n: int) -> None:
         lambda: reference.plan_upgrade_batches(spec, instances, size, True, False), rounds=3 if n <= 1_000 else 1
     )
     record("baseline")
-    assert batches == engine._core.plan_upgrade_batches("up", size, True, False)
+    assert batches == engine.plan_upgrade_batches("up", size, True, False)

@@ -153,7 +153,7 @@ def test_upgrade_batches_match_the_reference_planner(
     ])
     engine.update_scale_set(ScaleSetSpec(name="u", zones=zones, sku=Sku(name="Standard_D4s_v5")))
     spec, instances = engine.get_spec("u"), list(engine.get_scale_set("u").instances)
-    got = engine._core.plan_upgrade_batches("u", batch_size, prioritize, cross_zone)
+    got = engine.plan_upgrade_batches("u", batch_size, prioritize, cross_zone)
     assert got == reference.plan_upgrade_batches(spec, instances, batch_size, prioritize, cross_zone)
     upgradable = {i.instance_id for i in instances if (i.model_version or 0) < spec.model_version and not i.protect_from_scale_set_actions}
     assert sorted(i for b in got for i in b) == sorted(upgradable)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from scaleset.engine import Engine
-from scaleset.errors import conflict, invalid_input
+from scaleset.errors import NotFoundError, conflict, invalid_input
 from scaleset.model import Eviction, Instance, Plan, Region, ScaleSetSpec
 from scaleset.store import EventRecord, RequestRecord, Snapshot, Store
 from scaleset.zone_balance import Action
@@ -443,7 +443,10 @@ class ControlPlane:
             async with self._lock:
                 time_ms = self._tick()
                 command = {"op": "advance", "name": name, "now": self.now}
-                actions = apply_command(self.engine, command)
+                try:
+                    actions = apply_command(self.engine, command)
+                except NotFoundError:
+                    continue  # deleted since the list was taken
                 if not actions:
                     continue
                 future, _, event = self._record(command, actions, name, time_ms)

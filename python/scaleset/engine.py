@@ -334,12 +334,20 @@ class Engine:
             limit = by_percent if limit is None else min(limit, by_percent)
         _count(max_surge, "max_surge")
         plan, _ = solve_rebalance(
-            self._core, name, max_replacements=limit, max_surge=max_surge, time_limit_s=time_limit_s,
+            self, name, max_replacements=limit, max_surge=max_surge, time_limit_s=time_limit_s,
             num_workers=num_workers, random_seed=random_seed,
         )
         if dry_run or plan.replacements == 0:
             return plan
         return self.apply_rebalance(plan)
+
+    def rebalance_input(self, name: str) -> dict[str, Any]:
+        """``name`` grouped into capacity pools, as plain columns: what the rebalancer's model is built from."""
+        return self._core.rebalance_input(name)
+
+    def select_rebalance_deletes(self, name: str, removals: list[int]) -> list[int]:
+        """Which instances leave: ``removals[r]`` of pool row ``r`` of :meth:`rebalance_input`, row by row."""
+        return self._core.select_rebalance_deletes(name, removals)
 
     def apply_rebalance(self, plan: RebalancePlan) -> RebalancePlan:
         """Executes a rebalance plan's waves in order (creates get the next instance ids). Fails, changing
@@ -423,10 +431,24 @@ class Engine:
         self._upgrade_pending.discard(name)
         return self.get_rolling_upgrade(name)  # type: ignore[return-value]
 
-    def upgrade_instances(self, name: str, instance_ids: Iterable[int]) -> None:
-        """Manual upgrade: moves the given instances to the latest model in place (health Initializing)."""
+    def upgrade_instances(self, name: str, instance_ids: Iterable[int], *, user: bool = True) -> None:
+        """Manual upgrade: moves the given instances to the latest model in place (health Initializing).
+        ``user`` upgrades count as a change to the scale set; the platform's own (rolling upgrades,
+        repairs) do not."""
         self._core.upgrade_instances(name, _ids(instance_ids))
-        self._touch(name)
+        if user:
+            self._touch(name)
+
+    def roll_back_instances(self, name: str, instance_ids: Iterable[int], model_version: int) -> None:
+        """Puts instances back on an earlier model version (health Initializing)."""
+        self._core.roll_back_instances(name, _ids(instance_ids), _count(model_version, "model_version"))
+
+    def plan_upgrade_batches(
+        self, name: str, batch_size: int, prioritize_unhealthy: bool = False, cross_zone: bool = False
+    ) -> list[list[int]]:
+        """The out-of-date instances of ``name`` in rolling-upgrade batches of at most ``batch_size``
+        (zone by zone unless ``cross_zone``, spread over fault domains, unhealthy first if asked)."""
+        return self._core.plan_upgrade_batches(name, _count(batch_size, "batch_size"), prioritize_unhealthy, cross_zone)
 
     def repairs_service_state(self, name: str) -> str:
         """``Running`` or ``Suspended`` (after repeated failed repairs)."""

@@ -26,12 +26,15 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ortools.sat.python import cp_model
 
 from scaleset.errors import invalid_input
 from scaleset.model import LazyItems
+
+if TYPE_CHECKING:
+    from scaleset.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +180,7 @@ def _solver(time_limit_s: float, num_workers: int, random_seed: int) -> cp_model
 
 
 def solve_rebalance(
-    engine: Any,
+    engine: Engine,
     name: str,
     *,
     max_replacements: int | None,
@@ -186,8 +189,7 @@ def solve_rebalance(
     num_workers: int,
     random_seed: int = 0,
 ) -> tuple[RebalancePlan, list[int]]:
-    """Plans a rebalance of ``name`` (the engine facade's core); returns the plan and the removal count per
-    pool row (for applying)."""
+    """Plans a rebalance of ``name``; returns the plan and the removal count per pool row."""
     if max_surge < 1:
         raise invalid_input(f"max_surge must be at least 1, got {max_surge}.")
     if not time_limit_s > 0:
@@ -328,7 +330,7 @@ def solve_rebalance(
 
 
 def _assemble(
-    engine: Any,
+    engine: Engine,
     name: str,
     data: dict[str, Any],
     shape: _Shape,

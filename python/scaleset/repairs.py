@@ -98,13 +98,13 @@ def step(engine: Engine, name: str, now: float, state: RepairState, last_modifie
             # No capacity for replacements right now (zone down, pool full): try again later.
             return actions
         repaired = [c.instance_id for c in plan.creates]
-        engine._core.report_health(name, repaired, ["Initializing"] * len(repaired))
+        engine.report_health(name, repaired, "Initializing")
         text = f"replaced unhealthy {due} with {repaired} (latest model)"
     elif action == "Reimage":
-        engine._core.upgrade_instances(name, due)
+        engine.upgrade_instances(name, due, user=False)
         repaired, text = due, f"reimaged unhealthy {due} (latest model)"
     else:
-        engine._core.report_health(name, due, ["Initializing"] * len(due))
+        engine.report_health(name, due, "Initializing")
         repaired, text = due, f"restarted unhealthy {due}"
     for i in repaired:
         state.in_repair[i] = now

@@ -97,7 +97,7 @@ def start(engine: Engine, name: str, now: float) -> tuple[RollingUpgrade, list[A
     policy = spec.upgrade_policy.rolling_upgrade_policy
     capacity = engine.capacity(name)
     batch_size = max(1, capacity * policy.max_batch_instance_percent // 100)
-    batches = engine._core.plan_upgrade_batches(
+    batches = engine.plan_upgrade_batches(
         name, batch_size, policy.prioritize_unhealthy_instances, policy.enable_cross_zone_upgrade
     )
     upgrade = RollingUpgrade(name, spec.model_version, "RollingForward", now, batches)
@@ -163,7 +163,7 @@ def step(engine: Engine, name: str, now: float, upgrade: RollingUpgrade) -> list
         how = f"created {len(upgrade.in_batch)} new-model instances beside them (max_surge)"
     else:
         upgrade.previous_versions.update({i: version[i] or 0 for i in batch})
-        engine._core.upgrade_instances(name, batch)
+        engine.upgrade_instances(name, batch, user=False)
         upgrade.in_batch = batch
         how = "upgrading in place"
     return [Action(name, "RollingUpgradeBatchStarted", tuple(upgrade.in_batch),
@@ -178,7 +178,7 @@ def _surge(engine: Engine, name: str, cols: dict[str, list[Any]], batch: list[in
     except CapacityError:
         return False
     new_ids = [c.instance_id for c in plan.creates]
-    engine._core.report_health(name, new_ids, ["Initializing"] * len(new_ids))
+    engine.report_health(name, new_ids, "Initializing")
     upgrade.in_batch, upgrade.surge_old = new_ids, batch
     return True
 
@@ -212,7 +212,7 @@ def _breach(engine: Engine, name: str, now: float, upgrade: RollingUpgrade, roll
                     by_version.setdefault(upgrade.previous_versions[i], []).append(i)
             present = set(engine.instance_columns(name)["instance_id"])
             for v, ids in by_version.items():
-                engine._core.roll_back_instances(name, [i for i in ids if i in present], v)
+                engine.roll_back_instances(name, [i for i in ids if i in present], v)
         status = "RolledBack"
     _finish(upgrade, now, status, "MaxUnhealthyUpgradedInstancePercentExceededInRollingUpgrade", message)
     return [Action(name, "RollingUpgradeFailed", tuple(upgrade.failed), message + (" Failed instances were rolled back." if rollback else ""))]

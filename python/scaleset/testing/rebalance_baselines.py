@@ -31,7 +31,7 @@ class BaselineResult:
 
 
 def _setup(engine: Engine, name: str) -> tuple[dict, list, list[tuple[int, int, str, str]]]:  # type: ignore[type-arg]
-    data = engine._core.rebalance_input(name)
+    data = engine.rebalance_input(name)
     slots = data["slots"]
     available = {slots[i] for i, up in enumerate(data["slot_available"]) if up}
     instances = [i for i in engine.get_scale_set(name).instances if i.zone in available]
