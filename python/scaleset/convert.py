@@ -11,7 +11,6 @@ from scaleset.model import (
     AutomaticRepairsPolicy,
     AutomaticZoneRebalancingPolicy,
     Instance,
-    LazyItems,
     Plan,
     PlannedCreate,
     PlannedDelete,
@@ -218,15 +217,10 @@ def plan_from_proto(msg: pb.Plan) -> Plan:
     def item(cls: Any, c: pb.PlannedChange) -> Any:
         return cls(c.instance_id, c.zone or None, c.fault_domain, c.vm_size, c.priority, c.reason)
 
-    creates = [item(PlannedCreate, c) for c in msg.creates]
-    deletes = [item(PlannedDelete, d) for d in msg.deletes]
     return Plan(
-        scale_set=msg.scale_set,
-        capacity_before=msg.capacity_before,
-        capacity_after=msg.capacity_after,
-        dry_run=msg.dry_run,
-        creates=LazyItems(len(creates), creates.__getitem__),
-        deletes=LazyItems(len(deletes), deletes.__getitem__),
+        msg.scale_set, msg.capacity_before, msg.capacity_after, msg.dry_run,
+        creates=[item(PlannedCreate, c) for c in msg.creates],
+        deletes=[item(PlannedDelete, d) for d in msg.deletes],
     )
 
 

@@ -19,10 +19,7 @@ from scaleset.zone_balance import Action, ZoneBalanceOperation
 from scaleset.model import (
     Eviction,
     Instance,
-    LazyItems,
     Plan,
-    PlannedCreate,
-    PlannedDelete,
     Region,
     ScaleSet,
     ScaleSetSpec,
@@ -64,15 +61,7 @@ def _ids(instance_ids: Iterable[int]) -> list[int]:
 
 
 def _plan(handle: Any, dry_run: bool) -> Plan:
-    return Plan(
-        scale_set=handle.scale_set,
-        capacity_before=handle.capacity_before,
-        capacity_after=handle.capacity_after,
-        dry_run=dry_run,
-        creates=LazyItems(handle.creates_len(), lambda i: PlannedCreate(*handle.create_at(i))),
-        deletes=LazyItems(handle.deletes_len(), lambda i: PlannedDelete(*handle.delete_at(i))),
-        _handle=handle,
-    )
+    return Plan(handle.scale_set, handle.capacity_before, handle.capacity_after, dry_run, handle=handle)
 
 
 class Engine:

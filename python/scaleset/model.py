@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, TypeVar, overload
+from typing import Any, Callable, Generic, NamedTuple, TypeVar, overload
 
 from scaleset.errors import invalid_input
 
@@ -276,8 +276,9 @@ class ScaleSet:
         return len(self.instances)
 
 
-@dataclass(frozen=True, slots=True)
-class PlannedCreate:
+class PlannedCreate(NamedTuple):
+    """One instance a plan creates, and the rule that chose its zone, fault domain, priority and size."""
+
     instance_id: int
     zone: str | None
     fault_domain: int
@@ -286,8 +287,9 @@ class PlannedCreate:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class PlannedDelete:
+class PlannedDelete(NamedTuple):
+    """One instance a plan deletes, and the rule that chose it."""
+
     instance_id: int
     zone: str | None
     fault_domain: int
@@ -332,29 +334,79 @@ class LazyItems(Sequence[T], Generic[T]):
         return f"<{self._len} items>"
 
 
-@dataclass(frozen=True, slots=True)
+_COLUMNS = ("instance_id", "zone", "fault_domain", "vm_size", "priority")
+
+
 class Plan:
     """What a change does: ``creates`` and ``deletes``, each with the rule that chose it (``reason``).
 
-    ``creates``/``deletes`` build their items on access; :meth:`create_columns` and
-    :meth:`delete_columns` return plain columns for bulk use.
+    Read-only. ``creates``/``deletes`` build their items on access, so a 100,000-instance plan costs
+    nothing until it is read; :meth:`create_columns` and :meth:`delete_columns` return plain columns.
     """
+
+    __slots__ = ("_creates", "_deletes", "_handle", "capacity_after", "capacity_before", "dry_run", "scale_set")
 
     scale_set: str
     capacity_before: int
     capacity_after: int
     dry_run: bool
-    creates: Sequence[PlannedCreate] = field(repr=False)
-    deletes: Sequence[PlannedDelete] = field(repr=False)
-    _handle: Any = field(repr=False, compare=False, default=None)
+
+    def __init__(
+        self,
+        scale_set: str,
+        capacity_before: int,
+        capacity_after: int,
+        dry_run: bool,
+        creates: Sequence[PlannedCreate] | None = None,
+        deletes: Sequence[PlannedDelete] | None = None,
+        handle: Any = None,
+    ) -> None:
+        self.scale_set, self.capacity_before, self.capacity_after, self.dry_run = (
+            scale_set, capacity_before, capacity_after, dry_run,
+        )
+        self._creates, self._deletes, self._handle = creates, deletes, handle
+
+    @property
+    def creates(self) -> Sequence[PlannedCreate]:
+        if self._creates is None:
+            handle = self._handle
+            self._creates = LazyItems(handle.creates_len(), lambda i: PlannedCreate._make(handle.create_at(i)))
+        return self._creates
+
+    @property
+    def deletes(self) -> Sequence[PlannedDelete]:
+        if self._deletes is None:
+            handle = self._handle
+            self._deletes = LazyItems(handle.deletes_len(), lambda i: PlannedDelete._make(handle.delete_at(i)))
+        return self._deletes
 
     def create_columns(self) -> dict[str, list[Any]]:
         """The creates as columns: instance_id, zone, fault_domain, vm_size, priority."""
-        return self._handle.create_columns()  # type: ignore[no-any-return]
+        if self._handle is not None:
+            return self._handle.create_columns()  # type: ignore[no-any-return]
+        return {c: [getattr(item, c) for item in self.creates] for c in _COLUMNS}
 
     def delete_columns(self) -> dict[str, list[Any]]:
         """The deletes as columns: instance_id, zone, fault_domain, vm_size, priority."""
-        return self._handle.delete_columns()  # type: ignore[no-any-return]
+        if self._handle is not None:
+            return self._handle.delete_columns()  # type: ignore[no-any-return]
+        return {c: [getattr(item, c) for item in self.deletes] for c in _COLUMNS}
+
+    def __repr__(self) -> str:
+        return (
+            f"Plan(scale_set={self.scale_set!r}, capacity_before={self.capacity_before}, "
+            f"capacity_after={self.capacity_after}, dry_run={self.dry_run}, "
+            f"creates=<{len(self.creates)}>, deletes=<{len(self.deletes)}>)"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Plan):
+            return NotImplemented
+        return (self.scale_set, self.capacity_before, self.capacity_after, self.dry_run) == (
+            other.scale_set, other.capacity_before, other.capacity_after, other.dry_run,
+        ) and list(self.creates) == list(other.creates) and list(self.deletes) == list(other.deletes)
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 @dataclass(frozen=True, slots=True)
