@@ -229,6 +229,30 @@ pub struct ScaleSetSpec {
 }
 
 impl ScaleSetSpec {
+    /// A Flexible scale set of one VM size, every optional property at Azure's default.
+    pub fn with_sku(name: &str, zones: &[&str], vm_size: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            orchestration_mode: OrchestrationMode::Flexible,
+            zones: zones.iter().map(|z| (*z).to_owned()).collect(),
+            zone_balance: false,
+            platform_fault_domain_count: None,
+            sku: Some(Sku { name: vm_size.to_owned(), tier: None }),
+            sku_profile: None,
+            priority: Priority::Regular,
+            eviction_policy: None,
+            max_price: None,
+            priority_mix_policy: None,
+            scale_in_policy: ScaleInPolicy::default(),
+            single_placement_group: None,
+            image_kind: ImageKind::Marketplace,
+            automatic_zone_rebalancing_policy: None,
+            upgrade_policy: UpgradePolicy { mode: UpgradeMode::Manual, rolling_upgrade_policy: RollingUpgradePolicy::default() },
+            automatic_repairs_policy: None,
+            model_version: 0,
+        }
+    }
+
     /// The VM sizes this scale set may use, in the order the user listed them.
     pub fn vm_size_names(&self) -> Vec<&str> {
         match (&self.sku_profile, &self.sku) {

@@ -293,26 +293,7 @@ mod tests {
     use crate::Engine;
 
     fn spec(zones: &[&str]) -> ScaleSetSpec {
-        ScaleSetSpec {
-            name: "t".into(),
-            orchestration_mode: OrchestrationMode::Flexible,
-            zones: zones.iter().map(|z| z.to_string()).collect(),
-            zone_balance: false,
-            platform_fault_domain_count: None,
-            sku: Some(Sku { name: "Standard_D2s_v5".into(), tier: None }),
-            sku_profile: None,
-            priority: Priority::Regular,
-            eviction_policy: None,
-            max_price: None,
-            priority_mix_policy: None,
-            scale_in_policy: ScaleInPolicy::default(),
-            single_placement_group: None,
-            image_kind: ImageKind::Marketplace,
-            automatic_zone_rebalancing_policy: None,
-            upgrade_policy: UpgradePolicy { mode: UpgradeMode::Manual, rolling_upgrade_policy: RollingUpgradePolicy::default() },
-            automatic_repairs_policy: None,
-            model_version: 0,
-        }
+        ScaleSetSpec::with_sku("t", zones, "Standard_D2s_v5")
     }
 
     #[test]

@@ -7,27 +7,13 @@ const SIZE: &str = "Standard_D2s_v5";
 
 fn spec(zones: &[&str], mix: Option<(u32, u32)>, rule: ScaleInRule) -> ScaleSetSpec {
     ScaleSetSpec {
-        name: "p".into(),
-        orchestration_mode: OrchestrationMode::Flexible,
-        zones: zones.iter().map(|z| z.to_string()).collect(),
-        zone_balance: false,
-        platform_fault_domain_count: None,
-        sku: Some(Sku { name: SIZE.into(), tier: None }),
-        sku_profile: None,
         priority: if mix.is_some() { Priority::Spot } else { Priority::Regular },
-        eviction_policy: None,
-        max_price: None,
         priority_mix_policy: mix.map(|(b, p)| PriorityMixPolicy {
             base_regular_priority_count: b,
             regular_priority_percentage_above_base: p,
         }),
         scale_in_policy: ScaleInPolicy { rules: vec![rule], ..ScaleInPolicy::default() },
-        single_placement_group: None,
-        image_kind: ImageKind::Marketplace,
-        automatic_zone_rebalancing_policy: None,
-        upgrade_policy: UpgradePolicy { mode: UpgradeMode::Manual, rolling_upgrade_policy: RollingUpgradePolicy::default() },
-        automatic_repairs_policy: None,
-        model_version: 0,
+        ..ScaleSetSpec::with_sku("p", zones, SIZE)
     }
 }
 

@@ -287,6 +287,7 @@ impl Engine {
     }
 
     /// Applies rebalance moves: creates as (zone, fault_domain, vm_size, priority) columns, then deletes.
+    #[allow(clippy::too_many_arguments)] // one argument per column, as Python passes them
     fn apply_rebalance(
         &self,
         py: Python<'_>,
