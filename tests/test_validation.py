@@ -163,6 +163,7 @@ def test_not_found_and_duplicates(engine: Engine) -> None:
         Instance(instance_id=1, zone="1", vm_size=SIZE, priority="Spot"),
         Instance(instance_id=1, zone="1", vm_size=SIZE, health="Sick"),
         Instance(instance_id=1, zone="1", vm_size=SIZE, protect_from_scale_set_actions=True),
+        Instance(instance_id=2**53, zone="1", vm_size=SIZE),
     ],
 )
 def test_import_validation(engine: Engine, instance: Instance) -> None:

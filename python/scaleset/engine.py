@@ -48,8 +48,8 @@ _INSTANCE_COLUMNS = (
 
 
 def _count(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise invalid_input(f"{what} must be a non-negative integer, got {value!r}.")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
+        raise invalid_input(f"{what} must be a non-negative integer below 2**64, got {value!r}.")
     return value
 
 

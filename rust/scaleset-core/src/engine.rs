@@ -12,6 +12,9 @@ use crate::scale_in::plan_scale_in;
 use crate::scale_out::{plan_scale_out, SetView};
 use crate::validate::{check_update, instance_limit, limit_error, resolve};
 
+/// The largest instance id: 2^53 - 1, so ids stay exact in JSON clients and `id + 1` never overflows.
+pub const MAX_INSTANCE_ID: u64 = (1 << 53) - 1;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScaleSetState {
     pub spec: ScaleSetSpec,
@@ -306,6 +309,12 @@ impl Engine {
         let mut imported = Vec::with_capacity(inputs.len());
         for input in inputs {
             let id = input.instance_id;
+            if id > MAX_INSTANCE_ID {
+                return Err(CoreError::invalid(
+                    codes::INVALID_PARAMETER,
+                    format!("instance id {id} is too large: ids must be at most {MAX_INSTANCE_ID} (2^53 - 1, exact in every JSON client)."),
+                ));
+            }
             if !seen.insert(id) {
                 return Err(CoreError::invalid(codes::INVALID_PARAMETER, format!("instance id {id} is listed twice.")));
             }
