@@ -319,13 +319,15 @@ class LazyItems(Sequence[T], Generic[T]):
     @overload
     def __getitem__(self, index: slice) -> list[T]: ...
     def __getitem__(self, index: int | slice) -> T | list[T]:
+        if type(index) is int:
+            if 0 <= index < self._len:
+                return self._get(index)
+            if -self._len <= index < 0:
+                return self._get(index + self._len)
+            raise IndexError(index)
         if isinstance(index, slice):
             return [self._get(i) for i in range(*index.indices(self._len))]
-        if index < 0:
-            index += self._len
-        if not 0 <= index < self._len:
-            raise IndexError(index)
-        return self._get(index)
+        return self[index.__index__()]
 
     def __iter__(self) -> Iterator[T]:
         return (self._get(i) for i in range(self._len))

@@ -215,7 +215,19 @@ impl Engine {
     pub fn apply(&mut self, plan: &Plan) -> Result<()> {
         let state = self.sets.get_mut(&plan.scale_set).ok_or_else(|| not_found(&plan.scale_set))?;
         let model_version = state.spec.model_version;
-        if !plan.deletes.is_empty() {
+        if plan.deletes.len() <= 32 {
+            // A few deletes (one decision at a time is common): find each by id, remove last first.
+            let mut at: Vec<usize> = plan
+                .deletes
+                .iter()
+                .filter_map(|d| state.instances.binary_search_by_key(&d.instance_id, |i| i.instance_id).ok())
+                .collect();
+            at.sort_unstable_by(|a, b| b.cmp(a));
+            at.dedup();
+            for p in at {
+                state.instances.remove(p);
+            }
+        } else {
             let mut gone: Vec<u64> = plan.deletes.iter().map(|d| d.instance_id).collect();
             gone.sort_unstable();
             state.instances.retain(|i| gone.binary_search(&i.instance_id).is_err());

@@ -80,27 +80,24 @@ pub fn plan_scale_in(view: &SetView<'_>, count: u64, size_table: &[String]) -> R
         }
     }
 
-    let mut zone_count = vec![0u32; slots.len()];
-    let mut fd_count = vec![0u32; slots.len() * span];
-    let mut regular = 0u64;
-    let mut eligible = 0u64;
     // Pass 1 counts the buckets and notes each one's oldest and newest member. A single decision needs
     // nothing more; larger scale-ins lay every bucket out in one flat array (pass 2), so even a large set
-    // costs a handful of allocations.
+    // costs a handful of allocations. Per instance it touches one (slot, fd, priority) cell; zone,
+    // fault-domain and Regular counts are summed from the cells afterwards.
     const NONE: usize = usize::MAX;
     let single = count == 1;
     let sizes = size_table.len().max(1);
     let key_space = slots.len() * span * 2 * sizes * 2;
     let mut keys = Vec::with_capacity(if single { 0 } else { instances.len() });
+    let mut cells = vec![0u32; slots.len() * span * 2];
     let mut per_key = vec![0u32; key_space];
     let mut first = vec![NONE; key_space];
     let mut last = vec![NONE; key_space];
+    let mut eligible = 0u64;
     for (i, inst) in instances.iter().enumerate() {
-        let slot = slot_of(inst.zone);
-        let fd = (inst.fault_domain as usize).min(span - 1);
-        zone_count[slot] += 1;
-        fd_count[slot * span + fd] += 1;
-        regular += u64::from(inst.priority == Priority::Regular);
+        let fd = inst.fault_domain as usize;
+        let cell = (slot_of(inst.zone) * span + if fd < span { fd } else { span - 1 }) * 2 + inst.priority.index();
+        cells[cell] += 1;
         if inst.is_protected_from_scale_in() {
             if !single {
                 keys.push(NONE);
@@ -109,8 +106,8 @@ pub fn plan_scale_in(view: &SetView<'_>, count: u64, size_table: &[String]) -> R
         }
         eligible += 1;
         let bad = prioritize_unhealthy && inst.is_unhealthy_or_inactive();
-        let size = usize::from(inst.vm_size).min(sizes - 1);
-        let key = (((slot * span + fd) * 2 + inst.priority.index()) * sizes + size) * 2 + usize::from(bad);
+        let size = usize::from(inst.vm_size);
+        let key = (cell * sizes + if size < sizes { size } else { sizes - 1 }) * 2 + usize::from(bad);
         per_key[key] += 1;
         if first[key] == NONE {
             first[key] = i;
@@ -120,8 +117,19 @@ pub fn plan_scale_in(view: &SetView<'_>, count: u64, size_table: &[String]) -> R
             keys.push(key);
         }
     }
-    let mut buckets: Vec<Bucket> = Vec::new();
-    let mut flat: Vec<u32> = Vec::new();
+    let mut zone_count = vec![0u32; slots.len()];
+    let mut fd_count = vec![0u32; slots.len() * span];
+    let mut regular = 0u64;
+    for (c, &n) in cells.iter().enumerate() {
+        fd_count[c / 2] += n;
+        zone_count[c / 2 / span] += n;
+        if c % 2 == Priority::Regular.index() {
+            regular += u64::from(n);
+        }
+    }
+    let nonempty = per_key.iter().filter(|&&n| n > 0).count();
+    let mut buckets: Vec<Bucket> = Vec::with_capacity(nonempty);
+    let mut flat: Vec<u32> = Vec::with_capacity(if single { 2 * nonempty } else { eligible as usize });
     let mut fill = vec![0usize; if single { 0 } else { key_space }];
     for (key, &n) in per_key.iter().enumerate() {
         if n == 0 {

@@ -2,7 +2,7 @@
 //! (dicts and lists built by `scaleset.engine`) to core types, releases the GIL around every core call,
 //! and maps `CoreError` to Python exceptions in one place. It holds no logic of its own.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
@@ -49,6 +49,14 @@ fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> core::Result<T> + Send)
 #[pyclass(frozen, module = "scaleset._core")]
 struct Engine {
     inner: Mutex<core::Engine>,
+    /// Zone and size names shared with plan handles (sizes only ever grow), so a plan costs no copies.
+    names: Mutex<Names>,
+}
+
+#[derive(Clone)]
+struct Names {
+    zones: Arc<[String]>,
+    sizes: Arc<[String]>,
 }
 
 impl Engine {
@@ -57,6 +65,20 @@ impl Engine {
             CoreError::conflict("EnginePoisoned", "the engine was poisoned by an earlier panic; restart the process.")
         })?;
         f(&mut guard)
+    }
+
+    /// A plan handle sharing the engine's current names.
+    fn handle(&self, e: &core::Engine, plan: core::Plan) -> PlanHandle {
+        let names = match self.names.lock() {
+            Ok(mut names) => {
+                if names.sizes.len() != e.sizes().len() {
+                    names.sizes = e.sizes().into();
+                }
+                names.clone()
+            }
+            Err(_) => Names { zones: e.region().zones.as_slice().into(), sizes: e.sizes().into() },
+        };
+        PlanHandle { plan, zones: names.zones, sizes: names.sizes }
     }
 }
 
@@ -67,15 +89,11 @@ type PlanItem<'a> = (u64, Option<&'a str>, u32, &'a str, &'static str, String);
 #[pyclass(frozen, module = "scaleset._core")]
 struct PlanHandle {
     plan: core::Plan,
-    zones: Vec<String>,
-    sizes: Vec<String>,
+    zones: Arc<[String]>,
+    sizes: Arc<[String]>,
 }
 
 impl PlanHandle {
-    fn new(engine: &core::Engine, plan: core::Plan) -> Self {
-        Self { plan, zones: engine.region().zones.clone(), sizes: engine.sizes().to_vec() }
-    }
-
     fn size(&self, i: u16) -> &str {
         self.sizes.get(usize::from(i)).map_or("?", String::as_str)
     }
@@ -148,7 +166,8 @@ impl Engine {
                 .set_pool_capacity(pool.zone.as_deref(), &pool.vm_size, priority, pool.available, Some(pool.price))
                 .map_err(to_py_err)?;
         }
-        Ok(Self { inner: Mutex::new(engine) })
+        let names = Names { zones: engine.region().zones.as_slice().into(), sizes: engine.sizes().into() };
+        Ok(Self { inner: Mutex::new(engine), names: Mutex::new(names) })
     }
 
     /// Validates and stores a scale set, scales it to `capacity`; returns (stored spec, plan).
@@ -157,7 +176,7 @@ impl Engine {
         let (stored, handle) = detached(py, || {
             self.with(|e| {
                 let (stored, plan) = e.create_scale_set(spec, capacity)?;
-                Ok((stored, PlanHandle::new(e, plan)))
+                Ok((stored, self.handle(e, plan)))
             })
         })?;
         Ok((spec_to_dto(&stored), handle))
@@ -217,7 +236,7 @@ impl Engine {
 
     #[pyo3(signature = (name, capacity, dry_run=false))]
     fn set_capacity(&self, py: Python<'_>, name: &str, capacity: u64, dry_run: bool) -> PyResult<PlanHandle> {
-        detached(py, || self.with(|e| e.set_capacity(name, capacity, dry_run).map(|plan| PlanHandle::new(e, plan))))
+        detached(py, || self.with(|e| e.set_capacity(name, capacity, dry_run).map(|plan| self.handle(e, plan))))
     }
 
     /// Adopts instances given as columns (the same shape `instances()` returns).
@@ -227,7 +246,7 @@ impl Engine {
     }
 
     fn delete_instances(&self, py: Python<'_>, name: &str, instance_ids: Vec<u64>) -> PyResult<PlanHandle> {
-        detached(py, || self.with(|e| e.delete_instances(name, &instance_ids).map(|plan| PlanHandle::new(e, plan))))
+        detached(py, || self.with(|e| e.delete_instances(name, &instance_ids).map(|plan| self.handle(e, plan))))
     }
 
     /// Evicts Spot instances; returns (deleted ids, deallocated ids).
@@ -313,7 +332,7 @@ impl Engine {
                     creates.push((slot, fault_domains[k], size as u16, priorities[k]));
                 }
                 let plan = e.apply_rebalance(name, &creates, &deletes)?;
-                Ok(PlanHandle::new(e, plan))
+                Ok(self.handle(e, plan))
             })
         })
     }
