@@ -13,14 +13,14 @@ from typing import Any
 import pytest
 
 from bench.conftest import REBALANCE
-from scaleset import Engine, PriorityMixPolicy, Region, ScaleSetSpec, Sku
+from scaleset import Controller, PriorityMixPolicy, Region, ScaleSetSpec, Sku
 from scaleset.testing.rebalance_baselines import greedy_rebalance, per_vm_rebalance
 
 SIZES = [1_000, 10_000, 100_000]
 
 
-def skewed(n: int) -> Engine:
-    engine = Engine(Region(zones=["1", "2", "3"], fault_domains_per_zone=5), instance_limit=200_000)
+def skewed(n: int) -> Controller:
+    engine = Controller(Region(zones=["1", "2", "3"], fault_domains_per_zone=5), instance_limit=200_000)
     engine.create_scale_set(
         ScaleSetSpec(
             name="rb", zones=["1", "2", "3"], sku=Sku(name="Standard_D2s_v5"), priority="Spot",
@@ -55,7 +55,7 @@ def test_rebalance_pools(benchmark: Any, record: Any, n: int) -> None:
 def test_rebalance_greedy(benchmark: Any, record: Any, n: int) -> None:
     benchmark.group = f"rebalance_{n}"
     engine = skewed(n)
-    result = benchmark.pedantic(lambda: greedy_rebalance(engine, "rb"), rounds=3)
+    result = benchmark.pedantic(lambda: greedy_rebalance(engine.engine, "rb"), rounds=3)
     exact = engine.rebalance("rb")
     # The greedy script balances zones but knows nothing of the mix: it leaves violation the model removes.
     assert result.violation > exact.score_after
@@ -67,7 +67,7 @@ def test_rebalance_per_vm_model_1k(benchmark: Any, record: Any) -> None:
     benchmark.group = "rebalance_1000"
     engine = skewed(1_000)
     limit = 1.0 if benchmark.disabled else 10.0
-    result = benchmark.pedantic(lambda: per_vm_rebalance(engine, "rb", time_limit_s=limit), rounds=1)
+    result = benchmark.pedantic(lambda: per_vm_rebalance(engine.engine, "rb", time_limit_s=limit), rounds=1)
     record("baseline")
     exact = engine.rebalance("rb")
     # The same problem: proven, it agrees with the pool model; stopped by its time limit, it is no better.

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scaleset import Engine, Instance, PriorityMixPolicy, Region, ScaleSetSpec, Sku, SkuProfile, VmSize
+from scaleset import Controller, Instance, PriorityMixPolicy, Region, ScaleSetSpec, Sku, SkuProfile, VmSize
 from scaleset.errors import InvalidInputError
 from scaleset.testing.rebalance_baselines import greedy_rebalance, per_vm_rebalance
 from tests.conftest import SIZE, instances_in, zonal_spec
@@ -17,9 +17,9 @@ from tests.conftest import SIZE, instances_in, zonal_spec
 FDS = 3
 
 
-def recovered(n: int, mix: bool = True, fds: int = FDS) -> Engine:
+def recovered(n: int, mix: bool = True, fds: int = FDS) -> Controller:
     """A scale set that grew while zone 1 was down: zone 1 is empty after it recovers."""
-    engine = Engine(Region(zones=["1", "2", "3"], fault_domains_per_zone=fds), instance_limit=100_000)
+    engine = Controller(Region(zones=["1", "2", "3"], fault_domains_per_zone=fds), instance_limit=100_000)
     spec = zonal_spec(priority="Spot", priority_mix_policy=PriorityMixPolicy(2, 50)) if mix else zonal_spec()
     engine.create_scale_set(spec)
     engine.set_zone_available("1", False)
@@ -28,7 +28,7 @@ def recovered(n: int, mix: bool = True, fds: int = FDS) -> Engine:
     return engine
 
 
-def shape_ok(engine: Engine, name: str = "web") -> None:
+def shape_ok(engine: Controller, name: str = "web") -> None:
     instances = engine.get_scale_set(name).instances
     zones = Counter(i.zone for i in instances)
     assert max(zones.values()) - min(zones.values()) <= 1, zones
@@ -73,7 +73,7 @@ def test_waves_keep_running_count_between_capacity_and_surge() -> None:
 
 
 def test_protected_and_deallocated_instances_never_move() -> None:
-    engine = Engine(Region(zones=["1", "2", "3"], fault_domains_per_zone=FDS))
+    engine = Controller(Region(zones=["1", "2", "3"], fault_domains_per_zone=FDS))
     engine.create_scale_set(zonal_spec(priority="Spot"))
     engine.import_instances("web", [
         Instance(instance_id=i, zone="2" if i < 6 else "3", fault_domain=i % FDS, vm_size=SIZE, priority="Spot")
@@ -82,7 +82,7 @@ def test_protected_and_deallocated_instances_never_move() -> None:
     engine.set_protection("web", [0, 1, 2, 3], protect_from_scale_in=True)
     engine.evict("web", [4, 5])  # Deallocate: stays, deallocated
     plan = engine.rebalance("web", dry_run=False)
-    assert set(plan.deletes()).isdisjoint({0, 1, 2, 3, 4, 5})
+    assert {d.instance_id for d in plan.deletes}.isdisjoint({0, 1, 2, 3, 4, 5})
     # Zone 2's six cannot move, so zones stay 2 over / 2 under their share of 4 whatever happens;
     # moving 2 of zone 3's six is the fewest replacements for that.
     counts = Counter(i.zone for i in engine.get_scale_set("web").instances)
@@ -116,16 +116,16 @@ def test_unhealthy_then_outdated_instances_are_replaced_first() -> None:
     engine.report_health("web", zone2[-2:], "Unhealthy")
     engine.update_scale_set(zonal_spec(sku=Sku(name="Standard_D4s_v5")))
     plan = engine.rebalance("web", max_replacements=6)
-    deletes = plan.deletes()
+    deletes = [d.instance_id for d in plan.deletes]
     assert deletes[:2] == sorted(zone2[-2:])
     assert "unhealthy" in plan.waves[0].deletes[0].reason
     # The rest are on the old size: replacing them also fixes vm_sizes.
     assert all("out-of-date" in w.deletes[0].reason for w in list(plan.waves)[2:])
-    assert {c[2] for c in plan.creates()} == {"Standard_D4s_v5"}
+    assert {c.vm_size for c in plan.creates} == {"Standard_D4s_v5"}
 
 
 def test_sizes_no_longer_in_the_model_are_replaced_by_the_cheapest() -> None:
-    engine = Engine(Region(zones=["1"], fault_domains_per_zone=1))
+    engine = Controller(Region(zones=["1"], fault_domains_per_zone=1))
     engine.set_pool_capacity("1", "Standard_D4s_v5", "Regular", None, price=0.2)
     engine.set_pool_capacity("1", "Standard_E2s_v5", "Regular", None, price=0.1)
     engine.create_scale_set(ScaleSetSpec(name="mix", zones=["1"], sku_profile=SkuProfile([VmSize(SIZE)])), 4)
@@ -136,7 +136,7 @@ def test_sizes_no_longer_in_the_model_are_replaced_by_the_cheapest() -> None:
 
 
 def test_priority_mix_is_restored() -> None:
-    engine = Engine(Region(zones=["1", "2"], fault_domains_per_zone=1))
+    engine = Controller(Region(zones=["1", "2"], fault_domains_per_zone=1))
     engine.create_scale_set(zonal_spec(zones=["1", "2"], priority="Spot", priority_mix_policy=PriorityMixPolicy(0, 50)))
     engine.import_instances("web", instances_in({"1": range(3), "2": range(3, 6)}, priority="Spot"))
     plan = engine.rebalance("web", dry_run=False)
@@ -149,7 +149,7 @@ def test_same_state_same_plan() -> None:
     for _ in range(3):
         engine = recovered(300)
         engine.report_health("web", list(range(0, 300, 7)), "Unhealthy")
-        plans.append((engine.rebalance("web", max_replacements=70).deletes(), engine.rebalance("web", max_replacements=70).creates()))
+        plans.append((engine.rebalance("web", max_replacements=70).deletes, engine.rebalance("web", max_replacements=70).creates))
     assert plans[0] == plans[1] == plans[2]
 
 
@@ -157,7 +157,7 @@ def test_time_limit_never_returns_nothing() -> None:
     engine = recovered(3000)
     plan = engine.rebalance("web", time_limit_s=1e-6)
     assert plan.status in ("OPTIMAL", "FEASIBLE")
-    assert plan.replacements == len(plan.creates()) == len(plan.deletes())
+    assert plan.replacements == len(plan.creates) == len(plan.deletes)
     assert plan.score_after <= plan.score_before
     assert plan.violation_bound <= plan.score_after
 
@@ -171,7 +171,7 @@ def test_time_limit_never_returns_nothing() -> None:
     st.booleans(),
 )
 def test_pool_model_matches_a_per_vm_model(zones: list[str], fds: list[int], protected: set[int], budget: int, mix: bool) -> None:
-    engine = Engine(Region(zones=["1", "2", "3"], fault_domains_per_zone=2))
+    engine = Controller(Region(zones=["1", "2", "3"], fault_domains_per_zone=2))
     spec = zonal_spec(priority="Spot", priority_mix_policy=PriorityMixPolicy(1, 50)) if mix else zonal_spec()
     engine.create_scale_set(spec)
     engine.import_instances("web", [
@@ -181,9 +181,9 @@ def test_pool_model_matches_a_per_vm_model(zones: list[str], fds: list[int], pro
         for i, z in enumerate(zones)
     ])
     plan = engine.rebalance("web", max_replacements=budget)
-    reference = per_vm_rebalance(engine, "web", max_replacements=budget)
+    reference = per_vm_rebalance(engine.engine, "web", max_replacements=budget)
     assert plan.optimal and reference.status == "OPTIMAL"
     assert (plan.score_after, plan.replacements) == (reference.violation, reference.replacements)
-    greedy = greedy_rebalance(engine, "web", max_replacements=budget)
+    greedy = greedy_rebalance(engine.engine, "web", max_replacements=budget)
     if not mix:
         assert plan.score_after <= greedy.violation

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from scaleset import AutomaticRepairsPolicy, Engine, Instance, Region, RollingUpgradePolicy, ScaleSetSpec, Sku, UpgradePolicy
+from scaleset import AutomaticRepairsPolicy, Controller, Instance, Region, RollingUpgradePolicy, ScaleSetSpec, Sku, UpgradePolicy
 from scaleset.client import Client
 from scaleset.errors import ConflictError, InvalidInputError
-from scaleset.repairs import SUSPEND_AFTER
+from scaleset.policies.repairs import SUSPEND_AFTER
 from scaleset.testing.server import ServerThread
-from scaleset.upgrade import HEALTH_WAIT_S
+from scaleset.policies.upgrade import HEALTH_WAIT_S
 from tests.conftest import SIZE, take
 
 NEW = "Standard_D4s_v5"
@@ -27,22 +27,22 @@ def rolling(zones: tuple[str, ...] = ("1",), mode: str = "Rolling", **policy: ob
     )
 
 
-def fleet(n: int = 10, zones: tuple[str, ...] = ("1",), fds: int = 5, mode: str = "Rolling", **policy: object) -> Engine:
-    engine = Engine(Region(zones=["1", "2", "3"], fault_domains_per_zone=fds), instance_limit=5000)
+def fleet(n: int = 10, zones: tuple[str, ...] = ("1",), fds: int = 5, mode: str = "Rolling", **policy: object) -> Controller:
+    engine = Controller(Region(zones=["1", "2", "3"], fault_domains_per_zone=fds), instance_limit=5000)
     engine.create_scale_set(rolling(zones, mode, **policy), n)
     engine.report_health("web", range(n), "Healthy")
     return engine
 
 
-def new_model(engine: Engine) -> None:
+def new_model(engine: Controller) -> None:
     engine.update_scale_set(dataclasses.replace(engine.get_spec("web"), sku=Sku(name=NEW)))
 
 
-def versions(engine: Engine) -> dict[int, int | None]:
+def versions(engine: Controller) -> dict[int, int | None]:
     return {i.instance_id: i.model_version for i in engine.get_scale_set("web").instances}
 
 
-def drive(engine: Engine, start: float = T0, step: float = 1.0, healthy: bool = True, limit: int = 10_000) -> float:
+def drive(engine: Controller, start: float = T0, step: float = 1.0, healthy: bool = True, limit: int = 10_000) -> float:
     """Advances time, reporting every instance of a batch Healthy, until the upgrade stops."""
     now = start
     for _ in range(limit):
@@ -200,16 +200,16 @@ def test_cancel_and_restart() -> None:
     engine.advance(T0)
     engine.report_health("web", engine.get_rolling_upgrade("web").in_batch, "Healthy")  # type: ignore[union-attr]
     engine.advance(T0 + 1)
-    cancelled = engine.cancel_rolling_upgrade("web", T0 + 2)
+    cancelled = engine.cancel_rolling_upgrade("web", now=T0 + 2)
     assert cancelled.status == "Cancelled"
     assert engine.advance(T0 + 3) == []
     assert sum(v == 2 for v in versions(engine).values()) == 2
     with pytest.raises(ConflictError):
         engine.cancel_rolling_upgrade("web")
-    restarted = engine.start_rolling_upgrade("web", T0 + 4)
+    restarted = engine.start_rolling_upgrade("web", now=T0 + 4)
     assert sum(len(b) for b in restarted.batches) == 8
     with pytest.raises(ConflictError) as err:
-        engine.start_rolling_upgrade("web", T0 + 5)
+        engine.start_rolling_upgrade("web", now=T0 + 5)
     assert err.value.code == "RollingUpgradeInProgress"
     drive(engine, T0 + 5)
     assert set(versions(engine).values()) == {2}
@@ -230,7 +230,7 @@ def test_manual_and_automatic_modes() -> None:
 
 
 def test_policy_validation() -> None:
-    engine = Engine(Region(zones=["1"]))
+    engine = Controller(Region(zones=["1"]))
     for bad in (
         rolling(max_batch_instance_percent=4), rolling(max_unhealthy_instance_percent=101),
         rolling(pause_time_between_batches="10 seconds"), rolling(mode="Sometimes"),
@@ -241,17 +241,16 @@ def test_policy_validation() -> None:
             engine.create_scale_set(bad)
 
 
-def repairing(n: int, action: str = "Replace", grace: str = "PT10M") -> tuple[Engine, list[float]]:
-    clock = [T0]
-    engine = Engine(Region(zones=["1"], fault_domains_per_zone=5), clock=lambda: clock[0])
+def repairing(n: int, action: str = "Replace", grace: str = "PT10M") -> Controller:
+    engine = Controller(Region(zones=["1"], fault_domains_per_zone=5))
     spec = dataclasses.replace(rolling(mode="Manual"), automatic_repairs_policy=AutomaticRepairsPolicy(True, grace, action))
-    engine.create_scale_set(spec, n)
+    engine.create_scale_set(spec, n, now=T0)
     engine.report_health("web", range(n), "Healthy")
-    return engine, clock
+    return engine
 
 
 def test_repairs_wait_for_the_grace_period_and_replace_with_the_latest_model() -> None:
-    engine, _ = repairing(10)
+    engine = repairing(10)
     new_model(engine)
     engine.report_health("web", [4], "Unhealthy")
     assert engine.advance(T0 + 599) == []
@@ -264,7 +263,7 @@ def test_repairs_wait_for_the_grace_period_and_replace_with_the_latest_model() -
 
 
 def test_repairs_batch_limits_protection_and_actions() -> None:
-    small, _ = repairing(10)
+    small = repairing(10)
     small.report_health("web", [1, 2, 3], "Unhealthy")
     small.set_protection("web", [1], protect_from_scale_in=True)
     (first,) = small.advance(T0 + 600)
@@ -273,12 +272,12 @@ def test_repairs_batch_limits_protection_and_actions() -> None:
     small.report_health("web", [10], "Healthy")
     (second,) = small.advance(T0 + 602)
     assert len(second.instance_ids) == 1
-    big, _ = repairing(100, action="Restart")
+    big = repairing(100, action="Restart")
     big.report_health("web", range(20), "Unhealthy")
     (batch,) = big.advance(T0 + 600)
     assert batch.instance_ids == (0, 1, 2, 3, 4)  # 5% of 100, restarted in place
     assert {i.health for i in big.get_scale_set("web").instances if i.instance_id < 5} == {"Initializing"}
-    reimage, _ = repairing(10, action="Reimage")
+    reimage = repairing(10, action="Reimage")
     new_model(reimage)
     reimage.report_health("web", [6], "Unhealthy")
     reimage.advance(T0 + 600)
@@ -286,7 +285,7 @@ def test_repairs_batch_limits_protection_and_actions() -> None:
 
 
 def test_repeated_failed_repairs_suspend_the_service() -> None:
-    engine, _ = repairing(5, action="Restart")
+    engine = repairing(5, action="Restart")
     engine.report_health("web", [0], "Unhealthy")
     now = T0 + 600
     kinds = []
@@ -321,7 +320,7 @@ def test_thousand_instances_with_injected_failures_stop_roll_back_and_resume() -
     # Operators fix the image: the same instances now come up healthy; a restart resumes the rest.
     engine.report_health("web", rolled_back, "Healthy")
     bad.clear()
-    engine.start_rolling_upgrade("web", now + 1)
+    engine.start_rolling_upgrade("web", now=now + 1)
     drive(engine, now + 1)
     u = engine.get_rolling_upgrade("web")
     assert u is not None and u.status == "Completed" and set(versions(engine).values()) == {2}

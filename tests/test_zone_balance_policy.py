@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from scaleset import AutomaticZoneRebalancingPolicy, Engine, Instance, Region
+from scaleset import AutomaticZoneRebalancingPolicy, Controller, Instance, Region
 from scaleset.client import Client
 from scaleset.errors import InvalidInputError
 from scaleset.testing.server import ServerThread
-from scaleset.zone_balance import HEALTH_WAIT_S, QUIET_PERIOD_S, RATE_LIMIT_S
+from scaleset.policies.zone_balance import HEALTH_WAIT_S, QUIET_PERIOD_S, RATE_LIMIT_S
 from tests.conftest import SIZE, take, zonal_spec
 
 T0 = 1_800_000_000.0
@@ -26,22 +26,21 @@ class Clock:
         return self.now
 
 
-def recovered(clock: Clock, n: int = 10) -> Engine:
-    engine = Engine(Region(zones=["1", "2", "3"], fault_domains_per_zone=3), clock=clock)
-    engine.create_scale_set(zonal_spec(automatic_zone_rebalancing_policy=ON))
+def recovered(n: int = 10) -> Controller:
+    engine = Controller(Region(zones=["1", "2", "3"], fault_domains_per_zone=3))
+    engine.create_scale_set(zonal_spec(automatic_zone_rebalancing_policy=ON), now=T0)
     engine.set_zone_available("1", False)
     engine.set_capacity("web", n)
     engine.set_zone_available("1", True)
     return engine
 
 
-def zones(engine: Engine) -> dict[str | None, int]:
+def zones(engine: Controller) -> dict[str | None, int]:
     return dict(sorted(Counter(i.zone for i in engine.get_scale_set("web").instances).items()))
 
 
 def test_one_vm_at_a_time_after_the_quiet_period_and_once_it_is_healthy() -> None:
-    clock = Clock()
-    engine = recovered(clock)
+    engine = recovered()
     assert engine.advance(T0 + QUIET_PERIOD_S - 1) == []  # changed less than an hour ago
     (started,) = engine.advance(T0 + QUIET_PERIOD_S)
     assert started.kind == "ZoneBalanceStarted" and started.instance_ids == (10,)
@@ -61,8 +60,7 @@ def test_one_vm_at_a_time_after_the_quiet_period_and_once_it_is_healthy() -> Non
 
 @pytest.mark.parametrize(("source_health", "kind", "kept_zone"), [("Healthy", "ZoneBalanceRolledBack", "2"), ("Unhealthy", "ZoneBalanceReplacedUnhealthySource", "1")])
 def test_health_wait_outcomes(source_health: str, kind: str, kept_zone: str) -> None:
-    clock = Clock()
-    engine = recovered(clock)
+    engine = recovered()
     engine.advance(T0 + QUIET_PERIOD_S)
     op = engine.zone_balance_operation("web")
     assert op is not None
@@ -77,11 +75,9 @@ def test_health_wait_outcomes(source_health: str, kind: str, kept_zone: str) -> 
 
 
 def test_a_capacity_change_cancels_the_operation_and_keeps_the_new_vm() -> None:
-    clock = Clock()
-    engine = recovered(clock)
+    engine = recovered()
     engine.advance(T0 + QUIET_PERIOD_S)
-    clock.now = T0 + QUIET_PERIOD_S + 10
-    engine.set_capacity("web", 12)
+    engine.set_capacity("web", 12, now=T0 + QUIET_PERIOD_S + 10)
     assert engine.zone_balance_operation("web") is None
     assert engine.capacity("web") == 12 and zones(engine)["1"] == 2
     # And the change restarts the quiet period.
@@ -89,25 +85,23 @@ def test_a_capacity_change_cancels_the_operation_and_keeps_the_new_vm() -> None:
 
 
 def test_protected_deallocated_and_regional_vms_block_or_are_skipped() -> None:
-    clock = Clock()
-    engine = Engine(Region(zones=["1", "2", "3"], fault_domains_per_zone=3), clock=clock)
-    engine.create_scale_set(zonal_spec(priority="Spot", automatic_zone_rebalancing_policy=ON))
+    engine = Controller(Region(zones=["1", "2", "3"], fault_domains_per_zone=3))
+    engine.create_scale_set(zonal_spec(priority="Spot", automatic_zone_rebalancing_policy=ON), now=T0)
     engine.import_instances("web", [Instance(instance_id=i, zone="2", vm_size=SIZE, priority="Spot") for i in range(4)])
     engine.set_protection("web", [0, 1, 2, 3], protect_from_scale_in=True)
     assert engine.advance(T0 + QUIET_PERIOD_S) == []  # nothing in zone 2 may move
     engine.set_protection("web", [3], protect_from_scale_in=False)
     engine.evict("web", [3])  # Deallocate: still not movable
     assert engine.advance(T0 + 2 * QUIET_PERIOD_S) == []
-    other = Engine(Region(zones=["1", "2"], fault_domains_per_zone=1), clock=clock)
-    other.create_scale_set(zonal_spec(zones=["1", "2"], automatic_zone_rebalancing_policy=ON))
+    other = Controller(Region(zones=["1", "2"], fault_domains_per_zone=1))
+    other.create_scale_set(zonal_spec(zones=["1", "2"], automatic_zone_rebalancing_policy=ON), now=T0)
     other.import_instances("web", [*(Instance(instance_id=i, zone="2", vm_size=SIZE) for i in range(4)), Instance(instance_id=9, vm_size=SIZE)])
     assert other.advance(T0 + QUIET_PERIOD_S) == []  # a regional VM: automatic zone balance does not run
 
 
 def test_running_distribution_must_improve() -> None:
-    clock = Clock()
-    engine = Engine(Region(zones=["1", "2"], fault_domains_per_zone=1), clock=clock)
-    engine.create_scale_set(zonal_spec(zones=["1", "2"], priority="Spot", automatic_zone_rebalancing_policy=ON))
+    engine = Controller(Region(zones=["1", "2"], fault_domains_per_zone=1))
+    engine.create_scale_set(zonal_spec(zones=["1", "2"], priority="Spot", automatic_zone_rebalancing_policy=ON), now=T0)
     engine.import_instances("web", [
         *(Instance(instance_id=i, zone="1", vm_size=SIZE, priority="Spot") for i in range(2)),
         *(Instance(instance_id=i, zone="2", vm_size=SIZE, priority="Spot", power_state="deallocated") for i in range(2, 6)),
@@ -117,7 +111,7 @@ def test_running_distribution_must_improve() -> None:
 
 
 def test_policy_validation() -> None:
-    engine = Engine(Region(zones=["1", "2", "3"]))
+    engine = Controller(Region(zones=["1", "2", "3"]))
     for spec in (
         zonal_spec(zones=["1"], automatic_zone_rebalancing_policy=ON),
         zonal_spec(zone_balance=True, automatic_zone_rebalancing_policy=ON),
@@ -128,10 +122,9 @@ def test_policy_validation() -> None:
 
 
 def test_operation_in_progress_survives_export_and_restore() -> None:
-    clock = Clock()
-    engine = recovered(clock)
+    engine = recovered()
     engine.advance(T0 + QUIET_PERIOD_S)
-    copy = Engine.from_state(engine.export_state(), clock=clock)
+    copy = Controller.from_state(engine.export_state())
     assert copy.zone_balance_operation("web") == engine.zone_balance_operation("web")
     copy.report_health("web", [10], "Healthy")
     assert copy.advance(T0 + QUIET_PERIOD_S + 5)[0].kind == "ZoneBalanceCompleted"

@@ -1,15 +1,21 @@
 """scaleset: a placement engine for groups of virtual machines, with Azure VM Scale Sets' behaviour.
 
-Import the engine and the model from here::
+Import the controller and the model from here::
 
-    from scaleset import Engine, Region, ScaleSetSpec, Sku
+    from scaleset import Controller, Region, ScaleSetSpec, Sku
 
-    engine = Engine(Region(zones=["1", "2", "3"], fault_domains_per_zone=5))
-    engine.create_scale_set(ScaleSetSpec(name="web", zones=["1", "2", "3"], sku=Sku(name="Standard_D2s_v5")))
-    plan = engine.set_capacity("web", 10)
+    controller = Controller(Region(zones=["1", "2", "3"], fault_domains_per_zone=5))
+    controller.create_scale_set(ScaleSetSpec(name="web", zones=["1", "2", "3"], sku=Sku(name="Standard_D2s_v5")))
+    plan = controller.set_capacity("web", 10)
+
+:class:`Controller` runs every change as a typed command with its time-driven policies (rolling upgrades,
+repairs, zone balance); :class:`Engine` is the placement facade beneath it, without policies.
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from scaleset import errors
+from scaleset.controller import Controller
 from scaleset.engine import Engine
 from scaleset.model import (
     AutomaticRepairsPolicy,
@@ -35,6 +41,7 @@ from scaleset.model import (
 __all__ = [
     "AutomaticRepairsPolicy",
     "AutomaticZoneRebalancingPolicy",
+    "Controller",
     "Engine",
     "Eviction",
     "Instance",
@@ -55,4 +62,7 @@ __all__ = [
     "errors",
 ]
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("scaleset")  # one place for the version: rust/Cargo.toml's workspace version
+except PackageNotFoundError:  # pragma: no cover - running from a source tree without an install
+    __version__ = "0+unknown"

@@ -2,10 +2,21 @@
 
 from typing import Any, final
 
-__all__ = ["CapacityError", "ConflictError", "Engine", "InvalidInputError", "NotFoundError", "PlanHandle", "ScaleSetError"]
+__all__ = [
+    "CapacityError",
+    "ConflictError",
+    "Engine",
+    "InvalidInputError",
+    "NotFoundError",
+    "PlanHandle",
+    "ScaleSetError",
+    "parse_duration",
+]
 
 class ScaleSetError(Exception):
     code: str
+    field: str | None
+    metadata: dict[str, str]
 
 class InvalidInputError(ScaleSetError): ...
 class ConflictError(ScaleSetError): ...
@@ -72,3 +83,5 @@ class Engine:
         priorities: list[str],
         deletes: list[int],
     ) -> PlanHandle: ...
+
+def parse_duration(text: str) -> float | None: ...

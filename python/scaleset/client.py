@@ -1,6 +1,6 @@
 """A typed, blocking Python client for a scaleset server.
 
-It speaks the same domain types as the in-process :class:`~scaleset.Engine` and raises the same
+It speaks the same domain types as the in-process :class:`~scaleset.Controller` and raises the same
 :mod:`scaleset.errors` (kind from the gRPC status, ``code`` from the ``ErrorInfo`` detail). Every
 mutation carries a ``request_id`` (generated unless given), and is retried with it when the server is
 briefly unavailable, so a retry never applies twice.
@@ -19,7 +19,15 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from scaleset import convert
-from scaleset.errors import CapacityError, ConflictError, InvalidInputError, NotFoundError, ScaleSetError
+from scaleset.errors import (
+    CapacityError,
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    ScaleSetError,
+    UnavailableError,
+    error,
+)
 from scaleset.model import Eviction, Instance, Plan, Region, ScaleSetSpec
 from scaleset.v1 import scaleset_pb2 as pb
 from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
@@ -31,6 +39,7 @@ _ERROR_BY_STATUS: dict[grpc.StatusCode, type[ScaleSetError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: ConflictError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: CapacityError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
 }
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
 
@@ -68,10 +77,9 @@ def _error(err: grpc.RpcError) -> Exception:
             if detail.Unpack(info):
                 reason, metadata = info.reason, dict(info.metadata)
     cls = _ERROR_BY_STATUS.get(code, ScaleSetError)
-    exc = cls(err.details() if hasattr(err, "details") else str(err))
-    exc.code = reason
-    exc.metadata = metadata  # type: ignore[attr-defined]
-    return exc
+    field = metadata.pop("field", None)
+    message = err.details() if hasattr(err, "details") else str(err)
+    return error(cls, message, reason, field=field, metadata=metadata)
 
 
 def _info(msg: pb.ScaleSet) -> ScaleSetInfo:

@@ -21,150 +21,23 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from scaleset.engine import Engine
-from scaleset.errors import NotFoundError, conflict, invalid_input
-from scaleset.model import Eviction, Instance, Plan, Region, ScaleSetSpec
+from scaleset.commands import Advance, Command, decode
+from scaleset.controller import Controller
+from scaleset.errors import NotFoundError, conflict, invalid_input, unavailable
+from scaleset.model import Region
+from scaleset.policies import Action
 from scaleset.store import EventRecord, RequestRecord, Snapshot, Store
-from scaleset.zone_balance import Action
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ControlPlane", "Outcome", "StoreUnavailableError", "apply_command"]
+__all__ = ["ControlPlane", "Outcome"]
 
-#: Plans with more changes than this are summarised (counts only) in watch events.
-EVENT_PLAN_ITEMS = 1000
 #: Events a watcher may fall behind by before it is switched to catching up from the store.
 WATCH_BACKLOG = 10_000
-
-_EVENT_TYPES = {
-    "create": "ScaleSetCreated",
-    "update": "ScaleSetUpdated",
-    "delete": "ScaleSetDeleted",
-    "set_capacity": "CapacitySet",
-    "import": "InstancesImported",
-    "delete_instances": "InstancesDeleted",
-    "evict": "InstancesEvicted",
-    "protect": "InstanceProtectionSet",
-    "health": "InstanceHealthReported",
-    "rebalance": "ScaleSetRebalanced",
-    "advance": "PolicyActions",
-    "start_upgrade": "RollingUpgradeStarted",
-    "cancel_upgrade": "RollingUpgradeCancelled",
-    "upgrade_instances": "InstancesUpgraded",
-    "repairs_state": "RepairsServiceStateChanged",
-    "zone": "ZoneAvailabilityChanged",
-    "pool": "PoolCapacityChanged",
-}
-
-
-class StoreUnavailableError(Exception):
-    """The store failed to commit; the change was not acknowledged and has been rolled back."""
 
 
 class Encodable(Protocol):
     def SerializeToString(self) -> bytes: ...  # noqa: N802 (protobuf's name)
-
-
-def apply_command(engine: Engine, cmd: dict[str, Any]) -> Any:
-    """Applies one logged command. Live mutations and replay both come through here, so they agree."""
-    op = cmd["op"]
-    if op == "create":
-        return engine.create_scale_set(ScaleSetSpec.from_dict(cmd["spec"]), cmd["capacity"])
-    if op == "update":
-        return engine.update_scale_set(ScaleSetSpec.from_dict(cmd["spec"]))
-    if op == "delete":
-        engine.delete_scale_set(cmd["name"])
-        return None
-    if op == "set_capacity":
-        return engine.set_capacity(cmd["name"], cmd["capacity"])
-    if op == "import":
-        engine.import_instances(cmd["name"], [Instance(**row) for row in cmd["instances"]])
-        return None
-    if op == "delete_instances":
-        return engine.delete_instances(cmd["name"], cmd["instance_ids"])
-    if op == "evict":
-        return engine.evict(cmd["name"], cmd["instance_ids"])
-    if op == "protect":
-        engine.set_protection(
-            cmd["name"], cmd["instance_ids"], cmd["protect_from_scale_in"], cmd["protect_from_scale_set_actions"]
-        )
-        return None
-    if op == "health":
-        engine.report_health_batch(cmd["name"], [(ids, health) for ids, health in cmd["reports"]])
-        return None
-    if op == "rebalance":
-        return engine.apply_rebalance_moves(cmd["name"], cmd["creates"], cmd["deletes"])
-    if op == "advance":
-        return engine.advance(cmd["now"], cmd["name"])
-    if op == "start_upgrade":
-        return engine.start_rolling_upgrade(cmd["name"], cmd["now"])
-    if op == "cancel_upgrade":
-        return engine.cancel_rolling_upgrade(cmd["name"], cmd["now"])
-    if op == "upgrade_instances":
-        engine.upgrade_instances(cmd["name"], cmd["instance_ids"])
-        return None
-    if op == "repairs_state":
-        engine.set_repairs_service_state(cmd["name"], cmd["state"])
-        return None
-    if op == "zone":
-        engine.set_zone_available(cmd["zone"], cmd["available"])
-        return None
-    if op == "pool":
-        engine.set_pool_capacity(cmd["zone"], cmd["vm_size"], cmd["priority"], cmd["available"], cmd["price"])
-        return None
-    raise ValueError(f"unknown command {op!r}")
-
-
-def _plan_summary(plan: Plan) -> dict[str, Any]:
-    summary: dict[str, Any] = {
-        "capacity_before": plan.capacity_before,
-        "capacity_after": plan.capacity_after,
-        "create_count": len(plan.creates),
-        "delete_count": len(plan.deletes),
-    }
-    if len(plan.creates) <= EVENT_PLAN_ITEMS and len(plan.deletes) <= EVENT_PLAN_ITEMS:
-        creates, deletes = plan.create_columns(), plan.delete_columns()
-        summary["creates"] = [list(row) for row in zip(*creates.values())] if creates["instance_id"] else []
-        summary["deletes"] = [list(row) for row in zip(*deletes.values())] if deletes["instance_id"] else []
-    return summary
-
-
-def _describe(cmd: dict[str, Any], result: Any) -> dict[str, Any]:
-    """What watchers are told about a change: a sentence and, for plans, the instances involved."""
-    op = cmd["op"]
-    out: dict[str, Any] = {}
-    if isinstance(result, Plan):
-        out["plan"] = _plan_summary(result)
-        text = f"{result.capacity_before} -> {result.capacity_after} instances"
-    elif isinstance(result, Eviction):
-        text = f"evicted: {len(result.deleted)} deleted, {len(result.deallocated)} deallocated"
-    elif op in ("protect", "delete_instances", "health"):
-        n = len(cmd.get("instance_ids", [])) or sum(len(ids) for ids, _ in cmd.get("reports", []))
-        text = f"{n} instances"
-    elif op == "zone":
-        text = f"zone {cmd['zone']} {'available' if cmd['available'] else 'unavailable'}"
-    elif op == "pool":
-        text = f"pool {cmd['zone'] or 'regional'}/{cmd['vm_size']}/{cmd['priority']} available={cmd['available']}"
-    elif op == "import":
-        text = f"{len(cmd['instances'])} instances imported"
-    elif op == "advance":
-        text = "; ".join(a.reason for a in result)
-    elif op in ("start_upgrade", "cancel_upgrade"):
-        text = f"rolling upgrade to model {result.model_version}: {result.status}, {len(result.batches)} batches"
-    elif op == "upgrade_instances":
-        text = f"{len(cmd['instance_ids'])} instances upgraded to the latest model"
-    elif op == "repairs_state":
-        text = f"automatic repairs {cmd['state']}"
-    else:
-        text = op
-    out["text"] = text
-    return out
-
-
-def _event_type(command: dict[str, Any], result: Any) -> str:
-    if command["op"] == "advance" and result:
-        return str(result[0].kind)
-    return _EVENT_TYPES[command["op"]]
 
 
 def fingerprint(method: str, payload: bytes) -> str:
@@ -193,7 +66,7 @@ class _Pending:
 
 
 class ControlPlane:
-    """Owns the engine and its log. All methods run on one asyncio event loop.
+    """Owns the controller (engine and policies) and its log. All methods run on one asyncio event loop.
 
     Args:
         store: where events, replies and snapshots go.
@@ -227,7 +100,7 @@ class ControlPlane:
         self._inflight: dict[str, asyncio.Future[bytes]] = {}
         self._recent: dict[str, RequestRecord] = {}
         self._snapshot_task: asyncio.Task[None] | None = None
-        self.engine: Engine
+        self.controller: Controller
         self.revisions: dict[str, int] = {}
         self.region_revision = 0
         self.sequence = 0
@@ -258,26 +131,23 @@ class ControlPlane:
         snapshot, events = self._store.load()
         if snapshot is not None:
             state = snapshot.state
-            self.engine = Engine.from_state(state["engine"], instance_limit=self._instance_limit, clock=self._engine_clock)
+            self.controller = Controller.from_state(state["engine"], instance_limit=self._instance_limit)
             self.revisions = dict(state["revisions"])
             self.region_revision = state["region_revision"]
             self.sequence = self._snapshot_sequence = snapshot.sequence
         else:
-            self.engine = Engine(initial, instance_limit=self._instance_limit, clock=self._engine_clock)
+            self.controller = Controller(initial, instance_limit=self._instance_limit)
             self.revisions, self.region_revision, self.sequence = {}, 0, 0
         for event in events:
             self.now = event.time_ms / 1000
             try:
-                apply_command(self.engine, event.command)
+                self.controller.execute(decode(event.command), self.now)
             except Exception as exc:
                 raise RuntimeError(
                     f"the stored log cannot be replayed at sequence {event.sequence} ({event.type}): {exc}"
                 ) from exc
             self._count(event)
         log.info("loaded state at sequence %d (%d events replayed)", self.sequence, len(events))
-
-    def _engine_clock(self) -> float:
-        return self.now
 
     def _count(self, event: EventRecord) -> None:
         self.sequence = event.sequence
@@ -302,13 +172,13 @@ class ControlPlane:
 
     # ----- reads --------------------------------------------------------------------------------------
 
-    async def settled(self) -> Engine:
+    async def settled(self) -> Controller:
         """The engine, once every change applied so far is committed (so a read never shows a change
         that a crash could still lose)."""
         last = self._last_commit
         if last is not None and not last.done():
             await asyncio.shield(last)
-        return self.engine
+        return self.controller
 
     def revision(self, name: str) -> int:
         return self.revisions.get(name, 0)
@@ -320,22 +190,31 @@ class ControlPlane:
         """Optimistic concurrency: a given etag must be the scale set's current one."""
         if not etag or not name or etag == self.etag(name):
             return
-        err = conflict(
+        raise conflict(
             f"etag {etag} is stale: '{name}' is at revision {self.revision(name)} (etag {self.etag(name)}); "
             "read it again and retry.",
             "Aborted",
+            metadata={"current_etag": self.etag(name), "current_revision": str(self.revision(name))},
         )
-        err.metadata = {"current_etag": self.etag(name), "current_revision": str(self.revision(name))}  # type: ignore[attr-defined]
-        raise err
 
     # ----- mutations ----------------------------------------------------------------------------------
+
+    async def query(self, command: Command, *, etag: str = "", big: bool = False) -> Outcome:
+        """Answers a command that changes nothing (a dry run) against the committed state."""
+        controller = await self.settled()
+        name = command.scale_set
+        self.check_etag(name, etag)
+        if big:
+            result = await asyncio.to_thread(controller.execute, command, self.now)
+        else:
+            result = controller.execute(command, self.now)
+        return Outcome(result, self.revision(name), self.etag(name), self.sequence)
 
     async def mutate(
         self,
         *,
         method: str,
-        command: dict[str, Any] | Callable[[Engine], dict[str, Any]],
-        scale_set: str,
+        command: Command | Callable[[Controller], Command],
         encode: Callable[[Outcome], Encodable],
         request_id: str = "",
         payload: bytes = b"",
@@ -343,11 +222,11 @@ class ControlPlane:
         big: bool = False,
     ) -> Encodable | bytes:
         """Applies ``command`` durably and returns its reply, or the cached reply bytes of an earlier
-        request with the same ``request_id``. ``scale_set`` is empty for region commands; ``big`` runs
-        the engine call on a worker thread. ``command`` may be a function of the engine, evaluated under
-        the lock (for read-modify-write changes such as masked updates)."""
+        request with the same ``request_id``. ``big`` runs the engine call on a worker thread.
+        ``command`` may be a function of the controller, evaluated under the lock (for read-modify-write
+        changes such as masked updates)."""
         if not self.healthy:
-            raise StoreUnavailableError("the store failed and the state could not be reloaded; restart the server.")
+            raise unavailable("the store failed and the state could not be reloaded; restart the server.")
         fp = fingerprint(method, payload)
         if request_id:
             cached = await self._cached_reply(request_id, method, fp)
@@ -360,7 +239,7 @@ class ControlPlane:
                 return earlier.response
             duplicate = self._inflight.get(request_id) if request_id else None
             if duplicate is None:
-                future, reply, request = await self._apply(method, command, scale_set, encode, request_id, fp, etag, big)
+                future, reply, request = await self._apply(method, command, encode, request_id, fp, etag, big)
         if duplicate is not None:
             return await asyncio.shield(duplicate)
         try:
@@ -371,7 +250,7 @@ class ControlPlane:
                 if future.done() and future.exception() is None and request is not None:
                     waiting.set_result(request.response)
                 elif future.done():
-                    waiting.set_exception(StoreUnavailableError("the change was not committed"))
+                    waiting.set_exception(unavailable("the change was not committed"))
                     waiting.exception()  # retrieved here: a duplicate request may not be waiting
                 else:
                     waiting.cancel()
@@ -380,8 +259,7 @@ class ControlPlane:
     async def _apply(
         self,
         method: str,
-        command: dict[str, Any] | Callable[[Engine], dict[str, Any]],
-        scale_set: str,
+        command: Command | Callable[[Controller], Command],
         encode: Callable[[Outcome], Encodable],
         request_id: str,
         fp: str,
@@ -389,15 +267,15 @@ class ControlPlane:
         big: bool,
     ) -> tuple[asyncio.Future[None], Encodable, RequestRecord | None]:
         """Applies and queues one mutation; the caller holds the lock."""
-        self.check_etag(scale_set, etag)
+        if not isinstance(command, Command):
+            command = await asyncio.to_thread(command, self.controller) if big else command(self.controller)
+        self.check_etag(command.scale_set, etag)
         time_ms = self._tick()
-        if callable(command):
-            command = await asyncio.to_thread(command, self.engine) if big else command(self.engine)
         if big:
-            result = await asyncio.to_thread(apply_command, self.engine, command)
+            result = await asyncio.to_thread(self.controller.execute, command, self.now)
         else:
-            result = apply_command(self.engine, command)
-        future, outcome, event = self._record(command, result, scale_set, time_ms)
+            result = self.controller.execute(command, self.now)
+        future, outcome, event = self._record(command, result, time_ms)
         reply = encode(outcome)
         request = RequestRecord(request_id, method, fp, reply.SerializeToString(), self.sequence) if request_id else None
         self._queue.append(_Pending(event, request, future))
@@ -412,8 +290,9 @@ class ControlPlane:
         self.now = time_ms / 1000
         return time_ms
 
-    def _record(self, command: dict[str, Any], result: Any, scale_set: str, time_ms: int) -> tuple[asyncio.Future[None], Outcome, EventRecord]:
+    def _record(self, command: Command, result: Any, time_ms: int) -> tuple[asyncio.Future[None], Outcome, EventRecord]:
         """Numbers an applied change and makes its event; the caller queues it (holding the lock)."""
+        scale_set = command.scale_set
         self.sequence += 1
         if scale_set:
             revision = self.revisions.get(scale_set, 0) + 1
@@ -425,9 +304,9 @@ class ControlPlane:
             sequence=self.sequence,
             scale_set=scale_set,
             revision=revision,
-            type=_event_type(command, result),
-            command=command,
-            summary=_describe(command, result),
+            type=command.event(result),
+            command=command.logged(result).encode(),
+            summary=command.describe(result),
             time_ms=time_ms,
         )
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -439,17 +318,17 @@ class ControlPlane:
         that changed gets one durable event (replayed as the same ``advance`` at the same time)."""
         done: list[Action] = []
         futures = []
-        for name in self.engine.scale_set_names():
+        for name in self.controller.scale_set_names():
             async with self._lock:
                 time_ms = self._tick()
-                command = {"op": "advance", "name": name, "now": self.now}
+                command = Advance(name)
                 try:
-                    actions = apply_command(self.engine, command)
+                    actions = self.controller.execute(command, self.now)
                 except NotFoundError:
                     continue  # deleted since the list was taken
                 if not actions:
                     continue
-                future, _, event = self._record(command, actions, name, time_ms)
+                future, _, event = self._record(command, actions, time_ms)
                 self._queue.append(_Pending(event, None, future))
                 self._wake.set()
                 futures.append(future)
@@ -508,7 +387,7 @@ class ControlPlane:
             self._queue = []
             for p in failed:
                 if not p.future.done():
-                    p.future.set_exception(StoreUnavailableError(f"the change was not committed: {exc}"))
+                    p.future.set_exception(unavailable(f"the change was not committed: {exc}"))
                     p.future.exception()  # mark retrieved: the waiter may have gone
             try:
                 await asyncio.to_thread(self._load)
@@ -543,7 +422,7 @@ class ControlPlane:
         async with self._lock:
             sequence = self.sequence
             state = {
-                "engine": self.engine.export_state(),
+                "engine": self.controller.export_state(),
                 "revisions": dict(self.revisions),
                 "region_revision": self.region_revision,
             }

@@ -5,7 +5,7 @@ Nothing else outside ``service``, ``client`` and this module imports the generat
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from scaleset.model import (
     AutomaticRepairsPolicy,
@@ -25,10 +25,13 @@ from scaleset.model import (
     UpgradePolicy,
     VmSize,
 )
-from scaleset.rebalance import RebalancePlan
-from scaleset.store import EventRecord
-from scaleset.upgrade import RollingUpgrade
+from scaleset.policies.upgrade import RollingUpgrade
 from scaleset.v1 import scaleset_pb2 as pb
+
+if TYPE_CHECKING:
+    # Types only: the solver and the store load when they are used, not with every client.
+    from scaleset.rebalance import RebalancePlan
+    from scaleset.store import EventRecord
 
 PRIORITY_TO_PB = {"Regular": pb.REGULAR, "Spot": pb.SPOT}
 PRIORITY_FROM_PB = {v: k for k, v in PRIORITY_TO_PB.items()}

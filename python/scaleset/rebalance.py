@@ -31,14 +31,14 @@ from typing import TYPE_CHECKING, Any
 from ortools.sat.python import cp_model
 
 from scaleset.errors import invalid_input
-from scaleset.model import LazyItems
+from scaleset.model import LazyItems, PlannedCreate, PlannedDelete
 
 if TYPE_CHECKING:
     from scaleset.engine import Engine
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RebalanceMove", "RebalancePlan", "Wave", "solve_rebalance"]
+__all__ = ["RebalancePlan", "Wave", "solve_rebalance"]
 
 _CLASS_NAMES = {0: "unhealthy", 1: "running an out-of-date model", 2: "healthy and current"}
 #: Prices are per hour; the model works in integer micro-units.
@@ -54,31 +54,23 @@ def score(violation: dict[str, int]) -> int:
 
 
 @dataclass(frozen=True, slots=True)
-class RebalanceMove:
-    """One step: an instance created in a pool, or an existing instance deleted. ``instance_id`` of a
-    create is known once the plan is applied."""
-
-    action: str  # "create" | "delete"
-    instance_id: int | None
-    zone: str | None
-    fault_domain: int
-    vm_size: str
-    priority: str
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
 class Wave:
     """Create these, then (once they run) delete those: the running count stays between capacity and
     capacity + max_surge."""
 
     index: int
-    creates: tuple[RebalanceMove, ...]
-    deletes: tuple[RebalanceMove, ...]
+    creates: tuple[PlannedCreate, ...]
+    deletes: tuple[PlannedDelete, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class RebalancePlan:
+    """A rebalance: the replacements, in waves, and the target shape's violation before and after.
+
+    ``creates`` and ``deletes`` are the same planned-change items as a capacity :class:`~scaleset.model.Plan`
+    has; a dry run's creates carry the ids they would receive if applied now.
+    """
+
     scale_set: str
     status: str  # OPTIMAL | FEASIBLE (time limit reached before the proof)
     dry_run: bool
@@ -98,7 +90,8 @@ class RebalancePlan:
     waves: LazyItems[Wave] = field(repr=False)
     _creates: list[tuple[str | None, int, str, str, str]] = field(repr=False, compare=False)
     _deletes: list[tuple[int, str | None, int, str, str, str]] = field(repr=False, compare=False)
-
+    #: The id the first create receives (the scale set's next instance id when the plan was made).
+    first_instance_id: int = 0
     #: Instance ids given to the creates when the plan was applied (wave order); empty for a dry run.
     created_ids: tuple[int, ...] = ()
 
@@ -118,30 +111,38 @@ class RebalancePlan:
         """This plan as executed: not a dry run, and each create with the id it received."""
         return replace(
             self, dry_run=False, created_ids=tuple(created_ids),
-            waves=_waves(self._creates, self._deletes, self.max_surge, created_ids),
+            waves=_waves(self._creates, self._deletes, self.max_surge, self.first_instance_id, created_ids),
         )
 
-    def creates(self) -> list[tuple[str | None, int, str, str]]:
-        """(zone, fault_domain, vm_size, priority) of every create, in wave order."""
-        return [c[:4] for c in self._creates]
+    @property
+    def creates(self) -> tuple[PlannedCreate, ...]:
+        """Every create, in wave order."""
+        ids = self.created_ids or range(self.first_instance_id, self.first_instance_id + len(self._creates))
+        return tuple(PlannedCreate(i, *c) for i, c in zip(ids, self._creates, strict=True))
 
-    def deletes(self) -> list[int]:
-        """Instance ids of every delete, in wave order."""
-        return [d[0] for d in self._deletes]
+    @property
+    def deletes(self) -> tuple[PlannedDelete, ...]:
+        """Every delete, in wave order."""
+        return tuple(PlannedDelete(*d) for d in self._deletes)
+
+    def moves(self) -> tuple[list[list[Any]], list[int]]:
+        """The plan as explicit moves: creates as [zone, fault_domain, vm_size, priority], delete ids.
+        (What a rebalance is logged as, so a replay never runs the solver.)"""
+        return [list(c[:4]) for c in self._creates], [d[0] for d in self._deletes]
 
 
-def _waves(creates: list[Any], deletes: list[Any], surge: int, created_ids: list[int] | None = None) -> LazyItems[Wave]:
+def _waves(
+    creates: list[Any], deletes: list[Any], surge: int, first_id: int, created_ids: list[int] | None = None
+) -> LazyItems[Wave]:
     count = math.ceil(max(len(creates), len(deletes)) / surge) if creates or deletes else 0
 
     def wave(i: int) -> Wave:
         lo, hi = i * surge, (i + 1) * surge
-        ids = created_ids[lo:hi] if created_ids is not None else [None] * len(creates[lo:hi])
+        ids = created_ids[lo:hi] if created_ids is not None else range(first_id + lo, first_id + lo + len(creates[lo:hi]))
         return Wave(
             index=i,
-            creates=tuple(
-                RebalanceMove("create", id_, z, f, s, p, r) for id_, (z, f, s, p, r) in zip(ids, creates[lo:hi])
-            ),
-            deletes=tuple(RebalanceMove("delete", i_, z, f, s, p, r) for i_, z, f, s, p, r in deletes[lo:hi]),
+            creates=tuple(PlannedCreate(id_, *c) for id_, c in zip(ids, creates[lo:hi], strict=True)),
+            deletes=tuple(PlannedDelete(*d) for d in deletes[lo:hi]),
         )
 
     return LazyItems(count, wave)
@@ -400,6 +401,7 @@ def _assemble(
     # Waves replace unhealthy instances first, then out-of-date ones, then the rest; oldest first.
     ranked.sort(key=lambda d: (d[0], d[1]))
     deletes = [d[1:] for d in ranked]
+    first_id = engine.next_instance_id(name)
     plan = RebalancePlan(
         scale_set=name,
         status="OPTIMAL" if status == cp_model.OPTIMAL else "FEASIBLE",
@@ -415,10 +417,10 @@ def _assemble(
         zone_counts_after={slots[s]: zone_a[s] for s in sorted(set(zone_a) | set(shape.available))},
         fault_domain_counts_before={(slots[s], f): n for (s, f), n in sorted(fd_b.items())},
         fault_domain_counts_after={(slots[s], f): n for (s, f), n in sorted(fd_a.items())},
-        waves=_waves(creates, deletes, surge),
+        waves=_waves(creates, deletes, surge, first_id),
         _creates=creates,
         _deletes=deletes,
+        first_instance_id=first_id,
     )
-    if plan.replacements != len(creates):
-        raise RuntimeError(f"rebalance plan is inconsistent: {len(creates)} creates for {plan.replacements} deletes")
+    assert plan.replacements == len(creates), f"{len(creates)} creates for {plan.replacements} deletes"
     return plan

@@ -25,11 +25,19 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from scaleset import commands as cmd
 from scaleset import convert
-from scaleset.control import ControlPlane, Outcome, StoreUnavailableError
-from scaleset.engine import Engine
-from scaleset.errors import CapacityError, ConflictError, InvalidInputError, NotFoundError, ScaleSetError, invalid_input
-from scaleset.model import Instance, Plan
+from scaleset.control import ControlPlane, Outcome
+from scaleset.controller import Controller
+from scaleset.errors import (
+    CapacityError,
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    ScaleSetError,
+    UnavailableError,
+    invalid_input,
+)
 from scaleset.v1 import scaleset_pb2 as pb
 from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
 
@@ -46,7 +54,7 @@ _STATUS_BY_KIND: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (ConflictError, grpc.StatusCode.FAILED_PRECONDITION),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (StoreUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (UnavailableError, grpc.StatusCode.UNAVAILABLE),
 ]
 
 
@@ -57,14 +65,16 @@ def status_for(exc: BaseException) -> grpc.Status:
         if isinstance(exc, kind):
             code = status
             break
+    metadata: dict[str, str] = {}
     if isinstance(exc, ScaleSetError):
         reason, message = exc.code, str(exc)
-    elif isinstance(exc, StoreUnavailableError):
-        reason, message = "StoreUnavailable", str(exc)
+        metadata = dict(getattr(exc, "metadata", None) or {})
+        if getattr(exc, "field", None):
+            metadata["field"] = exc.field  # type: ignore[assignment]
     else:
         log.exception("internal error", exc_info=exc)
         reason, message = "InternalError", "internal error; the server logged the details."
-    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=getattr(exc, "metadata", None) or {})
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
     status = status_pb2.Status(code=code.value[0], message=message, details=[detail])
@@ -85,9 +95,11 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
         scale_sets = Gauge("scaleset_scale_sets", "Scale sets.", registry=self.registry)
-        scale_sets.set_function(lambda: len(control.engine.scale_set_names()))
+        scale_sets.set_function(lambda: len(control.controller.scale_set_names()))
         instances = Gauge("scaleset_instances", "Instances across all scale sets.", registry=self.registry)
-        instances.set_function(lambda: sum(control.engine.capacity(n) for n in control.engine.scale_set_names()))
+        instances.set_function(
+            lambda: sum(control.controller.capacity(n) for n in control.controller.scale_set_names())
+        )
 
 
 class _Interceptor(grpc.aio.ServerInterceptor):
@@ -200,35 +212,34 @@ class ScaleSetsServicer(pb_grpc.ScaleSetsServicer):
         self._pages: OrderedDict[tuple[str, int, int, int], bytes] = OrderedDict()
         self._columns: OrderedDict[tuple[str, int], dict[str, list[Any]]] = OrderedDict()
 
-    def _scale_set(self, engine: Engine, name: str) -> pb.ScaleSet:
+    def _scale_set(self, controller: Controller, name: str) -> pb.ScaleSet:
         return pb.ScaleSet(
-            spec=convert.spec_to_proto(engine.get_spec(name)),
-            capacity=engine.capacity(name),
+            spec=convert.spec_to_proto(controller.get_spec(name)),
+            capacity=controller.capacity(name),
             revision=self._control.revision(name),
             etag=self._control.etag(name),
         )
 
-    async def _mutate(self, method: str, request: Any, name: str, command: Any, encode: Callable[[Outcome], Any],
+    async def _mutate(self, method: str, request: Any, command: Any, encode: Callable[[Outcome], Any],
                       *, etag: str = "", big: bool = False) -> Any:
         """A durable change; the reply is a message, or the bytes first sent for this request_id (the
         interceptor's serializer passes bytes through)."""
         return await self._control.mutate(
-            method=method, command=command, scale_set=name, encode=encode,
+            method=method, command=command, encode=encode,
             request_id=request.request_id, payload=request.SerializeToString(), etag=etag, big=big,
         )
 
     async def CreateScaleSet(self, request: pb.CreateScaleSetRequest, context: Any) -> pb.CreateScaleSetResponse:
         spec = convert.spec_from_proto(request.scale_set)
         summary = request.view == pb.PLAN_VIEW_SUMMARY
-        engine = self._control.engine
 
         def encode(o: Outcome) -> pb.CreateScaleSetResponse:
             return pb.CreateScaleSetResponse(
-                scale_set=self._scale_set(engine, spec.name), plan=convert.plan_to_proto(o.result, summary)
+                scale_set=self._scale_set(self._control.controller, spec.name),
+                plan=convert.plan_to_proto(o.result, summary),
             )
 
-        command = {"op": "create", "spec": spec.to_dict(), "capacity": request.capacity}
-        return await self._mutate("CreateScaleSet", request, spec.name, command, encode,
+        return await self._mutate("CreateScaleSet", request, cmd.CreateScaleSet(spec, request.capacity), encode,
                                   big=request.capacity > BIG_CHANGE)
 
     async def GetScaleSet(self, request: pb.GetScaleSetRequest, context: Any) -> pb.ScaleSet:
@@ -253,53 +264,47 @@ class ScaleSetsServicer(pb_grpc.ScaleSetsServicer):
         mask = request.update_mask
         if mask.paths and not mask.IsValidForDescriptor(pb.ScaleSetSpec.DESCRIPTOR):
             raise invalid_input(f"update_mask has a path that is not a ScaleSetSpec field: {list(mask.paths)}.")
-        engine = self._control.engine
 
-        def command(current: Engine) -> dict[str, Any]:
+        def command(current: Controller) -> cmd.Command:
             # Merged under the control plane's lock, against the spec as it is when the change applies.
             if mask.paths:
                 merged = convert.spec_to_proto(current.get_spec(name))
                 mask.MergeMessage(request.scale_set, merged, replace_message_field=True, replace_repeated_field=True)
             else:
                 merged = request.scale_set
-            return {"op": "update", "spec": convert.spec_from_proto(merged).to_dict()}
+            return cmd.UpdateScaleSet(convert.spec_from_proto(merged))
 
-        return await self._mutate("UpdateScaleSet", request, name, command,
-                                  lambda o: self._scale_set(engine, name), etag=request.etag)
+        return await self._mutate("UpdateScaleSet", request, command,
+                                  lambda o: self._scale_set(self._control.controller, name), etag=request.etag)
 
     async def DeleteScaleSet(self, request: pb.DeleteScaleSetRequest, context: Any) -> pb.DeleteScaleSetResponse:
         name = _require(request.name, "name")
-        return await self._mutate("DeleteScaleSet", request, name, {"op": "delete", "name": name},
+        return await self._mutate("DeleteScaleSet", request, cmd.DeleteScaleSet(name),
                                   lambda o: pb.DeleteScaleSetResponse(revision=o.revision), etag=request.etag)
 
     async def SetCapacity(self, request: pb.SetCapacityRequest, context: Any) -> pb.SetCapacityResponse:
         name = _require(request.name, "name")
         summary = request.view == pb.PLAN_VIEW_SUMMARY
-        if request.dry_run:
-            engine = await self._control.settled()
-            self._control.check_etag(name, request.etag)
-            plan = engine.set_capacity(name, request.capacity, dry_run=True)
-            return pb.SetCapacityResponse(
-                plan=convert.plan_to_proto(plan, summary), revision=self._control.revision(name), etag=self._control.etag(name)
-            )
-        current = self._control.engine.capacity(name)
 
         def encode(o: Outcome) -> pb.SetCapacityResponse:
             return pb.SetCapacityResponse(plan=convert.plan_to_proto(o.result, summary), revision=o.revision, etag=o.etag)
 
-        command = {"op": "set_capacity", "name": name, "capacity": request.capacity}
-        return await self._mutate("SetCapacity", request, name, command, encode,
-                                  etag=request.etag, big=abs(request.capacity - current) > BIG_CHANGE)
+        command = cmd.SetCapacity(name, request.capacity, request.dry_run)
+        big = abs(request.capacity - self._control.controller.capacity(name)) > BIG_CHANGE
+        if not command.mutates:
+            return encode(await self._control.query(command, etag=request.etag, big=big))
+        return await self._mutate("SetCapacity", request, command, encode, etag=request.etag, big=big)
 
     async def ImportInstances(self, request: pb.ImportInstancesRequest, context: Any) -> pb.ImportInstancesResponse:
         name = _require(request.name, "name")
-        rows = [_instance_row(convert.instance_from_proto(i)) for i in request.instances]
-        return await self._mutate("ImportInstances", request, name, {"op": "import", "name": name, "instances": rows},
-                                  lambda o: pb.ImportInstancesResponse(revision=o.revision, etag=o.etag), etag=request.etag, big=len(rows) > BIG_CHANGE)
+        command = cmd.ImportInstances(name, tuple(convert.instance_from_proto(i) for i in request.instances))
+        return await self._mutate("ImportInstances", request, command,
+                                  lambda o: pb.ImportInstancesResponse(revision=o.revision, etag=o.etag),
+                                  etag=request.etag, big=len(command.instances) > BIG_CHANGE)
 
     async def ListInstances(self, request: pb.ListInstancesRequest, context: Any) -> bytes:
         name = _require(request.name, "name")
-        engine = await self._control.settled()
+        controller = await self._control.settled()
         revision = self._control.revision(name)
         size = min(request.page_size or 1000, 10_000)
         after = _read_int_token(request.page_token) if request.page_token else -1
@@ -308,7 +313,7 @@ class ScaleSetsServicer(pb_grpc.ScaleSetsServicer):
             return cached
         cols = self._columns.get((name, revision))
         if cols is None:
-            cols = engine.instance_columns(name)
+            cols = controller.instance_columns(name)
             _remember(self._columns, (name, revision), cols, 4)
         ids = cols["instance_id"]
         start = bisect.bisect_right(ids, after)
@@ -322,17 +327,17 @@ class ScaleSetsServicer(pb_grpc.ScaleSetsServicer):
 
     async def DeleteInstances(self, request: pb.DeleteInstancesRequest, context: Any) -> pb.DeleteInstancesResponse:
         name = _require(request.name, "name")
-        command = {"op": "delete_instances", "name": name, "instance_ids": list(request.instance_ids)}
+        command = cmd.DeleteInstances(name, tuple(request.instance_ids))
         return await self._mutate(
-            "DeleteInstances", request, name, command,
+            "DeleteInstances", request, command,
             lambda o: pb.DeleteInstancesResponse(plan=convert.plan_to_proto(o.result), revision=o.revision, etag=o.etag), etag=request.etag,
         )
 
     async def EvictInstances(self, request: pb.EvictInstancesRequest, context: Any) -> pb.EvictInstancesResponse:
         name = _require(request.name, "name")
-        command = {"op": "evict", "name": name, "instance_ids": list(request.instance_ids)}
+        command = cmd.EvictInstances(name, tuple(request.instance_ids))
         return await self._mutate(
-            "EvictInstances", request, name, command,
+            "EvictInstances", request, command,
             lambda o: pb.EvictInstancesResponse(
                 deleted=o.result.deleted, deallocated=o.result.deallocated, revision=o.revision, etag=o.etag
             ), etag=request.etag,
@@ -342,62 +347,52 @@ class ScaleSetsServicer(pb_grpc.ScaleSetsServicer):
         self, request: pb.SetInstanceProtectionRequest, context: Any
     ) -> pb.SetInstanceProtectionResponse:
         name = _require(request.name, "name")
-        command = {
-            "op": "protect", "name": name, "instance_ids": list(request.instance_ids),
-            "protect_from_scale_in": request.protect_from_scale_in,
-            "protect_from_scale_set_actions": request.protect_from_scale_set_actions,
-        }
-        return await self._mutate("SetInstanceProtection", request, name, command,
+        command = cmd.SetProtection(
+            name, tuple(request.instance_ids), request.protect_from_scale_in, request.protect_from_scale_set_actions
+        )
+        return await self._mutate("SetInstanceProtection", request, command,
                                   lambda o: pb.SetInstanceProtectionResponse(revision=o.revision, etag=o.etag), etag=request.etag)
 
     async def ReportInstanceHealth(
         self, request: pb.ReportInstanceHealthRequest, context: Any
     ) -> pb.ReportInstanceHealthResponse:
         name = _require(request.name, "name")
-        reports = [
-            [list(r.instance_ids), convert._enum(convert.HEALTH_FROM_PB, r.health, "reports.health")] for r in request.reports
-        ]
-        return await self._mutate("ReportInstanceHealth", request, name, {"op": "health", "name": name, "reports": reports},
+        reports = tuple(
+            (tuple(r.instance_ids), convert._enum(convert.HEALTH_FROM_PB, r.health, "reports.health"))
+            for r in request.reports
+        )
+        return await self._mutate("ReportInstanceHealth", request, cmd.ReportHealth(name, reports),
                                   lambda o: pb.ReportInstanceHealthResponse(revision=o.revision, etag=o.etag))
 
     async def Rebalance(self, request: pb.RebalanceRequest, context: Any) -> pb.RebalanceResponse:
         name = _require(request.name, "name")
-        options: dict[str, Any] = {
-            "max_replacements": request.max_replacements if request.HasField("max_replacements") else None,
-            "max_replacements_percent": request.max_replacements_percent if request.HasField("max_replacements_percent") else None,
-            "max_surge": request.max_surge or 1,
-            "time_limit_s": request.time_limit_s or 1.0,
-        }
-        if not request.HasField("dry_run") or request.dry_run:
-            engine = await self._control.settled()
-            self._control.check_etag(name, request.etag)
-            plan = await asyncio.to_thread(engine.rebalance, name, dry_run=True, **options)
-            return pb.RebalanceResponse(
-                plan=convert.rebalance_plan_to_proto(plan), revision=self._control.revision(name), etag=self._control.etag(name)
-            )
-        planned: list[Any] = []
-
-        def command(engine: Engine) -> dict[str, Any]:
-            # Solved under the control plane's lock against the state it applies to; the log keeps the
-            # explicit moves, so a replay never runs the solver.
-            plan = engine.rebalance(name, dry_run=True, **options)
-            planned.append(plan)
-            return {"op": "rebalance", "name": name, "creates": [list(c) for c in plan.creates()], "deletes": plan.deletes()}
+        command = cmd.Rebalance(
+            name,
+            max_replacements=request.max_replacements if request.HasField("max_replacements") else None,
+            max_replacements_percent=(
+                request.max_replacements_percent if request.HasField("max_replacements_percent") else None
+            ),
+            max_surge=request.max_surge or 1,
+            time_limit_s=request.time_limit_s or 1.0,
+            dry_run=not request.HasField("dry_run") or request.dry_run,
+        )
 
         def encode(o: Outcome) -> pb.RebalanceResponse:
-            applied = planned[0].applied([c.instance_id for c in o.result.creates])
-            return pb.RebalanceResponse(plan=convert.rebalance_plan_to_proto(applied), revision=o.revision, etag=o.etag)
+            return pb.RebalanceResponse(plan=convert.rebalance_plan_to_proto(o.result), revision=o.revision, etag=o.etag)
 
-        return await self._mutate("Rebalance", request, name, command, encode, etag=request.etag, big=True)
+        if not command.mutates:
+            return encode(await self._control.query(command, etag=request.etag, big=True))
+        # Solved under the control plane's lock against the state it applies to; the log keeps the
+        # explicit moves, so a replay never runs the solver.
+        return await self._mutate("Rebalance", request, command, encode, etag=request.etag, big=True)
 
     def _upgrade(self, name: str, o: Outcome | None = None) -> pb.RollingUpgradeStatus:
         revision = o.revision if o is not None else self._control.revision(name)
-        return convert.rolling_upgrade_to_proto(name, self._control.engine.get_rolling_upgrade(name), revision)
+        return convert.rolling_upgrade_to_proto(name, self._control.controller.get_rolling_upgrade(name), revision)
 
     async def StartRollingUpgrade(self, request: pb.StartRollingUpgradeRequest, context: Any) -> Any:
         name = _require(request.name, "name")
-        return await self._mutate("StartRollingUpgrade", request, name,
-                                  lambda e: {"op": "start_upgrade", "name": name, "now": self._control.now},
+        return await self._mutate("StartRollingUpgrade", request, cmd.StartRollingUpgrade(name),
                                   lambda o: self._upgrade(name, o), etag=request.etag)
 
     async def GetRollingUpgrade(self, request: pb.GetRollingUpgradeRequest, context: Any) -> pb.RollingUpgradeStatus:
@@ -407,29 +402,24 @@ class ScaleSetsServicer(pb_grpc.ScaleSetsServicer):
 
     async def CancelRollingUpgrade(self, request: pb.CancelRollingUpgradeRequest, context: Any) -> Any:
         name = _require(request.name, "name")
-        return await self._mutate("CancelRollingUpgrade", request, name,
-                                  lambda e: {"op": "cancel_upgrade", "name": name, "now": self._control.now},
+        return await self._mutate("CancelRollingUpgrade", request, cmd.CancelRollingUpgrade(name),
                                   lambda o: self._upgrade(name, o))
 
     async def UpgradeInstances(self, request: pb.UpgradeInstancesRequest, context: Any) -> Any:
         name = _require(request.name, "name")
-        command = {"op": "upgrade_instances", "name": name, "instance_ids": list(request.instance_ids)}
-        return await self._mutate("UpgradeInstances", request, name, command,
+        command = cmd.UpgradeInstances(name, tuple(request.instance_ids))
+        return await self._mutate("UpgradeInstances", request, command,
                                   lambda o: pb.UpgradeInstancesResponse(revision=o.revision, etag=o.etag), etag=request.etag)
 
     async def SetRepairsServiceState(self, request: pb.SetRepairsServiceStateRequest, context: Any) -> Any:
         name = _require(request.name, "name")
-        command = {"op": "repairs_state", "name": name, "state": request.state}
-        return await self._mutate("SetRepairsServiceState", request, name, command,
+        command = cmd.SetRepairsServiceState(name, request.state)
+        return await self._mutate("SetRepairsServiceState", request, command,
                                   lambda o: pb.SetRepairsServiceStateResponse(state=request.state, revision=o.revision))
 
     async def WatchEvents(self, request: pb.WatchEventsRequest, context: Any) -> AsyncIterator[pb.Event]:
         async for event in self._control.watch(request.scale_set, request.after):
             yield convert.event_to_proto(event)
-
-
-def _instance_row(instance: Instance) -> dict[str, Any]:
-    return {f: getattr(instance, f) for f in instance.__slots__}
 
 
 def _remember(cache: OrderedDict[Any, Any], key: Any, value: Any, limit: int) -> None:
@@ -443,31 +433,30 @@ class RegionsServicer(pb_grpc.RegionsServicer):
         self._control = control
 
     def _region(self) -> pb.Region:
-        return convert.region_to_proto(self._control.engine.describe_region(), self._control.region_revision)
+        return convert.region_to_proto(self._control.controller.describe_region(), self._control.region_revision)
 
     async def GetRegion(self, request: pb.GetRegionRequest, context: Any) -> pb.Region:
         await self._control.settled()
         return self._region()
 
     async def SetZoneAvailability(self, request: pb.SetZoneAvailabilityRequest, context: Any) -> Any:
-        command = {"op": "zone", "zone": _require(request.zone, "zone"), "available": request.available}
+        command = cmd.SetZoneAvailability(_require(request.zone, "zone"), request.available)
         return await self._control.mutate(
-            method="SetZoneAvailability", command=command, scale_set="", encode=lambda o: self._region(),
+            method="SetZoneAvailability", command=command, encode=lambda o: self._region(),
             request_id=request.request_id, payload=request.SerializeToString(),
         )
 
     async def SetPoolCapacity(self, request: pb.SetPoolCapacityRequest, context: Any) -> Any:
         pool = request.pool
-        command = {
-            "op": "pool",
-            "zone": pool.zone or None,
-            "vm_size": _require(pool.vm_size, "pool.vm_size"),
-            "priority": pool.priority or "Regular",
-            "available": pool.available if pool.HasField("available") else None,
-            "price": pool.price if pool.HasField("price") else None,
-        }
+        command = cmd.SetPoolCapacity(
+            zone=pool.zone or None,
+            vm_size=_require(pool.vm_size, "pool.vm_size"),
+            priority=pool.priority or "Regular",
+            available=pool.available if pool.HasField("available") else None,
+            price=pool.price if pool.HasField("price") else None,
+        )
         return await self._control.mutate(
-            method="SetPoolCapacity", command=command, scale_set="", encode=lambda o: self._region(),
+            method="SetPoolCapacity", command=command, encode=lambda o: self._region(),
             request_id=request.request_id, payload=request.SerializeToString(),
         )
 

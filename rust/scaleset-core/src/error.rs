@@ -20,20 +20,31 @@ pub struct CoreError {
     pub kind: ErrorKind,
     pub code: &'static str,
     pub message: String,
+    /// The request field at fault, in the API's snake_case path ("sku.capacity"), where one is.
+    pub field: Option<&'static str>,
 }
 
 impl CoreError {
     pub fn invalid(code: &'static str, message: impl Into<String>) -> Self {
-        Self { kind: ErrorKind::InvalidInput, code, message: message.into() }
+        Self { kind: ErrorKind::InvalidInput, code, message: message.into(), field: None }
     }
     pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
-        Self { kind: ErrorKind::Conflict, code, message: message.into() }
+        Self { kind: ErrorKind::Conflict, code, message: message.into(), field: None }
     }
     pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
-        Self { kind: ErrorKind::NotFound, code, message: message.into() }
+        Self { kind: ErrorKind::NotFound, code, message: message.into(), field: None }
     }
     pub fn capacity(code: &'static str, message: impl Into<String>) -> Self {
-        Self { kind: ErrorKind::Capacity, code, message: message.into() }
+        Self { kind: ErrorKind::Capacity, code, message: message.into(), field: None }
+    }
+}
+
+impl CoreError {
+    /// Names the request field at fault.
+    #[must_use]
+    pub fn at(mut self, field: &'static str) -> Self {
+        self.field = Some(field);
+        self
     }
 }
 

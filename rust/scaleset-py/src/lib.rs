@@ -34,7 +34,10 @@ pub(crate) fn to_py_err(e: CoreError) -> PyErr {
     Python::attach(|py| {
         // Setting an attribute on a fresh exception instance cannot fail in practice; if it ever did,
         // the exception still carries its class and message.
-        let _ = err.value(py).setattr("code", e.code);
+        let value = err.value(py);
+        let _ = value.setattr("code", e.code);
+        let _ = value.setattr("field", e.field);
+        let _ = value.setattr("metadata", pyo3::types::PyDict::new(py));
     });
     err
 }
@@ -391,11 +394,19 @@ impl Engine {
     }
 }
 
+/// Seconds in an ISO 8601 duration of days, hours, minutes and seconds ("PT1M", "P1DT2H"), or None if
+/// the text is not one. The one parser of durations: specs, policies and autoscale rules all use it.
+#[pyfunction]
+fn parse_duration(text: &str) -> Option<f64> {
+    core::parse_duration(text)
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_class::<Engine>()?;
     m.add_class::<PlanHandle>()?;
+    m.add_function(wrap_pyfunction!(parse_duration, m)?)?;
     m.add("ScaleSetError", py.get_type::<ScaleSetError>())?;
     m.add("InvalidInputError", py.get_type::<InvalidInputError>())?;
     m.add("ConflictError", py.get_type::<ConflictError>())?;

@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from scaleset.engine import duration_seconds
 from scaleset.errors import CapacityError
-from scaleset.upgrade import UNHEALTHY, parse_duration, replacements
-from scaleset.zone_balance import Action
+from scaleset.policies.common import UNHEALTHY, Action, replacements
 
 if TYPE_CHECKING:
     from scaleset.engine import Engine
@@ -58,7 +58,7 @@ def step(engine: Engine, name: str, now: float, state: RepairState, last_modifie
     policy = spec.automatic_repairs_policy
     if policy is None or not policy.enabled or state.service_state != "Running":
         return []
-    grace = parse_duration(policy.grace_period)
+    grace = duration_seconds(policy.grace_period)
     cols = engine.instance_columns(name)
     health = dict(zip(cols["instance_id"], cols["health"]))
     actions: list[Action] = []
@@ -93,7 +93,7 @@ def step(engine: Engine, name: str, now: float, state: RepairState, last_modifie
     if action == "Replace":
         creates = replacements(spec, cols, due)
         try:
-            plan = engine.apply_rebalance_moves(name, creates, due, user=False)
+            plan = engine.apply_rebalance_moves(name, creates, due)
         except CapacityError:
             # No capacity for replacements right now (zone down, pool full): try again later.
             return actions
@@ -101,7 +101,7 @@ def step(engine: Engine, name: str, now: float, state: RepairState, last_modifie
         engine.report_health(name, repaired, "Initializing")
         text = f"replaced unhealthy {due} with {repaired} (latest model)"
     elif action == "Reimage":
-        engine.upgrade_instances(name, due, user=False)
+        engine.upgrade_instances(name, due)
         repaired, text = due, f"reimaged unhealthy {due} (latest model)"
     else:
         engine.report_health(name, due, "Initializing")

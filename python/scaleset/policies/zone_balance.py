@@ -20,25 +20,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from scaleset.errors import CapacityError, ScaleSetError
+from scaleset.policies.common import Action
 
 if TYPE_CHECKING:
     from scaleset.engine import Engine
 
-__all__ = ["HEALTH_WAIT_S", "QUIET_PERIOD_S", "RATE_LIMIT_S", "Action", "ZoneBalanceOperation", "step"]
+__all__ = ["HEALTH_WAIT_S", "QUIET_PERIOD_S", "RATE_LIMIT_S", "ZoneBalanceOperation", "step"]
 
 HEALTH_WAIT_S = 90 * 60
 QUIET_PERIOD_S = 60 * 60
 RATE_LIMIT_S = 12 * 3600
 
-
-@dataclass(frozen=True, slots=True)
-class Action:
-    """Something a time-driven policy did to a scale set."""
-
-    scale_set: str
-    kind: str
-    instance_ids: tuple[int, ...]
-    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +95,7 @@ def step(
     per_fd = Counter(f for z, f in zip(cols["zone"], cols["fault_domain"]) if z == under)
     fd = min(range(span), key=lambda f: (per_fd[f], f))
     try:
-        plan = engine.apply_rebalance_moves(name, [(under, fd, size, priority)], [], user=False)
+        plan = engine.apply_rebalance_moves(name, [(under, fd, size, priority)], [])
     except CapacityError:
         # No capacity or quota in the under-provisioned zone: the rebalance does not start.
         return None, last_started, []
@@ -149,7 +141,7 @@ def _conclude(
     engine: Engine, name: str, now: float, op: ZoneBalanceOperation, last_started: float | None, health: dict[int, str]
 ) -> tuple[ZoneBalanceOperation | None, float | None, list[Action]]:
     if health[op.new_id] == "Healthy":
-        engine.apply_rebalance_moves(name, [], [op.source_id], user=False)
+        engine.apply_rebalance_moves(name, [], [op.source_id])
         return None, last_started, [Action(
             name, "ZoneBalanceCompleted", (op.source_id,),
             f"automatic zone balance: {op.new_id} in zone {op.to_zone} is healthy; deleted {op.source_id} from zone {op.from_zone}",
@@ -157,12 +149,12 @@ def _conclude(
     if now - op.started_at < HEALTH_WAIT_S:
         return op, last_started, []
     if health[op.source_id] == "Healthy":
-        engine.apply_rebalance_moves(name, [], [op.new_id], user=False)
+        engine.apply_rebalance_moves(name, [], [op.new_id])
         return None, last_started, [Action(
             name, "ZoneBalanceRolledBack", (op.new_id,),
             f"automatic zone balance: {op.new_id} was not healthy within 90 minutes and source {op.source_id} is; deleted {op.new_id}",
         )]
-    engine.apply_rebalance_moves(name, [], [op.source_id], user=False)
+    engine.apply_rebalance_moves(name, [], [op.source_id])
     return None, last_started, [Action(
         name, "ZoneBalanceReplacedUnhealthySource", (op.source_id,),
         f"automatic zone balance: neither {op.new_id} nor source {op.source_id} is healthy after 90 minutes; deleted the source, kept {op.new_id}",

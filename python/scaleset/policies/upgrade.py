@@ -19,29 +19,17 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from scaleset.engine import duration_seconds
 from scaleset.errors import CapacityError, conflict
-from scaleset.zone_balance import Action
+from scaleset.policies.common import UNHEALTHY, Action, replacements
 
 if TYPE_CHECKING:
     from scaleset.engine import Engine
-    from scaleset.model import ScaleSetSpec
 
-__all__ = ["HEALTH_WAIT_S", "RollingUpgrade", "parse_duration", "start", "step"]
+__all__ = ["HEALTH_WAIT_S", "RollingUpgrade", "cancel", "start", "step"]
 
 #: How long a batch waits for instances that are still Initializing (Azure's OS upgrades wait 5 minutes).
 HEALTH_WAIT_S = 5 * 60
-UNHEALTHY = ("Unhealthy", "Unknown")
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in an ISO 8601 duration (the core validated it when the spec was stored)."""
-    import re
-
-    m = re.fullmatch(r"P(?:(\d+(?:\.\d+)?)D)?(?:T(?:(\d+(?:\.\d+)?)H)?(?:(\d+(?:\.\d+)?)M)?(?:(\d+(?:\.\d+)?)S)?)?", text)
-    if m is None:
-        raise ValueError(f"not an ISO 8601 duration: {text!r}")
-    d, h, mi, s = (float(g) if g else 0.0 for g in m.groups())
-    return d * 86400 + h * 3600 + mi * 60 + s
 
 
 @dataclass
@@ -133,10 +121,10 @@ def step(engine: Engine, name: str, now: float, upgrade: RollingUpgrade) -> list
         if unhealthy_upgraded > allowed:
             return _breach(engine, name, now, upgrade, policy.rollback_failed_instances_on_policy_breach, unhealthy_upgraded, total, failed_now)
         if upgrade.surge_old:
-            engine.apply_rebalance_moves(name, [], [i for i in upgrade.surge_old if i in health], user=False)
+            engine.apply_rebalance_moves(name, [], [i for i in upgrade.surge_old if i in health])
         upgrade.in_batch, upgrade.surge_old = [], []
         upgrade.next_batch += 1
-        upgrade.pause_until = now + parse_duration(policy.pause_time_between_batches)
+        upgrade.pause_until = now + duration_seconds(policy.pause_time_between_batches)
         return [Action(name, "RollingUpgradeBatchCompleted", tuple(present),
                        f"batch {batch_no} of {len(upgrade.batches)} done: {len(present) - len(failed_now)} healthy, {len(failed_now)} not")]
     if upgrade.pause_until is not None and now < upgrade.pause_until:
@@ -163,7 +151,7 @@ def step(engine: Engine, name: str, now: float, upgrade: RollingUpgrade) -> list
         how = f"created {len(upgrade.in_batch)} new-model instances beside them (max_surge)"
     else:
         upgrade.previous_versions.update({i: version[i] or 0 for i in batch})
-        engine.upgrade_instances(name, batch, user=False)
+        engine.upgrade_instances(name, batch)
         upgrade.in_batch = batch
         how = "upgrading in place"
     return [Action(name, "RollingUpgradeBatchStarted", tuple(upgrade.in_batch),
@@ -174,7 +162,7 @@ def _surge(engine: Engine, name: str, cols: dict[str, list[Any]], batch: list[in
     """Creates the batch's replacements first; False if they do not fit (the batch goes in place)."""
     creates = replacements(engine.get_spec(name), cols, batch)
     try:
-        plan = engine.apply_rebalance_moves(name, creates, [], user=False)
+        plan = engine.apply_rebalance_moves(name, creates, [])
     except CapacityError:
         return False
     new_ids = [c.instance_id for c in plan.creates]
@@ -182,15 +170,6 @@ def _surge(engine: Engine, name: str, cols: dict[str, list[Any]], batch: list[in
     upgrade.in_batch, upgrade.surge_old = new_ids, batch
     return True
 
-
-def replacements(spec: ScaleSetSpec, cols: dict[str, list[Any]], ids: list[int]) -> list[tuple[Any, ...]]:
-    """Where new-model replacements of ``ids`` go: each in its instance's zone and fault domain, with its
-    priority and the model's size for it."""
-    row = {i: k for k, i in enumerate(cols["instance_id"])}
-    return [
-        (cols["zone"][row[i]], cols["fault_domain"][row[i]], spec.replacement_size(cols["vm_size"][row[i]]), cols["priority"][row[i]])
-        for i in ids
-    ]
 
 
 def _breach(engine: Engine, name: str, now: float, upgrade: RollingUpgrade, rollback: bool,
@@ -204,7 +183,7 @@ def _breach(engine: Engine, name: str, now: float, upgrade: RollingUpgrade, roll
     if rollback:
         if upgrade.surge_old:
             # The old instances are still there: drop the failed new ones.
-            engine.apply_rebalance_moves(name, [], failed_now, user=False)
+            engine.apply_rebalance_moves(name, [], failed_now)
         else:
             by_version: dict[int, list[int]] = {}
             for i in upgrade.failed:

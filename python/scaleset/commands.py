@@ -1,0 +1,602 @@
+"""Typed commands: one frozen dataclass per mutation (and per dry run of one).
+
+A command knows how to check its arguments (:meth:`Command.validate`), carry itself out on the engine
+and the policy runner at an explicit time (:meth:`Command.apply`), say what it did for watchers
+(:meth:`Command.describe`) and write itself into the log (:meth:`Command.encode`, :func:`decode`). The
+service only builds commands and maps replies; the control plane only orders, commits and streams them;
+the in-process :class:`~scaleset.controller.Controller` runs the same commands. Nobody else reads the
+log's encoding.
+
+To add a mutation: a dataclass here with ``op`` and ``event_type``, registered by :func:`command`; a
+method on :class:`~scaleset.controller.Controller`; an RPC that builds it in ``service``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+from scaleset.engine import Engine, check_count
+from scaleset.errors import invalid_input
+from scaleset.model import Eviction, Instance, Plan, ScaleSetSpec
+from scaleset.policies.common import Action
+from scaleset.policies.runner import PolicyRunner
+
+__all__ = [
+    "Advance",
+    "CancelRollingUpgrade",
+    "Command",
+    "CreateScaleSet",
+    "DeleteInstances",
+    "DeleteScaleSet",
+    "EvictInstances",
+    "ImportInstances",
+    "Rebalance",
+    "RebalanceMoves",
+    "ReportHealth",
+    "SetCapacity",
+    "SetPoolCapacity",
+    "SetProtection",
+    "SetRepairsServiceState",
+    "SetZoneAvailability",
+    "StartRollingUpgrade",
+    "UpdateScaleSet",
+    "UpgradeInstances",
+    "decode",
+]
+
+#: Plans with more changes than this are summarised (counts only) in watch events.
+EVENT_PLAN_ITEMS = 1000
+
+_REGISTRY: dict[str, type[Command]] = {}
+C = TypeVar("C", bound="type[Command]")
+
+
+def command(cls: C) -> C:
+    """Registers a command class under its ``op`` (the log's name for it)."""
+    assert cls.op not in _REGISTRY, cls.op
+    _REGISTRY[cls.op] = cls
+    return cls
+
+
+def decode(data: Mapping[str, Any]) -> Command:
+    """The command a log entry holds (:meth:`Command.encode`'s shape). Unknown keys are ignored, so
+    entries written by older versions (which carried their time in the entry) still replay."""
+    cls = _REGISTRY.get(data.get("op", ""))
+    if cls is None:
+        raise invalid_input(f"unknown command {data.get('op')!r} in the log.", "UnknownCommand")
+    return cls.from_fields(data)
+
+
+def _require_name(name: str, field: str = "name") -> None:
+    if not isinstance(name, str) or not name:
+        raise invalid_input(f"{field} is required.", field=field)
+
+
+def _check_ids(ids: tuple[int, ...]) -> None:
+    for i in ids:
+        check_count(i, "instance_ids")
+
+
+def _plan_summary(plan: Plan) -> dict[str, Any]:
+    summary: dict[str, Any] = {
+        "capacity_before": plan.capacity_before,
+        "capacity_after": plan.capacity_after,
+        "create_count": len(plan.creates),
+        "delete_count": len(plan.deletes),
+    }
+    if len(plan.creates) <= EVENT_PLAN_ITEMS and len(plan.deletes) <= EVENT_PLAN_ITEMS:
+        creates, deletes = plan.create_columns(), plan.delete_columns()
+        summary["creates"] = [list(row) for row in zip(*creates.values(), strict=True)] if creates["instance_id"] else []
+        summary["deletes"] = [list(row) for row in zip(*deletes.values(), strict=True)] if deletes["instance_id"] else []
+    return summary
+
+
+def _plan_description(plan: Plan) -> dict[str, Any]:
+    return {"plan": _plan_summary(plan), "text": f"{plan.capacity_before} -> {plan.capacity_after} instances"}
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A mutation of a scale set (or, with an empty :attr:`scale_set`, of the region)."""
+
+    op: ClassVar[str]
+    event_type: ClassVar[str]
+
+    @property
+    def scale_set(self) -> str:
+        """The scale set this command changes ("" for the region)."""
+        return str(getattr(self, "name", ""))
+
+    @property
+    def mutates(self) -> bool:
+        """False for dry runs: they are answered but never logged."""
+        return not getattr(self, "dry_run", False)
+
+    def validate(self) -> None:
+        """Checks the arguments before anything runs (InvalidParameter with the field at fault)."""
+        if "name" in self._field_names():
+            _require_name(self.scale_set)
+
+    def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> Any:
+        """Carries the command out at ``now`` (seconds since the epoch) and returns its result."""
+        raise NotImplementedError
+
+    def logged(self, result: Any) -> Command:
+        """The command to write to the log for this result (itself, unless it had to be resolved: a
+        rebalance is logged as its explicit moves, so a replay never runs the solver)."""
+        return self
+
+    def event(self, result: Any) -> str:
+        """The watch event's type."""
+        return self.event_type
+
+    def describe(self, result: Any) -> dict[str, Any]:
+        """What watchers are told: a sentence (``text``) and, for plans, the instances involved."""
+        return {"text": self.op}
+
+    def encode(self) -> dict[str, Any]:
+        """The log's plain-data form (:func:`decode` reads it back)."""
+        return {"op": self.op, **{name: self._encode_field(name) for name in self._field_names()}}
+
+    def _encode_field(self, name: str) -> Any:
+        value = getattr(self, name)
+        return [list(v) if isinstance(v, tuple) else v for v in value] if isinstance(value, tuple) else value
+
+    @classmethod
+    def from_fields(cls, data: Mapping[str, Any]) -> Command:
+        names = cls._field_names()
+        return cls(**{k: cls._decode_field(k, v) for k, v in data.items() if k in names})
+
+    @classmethod
+    def _decode_field(cls, name: str, value: Any) -> Any:
+        return tuple(tuple(v) if isinstance(v, list) else v for v in value) if isinstance(value, list) else value
+
+    @classmethod
+    def _field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+
+# ----- scale sets -----------------------------------------------------------------------------------
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class CreateScaleSet(Command):
+    op: ClassVar[str] = "create"
+    event_type: ClassVar[str] = "ScaleSetCreated"
+    spec: ScaleSetSpec
+    capacity: int = 0
+
+    @property
+    def scale_set(self) -> str:
+        return self.spec.name
+
+    def validate(self) -> None:
+        _require_name(self.spec.name, "scale_set.name")
+        check_count(self.capacity, "capacity")
+
+    def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> Plan:
+        plan = engine.create_scale_set(self.spec, self.capacity)
+        policies.changed(self.spec.name, now)
+        return plan
+
+    def describe(self, result: Plan) -> dict[str, Any]:
+        return _plan_description(result)
+
+    def encode(self) -> dict[str, Any]:
+        return {"op": self.op, "spec": self.spec.to_dict(), "capacity": self.capacity}
+
+    @classmethod
+    def from_fields(cls, data: Mapping[str, Any]) -> Command:
+        return cls(ScaleSetSpec.from_dict(data["spec"]), data.get("capacity", 0))
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class UpdateScaleSet(Command):
+    """Replaces a scale set's model; unset optional fields keep their stored values."""
+
+    op: ClassVar[str] = "update"
+    event_type: ClassVar[str] = "ScaleSetUpdated"
+    spec: ScaleSetSpec
+
+    @property
+    def scale_set(self) -> str:
+        return self.spec.name
+
+    def validate(self) -> None:
+        _require_name(self.spec.name, "scale_set.name")
+
+    def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> ScaleSetSpec:
+        before = engine.get_spec(self.spec.name).model_version
+        stored = engine.update_scale_set(self.spec)
+        policies.changed(self.spec.name, now)
+        if stored.model_version != before:
+            policies.model_changed(engine, stored)
+        return stored
+
+    def encode(self) -> dict[str, Any]:
+        return {"op": self.op, "spec": self.spec.to_dict()}
+
+    @classmethod
+    def from_fields(cls, data: Mapping[str, Any]) -> Command:
+        return cls(ScaleSetSpec.from_dict(data["spec"]))
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class DeleteScaleSet(Command):
+    op: ClassVar[str] = "delete"
+    event_type: ClassVar[str] = "ScaleSetDeleted"
+    name: str
+
+    def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> None:
+        engine.delete_scale_set(self.name)
+        policies.deleted(self.name)
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class SetCapacity(Command):
+    """Scales out or in; a dry run returns the plan and changes nothing."""
+
+    op: ClassVar[str] = "set_capacity"
+    event_type: ClassVar[str] = "CapacitySet"
+    name: str
+    capacity: int
+    dry_run: bool = False
+
+    def validate(self) -> None:
+        _require_name(self.name)
+        check_count(self.capacity, "capacity")
+
+    def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> Plan:
+        plan = engine.set_capacity(self.name, self.capacity, dry_run=self.dry_run)
+        if not self.dry_run:
+            policies.changed(self.name, now, capacity=True)
+        return plan
+
+    def describe(self, result: Plan) -> dict[str, Any]:
+        return _plan_description(result)
+
+    def encode(self) -> dict[str, Any]:
+        return {"op": self.op, "name": self.name, "capacity": self.capacity}
+
+
+# ----- instances --------------------------------------------------------------------------------------
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class ImportInstances(Command):
+    op: ClassVar[str] = "import"
+    event_type: ClassVar[str] = "InstancesImported"
+    name: str
+    instances: tuple[Instance, ...]
+
+    def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> None:
+        engine.import_instances(self.name, self.instances)
+        policies.changed(self.name, now)
+
+    def describe(self, result: None) -> dict[str, Any]:
+        return {"text": f"{len(self.instances)} instances imported"}
+
+    def encode(self) -> dict[str, Any]:
+        rows = [{f.name: getattr(i, f.name) for f in dataclasses.fields(Instance)} for i in self.instances]
+        return {"op": self.op, "name": self.name, "instances": rows}
+
+    @classmethod
+    def from_fields(cls, data: Mapping[str, Any]) -> Command:
+        return cls(data["name"], tuple(Instance(**row) for row in data["instances"]))
+
+
+@dataclass(frozen=True, slots=True)
+class _InstancesCommand(Command):
+    name: str
+    instance_ids: tuple[int, ...]
+
+    def validate(self) -> None:
+        _require_name(self.name)
+        _check_ids(self.instance_ids)
+
+    def describe(self, result: Any) -> dict[str, Any]:
+        return {"text": f"{len(self.instance_ids)} instances"}
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class DeleteInstances(_InstancesCommand):
+    """Deletes chosen instances, protected ones included (as Azure allows for user deletes)."""
+
+    op: ClassVar[str] = "delete_instances"
+    event_type: ClassVar[str] = "InstancesDeleted"
+
+    def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> Plan:
+        plan = engine.delete_instances(self.name, self.instance_ids)
+        policies.changed(self.name, now)
+        return plan
+
+    def describe(self, result: Plan) -> dict[str, Any]:
+        return _plan_description(result)
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class EvictInstances(_InstancesCommand):
+    op: ClassVar[str] = "evict"
+    event_type: ClassVar[str] = "InstancesEvicted"
+
+    def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> Eviction:
+        return engine.evict(self.name, self.instance_ids)
+
+    def describe(self, result: Eviction) -> dict[str, Any]:
+        return {"text": f"evicted: {len(result.deleted)} deleted, {len(result.deallocated)} deallocated"}
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class SetProtection(_InstancesCommand):
+    op: ClassVar[str] = "protect"
+    event_type: ClassVar[str] = "InstanceProtectionSet"
+    protect_from_scale_in: bool = False
+    protect_from_scale_set_actions: bool = False
+
+    def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> None:
+        engine.set_protection(
+            self.name, self.instance_ids, self.protect_from_scale_in, self.protect_from_scale_set_actions
+        )
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class UpgradeInstances(_InstancesCommand):
+    """Manual upgrade: the given instances move to the latest model in place."""
+
+    op: ClassVar[str] = "upgrade_instances"
+    event_type: ClassVar[str] = "InstancesUpgraded"
+
+    def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> None:
+        engine.upgrade_instances(self.name, self.instance_ids)
+        policies.changed(self.name, now)
+
+    def describe(self, result: None) -> dict[str, Any]:
+        return {"text": f"{len(self.instance_ids)} instances upgraded to the latest model"}
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class ReportHealth(Command):
+    """Application Health reports: (instance ids, Healthy | Unhealthy | Unknown | Initializing) pairs;
+    nothing changes unless every instance exists."""
+
+    op: ClassVar[str] = "health"
+    event_type: ClassVar[str] = "InstanceHealthReported"
+    name: str
+    reports: tuple[tuple[tuple[int, ...], str], ...]
+
+    def validate(self) -> None:
+        _require_name(self.name)
+        for ids, _ in self.reports:
+            _check_ids(ids)
+
+    def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> None:
+        engine.report_health_batch(self.name, self.reports)
+
+    def describe(self, result: None) -> dict[str, Any]:
+        return {"text": f"{sum(len(ids) for ids, _ in self.reports)} instances"}
+
+    def encode(self) -> dict[str, Any]:
+        return {"op": self.op, "name": self.name, "reports": [[list(ids), health] for ids, health in self.reports]}
+
+    @classmethod
+    def from_fields(cls, data: Mapping[str, Any]) -> Command:
+        return cls(data["name"], tuple((tuple(ids), health) for ids, health in data["reports"]))
+
+
+# ----- rebalancing ------------------------------------------------------------------------------------
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class RebalanceMoves(Command):
+    """Explicit moves (creates as (zone, fault_domain, vm_size, priority), then deletes): what an applied
+    rebalance is logged as."""
+
+    op: ClassVar[str] = "rebalance"
+    event_type: ClassVar[str] = "ScaleSetRebalanced"
+    name: str
+    creates: tuple[tuple[Any, ...], ...]
+    deletes: tuple[int, ...]
+
+    def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> Plan:
+        plan = engine.apply_rebalance_moves(self.name, self.creates, self.deletes)
+        policies.changed(self.name, now)
+        return plan
+
+    def describe(self, result: Any) -> dict[str, Any]:
+        plan = result if isinstance(result, Plan) else None
+        if plan is None:
+            return {"text": f"{len(self.deletes)} instances replaced"}
+        return _plan_description(plan)
+
+
+@dataclass(frozen=True, slots=True)
+class Rebalance(Command):
+    """Plans (and unless ``dry_run``, applies) the fewest replacements back to the target shape. Not
+    logged itself: an applied rebalance is logged as its :class:`RebalanceMoves`."""
+
+    op: ClassVar[str] = "plan_rebalance"
+    event_type: ClassVar[str] = "ScaleSetRebalanced"
+    name: str
+    max_replacements: int | None = None
+    max_replacements_percent: float | None = None
+    max_surge: int = 1
+    time_limit_s: float = 1.0
+    dry_run: bool = True
+    num_workers: int = 1
+    random_seed: int = 0
+
+    def validate(self) -> None:
+        _require_name(self.name)
+        if self.max_replacements is not None:
+            check_count(self.max_replacements, "max_replacements")
+        percent = self.max_replacements_percent
+        if percent is not None and not 0 <= percent <= 100:
+            raise invalid_input(
+                f"max_replacements_percent must be between 0 and 100, got {percent}.", field="max_replacements_percent"
+            )
+        check_count(self.max_surge, "max_surge")
+        if self.max_surge < 1:
+            raise invalid_input(f"max_surge must be at least 1, got {self.max_surge}.", field="max_surge")
+        if not self.time_limit_s > 0:
+            raise invalid_input(f"time_limit_s must be positive, got {self.time_limit_s}.", field="time_limit_s")
+
+    def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> Any:
+        from scaleset.rebalance import solve_rebalance  # OR-Tools loads only when somebody rebalances
+
+        limit = self.max_replacements
+        if self.max_replacements_percent is not None:
+            by_percent = int(engine.capacity(self.name) * self.max_replacements_percent // 100)
+            limit = by_percent if limit is None else min(limit, by_percent)
+        plan, _ = solve_rebalance(
+            engine, self.name, max_replacements=limit, max_surge=self.max_surge, time_limit_s=self.time_limit_s,
+            num_workers=self.num_workers, random_seed=self.random_seed,
+        )
+        if self.dry_run or plan.replacements == 0:
+            return plan
+        creates, deletes = plan.moves()
+        applied = RebalanceMoves(self.name, tuple(map(tuple, creates)), tuple(deletes)).apply(engine, policies, now)
+        return plan.applied([c.instance_id for c in applied.creates])
+
+    def logged(self, result: Any) -> Command:
+        creates, deletes = result.moves()
+        return RebalanceMoves(self.name, tuple(map(tuple, creates)), tuple(deletes))
+
+    def describe(self, result: Any) -> dict[str, Any]:
+        return {"text": f"{result.replacements} instances replaced ({result.status})"}
+
+
+# ----- upgrades, repairs and time ----------------------------------------------------------------------
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class Advance(Command):
+    """Advances the time-driven policies of one scale set (or, with an empty name, of all) to ``now``."""
+
+    op: ClassVar[str] = "advance"
+    event_type: ClassVar[str] = "PolicyActions"
+    name: str = ""
+
+    def validate(self) -> None:
+        pass
+
+    def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> list[Action]:
+        return policies.advance(engine, now, self.name or None)
+
+    def event(self, result: list[Action]) -> str:
+        return result[0].kind if result else self.event_type
+
+    def describe(self, result: list[Action]) -> dict[str, Any]:
+        return {"text": "; ".join(a.reason for a in result)}
+
+
+@dataclass(frozen=True, slots=True)
+class _UpgradeCommand(Command):
+    name: str
+
+    def describe(self, result: Any) -> dict[str, Any]:
+        return {
+            "text": f"rolling upgrade to model {result.model_version}: {result.status}, {len(result.batches)} batches"
+        }
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class StartRollingUpgrade(_UpgradeCommand):
+    op: ClassVar[str] = "start_upgrade"
+    event_type: ClassVar[str] = "RollingUpgradeStarted"
+
+    def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> Any:
+        engine.capacity(self.name)  # NotFound for an unknown scale set
+        return policies.start_rolling_upgrade(engine, self.name, now)
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class CancelRollingUpgrade(_UpgradeCommand):
+    op: ClassVar[str] = "cancel_upgrade"
+    event_type: ClassVar[str] = "RollingUpgradeCancelled"
+
+    def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> Any:
+        engine.capacity(self.name)
+        return policies.cancel_rolling_upgrade(self.name, now)
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class SetRepairsServiceState(Command):
+    op: ClassVar[str] = "repairs_state"
+    event_type: ClassVar[str] = "RepairsServiceStateChanged"
+    name: str
+    state: str
+
+    def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> None:
+        engine.capacity(self.name)  # NotFound for an unknown scale set
+        policies.set_repairs_service_state(self.name, self.state)
+
+    def describe(self, result: None) -> dict[str, Any]:
+        return {"text": f"automatic repairs {self.state}"}
+
+
+# ----- region -------------------------------------------------------------------------------------------
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class SetZoneAvailability(Command):
+    op: ClassVar[str] = "zone"
+    event_type: ClassVar[str] = "ZoneAvailabilityChanged"
+    zone: str
+    available: bool
+
+    def validate(self) -> None:
+        _require_name(self.zone, "zone")
+
+    def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> None:
+        engine.set_zone_available(self.zone, self.available)
+
+    def describe(self, result: None) -> dict[str, Any]:
+        return {"text": f"zone {self.zone} {'available' if self.available else 'unavailable'}"}
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class SetPoolCapacity(Command):
+    op: ClassVar[str] = "pool"
+    event_type: ClassVar[str] = "PoolCapacityChanged"
+    zone: str | None
+    vm_size: str
+    priority: str = "Regular"
+    available: int | None = None
+    price: float | None = None
+
+    def validate(self) -> None:
+        _require_name(self.vm_size, "pool.vm_size")
+        if self.available is not None:
+            check_count(self.available, "pool.available")
+
+    def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> None:
+        engine.set_pool_capacity(self.zone, self.vm_size, self.priority, self.available, self.price)
+
+    def describe(self, result: None) -> dict[str, Any]:
+        return {
+            "text": f"pool {self.zone or 'regional'}/{self.vm_size}/{self.priority} available={self.available}"
+        }
+
+
+#: Every logged command's class by its log name.
+COMMANDS: Mapping[str, type[Command]] = _REGISTRY

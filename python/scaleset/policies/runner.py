@@ -1,0 +1,181 @@
+"""The policy runner: owns the state of every time-driven policy and advances it with explicit time.
+
+Policies sit above the engine and call its facade one way; the engine knows nothing of them. The
+commands tell the runner about user changes (:meth:`PolicyRunner.changed`, :meth:`model_changed`), so the
+quiet periods, grace periods and rolling upgrades see them; :meth:`advance` runs every policy of a scale
+set at one instant. The runner's state is plain data (:meth:`export`, :meth:`restore`) for snapshots.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from scaleset.engine import Engine
+from scaleset.errors import conflict, invalid_input
+from scaleset.model import ScaleSetSpec
+from scaleset.policies import repairs, upgrade, zone_balance
+from scaleset.policies.common import Action
+from scaleset.policies.repairs import RepairState
+from scaleset.policies.upgrade import RollingUpgrade
+from scaleset.policies.zone_balance import ZoneBalanceOperation
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PolicyRunner"]
+
+
+class PolicyRunner:
+    """Rolling upgrades, automatic repairs and automatic zone balance of every scale set of one engine."""
+
+    def __init__(self) -> None:
+        #: When a user last changed each scale set (Azure's PUT/PATCH/POST), for quiet and grace periods.
+        self._modified: dict[str, float] = {}
+        self._zone_balance: dict[str, ZoneBalanceOperation] = {}
+        self._zone_balance_started: dict[str, float] = {}
+        self._upgrades: dict[str, RollingUpgrade] = {}
+        self._upgrade_pending: set[str] = set()
+        self._repairs: dict[str, RepairState] = {}
+
+    # ----- what the commands tell the runner ----------------------------------------------------------
+
+    def changed(self, name: str, now: float, *, capacity: bool = False) -> None:
+        """A user changed ``name`` at ``now``; a capacity change also cancels an automatic zone balance in
+        progress (its new VM stays)."""
+        self._modified[name] = now
+        if capacity:
+            self._zone_balance.pop(name, None)
+
+    def model_changed(self, engine: Engine, spec: ScaleSetSpec) -> None:
+        """A new model version: Automatic mode upgrades every out-of-date instance now; Rolling starts a
+        rolling upgrade at the next :meth:`advance` (superseding one in progress); Manual does nothing."""
+        name, mode = spec.name, spec.upgrade_policy.mode
+        if mode == "Automatic":
+            cols = engine.instance_columns(name)
+            stale = [
+                i
+                for i, v, p in zip(
+                    cols["instance_id"], cols["model_version"], cols["protect_from_scale_set_actions"], strict=True
+                )
+                if (v or 0) < spec.model_version and not p
+            ]
+            if stale:
+                engine.upgrade_instances(name, stale)
+        elif mode == "Rolling":
+            current = self._upgrades.get(name)
+            if current is not None and current.active:
+                current.status, current.error_message = "Cancelled", "superseded by a newer model"
+                current.in_batch, current.surge_old = [], []
+            self._upgrade_pending.add(name)
+
+    def deleted(self, name: str) -> None:
+        """Forgets every policy's state of a deleted scale set."""
+        for state in (self._modified, self._zone_balance, self._zone_balance_started, self._upgrades, self._repairs):
+            state.pop(name, None)
+        self._upgrade_pending.discard(name)
+
+    # ----- time -----------------------------------------------------------------------------------------
+
+    def advance(self, engine: Engine, now: float, name: str | None = None) -> list[Action]:
+        """Advances the policies of every scale set, or of ``name``, to ``now``. Returns what was done.
+        The same state and ``now`` give the same actions."""
+        actions: list[Action] = []
+        for n in [name] if name is not None else engine.scale_set_names():
+            if n in self._upgrade_pending:
+                self._upgrade_pending.discard(n)
+                self._upgrades[n], started_actions = upgrade.start(engine, n, now)
+                actions += started_actions
+            current = self._upgrades.get(n)
+            if current is not None:
+                actions += upgrade.step(engine, n, now, current)
+            busy = set(current.in_batch) if current is not None and current.active else set()
+            repair = self._repairs.setdefault(n, RepairState())
+            actions += repairs.step(engine, n, now, repair, self._modified.get(n), busy)
+            op, started, done = zone_balance.step(
+                engine, n, now, self._zone_balance.get(n), self._zone_balance_started.get(n), self._modified.get(n)
+            )
+            if op is None:
+                self._zone_balance.pop(n, None)
+            else:
+                self._zone_balance[n] = op
+            if started is not None:
+                self._zone_balance_started[n] = started
+            actions += done
+        return actions
+
+    # ----- rolling upgrades -------------------------------------------------------------------------------
+
+    def start_rolling_upgrade(self, engine: Engine, name: str, now: float) -> RollingUpgrade:
+        """Starts a rolling upgrade of ``name``'s out-of-date instances; fails with
+        ``RollingUpgradeInProgress`` if one is running."""
+        current = self._upgrades.get(name)
+        if current is not None and current.active:
+            raise conflict(
+                f"a rolling upgrade of '{name}' is already in progress; cancel it first.", "RollingUpgradeInProgress"
+            )
+        self._upgrade_pending.discard(name)
+        self._upgrades[name], _ = upgrade.start(engine, name, now)
+        return self._copy(self._upgrades[name])
+
+    def get_rolling_upgrade(self, name: str) -> RollingUpgrade | None:
+        """The latest rolling upgrade of ``name`` (a copy), or None if there has been none."""
+        current = self._upgrades.get(name)
+        return None if current is None else self._copy(current)
+
+    def cancel_rolling_upgrade(self, name: str, now: float) -> RollingUpgrade:
+        """Stops the rolling upgrade in progress; instances already upgraded keep the new model."""
+        current = self._upgrades.get(name)
+        upgrade.cancel(current, name, now)
+        self._upgrade_pending.discard(name)
+        assert current is not None  # cancel raised otherwise
+        return self._copy(current)
+
+    @staticmethod
+    def _copy(u: RollingUpgrade) -> RollingUpgrade:
+        return RollingUpgrade.from_dict(u.to_dict())
+
+    # ----- repairs and zone balance ----------------------------------------------------------------------
+
+    def repairs_service_state(self, name: str) -> str:
+        """``Running`` or ``Suspended`` (after repeated failed repairs)."""
+        return self._repairs.get(name, RepairState()).service_state
+
+    def set_repairs_service_state(self, name: str, state: str) -> None:
+        """Resumes (``Running``) or suspends (``Suspended``) automatic repairs of ``name``."""
+        if state not in ("Running", "Suspended"):
+            raise invalid_input(
+                f"the automatic repairs service state must be Running or Suspended, not {state!r}.",
+                field="state",
+            )
+        repair = self._repairs.setdefault(name, RepairState())
+        repair.service_state = state
+        repair.consecutive_failures = 0
+
+    def zone_balance_operation(self, name: str) -> ZoneBalanceOperation | None:
+        """The automatic zone balance operation in progress on ``name``, if any."""
+        return self._zone_balance.get(name)
+
+    # ----- snapshots ------------------------------------------------------------------------------------------
+
+    def export(self) -> dict[str, Any]:
+        """Every policy's state as plain data."""
+        return {
+            "modified": dict(self._modified),
+            "zone_balance": {n: op.to_dict() for n, op in self._zone_balance.items()},
+            "zone_balance_started": dict(self._zone_balance_started),
+            "upgrades": {n: u.to_dict() for n, u in self._upgrades.items()},
+            "upgrade_pending": sorted(self._upgrade_pending),
+            "repairs": {n: r.to_dict() for n, r in self._repairs.items()},
+        }
+
+    @classmethod
+    def restore(cls, state: dict[str, Any]) -> PolicyRunner:
+        """A runner with the state :meth:`export` saved."""
+        runner = cls()
+        runner._modified = dict(state.get("modified", {}))
+        runner._zone_balance = {n: ZoneBalanceOperation(**op) for n, op in state.get("zone_balance", {}).items()}
+        runner._zone_balance_started = dict(state.get("zone_balance_started", {}))
+        runner._upgrades = {n: RollingUpgrade.from_dict(u) for n, u in state.get("upgrades", {}).items()}
+        runner._upgrade_pending = set(state.get("upgrade_pending", []))
+        runner._repairs = {n: RepairState.from_dict(r) for n, r in state.get("repairs", {}).items()}
+        return runner
