@@ -17,9 +17,8 @@ _ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def generate_protos() -> None:
-    from grpc_tools import protoc  # a build requirement (pyproject.toml [build-system])
-
     import grpc_tools
+    from grpc_tools import protoc  # a build requirement (pyproject.toml [build-system])
 
     protos = sorted(glob.glob(os.path.join(_ROOT, "proto", "scaleset", "v1", "*.proto")))
     if not protos:
@@ -50,7 +49,9 @@ def get_requires_for_build_editable(config_settings: dict[str, Any] | None = Non
     return maturin.get_requires_for_build_editable(config_settings)  # type: ignore[no-any-return]
 
 
-def prepare_metadata_for_build_wheel(metadata_directory: str, config_settings: dict[str, Any] | None = None) -> str:
+def prepare_metadata_for_build_wheel(
+    metadata_directory: str, config_settings: dict[str, Any] | None = None
+) -> str:
     return maturin.prepare_metadata_for_build_wheel(metadata_directory, config_settings)  # type: ignore[no-any-return]
 
 

@@ -36,7 +36,9 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.section("scaleset: rebalance (moves, violation left, median time)")
         for label, (moves, violation, seconds, status) in sorted(REBALANCE.items()):
             left = "-" if violation < 0 else str(violation)
-            terminalreporter.write_line(f"{label:<22} {moves:>7} moves   violation left {left:>6}   {seconds * 1000:>9.1f} ms   {status}")
+            terminalreporter.write_line(
+                f"{label:<22} {moves:>7} moves   violation left {left:>6}   {seconds * 1000:>9.1f} ms   {status}"
+            )
     if LOAD:
         terminalreporter.section("scaleset: service load (8 in flight, 2 client processes)")
         echo = LOAD.get("echo")

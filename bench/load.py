@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-
 from scaleset.v1 import scaleset_pb2 as pb
 
 
@@ -26,7 +25,9 @@ class LoadResult:
         return self.requests / self.seconds
 
 
-async def _client(target: str, workload: str, process: int, inflight: int, calls: int) -> tuple[list[float], int]:
+async def _client(
+    target: str, workload: str, process: int, inflight: int, calls: int
+) -> tuple[list[float], int]:
     latencies: list[float] = []
     errors = 0
     # Requests are encoded once and replies kept as bytes (checked, not decoded, on the hot path), so the
@@ -61,12 +62,17 @@ def _workload(channel: grpc.aio.Channel, workload: str, process: int) -> tuple[A
     elif workload == "set_capacity":
         path = "/scaleset.v1.ScaleSets/SetCapacity"
         requests = [
-            [pb.SetCapacityRequest(name=f"load-{process}-{k}", capacity=c).SerializeToString() for c in (10, 11)]
+            [
+                pb.SetCapacityRequest(name=f"load-{process}-{k}", capacity=c).SerializeToString()
+                for c in (10, 11)
+            ]
             for k in slots
         ]
     else:
         path = "/scaleset.v1.ScaleSets/ListInstances"
-        requests = [[pb.ListInstancesRequest(name="listing", page_size=1000).SerializeToString()] * 2 for _ in slots]
+        requests = [
+            [pb.ListInstancesRequest(name="listing", page_size=1000).SerializeToString()] * 2 for _ in slots
+        ]
     return channel.unary_unary(path), requests
 
 
@@ -81,7 +87,9 @@ def _process(args: tuple[str, str, int, int, int]) -> tuple[list[float], int]:
     return asyncio.run(_client(*args))
 
 
-def run_load(target: str, workload: str, processes: int, inflight_per_process: int, calls_per_slot: int) -> LoadResult:
+def run_load(
+    target: str, workload: str, processes: int, inflight_per_process: int, calls_per_slot: int
+) -> LoadResult:
     """Runs ``workload`` (echo | set_capacity | list_instances) and measures it from start to finish."""
     ctx = multiprocessing.get_context("spawn")
     jobs = [(target, workload, p, inflight_per_process, calls_per_slot) for p in range(processes)]

@@ -11,7 +11,6 @@ from collections import Counter
 from typing import Any
 
 import pytest
-
 from scaleset import Engine, Instance, PriorityMixPolicy, Region, ScaleSetSpec, Sku
 from scaleset.testing import reference
 

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-
-from bench.conftest import LOAD
-from bench.load import run_load
 from scaleset.testing.server import free_port, start_server_process
 from scaleset.v1 import scaleset_pb2 as pb
 from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
+
+from bench.conftest import LOAD
+from bench.load import run_load
 
 PROCESSES = 2
 INFLIGHT = 4  # per process: 8 in flight
@@ -56,11 +55,17 @@ def calls(benchmark: Any, full: int) -> int:
 def test_load(benchmark: Any, target: str, workload: str, full_calls: int) -> None:
     benchmark.group = "service_load"
     n = calls(benchmark, full_calls)
-    result = benchmark.pedantic(run_load, args=(target, workload, PROCESSES, INFLIGHT, n), rounds=1, iterations=1)
+    result = benchmark.pedantic(
+        run_load, args=(target, workload, PROCESSES, INFLIGHT, n), rounds=1, iterations=1
+    )
     assert result.errors == 0
     assert result.requests == PROCESSES * INFLIGHT * n
     benchmark.extra_info.update(
-        {"requests_per_second": round(result.per_second), "p50_ms": round(result.p50_ms, 2), "p99_ms": round(result.p99_ms, 2)}
+        {
+            "requests_per_second": round(result.per_second),
+            "p50_ms": round(result.p50_ms, 2),
+            "p99_ms": round(result.p99_ms, 2),
+        }
     )
     if not benchmark.disabled:
         LOAD[workload] = result

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from scaleset import Engine, Region, ScaleSetSpec, Sku
 from scaleset.testing import reference
 
@@ -40,7 +39,7 @@ def test_plan_upgrade_core(benchmark: Any, record: Any, n: int) -> None:
     batches = benchmark(lambda: engine.plan_upgrade_batches("up", size, True, False))
     record("core")
     cols = engine.instance_columns("up")
-    check(batches, n, size, dict(zip(cols["instance_id"], cols["zone"])))
+    check(batches, n, size, dict(zip(cols["instance_id"], cols["zone"], strict=False)))
 
 
 @pytest.mark.parametrize("n", [1_000, 100_000], ids=["1k", "100k"])
@@ -49,7 +48,8 @@ def test_plan_upgrade_baseline(benchmark: Any, record: Any, n: int) -> None:
     engine, size = out_of_date(n)
     spec, instances = engine.get_spec("up"), list(engine.get_scale_set("up").instances)
     batches = benchmark.pedantic(
-        lambda: reference.plan_upgrade_batches(spec, instances, size, True, False), rounds=3 if n <= 1_000 else 1
+        lambda: reference.plan_upgrade_batches(spec, instances, size, True, False),
+        rounds=3 if n <= 1_000 else 1,
     )
     record("baseline")
     assert batches == engine.plan_upgrade_batches("up", size, True, False)

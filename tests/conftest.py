@@ -5,7 +5,6 @@ from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 import pytest
-
 from scaleset import Engine, Instance, Region, ScaleSetSpec, Sku
 
 SIZE = "Standard_D2s_v5"

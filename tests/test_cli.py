@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from scaleset import Region
 from scaleset.cli import main
 from scaleset.documents import spec_from_document
@@ -43,8 +42,12 @@ def test_arm_documents_map_to_specs() -> None:
 
 
 def test_flat_documents_in_either_case_and_unknown_properties() -> None:
-    camel, _, _ = spec_from_document({"name": "a", "platformFaultDomainCount": 1, "sku": {"name": "Standard_D2s_v5"}})
-    snake, _, _ = spec_from_document({"name": "a", "platform_fault_domain_count": 1, "sku": {"name": "Standard_D2s_v5"}})
+    camel, _, _ = spec_from_document(
+        {"name": "a", "platformFaultDomainCount": 1, "sku": {"name": "Standard_D2s_v5"}}
+    )
+    snake, _, _ = spec_from_document(
+        {"name": "a", "platform_fault_domain_count": 1, "sku": {"name": "Standard_D2s_v5"}}
+    )
     assert camel == snake and camel.platform_fault_domain_count == 1
     with pytest.raises(InvalidInputError) as err:
         spec_from_document({"name": "a", "colour": "blue"})
@@ -94,7 +97,9 @@ def test_cli_end_to_end(server: ServerThread, capsys: pytest.CaptureFixture[str]
 
     code, out, _ = run(server, capsys, "region", "zone", "2", "down")
     assert "2 (down)" in out
-    code, out, _ = run(server, capsys, "region", "pool", "1", "Standard_D2s_v5", "Spot", "5", "--price", "0.01")
+    code, out, _ = run(
+        server, capsys, "region", "pool", "1", "Standard_D2s_v5", "Spot", "5", "--price", "0.01"
+    )
     assert "pool 1/Standard_D2s_v5/Spot: available 5, price 0.01" in out
 
     code, out, _ = run(server, capsys, "watch", "--count", "4")
@@ -121,11 +126,17 @@ def test_cli_rebalance(server: ServerThread, capsys: pytest.CaptureFixture[str],
     code, out, _ = run(server, capsys, "rebalance", "web")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].startswith("web: OPTIMAL, 2 replacements in 2 waves (max surge 1)") and lines[0].endswith("(dry run)")
+    assert lines[0].startswith("web: OPTIMAL, 2 replacements in 2 waves (max surge 1)") and lines[0].endswith(
+        "(dry run)"
+    )
     assert "zones 4 -> 0" in lines[1]
     zone1 = lines[3].split()
-    assert zone1[:2] == ["zone", "1"] and zone1[-1] == "0->2" and sorted(zone1[2:5]) == ["0->0", "0->1", "0->1"]
-    assert "wave 2:" in out and "create zone 1 fd" in out and "rebalance: replaced; healthy and current" in out
+    assert (
+        zone1[:2] == ["zone", "1"] and zone1[-1] == "0->2" and sorted(zone1[2:5]) == ["0->0", "0->1", "0->1"]
+    )
+    assert (
+        "wave 2:" in out and "create zone 1 fd" in out and "rebalance: replaced; healthy and current" in out
+    )
     code, out, _ = run(server, capsys, "rebalance", "web", "--apply", "--max-surge", "2")
     assert "in 1 waves (max surge 2)" in out and "(applied)" in out and "(id 6)" in out
     code, out, _ = run(server, capsys, "show", "web")
@@ -134,7 +145,9 @@ def test_cli_rebalance(server: ServerThread, capsys: pytest.CaptureFixture[str],
 
 def test_cli_upgrade(server: ServerThread, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     doc = tmp_path / "web.yaml"
-    doc.write_text("name: web\nzones: ['1']\nsku: {name: Standard_D2s_v5, capacity: 5}\nupgradePolicy: {mode: Manual}\n")
+    doc.write_text(
+        "name: web\nzones: ['1']\nsku: {name: Standard_D2s_v5, capacity: 5}\nupgradePolicy: {mode: Manual}\n"
+    )
     run(server, capsys, "create", "-f", str(doc))
     code, out, _ = run(server, capsys, "upgrade", "status", "web")
     assert out.strip() == "web: no rolling upgrade has run"

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from scaleset.testing.server import free_port
 from scaleset.testing.server import start_server_process as start_server
 from scaleset.v1 import scaleset_pb2 as pb
@@ -37,12 +36,17 @@ def drive(target: str, history: History, stop: threading.Event) -> None:
             n += 1
             if n % 5 == 0:
                 request = pb.SetInstanceProtectionRequest(
-                    name=history.name, instance_ids=[0], protect_from_scale_in=n % 10 == 0, request_id=f"{history.name}-{n}"
+                    name=history.name,
+                    instance_ids=[0],
+                    protect_from_scale_in=n % 10 == 0,
+                    request_id=f"{history.name}-{n}",
                 )
                 call, capacity = stub.SetInstanceProtection, history.last_capacity
             else:
                 capacity = 1 + (n * 37) % 60
-                request = pb.SetCapacityRequest(name=history.name, capacity=capacity, request_id=f"{history.name}-{n}")
+                request = pb.SetCapacityRequest(
+                    name=history.name, capacity=capacity, request_id=f"{history.name}-{n}"
+                )
                 call = stub.SetCapacity
             history.in_flight = request
             try:
@@ -64,10 +68,14 @@ def test_sigkill_loses_nothing_acknowledged(tmp_path: Path) -> None:
         with grpc.insecure_channel(target) as channel:
             stub = pb_grpc.ScaleSetsStub(channel)
             for h in histories:
-                reply = stub.CreateScaleSet(pb.CreateScaleSetRequest(
-                    scale_set=pb.ScaleSetSpec(name=h.name, zones=["1", "2", "3"], sku=pb.Sku(name="Standard_D2s_v5")),
-                    capacity=3,
-                ))
+                reply = stub.CreateScaleSet(
+                    pb.CreateScaleSetRequest(
+                        scale_set=pb.ScaleSetSpec(
+                            name=h.name, zones=["1", "2", "3"], sku=pb.Sku(name="Standard_D2s_v5")
+                        ),
+                        capacity=3,
+                    )
+                )
                 h.acked[reply.scale_set.revision] = 3
                 h.last_capacity = 3
         stop = threading.Event()
@@ -98,7 +106,11 @@ def test_sigkill_loses_nothing_acknowledged(tmp_path: Path) -> None:
                     assert got.capacity == h.acked[last_acked]
                 else:
                     assert h.in_flight is not None
-                    expected = h.in_flight.capacity if isinstance(h.in_flight, pb.SetCapacityRequest) else h.acked[last_acked]
+                    expected = (
+                        h.in_flight.capacity
+                        if isinstance(h.in_flight, pb.SetCapacityRequest)
+                        else h.acked[last_acked]
+                    )
                     assert got.capacity == expected
                 instances = stub.ListInstances(pb.ListInstancesRequest(name=h.name)).instances
                 ids = list(instances.instance_id)
@@ -107,7 +119,11 @@ def test_sigkill_loses_nothing_acknowledged(tmp_path: Path) -> None:
                 assert max(zones.values()) - min(zones.values()) <= 1 if zones else True
                 # Retrying the unacknowledged request with its request_id is safe either way.
                 if h.in_flight is not None:
-                    method = stub.SetCapacity if isinstance(h.in_flight, pb.SetCapacityRequest) else stub.SetInstanceProtection
+                    method = (
+                        stub.SetCapacity
+                        if isinstance(h.in_flight, pb.SetCapacityRequest)
+                        else stub.SetInstanceProtection
+                    )
                     reply = method(h.in_flight)
                     assert reply.revision == last_acked + 1
                     assert stub.GetScaleSet(pb.GetScaleSetRequest(name=h.name)).revision == last_acked + 1

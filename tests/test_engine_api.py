@@ -6,15 +6,26 @@ import dataclasses
 import threading
 
 import pytest
-
 import scaleset
 from scaleset import Engine, Instance, Region, ScaleSetSpec
 from scaleset.errors import NotFoundError
+
 from tests.conftest import SIZE, zonal_spec
 
 
 def test_public_names() -> None:
-    for name in ["Region", "ScaleSetSpec", "Sku", "SkuProfile", "VmSize", "PriorityMixPolicy", "ScaleInPolicy", "Instance", "Plan", "Engine"]:
+    for name in [
+        "Region",
+        "ScaleSetSpec",
+        "Sku",
+        "SkuProfile",
+        "VmSize",
+        "PriorityMixPolicy",
+        "ScaleInPolicy",
+        "Instance",
+        "Plan",
+        "Engine",
+    ]:
         assert name in scaleset.__all__ and hasattr(scaleset, name)
     assert issubclass(scaleset.errors.CapacityError, scaleset.errors.ScaleSetError)
 
@@ -57,8 +68,17 @@ def test_import_then_scale_continues_ids(engine: Engine) -> None:
     engine.import_instances(
         "web",
         [
-            Instance(instance_id=41, zone="2", fault_domain=3, vm_size=SIZE, health="Healthy", name="legacy-41"),
-            Instance(instance_id=7, zone="1", fault_domain=1, vm_size=SIZE, power_state="deallocated", model_version=0),
+            Instance(
+                instance_id=41, zone="2", fault_domain=3, vm_size=SIZE, health="Healthy", name="legacy-41"
+            ),
+            Instance(
+                instance_id=7,
+                zone="1",
+                fault_domain=1,
+                vm_size=SIZE,
+                power_state="deallocated",
+                model_version=0,
+            ),
         ],
     )
     got = engine.get_scale_set("web").instances

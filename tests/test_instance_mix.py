@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-
 from scaleset import Engine, Pool, Region, ScaleSetSpec, SkuProfile, VmSize
 from scaleset.errors import CapacityError
 
@@ -14,7 +13,10 @@ D2, D4, E2 = "Standard_D2s_v5", "Standard_D4s_v5", "Standard_E2s_v5"
 
 def mix(strategy: str, sizes: list[VmSize], **kwargs: object) -> ScaleSetSpec:
     return ScaleSetSpec(
-        name="mix", zones=["1"], sku_profile=SkuProfile(vm_sizes=sizes, allocation_strategy=strategy), **kwargs  # type: ignore[arg-type]
+        name="mix",
+        zones=["1"],
+        sku_profile=SkuProfile(vm_sizes=sizes, allocation_strategy=strategy),
+        **kwargs,  # type: ignore[arg-type]
     )
 
 
@@ -79,7 +81,13 @@ def test_spot_max_price_skips_pools_above_it() -> None:
 def test_scale_in_returns_capacity_to_the_pool_but_eviction_does_not() -> None:
     engine = Engine(Region(zones=["1"], pools=[Pool("1", D2, "Spot", available=4)]))
     engine.create_scale_set(
-        ScaleSetSpec(name="mix", zones=["1"], sku_profile=SkuProfile([VmSize(D2)]), priority="Spot", eviction_policy="Delete"),
+        ScaleSetSpec(
+            name="mix",
+            zones=["1"],
+            sku_profile=SkuProfile([VmSize(D2)]),
+            priority="Spot",
+            eviction_policy="Delete",
+        ),
         capacity=4,
     )
     assert engine.describe_region().pools[0].available == 0

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-
 from scaleset import Engine, PriorityMixPolicy, Region, ScaleSetSpec, Sku
 from scaleset.errors import InvalidInputError
+
 from tests.conftest import priority_counts, zonal_spec
 
 
@@ -14,7 +14,9 @@ def mix_spec(base: int, pct: int, eviction_policy: str = "Delete") -> ScaleSetSp
         "spot",
         priority="Spot",
         eviction_policy=eviction_policy,
-        priority_mix_policy=PriorityMixPolicy(base_regular_priority_count=base, regular_priority_percentage_above_base=pct),
+        priority_mix_policy=PriorityMixPolicy(
+            base_regular_priority_count=base, regular_priority_percentage_above_base=pct
+        ),
     )
 
 
@@ -74,7 +76,13 @@ def test_only_spot_instances_can_be_evicted(engine: Engine) -> None:
 def test_all_spot_uniform_scale_set() -> None:
     engine = Engine(Region(zones=["1", "2"]))
     engine.create_scale_set(
-        ScaleSetSpec(name="u", orchestration_mode="Uniform", zones=["1", "2"], sku=Sku(name="Standard_D2s_v5"), priority="Spot"),
+        ScaleSetSpec(
+            name="u",
+            orchestration_mode="Uniform",
+            zones=["1", "2"],
+            sku=Sku(name="Standard_D2s_v5"),
+            priority="Spot",
+        ),
         capacity=4,
     )
     assert priority_counts(engine, "u") == (0, 4)

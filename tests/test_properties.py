@@ -6,10 +6,10 @@ from collections import Counter
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from scaleset import Engine, Instance, PriorityMixPolicy, Region, ScaleInPolicy, ScaleSetSpec, Sku
 from scaleset.errors import ScaleSetError
 from scaleset.testing import reference
+
 from tests.conftest import SIZE
 
 FDS = 3
@@ -72,7 +72,9 @@ def test_core_matches_the_reference_rules(scenario: tuple[Region, ScaleSetSpec, 
     try:
         if capacity >= len(current):
             next_id = max((i.instance_id + 1 for i in current), default=0)
-            expected: object = reference.plan_scale_out(stored, region, current, capacity - len(current), next_id)
+            expected: object = reference.plan_scale_out(
+                stored, region, current, capacity - len(current), next_id
+            )
         else:
             expected = reference.plan_scale_in(stored, region, current, len(current) - capacity)
     except reference.ReferenceError as err:
@@ -91,7 +93,9 @@ def test_core_matches_the_reference_rules(scenario: tuple[Region, ScaleSetSpec, 
 
 @settings(max_examples=200, deadline=None)
 @given(scenarios())
-def test_invariants_after_any_capacity_change(scenario: tuple[Region, ScaleSetSpec, list[Instance], int]) -> None:
+def test_invariants_after_any_capacity_change(
+    scenario: tuple[Region, ScaleSetSpec, list[Instance], int],
+) -> None:
     region, spec, instances, capacity = scenario
     engine = build(region, spec, instances)
     before = {i.instance_id: i for i in instances}
@@ -104,7 +108,9 @@ def test_invariants_after_any_capacity_change(scenario: tuple[Region, ScaleSetSp
     assert len(after) == capacity
     ids = {i.instance_id for i in after}
     # Protected instances survive every scale-in.
-    assert {i for i, inst in before.items() if inst.protect_from_scale_in or inst.protect_from_scale_set_actions} <= ids
+    assert {
+        i for i, inst in before.items() if inst.protect_from_scale_in or inst.protect_from_scale_set_actions
+    } <= ids
     # Scale-out only adds, scale-in only removes.
     assert ids >= set(before) or ids <= set(before)
     if spec.priority_mix_policy is not None and capacity > len(instances):
@@ -135,26 +141,53 @@ def test_balanced_sets_stay_balanced_when_zones_are_healthy(zone_count: int, fir
 @settings(max_examples=150, deadline=None)
 @given(
     st.sampled_from([["1"], ["1", "2"], ["1", "2", "3"]]),
-    st.lists(st.tuples(st.integers(0, 3), st.integers(0, FDS - 1), st.sampled_from(["Healthy", "Unhealthy", "Unknown"]),
-                       st.integers(0, 1), st.integers(0, 9)), max_size=30),
+    st.lists(
+        st.tuples(
+            st.integers(0, 3),
+            st.integers(0, FDS - 1),
+            st.sampled_from(["Healthy", "Unhealthy", "Unknown"]),
+            st.integers(0, 1),
+            st.integers(0, 9),
+        ),
+        max_size=30,
+    ),
     st.integers(1, 6),
     st.booleans(),
     st.booleans(),
 )
 def test_upgrade_batches_match_the_reference_planner(
-    zones: list[str], rows: list[tuple[int, int, str, int, int]], batch_size: int, prioritize: bool, cross_zone: bool
+    zones: list[str],
+    rows: list[tuple[int, int, str, int, int]],
+    batch_size: int,
+    prioritize: bool,
+    cross_zone: bool,
 ) -> None:
     engine = Engine(Region(zones=["1", "2", "3"], fault_domains_per_zone=FDS))
     engine.create_scale_set(ScaleSetSpec(name="u", zones=zones, sku=Sku(name=SIZE)))
-    engine.import_instances("u", [
-        Instance(instance_id=k, zone=zones[z] if z < len(zones) else None, fault_domain=fd, vm_size=SIZE, health=health,
-                 model_version=version, protect_from_scale_in=protect == 0, protect_from_scale_set_actions=protect == 0)
-        for k, (z, fd, health, version, protect) in enumerate(rows)
-    ])
+    engine.import_instances(
+        "u",
+        [
+            Instance(
+                instance_id=k,
+                zone=zones[z] if z < len(zones) else None,
+                fault_domain=fd,
+                vm_size=SIZE,
+                health=health,
+                model_version=version,
+                protect_from_scale_in=protect == 0,
+                protect_from_scale_set_actions=protect == 0,
+            )
+            for k, (z, fd, health, version, protect) in enumerate(rows)
+        ],
+    )
     engine.update_scale_set(ScaleSetSpec(name="u", zones=zones, sku=Sku(name="Standard_D4s_v5")))
     spec, instances = engine.get_spec("u"), list(engine.get_scale_set("u").instances)
     got = engine.plan_upgrade_batches("u", batch_size, prioritize, cross_zone)
     assert got == reference.plan_upgrade_batches(spec, instances, batch_size, prioritize, cross_zone)
-    upgradable = {i.instance_id for i in instances if (i.model_version or 0) < spec.model_version and not i.protect_from_scale_set_actions}
+    upgradable = {
+        i.instance_id
+        for i in instances
+        if (i.model_version or 0) < spec.model_version and not i.protect_from_scale_set_actions
+    }
     assert sorted(i for b in got for i in b) == sorted(upgradable)
     assert all(0 < len(b) <= batch_size for b in got)

@@ -8,10 +8,10 @@ from collections import Counter
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from scaleset import Controller, Instance, PriorityMixPolicy, Region, ScaleSetSpec, Sku, SkuProfile, VmSize
 from scaleset.errors import InvalidInputError
 from scaleset.testing.rebalance_baselines import greedy_rebalance, per_vm_rebalance
+
 from tests.conftest import SIZE, instances_in, zonal_spec
 
 FDS = 3
@@ -39,7 +39,10 @@ def shape_ok(engine: Controller, name: str = "web") -> None:
     spec = engine.get_spec(name)
     if spec.priority_mix_policy is not None:
         n = len(instances)
-        base, pct = spec.priority_mix_policy.base_regular_priority_count, spec.priority_mix_policy.regular_priority_percentage_above_base
+        base, pct = (
+            spec.priority_mix_policy.base_regular_priority_count,
+            spec.priority_mix_policy.regular_priority_percentage_above_base,
+        )
         assert sum(i.priority == "Regular" for i in instances) == min(n, base) + max(0, n - base) * pct // 100
 
 
@@ -48,8 +51,15 @@ def test_unbudgeted_plan_reaches_the_target_shape() -> None:
     plan = engine.rebalance("web")
     assert plan.optimal and plan.dry_run and plan.replacements == 10
     assert plan.violation_before["zones"] > 0 and plan.score_after == 0 == plan.violation_bound
-    assert plan.zone_counts_before == {"1": 0, "2": 15, "3": 15} and plan.zone_counts_after == {"1": 10, "2": 10, "3": 10}
-    assert engine.capacity("web") == 30 and Counter(i.zone for i in engine.get_scale_set("web").instances)["1"] == 0
+    assert plan.zone_counts_before == {"1": 0, "2": 15, "3": 15} and plan.zone_counts_after == {
+        "1": 10,
+        "2": 10,
+        "3": 10,
+    }
+    assert (
+        engine.capacity("web") == 30
+        and Counter(i.zone for i in engine.get_scale_set("web").instances)["1"] == 0
+    )
     applied = engine.rebalance("web", dry_run=False)
     assert not applied.dry_run and len(applied.created_ids) == 10 and applied.created_ids[0] == 30
     shape_ok(engine)
@@ -75,10 +85,15 @@ def test_waves_keep_running_count_between_capacity_and_surge() -> None:
 def test_protected_and_deallocated_instances_never_move() -> None:
     engine = Controller(Region(zones=["1", "2", "3"], fault_domains_per_zone=FDS))
     engine.create_scale_set(zonal_spec(priority="Spot"))
-    engine.import_instances("web", [
-        Instance(instance_id=i, zone="2" if i < 6 else "3", fault_domain=i % FDS, vm_size=SIZE, priority="Spot")
-        for i in range(12)
-    ])
+    engine.import_instances(
+        "web",
+        [
+            Instance(
+                instance_id=i, zone="2" if i < 6 else "3", fault_domain=i % FDS, vm_size=SIZE, priority="Spot"
+            )
+            for i in range(12)
+        ],
+    )
     engine.set_protection("web", [0, 1, 2, 3], protect_from_scale_in=True)
     engine.evict("web", [4, 5])  # Deallocate: stays, deallocated
     plan = engine.rebalance("web", dry_run=False)
@@ -129,7 +144,13 @@ def test_sizes_no_longer_in_the_model_are_replaced_by_the_cheapest() -> None:
     engine.set_pool_capacity("1", "Standard_D4s_v5", "Regular", None, price=0.2)
     engine.set_pool_capacity("1", "Standard_E2s_v5", "Regular", None, price=0.1)
     engine.create_scale_set(ScaleSetSpec(name="mix", zones=["1"], sku_profile=SkuProfile([VmSize(SIZE)])), 4)
-    engine.update_scale_set(ScaleSetSpec(name="mix", zones=["1"], sku_profile=SkuProfile([VmSize("Standard_D4s_v5"), VmSize("Standard_E2s_v5")])))
+    engine.update_scale_set(
+        ScaleSetSpec(
+            name="mix",
+            zones=["1"],
+            sku_profile=SkuProfile([VmSize("Standard_D4s_v5"), VmSize("Standard_E2s_v5")]),
+        )
+    )
     plan = engine.rebalance("mix", dry_run=False)
     assert plan.violation_before["vm_sizes"] == 4 and plan.violation_after["vm_sizes"] == 0
     assert {i.vm_size for i in engine.get_scale_set("mix").instances} == {"Standard_E2s_v5"}
@@ -137,7 +158,9 @@ def test_sizes_no_longer_in_the_model_are_replaced_by_the_cheapest() -> None:
 
 def test_priority_mix_is_restored() -> None:
     engine = Controller(Region(zones=["1", "2"], fault_domains_per_zone=1))
-    engine.create_scale_set(zonal_spec(zones=["1", "2"], priority="Spot", priority_mix_policy=PriorityMixPolicy(0, 50)))
+    engine.create_scale_set(
+        zonal_spec(zones=["1", "2"], priority="Spot", priority_mix_policy=PriorityMixPolicy(0, 50))
+    )
     engine.import_instances("web", instances_in({"1": range(3), "2": range(3, 6)}, priority="Spot"))
     plan = engine.rebalance("web", dry_run=False)
     assert plan.violation_before["priority_mix"] == 3 and plan.replacements == 3
@@ -149,7 +172,12 @@ def test_same_state_same_plan() -> None:
     for _ in range(3):
         engine = recovered(300)
         engine.report_health("web", list(range(0, 300, 7)), "Unhealthy")
-        plans.append((engine.rebalance("web", max_replacements=70).deletes, engine.rebalance("web", max_replacements=70).creates))
+        plans.append(
+            (
+                engine.rebalance("web", max_replacements=70).deletes,
+                engine.rebalance("web", max_replacements=70).creates,
+            )
+        )
     assert plans[0] == plans[1] == plans[2]
 
 
@@ -170,16 +198,26 @@ def test_time_limit_never_returns_nothing() -> None:
     st.integers(0, 6),
     st.booleans(),
 )
-def test_pool_model_matches_a_per_vm_model(zones: list[str], fds: list[int], protected: set[int], budget: int, mix: bool) -> None:
+def test_pool_model_matches_a_per_vm_model(
+    zones: list[str], fds: list[int], protected: set[int], budget: int, mix: bool
+) -> None:
     engine = Controller(Region(zones=["1", "2", "3"], fault_domains_per_zone=2))
     spec = zonal_spec(priority="Spot", priority_mix_policy=PriorityMixPolicy(1, 50)) if mix else zonal_spec()
     engine.create_scale_set(spec)
-    engine.import_instances("web", [
-        Instance(instance_id=i, zone=z, fault_domain=fds[i], vm_size=SIZE,
-                 priority=("Regular" if i % 2 else "Spot") if mix else "Regular",
-                 protect_from_scale_in=i in protected)
-        for i, z in enumerate(zones)
-    ])
+    engine.import_instances(
+        "web",
+        [
+            Instance(
+                instance_id=i,
+                zone=z,
+                fault_domain=fds[i],
+                vm_size=SIZE,
+                priority=("Regular" if i % 2 else "Spot") if mix else "Regular",
+                protect_from_scale_in=i in protected,
+            )
+            for i, z in enumerate(zones)
+        ],
+    )
     plan = engine.rebalance("web", max_replacements=budget)
     reference = per_vm_rebalance(engine.engine, "web", max_replacements=budget)
     assert plan.optimal and reference.status == "OPTIMAL"

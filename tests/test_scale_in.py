@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-
 from scaleset import Engine, Instance, Region, ScaleInPolicy, ScaleSetSpec, Sku, SkuProfile, VmSize
 from scaleset.errors import ConflictError, InvalidInputError
+
 from tests.conftest import SIZE, instances_in, zonal_spec, zone_counts
 
 OLDEST_VM_TABLE = {"1": [3, 4, 5, 10], "2": [2, 6, 9, 11], "3": [1, 7, 8]}
@@ -100,7 +100,8 @@ def test_manual_delete_is_allowed_for_protected_instances(engine: Engine) -> Non
 def test_regional_instances_go_first(engine: Engine) -> None:
     engine.create_scale_set(zonal_spec())
     engine.import_instances(
-        "web", [*instances_in({"1": [1, 2], "2": [3], "3": [4]}), Instance(instance_id=0, zone=None, vm_size=SIZE)]
+        "web",
+        [*instances_in({"1": [1, 2], "2": [3], "3": [4]}), Instance(instance_id=0, zone=None, vm_size=SIZE)],
     )
     plan = engine.set_capacity("web", 4)
     assert [d.instance_id for d in plan.deletes] == [0]
@@ -108,7 +109,9 @@ def test_regional_instances_go_first(engine: Engine) -> None:
 
 
 def test_prioritize_unhealthy_vms(engine: Engine) -> None:
-    engine.create_scale_set(zonal_spec(scale_in_policy=ScaleInPolicy(prioritize_unhealthy_vms=True)), capacity=6)
+    engine.create_scale_set(
+        zonal_spec(scale_in_policy=ScaleInPolicy(prioritize_unhealthy_vms=True)), capacity=6
+    )
     engine.report_health("web", [0], "Unhealthy")
     engine.report_health("web", [1, 2, 3, 4, 5], "Healthy")
     plan = engine.set_capacity("web", 5)
@@ -156,5 +159,7 @@ def test_strict_scale_in_refuses_to_unbalance(engine: Engine) -> None:
 
 
 def test_single_size_scale_set_uses_its_sku(engine: Engine) -> None:
-    engine.create_scale_set(ScaleSetSpec(name="one", zones=["1"], sku=Sku(name="Standard_E2s_v5")), capacity=2)
+    engine.create_scale_set(
+        ScaleSetSpec(name="one", zones=["1"], sku=Sku(name="Standard_E2s_v5")), capacity=2
+    )
     assert {i.vm_size for i in engine.get_scale_set("one").instances} == {"Standard_E2s_v5"}

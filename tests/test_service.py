@@ -13,13 +13,13 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
-
 from scaleset import Instance, Region, ScaleInPolicy
 from scaleset.client import Client
 from scaleset.errors import CapacityError, ConflictError, InvalidInputError, NotFoundError
 from scaleset.testing.server import ServerThread
 from scaleset.v1 import scaleset_pb2 as pb
 from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
+
 from tests.conftest import SIZE, zonal_spec
 
 REGION = Region(zones=["1", "2", "3"], fault_domains_per_zone=3)
@@ -68,11 +68,15 @@ def test_scale_set_lifecycle_through_the_generated_stub(stub: pb_grpc.ScaleSetsS
     assert scaled.revision == 2 and scaled.plan.delete_count == 2
     assert [d.instance_id for d in scaled.plan.deletes] == [5, 4]
 
-    summary = stub.SetCapacity(pb.SetCapacityRequest(name="web", capacity=10, dry_run=True, view=pb.PLAN_VIEW_SUMMARY))
+    summary = stub.SetCapacity(
+        pb.SetCapacityRequest(name="web", capacity=10, dry_run=True, view=pb.PLAN_VIEW_SUMMARY)
+    )
     assert summary.plan.create_count == 6 and not summary.plan.creates and summary.plan.dry_run
     assert stub.GetScaleSet(pb.GetScaleSetRequest(name="web")).capacity == 4
 
-    update = pb.UpdateScaleSetRequest(scale_set=pb.ScaleSetSpec(name="web", scale_in_policy=pb.ScaleInPolicy(rules=["OldestVM"])))
+    update = pb.UpdateScaleSetRequest(
+        scale_set=pb.ScaleSetSpec(name="web", scale_in_policy=pb.ScaleInPolicy(rules=["OldestVM"]))
+    )
     update.update_mask.paths.append("scale_in_policy")
     updated = stub.UpdateScaleSet(update)
     assert updated.spec.scale_in_policy.rules == ["OldestVM"] and updated.spec.zones == ["1", "2", "3"]
@@ -87,20 +91,44 @@ def test_scale_set_lifecycle_through_the_generated_stub(stub: pb_grpc.ScaleSetsS
 @pytest.mark.parametrize(
     ("request_", "status", "reason"),
     [
-        (pb.CreateScaleSetRequest(scale_set=pb.ScaleSetSpec(name="x", orchestration_mode="Sideways", sku=pb.Sku(name=SIZE))),
-         grpc.StatusCode.INVALID_ARGUMENT, "InvalidParameter"),
-        (pb.CreateScaleSetRequest(scale_set=pb.ScaleSetSpec(name="bad name", sku=pb.Sku(name=SIZE))),
-         grpc.StatusCode.INVALID_ARGUMENT, "InvalidResourceName"),
-        (pb.CreateScaleSetRequest(scale_set=pb.ScaleSetSpec(name="x", zones=["1"], zone_balance=True, sku=pb.Sku(name=SIZE))),
-         grpc.StatusCode.INVALID_ARGUMENT, "ZoneBalanceRequiresMultipleZones"),
-        (pb.CreateScaleSetRequest(scale_set=pb.ScaleSetSpec(name="x", sku=pb.Sku(name=SIZE)), capacity=5000),
-         grpc.StatusCode.RESOURCE_EXHAUSTED, "OperationNotAllowed"),
-        (pb.CreateScaleSetRequest(scale_set=pb.ScaleSetSpec(name="x", sku=pb.Sku(name=SIZE), max_price=0.5)),
-         grpc.StatusCode.INVALID_ARGUMENT, "MaxPriceIsSupportedOnlyForAzureSpotVirtualMachines"),
+        (
+            pb.CreateScaleSetRequest(
+                scale_set=pb.ScaleSetSpec(name="x", orchestration_mode="Sideways", sku=pb.Sku(name=SIZE))
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "InvalidParameter",
+        ),
+        (
+            pb.CreateScaleSetRequest(scale_set=pb.ScaleSetSpec(name="bad name", sku=pb.Sku(name=SIZE))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "InvalidResourceName",
+        ),
+        (
+            pb.CreateScaleSetRequest(
+                scale_set=pb.ScaleSetSpec(name="x", zones=["1"], zone_balance=True, sku=pb.Sku(name=SIZE))
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "ZoneBalanceRequiresMultipleZones",
+        ),
+        (
+            pb.CreateScaleSetRequest(
+                scale_set=pb.ScaleSetSpec(name="x", sku=pb.Sku(name=SIZE)), capacity=5000
+            ),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "OperationNotAllowed",
+        ),
+        (
+            pb.CreateScaleSetRequest(
+                scale_set=pb.ScaleSetSpec(name="x", sku=pb.Sku(name=SIZE), max_price=0.5)
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "MaxPriceIsSupportedOnlyForAzureSpotVirtualMachines",
+        ),
     ],
 )
-def test_errors_carry_status_and_stable_code(stub: pb_grpc.ScaleSetsStub, request_: pb.CreateScaleSetRequest,
-                                             status: grpc.StatusCode, reason: str) -> None:
+def test_errors_carry_status_and_stable_code(
+    stub: pb_grpc.ScaleSetsStub, request_: pb.CreateScaleSetRequest, status: grpc.StatusCode, reason: str
+) -> None:
     with pytest.raises(grpc.RpcError) as err:
         stub.CreateScaleSet(request_)
     assert error_info(err.value) == (status, reason)
@@ -130,7 +158,11 @@ def test_error_codes_through_the_client(client: Client) -> None:
 
 
 def test_request_id_makes_retries_safe(server: ServerThread, stub: pb_grpc.ScaleSetsStub) -> None:
-    stub.CreateScaleSet(pb.CreateScaleSetRequest(scale_set=pb.ScaleSetSpec(name="web", zones=["1", "2"], sku=pb.Sku(name=SIZE))))
+    stub.CreateScaleSet(
+        pb.CreateScaleSetRequest(
+            scale_set=pb.ScaleSetSpec(name="web", zones=["1", "2"], sku=pb.Sku(name=SIZE))
+        )
+    )
     request = pb.SetCapacityRequest(name="web", capacity=5, request_id="retry-1")
     first = stub.SetCapacity(request)
     stub.SetCapacity(pb.SetCapacityRequest(name="web", capacity=2))
@@ -160,7 +192,9 @@ def test_concurrent_duplicates_apply_once(server: ServerThread, client: Client) 
 
 
 def test_stale_etag_is_rejected_with_the_current_one(stub: pb_grpc.ScaleSetsStub) -> None:
-    created = stub.CreateScaleSet(pb.CreateScaleSetRequest(scale_set=pb.ScaleSetSpec(name="web", sku=pb.Sku(name=SIZE))))
+    created = stub.CreateScaleSet(
+        pb.CreateScaleSetRequest(scale_set=pb.ScaleSetSpec(name="web", sku=pb.Sku(name=SIZE)))
+    )
     etag = created.scale_set.etag
     stub.SetCapacity(pb.SetCapacityRequest(name="web", capacity=1, etag=etag))
     with pytest.raises(grpc.RpcError) as err:
@@ -192,8 +226,21 @@ def test_paging(client: Client, stub: pb_grpc.ScaleSetsStub) -> None:
 
 
 def test_instances_rpcs(client: Client) -> None:
-    client.create_scale_set(zonal_spec(priority="Spot", eviction_policy="Delete", scale_in_policy=ScaleInPolicy(prioritize_unhealthy_vms=True)), 0)
-    client.import_instances("web", [Instance(instance_id=i, zone=str(1 + i % 3), vm_size=SIZE, priority="Spot", name=f"old-{i}") for i in range(6)])
+    client.create_scale_set(
+        zonal_spec(
+            priority="Spot",
+            eviction_policy="Delete",
+            scale_in_policy=ScaleInPolicy(prioritize_unhealthy_vms=True),
+        ),
+        0,
+    )
+    client.import_instances(
+        "web",
+        [
+            Instance(instance_id=i, zone=str(1 + i % 3), vm_size=SIZE, priority="Spot", name=f"old-{i}")
+            for i in range(6)
+        ],
+    )
     listed = client.list_instances("web")
     assert [(i.instance_id, i.name, i.zone) for i in listed[:2]] == [(0, "old-0", "1"), (1, "old-1", "2")]
     client.set_protection("web", [0], protect_from_scale_in=True)
@@ -227,7 +274,11 @@ def test_watch_events_resume(client: Client) -> None:
     client.set_capacity("web", 4)
     events = client.watch("web", after=0)
     got = [next(events) for _ in range(3)]
-    assert [(e.revision, e.type) for e in got] == [(1, "ScaleSetCreated"), (2, "CapacitySet"), (3, "CapacitySet")]
+    assert [(e.revision, e.type) for e in got] == [
+        (1, "ScaleSetCreated"),
+        (2, "CapacitySet"),
+        (3, "CapacitySet"),
+    ]
     assert got[1].plan is not None and [c.instance_id for c in got[1].plan.creates] == [3, 4]
     # Resume after revision 2 of the scale set; then a live event arrives.
     resumed = client.watch("web", after=2)
@@ -238,16 +289,28 @@ def test_watch_events_resume(client: Client) -> None:
     # Global sequence: the region change is there too.
     everything = client.watch("", after=2)
     region_event = next(everything)
-    assert (region_event.sequence, region_event.scale_set, region_event.type) == (3, "", "ZoneAvailabilityChanged")
+    assert (region_event.sequence, region_event.scale_set, region_event.type) == (
+        3,
+        "",
+        "ZoneAvailabilityChanged",
+    )
 
 
 def test_health_checking_and_reflection(server: ServerThread) -> None:
     with grpc.insecure_channel(server.target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        assert health.Check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.SERVING
-        assert health.Check(health_pb2.HealthCheckRequest(service="scaleset.v1.ScaleSets")).status == health_pb2.HealthCheckResponse.SERVING
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(service="")).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(service="scaleset.v1.ScaleSets")).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
         reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
-        replies = list(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        replies = list(
+            reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        )
         names = {s.name for s in replies[0].list_services_response.service}
         assert {"scaleset.v1.ScaleSets", "scaleset.v1.Regions", "grpc.health.v1.Health"} <= names
 
@@ -274,8 +337,16 @@ def test_metrics_count_rpcs(server: ServerThread, client: Client) -> None:
     with pytest.raises(NotFoundError):
         client.get_scale_set("missing")
     registry = server.metrics.registry
-    assert registry.get_sample_value("scaleset_rpc_requests_total", {"method": "CreateScaleSet", "code": "OK"}) == 1
-    assert registry.get_sample_value("scaleset_rpc_requests_total", {"method": "GetScaleSet", "code": "NOT_FOUND"}) == 1
+    assert (
+        registry.get_sample_value("scaleset_rpc_requests_total", {"method": "CreateScaleSet", "code": "OK"})
+        == 1
+    )
+    assert (
+        registry.get_sample_value(
+            "scaleset_rpc_requests_total", {"method": "GetScaleSet", "code": "NOT_FOUND"}
+        )
+        == 1
+    )
     assert registry.get_sample_value("scaleset_instances") == 2
 
 
@@ -287,7 +358,9 @@ def test_rebalance_rpc_plans_applies_and_survives_restart(tmp_path: Path) -> Non
         c.set_zone_available("1", True)
         dry = c.rebalance("web", max_surge=2)
         assert dry.status == "OPTIMAL" and dry.dry_run and dry.replacements == 4 and len(dry.waves) == 2
-        assert dry.violation_before["zones"] == 8 and dry.violation_after["zones"] == 0 and dry.score_bound == 0
+        assert (
+            dry.violation_before["zones"] == 8 and dry.violation_after["zones"] == 0 and dry.score_bound == 0
+        )
         assert c.get_scale_set("web").revision == 1
         applied = c.rebalance("web", dry_run=False, request_id="rb-1")
         again = c.rebalance("web", dry_run=False, request_id="rb-1")

@@ -6,7 +6,6 @@ from __future__ import annotations
 def test_generated_stubs_and_ortools_import_in_one_process() -> None:
     import google.protobuf
     from ortools.sat.python import cp_model
-
     from scaleset.v1 import scaleset_pb2, scaleset_pb2_grpc
 
     assert google.protobuf.__version__.startswith("6.33.")

@@ -7,13 +7,21 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-
-from scaleset import AutomaticRepairsPolicy, Controller, Instance, Region, RollingUpgradePolicy, ScaleSetSpec, Sku, UpgradePolicy
+from scaleset import (
+    AutomaticRepairsPolicy,
+    Controller,
+    Region,
+    RollingUpgradePolicy,
+    ScaleSetSpec,
+    Sku,
+    UpgradePolicy,
+)
 from scaleset.client import Client
 from scaleset.errors import ConflictError, InvalidInputError
 from scaleset.policies.repairs import SUSPEND_AFTER
-from scaleset.testing.server import ServerThread
 from scaleset.policies.upgrade import HEALTH_WAIT_S
+from scaleset.testing.server import ServerThread
+
 from tests.conftest import SIZE, take
 
 NEW = "Standard_D4s_v5"
@@ -22,12 +30,16 @@ T0 = 1_800_000_000.0
 
 def rolling(zones: tuple[str, ...] = ("1",), mode: str = "Rolling", **policy: object) -> ScaleSetSpec:
     return ScaleSetSpec(
-        name="web", zones=list(zones), sku=Sku(name=SIZE),
+        name="web",
+        zones=list(zones),
+        sku=Sku(name=SIZE),
         upgrade_policy=UpgradePolicy(mode=mode, rolling_upgrade_policy=RollingUpgradePolicy(**policy)),  # type: ignore[arg-type]
     )
 
 
-def fleet(n: int = 10, zones: tuple[str, ...] = ("1",), fds: int = 5, mode: str = "Rolling", **policy: object) -> Controller:
+def fleet(
+    n: int = 10, zones: tuple[str, ...] = ("1",), fds: int = 5, mode: str = "Rolling", **policy: object
+) -> Controller:
     engine = Controller(Region(zones=["1", "2", "3"], fault_domains_per_zone=fds), instance_limit=5000)
     engine.create_scale_set(rolling(zones, mode, **policy), n)
     engine.report_health("web", range(n), "Healthy")
@@ -42,7 +54,9 @@ def versions(engine: Controller) -> dict[int, int | None]:
     return {i.instance_id: i.model_version for i in engine.get_scale_set("web").instances}
 
 
-def drive(engine: Controller, start: float = T0, step: float = 1.0, healthy: bool = True, limit: int = 10_000) -> float:
+def drive(
+    engine: Controller, start: float = T0, step: float = 1.0, healthy: bool = True, limit: int = 10_000
+) -> float:
     """Advances time, reporting every instance of a batch Healthy, until the upgrade stops."""
     now = start
     for _ in range(limit):
@@ -79,8 +93,12 @@ def test_no_batch_spans_zones_unless_cross_zone_and_fault_domains_are_spread() -
     zone = {i.instance_id: i.zone for i in engine.get_scale_set("web").instances}
     fd = {i.instance_id: i.fault_domain for i in engine.get_scale_set("web").instances}
     assert u is not None and all(len({zone[i] for i in b}) == 1 for b in u.batches)
-    assert all(len({fd[i] for i in b}) == 2 for b in u.batches)  # a batch of 2 never takes a whole fault domain
-    cross = fleet(12, zones=("1", "2", "3"), fds=2, enable_cross_zone_upgrade=True, max_batch_instance_percent=50)
+    assert all(
+        len({fd[i] for i in b}) == 2 for b in u.batches
+    )  # a batch of 2 never takes a whole fault domain
+    cross = fleet(
+        12, zones=("1", "2", "3"), fds=2, enable_cross_zone_upgrade=True, max_batch_instance_percent=50
+    )
     new_model(cross)
     cross.advance(T0)
     cu = cross.get_rolling_upgrade("web")
@@ -105,7 +123,10 @@ def test_initializing_waits_and_unknown_counts_as_unhealthy() -> None:
     assert engine.advance(T0 + HEALTH_WAIT_S - 1) == []  # still Initializing: wait
     (failed,) = engine.advance(T0 + HEALTH_WAIT_S)
     assert failed.kind == "RollingUpgradeFailed"
-    assert engine.get_rolling_upgrade("web").error_code == "MaxUnhealthyUpgradedInstancePercentExceededInRollingUpgrade"  # type: ignore[union-attr]
+    assert (
+        engine.get_rolling_upgrade("web").error_code
+        == "MaxUnhealthyUpgradedInstancePercentExceededInRollingUpgrade"
+    )  # type: ignore[union-attr]
 
 
 def test_twenty_percent_unhealthy_thresholds_on_ten_instances() -> None:
@@ -120,7 +141,11 @@ def test_twenty_percent_unhealthy_thresholds_on_ten_instances() -> None:
     new_model(stop)
     stop.advance(T0)
     u = stop.get_rolling_upgrade("web")
-    assert u is not None and u.status == "Faulted" and u.error_code == "MaxUnhealthyInstancePercentExceededInRollingUpgrade"
+    assert (
+        u is not None
+        and u.status == "Faulted"
+        and u.error_code == "MaxUnhealthyInstancePercentExceededInRollingUpgrade"
+    )
     assert set(versions(stop).values()) == {1}
     # After each batch: more than 2 of 10 unhealthy among upgraded instances stops it.
     after = fleet(max_unhealthy_instance_percent=100)
@@ -232,10 +257,16 @@ def test_manual_and_automatic_modes() -> None:
 def test_policy_validation() -> None:
     engine = Controller(Region(zones=["1"]))
     for bad in (
-        rolling(max_batch_instance_percent=4), rolling(max_unhealthy_instance_percent=101),
-        rolling(pause_time_between_batches="10 seconds"), rolling(mode="Sometimes"),
-        dataclasses.replace(rolling(), automatic_repairs_policy=AutomaticRepairsPolicy(enabled=True, grace_period="PT5M")),
-        dataclasses.replace(rolling(), automatic_repairs_policy=AutomaticRepairsPolicy(enabled=True, repair_action="Pray")),
+        rolling(max_batch_instance_percent=4),
+        rolling(max_unhealthy_instance_percent=101),
+        rolling(pause_time_between_batches="10 seconds"),
+        rolling(mode="Sometimes"),
+        dataclasses.replace(
+            rolling(), automatic_repairs_policy=AutomaticRepairsPolicy(enabled=True, grace_period="PT5M")
+        ),
+        dataclasses.replace(
+            rolling(), automatic_repairs_policy=AutomaticRepairsPolicy(enabled=True, repair_action="Pray")
+        ),
     ):
         with pytest.raises(InvalidInputError):
             engine.create_scale_set(bad)
@@ -243,7 +274,9 @@ def test_policy_validation() -> None:
 
 def repairing(n: int, action: str = "Replace", grace: str = "PT10M") -> Controller:
     engine = Controller(Region(zones=["1"], fault_domains_per_zone=5))
-    spec = dataclasses.replace(rolling(mode="Manual"), automatic_repairs_policy=AutomaticRepairsPolicy(True, grace, action))
+    spec = dataclasses.replace(
+        rolling(mode="Manual"), automatic_repairs_policy=AutomaticRepairsPolicy(True, grace, action)
+    )
     engine.create_scale_set(spec, n, now=T0)
     engine.report_health("web", range(n), "Healthy")
     return engine
@@ -300,8 +333,13 @@ def test_repeated_failed_repairs_suspend_the_service() -> None:
 
 
 def test_thousand_instances_with_injected_failures_stop_roll_back_and_resume() -> None:
-    engine = fleet(1000, zones=("1", "2", "3"), max_unhealthy_instance_percent=100,
-                   max_unhealthy_upgraded_instance_percent=5, rollback_failed_instances_on_policy_breach=True)
+    engine = fleet(
+        1000,
+        zones=("1", "2", "3"),
+        max_unhealthy_instance_percent=100,
+        max_unhealthy_upgraded_instance_percent=5,
+        rollback_failed_instances_on_policy_breach=True,
+    )
     new_model(engine)
     now = T0
     bad = set(range(300, 360))  # instances whose new model fails their health probe
@@ -329,14 +367,21 @@ def test_thousand_instances_with_injected_failures_stop_roll_back_and_resume() -
 def test_upgrades_over_grpc(tmp_path: Path) -> None:
     clock = [T0]
     db = str(tmp_path / "state.db")
-    with ServerThread(db, Region(zones=["1"], fault_domains_per_zone=5), clock=lambda: clock[0]) as server, Client(server.target) as c:
+    with (
+        ServerThread(db, Region(zones=["1"], fault_domains_per_zone=5), clock=lambda: clock[0]) as server,
+        Client(server.target) as c,
+    ):
         c.create_scale_set(rolling(), 4)
         c.report_health("web", range(4), "Healthy")
         assert c.get_rolling_upgrade("web").status == "NotStarted"
         c.update_scale_set(dataclasses.replace(rolling(), sku=Sku(name=NEW)))
         server.call(server.control.advance())
         status = c.get_rolling_upgrade("web")
-        assert status.status == "RollingForward" and status.batches_total == 4 and list(status.current_batch) == [0]
+        assert (
+            status.status == "RollingForward"
+            and status.batches_total == 4
+            and list(status.current_batch) == [0]
+        )
         c.report_health("web", [0], "Healthy")
         clock[0] += 1
         server.call(server.control.advance())
@@ -346,11 +391,14 @@ def test_upgrades_over_grpc(tmp_path: Path) -> None:
         assert restarted.status == "RollingForward" and restarted.batches_total == 3
         c.upgrade_instances("web", [3])
         kinds = [e.type for e in take(c.watch("web"), 9)]
-        assert "RollingUpgradeStarted" in kinds and "RollingUpgradeBatchCompleted" in kinds and "RollingUpgradeCancelled" in kinds
+        assert (
+            "RollingUpgradeStarted" in kinds
+            and "RollingUpgradeBatchCompleted" in kinds
+            and "RollingUpgradeCancelled" in kinds
+        )
         c.set_repairs_service_state("web", "Running")
         with pytest.raises(InvalidInputError):
             c.set_repairs_service_state("web", "Asleep")
     with ServerThread(db, Region(zones=["1"]), clock=lambda: clock[0]) as again, Client(again.target) as c:
         assert c.get_rolling_upgrade("web").status == "RollingForward"
         assert [i.model_version for i in c.list_instances("web")] == [2, 1, 1, 2]
-

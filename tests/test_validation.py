@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import pytest
-
-from scaleset import Engine, Instance, PriorityMixPolicy, Region, ScaleInPolicy, ScaleSetSpec, Sku, SkuProfile, VmSize
+from scaleset import (
+    Engine,
+    Instance,
+    PriorityMixPolicy,
+    Region,
+    ScaleInPolicy,
+    ScaleSetSpec,
+    Sku,
+    SkuProfile,
+    VmSize,
+)
 from scaleset.errors import CapacityError, ConflictError, InvalidInputError, NotFoundError, ScaleSetError
+
 from tests.conftest import SIZE, zonal_spec
 
 MIX = SkuProfile(vm_sizes=[VmSize("Standard_D2s_v5"), VmSize("Standard_D4s_v5")])
@@ -17,8 +27,14 @@ INVALID = [
     (zonal_spec(zones=["9"]), "InvalidParameter"),
     (zonal_spec(zones=["1", "1"]), "InvalidParameter"),
     (zonal_spec(platform_fault_domain_count=2), "InvalidPlatformFaultDomainCount"),  # Flexible zonal: 1 only
-    (zonal_spec(orchestration_mode="Uniform", platform_fault_domain_count=3), "InvalidPlatformFaultDomainCount"),
-    (zonal_spec(zones=[], platform_fault_domain_count=4), "InvalidPlatformFaultDomainCount"),  # Flexible regional: 1-3
+    (
+        zonal_spec(orchestration_mode="Uniform", platform_fault_domain_count=3),
+        "InvalidPlatformFaultDomainCount",
+    ),
+    (
+        zonal_spec(zones=[], platform_fault_domain_count=4),
+        "InvalidPlatformFaultDomainCount",
+    ),  # Flexible regional: 1-3
     (zonal_spec(orchestration_mode="Sideways"), "InvalidParameter"),
     (zonal_spec(priority="Cheap"), "InvalidParameter"),
     (zonal_spec(sku=None), "InvalidParameter"),
@@ -28,11 +44,16 @@ INVALID = [
     (zonal_spec(priority="Spot", max_price=-2.0), "MaxPriceValueInvalid"),
     (zonal_spec(priority_mix_policy=PriorityMixPolicy(2, 50)), "PriorityMixPolicyNotSupported"),
     (
-        zonal_spec(orchestration_mode="Uniform", priority="Spot", priority_mix_policy=PriorityMixPolicy(2, 50)),
+        zonal_spec(
+            orchestration_mode="Uniform", priority="Spot", priority_mix_policy=PriorityMixPolicy(2, 50)
+        ),
         "PriorityMixPolicyNotSupported",
     ),
     (zonal_spec(priority="Spot", priority_mix_policy=PriorityMixPolicy(2, 101)), "InvalidParameter"),
-    (zonal_spec(sku=Sku(name="Mix"), sku_profile=SkuProfile(vm_sizes=[])), "SkuProfileVMSizesCannotBeNullOrEmpty"),
+    (
+        zonal_spec(sku=Sku(name="Mix"), sku_profile=SkuProfile(vm_sizes=[])),
+        "SkuProfileVMSizesCannotBeNullOrEmpty",
+    ),
     (
         zonal_spec(sku=None, sku_profile=SkuProfile(vm_sizes=[f"Standard_D{i}s_v5" for i in range(6)])),
         "SkuProfileHasTooManyVMSizesInRequest",
@@ -41,9 +62,15 @@ INVALID = [
         zonal_spec(sku=None, sku_profile=SkuProfile(vm_sizes=["Standard_D2s_v5", "standard_d2s_v5"])),
         "SkuProfileVMSizesCannotHaveDuplicates",
     ),
-    (zonal_spec(sku=None, sku_profile=SkuProfile(vm_sizes=["A"], allocation_strategy="Cheapest")), "SkuProfileAllocationStrategyInvalid"),
+    (
+        zonal_spec(sku=None, sku_profile=SkuProfile(vm_sizes=["A"], allocation_strategy="Cheapest")),
+        "SkuProfileAllocationStrategyInvalid",
+    ),
     (zonal_spec(sku=Sku(name=SIZE), sku_profile=MIX), "SkuNameMustBeMixIfSkuProfileIsSpecified"),
-    (zonal_spec(sku=Sku(name="Mix", tier="Standard"), sku_profile=MIX), "SkuTierMustNotBeSetIfSkuProfileIsSpecified"),
+    (
+        zonal_spec(sku=Sku(name="Mix", tier="Standard"), sku_profile=MIX),
+        "SkuTierMustNotBeSetIfSkuProfileIsSpecified",
+    ),
     (zonal_spec(orchestration_mode="Uniform", sku=None, sku_profile=MIX), "SkuProfileScenarioNotSupported"),
     (zonal_spec(sku=None, sku_profile=SkuProfile(vm_sizes=[VmSize("A", rank=0)])), "SkuProfileRankInvalid"),
     (zonal_spec(scale_in_policy=ScaleInPolicy(rules=["Random"])), "InvalidParameter"),
@@ -64,7 +91,9 @@ def test_defaults_follow_azures_table(engine: Engine) -> None:
     engine.create_scale_set(zonal_spec("flex-regional", zones=[]))
     engine.create_scale_set(zonal_spec("uni-zonal", orchestration_mode="Uniform"))
     engine.create_scale_set(zonal_spec("uni-regional", orchestration_mode="Uniform", zones=[]))
-    got = {s.name: (s.platform_fault_domain_count, s.single_placement_group) for s in engine.list_scale_sets()}
+    got = {
+        s.name: (s.platform_fault_domain_count, s.single_placement_group) for s in engine.list_scale_sets()
+    }
     assert got == {
         "flex-regional": (1, False),
         "flex-zonal": (1, False),
@@ -130,9 +159,16 @@ def test_zones_can_be_added_and_single_placement_group_turned_off(engine: Engine
     engine.create_scale_set(zonal_spec(zones=["1", "2"]))
     assert engine.update_scale_set(zonal_spec(zones=["1", "2", "3"])).zones == ("1", "2", "3")
     engine.create_scale_set(zonal_spec("u", orchestration_mode="Uniform", zones=[]))
-    assert engine.update_scale_set(zonal_spec("u", orchestration_mode="Uniform", zones=[], single_placement_group=False)).single_placement_group is False
+    assert (
+        engine.update_scale_set(
+            zonal_spec("u", orchestration_mode="Uniform", zones=[], single_placement_group=False)
+        ).single_placement_group
+        is False
+    )
     with pytest.raises(ConflictError):
-        engine.update_scale_set(zonal_spec("u", orchestration_mode="Uniform", zones=[], single_placement_group=True))
+        engine.update_scale_set(
+            zonal_spec("u", orchestration_mode="Uniform", zones=[], single_placement_group=True)
+        )
 
 
 def test_not_found_and_duplicates(engine: Engine) -> None:

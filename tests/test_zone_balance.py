@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-
 from scaleset import Engine, Region
 from scaleset.errors import CapacityError
+
 from tests.conftest import instances_in, zonal_spec, zone_counts
 
 
@@ -37,7 +37,9 @@ def test_fault_domains_spread_inside_each_zone(engine: Engine) -> None:
 
 def test_fixed_fault_domain_count_uses_only_that_many(region: Region) -> None:
     engine = Engine(region)
-    engine.create_scale_set(zonal_spec(orchestration_mode="Uniform", platform_fault_domain_count=5), capacity=15)
+    engine.create_scale_set(
+        zonal_spec(orchestration_mode="Uniform", platform_fault_domain_count=5), capacity=15
+    )
     assert {i.fault_domain for i in engine.get_scale_set("web").instances} == {0, 1, 2, 3, 4}
     regional = Engine(Region(zones=["1"], fault_domains_per_zone=3))
     regional.create_scale_set(

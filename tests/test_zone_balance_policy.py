@@ -6,12 +6,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from scaleset import AutomaticZoneRebalancingPolicy, Controller, Instance, Region
 from scaleset.client import Client
 from scaleset.errors import InvalidInputError
-from scaleset.testing.server import ServerThread
 from scaleset.policies.zone_balance import HEALTH_WAIT_S, QUIET_PERIOD_S, RATE_LIMIT_S
+from scaleset.testing.server import ServerThread
+
 from tests.conftest import SIZE, take, zonal_spec
 
 T0 = 1_800_000_000.0
@@ -58,7 +58,10 @@ def test_one_vm_at_a_time_after_the_quiet_period_and_once_it_is_healthy() -> Non
     assert again.kind == "ZoneBalanceStarted" and engine.zone_balance_operation("web").from_zone == "3"  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize(("source_health", "kind", "kept_zone"), [("Healthy", "ZoneBalanceRolledBack", "2"), ("Unhealthy", "ZoneBalanceReplacedUnhealthySource", "1")])
+@pytest.mark.parametrize(
+    ("source_health", "kind", "kept_zone"),
+    [("Healthy", "ZoneBalanceRolledBack", "2"), ("Unhealthy", "ZoneBalanceReplacedUnhealthySource", "1")],
+)
 def test_health_wait_outcomes(source_health: str, kind: str, kept_zone: str) -> None:
     engine = recovered()
     engine.advance(T0 + QUIET_PERIOD_S)
@@ -87,7 +90,9 @@ def test_a_capacity_change_cancels_the_operation_and_keeps_the_new_vm() -> None:
 def test_protected_deallocated_and_regional_vms_block_or_are_skipped() -> None:
     engine = Controller(Region(zones=["1", "2", "3"], fault_domains_per_zone=3))
     engine.create_scale_set(zonal_spec(priority="Spot", automatic_zone_rebalancing_policy=ON), now=T0)
-    engine.import_instances("web", [Instance(instance_id=i, zone="2", vm_size=SIZE, priority="Spot") for i in range(4)])
+    engine.import_instances(
+        "web", [Instance(instance_id=i, zone="2", vm_size=SIZE, priority="Spot") for i in range(4)]
+    )
     engine.set_protection("web", [0, 1, 2, 3], protect_from_scale_in=True)
     assert engine.advance(T0 + QUIET_PERIOD_S) == []  # nothing in zone 2 may move
     engine.set_protection("web", [3], protect_from_scale_in=False)
@@ -95,17 +100,31 @@ def test_protected_deallocated_and_regional_vms_block_or_are_skipped() -> None:
     assert engine.advance(T0 + 2 * QUIET_PERIOD_S) == []
     other = Controller(Region(zones=["1", "2"], fault_domains_per_zone=1))
     other.create_scale_set(zonal_spec(zones=["1", "2"], automatic_zone_rebalancing_policy=ON), now=T0)
-    other.import_instances("web", [*(Instance(instance_id=i, zone="2", vm_size=SIZE) for i in range(4)), Instance(instance_id=9, vm_size=SIZE)])
+    other.import_instances(
+        "web",
+        [
+            *(Instance(instance_id=i, zone="2", vm_size=SIZE) for i in range(4)),
+            Instance(instance_id=9, vm_size=SIZE),
+        ],
+    )
     assert other.advance(T0 + QUIET_PERIOD_S) == []  # a regional VM: automatic zone balance does not run
 
 
 def test_running_distribution_must_improve() -> None:
     engine = Controller(Region(zones=["1", "2"], fault_domains_per_zone=1))
-    engine.create_scale_set(zonal_spec(zones=["1", "2"], priority="Spot", automatic_zone_rebalancing_policy=ON), now=T0)
-    engine.import_instances("web", [
-        *(Instance(instance_id=i, zone="1", vm_size=SIZE, priority="Spot") for i in range(2)),
-        *(Instance(instance_id=i, zone="2", vm_size=SIZE, priority="Spot", power_state="deallocated") for i in range(2, 6)),
-    ])
+    engine.create_scale_set(
+        zonal_spec(zones=["1", "2"], priority="Spot", automatic_zone_rebalancing_policy=ON), now=T0
+    )
+    engine.import_instances(
+        "web",
+        [
+            *(Instance(instance_id=i, zone="1", vm_size=SIZE, priority="Spot") for i in range(2)),
+            *(
+                Instance(instance_id=i, zone="2", vm_size=SIZE, priority="Spot", power_state="deallocated")
+                for i in range(2, 6)
+            ),
+        ],
+    )
     # Totals 2 vs 4 are imbalanced, but zone 1 already runs more VMs than zone 2.
     assert engine.advance(T0 + QUIET_PERIOD_S) == []
 
@@ -115,7 +134,11 @@ def test_policy_validation() -> None:
     for spec in (
         zonal_spec(zones=["1"], automatic_zone_rebalancing_policy=ON),
         zonal_spec(zone_balance=True, automatic_zone_rebalancing_policy=ON),
-        zonal_spec(automatic_zone_rebalancing_policy=AutomaticZoneRebalancingPolicy(enabled=True, rebalance_strategy="Migrate")),
+        zonal_spec(
+            automatic_zone_rebalancing_policy=AutomaticZoneRebalancingPolicy(
+                enabled=True, rebalance_strategy="Migrate"
+            )
+        ),
     ):
         with pytest.raises(InvalidInputError):
             engine.create_scale_set(spec)
@@ -133,7 +156,10 @@ def test_operation_in_progress_survives_export_and_restore() -> None:
 def test_the_server_drives_and_logs_policy_actions(tmp_path: Path) -> None:
     clock = Clock()
     db = str(tmp_path / "state.db")
-    with ServerThread(db, Region(zones=["1", "2", "3"], fault_domains_per_zone=3), clock=clock) as server, Client(server.target) as c:
+    with (
+        ServerThread(db, Region(zones=["1", "2", "3"], fault_domains_per_zone=3), clock=clock) as server,
+        Client(server.target) as c,
+    ):
         c.set_zone_available("1", False)
         c.create_scale_set(zonal_spec(automatic_zone_rebalancing_policy=ON), 6)
         c.set_zone_available("1", True)
@@ -144,8 +170,12 @@ def test_the_server_drives_and_logs_policy_actions(tmp_path: Path) -> None:
         (done,) = server.call(server.control.advance())
         assert done.kind == "ZoneBalanceCompleted"
         events = [(e.type, e.revision) for e in take(c.watch("web"), 4)]
-        assert events == [("ScaleSetCreated", 1), ("ZoneBalanceStarted", 2), ("InstanceHealthReported", 3), ("ZoneBalanceCompleted", 4)]
+        assert events == [
+            ("ScaleSetCreated", 1),
+            ("ZoneBalanceStarted", 2),
+            ("InstanceHealthReported", 3),
+            ("ZoneBalanceCompleted", 4),
+        ]
         before = c.list_instances("web")
     with ServerThread(db, Region(zones=["1", "2", "3"]), clock=clock) as again, Client(again.target) as c:
         assert c.list_instances("web") == before
-

@@ -49,7 +49,9 @@ async def run_server(
     await control.start()
     server, port, metrics = await build_server(control, address)
     if metrics_port:
-        start_http_server(metrics_port, addr=address.rsplit(":", 1)[0].strip("[]") or "127.0.0.1", registry=metrics.registry)
+        start_http_server(
+            metrics_port, addr=address.rsplit(":", 1)[0].strip("[]") or "127.0.0.1", registry=metrics.registry
+        )
         log.info("metrics on port %d", metrics_port)
     await server.start()
     log.info("scaleset listening on %s (port %d), state in %s", address, port, db)
@@ -85,8 +87,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     region = Region.from_dict(load_document(args.region)) if args.region else DEFAULT_REGION
     asyncio.run(
         run_server(
-            args.db, f"{args.host}:{args.port}", region,
-            metrics_port=args.metrics_port, instance_limit=args.instance_limit, grace=args.grace,
+            args.db,
+            f"{args.host}:{args.port}",
+            region,
+            metrics_port=args.metrics_port,
+            instance_limit=args.instance_limit,
+            grace=args.grace,
             advance_interval=args.advance_interval,
         )
     )
@@ -104,13 +110,17 @@ def _client(args: argparse.Namespace) -> Any:
 
 def _print_plan(plan: Plan, limit: int = 20) -> None:
     what = "dry run" if plan.dry_run else "applied"
-    print(f"{plan.scale_set}: {plan.capacity_before} -> {plan.capacity_after} instances ({what}): "
-          f"{len(plan.creates)} to create, {len(plan.deletes)} to delete")
+    print(
+        f"{plan.scale_set}: {plan.capacity_before} -> {plan.capacity_after} instances ({what}): "
+        f"{len(plan.creates)} to create, {len(plan.deletes)} to delete"
+    )
     items: Sequence[PlannedCreate | PlannedDelete]
     for label, items in (("create", plan.creates), ("delete", plan.deletes)):
         for item in items[:limit]:
             zone = item.zone or "regional"
-            print(f"  {label} {item.instance_id:>6}  zone {zone:<8} fd {item.fault_domain}  {item.priority:<7} {item.vm_size}")
+            print(
+                f"  {label} {item.instance_id:>6}  zone {zone:<8} fd {item.fault_domain}  {item.priority:<7} {item.vm_size}"
+            )
             print(f"         {item.reason}")
         if len(items) > limit:
             print(f"  ... and {len(items) - limit} more")
@@ -134,8 +144,14 @@ def render_table(name: str, info: Any, instances: Sequence[Instance], fault_doma
         lines.append(f"{label:<12}{row}{sum(cells.get((z, f), 0) for f in fds):>8}")
     priorities = Counter(i.priority for i in instances)
     sizes = Counter(i.vm_size for i in instances)
-    lines.append("priority: " + ", ".join(f"{p} {n}" for p, n in sorted(priorities.items())) if priorities else "priority: -")
-    lines.append("sizes:    " + ", ".join(f"{s} {n}" for s, n in sorted(sizes.items())) if sizes else "sizes:    -")
+    lines.append(
+        "priority: " + ", ".join(f"{p} {n}" for p, n in sorted(priorities.items()))
+        if priorities
+        else "priority: -"
+    )
+    lines.append(
+        "sizes:    " + ", ".join(f"{s} {n}" for s, n in sorted(sizes.items())) if sizes else "sizes:    -"
+    )
     deallocated = sum(i.power_state == "deallocated" for i in instances)
     unhealthy = sum(i.health == "Unhealthy" for i in instances)
     protected = sum(i.protect_from_scale_in or i.protect_from_scale_set_actions for i in instances)
@@ -170,8 +186,18 @@ def cmd_show(args: argparse.Namespace) -> int:
     fixed = info.spec.platform_fault_domain_count or 1
     span = region.fault_domains_per_zone if fixed <= 1 else fixed
     if args.output == "json":
-        print(json.dumps({"spec": info.spec.to_dict(), "capacity": info.capacity, "revision": info.revision,
-                          "etag": info.etag, "instances": [_instance_dict(i) for i in instances]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "spec": info.spec.to_dict(),
+                    "capacity": info.capacity,
+                    "revision": info.revision,
+                    "etag": info.etag,
+                    "instances": [_instance_dict(i) for i in instances],
+                },
+                indent=2,
+            )
+        )
     else:
         print(render_table(args.name, info, instances, span))
     return 0
@@ -185,11 +211,18 @@ def cmd_list(args: argparse.Namespace) -> int:
     with _client(args) as client:
         infos = client.list_scale_sets()
     if args.output == "json":
-        print(json.dumps([{"spec": i.spec.to_dict(), "capacity": i.capacity, "revision": i.revision} for i in infos], indent=2))
+        print(
+            json.dumps(
+                [{"spec": i.spec.to_dict(), "capacity": i.capacity, "revision": i.revision} for i in infos],
+                indent=2,
+            )
+        )
         return 0
     print(f"{'NAME':<24}{'MODE':<10}{'ZONES':<10}{'CAPACITY':>9}{'REVISION':>10}")
     for i in infos:
-        print(f"{i.spec.name:<24}{i.spec.orchestration_mode:<10}{','.join(i.spec.zones) or '-':<10}{i.capacity:>9}{i.revision:>10}")
+        print(
+            f"{i.spec.name:<24}{i.spec.orchestration_mode:<10}{','.join(i.spec.zones) or '-':<10}{i.capacity:>9}{i.revision:>10}"
+        )
     return 0
 
 
@@ -243,7 +276,11 @@ def render_rebalance(plan: Any, limit: int = 20) -> str:
     lines = [
         f"{plan.scale_set}: {plan.status}, {plan.replacements} replacements in {len(plan.waves)} waves "
         f"(max surge {plan.max_surge}), solved in {plan.solve_seconds * 1000:.0f} ms ({what})",
-        "violation: " + ", ".join(f"{k} {plan.violation_before[k]} -> {plan.violation_after[k]}" for k in sorted(plan.violation_before))
+        "violation: "
+        + ", ".join(
+            f"{k} {plan.violation_before[k]} -> {plan.violation_after[k]}"
+            for k in sorted(plan.violation_before)
+        )
         + f" (weighted {plan.score_after}, proven bound {plan.score_bound})",
     ]
     zones = [c.zone for c in plan.counts if c.fault_domain < 0]
@@ -257,10 +294,14 @@ def render_rebalance(plan: Any, limit: int = 20) -> str:
         lines.append(f"wave {wave.index + 1}:")
         for c in wave.creates:
             ident = f" (id {c.instance_id})" if not plan.dry_run else ""
-            lines.append(f"  create zone {c.zone or 'regional'} fd {c.fault_domain} {c.priority} {c.vm_size}{ident}")
+            lines.append(
+                f"  create zone {c.zone or 'regional'} fd {c.fault_domain} {c.priority} {c.vm_size}{ident}"
+            )
             lines.append(f"         {c.reason}")
         for d in wave.deletes:
-            lines.append(f"  delete {d.instance_id} (zone {d.zone or 'regional'} fd {d.fault_domain} {d.priority} {d.vm_size})")
+            lines.append(
+                f"  delete {d.instance_id} (zone {d.zone or 'regional'} fd {d.fault_domain} {d.priority} {d.vm_size})"
+            )
             lines.append(f"         {d.reason}")
     if len(plan.waves) > limit:
         lines.append(f"... and {len(plan.waves) - limit} more waves")
@@ -270,8 +311,12 @@ def render_rebalance(plan: Any, limit: int = 20) -> str:
 def cmd_rebalance(args: argparse.Namespace) -> int:
     with _client(args) as client:
         plan = client.rebalance(
-            args.name, max_replacements=args.max_replacements, max_surge=args.max_surge,
-            time_limit_s=args.time_limit, dry_run=not args.apply, max_replacements_percent=args.max_replacements_percent,
+            args.name,
+            max_replacements=args.max_replacements,
+            max_surge=args.max_surge,
+            time_limit_s=args.time_limit,
+            dry_run=not args.apply,
+            max_replacements_percent=args.max_replacements_percent,
         )
     print(render_rebalance(plan, args.limit))
     return 0
@@ -312,11 +357,19 @@ def cmd_region(args: argparse.Namespace) -> int:
             region = client.set_zone_available(args.zone, args.state == "up")
         elif args.action == "pool":
             available = None if args.available == "unlimited" else int(args.available)
-            region = client.set_pool_capacity(args.zone if args.zone != "regional" else None, args.vm_size,
-                                              args.priority, available, args.price)
+            region = client.set_pool_capacity(
+                args.zone if args.zone != "regional" else None,
+                args.vm_size,
+                args.priority,
+                available,
+                args.price,
+            )
         else:
             region = client.describe_region()
-    print(f"zones: " + ", ".join(f"{z} ({'down' if z in region.unavailable_zones else 'up'})" for z in region.zones))
+    print(
+        "zones: "
+        + ", ".join(f"{z} ({'down' if z in region.unavailable_zones else 'up'})" for z in region.zones)
+    )
     print(f"fault domains per zone: {region.fault_domains_per_zone}")
     for p in region.pools:
         avail = "unlimited" if p.available is None else p.available
@@ -327,8 +380,11 @@ def cmd_region(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scaleset", description=__doc__)
     parser.add_argument("--log-level", default=os.environ.get("SCALESET_LOG_LEVEL", "INFO"))
-    parser.add_argument("--server", default=os.environ.get("SCALESET_SERVER", "localhost:50051"),
-                        help="server address (default: %(default)s)")
+    parser.add_argument(
+        "--server",
+        default=os.environ.get("SCALESET_SERVER", "localhost:50051"),
+        help="server address (default: %(default)s)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the gRPC service")
@@ -336,11 +392,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--metrics-port", type=int, default=9464, help="Prometheus metrics port; 0 turns it off")
-    p.add_argument("--region", help="YAML/JSON region: zones, fault_domains_per_zone, pools (first start only)")
-    p.add_argument("--instance-limit", type=int, help="raise the per-scale-set instance ceiling (private fleets)")
+    p.add_argument(
+        "--region", help="YAML/JSON region: zones, fault_domains_per_zone, pools (first start only)"
+    )
+    p.add_argument(
+        "--instance-limit", type=int, help="raise the per-scale-set instance ceiling (private fleets)"
+    )
     p.add_argument("--grace", type=float, default=5.0, help="seconds to drain calls on shutdown")
-    p.add_argument("--advance-interval", type=float, default=10.0,
-                   help="seconds between runs of the time-driven policies (automatic zone balance)")
+    p.add_argument(
+        "--advance-interval",
+        type=float,
+        default=10.0,
+        help="seconds between runs of the time-driven policies (automatic zone balance)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("create", help="create a scale set from a YAML/JSON spec")
@@ -386,11 +450,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("watch", help="stream changes (resumable)")
     p.add_argument("name", nargs="?")
-    p.add_argument("--after", type=int, default=0, help="revision (with a name) or global sequence to resume after")
+    p.add_argument(
+        "--after", type=int, default=0, help="revision (with a name) or global sequence to resume after"
+    )
     p.add_argument("--count", type=int, default=0, help="stop after this sequence number")
     p.set_defaults(func=cmd_watch)
 
-    p = sub.add_parser("rebalance", help="plan (or --apply) the fewest replacements that restore the target shape")
+    p = sub.add_parser(
+        "rebalance", help="plan (or --apply) the fewest replacements that restore the target shape"
+    )
     p.add_argument("name")
     p.add_argument("--apply", action="store_true", help="execute the plan (default: dry run)")
     p.add_argument("--max-replacements", type=int)

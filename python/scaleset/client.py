@@ -125,10 +125,16 @@ class Client:
 
     # ----- scale sets ---------------------------------------------------------------------------------
 
-    def create_scale_set(self, spec: ScaleSetSpec, capacity: int = 0, *, request_id: str | None = None) -> tuple[ScaleSetInfo, Plan]:
+    def create_scale_set(
+        self, spec: ScaleSetSpec, capacity: int = 0, *, request_id: str | None = None
+    ) -> tuple[ScaleSetInfo, Plan]:
         reply = self._call(
             self._scale_sets.CreateScaleSet,
-            pb.CreateScaleSetRequest(scale_set=convert.spec_to_proto(spec), capacity=capacity, request_id=self._request_id(request_id)),
+            pb.CreateScaleSetRequest(
+                scale_set=convert.spec_to_proto(spec),
+                capacity=capacity,
+                request_id=self._request_id(request_id),
+            ),
         )
         return _info(reply.scale_set), convert.plan_from_proto(reply.plan)
 
@@ -139,42 +145,72 @@ class Client:
         out: list[ScaleSetInfo] = []
         token = ""
         while True:
-            reply = self._call(self._scale_sets.ListScaleSets, pb.ListScaleSetsRequest(page_size=page_size, page_token=token))
+            reply = self._call(
+                self._scale_sets.ListScaleSets, pb.ListScaleSetsRequest(page_size=page_size, page_token=token)
+            )
             out.extend(_info(s) for s in reply.scale_sets)
             token = reply.next_page_token
             if not token:
                 return out
 
     def update_scale_set(
-        self, spec: ScaleSetSpec, *, update_mask: Sequence[str] = (), etag: str = "", request_id: str | None = None
+        self,
+        spec: ScaleSetSpec,
+        *,
+        update_mask: Sequence[str] = (),
+        etag: str = "",
+        request_id: str | None = None,
     ) -> ScaleSetInfo:
-        request = pb.UpdateScaleSetRequest(scale_set=convert.spec_to_proto(spec), etag=etag, request_id=self._request_id(request_id))
+        request = pb.UpdateScaleSetRequest(
+            scale_set=convert.spec_to_proto(spec), etag=etag, request_id=self._request_id(request_id)
+        )
         request.update_mask.paths.extend(update_mask)
         return _info(self._call(self._scale_sets.UpdateScaleSet, request))
 
     def delete_scale_set(self, name: str, *, etag: str = "", request_id: str | None = None) -> None:
-        self._call(self._scale_sets.DeleteScaleSet, pb.DeleteScaleSetRequest(name=name, etag=etag, request_id=self._request_id(request_id)))
+        self._call(
+            self._scale_sets.DeleteScaleSet,
+            pb.DeleteScaleSetRequest(name=name, etag=etag, request_id=self._request_id(request_id)),
+        )
 
     def set_capacity(
-        self, name: str, capacity: int, *, dry_run: bool = False, etag: str = "", request_id: str | None = None,
+        self,
+        name: str,
+        capacity: int,
+        *,
+        dry_run: bool = False,
+        etag: str = "",
+        request_id: str | None = None,
         summary_only: bool = False,
     ) -> Plan:
         request = pb.SetCapacityRequest(
-            name=name, capacity=capacity, dry_run=dry_run, etag=etag, request_id=self._request_id(request_id),
+            name=name,
+            capacity=capacity,
+            dry_run=dry_run,
+            etag=etag,
+            request_id=self._request_id(request_id),
             view=pb.PLAN_VIEW_SUMMARY if summary_only else pb.PLAN_VIEW_FULL,
         )
         return convert.plan_from_proto(self._call(self._scale_sets.SetCapacity, request).plan)
 
     # ----- instances ----------------------------------------------------------------------------------
 
-    def import_instances(self, name: str, instances: Iterable[Instance], *, request_id: str | None = None) -> None:
+    def import_instances(
+        self, name: str, instances: Iterable[Instance], *, request_id: str | None = None
+    ) -> None:
         request = pb.ImportInstancesRequest(name=name, request_id=self._request_id(request_id))
         for i in instances:
             request.instances.add(
-                instance_id=i.instance_id, name=i.name or "", zone=i.zone or "", fault_domain=i.fault_domain,
-                vm_size=i.vm_size, priority=convert.PRIORITY_TO_PB[i.priority],
-                power_state=convert.POWER_TO_PB[i.power_state], health=convert.HEALTH_TO_PB[i.health],
-                model_version=i.model_version or 0, protect_from_scale_in=i.protect_from_scale_in,
+                instance_id=i.instance_id,
+                name=i.name or "",
+                zone=i.zone or "",
+                fault_domain=i.fault_domain,
+                vm_size=i.vm_size,
+                priority=convert.PRIORITY_TO_PB[i.priority],
+                power_state=convert.POWER_TO_PB[i.power_state],
+                health=convert.HEALTH_TO_PB[i.health],
+                model_version=i.model_version or 0,
+                protect_from_scale_in=i.protect_from_scale_in,
                 protect_from_scale_set_actions=i.protect_from_scale_set_actions,
             )
         self._call(self._scale_sets.ImportInstances, request)
@@ -183,44 +219,74 @@ class Client:
         out: list[Instance] = []
         token = ""
         while True:
-            reply = self._call(self._scale_sets.ListInstances, pb.ListInstancesRequest(name=name, page_size=page_size, page_token=token))
+            reply = self._call(
+                self._scale_sets.ListInstances,
+                pb.ListInstancesRequest(name=name, page_size=page_size, page_token=token),
+            )
             out.extend(convert.columns_from_proto(reply.instances, name))
             token = reply.next_page_token
             if not token:
                 return out
 
-    def delete_instances(self, name: str, instance_ids: Iterable[int], *, request_id: str | None = None) -> Plan:
-        request = pb.DeleteInstancesRequest(name=name, instance_ids=list(instance_ids), request_id=self._request_id(request_id))
+    def delete_instances(
+        self, name: str, instance_ids: Iterable[int], *, request_id: str | None = None
+    ) -> Plan:
+        request = pb.DeleteInstancesRequest(
+            name=name, instance_ids=list(instance_ids), request_id=self._request_id(request_id)
+        )
         return convert.plan_from_proto(self._call(self._scale_sets.DeleteInstances, request).plan)
 
     def evict(self, name: str, instance_ids: Iterable[int], *, request_id: str | None = None) -> Eviction:
-        request = pb.EvictInstancesRequest(name=name, instance_ids=list(instance_ids), request_id=self._request_id(request_id))
+        request = pb.EvictInstancesRequest(
+            name=name, instance_ids=list(instance_ids), request_id=self._request_id(request_id)
+        )
         reply = self._call(self._scale_sets.EvictInstances, request)
         return Eviction(deleted=tuple(reply.deleted), deallocated=tuple(reply.deallocated))
 
     def set_protection(
-        self, name: str, instance_ids: Iterable[int], protect_from_scale_in: bool,
-        protect_from_scale_set_actions: bool = False, *, request_id: str | None = None,
+        self,
+        name: str,
+        instance_ids: Iterable[int],
+        protect_from_scale_in: bool,
+        protect_from_scale_set_actions: bool = False,
+        *,
+        request_id: str | None = None,
     ) -> None:
         request = pb.SetInstanceProtectionRequest(
-            name=name, instance_ids=list(instance_ids), protect_from_scale_in=protect_from_scale_in,
-            protect_from_scale_set_actions=protect_from_scale_set_actions, request_id=self._request_id(request_id),
+            name=name,
+            instance_ids=list(instance_ids),
+            protect_from_scale_in=protect_from_scale_in,
+            protect_from_scale_set_actions=protect_from_scale_set_actions,
+            request_id=self._request_id(request_id),
         )
         self._call(self._scale_sets.SetInstanceProtection, request)
 
-    def report_health(self, name: str, instance_ids: Iterable[int], health: str, *, request_id: str | None = None) -> None:
+    def report_health(
+        self, name: str, instance_ids: Iterable[int], health: str, *, request_id: str | None = None
+    ) -> None:
         request = pb.ReportInstanceHealthRequest(name=name, request_id=self._request_id(request_id))
         request.reports.add(instance_ids=list(instance_ids), health=convert.HEALTH_TO_PB[health])
         self._call(self._scale_sets.ReportInstanceHealth, request)
 
     def rebalance(
-        self, name: str, max_replacements: int | None = None, max_surge: int = 1, time_limit_s: float = 1.0,
-        dry_run: bool = True, *, max_replacements_percent: float | None = None, etag: str = "",
+        self,
+        name: str,
+        max_replacements: int | None = None,
+        max_surge: int = 1,
+        time_limit_s: float = 1.0,
+        dry_run: bool = True,
+        *,
+        max_replacements_percent: float | None = None,
+        etag: str = "",
         request_id: str | None = None,
     ) -> pb.RebalancePlan:
         """The server's rebalance plan (as the protobuf message: waves, counts, status, bound)."""
         request = pb.RebalanceRequest(
-            name=name, max_surge=max_surge, time_limit_s=time_limit_s, dry_run=dry_run, etag=etag,
+            name=name,
+            max_surge=max_surge,
+            time_limit_s=time_limit_s,
+            dry_run=dry_run,
+            etag=etag,
             request_id=self._request_id(request_id),
         )
         if max_replacements is not None:
@@ -229,7 +295,9 @@ class Client:
             request.max_replacements_percent = max_replacements_percent
         return self._call(self._scale_sets.Rebalance, request).plan
 
-    def start_rolling_upgrade(self, name: str, *, etag: str = "", request_id: str | None = None) -> pb.RollingUpgradeStatus:
+    def start_rolling_upgrade(
+        self, name: str, *, etag: str = "", request_id: str | None = None
+    ) -> pb.RollingUpgradeStatus:
         request = pb.StartRollingUpgradeRequest(name=name, etag=etag, request_id=self._request_id(request_id))
         return self._call(self._scale_sets.StartRollingUpgrade, request)
 
@@ -240,12 +308,18 @@ class Client:
         request = pb.CancelRollingUpgradeRequest(name=name, request_id=self._request_id(request_id))
         return self._call(self._scale_sets.CancelRollingUpgrade, request)
 
-    def upgrade_instances(self, name: str, instance_ids: Iterable[int], *, request_id: str | None = None) -> None:
-        request = pb.UpgradeInstancesRequest(name=name, instance_ids=list(instance_ids), request_id=self._request_id(request_id))
+    def upgrade_instances(
+        self, name: str, instance_ids: Iterable[int], *, request_id: str | None = None
+    ) -> None:
+        request = pb.UpgradeInstancesRequest(
+            name=name, instance_ids=list(instance_ids), request_id=self._request_id(request_id)
+        )
         self._call(self._scale_sets.UpgradeInstances, request)
 
     def set_repairs_service_state(self, name: str, state: str, *, request_id: str | None = None) -> None:
-        request = pb.SetRepairsServiceStateRequest(name=name, state=state, request_id=self._request_id(request_id))
+        request = pb.SetRepairsServiceStateRequest(
+            name=name, state=state, request_id=self._request_id(request_id)
+        )
         self._call(self._scale_sets.SetRepairsServiceState, request)
 
     def watch(self, scale_set: str = "", after: int = 0) -> Iterator[WatchedEvent]:
@@ -253,7 +327,12 @@ class Client:
         try:
             for e in self._scale_sets.WatchEvents(pb.WatchEventsRequest(scale_set=scale_set, after=after)):
                 yield WatchedEvent(
-                    e.sequence, e.scale_set, e.revision, e.type, e.summary, e.time_unix_ms,
+                    e.sequence,
+                    e.scale_set,
+                    e.revision,
+                    e.type,
+                    e.summary,
+                    e.time_unix_ms,
                     convert.plan_from_proto(e.plan) if e.HasField("plan") else None,
                 )
         except grpc.RpcError as err:
@@ -267,12 +346,20 @@ class Client:
         return convert.region_from_proto(self._call(self._regions.GetRegion, pb.GetRegionRequest()))
 
     def set_zone_available(self, zone: str, available: bool, *, request_id: str | None = None) -> Region:
-        request = pb.SetZoneAvailabilityRequest(zone=zone, available=available, request_id=self._request_id(request_id))
+        request = pb.SetZoneAvailabilityRequest(
+            zone=zone, available=available, request_id=self._request_id(request_id)
+        )
         return convert.region_from_proto(self._call(self._regions.SetZoneAvailability, request))
 
     def set_pool_capacity(
-        self, zone: str | None, vm_size: str, priority: str, available: int | None, price: float | None = None,
-        *, request_id: str | None = None,
+        self,
+        zone: str | None,
+        vm_size: str,
+        priority: str,
+        available: int | None,
+        price: float | None = None,
+        *,
+        request_id: str | None = None,
     ) -> Region:
         pool = pb.Pool(zone=zone or "", vm_size=vm_size, priority=priority)
         if available is not None:

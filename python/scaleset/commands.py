@@ -89,8 +89,12 @@ def _plan_summary(plan: Plan) -> dict[str, Any]:
     }
     if len(plan.creates) <= EVENT_PLAN_ITEMS and len(plan.deletes) <= EVENT_PLAN_ITEMS:
         creates, deletes = plan.create_columns(), plan.delete_columns()
-        summary["creates"] = [list(row) for row in zip(*creates.values(), strict=True)] if creates["instance_id"] else []
-        summary["deletes"] = [list(row) for row in zip(*deletes.values(), strict=True)] if deletes["instance_id"] else []
+        summary["creates"] = (
+            [list(row) for row in zip(*creates.values(), strict=True)] if creates["instance_id"] else []
+        )
+        summary["deletes"] = (
+            [list(row) for row in zip(*deletes.values(), strict=True)] if deletes["instance_id"] else []
+        )
     return summary
 
 
@@ -152,7 +156,9 @@ class Command:
 
     @classmethod
     def _decode_field(cls, name: str, value: Any) -> Any:
-        return tuple(tuple(v) if isinstance(v, list) else v for v in value) if isinstance(value, list) else value
+        return (
+            tuple(tuple(v) if isinstance(v, list) else v for v in value) if isinstance(value, list) else value
+        )
 
     @classmethod
     def _field_names(cls) -> tuple[str, ...]:
@@ -389,7 +395,11 @@ class ReportHealth(Command):
         return {"text": f"{sum(len(ids) for ids, _ in self.reports)} instances"}
 
     def encode(self) -> dict[str, Any]:
-        return {"op": self.op, "name": self.name, "reports": [[list(ids), health] for ids, health in self.reports]}
+        return {
+            "op": self.op,
+            "name": self.name,
+            "reports": [[list(ids), health] for ids, health in self.reports],
+        }
 
     @classmethod
     def from_fields(cls, data: Mapping[str, Any]) -> Command:
@@ -446,13 +456,16 @@ class Rebalance(Command):
         percent = self.max_replacements_percent
         if percent is not None and not 0 <= percent <= 100:
             raise invalid_input(
-                f"max_replacements_percent must be between 0 and 100, got {percent}.", field="max_replacements_percent"
+                f"max_replacements_percent must be between 0 and 100, got {percent}.",
+                field="max_replacements_percent",
             )
         check_count(self.max_surge, "max_surge")
         if self.max_surge < 1:
             raise invalid_input(f"max_surge must be at least 1, got {self.max_surge}.", field="max_surge")
         if not self.time_limit_s > 0:
-            raise invalid_input(f"time_limit_s must be positive, got {self.time_limit_s}.", field="time_limit_s")
+            raise invalid_input(
+                f"time_limit_s must be positive, got {self.time_limit_s}.", field="time_limit_s"
+            )
 
     def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> Any:
         from scaleset.rebalance import solve_rebalance  # OR-Tools loads only when somebody rebalances
@@ -462,13 +475,20 @@ class Rebalance(Command):
             by_percent = int(engine.capacity(self.name) * self.max_replacements_percent // 100)
             limit = by_percent if limit is None else min(limit, by_percent)
         plan, _ = solve_rebalance(
-            engine, self.name, max_replacements=limit, max_surge=self.max_surge, time_limit_s=self.time_limit_s,
-            num_workers=self.num_workers, random_seed=self.random_seed,
+            engine,
+            self.name,
+            max_replacements=limit,
+            max_surge=self.max_surge,
+            time_limit_s=self.time_limit_s,
+            num_workers=self.num_workers,
+            random_seed=self.random_seed,
         )
         if self.dry_run or plan.replacements == 0:
             return plan
         creates, deletes = plan.moves()
-        applied = RebalanceMoves(self.name, tuple(map(tuple, creates)), tuple(deletes)).apply(engine, policies, now)
+        applied = RebalanceMoves(self.name, tuple(map(tuple, creates)), tuple(deletes)).apply(
+            engine, policies, now
+        )
         return plan.applied([c.instance_id for c in applied.creates])
 
     def logged(self, result: Any) -> Command:

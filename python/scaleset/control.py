@@ -37,7 +37,7 @@ WATCH_BACKLOG = 10_000
 
 
 class Encodable(Protocol):
-    def SerializeToString(self) -> bytes: ...  # noqa: N802 (protobuf's name)
+    def SerializeToString(self) -> bytes: ...
 
 
 def fingerprint(method: str, payload: bytes) -> str:
@@ -120,7 +120,11 @@ class ControlPlane:
         if limit is None:
             self._store.set_meta("instance_limit", json.dumps(self._instance_limit))
         elif json.loads(limit) != self._instance_limit:
-            log.warning("instance_limit %s differs from the stored %s; using the stored one", self._instance_limit, limit)
+            log.warning(
+                "instance_limit %s differs from the stored %s; using the stored one",
+                self._instance_limit,
+                limit,
+            )
             self._instance_limit = json.loads(limit)
         stored_region = self._store.get_meta("initial_region")
         if stored_region is None:
@@ -277,7 +281,11 @@ class ControlPlane:
             result = self.controller.execute(command, self.now)
         future, outcome, event = self._record(command, result, time_ms)
         reply = encode(outcome)
-        request = RequestRecord(request_id, method, fp, reply.SerializeToString(), self.sequence) if request_id else None
+        request = (
+            RequestRecord(request_id, method, fp, reply.SerializeToString(), self.sequence)
+            if request_id
+            else None
+        )
         self._queue.append(_Pending(event, request, future))
         if request_id:
             self._inflight[request_id] = asyncio.get_running_loop().create_future()
@@ -290,7 +298,9 @@ class ControlPlane:
         self.now = time_ms / 1000
         return time_ms
 
-    def _record(self, command: Command, result: Any, time_ms: int) -> tuple[asyncio.Future[None], Outcome, EventRecord]:
+    def _record(
+        self, command: Command, result: Any, time_ms: int
+    ) -> tuple[asyncio.Future[None], Outcome, EventRecord]:
         """Numbers an applied change and makes its event; the caller queues it (holding the lock)."""
         scale_set = command.scale_set
         self.sequence += 1
@@ -347,7 +357,9 @@ class ControlPlane:
             )
 
     async def _cached_reply(self, request_id: str, method: str, fp: str) -> bytes | None:
-        record = self._recent.get(request_id) or await asyncio.to_thread(self._store.lookup_request, request_id)
+        record = self._recent.get(request_id) or await asyncio.to_thread(
+            self._store.lookup_request, request_id
+        )
         if record is None:
             return None
         self._check_same_request(record, request_id, method, fp)
@@ -368,7 +380,9 @@ class ControlPlane:
                         [p.request for p in batch if p.request is not None],
                     )
                 except Exception as exc:
-                    log.exception("commit of %d events failed; rolling the engine back to the store", len(batch))
+                    log.exception(
+                        "commit of %d events failed; rolling the engine back to the store", len(batch)
+                    )
                     await self._fail_and_reload(batch, exc)
                 else:
                     for p in batch:
@@ -376,7 +390,10 @@ class ControlPlane:
                         if p.request is not None:
                             self._remember(p.request)
                     self._publish([p.event for p in batch])
-                    if self.sequence - self._snapshot_sequence >= self._snapshot_every and self._snapshot_task is None:
+                    if (
+                        self.sequence - self._snapshot_sequence >= self._snapshot_every
+                        and self._snapshot_task is None
+                    ):
                         self._snapshot_task = asyncio.create_task(self._snapshot_soon())
             if self._closing and not self._queue:
                 return
@@ -447,7 +464,9 @@ class ControlPlane:
             queue: asyncio.Queue[EventRecord | None] = asyncio.Queue()
             self._subscribers.add(queue)
             try:
-                while batch := await asyncio.to_thread(self._store.events_after, scale_set or None, last, 500):
+                while batch := await asyncio.to_thread(
+                    self._store.events_after, scale_set or None, last, 500
+                ):
                     for past in batch:
                         yield past
                         last = key(past)

@@ -77,7 +77,9 @@ class Controller:
         """Deletes a scale set and its instances (protection does not block deleting the whole set)."""
         self.execute(cmd.DeleteScaleSet(name), now)
 
-    def set_capacity(self, name: str, capacity: int, dry_run: bool = False, *, now: float | None = None) -> Plan:
+    def set_capacity(
+        self, name: str, capacity: int, dry_run: bool = False, *, now: float | None = None
+    ) -> Plan:
         """Scales out or in to ``capacity`` instances. With ``dry_run`` nothing changes."""
         return self.execute(cmd.SetCapacity(name, capacity, dry_run), now)  # type: ignore[no-any-return]
 
@@ -106,7 +108,9 @@ class Controller:
     ) -> None:
         """Sets both protection flags on the given instances (Azure's instance protection policy)."""
         self.execute(
-            cmd.SetProtection(name, tuple(instance_ids), bool(protect_from_scale_in), bool(protect_from_scale_set_actions)),
+            cmd.SetProtection(
+                name, tuple(instance_ids), bool(protect_from_scale_in), bool(protect_from_scale_set_actions)
+            ),
             now,
         )
 
@@ -145,7 +149,14 @@ class Controller:
             num_workers: CP-SAT workers. One (the default) is deterministic.
         """
         command = cmd.Rebalance(
-            name, max_replacements, max_replacements_percent, max_surge, time_limit_s, dry_run, num_workers, random_seed
+            name,
+            max_replacements,
+            max_replacements_percent,
+            max_surge,
+            time_limit_s,
+            dry_run,
+            num_workers,
+            random_seed,
         )
         return self.execute(command, now)  # type: ignore[no-any-return]
 

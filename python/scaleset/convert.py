@@ -5,28 +5,24 @@ Nothing else outside ``service``, ``client`` and this module imports the generat
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import dataclasses
+import functools
+import typing
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from scaleset.model import (
-    AutomaticRepairsPolicy,
-    AutomaticZoneRebalancingPolicy,
     Instance,
     Plan,
     PlannedCreate,
     PlannedDelete,
     Pool,
-    PriorityMixPolicy,
     Region,
-    RollingUpgradePolicy,
-    ScaleInPolicy,
     ScaleSetSpec,
-    Sku,
-    SkuProfile,
-    UpgradePolicy,
-    VmSize,
 )
 from scaleset.policies.upgrade import RollingUpgrade
 from scaleset.v1 import scaleset_pb2 as pb
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     # Types only: the solver and the store load when they are used, not with every client.
@@ -37,7 +33,12 @@ PRIORITY_TO_PB = {"Regular": pb.REGULAR, "Spot": pb.SPOT}
 PRIORITY_FROM_PB = {v: k for k, v in PRIORITY_TO_PB.items()}
 POWER_TO_PB = {"running": pb.RUNNING, "deallocated": pb.DEALLOCATED}
 POWER_FROM_PB = {v: k for k, v in POWER_TO_PB.items()}
-HEALTH_TO_PB = {"Unknown": pb.UNKNOWN, "Initializing": pb.INITIALIZING, "Healthy": pb.HEALTHY, "Unhealthy": pb.UNHEALTHY}
+HEALTH_TO_PB = {
+    "Unknown": pb.UNKNOWN,
+    "Initializing": pb.INITIALIZING,
+    "Healthy": pb.HEALTHY,
+    "Unhealthy": pb.UNHEALTHY,
+}
 HEALTH_FROM_PB = {v: k for k, v in HEALTH_TO_PB.items()}
 
 
@@ -56,134 +57,73 @@ def _enum(table: dict[Any, str], value: int, field: str, default: str | None = N
 
 
 def spec_to_proto(spec: ScaleSetSpec) -> pb.ScaleSetSpec:
-    msg = pb.ScaleSetSpec(
-        name=spec.name,
-        orchestration_mode=spec.orchestration_mode,
-        zones=list(spec.zones),
-        zone_balance=spec.zone_balance,
-        priority=spec.priority,
-        image_kind=spec.image_kind,
-        model_version=spec.model_version,
-        scale_in_policy=pb.ScaleInPolicy(
-            rules=list(spec.scale_in_policy.rules),
-            force_deletion=spec.scale_in_policy.force_deletion,
-            prioritize_unhealthy_vms=spec.scale_in_policy.prioritize_unhealthy_vms,
-        ),
-    )
-    if spec.platform_fault_domain_count is not None:
-        msg.platform_fault_domain_count = spec.platform_fault_domain_count
-    if spec.sku is not None:
-        msg.sku.name = spec.sku.name
-        if spec.sku.tier is not None:
-            msg.sku.tier = spec.sku.tier
-    if spec.sku_profile is not None:
-        msg.sku_profile.allocation_strategy = spec.sku_profile.allocation_strategy
-        for size in spec.sku_profile.vm_sizes:
-            entry = msg.sku_profile.vm_sizes.add(name=size.name)
-            if size.rank is not None:
-                entry.rank = size.rank
-    if spec.eviction_policy is not None:
-        msg.eviction_policy = spec.eviction_policy
-    if spec.max_price is not None:
-        msg.max_price = spec.max_price
-    if spec.priority_mix_policy is not None:
-        msg.priority_mix_policy.base_regular_priority_count = spec.priority_mix_policy.base_regular_priority_count
-        msg.priority_mix_policy.regular_priority_percentage_above_base = (
-            spec.priority_mix_policy.regular_priority_percentage_above_base
-        )
-    if spec.single_placement_group is not None:
-        msg.single_placement_group = spec.single_placement_group
-    up, rolling = spec.upgrade_policy, spec.upgrade_policy.rolling_upgrade_policy
-    msg.upgrade_policy.mode = up.mode
-    r = msg.upgrade_policy.rolling_upgrade_policy
-    r.max_batch_instance_percent = rolling.max_batch_instance_percent
-    r.max_unhealthy_instance_percent = rolling.max_unhealthy_instance_percent
-    r.max_unhealthy_upgraded_instance_percent = rolling.max_unhealthy_upgraded_instance_percent
-    r.pause_time_between_batches = rolling.pause_time_between_batches
-    r.prioritize_unhealthy_instances = rolling.prioritize_unhealthy_instances
-    r.enable_cross_zone_upgrade = rolling.enable_cross_zone_upgrade
-    r.max_surge = rolling.max_surge
-    r.rollback_failed_instances_on_policy_breach = rolling.rollback_failed_instances_on_policy_breach
-    if (repairs := spec.automatic_repairs_policy) is not None:
-        msg.automatic_repairs_policy.enabled = repairs.enabled
-        msg.automatic_repairs_policy.grace_period = repairs.grace_period
-        msg.automatic_repairs_policy.repair_action = repairs.repair_action
-    if (azb := spec.automatic_zone_rebalancing_policy) is not None:
-        msg.automatic_zone_rebalancing_policy.enabled = azb.enabled
-        msg.automatic_zone_rebalancing_policy.rebalance_strategy = azb.rebalance_strategy
-        msg.automatic_zone_rebalancing_policy.rebalance_behavior = azb.rebalance_behavior
+    """The spec as its message; derived field by field from the dataclasses (same names), so a new field
+    needs no code here."""
+    msg = pb.ScaleSetSpec()
+    _to_message(spec, msg)
     return msg
 
 
 def spec_from_proto(msg: pb.ScaleSetSpec) -> ScaleSetSpec:
-    sku = Sku(name=msg.sku.name, tier=msg.sku.tier if msg.sku.HasField("tier") else None) if msg.HasField("sku") else None
-    profile = None
-    if msg.HasField("sku_profile"):
-        profile = SkuProfile(
-            vm_sizes=[VmSize(name=v.name, rank=v.rank if v.HasField("rank") else None) for v in msg.sku_profile.vm_sizes],
-            allocation_strategy=msg.sku_profile.allocation_strategy or "LowestPrice",
-        )
-    mix = None
-    if msg.HasField("priority_mix_policy"):
-        mix = PriorityMixPolicy(
-            base_regular_priority_count=msg.priority_mix_policy.base_regular_priority_count,
-            regular_priority_percentage_above_base=msg.priority_mix_policy.regular_priority_percentage_above_base,
-        )
-    policy = msg.scale_in_policy
-    azb = None
-    if msg.HasField("automatic_zone_rebalancing_policy"):
-        p = msg.automatic_zone_rebalancing_policy
-        azb = AutomaticZoneRebalancingPolicy(
-            enabled=p.enabled,
-            rebalance_strategy=p.rebalance_strategy or "Recreate",
-            rebalance_behavior=p.rebalance_behavior or "CreateBeforeDelete",
-        )
-    r = msg.upgrade_policy.rolling_upgrade_policy
-    default = RollingUpgradePolicy()
-    upgrade = UpgradePolicy(
-        mode=msg.upgrade_policy.mode or "Manual",
-        rolling_upgrade_policy=RollingUpgradePolicy(
-            max_batch_instance_percent=r.max_batch_instance_percent if r.HasField("max_batch_instance_percent") else default.max_batch_instance_percent,
-            max_unhealthy_instance_percent=r.max_unhealthy_instance_percent if r.HasField("max_unhealthy_instance_percent") else default.max_unhealthy_instance_percent,
-            max_unhealthy_upgraded_instance_percent=(
-                r.max_unhealthy_upgraded_instance_percent if r.HasField("max_unhealthy_upgraded_instance_percent")
-                else default.max_unhealthy_upgraded_instance_percent
-            ),
-            pause_time_between_batches=r.pause_time_between_batches or "PT0S",
-            prioritize_unhealthy_instances=r.prioritize_unhealthy_instances,
-            enable_cross_zone_upgrade=r.enable_cross_zone_upgrade,
-            max_surge=r.max_surge,
-            rollback_failed_instances_on_policy_breach=r.rollback_failed_instances_on_policy_breach,
-        ),
-    )
-    repairs = None
-    if msg.HasField("automatic_repairs_policy"):
-        a = msg.automatic_repairs_policy
-        repairs = AutomaticRepairsPolicy(enabled=a.enabled, grace_period=a.grace_period or "PT10M", repair_action=a.repair_action or "Replace")
-    return ScaleSetSpec(
-        name=msg.name,
-        orchestration_mode=msg.orchestration_mode or "Flexible",
-        zones=list(msg.zones),
-        zone_balance=msg.zone_balance,
-        platform_fault_domain_count=msg.platform_fault_domain_count if msg.HasField("platform_fault_domain_count") else None,
-        sku=sku,
-        sku_profile=profile,
-        priority=msg.priority or "Regular",
-        eviction_policy=msg.eviction_policy if msg.HasField("eviction_policy") else None,
-        max_price=msg.max_price if msg.HasField("max_price") else None,
-        priority_mix_policy=mix,
-        scale_in_policy=ScaleInPolicy(
-            rules=list(policy.rules) or ["Default"],
-            force_deletion=policy.force_deletion,
-            prioritize_unhealthy_vms=policy.prioritize_unhealthy_vms,
-        ),
-        single_placement_group=msg.single_placement_group if msg.HasField("single_placement_group") else None,
-        image_kind=msg.image_kind or "Marketplace",
-        automatic_zone_rebalancing_policy=azb,
-        upgrade_policy=upgrade,
-        automatic_repairs_policy=repairs,
-        model_version=msg.model_version,
-    )
+    """The spec a message describes; unset fields take the dataclasses' defaults (Azure's)."""
+    return _from_message(ScaleSetSpec, msg)
+
+
+def _to_message(obj: Any, msg: Any) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if value is None:
+            continue
+        fd = msg.DESCRIPTOR.fields_by_name[f.name]
+        target = getattr(msg, f.name)
+        if fd.message_type is not None and fd.label == fd.LABEL_REPEATED:
+            for item in value:
+                _to_message(item, target.add())
+        elif fd.message_type is not None:
+            target.SetInParent()
+            _to_message(value, target)
+        elif fd.label == fd.LABEL_REPEATED:
+            target.extend(value)
+        else:
+            setattr(msg, f.name, value)
+
+
+def _from_message(cls: type[T], msg: Any) -> T:
+    hints = _hints(cls)  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        fd = msg.DESCRIPTOR.fields_by_name[f.name]
+        value = getattr(msg, f.name)
+        if f.default is not dataclasses.MISSING:
+            default: Any = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        if fd.message_type is not None and fd.label == fd.LABEL_REPEATED:
+            kwargs[f.name] = [_from_message(hints[f.name], v) for v in value]
+        elif fd.message_type is not None:
+            kwargs[f.name] = _from_message(hints[f.name], value) if msg.HasField(f.name) else default
+        elif fd.label == fd.LABEL_REPEATED:
+            kwargs[f.name] = list(value) or default
+        elif fd.has_presence:
+            kwargs[f.name] = value if msg.HasField(f.name) else default
+        elif isinstance(value, str) and default is not dataclasses.MISSING:
+            kwargs[f.name] = value or default  # proto3: an empty string is an unset one
+        else:
+            kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, type]:
+    """The dataclass each message-typed field holds (``X | None`` and ``Sequence[X]`` unwrapped)."""
+    out: dict[str, type] = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        for arg in (hint, *typing.get_args(hint)):
+            if dataclasses.is_dataclass(arg):
+                out[name] = arg  # type: ignore[assignment]
+    return out
 
 
 # ----- plans ------------------------------------------------------------------------------------------
@@ -201,15 +141,23 @@ def plan_to_proto(plan: Plan, summary_only: bool = False) -> pb.Plan:
     if not summary_only:
         msg.creates.extend(
             pb.PlannedChange(
-                instance_id=c.instance_id, zone=c.zone or "", fault_domain=c.fault_domain,
-                vm_size=c.vm_size, priority=c.priority, reason=c.reason,
+                instance_id=c.instance_id,
+                zone=c.zone or "",
+                fault_domain=c.fault_domain,
+                vm_size=c.vm_size,
+                priority=c.priority,
+                reason=c.reason,
             )
             for c in plan.creates
         )
         msg.deletes.extend(
             pb.PlannedChange(
-                instance_id=d.instance_id, zone=d.zone or "", fault_domain=d.fault_domain,
-                vm_size=d.vm_size, priority=d.priority, reason=d.reason,
+                instance_id=d.instance_id,
+                zone=d.zone or "",
+                fault_domain=d.fault_domain,
+                vm_size=d.vm_size,
+                priority=d.priority,
+                reason=d.reason,
             )
             for d in plan.deletes
         )
@@ -221,7 +169,10 @@ def plan_from_proto(msg: pb.Plan) -> Plan:
         return cls(c.instance_id, c.zone or None, c.fault_domain, c.vm_size, c.priority, c.reason)
 
     return Plan(
-        msg.scale_set, msg.capacity_before, msg.capacity_after, msg.dry_run,
+        msg.scale_set,
+        msg.capacity_before,
+        msg.capacity_after,
+        msg.dry_run,
         creates=[item(PlannedCreate, c) for c in msg.creates],
         deletes=[item(PlannedDelete, d) for d in msg.deletes],
     )
@@ -236,9 +187,18 @@ def event_plan_to_proto(scale_set: str, summary: dict[str, Any]) -> pb.Plan:
         create_count=summary["create_count"],
         delete_count=summary["delete_count"],
     )
-    for target, rows in ((msg.creates, summary.get("creates", [])), (msg.deletes, summary.get("deletes", []))):
+    for target, rows in (
+        (msg.creates, summary.get("creates", [])),
+        (msg.deletes, summary.get("deletes", [])),
+    ):
         for instance_id, zone, fault_domain, vm_size, priority in rows:
-            target.add(instance_id=instance_id, zone=zone or "", fault_domain=fault_domain, vm_size=vm_size, priority=priority)
+            target.add(
+                instance_id=instance_id,
+                zone=zone or "",
+                fault_domain=fault_domain,
+                vm_size=vm_size,
+                priority=priority,
+            )
     return msg
 
 
@@ -258,42 +218,70 @@ def event_to_proto(event: EventRecord) -> pb.Event:
 
 def rebalance_plan_to_proto(plan: RebalancePlan) -> pb.RebalancePlan:
     msg = pb.RebalancePlan(
-        scale_set=plan.scale_set, status=plan.status, dry_run=plan.dry_run, capacity=plan.capacity,
-        max_surge=plan.max_surge, replacements=plan.replacements, score_after=plan.score_after,
-        score_bound=plan.violation_bound, solve_seconds=plan.solve_seconds,
+        scale_set=plan.scale_set,
+        status=plan.status,
+        dry_run=plan.dry_run,
+        capacity=plan.capacity,
+        max_surge=plan.max_surge,
+        replacements=plan.replacements,
+        score_after=plan.score_after,
+        score_bound=plan.violation_bound,
+        solve_seconds=plan.solve_seconds,
     )
     msg.violation_before.update(plan.violation_before)
     msg.violation_after.update(plan.violation_after)
     for zone, before in plan.zone_counts_before.items():
-        msg.counts.add(zone=zone or "", fault_domain=-1, before=before, after=plan.zone_counts_after.get(zone, 0))
-    keys = sorted(set(plan.fault_domain_counts_before) | set(plan.fault_domain_counts_after), key=lambda k: (str(k[0]), k[1]))
+        msg.counts.add(
+            zone=zone or "", fault_domain=-1, before=before, after=plan.zone_counts_after.get(zone, 0)
+        )
+    keys = sorted(
+        set(plan.fault_domain_counts_before) | set(plan.fault_domain_counts_after),
+        key=lambda k: (str(k[0]), k[1]),
+    )
     for zone, fd in keys:
         msg.counts.add(
-            zone=zone or "", fault_domain=fd,
-            before=plan.fault_domain_counts_before.get((zone, fd), 0), after=plan.fault_domain_counts_after.get((zone, fd), 0),
+            zone=zone or "",
+            fault_domain=fd,
+            before=plan.fault_domain_counts_before.get((zone, fd), 0),
+            after=plan.fault_domain_counts_after.get((zone, fd), 0),
         )
     for wave in plan.waves:
         w = msg.waves.add(index=wave.index)
         for target, moves in ((w.creates, wave.creates), (w.deletes, wave.deletes)):
             for m in moves:
                 target.add(
-                    instance_id=m.instance_id or 0, zone=m.zone or "", fault_domain=m.fault_domain,
-                    vm_size=m.vm_size, priority=m.priority, reason=m.reason,
+                    instance_id=m.instance_id or 0,
+                    zone=m.zone or "",
+                    fault_domain=m.fault_domain,
+                    vm_size=m.vm_size,
+                    priority=m.priority,
+                    reason=m.reason,
                 )
     return msg
 
 
-def rolling_upgrade_to_proto(name: str, upgrade: RollingUpgrade | None, revision: int) -> pb.RollingUpgradeStatus:
+def rolling_upgrade_to_proto(
+    name: str, upgrade: RollingUpgrade | None, revision: int
+) -> pb.RollingUpgradeStatus:
     if upgrade is None:
         return pb.RollingUpgradeStatus(scale_set=name, status="NotStarted", revision=revision)
     progress = upgrade.progress()
     return pb.RollingUpgradeStatus(
-        scale_set=name, status=upgrade.status, model_version=upgrade.model_version,
-        batches_total=len(upgrade.batches), batches_done=min(upgrade.next_batch, len(upgrade.batches)), error_code=upgrade.error_code,
-        error_message=upgrade.error_message, started_unix_ms=int(upgrade.started_at * 1000),
-        finished_unix_ms=int((upgrade.finished_at or 0) * 1000), current_batch=upgrade.in_batch,
-        next_batch_unix_ms=int((upgrade.pause_until or 0) * 1000) if upgrade.active and not upgrade.in_batch else 0,
-        revision=revision, **progress,
+        scale_set=name,
+        status=upgrade.status,
+        model_version=upgrade.model_version,
+        batches_total=len(upgrade.batches),
+        batches_done=min(upgrade.next_batch, len(upgrade.batches)),
+        error_code=upgrade.error_code,
+        error_message=upgrade.error_message,
+        started_unix_ms=int(upgrade.started_at * 1000),
+        finished_unix_ms=int((upgrade.finished_at or 0) * 1000),
+        current_batch=upgrade.in_batch,
+        next_batch_unix_ms=int((upgrade.pause_until or 0) * 1000)
+        if upgrade.active and not upgrade.in_batch
+        else 0,
+        revision=revision,
+        **progress,
     )
 
 
@@ -349,7 +337,7 @@ def columns_to_proto(cols: dict[str, list[Any]], start: int, stop: int) -> pb.In
     msg.protect_from_scale_set_actions.extend(cols["protect_from_scale_set_actions"][window])
     msg.zone_names.extend(zone_names)
     msg.vm_size_names.extend(size_names)
-    for instance_id, name in zip(cols["instance_id"][window], cols["name"][window]):
+    for instance_id, name in zip(cols["instance_id"][window], cols["name"][window], strict=False):
         if name is not None:
             msg.custom_names[instance_id] = name
     return msg
@@ -371,8 +359,17 @@ def columns_from_proto(msg: pb.InstanceColumns, scale_set: str) -> list[Instance
             name=msg.custom_names.get(instance_id, f"{scale_set}_{instance_id}"),
         )
         for instance_id, zone, fd, size, priority, power, health, version, p_in, p_actions in zip(
-            msg.instance_id, msg.zone, msg.fault_domain, msg.vm_size, msg.priority, msg.power_state,
-            msg.health, msg.model_version, msg.protect_from_scale_in, msg.protect_from_scale_set_actions,
+            msg.instance_id,
+            msg.zone,
+            msg.fault_domain,
+            msg.vm_size,
+            msg.priority,
+            msg.power_state,
+            msg.health,
+            msg.model_version,
+            msg.protect_from_scale_in,
+            msg.protect_from_scale_set_actions,
+            strict=False,
         )
     ]
 
@@ -385,7 +382,9 @@ def region_to_proto(region: Region, revision: int) -> pb.Region:
     for zone in region.zones:
         msg.zones.add(name=zone, available=zone not in region.unavailable_zones)
     for pool in region.pools:
-        entry = msg.pools.add(zone=pool.zone or "", vm_size=pool.vm_size, priority=pool.priority, price=pool.price)
+        entry = msg.pools.add(
+            zone=pool.zone or "", vm_size=pool.vm_size, priority=pool.priority, price=pool.price
+        )
         if pool.available is not None:
             entry.available = pool.available
     return msg
@@ -408,4 +407,3 @@ def pool_from_proto(msg: pb.Pool) -> Pool:
         available=msg.available if msg.HasField("available") else None,
         price=msg.price if msg.HasField("price") else 0.0,
     )
-

@@ -70,8 +70,15 @@ def spec_from_document(doc: Any) -> tuple[ScaleSetSpec, int | None, list[str]]:
 
 _ARM_TOP = {"name", "sku", "zones", "capacity"}
 _ARM_PROPERTIES = {
-    "orchestration_mode", "platform_fault_domain_count", "single_placement_group", "zone_balance",
-    "scale_in_policy", "priority_mix_policy", "sku_profile", "upgrade_policy", "automatic_repairs_policy",
+    "orchestration_mode",
+    "platform_fault_domain_count",
+    "single_placement_group",
+    "zone_balance",
+    "scale_in_policy",
+    "priority_mix_policy",
+    "sku_profile",
+    "upgrade_policy",
+    "automatic_repairs_policy",
 }
 
 
@@ -92,7 +99,9 @@ def _flatten_arm(data: dict[str, Any], ignored: list[str]) -> dict[str, Any]:
             for vm_key, vm_value in (value or {}).items():
                 if vm_key in ("priority", "eviction_policy"):
                     flat[vm_key] = vm_value
-                elif vm_key == "billing_profile" and isinstance(vm_value, Mapping) and "max_price" in vm_value:
+                elif (
+                    vm_key == "billing_profile" and isinstance(vm_value, Mapping) and "max_price" in vm_value
+                ):
                     flat["max_price"] = vm_value["max_price"]
                 else:
                     ignored.append(f"properties.virtual_machine_profile.{vm_key}")

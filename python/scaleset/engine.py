@@ -177,11 +177,14 @@ class Engine:
 
     def _instances(self, name: str) -> tuple[Instance, ...]:
         cols = self._core.instances(name)
-        names = [n if n is not None else f"{name}_{i}" for n, i in zip(cols["name"], cols["instance_id"])]
+        names = [
+            n if n is not None else f"{name}_{i}"
+            for n, i in zip(cols["name"], cols["instance_id"], strict=False)
+        ]
         cols["name"] = names
         return tuple(
-            Instance(**dict(zip(_INSTANCE_COLUMNS, row)))
-            for row in zip(*(cols[c] for c in _INSTANCE_COLUMNS))
+            Instance(**dict(zip(_INSTANCE_COLUMNS, row, strict=False)))
+            for row in zip(*(cols[c] for c in _INSTANCE_COLUMNS), strict=False)
         )
 
     def import_instances(self, name: str, instances: Iterable[Instance]) -> None:
@@ -239,7 +242,9 @@ class Engine:
         """Which instances leave: ``removals[r]`` of pool row ``r`` of :meth:`rebalance_input`, row by row."""
         return self._core.select_rebalance_deletes(name, removals)
 
-    def apply_rebalance_moves(self, name: str, creates: Sequence[Sequence[Any]], deletes: Sequence[int]) -> Plan:
+    def apply_rebalance_moves(
+        self, name: str, creates: Sequence[Sequence[Any]], deletes: Sequence[int]
+    ) -> Plan:
         """Applies explicit moves: creates as (zone, fault_domain, vm_size, priority), then deletes.
         (What a rebalance is logged as, so a replay never needs the solver.) Fails, changing nothing, if
         a move is not possible."""
@@ -268,7 +273,9 @@ class Engine:
     ) -> list[list[int]]:
         """The out-of-date instances of ``name`` in rolling-upgrade batches of at most ``batch_size``
         (zone by zone unless ``cross_zone``, spread over fault domains, unhealthy first if asked)."""
-        return self._core.plan_upgrade_batches(name, _count(batch_size, "batch_size"), prioritize_unhealthy, cross_zone)
+        return self._core.plan_upgrade_batches(
+            name, _count(batch_size, "batch_size"), prioritize_unhealthy, cross_zone
+        )
 
     # ----- region -------------------------------------------------------------------------------------
 

@@ -65,7 +65,9 @@ def conflict(message: str, code: str, *, metadata: Mapping[str, str] | None = No
     return error(ConflictError, message, code, metadata=metadata)  # type: ignore[return-value]
 
 
-def invalid_input(message: str, code: str = "InvalidParameter", *, field: str | None = None) -> InvalidInputError:
+def invalid_input(
+    message: str, code: str = "InvalidParameter", *, field: str | None = None
+) -> InvalidInputError:
     """An :class:`InvalidInputError` for arguments rejected before they reach the core."""
     return error(InvalidInputError, message, code, field=field)  # type: ignore[return-value]
 

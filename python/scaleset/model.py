@@ -10,9 +10,9 @@ engine has them filled in.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, NamedTuple, TypeVar, overload
+from typing import Any, Generic, NamedTuple, TypeVar, overload
 
 from scaleset.errors import invalid_input
 
@@ -27,9 +27,9 @@ __all__ = [
     "Pool",
     "PriorityMixPolicy",
     "Region",
+    "RollingUpgradePolicy",
     "ScaleInPolicy",
     "ScaleSet",
-    "RollingUpgradePolicy",
     "ScaleSetSpec",
     "Sku",
     "SkuProfile",
@@ -346,7 +346,15 @@ class Plan:
     nothing until it is read; :meth:`create_columns` and :meth:`delete_columns` return plain columns.
     """
 
-    __slots__ = ("_creates", "_deletes", "_handle", "capacity_after", "capacity_before", "dry_run", "scale_set")
+    __slots__ = (
+        "_creates",
+        "_deletes",
+        "_handle",
+        "capacity_after",
+        "capacity_before",
+        "dry_run",
+        "scale_set",
+    )
 
     scale_set: str
     capacity_before: int
@@ -364,7 +372,10 @@ class Plan:
         handle: Any = None,
     ) -> None:
         self.scale_set, self.capacity_before, self.capacity_after, self.dry_run = (
-            scale_set, capacity_before, capacity_after, dry_run,
+            scale_set,
+            capacity_before,
+            capacity_after,
+            dry_run,
         )
         self._creates, self._deletes, self._handle = creates, deletes, handle
 
@@ -372,14 +383,18 @@ class Plan:
     def creates(self) -> Sequence[PlannedCreate]:
         if self._creates is None:
             handle = self._handle
-            self._creates = LazyItems(handle.creates_len(), lambda i: PlannedCreate._make(handle.create_at(i)))
+            self._creates = LazyItems(
+                handle.creates_len(), lambda i: PlannedCreate._make(handle.create_at(i))
+            )
         return self._creates
 
     @property
     def deletes(self) -> Sequence[PlannedDelete]:
         if self._deletes is None:
             handle = self._handle
-            self._deletes = LazyItems(handle.deletes_len(), lambda i: PlannedDelete._make(handle.delete_at(i)))
+            self._deletes = LazyItems(
+                handle.deletes_len(), lambda i: PlannedDelete._make(handle.delete_at(i))
+            )
         return self._deletes
 
     def create_columns(self) -> dict[str, list[Any]]:
@@ -404,9 +419,17 @@ class Plan:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Plan):
             return NotImplemented
-        return (self.scale_set, self.capacity_before, self.capacity_after, self.dry_run) == (
-            other.scale_set, other.capacity_before, other.capacity_after, other.dry_run,
-        ) and list(self.creates) == list(other.creates) and list(self.deletes) == list(other.deletes)
+        return (
+            (self.scale_set, self.capacity_before, self.capacity_after, self.dry_run)
+            == (
+                other.scale_set,
+                other.capacity_before,
+                other.capacity_after,
+                other.dry_run,
+            )
+            and list(self.creates) == list(other.creates)
+            and list(self.deletes) == list(other.deletes)
+        )
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -435,7 +458,9 @@ _NESTED: dict[str, Callable[[Any, str], Any]] = {}
 
 def _from_plain(cls: type[T], data: Mapping[str, Any], where: str) -> T:
     if not isinstance(data, Mapping):
-        raise invalid_input(f"{where} must be a mapping of property names to values, got {type(data).__name__}.")
+        raise invalid_input(
+            f"{where} must be a mapping of property names to values, got {type(data).__name__}."
+        )
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - names)
     if unknown:

@@ -110,7 +110,9 @@ class RebalancePlan:
     def applied(self, created_ids: list[int]) -> RebalancePlan:
         """This plan as executed: not a dry run, and each create with the id it received."""
         return replace(
-            self, dry_run=False, created_ids=tuple(created_ids),
+            self,
+            dry_run=False,
+            created_ids=tuple(created_ids),
             waves=_waves(self._creates, self._deletes, self.max_surge, self.first_instance_id, created_ids),
         )
 
@@ -138,7 +140,11 @@ def _waves(
 
     def wave(i: int) -> Wave:
         lo, hi = i * surge, (i + 1) * surge
-        ids = created_ids[lo:hi] if created_ids is not None else range(first_id + lo, first_id + lo + len(creates[lo:hi]))
+        ids = (
+            created_ids[lo:hi]
+            if created_ids is not None
+            else range(first_id + lo, first_id + lo + len(creates[lo:hi]))
+        )
         return Wave(
             index=i,
             creates=tuple(PlannedCreate(id_, *c) for id_, c in zip(ids, creates[lo:hi], strict=True)),
@@ -162,7 +168,9 @@ class _Shape:
         k = max(1, len(self.available))
         self.floor, self.ceil = inside // k, -(-inside // k)
 
-    def measure(self, zone: Counter[int], fd: Counter[tuple[int, int]], regular: int, off_model: int) -> dict[str, int]:
+    def measure(
+        self, zone: Counter[int], fd: Counter[tuple[int, int]], regular: int, off_model: int
+    ) -> dict[str, int]:
         zones = sum(max(0, zone[s] - self.ceil) + max(0, self.floor - zone[s]) for s in self.available)
         fds = 0
         for s in self.available:
@@ -201,7 +209,7 @@ def solve_rebalance(
     rows, pools = data["rows"], data["new_pools"]
     n_rows, n_pools, fds = len(rows["count"]), len(pools["slot"]), shape.fds
     movable = [c >= 0 for c in rows["class"]]
-    budget = sum(c for c, m in zip(rows["count"], movable) if m)
+    budget = sum(c for c, m in zip(rows["count"], movable, strict=False) if m)
     if max_replacements is not None:
         budget = min(budget, max_replacements)
 
@@ -256,7 +264,10 @@ def solve_rebalance(
             model.add(fds * lo >= z - fds + 1)
             for f in range(fds):
                 cnt = sum(fd_terms[s, f])
-                fo, fu = model.new_int_var(0, inside, f"fo{s}_{f}"), model.new_int_var(0, inside, f"fu{s}_{f}")
+                fo, fu = (
+                    model.new_int_var(0, inside, f"fo{s}_{f}"),
+                    model.new_int_var(0, inside, f"fu{s}_{f}"),
+                )
                 model.add(fo >= cnt - hi)
                 model.add(fu >= lo - cnt)
                 violations += [WEIGHTS["fault_domains"] * fo, WEIGHTS["fault_domains"] * fu]
@@ -287,9 +298,15 @@ def solve_rebalance(
     bound = max(0, int(solver.best_objective_bound) // weight)
     if status != cp_model.OPTIMAL and status != cp_model.FEASIBLE:
         # No solution within the time limit: the current placement (no moves) is the best plan known.
-        log.warning("rebalance of %s: no better plan found within %.3f s; returning the empty plan", name, time_limit_s)
+        log.warning(
+            "rebalance of %s: no better plan found within %.3f s; returning the empty plan",
+            name,
+            time_limit_s,
+        )
         removals = [0] * n_rows
-        plan = _assemble(engine, name, data, shape, removals, {}, max_surge, cp_model.FEASIBLE, bound, started)
+        plan = _assemble(
+            engine, name, data, shape, removals, {}, max_surge, cp_model.FEASIBLE, bound, started
+        )
         return plan, removals
     first_optimal = status == cp_model.OPTIMAL
     best_violation = solver.value(violation)
@@ -300,14 +317,12 @@ def solve_rebalance(
         model.add(violation == best_violation)
         model.add(replacements == best_replacements)
         price_total = sum(
-            keep[r] * int(round(rows["price"][r] * _PRICE_SCALE)) for r in range(n_rows) if movable[r]
-        ) + sum(var * int(round(pools["price"][q] * _PRICE_SCALE)) for (q, _), var in new.items())
+            keep[r] * round(rows["price"][r] * _PRICE_SCALE) for r in range(n_rows) if movable[r]
+        ) + sum(var * round(pools["price"][q] * _PRICE_SCALE) for (q, _), var in new.items())
         price_bound = (data["capacity"] + 1) * max(
-            [int(round(p * _PRICE_SCALE)) for p in [*rows["price"], *pools["price"]]] + [0]
+            [round(p * _PRICE_SCALE) for p in [*rows["price"], *pools["price"]]] + [0]
         ) + 1
-        class_cost = sum(
-            (rows["count"][r] - keep[r]) * rows["class"][r] for r in range(n_rows) if movable[r]
-        )
+        class_cost = sum((rows["count"][r] - keep[r]) * rows["class"][r] for r in range(n_rows) if movable[r])
         model.clear_hints()
         for r in range(n_rows):
             if movable[r]:
@@ -371,7 +386,9 @@ def _assemble(
     target = f"{shape.floor}" if shape.floor == shape.ceil else f"{shape.floor}-{shape.ceil}"
 
     def zone_note(s: int) -> str:
-        return f"zone {slots[s] or 'regional'}: {zone_b[s]} -> {zone_a[s]} instances (balanced share {target})"
+        return (
+            f"zone {slots[s] or 'regional'}: {zone_b[s]} -> {zone_a[s]} instances (balanced share {target})"
+        )
 
     def mix_note(priority: str) -> str:
         if shape.regular_target is None:
@@ -395,7 +412,9 @@ def _assemble(
         why = [f"{_CLASS_NAMES[klass]}", zone_note(s)]
         if size not in shape.model_sizes:
             why.append(f"{size} is no longer in the model")
-        reason = "rebalance: replaced; " + "; ".join(why) + (mix_note(priority) if regular_b != regular_a else "")
+        reason = (
+            "rebalance: replaced; " + "; ".join(why) + (mix_note(priority) if regular_b != regular_a else "")
+        )
         ranked.extend((klass, i, slots[s], f, size, priority, reason) for i in ids[pos : pos + gone])
         pos += gone
     # Waves replace unhealthy instances first, then out-of-date ones, then the rest; oldest first.

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2, field_mask_pb2
+from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -87,11 +87,16 @@ class Metrics:
     def __init__(self, control: ControlPlane) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "scaleset_rpc_requests_total", "RPCs handled, by method and status code.", ["method", "code"],
+            "scaleset_rpc_requests_total",
+            "RPCs handled, by method and status code.",
+            ["method", "code"],
             registry=self.registry,
         )
         self.latency = Histogram(
-            "scaleset_rpc_latency_seconds", "RPC latency, by method.", ["method"], registry=self.registry,
+            "scaleset_rpc_latency_seconds",
+            "RPC latency, by method.",
+            ["method"],
+            registry=self.registry,
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
         scale_sets = Gauge("scaleset_scale_sets", "Scale sets.", registry=self.registry)
@@ -151,7 +156,7 @@ class _Interceptor(grpc.aio.ServerInterceptor):
                     reply = await inner(request, context)
                 except asyncio.CancelledError:
                     raise
-                except Exception as exc:  # noqa: BLE001 - every error leaves through status_for
+                except Exception as exc:
                     await abort(context, exc, started)
                     raise  # unreachable: abort raises
                 ok.inc()
@@ -159,7 +164,9 @@ class _Interceptor(grpc.aio.ServerInterceptor):
                 return reply
 
             return grpc.unary_unary_rpc_method_handler(
-                unary, request_deserializer=handler.request_deserializer, response_serializer=response_serializer
+                unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=response_serializer,
             )
         if handler.unary_stream is not None:
             inner_stream = handler.unary_stream
@@ -171,12 +178,14 @@ class _Interceptor(grpc.aio.ServerInterceptor):
                         yield item
                 except asyncio.CancelledError:
                     raise
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     await abort(context, exc, started)
                 ok.inc()
 
             return grpc.unary_stream_rpc_method_handler(
-                stream, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+                stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
             )
         return handler
 
@@ -189,13 +198,17 @@ def _read_token(token: str) -> str:
     try:
         return base64.urlsafe_b64decode(token.encode()).decode()
     except (ValueError, UnicodeDecodeError):
-        raise invalid_input("page_token is not one this server issued; start again without it.", "InvalidPageToken") from None
+        raise invalid_input(
+            "page_token is not one this server issued; start again without it.", "InvalidPageToken"
+        ) from None
 
 
 def _read_int_token(token: str) -> int:
     text = _read_token(token)
     if not text.isdigit():
-        raise invalid_input("page_token is not one this server issued; start again without it.", "InvalidPageToken")
+        raise invalid_input(
+            "page_token is not one this server issued; start again without it.", "InvalidPageToken"
+        )
     return int(text)
 
 
@@ -220,16 +233,31 @@ class ScaleSetsServicer(pb_grpc.ScaleSetsServicer):
             etag=self._control.etag(name),
         )
 
-    async def _mutate(self, method: str, request: Any, command: Any, encode: Callable[[Outcome], Any],
-                      *, etag: str = "", big: bool = False) -> Any:
+    async def _mutate(
+        self,
+        method: str,
+        request: Any,
+        command: Any,
+        encode: Callable[[Outcome], Any],
+        *,
+        etag: str = "",
+        big: bool = False,
+    ) -> Any:
         """A durable change; the reply is a message, or the bytes first sent for this request_id (the
         interceptor's serializer passes bytes through)."""
         return await self._control.mutate(
-            method=method, command=command, encode=encode,
-            request_id=request.request_id, payload=request.SerializeToString(), etag=etag, big=big,
+            method=method,
+            command=command,
+            encode=encode,
+            request_id=request.request_id,
+            payload=request.SerializeToString(),
+            etag=etag,
+            big=big,
         )
 
-    async def CreateScaleSet(self, request: pb.CreateScaleSetRequest, context: Any) -> pb.CreateScaleSetResponse:
+    async def CreateScaleSet(
+        self, request: pb.CreateScaleSetRequest, context: Any
+    ) -> pb.CreateScaleSetResponse:
         spec = convert.spec_from_proto(request.scale_set)
         summary = request.view == pb.PLAN_VIEW_SUMMARY
 
@@ -239,8 +267,13 @@ class ScaleSetsServicer(pb_grpc.ScaleSetsServicer):
                 plan=convert.plan_to_proto(o.result, summary),
             )
 
-        return await self._mutate("CreateScaleSet", request, cmd.CreateScaleSet(spec, request.capacity), encode,
-                                  big=request.capacity > BIG_CHANGE)
+        return await self._mutate(
+            "CreateScaleSet",
+            request,
+            cmd.CreateScaleSet(spec, request.capacity),
+            encode,
+            big=request.capacity > BIG_CHANGE,
+        )
 
     async def GetScaleSet(self, request: pb.GetScaleSetRequest, context: Any) -> pb.ScaleSet:
         engine = await self._control.settled()
@@ -263,31 +296,49 @@ class ScaleSetsServicer(pb_grpc.ScaleSetsServicer):
         name = _require(request.scale_set.name, "scale_set.name")
         mask = request.update_mask
         if mask.paths and not mask.IsValidForDescriptor(pb.ScaleSetSpec.DESCRIPTOR):
-            raise invalid_input(f"update_mask has a path that is not a ScaleSetSpec field: {list(mask.paths)}.")
+            raise invalid_input(
+                f"update_mask has a path that is not a ScaleSetSpec field: {list(mask.paths)}."
+            )
 
         def command(current: Controller) -> cmd.Command:
             # Merged under the control plane's lock, against the spec as it is when the change applies.
             if mask.paths:
                 merged = convert.spec_to_proto(current.get_spec(name))
-                mask.MergeMessage(request.scale_set, merged, replace_message_field=True, replace_repeated_field=True)
+                mask.MergeMessage(
+                    request.scale_set, merged, replace_message_field=True, replace_repeated_field=True
+                )
             else:
                 merged = request.scale_set
             return cmd.UpdateScaleSet(convert.spec_from_proto(merged))
 
-        return await self._mutate("UpdateScaleSet", request, command,
-                                  lambda o: self._scale_set(self._control.controller, name), etag=request.etag)
+        return await self._mutate(
+            "UpdateScaleSet",
+            request,
+            command,
+            lambda o: self._scale_set(self._control.controller, name),
+            etag=request.etag,
+        )
 
-    async def DeleteScaleSet(self, request: pb.DeleteScaleSetRequest, context: Any) -> pb.DeleteScaleSetResponse:
+    async def DeleteScaleSet(
+        self, request: pb.DeleteScaleSetRequest, context: Any
+    ) -> pb.DeleteScaleSetResponse:
         name = _require(request.name, "name")
-        return await self._mutate("DeleteScaleSet", request, cmd.DeleteScaleSet(name),
-                                  lambda o: pb.DeleteScaleSetResponse(revision=o.revision), etag=request.etag)
+        return await self._mutate(
+            "DeleteScaleSet",
+            request,
+            cmd.DeleteScaleSet(name),
+            lambda o: pb.DeleteScaleSetResponse(revision=o.revision),
+            etag=request.etag,
+        )
 
     async def SetCapacity(self, request: pb.SetCapacityRequest, context: Any) -> pb.SetCapacityResponse:
         name = _require(request.name, "name")
         summary = request.view == pb.PLAN_VIEW_SUMMARY
 
         def encode(o: Outcome) -> pb.SetCapacityResponse:
-            return pb.SetCapacityResponse(plan=convert.plan_to_proto(o.result, summary), revision=o.revision, etag=o.etag)
+            return pb.SetCapacityResponse(
+                plan=convert.plan_to_proto(o.result, summary), revision=o.revision, etag=o.etag
+            )
 
         command = cmd.SetCapacity(name, request.capacity, request.dry_run)
         big = abs(request.capacity - self._control.controller.capacity(name)) > BIG_CHANGE
@@ -295,12 +346,19 @@ class ScaleSetsServicer(pb_grpc.ScaleSetsServicer):
             return encode(await self._control.query(command, etag=request.etag, big=big))
         return await self._mutate("SetCapacity", request, command, encode, etag=request.etag, big=big)
 
-    async def ImportInstances(self, request: pb.ImportInstancesRequest, context: Any) -> pb.ImportInstancesResponse:
+    async def ImportInstances(
+        self, request: pb.ImportInstancesRequest, context: Any
+    ) -> pb.ImportInstancesResponse:
         name = _require(request.name, "name")
         command = cmd.ImportInstances(name, tuple(convert.instance_from_proto(i) for i in request.instances))
-        return await self._mutate("ImportInstances", request, command,
-                                  lambda o: pb.ImportInstancesResponse(revision=o.revision, etag=o.etag),
-                                  etag=request.etag, big=len(command.instances) > BIG_CHANGE)
+        return await self._mutate(
+            "ImportInstances",
+            request,
+            command,
+            lambda o: pb.ImportInstancesResponse(revision=o.revision, etag=o.etag),
+            etag=request.etag,
+            big=len(command.instances) > BIG_CHANGE,
+        )
 
     async def ListInstances(self, request: pb.ListInstancesRequest, context: Any) -> bytes:
         name = _require(request.name, "name")
@@ -318,29 +376,43 @@ class ScaleSetsServicer(pb_grpc.ScaleSetsServicer):
         ids = cols["instance_id"]
         start = bisect.bisect_right(ids, after)
         stop = min(start + size, len(ids))
-        reply = pb.ListInstancesResponse(instances=convert.columns_to_proto(cols, start, stop), revision=revision)
+        reply = pb.ListInstancesResponse(
+            instances=convert.columns_to_proto(cols, start, stop), revision=revision
+        )
         if stop < len(ids):
             reply.next_page_token = _page_token(str(ids[stop - 1]))
         encoded = reply.SerializeToString()
         _remember(self._pages, key, encoded, 64)
         return encoded
 
-    async def DeleteInstances(self, request: pb.DeleteInstancesRequest, context: Any) -> pb.DeleteInstancesResponse:
+    async def DeleteInstances(
+        self, request: pb.DeleteInstancesRequest, context: Any
+    ) -> pb.DeleteInstancesResponse:
         name = _require(request.name, "name")
         command = cmd.DeleteInstances(name, tuple(request.instance_ids))
         return await self._mutate(
-            "DeleteInstances", request, command,
-            lambda o: pb.DeleteInstancesResponse(plan=convert.plan_to_proto(o.result), revision=o.revision, etag=o.etag), etag=request.etag,
+            "DeleteInstances",
+            request,
+            command,
+            lambda o: pb.DeleteInstancesResponse(
+                plan=convert.plan_to_proto(o.result), revision=o.revision, etag=o.etag
+            ),
+            etag=request.etag,
         )
 
-    async def EvictInstances(self, request: pb.EvictInstancesRequest, context: Any) -> pb.EvictInstancesResponse:
+    async def EvictInstances(
+        self, request: pb.EvictInstancesRequest, context: Any
+    ) -> pb.EvictInstancesResponse:
         name = _require(request.name, "name")
         command = cmd.EvictInstances(name, tuple(request.instance_ids))
         return await self._mutate(
-            "EvictInstances", request, command,
+            "EvictInstances",
+            request,
+            command,
             lambda o: pb.EvictInstancesResponse(
                 deleted=o.result.deleted, deallocated=o.result.deallocated, revision=o.revision, etag=o.etag
-            ), etag=request.etag,
+            ),
+            etag=request.etag,
         )
 
     async def SetInstanceProtection(
@@ -348,10 +420,18 @@ class ScaleSetsServicer(pb_grpc.ScaleSetsServicer):
     ) -> pb.SetInstanceProtectionResponse:
         name = _require(request.name, "name")
         command = cmd.SetProtection(
-            name, tuple(request.instance_ids), request.protect_from_scale_in, request.protect_from_scale_set_actions
+            name,
+            tuple(request.instance_ids),
+            request.protect_from_scale_in,
+            request.protect_from_scale_set_actions,
         )
-        return await self._mutate("SetInstanceProtection", request, command,
-                                  lambda o: pb.SetInstanceProtectionResponse(revision=o.revision, etag=o.etag), etag=request.etag)
+        return await self._mutate(
+            "SetInstanceProtection",
+            request,
+            command,
+            lambda o: pb.SetInstanceProtectionResponse(revision=o.revision, etag=o.etag),
+            etag=request.etag,
+        )
 
     async def ReportInstanceHealth(
         self, request: pb.ReportInstanceHealthRequest, context: Any
@@ -361,8 +441,12 @@ class ScaleSetsServicer(pb_grpc.ScaleSetsServicer):
             (tuple(r.instance_ids), convert._enum(convert.HEALTH_FROM_PB, r.health, "reports.health"))
             for r in request.reports
         )
-        return await self._mutate("ReportInstanceHealth", request, cmd.ReportHealth(name, reports),
-                                  lambda o: pb.ReportInstanceHealthResponse(revision=o.revision, etag=o.etag))
+        return await self._mutate(
+            "ReportInstanceHealth",
+            request,
+            cmd.ReportHealth(name, reports),
+            lambda o: pb.ReportInstanceHealthResponse(revision=o.revision, etag=o.etag),
+        )
 
     async def Rebalance(self, request: pb.RebalanceRequest, context: Any) -> pb.RebalanceResponse:
         name = _require(request.name, "name")
@@ -378,7 +462,9 @@ class ScaleSetsServicer(pb_grpc.ScaleSetsServicer):
         )
 
         def encode(o: Outcome) -> pb.RebalanceResponse:
-            return pb.RebalanceResponse(plan=convert.rebalance_plan_to_proto(o.result), revision=o.revision, etag=o.etag)
+            return pb.RebalanceResponse(
+                plan=convert.rebalance_plan_to_proto(o.result), revision=o.revision, etag=o.etag
+            )
 
         if not command.mutates:
             return encode(await self._control.query(command, etag=request.etag, big=True))
@@ -388,34 +474,53 @@ class ScaleSetsServicer(pb_grpc.ScaleSetsServicer):
 
     def _upgrade(self, name: str, o: Outcome | None = None) -> pb.RollingUpgradeStatus:
         revision = o.revision if o is not None else self._control.revision(name)
-        return convert.rolling_upgrade_to_proto(name, self._control.controller.get_rolling_upgrade(name), revision)
+        return convert.rolling_upgrade_to_proto(
+            name, self._control.controller.get_rolling_upgrade(name), revision
+        )
 
     async def StartRollingUpgrade(self, request: pb.StartRollingUpgradeRequest, context: Any) -> Any:
         name = _require(request.name, "name")
-        return await self._mutate("StartRollingUpgrade", request, cmd.StartRollingUpgrade(name),
-                                  lambda o: self._upgrade(name, o), etag=request.etag)
+        return await self._mutate(
+            "StartRollingUpgrade",
+            request,
+            cmd.StartRollingUpgrade(name),
+            lambda o: self._upgrade(name, o),
+            etag=request.etag,
+        )
 
-    async def GetRollingUpgrade(self, request: pb.GetRollingUpgradeRequest, context: Any) -> pb.RollingUpgradeStatus:
+    async def GetRollingUpgrade(
+        self, request: pb.GetRollingUpgradeRequest, context: Any
+    ) -> pb.RollingUpgradeStatus:
         name = _require(request.name, "name")
         await self._control.settled()
         return self._upgrade(name)
 
     async def CancelRollingUpgrade(self, request: pb.CancelRollingUpgradeRequest, context: Any) -> Any:
         name = _require(request.name, "name")
-        return await self._mutate("CancelRollingUpgrade", request, cmd.CancelRollingUpgrade(name),
-                                  lambda o: self._upgrade(name, o))
+        return await self._mutate(
+            "CancelRollingUpgrade", request, cmd.CancelRollingUpgrade(name), lambda o: self._upgrade(name, o)
+        )
 
     async def UpgradeInstances(self, request: pb.UpgradeInstancesRequest, context: Any) -> Any:
         name = _require(request.name, "name")
         command = cmd.UpgradeInstances(name, tuple(request.instance_ids))
-        return await self._mutate("UpgradeInstances", request, command,
-                                  lambda o: pb.UpgradeInstancesResponse(revision=o.revision, etag=o.etag), etag=request.etag)
+        return await self._mutate(
+            "UpgradeInstances",
+            request,
+            command,
+            lambda o: pb.UpgradeInstancesResponse(revision=o.revision, etag=o.etag),
+            etag=request.etag,
+        )
 
     async def SetRepairsServiceState(self, request: pb.SetRepairsServiceStateRequest, context: Any) -> Any:
         name = _require(request.name, "name")
         command = cmd.SetRepairsServiceState(name, request.state)
-        return await self._mutate("SetRepairsServiceState", request, command,
-                                  lambda o: pb.SetRepairsServiceStateResponse(state=request.state, revision=o.revision))
+        return await self._mutate(
+            "SetRepairsServiceState",
+            request,
+            command,
+            lambda o: pb.SetRepairsServiceStateResponse(state=request.state, revision=o.revision),
+        )
 
     async def WatchEvents(self, request: pb.WatchEventsRequest, context: Any) -> AsyncIterator[pb.Event]:
         async for event in self._control.watch(request.scale_set, request.after):
@@ -433,7 +538,9 @@ class RegionsServicer(pb_grpc.RegionsServicer):
         self._control = control
 
     def _region(self) -> pb.Region:
-        return convert.region_to_proto(self._control.controller.describe_region(), self._control.region_revision)
+        return convert.region_to_proto(
+            self._control.controller.describe_region(), self._control.region_revision
+        )
 
     async def GetRegion(self, request: pb.GetRegionRequest, context: Any) -> pb.Region:
         await self._control.settled()
@@ -442,8 +549,11 @@ class RegionsServicer(pb_grpc.RegionsServicer):
     async def SetZoneAvailability(self, request: pb.SetZoneAvailabilityRequest, context: Any) -> Any:
         command = cmd.SetZoneAvailability(_require(request.zone, "zone"), request.available)
         return await self._control.mutate(
-            method="SetZoneAvailability", command=command, encode=lambda o: self._region(),
-            request_id=request.request_id, payload=request.SerializeToString(),
+            method="SetZoneAvailability",
+            command=command,
+            encode=lambda o: self._region(),
+            request_id=request.request_id,
+            payload=request.SerializeToString(),
         )
 
     async def SetPoolCapacity(self, request: pb.SetPoolCapacityRequest, context: Any) -> Any:
@@ -456,8 +566,11 @@ class RegionsServicer(pb_grpc.RegionsServicer):
             price=pool.price if pool.HasField("price") else None,
         )
         return await self._control.mutate(
-            method="SetPoolCapacity", command=command, encode=lambda o: self._region(),
-            request_id=request.request_id, payload=request.SerializeToString(),
+            method="SetPoolCapacity",
+            command=command,
+            encode=lambda o: self._region(),
+            request_id=request.request_id,
+            payload=request.SerializeToString(),
         )
 
 

@@ -128,7 +128,9 @@ class SQLiteStore:
 
     def load(self) -> tuple[Snapshot | None, list[EventRecord]]:
         with self._read_lock:
-            row = self._reader.execute("SELECT sequence, state FROM snapshots ORDER BY sequence DESC LIMIT 1").fetchone()
+            row = self._reader.execute(
+                "SELECT sequence, state FROM snapshots ORDER BY sequence DESC LIMIT 1"
+            ).fetchone()
             snapshot = Snapshot(row[0], json.loads(row[1])) if row else None
             after = snapshot.sequence if snapshot else 0
             rows = self._reader.execute(
@@ -144,7 +146,15 @@ class SQLiteStore:
                 cur.executemany(
                     f"INSERT INTO events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [
-                        (e.sequence, e.scale_set, e.revision, e.type, json.dumps(e.command), json.dumps(e.summary), e.time_ms)
+                        (
+                            e.sequence,
+                            e.scale_set,
+                            e.revision,
+                            e.type,
+                            json.dumps(e.command),
+                            json.dumps(e.summary),
+                            e.time_ms,
+                        )
                         for e in events
                     ],
                 )
@@ -161,7 +171,8 @@ class SQLiteStore:
         with self._read_lock:
             if scale_set is None:
                 rows = self._reader.execute(
-                    f"SELECT {_COLUMNS} FROM events WHERE sequence > ? ORDER BY sequence LIMIT ?", (after, limit)
+                    f"SELECT {_COLUMNS} FROM events WHERE sequence > ? ORDER BY sequence LIMIT ?",
+                    (after, limit),
                 ).fetchall()
             else:
                 rows = self._reader.execute(
@@ -182,7 +193,9 @@ class SQLiteStore:
         data = json.dumps(snapshot.state, separators=(",", ":"))
         with self._write_lock:
             self._writer.execute("BEGIN IMMEDIATE")
-            self._writer.execute("INSERT OR REPLACE INTO snapshots (sequence, state) VALUES (?, ?)", (snapshot.sequence, data))
+            self._writer.execute(
+                "INSERT OR REPLACE INTO snapshots (sequence, state) VALUES (?, ?)", (snapshot.sequence, data)
+            )
             # Older snapshots are no longer needed to rebuild; events stay for WatchEvents.
             self._writer.execute("DELETE FROM snapshots WHERE sequence < ?", (snapshot.sequence,))
             self._writer.execute("COMMIT")

@@ -51,8 +51,9 @@ class RepairState:
         )
 
 
-def step(engine: Engine, name: str, now: float, state: RepairState, last_modified: float | None,
-         busy: set[int]) -> list[Action]:
+def step(
+    engine: Engine, name: str, now: float, state: RepairState, last_modified: float | None, busy: set[int]
+) -> list[Action]:
     """Repairs what is due at ``now``; ``busy`` instances (a rolling upgrade's batch) are left alone."""
     spec = engine.get_spec(name)
     policy = spec.automatic_repairs_policy
@@ -60,7 +61,7 @@ def step(engine: Engine, name: str, now: float, state: RepairState, last_modifie
         return []
     grace = duration_seconds(policy.grace_period)
     cols = engine.instance_columns(name)
-    health = dict(zip(cols["instance_id"], cols["health"]))
+    health = dict(zip(cols["instance_id"], cols["health"], strict=False))
     actions: list[Action] = []
     for i, started in sorted(state.in_repair.items()):
         if i not in health or health[i] == "Healthy":
@@ -71,8 +72,14 @@ def step(engine: Engine, name: str, now: float, state: RepairState, last_modifie
             state.consecutive_failures += 1
     if state.consecutive_failures >= SUSPEND_AFTER:
         state.service_state = "Suspended"
-        return [Action(name, "AutomaticRepairsSuspended", (),
-                       f"automatic repairs suspended: {state.consecutive_failures} repairs in a row left instances unhealthy; resume the service once the cause is fixed")]
+        return [
+            Action(
+                name,
+                "AutomaticRepairsSuspended",
+                (),
+                f"automatic repairs suspended: {state.consecutive_failures} repairs in a row left instances unhealthy; resume the service once the cause is fixed",
+            )
+        ]
     total = len(health)
     limit = 1 if total < 20 else max(1, total * 5 // 100)
     room = limit - len(state.in_repair)
@@ -80,12 +87,22 @@ def step(engine: Engine, name: str, now: float, state: RepairState, last_modifie
         return actions
     since = last_modified if last_modified is not None else float("-inf")
     due = [
-        i for i, h, power, p_in, p_act in zip(
-            cols["instance_id"], cols["health"], cols["power_state"],
-            cols["protect_from_scale_in"], cols["protect_from_scale_set_actions"],
+        i
+        for i, h, power, p_in, p_act in zip(
+            cols["instance_id"],
+            cols["health"],
+            cols["power_state"],
+            cols["protect_from_scale_in"],
+            cols["protect_from_scale_set_actions"],
+            strict=False,
         )
-        if h in UNHEALTHY and power == "running" and not p_in and not p_act and i not in state.in_repair
-        and i not in busy and now - max(since, state.repaired_at.get(i, float("-inf"))) >= grace
+        if h in UNHEALTHY
+        and power == "running"
+        and not p_in
+        and not p_act
+        and i not in state.in_repair
+        and i not in busy
+        and now - max(since, state.repaired_at.get(i, float("-inf"))) >= grace
     ][:room]
     if not due:
         return actions
@@ -109,4 +126,7 @@ def step(engine: Engine, name: str, now: float, state: RepairState, last_modifie
     for i in repaired:
         state.in_repair[i] = now
         state.repaired_at[i] = now
-    return [*actions, Action(name, "InstancesRepaired", tuple(repaired), f"automatic repairs ({action}): {text}")]
+    return [
+        *actions,
+        Action(name, "InstancesRepaired", tuple(repaired), f"automatic repairs ({action}): {text}"),
+    ]

@@ -55,7 +55,10 @@ class PolicyRunner:
             stale = [
                 i
                 for i, v, p in zip(
-                    cols["instance_id"], cols["model_version"], cols["protect_from_scale_set_actions"], strict=True
+                    cols["instance_id"],
+                    cols["model_version"],
+                    cols["protect_from_scale_set_actions"],
+                    strict=True,
                 )
                 if (v or 0) < spec.model_version and not p
             ]
@@ -70,7 +73,13 @@ class PolicyRunner:
 
     def deleted(self, name: str) -> None:
         """Forgets every policy's state of a deleted scale set."""
-        for state in (self._modified, self._zone_balance, self._zone_balance_started, self._upgrades, self._repairs):
+        for state in (
+            self._modified,
+            self._zone_balance,
+            self._zone_balance_started,
+            self._upgrades,
+            self._repairs,
+        ):
             state.pop(name, None)
         self._upgrade_pending.discard(name)
 
@@ -92,7 +101,12 @@ class PolicyRunner:
             repair = self._repairs.setdefault(n, RepairState())
             actions += repairs.step(engine, n, now, repair, self._modified.get(n), busy)
             op, started, done = zone_balance.step(
-                engine, n, now, self._zone_balance.get(n), self._zone_balance_started.get(n), self._modified.get(n)
+                engine,
+                n,
+                now,
+                self._zone_balance.get(n),
+                self._zone_balance_started.get(n),
+                self._modified.get(n),
             )
             if op is None:
                 self._zone_balance.pop(n, None)
@@ -111,7 +125,8 @@ class PolicyRunner:
         current = self._upgrades.get(name)
         if current is not None and current.active:
             raise conflict(
-                f"a rolling upgrade of '{name}' is already in progress; cancel it first.", "RollingUpgradeInProgress"
+                f"a rolling upgrade of '{name}' is already in progress; cancel it first.",
+                "RollingUpgradeInProgress",
             )
         self._upgrade_pending.discard(name)
         self._upgrades[name], _ = upgrade.start(engine, name, now)
@@ -173,7 +188,9 @@ class PolicyRunner:
         """A runner with the state :meth:`export` saved."""
         runner = cls()
         runner._modified = dict(state.get("modified", {}))
-        runner._zone_balance = {n: ZoneBalanceOperation(**op) for n, op in state.get("zone_balance", {}).items()}
+        runner._zone_balance = {
+            n: ZoneBalanceOperation(**op) for n, op in state.get("zone_balance", {}).items()
+        }
         runner._zone_balance_started = dict(state.get("zone_balance_started", {}))
         runner._upgrades = {n: RollingUpgrade.from_dict(u) for n, u in state.get("upgrades", {}).items()}
         runner._upgrade_pending = set(state.get("upgrade_pending", []))

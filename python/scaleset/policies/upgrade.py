@@ -70,7 +70,7 @@ class RollingUpgrade:
 
     def progress(self) -> dict[str, int]:
         """Azure's progress counts: successful, failed, in progress, pending instances."""
-        pending = sum(len(b) for b in self.batches[self.next_batch + (1 if self.in_batch else 0):])
+        pending = sum(len(b) for b in self.batches[self.next_batch + (1 if self.in_batch else 0) :])
         return {
             "successful_instance_count": len(self.upgraded) - len(self.failed),
             "failed_instance_count": len(self.failed),
@@ -90,12 +90,24 @@ def start(engine: Engine, name: str, now: float) -> tuple[RollingUpgrade, list[A
     )
     upgrade = RollingUpgrade(name, spec.model_version, "RollingForward", now, batches)
     count = sum(len(b) for b in batches)
-    actions = [Action(name, "RollingUpgradeStarted", (), f"rolling upgrade to model {spec.model_version}: {count} instances in {len(batches)} batches of at most {batch_size}")]
+    actions = [
+        Action(
+            name,
+            "RollingUpgradeStarted",
+            (),
+            f"rolling upgrade to model {spec.model_version}: {count} instances in {len(batches)} batches of at most {batch_size}",
+        )
+    ]
     return upgrade, actions
 
 
 def _finish(upgrade: RollingUpgrade, now: float, status: str, code: str = "", message: str = "") -> None:
-    upgrade.status, upgrade.error_code, upgrade.error_message, upgrade.finished_at = status, code, message, now
+    upgrade.status, upgrade.error_code, upgrade.error_message, upgrade.finished_at = (
+        status,
+        code,
+        message,
+        now,
+    )
     upgrade.in_batch, upgrade.surge_old = [], []
 
 
@@ -106,11 +118,14 @@ def step(engine: Engine, name: str, now: float, upgrade: RollingUpgrade) -> list
     spec = engine.get_spec(name)
     policy = spec.upgrade_policy.rolling_upgrade_policy
     cols = engine.instance_columns(name)
-    health = dict(zip(cols["instance_id"], cols["health"]))
+    health = dict(zip(cols["instance_id"], cols["health"], strict=False))
     total = len(health)
     if upgrade.in_batch:
         present = [i for i in upgrade.in_batch if i in health]
-        if any(health[i] == "Initializing" for i in present) and now - (upgrade.batch_started_at or now) < HEALTH_WAIT_S:
+        if (
+            any(health[i] == "Initializing" for i in present)
+            and now - (upgrade.batch_started_at or now) < HEALTH_WAIT_S
+        ):
             return []
         batch_no = upgrade.next_batch + 1
         upgrade.upgraded += present
@@ -119,33 +134,62 @@ def step(engine: Engine, name: str, now: float, upgrade: RollingUpgrade) -> list
         unhealthy_upgraded = sum(1 for i in upgrade.upgraded if i in health and health[i] != "Healthy")
         allowed = total * policy.max_unhealthy_upgraded_instance_percent // 100
         if unhealthy_upgraded > allowed:
-            return _breach(engine, name, now, upgrade, policy.rollback_failed_instances_on_policy_breach, unhealthy_upgraded, total, failed_now)
+            return _breach(
+                engine,
+                name,
+                now,
+                upgrade,
+                policy.rollback_failed_instances_on_policy_breach,
+                unhealthy_upgraded,
+                total,
+                failed_now,
+            )
         if upgrade.surge_old:
             engine.apply_rebalance_moves(name, [], [i for i in upgrade.surge_old if i in health])
         upgrade.in_batch, upgrade.surge_old = [], []
         upgrade.next_batch += 1
         upgrade.pause_until = now + duration_seconds(policy.pause_time_between_batches)
-        return [Action(name, "RollingUpgradeBatchCompleted", tuple(present),
-                       f"batch {batch_no} of {len(upgrade.batches)} done: {len(present) - len(failed_now)} healthy, {len(failed_now)} not")]
+        return [
+            Action(
+                name,
+                "RollingUpgradeBatchCompleted",
+                tuple(present),
+                f"batch {batch_no} of {len(upgrade.batches)} done: {len(present) - len(failed_now)} healthy, {len(failed_now)} not",
+            )
+        ]
     if upgrade.pause_until is not None and now < upgrade.pause_until:
         return []
     unhealthy = sum(1 for h in health.values() if h in UNHEALTHY)
     if unhealthy > total * policy.max_unhealthy_instance_percent // 100:
-        message = (f"{unhealthy} of {total} instances are unhealthy before batch {upgrade.next_batch + 1}, more than "
-                   f"max_unhealthy_instance_percent {policy.max_unhealthy_instance_percent}% allows; the rolling upgrade stopped.")
+        message = (
+            f"{unhealthy} of {total} instances are unhealthy before batch {upgrade.next_batch + 1}, more than "
+            f"max_unhealthy_instance_percent {policy.max_unhealthy_instance_percent}% allows; the rolling upgrade stopped."
+        )
         _finish(upgrade, now, "Faulted", "MaxUnhealthyInstancePercentExceededInRollingUpgrade", message)
         return [Action(name, "RollingUpgradeFailed", (), message)]
-    protected = {i for i, p in zip(cols["instance_id"], cols["protect_from_scale_set_actions"]) if p}
-    version = dict(zip(cols["instance_id"], cols["model_version"]))
+    protected = {
+        i for i, p in zip(cols["instance_id"], cols["protect_from_scale_set_actions"], strict=False) if p
+    }
+    version = dict(zip(cols["instance_id"], cols["model_version"], strict=False))
     while upgrade.next_batch < len(upgrade.batches):
-        batch = [i for i in upgrade.batches[upgrade.next_batch]
-                 if i in health and i not in protected and (version[i] or 0) < upgrade.model_version]
+        batch = [
+            i
+            for i in upgrade.batches[upgrade.next_batch]
+            if i in health and i not in protected and (version[i] or 0) < upgrade.model_version
+        ]
         if batch:
             break
         upgrade.next_batch += 1
     else:
         _finish(upgrade, now, "Completed")
-        return [Action(name, "RollingUpgradeCompleted", (), f"rolling upgrade to model {upgrade.model_version} completed: {len(upgrade.upgraded)} instances upgraded")]
+        return [
+            Action(
+                name,
+                "RollingUpgradeCompleted",
+                (),
+                f"rolling upgrade to model {upgrade.model_version} completed: {len(upgrade.upgraded)} instances upgraded",
+            )
+        ]
     upgrade.batch_started_at = now
     if policy.max_surge and _surge(engine, name, cols, batch, upgrade):
         how = f"created {len(upgrade.in_batch)} new-model instances beside them (max_surge)"
@@ -154,11 +198,19 @@ def step(engine: Engine, name: str, now: float, upgrade: RollingUpgrade) -> list
         engine.upgrade_instances(name, batch)
         upgrade.in_batch = batch
         how = "upgrading in place"
-    return [Action(name, "RollingUpgradeBatchStarted", tuple(upgrade.in_batch),
-                   f"batch {upgrade.next_batch + 1} of {len(upgrade.batches)}: {len(batch)} instances, {how}")]
+    return [
+        Action(
+            name,
+            "RollingUpgradeBatchStarted",
+            tuple(upgrade.in_batch),
+            f"batch {upgrade.next_batch + 1} of {len(upgrade.batches)}: {len(batch)} instances, {how}",
+        )
+    ]
 
 
-def _surge(engine: Engine, name: str, cols: dict[str, list[Any]], batch: list[int], upgrade: RollingUpgrade) -> bool:
+def _surge(
+    engine: Engine, name: str, cols: dict[str, list[Any]], batch: list[int], upgrade: RollingUpgrade
+) -> bool:
     """Creates the batch's replacements first; False if they do not fit (the batch goes in place)."""
     creates = replacements(engine.get_spec(name), cols, batch)
     try:
@@ -171,14 +223,23 @@ def _surge(engine: Engine, name: str, cols: dict[str, list[Any]], batch: list[in
     return True
 
 
-
-def _breach(engine: Engine, name: str, now: float, upgrade: RollingUpgrade, rollback: bool,
-            unhealthy: int, total: int, failed_now: list[int]) -> list[Action]:
+def _breach(
+    engine: Engine,
+    name: str,
+    now: float,
+    upgrade: RollingUpgrade,
+    rollback: bool,
+    unhealthy: int,
+    total: int,
+    failed_now: list[int],
+) -> list[Action]:
     spec = engine.get_spec(name)
     pct = spec.upgrade_policy.rolling_upgrade_policy.max_unhealthy_upgraded_instance_percent
-    message = (f"Rolling Upgrade failed after exceeding the MaxUnhealthyUpgradedInstancePercent value defined in the "
-               f"RollingUpgradePolicy. {unhealthy * 100 // max(1, total)}% of instances are in an unhealthy state after "
-               f"being upgraded - more than the threshold of {pct}%.")
+    message = (
+        f"Rolling Upgrade failed after exceeding the MaxUnhealthyUpgradedInstancePercent value defined in the "
+        f"RollingUpgradePolicy. {unhealthy * 100 // max(1, total)}% of instances are in an unhealthy state after "
+        f"being upgraded - more than the threshold of {pct}%."
+    )
     status = "Faulted"
     if rollback:
         if upgrade.surge_old:
@@ -194,11 +255,27 @@ def _breach(engine: Engine, name: str, now: float, upgrade: RollingUpgrade, roll
                 engine.roll_back_instances(name, [i for i in ids if i in present], v)
         status = "RolledBack"
     _finish(upgrade, now, status, "MaxUnhealthyUpgradedInstancePercentExceededInRollingUpgrade", message)
-    return [Action(name, "RollingUpgradeFailed", tuple(upgrade.failed), message + (" Failed instances were rolled back." if rollback else ""))]
+    return [
+        Action(
+            name,
+            "RollingUpgradeFailed",
+            tuple(upgrade.failed),
+            message + (" Failed instances were rolled back." if rollback else ""),
+        )
+    ]
 
 
 def cancel(upgrade: RollingUpgrade | None, name: str, now: float) -> list[Action]:
     if upgrade is None or not upgrade.active:
-        raise conflict(f"scale set '{name}' has no rolling upgrade in progress.", "NoRollingUpgradeInProgress")
+        raise conflict(
+            f"scale set '{name}' has no rolling upgrade in progress.", "NoRollingUpgradeInProgress"
+        )
     _finish(upgrade, now, "Cancelled")
-    return [Action(name, "RollingUpgradeCancelled", (), "rolling upgrade cancelled; instances already upgraded keep the new model")]
+    return [
+        Action(
+            name,
+            "RollingUpgradeCancelled",
+            (),
+            "rolling upgrade cancelled; instances already upgraded keep the new model",
+        )
+    ]

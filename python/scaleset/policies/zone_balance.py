@@ -32,7 +32,6 @@ QUIET_PERIOD_S = 60 * 60
 RATE_LIMIT_S = 12 * 3600
 
 
-
 @dataclass(frozen=True, slots=True)
 class ZoneBalanceOperation:
     source_id: int
@@ -42,8 +41,13 @@ class ZoneBalanceOperation:
     started_at: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"source_id": self.source_id, "new_id": self.new_id, "from_zone": self.from_zone,
-                "to_zone": self.to_zone, "started_at": self.started_at}
+        return {
+            "source_id": self.source_id,
+            "new_id": self.new_id,
+            "from_zone": self.from_zone,
+            "to_zone": self.to_zone,
+            "started_at": self.started_at,
+        }
 
 
 def step(
@@ -73,7 +77,7 @@ def step(
     zones = [z for z in spec.zones if z not in down]
     total = Counter({z: 0 for z in zones})
     running = Counter({z: 0 for z in zones})
-    for z, power in zip(cols["zone"], cols["power_state"]):
+    for z, power in zip(cols["zone"], cols["power_state"], strict=False):
         if z in total:
             total[z] += 1
             running[z] += power == "running"
@@ -92,7 +96,7 @@ def step(
     fds = engine.describe_region().fault_domains_per_zone
     fixed = spec.platform_fault_domain_count or 1
     span = fds if fixed <= 1 else fixed
-    per_fd = Counter(f for z, f in zip(cols["zone"], cols["fault_domain"]) if z == under)
+    per_fd = Counter(f for z, f in zip(cols["zone"], cols["fault_domain"], strict=False) if z == under)
     fd = min(range(span), key=lambda f: (per_fd[f], f))
     try:
         plan = engine.apply_rebalance_moves(name, [(under, fd, size, priority)], [])
@@ -101,18 +105,25 @@ def step(
         return None, last_started, []
     new_id = plan.creates[0].instance_id
     op = ZoneBalanceOperation(source, new_id, over, under, now)
-    reason = (f"automatic zone balance: zone {under} holds {total[under]} and zone {over} holds {total[over]}; "
-              f"created {new_id} in zone {under} to replace {source} once it is healthy")
+    reason = (
+        f"automatic zone balance: zone {under} holds {total[under]} and zone {over} holds {total[over]}; "
+        f"created {new_id} in zone {under} to replace {source} once it is healthy"
+    )
     return op, now, [Action(name, "ZoneBalanceStarted", (new_id,), reason)]
 
 
 def _source(cols: dict[str, list[Any]], zone: str) -> int | None:
     """The VM the Default scale-in rule would pick in ``zone``: fullest fault domain, highest id."""
-    per_fd = Counter(f for z, f in zip(cols["zone"], cols["fault_domain"]) if z == zone)
+    per_fd = Counter(f for z, f in zip(cols["zone"], cols["fault_domain"], strict=False) if z == zone)
     best: tuple[int, int] | None = None
     for i, z, f, power, p_in, p_act in zip(
-        cols["instance_id"], cols["zone"], cols["fault_domain"], cols["power_state"],
-        cols["protect_from_scale_in"], cols["protect_from_scale_set_actions"],
+        cols["instance_id"],
+        cols["zone"],
+        cols["fault_domain"],
+        cols["power_state"],
+        cols["protect_from_scale_in"],
+        cols["protect_from_scale_set_actions"],
+        strict=False,
     ):
         if z != zone or power != "running" or p_in or p_act:
             continue
@@ -126,36 +137,80 @@ def _finish(
     engine: Engine, name: str, now: float, op: ZoneBalanceOperation, last_started: float | None
 ) -> tuple[ZoneBalanceOperation | None, float | None, list[Action]]:
     cols = engine.instance_columns(name)
-    health = dict(zip(cols["instance_id"], cols["health"]))
+    health = dict(zip(cols["instance_id"], cols["health"], strict=False))
     if op.new_id not in health or op.source_id not in health:
         gone = op.new_id if op.new_id not in health else op.source_id
-        return None, last_started, [Action(name, "ZoneBalanceCancelled", (), f"automatic zone balance cancelled: instance {gone} was deleted")]
+        return (
+            None,
+            last_started,
+            [
+                Action(
+                    name,
+                    "ZoneBalanceCancelled",
+                    (),
+                    f"automatic zone balance cancelled: instance {gone} was deleted",
+                )
+            ],
+        )
     try:
         return _conclude(engine, name, now, op, last_started, health)
     except ScaleSetError as e:
         # The source became protected or deallocated meanwhile: it must not move.
-        return None, last_started, [Action(name, "ZoneBalanceCancelled", (), f"automatic zone balance cancelled: {e}")]
+        return (
+            None,
+            last_started,
+            [Action(name, "ZoneBalanceCancelled", (), f"automatic zone balance cancelled: {e}")],
+        )
 
 
 def _conclude(
-    engine: Engine, name: str, now: float, op: ZoneBalanceOperation, last_started: float | None, health: dict[int, str]
+    engine: Engine,
+    name: str,
+    now: float,
+    op: ZoneBalanceOperation,
+    last_started: float | None,
+    health: dict[int, str],
 ) -> tuple[ZoneBalanceOperation | None, float | None, list[Action]]:
     if health[op.new_id] == "Healthy":
         engine.apply_rebalance_moves(name, [], [op.source_id])
-        return None, last_started, [Action(
-            name, "ZoneBalanceCompleted", (op.source_id,),
-            f"automatic zone balance: {op.new_id} in zone {op.to_zone} is healthy; deleted {op.source_id} from zone {op.from_zone}",
-        )]
+        return (
+            None,
+            last_started,
+            [
+                Action(
+                    name,
+                    "ZoneBalanceCompleted",
+                    (op.source_id,),
+                    f"automatic zone balance: {op.new_id} in zone {op.to_zone} is healthy; deleted {op.source_id} from zone {op.from_zone}",
+                )
+            ],
+        )
     if now - op.started_at < HEALTH_WAIT_S:
         return op, last_started, []
     if health[op.source_id] == "Healthy":
         engine.apply_rebalance_moves(name, [], [op.new_id])
-        return None, last_started, [Action(
-            name, "ZoneBalanceRolledBack", (op.new_id,),
-            f"automatic zone balance: {op.new_id} was not healthy within 90 minutes and source {op.source_id} is; deleted {op.new_id}",
-        )]
+        return (
+            None,
+            last_started,
+            [
+                Action(
+                    name,
+                    "ZoneBalanceRolledBack",
+                    (op.new_id,),
+                    f"automatic zone balance: {op.new_id} was not healthy within 90 minutes and source {op.source_id} is; deleted {op.new_id}",
+                )
+            ],
+        )
     engine.apply_rebalance_moves(name, [], [op.source_id])
-    return None, last_started, [Action(
-        name, "ZoneBalanceReplacedUnhealthySource", (op.source_id,),
-        f"automatic zone balance: neither {op.new_id} nor source {op.source_id} is healthy after 90 minutes; deleted the source, kept {op.new_id}",
-    )]
+    return (
+        None,
+        last_started,
+        [
+            Action(
+                name,
+                "ZoneBalanceReplacedUnhealthySource",
+                (op.source_id,),
+                f"automatic zone balance: neither {op.new_id} nor source {op.source_id} is healthy after 90 minutes; deleted the source, kept {op.new_id}",
+            )
+        ],
+    )

@@ -36,8 +36,11 @@ def _setup(engine: Engine, name: str) -> tuple[dict, list, list[tuple[int, int, 
     available = {slots[i] for i, up in enumerate(data["slot_available"]) if up}
     instances = [i for i in engine.get_scale_set(name).instances if i.zone in available]
     pools = data["new_pools"]
-    targets = [(pools["slot"][q], f, pools["vm_size"][q], pools["priority"][q])
-               for q in range(len(pools["slot"])) for f in range(data["fault_domains"])]
+    targets = [
+        (pools["slot"][q], f, pools["vm_size"][q], pools["priority"][q])
+        for q in range(len(pools["slot"]))
+        for f in range(data["fault_domains"])
+    ]
     return data, instances, targets
 
 
@@ -67,7 +70,11 @@ def per_vm_rebalance(
     off_model = []
     for inst in instances:
         home = (slot_of[inst.zone], inst.fault_domain, inst.vm_size, inst.priority)
-        fixed = inst.protect_from_scale_in or inst.protect_from_scale_set_actions or inst.power_state == "deallocated"
+        fixed = (
+            inst.protect_from_scale_in
+            or inst.protect_from_scale_set_actions
+            or inst.power_state == "deallocated"
+        )
         stay = model.new_bool_var(f"stay{inst.instance_id}")
         if fixed:
             model.add(stay == 1)
@@ -131,7 +138,10 @@ def per_vm_rebalance(
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return BaselineResult(solver.status_name(status), -1, -1, seconds)
     return BaselineResult(
-        solver.status_name(status), int(solver.value(sum(violation))), int(solver.value(sum(replaced))), seconds
+        solver.status_name(status),
+        int(solver.value(sum(violation))),
+        int(solver.value(sum(replaced))),
+        seconds,
     )
 
 
@@ -150,7 +160,9 @@ def greedy_rebalance(engine: Engine, name: str, max_replacements: int | None = N
     for i in instances:
         zone[i.zone] += 1
         fd[i.zone, i.fault_domain] += 1
-        if not (i.protect_from_scale_in or i.protect_from_scale_set_actions or i.power_state == "deallocated"):
+        if not (
+            i.protect_from_scale_in or i.protect_from_scale_set_actions or i.power_state == "deallocated"
+        ):
             movable[i.zone, i.fault_domain] += 1
     budget = len(instances) if max_replacements is None else max_replacements
     moves = 0
@@ -176,13 +188,18 @@ def greedy_rebalance(engine: Engine, name: str, max_replacements: int | None = N
     violation = WEIGHTS["zones"] * sum(max(0, zone[z] - ceil) + max(0, floor - zone[z]) for z in available)
     for z in available:
         lo, hi = zone[z] // fds, -(-zone[z] // fds)
-        violation += WEIGHTS["fault_domains"] * sum(max(0, fd[z, f] - hi) + max(0, lo - fd[z, f]) for f in range(fds))
+        violation += WEIGHTS["fault_domains"] * sum(
+            max(0, fd[z, f] - hi) + max(0, lo - fd[z, f]) for f in range(fds)
+        )
     if data["regular_target"] is not None:
         regular = data["outside_regular"] + sum(1 for i in instances if i.priority == "Regular")
         violation += WEIGHTS["priority_mix"] * abs(regular - data["regular_target"])
     violation += WEIGHTS["vm_sizes"] * sum(
-        1 for i in instances
+        1
+        for i in instances
         if i.vm_size not in data["model_sizes"]
-        and not (i.protect_from_scale_in or i.protect_from_scale_set_actions or i.power_state == "deallocated")
+        and not (
+            i.protect_from_scale_in or i.protect_from_scale_set_actions or i.power_state == "deallocated"
+        )
     )
     return BaselineResult("HEURISTIC", violation, moves, time.perf_counter() - started)

@@ -68,7 +68,9 @@ def plan_scale_out(
             priority = "Regular" if regular < regular_target(spec, total + 1) else "Spot"
         else:
             priority = spec.priority
-        order = sorted(range(len(slots)), key=lambda s: (zone_count[slots[s]], zone_priority[slots[s], priority], s))
+        order = sorted(
+            range(len(slots)), key=lambda s: (zone_count[slots[s]], zone_priority[slots[s], priority], s)
+        )
         min_count = zone_count[slots[order[0]]]
         chosen = None
         unable = 0
@@ -128,7 +130,11 @@ def plan_scale_in(spec: ScaleSetSpec, region: Region, instances: list[Instance],
             for c in cands:
                 fd_most[c.zone] = max(fd_most.get(c.zone, 0), fd_count[c.zone, c.fault_domain])
             cands = [i for i in cands if fd_count[i.zone, i.fault_domain] == fd_most[i.zone]]
-        victim = min(cands, key=lambda i: i.instance_id) if rule == "OldestVM" else max(cands, key=lambda i: i.instance_id)
+        victim = (
+            min(cands, key=lambda i: i.instance_id)
+            if rule == "OldestVM"
+            else max(cands, key=lambda i: i.instance_id)
+        )
         if spec.zone_balance and victim.zone is not None:
             counts = {z: zone_count[z] for z in spec.zones}
             before = max(counts.values()) - min(counts.values()) <= 1
@@ -141,7 +147,11 @@ def plan_scale_in(spec: ScaleSetSpec, region: Region, instances: list[Instance],
 
 
 def plan_upgrade_batches(
-    spec: ScaleSetSpec, instances: list[Instance], batch_size: int, prioritize_unhealthy: bool, cross_zone: bool
+    spec: ScaleSetSpec,
+    instances: list[Instance],
+    batch_size: int,
+    prioritize_unhealthy: bool,
+    cross_zone: bool,
 ) -> list[list[int]]:
     """Rolling-upgrade batches by the same rules as the core's planner, in plain Python."""
     batch_size = max(1, batch_size)
@@ -163,8 +173,14 @@ def plan_upgrade_batches(
             continue
         first = prioritize_unhealthy and i.health in ("Unhealthy", "Unknown")
         groups.setdefault(group, {}).setdefault((not first, fd), []).append(i.instance_id)
-    order = sorted(groups, key=lambda g: (-sum(len(v) for (later, _), v in groups[g].items() if not later), g)
-                   if prioritize_unhealthy else (0, g))
+    order = sorted(
+        groups,
+        key=lambda g: (
+            (-sum(len(v) for (later, _), v in groups[g].items() if not later), g)
+            if prioritize_unhealthy
+            else (0, g)
+        ),
+    )
     out: list[list[int]] = []
     for g in order:
         first_q = {fd: list(v) for (later, fd), v in sorted(groups[g].items()) if not later}
@@ -180,14 +196,16 @@ def plan_upgrade_batches(
     return out
 
 
-def _fd_batches(by_fd: dict[tuple[int, int], list[int]], totals: Counter[tuple[int, int]], size: int) -> list[list[int]]:
+def _fd_batches(
+    by_fd: dict[tuple[int, int], list[int]], totals: Counter[tuple[int, int]], size: int
+) -> list[list[int]]:
     out: list[list[int]] = []
     batch: list[int] = []
     in_batch: Counter[tuple[int, int]] = Counter()
     while any(by_fd.values()):
         order = sorted(((len(q), fd) for fd, q in by_fd.items() if q), key=lambda t: (-t[0], t[1]))
         whole = [totals[fd] > 1 and in_batch[fd] + 1 >= totals[fd] for _, fd in order]
-        fd = next((fd for (_, fd), w in zip(order, whole) if not w), order[0][1])
+        fd = next((fd for (_, fd), w in zip(order, whole, strict=False) if not w), order[0][1])
         batch.append(by_fd[fd].pop(0))
         in_batch[fd] += 1
         if len(batch) == size:

@@ -33,7 +33,19 @@ def start_server_process(db: Path, port: int, log: Path, *extra: str) -> subproc
 
     with log.open("ab") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "scaleset", "serve", "--db", str(db), "--port", str(port), "--metrics-port", "0", *extra],
+            [
+                sys.executable,
+                "-m",
+                "scaleset",
+                "serve",
+                "--db",
+                str(db),
+                "--port",
+                str(port),
+                "--metrics-port",
+                "0",
+                *extra,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=stderr,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -43,7 +55,10 @@ def start_server_process(db: Path, port: int, log: Path, *extra: str) -> subproc
         health = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     return proc
             except grpc.RpcError:
                 pass
@@ -58,7 +73,9 @@ class ServerThread:
 
     def __init__(self, db_path: str, region: Region, **control_options: Any) -> None:
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="scaleset-test-server", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="scaleset-test-server", daemon=True
+        )
         self._thread.start()
         self.control = ControlPlane(SQLiteStore(db_path), region, **control_options)
         self.port = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)

@@ -35,7 +35,9 @@ impl ScaleSetState {
     }
 
     fn position(&self, instance_id: u64) -> Option<usize> {
-        self.instances.binary_search_by_key(&instance_id, |i| i.instance_id).ok()
+        self.instances
+            .binary_search_by_key(&instance_id, |i| i.instance_id)
+            .ok()
     }
 }
 
@@ -70,12 +72,20 @@ pub struct Engine {
 }
 
 fn not_found(name: &str) -> CoreError {
-    CoreError::not_found(codes::RESOURCE_NOT_FOUND, format!("scale set '{name}' does not exist."))
+    CoreError::not_found(
+        codes::RESOURCE_NOT_FOUND,
+        format!("scale set '{name}' does not exist."),
+    )
 }
 
 impl Engine {
     pub fn new(region: Region, instance_limit_override: Option<u64>) -> Self {
-        Self { region, sets: BTreeMap::new(), sizes: Vec::new(), instance_limit_override }
+        Self {
+            region,
+            sets: BTreeMap::new(),
+            sizes: Vec::new(),
+            instance_limit_override,
+        }
     }
 
     pub fn region(&self) -> &Region {
@@ -100,7 +110,10 @@ impl Engine {
     }
 
     pub fn instance_limit(&self, name: &str) -> Result<u64> {
-        Ok(instance_limit(&self.scale_set(name)?.spec, self.instance_limit_override))
+        Ok(instance_limit(
+            &self.scale_set(name)?.spec,
+            self.instance_limit_override,
+        ))
     }
 
     fn intern_size(&mut self, name: &str) -> Result<u16> {
@@ -108,29 +121,47 @@ impl Engine {
             return Ok(i as u16);
         }
         if self.sizes.len() >= usize::from(u16::MAX) {
-            return Err(CoreError::invalid(codes::INVALID_PARAMETER, "too many distinct VM sizes."));
+            return Err(CoreError::invalid(
+                codes::INVALID_PARAMETER,
+                "too many distinct VM sizes.",
+            ));
         }
         self.sizes.push(name.to_owned());
         Ok((self.sizes.len() - 1) as u16)
     }
 
     fn intern_spec_sizes(&mut self, spec: &ScaleSetSpec) -> Result<Vec<u16>> {
-        spec.vm_size_names().into_iter().map(|s| self.intern_size(s)).collect()
+        spec.vm_size_names()
+            .into_iter()
+            .map(|s| self.intern_size(s))
+            .collect()
     }
 
     fn view<'a>(&'a self, state: &'a ScaleSetState) -> SetView<'a> {
-        SetView { spec: &state.spec, instances: &state.instances, size_ids: &state.size_ids, region: &self.region }
+        SetView {
+            spec: &state.spec,
+            instances: &state.instances,
+            size_ids: &state.size_ids,
+            region: &self.region,
+        }
     }
 
     // ----- scale sets -------------------------------------------------------------------------------
 
     /// Creates a scale set and scales it to `capacity`; nothing is stored if either step fails.
-    pub fn create_scale_set(&mut self, spec: ScaleSetSpec, capacity: u64) -> Result<(ScaleSetSpec, Plan)> {
+    pub fn create_scale_set(
+        &mut self,
+        spec: ScaleSetSpec,
+        capacity: u64,
+    ) -> Result<(ScaleSetSpec, Plan)> {
         let mut spec = resolve(spec, &self.region)?;
         if self.sets.contains_key(&spec.name) {
             return Err(CoreError::conflict(
                 codes::SCALE_SET_ALREADY_EXISTS,
-                format!("scale set '{}' already exists; update it or choose another name.", spec.name),
+                format!(
+                    "scale set '{}' already exists; update it or choose another name.",
+                    spec.name
+                ),
             ));
         }
         spec.model_version = 1;
@@ -139,11 +170,22 @@ impl Engine {
             return Err(limit_error(&spec.name, limit));
         }
         let size_ids = self.intern_spec_sizes(&spec)?;
-        let state = ScaleSetState { spec: spec.clone(), instances: Vec::new(), next_instance_id: 0, size_ids };
+        let state = ScaleSetState {
+            spec: spec.clone(),
+            instances: Vec::new(),
+            next_instance_id: 0,
+            size_ids,
+        };
         let creates = plan_scale_out(&self.view(&state), capacity, 0)?;
         let name = spec.name.clone();
         self.sets.insert(name.clone(), state);
-        let plan = Plan { scale_set: name, capacity_before: 0, capacity_after: capacity, creates, deletes: Vec::new() };
+        let plan = Plan {
+            scale_set: name,
+            capacity_before: 0,
+            capacity_after: capacity,
+            creates,
+            deletes: Vec::new(),
+        };
         self.apply(&plan)?;
         Ok((spec, plan))
     }
@@ -151,7 +193,9 @@ impl Engine {
     /// Replaces a scale set's model. Unset optional fields keep their stored values. Returns the stored spec.
     pub fn update_scale_set(&mut self, mut spec: ScaleSetSpec) -> Result<ScaleSetSpec> {
         let old = self.scale_set(&spec.name)?.spec.clone();
-        spec.platform_fault_domain_count = spec.platform_fault_domain_count.or(old.platform_fault_domain_count);
+        spec.platform_fault_domain_count = spec
+            .platform_fault_domain_count
+            .or(old.platform_fault_domain_count);
         spec.single_placement_group = spec.single_placement_group.or(old.single_placement_group);
         if spec.priority == old.priority {
             spec.eviction_policy = spec.eviction_policy.or(old.eviction_policy);
@@ -176,8 +220,11 @@ impl Engine {
     /// Deletes a scale set and all its instances, returning their capacity to the pools.
     pub fn delete_scale_set(&mut self, name: &str) -> Result<()> {
         let state = self.sets.remove(name).ok_or_else(|| not_found(name))?;
-        let released: Vec<(ZoneSlot, u16, Priority)> =
-            state.instances.iter().map(|i| (i.zone, i.vm_size, i.priority)).collect();
+        let released: Vec<(ZoneSlot, u16, Priority)> = state
+            .instances
+            .iter()
+            .map(|i| (i.zone, i.vm_size, i.priority))
+            .collect();
         self.adjust_pools(&released, true);
         Ok(())
     }
@@ -189,8 +236,12 @@ impl Engine {
         let state = self.scale_set(name)?;
         let current = state.capacity();
         let view = self.view(state);
-        let mut plan =
-            Plan { scale_set: name.to_owned(), capacity_before: current, capacity_after: capacity, ..Plan::default() };
+        let mut plan = Plan {
+            scale_set: name.to_owned(),
+            capacity_before: current,
+            capacity_after: capacity,
+            ..Plan::default()
+        };
         if capacity > current {
             let limit = instance_limit(&state.spec, self.instance_limit_override);
             if capacity > limit {
@@ -213,14 +264,22 @@ impl Engine {
 
     /// Applies a plan made by this engine: creates instances, removes instances, moves pool capacity.
     pub fn apply(&mut self, plan: &Plan) -> Result<()> {
-        let state = self.sets.get_mut(&plan.scale_set).ok_or_else(|| not_found(&plan.scale_set))?;
+        let state = self
+            .sets
+            .get_mut(&plan.scale_set)
+            .ok_or_else(|| not_found(&plan.scale_set))?;
         let model_version = state.spec.model_version;
         if plan.deletes.len() <= 32 {
             // A few deletes (one decision at a time is common): find each by id, remove last first.
             let mut at: Vec<usize> = plan
                 .deletes
                 .iter()
-                .filter_map(|d| state.instances.binary_search_by_key(&d.instance_id, |i| i.instance_id).ok())
+                .filter_map(|d| {
+                    state
+                        .instances
+                        .binary_search_by_key(&d.instance_id, |i| i.instance_id)
+                        .ok()
+                })
                 .collect();
             at.sort_unstable_by(|a, b| b.cmp(a));
             at.dedup();
@@ -230,7 +289,9 @@ impl Engine {
         } else {
             let mut gone: Vec<u64> = plan.deletes.iter().map(|d| d.instance_id).collect();
             gone.sort_unstable();
-            state.instances.retain(|i| gone.binary_search(&i.instance_id).is_err());
+            state
+                .instances
+                .retain(|i| gone.binary_search(&i.instance_id).is_err());
         }
         for c in &plan.creates {
             state.instances.push(Instance {
@@ -248,7 +309,11 @@ impl Engine {
             });
             state.next_instance_id = state.next_instance_id.max(c.instance_id + 1);
         }
-        let taken: Vec<(ZoneSlot, u16, Priority)> = plan.creates.iter().map(|c| (c.zone, c.vm_size, c.priority)).collect();
+        let taken: Vec<(ZoneSlot, u16, Priority)> = plan
+            .creates
+            .iter()
+            .map(|c| (c.zone, c.vm_size, c.priority))
+            .collect();
         let released: Vec<(ZoneSlot, u16, Priority)> = plan
             .deletes
             .iter()
@@ -267,10 +332,18 @@ impl Engine {
             *per_pool.entry(key).or_default() += 1;
         }
         for ((zone, size, priority), n) in per_pool {
-            let key = PoolKey { zone, vm_size: self.sizes[usize::from(size)].clone(), priority };
+            let key = PoolKey {
+                zone,
+                vm_size: self.sizes[usize::from(size)].clone(),
+                priority,
+            };
             if let Some(pool) = self.region.pools.get_mut(&key) {
                 if let Some(available) = pool.available.as_mut() {
-                    *available = if release { available.saturating_add(n) } else { available.saturating_sub(n) };
+                    *available = if release {
+                        available.saturating_add(n)
+                    } else {
+                        available.saturating_sub(n)
+                    };
                 }
             }
         }
@@ -290,7 +363,12 @@ impl Engine {
 
     /// Puts back a scale set exactly as it was saved (a snapshot): its stored spec with its model
     /// version, its instances, and the next instance id (which may be past every live instance).
-    pub fn restore_scale_set(&mut self, spec: ScaleSetSpec, inputs: Vec<InstanceInput>, next_instance_id: u64) -> Result<()> {
+    pub fn restore_scale_set(
+        &mut self,
+        spec: ScaleSetSpec,
+        inputs: Vec<InstanceInput>,
+        next_instance_id: u64,
+    ) -> Result<()> {
         let model_version = spec.model_version;
         let mut spec = resolve(spec, &self.region)?;
         spec.model_version = model_version;
@@ -302,7 +380,15 @@ impl Engine {
         }
         let size_ids = self.intern_spec_sizes(&spec)?;
         let name = spec.name.clone();
-        self.sets.insert(name.clone(), ScaleSetState { spec, instances: Vec::new(), next_instance_id, size_ids });
+        self.sets.insert(
+            name.clone(),
+            ScaleSetState {
+                spec,
+                instances: Vec::new(),
+                next_instance_id,
+                size_ids,
+            },
+        );
         if let Err(e) = self.adopt(&name, inputs, false) {
             self.sets.remove(&name);
             return Err(e);
@@ -312,7 +398,12 @@ impl Engine {
 
     /// Adds instances; `model_sizes_only` also requires each size to be one of the spec's current sizes
     /// (a restore keeps instances of sizes the model has since moved away from).
-    fn adopt(&mut self, name: &str, inputs: Vec<InstanceInput>, model_sizes_only: bool) -> Result<()> {
+    fn adopt(
+        &mut self,
+        name: &str,
+        inputs: Vec<InstanceInput>,
+        model_sizes_only: bool,
+    ) -> Result<()> {
         let state = self.scale_set(name)?;
         let span = self.view(state).fault_domain_span()?;
         let spec = state.spec.clone();
@@ -328,7 +419,10 @@ impl Engine {
                 ));
             }
             if !seen.insert(id) {
-                return Err(CoreError::invalid(codes::INVALID_PARAMETER, format!("instance id {id} is listed twice.")));
+                return Err(CoreError::invalid(
+                    codes::INVALID_PARAMETER,
+                    format!("instance id {id} is listed twice."),
+                ));
             }
             if state.position(id).is_some() {
                 return Err(CoreError::conflict(
@@ -336,16 +430,18 @@ impl Engine {
                     format!("instance id {id} already exists in scale set '{name}'."),
                 ));
             }
-            let zone = match &input.zone {
-                None => None,
-                Some(z) if spec.zones.contains(z) => Some(self.region.zone_index(z)?),
-                Some(z) => {
-                    return Err(CoreError::invalid(
+            let zone =
+                match &input.zone {
+                    None => None,
+                    Some(z) if spec.zones.contains(z) => Some(self.region.zone_index(z)?),
+                    Some(z) => return Err(CoreError::invalid(
                         codes::INVALID_PARAMETER,
-                        format!("instance {id}: zone '{z}' is not one of the scale set's zones {:?}.", spec.zones),
-                    ))
-                }
-            };
+                        format!(
+                            "instance {id}: zone '{z}' is not one of the scale set's zones {:?}.",
+                            spec.zones
+                        ),
+                    )),
+                };
             if input.fault_domain >= span {
                 return Err(CoreError::invalid(
                     codes::INVALID_PARAMETER,
@@ -358,11 +454,18 @@ impl Engine {
                     format!("instance {id}: vm_size '{}' is not one of the scale set's sizes {allowed_sizes:?}.", input.vm_size),
                 ));
             }
-            let priority_ok = if spec.priority_mix_policy.is_some() { true } else { input.priority == spec.priority };
+            let priority_ok = if spec.priority_mix_policy.is_some() {
+                true
+            } else {
+                input.priority == spec.priority
+            };
             if !priority_ok {
                 return Err(CoreError::invalid(
                     codes::INVALID_PARAMETER,
-                    format!("instance {id}: priority {} does not match the scale set's priority {}.", input.priority, spec.priority),
+                    format!(
+                        "instance {id}: priority {} does not match the scale set's priority {}.",
+                        input.priority, spec.priority
+                    ),
                 ));
             }
             if input.protect_from_scale_set_actions && !input.protect_from_scale_in {
@@ -403,7 +506,10 @@ impl Engine {
         let mut out = Vec::with_capacity(ids.len());
         for &id in ids {
             if !seen.insert(id) {
-                return Err(CoreError::invalid(codes::INVALID_PARAMETER, format!("instance id {id} is listed twice.")));
+                return Err(CoreError::invalid(
+                    codes::INVALID_PARAMETER,
+                    format!("instance id {id} is listed twice."),
+                ));
             }
             match state.position(id) {
                 Some(p) => out.push(p),
@@ -414,7 +520,11 @@ impl Engine {
             let shown: Vec<String> = missing.iter().take(10).map(u64::to_string).collect();
             return Err(CoreError::not_found(
                 codes::INSTANCE_NOT_FOUND,
-                format!("scale set '{name}' has no instance with id {}{}.", shown.join(", "), if missing.len() > 10 { ", ..." } else { "" }),
+                format!(
+                    "scale set '{name}' has no instance with id {}{}.",
+                    shown.join(", "),
+                    if missing.len() > 10 { ", ..." } else { "" }
+                ),
             ));
         }
         Ok(out)
@@ -456,13 +566,22 @@ impl Engine {
     pub fn evict(&mut self, name: &str, ids: &[u64]) -> Result<Eviction> {
         let positions = self.positions(name, ids)?;
         let state = self.scale_set(name)?;
-        if let Some(&p) = positions.iter().find(|&&p| state.instances[p].priority != Priority::Spot) {
+        if let Some(&p) = positions
+            .iter()
+            .find(|&&p| state.instances[p].priority != Priority::Spot)
+        {
             return Err(CoreError::invalid(
                 codes::NOT_A_SPOT_INSTANCE,
-                format!("instance {} is a Regular instance; only Spot instances can be evicted.", state.instances[p].instance_id),
+                format!(
+                    "instance {} is a Regular instance; only Spot instances can be evicted.",
+                    state.instances[p].instance_id
+                ),
             ));
         }
-        let policy = state.spec.eviction_policy.unwrap_or(EvictionPolicy::Deallocate);
+        let policy = state
+            .spec
+            .eviction_policy
+            .unwrap_or(EvictionPolicy::Deallocate);
         let mut result = Eviction::default();
         match policy {
             EvictionPolicy::Delete => {
@@ -524,7 +643,10 @@ impl Engine {
     /// Records Application Health for several instances at once: all ids are checked before any changes.
     pub fn report_health(&mut self, name: &str, ids: &[u64], health: &[Health]) -> Result<()> {
         if ids.len() != health.len() {
-            return Err(CoreError::invalid(codes::INVALID_PARAMETER, "every instance id needs one health state."));
+            return Err(CoreError::invalid(
+                codes::INVALID_PARAMETER,
+                "every instance id needs one health state.",
+            ));
         }
         let positions = self.positions(name, ids)?;
         let state = self.scale_set_mut(name)?;
@@ -553,14 +675,24 @@ impl Engine {
     ) -> Result<()> {
         let zone = zone.map(|z| self.region.zone_index(z)).transpose()?;
         if vm_size.trim().is_empty() {
-            return Err(CoreError::invalid(codes::INVALID_PARAMETER, "a pool needs a vm_size name."));
+            return Err(CoreError::invalid(
+                codes::INVALID_PARAMETER,
+                "a pool needs a vm_size name.",
+            ));
         }
         if let Some(p) = price {
             if !(p.is_finite() && p >= 0.0) {
-                return Err(CoreError::invalid(codes::INVALID_PARAMETER, format!("pool price must be a non-negative number, got {p}.")));
+                return Err(CoreError::invalid(
+                    codes::INVALID_PARAMETER,
+                    format!("pool price must be a non-negative number, got {p}."),
+                ));
             }
         }
-        let key = PoolKey { zone, vm_size: vm_size.to_owned(), priority };
+        let key = PoolKey {
+            zone,
+            vm_size: vm_size.to_owned(),
+            priority,
+        };
         let pool = self.region.pools.entry(key).or_default();
         pool.available = available;
         if let Some(p) = price {

@@ -26,16 +26,36 @@ pub struct CoreError {
 
 impl CoreError {
     pub fn invalid(code: &'static str, message: impl Into<String>) -> Self {
-        Self { kind: ErrorKind::InvalidInput, code, message: message.into(), field: None }
+        Self {
+            kind: ErrorKind::InvalidInput,
+            code,
+            message: message.into(),
+            field: None,
+        }
     }
     pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
-        Self { kind: ErrorKind::Conflict, code, message: message.into(), field: None }
+        Self {
+            kind: ErrorKind::Conflict,
+            code,
+            message: message.into(),
+            field: None,
+        }
     }
     pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
-        Self { kind: ErrorKind::NotFound, code, message: message.into(), field: None }
+        Self {
+            kind: ErrorKind::NotFound,
+            code,
+            message: message.into(),
+            field: None,
+        }
     }
     pub fn capacity(code: &'static str, message: impl Into<String>) -> Self {
-        Self { kind: ErrorKind::Capacity, code, message: message.into(), field: None }
+        Self {
+            kind: ErrorKind::Capacity,
+            code,
+            message: message.into(),
+            field: None,
+        }
     }
 }
 
@@ -71,7 +91,8 @@ pub mod codes {
     pub const INVALID_PROTECTION_POLICY: &str = "InvalidProtectionPolicy";
     pub const MAX_PRICE_VALUE_INVALID: &str = "MaxPriceValueInvalid";
     pub const MAX_PRICE_ONLY_FOR_SPOT: &str = "MaxPriceIsSupportedOnlyForAzureSpotVirtualMachines";
-    pub const EVICTION_POLICY_ONLY_FOR_SPOT: &str = "EvictionPolicyCanBeSetOnlyOnAzureSpotVirtualMachines";
+    pub const EVICTION_POLICY_ONLY_FOR_SPOT: &str =
+        "EvictionPolicyCanBeSetOnlyOnAzureSpotVirtualMachines";
     pub const PRIORITY_MIX_NOT_SUPPORTED: &str = "PriorityMixPolicyNotSupported";
     pub const NOT_A_SPOT_INSTANCE: &str = "NotAzureSpotVirtualMachine";
     pub const SKU_PROFILE_ALLOCATION_STRATEGY_INVALID: &str = "SkuProfileAllocationStrategyInvalid";

@@ -106,7 +106,11 @@ pub struct ScaleInPolicy {
 
 impl Default for ScaleInPolicy {
     fn default() -> Self {
-        Self { rules: vec![ScaleInRule::Default], force_deletion: false, prioritize_unhealthy_vms: false }
+        Self {
+            rules: vec![ScaleInRule::Default],
+            force_deletion: false,
+            prioritize_unhealthy_vms: false,
+        }
     }
 }
 
@@ -173,7 +177,10 @@ pub fn parse_duration(text: &str) -> Option<f64> {
     };
     let mut total = 0.0;
     let mut seen = false;
-    for (part, units) in [(days, &[('D', 86_400.0)][..]), (time, &[('H', 3600.0), ('M', 60.0), ('S', 1.0)][..])] {
+    for (part, units) in [
+        (days, &[('D', 86_400.0)][..]),
+        (time, &[('H', 3600.0), ('M', 60.0), ('S', 1.0)][..]),
+    ] {
         let mut number = String::new();
         let mut allowed = units.iter();
         for c in part.chars() {
@@ -237,7 +244,10 @@ impl ScaleSetSpec {
             zones: zones.iter().map(|z| (*z).to_owned()).collect(),
             zone_balance: false,
             platform_fault_domain_count: None,
-            sku: Some(Sku { name: vm_size.to_owned(), tier: None }),
+            sku: Some(Sku {
+                name: vm_size.to_owned(),
+                tier: None,
+            }),
             sku_profile: None,
             priority: Priority::Regular,
             eviction_policy: None,
@@ -247,7 +257,10 @@ impl ScaleSetSpec {
             single_placement_group: None,
             image_kind: ImageKind::Marketplace,
             automatic_zone_rebalancing_policy: None,
-            upgrade_policy: UpgradePolicy { mode: UpgradeMode::Manual, rolling_upgrade_policy: RollingUpgradePolicy::default() },
+            upgrade_policy: UpgradePolicy {
+                mode: UpgradeMode::Manual,
+                rolling_upgrade_policy: RollingUpgradePolicy::default(),
+            },
             automatic_repairs_policy: None,
             model_version: 0,
         }
@@ -320,7 +333,10 @@ pub struct Pool {
 
 impl Default for Pool {
     fn default() -> Self {
-        Self { available: None, price: 0.0 }
+        Self {
+            available: None,
+            price: 0.0,
+        }
     }
 }
 
@@ -357,19 +373,34 @@ impl Region {
             }
         }
         if zones.len() > usize::from(u16::MAX) {
-            return Err(CoreError::invalid(codes::INVALID_PARAMETER, "a region has too many zones."));
+            return Err(CoreError::invalid(
+                codes::INVALID_PARAMETER,
+                "a region has too many zones.",
+            ));
         }
         let zone_available = vec![true; zones.len()];
-        Ok(Self { zones, zone_available, fault_domains_per_zone, pools: Default::default() })
+        Ok(Self {
+            zones,
+            zone_available,
+            fault_domains_per_zone,
+            pools: Default::default(),
+        })
     }
 
     pub fn zone_index(&self, zone: &str) -> Result<u16> {
-        self.zones.iter().position(|z| z == zone).map(|i| i as u16).ok_or_else(|| {
-            CoreError::not_found(
-                codes::ZONE_NOT_FOUND,
-                format!("zone '{zone}' is not a zone of this region (zones: {}).", self.zones.join(", ")),
-            )
-        })
+        self.zones
+            .iter()
+            .position(|z| z == zone)
+            .map(|i| i as u16)
+            .ok_or_else(|| {
+                CoreError::not_found(
+                    codes::ZONE_NOT_FOUND,
+                    format!(
+                        "zone '{zone}' is not a zone of this region (zones: {}).",
+                        self.zones.join(", ")
+                    ),
+                )
+            })
     }
 
     pub fn zone_name(&self, slot: ZoneSlot) -> &str {
@@ -378,7 +409,11 @@ impl Region {
 
     pub fn is_available(&self, slot: ZoneSlot) -> bool {
         match slot {
-            Some(z) => self.zone_available.get(usize::from(z)).copied().unwrap_or(false),
+            Some(z) => self
+                .zone_available
+                .get(usize::from(z))
+                .copied()
+                .unwrap_or(false),
             // Regional capacity survives a zone outage unless every zone is down.
             None => self.zone_available.is_empty() || self.zone_available.iter().any(|&up| up),
         }
@@ -386,7 +421,11 @@ impl Region {
 
     pub fn pool(&self, zone: ZoneSlot, vm_size: &str, priority: Priority) -> Pool {
         self.pools
-            .get(&PoolKey { zone, vm_size: vm_size.to_owned(), priority })
+            .get(&PoolKey {
+                zone,
+                vm_size: vm_size.to_owned(),
+                priority,
+            })
             .copied()
             .unwrap_or_default()
     }
@@ -398,8 +437,21 @@ mod tests {
 
     #[test]
     fn regular_target_matches_azures_scenario_table() {
-        let mix = PriorityMixPolicy { base_regular_priority_count: 10, regular_priority_percentage_above_base: 50 };
-        let rows = [(10, 10), (20, 15), (30, 20), (40, 25), (41, 25), (42, 26), (44, 27), (5, 5), (0, 0)];
+        let mix = PriorityMixPolicy {
+            base_regular_priority_count: 10,
+            regular_priority_percentage_above_base: 50,
+        };
+        let rows = [
+            (10, 10),
+            (20, 15),
+            (30, 20),
+            (40, 25),
+            (41, 25),
+            (42, 26),
+            (44, 27),
+            (5, 5),
+            (0, 0),
+        ];
         for (total, regular) in rows {
             assert_eq!(mix.regular_target(total), regular, "total {total}");
         }
@@ -418,8 +470,14 @@ mod tests {
 
     #[test]
     fn enums_parse_case_insensitively_and_print_canonically() {
-        assert_eq!(AllocationStrategy::parse("lowestPrice").map(|s| s.as_str()), Ok("LowestPrice"));
-        assert_eq!(ScaleInRule::parse("newestvm").map(|s| s.as_str()), Ok("NewestVM"));
+        assert_eq!(
+            AllocationStrategy::parse("lowestPrice").map(|s| s.as_str()),
+            Ok("LowestPrice")
+        );
+        assert_eq!(
+            ScaleInRule::parse("newestvm").map(|s| s.as_str()),
+            Ok("NewestVM")
+        );
         let err = Priority::parse("Cheap").expect_err("invalid");
         assert_eq!(err.code, crate::codes::INVALID_PARAMETER);
         assert!(err.message.contains("Regular, Spot"));

@@ -107,7 +107,9 @@ impl PlannedCreate {
     /// A sentence an operator can read: why this zone, fault domain, priority and size.
     pub fn describe(&self, zones: &[String], sizes: &[String]) -> String {
         let zone = zone_label(zones, self.zone);
-        let size = sizes.get(usize::from(self.vm_size)).map_or("?", String::as_str);
+        let size = sizes
+            .get(usize::from(self.vm_size))
+            .map_or("?", String::as_str);
         let r = match &self.cause {
             CreateCause::ScaleOut(r) => r,
             CreateCause::Rebalance => {
@@ -126,7 +128,10 @@ impl PlannedCreate {
         };
         let priority_part = match r.priority {
             PriorityChoice::Spec => format!("{} per the scale set's priority", self.priority),
-            PriorityChoice::Mix { regular_target, total } => format!(
+            PriorityChoice::Mix {
+                regular_target,
+                total,
+            } => format!(
                 "{} per priority_mix_policy ({regular_target} Regular wanted at {total} instances)",
                 self.priority
             ),
@@ -149,7 +154,9 @@ impl PlannedDelete {
         match self.cause {
             DeleteCause::Manual => "manual delete requested by the user".to_owned(),
             DeleteCause::Evicted => "Spot eviction with eviction_policy Delete".to_owned(),
-            DeleteCause::Rebalance => "rebalance: replaced by an instance in a better place".to_owned(),
+            DeleteCause::Rebalance => {
+                "rebalance: replaced by an instance in a better place".to_owned()
+            }
             DeleteCause::ScaleIn(r) => {
                 let mut parts = vec![format!("scale-in ({})", r.rule)];
                 if r.unhealthy_first {
@@ -164,18 +171,28 @@ impl PlannedDelete {
                 if r.regional_first {
                     parts.push("regional instances go before zonal ones".to_owned());
                 } else if self.zone.is_some() {
-                    parts.push(format!("zone {zone} held the most instances ({})", r.zone_count));
+                    parts.push(format!(
+                        "zone {zone} held the most instances ({})",
+                        r.zone_count
+                    ));
                 }
                 if r.most_expensive {
                     parts.push("LowestPrice removes the most expensive size first".to_owned());
                 }
                 if let Some(fd) = r.fault_domain_count {
-                    parts.push(format!("fault domain {} held the most in its zone ({fd})", self.fault_domain));
+                    parts.push(format!(
+                        "fault domain {} held the most in its zone ({fd})",
+                        self.fault_domain
+                    ));
                 }
                 parts.push(
                     match r.rule {
-                        ScaleInRule::OldestVm => "the oldest (lowest instance id) eligible instance",
-                        ScaleInRule::NewestVm | ScaleInRule::Default => "the newest (highest instance id) eligible instance",
+                        ScaleInRule::OldestVm => {
+                            "the oldest (lowest instance id) eligible instance"
+                        }
+                        ScaleInRule::NewestVm | ScaleInRule::Default => {
+                            "the newest (highest instance id) eligible instance"
+                        }
                     }
                     .to_owned(),
                 );

@@ -65,7 +65,10 @@ pub struct RebalanceInput {
 }
 
 fn class_of(i: &Instance, model_version: u64) -> Option<Class> {
-    if i.protect_from_scale_in || i.protect_from_scale_set_actions || i.power_state == PowerState::Deallocated {
+    if i.protect_from_scale_in
+        || i.protect_from_scale_set_actions
+        || i.power_state == PowerState::Deallocated
+    {
         None
     } else if i.health == Health::Unhealthy {
         Some(Class::Unhealthy)
@@ -78,23 +81,45 @@ fn class_of(i: &Instance, model_version: u64) -> Option<Class> {
 
 /// Where an instance sits for rebalancing: a slot index, or None when it is outside the balance.
 fn slot_index(slots: &[ZoneSlot], available: &[bool], zone: ZoneSlot) -> Option<usize> {
-    slots.iter().position(|&s| s == zone).filter(|&s| available[s])
+    slots
+        .iter()
+        .position(|&s| s == zone)
+        .filter(|&s| available[s])
 }
 
 type RowKey = (usize, u32, u16, Priority, Option<Class>);
 
-fn row_key(view: &SetView<'_>, slots: &[ZoneSlot], available: &[bool], i: &Instance) -> Option<RowKey> {
+fn row_key(
+    view: &SetView<'_>,
+    slots: &[ZoneSlot],
+    available: &[bool],
+    i: &Instance,
+) -> Option<RowKey> {
     let slot = slot_index(slots, available, i.zone)?;
-    Some((slot, i.fault_domain, i.vm_size, i.priority, class_of(i, view.spec.model_version)))
+    Some((
+        slot,
+        i.fault_domain,
+        i.vm_size,
+        i.priority,
+        class_of(i, view.spec.model_version),
+    ))
 }
 
 impl Engine {
     /// Groups `name` into pools for the rebalancer.
     pub fn rebalance_input(&self, name: &str) -> Result<RebalanceInput> {
         let state = self.scale_set(name)?;
-        let view = SetView { spec: &state.spec, instances: &state.instances, size_ids: state.size_ids(), region: self.region() };
+        let view = SetView {
+            spec: &state.spec,
+            instances: &state.instances,
+            size_ids: state.size_ids(),
+            region: self.region(),
+        };
         let slots = view.slots()?;
-        let available: Vec<bool> = slots.iter().map(|&s| self.region().is_available(s)).collect();
+        let available: Vec<bool> = slots
+            .iter()
+            .map(|&s| self.region().is_available(s))
+            .collect();
         let span = view.fault_domain_span()?;
         let mut rows: std::collections::BTreeMap<RowKey, u64> = std::collections::BTreeMap::new();
         let mut outside = [0u64; 2];
@@ -105,20 +130,25 @@ impl Engine {
             }
         }
         let price = |slot: usize, size: u16, priority: Priority| {
-            let size_name = self.sizes().get(usize::from(size)).map_or("", String::as_str);
+            let size_name = self
+                .sizes()
+                .get(usize::from(size))
+                .map_or("", String::as_str);
             self.region().pool(slots[slot], size_name, priority)
         };
         let rows = rows
             .into_iter()
-            .map(|((slot, fault_domain, vm_size, priority, class), count)| PoolRow {
-                slot,
-                fault_domain,
-                vm_size,
-                priority,
-                class,
-                count,
-                price: price(slot, vm_size, priority).price,
-            })
+            .map(
+                |((slot, fault_domain, vm_size, priority, class), count)| PoolRow {
+                    slot,
+                    fault_domain,
+                    vm_size,
+                    priority,
+                    class,
+                    count,
+                    price: price(slot, vm_size, priority).price,
+                },
+            )
             .collect();
         let priorities: Vec<Priority> = if state.spec.priority_mix_policy.is_some() {
             vec![Priority::Regular, Priority::Spot]
@@ -133,7 +163,10 @@ impl Engine {
             for &size in state.size_ids() {
                 for &priority in &priorities {
                     let pool = price(slot, size, priority);
-                    let max_price = state.spec.max_price.filter(|&m| m > 0.0 && priority == Priority::Spot);
+                    let max_price = state
+                        .spec
+                        .max_price
+                        .filter(|&m| m > 0.0 && priority == Priority::Spot);
                     if max_price.is_some_and(|m| pool.price > m) {
                         continue;
                     }
@@ -153,7 +186,10 @@ impl Engine {
             fault_domains: span,
             slots,
             slot_available: available,
-            regular_target: state.spec.priority_mix_policy.map(|m| m.regular_target(capacity)),
+            regular_target: state
+                .spec
+                .priority_mix_policy
+                .map(|m| m.regular_target(capacity)),
             outside,
             rows,
             new_pools,
@@ -172,19 +208,39 @@ impl Engine {
             ));
         }
         let state = self.scale_set(name)?;
-        let view = SetView { spec: &state.spec, instances: &state.instances, size_ids: state.size_ids(), region: self.region() };
+        let view = SetView {
+            spec: &state.spec,
+            instances: &state.instances,
+            size_ids: state.size_ids(),
+            region: self.region(),
+        };
         let index: std::collections::BTreeMap<RowKey, usize> = input
             .rows
             .iter()
             .enumerate()
-            .map(|(r, row)| ((row.slot, row.fault_domain, row.vm_size, row.priority, row.class), r))
+            .map(|(r, row)| {
+                (
+                    (
+                        row.slot,
+                        row.fault_domain,
+                        row.vm_size,
+                        row.priority,
+                        row.class,
+                    ),
+                    r,
+                )
+            })
             .collect();
         let mut left: Vec<u64> = removals.to_vec();
         for (r, row) in input.rows.iter().enumerate() {
             if left[r] > 0 && (row.class.is_none() || left[r] > row.count) {
                 return Err(CoreError::invalid(
                     codes::INVALID_PARAMETER,
-                    format!("pool row {r} cannot give up {} instances (it has {} movable).", left[r], if row.class.is_some() { row.count } else { 0 }),
+                    format!(
+                        "pool row {r} cannot give up {} instances (it has {} movable).",
+                        left[r],
+                        if row.class.is_some() { row.count } else { 0 }
+                    ),
                 ));
             }
         }
@@ -211,7 +267,12 @@ impl Engine {
         deletes: &[u64],
     ) -> Result<Plan> {
         let state = self.scale_set(name)?;
-        let view = SetView { spec: &state.spec, instances: &state.instances, size_ids: state.size_ids(), region: self.region() };
+        let view = SetView {
+            spec: &state.spec,
+            instances: &state.instances,
+            size_ids: state.size_ids(),
+            region: self.region(),
+        };
         let span = view.fault_domain_span()?;
         let slots = view.slots()?;
         let mut plan = Plan {
@@ -227,14 +288,24 @@ impl Engine {
                 .binary_search_by_key(&id, |i| i.instance_id)
                 .ok()
                 .map(|p| &state.instances[p])
-                .ok_or_else(|| CoreError::not_found(codes::INSTANCE_NOT_FOUND, format!("scale set '{name}' has no instance with id {id}.")))?;
+                .ok_or_else(|| {
+                    CoreError::not_found(
+                        codes::INSTANCE_NOT_FOUND,
+                        format!("scale set '{name}' has no instance with id {id}."),
+                    )
+                })?;
             if !seen.insert(id) {
-                return Err(CoreError::invalid(codes::INVALID_PARAMETER, format!("instance id {id} is listed twice.")));
+                return Err(CoreError::invalid(
+                    codes::INVALID_PARAMETER,
+                    format!("instance id {id} is listed twice."),
+                ));
             }
             if class_of(i, state.spec.model_version).is_none() {
                 return Err(CoreError::conflict(
                     codes::OPERATION_NOT_ALLOWED,
-                    format!("instance {id} is protected or deallocated; a rebalance never moves it."),
+                    format!(
+                        "instance {id} is protected or deallocated; a rebalance never moves it."
+                    ),
                 ));
             }
             plan.deletes.push(PlannedDelete {
@@ -246,11 +317,13 @@ impl Engine {
                 cause: DeleteCause::Rebalance,
             });
         }
-        let mut taken: std::collections::BTreeMap<(ZoneSlot, u16, Priority), u64> = std::collections::BTreeMap::new();
+        let mut taken: std::collections::BTreeMap<(ZoneSlot, u16, Priority), u64> =
+            std::collections::BTreeMap::new();
         for (k, &(zone, fd, size, priority)) in creates.iter().enumerate() {
             let ok_zone = slots.contains(&zone) && self.region().is_available(zone);
             let ok_size = state.size_ids().contains(&size);
-            let ok_priority = state.spec.priority_mix_policy.is_some() || priority == state.spec.priority;
+            let ok_priority =
+                state.spec.priority_mix_policy.is_some() || priority == state.spec.priority;
             if !ok_zone || !ok_size || !ok_priority || fd >= span {
                 return Err(CoreError::invalid(
                     codes::INVALID_PARAMETER,
@@ -259,7 +332,10 @@ impl Engine {
             }
             let n = taken.entry((zone, size, priority)).or_default();
             *n += 1;
-            let size_name = self.sizes().get(usize::from(size)).map_or("", String::as_str);
+            let size_name = self
+                .sizes()
+                .get(usize::from(size))
+                .map_or("", String::as_str);
             if let Some(available) = self.region().pool(zone, size_name, priority).available {
                 if *n > available {
                     return Err(CoreError::capacity(

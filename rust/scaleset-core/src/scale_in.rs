@@ -39,7 +39,11 @@ fn balanced(counts: &[u32]) -> bool {
 }
 
 /// Plans `count` deletions. Fails as a whole when protection or zone rules forbid them.
-pub fn plan_scale_in(view: &SetView<'_>, count: u64, size_table: &[String]) -> Result<Vec<PlannedDelete>> {
+pub fn plan_scale_in(
+    view: &SetView<'_>,
+    count: u64,
+    size_table: &[String],
+) -> Result<Vec<PlannedDelete>> {
     let spec = view.spec;
     let instances = view.instances;
     let zonal = spec.is_zonal();
@@ -66,9 +70,13 @@ pub fn plan_scale_in(view: &SetView<'_>, count: u64, size_table: &[String]) -> R
             slot_table[usize::from(*z)] = i;
         }
     }
-    let slot_of = |zone: ZoneSlot| slot_table[zone.map_or(region_zones, usize::from).min(region_zones)];
+    let slot_of =
+        |zone: ZoneSlot| slot_table[zone.map_or(region_zones, usize::from).min(region_zones)];
     if zonal && !strict {
-        let down = slots[..zone_slots].iter().filter(|&&s| !view.region.is_available(s)).count();
+        let down = slots[..zone_slots]
+            .iter()
+            .filter(|&&s| !view.region.is_available(s))
+            .count();
         if down >= 2 {
             return Err(CoreError::capacity(
                 codes::TOO_MANY_ZONES_UNAVAILABLE,
@@ -96,7 +104,8 @@ pub fn plan_scale_in(view: &SetView<'_>, count: u64, size_table: &[String]) -> R
     let mut eligible = 0u64;
     for (i, inst) in instances.iter().enumerate() {
         let fd = inst.fault_domain as usize;
-        let cell = (slot_of(inst.zone) * span + if fd < span { fd } else { span - 1 }) * 2 + inst.priority.index();
+        let cell = (slot_of(inst.zone) * span + if fd < span { fd } else { span - 1 }) * 2
+            + inst.priority.index();
         cells[cell] += 1;
         if inst.is_protected_from_scale_in() {
             if !single {
@@ -107,7 +116,8 @@ pub fn plan_scale_in(view: &SetView<'_>, count: u64, size_table: &[String]) -> R
         eligible += 1;
         let bad = prioritize_unhealthy && inst.is_unhealthy_or_inactive();
         let size = usize::from(inst.vm_size);
-        let key = (cell * sizes + if size < sizes { size } else { sizes - 1 }) * 2 + usize::from(bad);
+        let key =
+            (cell * sizes + if size < sizes { size } else { sizes - 1 }) * 2 + usize::from(bad);
         per_key[key] += 1;
         if first[key] == NONE {
             first[key] = i;
@@ -129,7 +139,11 @@ pub fn plan_scale_in(view: &SetView<'_>, count: u64, size_table: &[String]) -> R
     }
     let nonempty = per_key.iter().filter(|&&n| n > 0).count();
     let mut buckets: Vec<Bucket> = Vec::with_capacity(nonempty);
-    let mut flat: Vec<u32> = Vec::with_capacity(if single { 2 * nonempty } else { eligible as usize });
+    let mut flat: Vec<u32> = Vec::with_capacity(if single {
+        2 * nonempty
+    } else {
+        eligible as usize
+    });
     let mut fill = vec![0usize; if single { 0 } else { key_space }];
     for (key, &n) in per_key.iter().enumerate() {
         if n == 0 {
@@ -137,7 +151,9 @@ pub fn plan_scale_in(view: &SetView<'_>, count: u64, size_table: &[String]) -> R
         }
         let inst = &instances[first[key]];
         let price = if lowest_price {
-            let size_name = size_table.get(usize::from(inst.vm_size)).map_or("", String::as_str);
+            let size_name = size_table
+                .get(usize::from(inst.vm_size))
+                .map_or("", String::as_str);
             view.region.pool(inst.zone, size_name, inst.priority).price
         } else {
             0.0
@@ -206,7 +222,11 @@ pub fn plan_scale_in(view: &SetView<'_>, count: u64, size_table: &[String]) -> R
         }
         if let Some(mix) = spec.priority_mix_policy {
             let target = mix.regular_target(total - 1);
-            let want = if regular > target { Priority::Regular } else { Priority::Spot };
+            let want = if regular > target {
+                Priority::Regular
+            } else {
+                Priority::Spot
+            };
             if cands.iter().any(|&b| buckets[b].priority == want) {
                 cands.retain(|&b| buckets[b].priority == want);
             }
@@ -216,30 +236,49 @@ pub fn plan_scale_in(view: &SetView<'_>, count: u64, size_table: &[String]) -> R
             cands.retain(|&b| buckets[b].slot == zone_slots);
             reason.regional_first = true;
         }
-        let max_zone = cands.iter().map(|&b| zone_count[buckets[b].slot]).max().unwrap_or(0);
+        let max_zone = cands
+            .iter()
+            .map(|&b| zone_count[buckets[b].slot])
+            .max()
+            .unwrap_or(0);
         cands.retain(|&b| zone_count[buckets[b].slot] == max_zone);
         reason.zone_count = max_zone;
         if lowest_price {
-            let max_price = cands.iter().map(|&b| buckets[b].price).fold(f64::NEG_INFINITY, f64::max);
+            let max_price = cands
+                .iter()
+                .map(|&b| buckets[b].price)
+                .fold(f64::NEG_INFINITY, f64::max);
             reason.most_expensive = cands.iter().any(|&b| buckets[b].price < max_price);
             cands.retain(|&b| buckets[b].price == max_price);
         }
         if rule == ScaleInRule::Default {
             let fd_of = |b: usize| fd_count[buckets[b].slot * span + buckets[b].fd];
             let most_in_slot = |slot: usize| {
-                cands.iter().filter(|&&b| buckets[b].slot == slot).map(|&b| fd_of(b)).max().unwrap_or(0)
+                cands
+                    .iter()
+                    .filter(|&&b| buckets[b].slot == slot)
+                    .map(|&b| fd_of(b))
+                    .max()
+                    .unwrap_or(0)
             };
-            let keep: Vec<bool> = cands.iter().map(|&b| fd_of(b) == most_in_slot(buckets[b].slot)).collect();
+            let keep: Vec<bool> = cands
+                .iter()
+                .map(|&b| fd_of(b) == most_in_slot(buckets[b].slot))
+                .collect();
             let mut k = keep.iter();
             cands.retain(|_| *k.next().unwrap_or(&false));
         }
 
         let id_at = |pos: usize| instances[flat[pos] as usize].instance_id;
         let pick = match rule {
-            ScaleInRule::OldestVm => cands.iter().copied().min_by_key(|&b| id_at(buckets[b].head)),
-            ScaleInRule::NewestVm | ScaleInRule::Default => {
-                cands.iter().copied().max_by_key(|&b| id_at(buckets[b].tail - 1))
-            }
+            ScaleInRule::OldestVm => cands
+                .iter()
+                .copied()
+                .min_by_key(|&b| id_at(buckets[b].head)),
+            ScaleInRule::NewestVm | ScaleInRule::Default => cands
+                .iter()
+                .copied()
+                .max_by_key(|&b| id_at(buckets[b].tail - 1)),
         };
         let Some(b) = pick else {
             return Err(CoreError::conflict(

@@ -3,7 +3,9 @@
 
 use crate::error::{codes, CoreError, Result};
 use crate::model::{AllocationStrategy, Instance, Priority, Region, ScaleSetSpec, ZoneSlot};
-use crate::plan::{CreateCause, CreateReason, PlannedCreate, PriorityChoice, SizeChoice, ZoneChoice};
+use crate::plan::{
+    CreateCause, CreateReason, PlannedCreate, PriorityChoice, SizeChoice, ZoneChoice,
+};
 
 /// Everything a planner reads about one scale set.
 pub struct SetView<'a> {
@@ -20,7 +22,11 @@ impl SetView<'_> {
         if self.spec.zones.is_empty() {
             return Ok(vec![None]);
         }
-        self.spec.zones.iter().map(|z| self.region.zone_index(z).map(Some)).collect()
+        self.spec
+            .zones
+            .iter()
+            .map(|z| self.region.zone_index(z).map(Some))
+            .collect()
     }
 
     /// How many fault domains instances spread over in each zone.
@@ -63,7 +69,11 @@ impl PoolTable {
                 }
             }
         }
-        Self { sizes: size_names.len(), available, price }
+        Self {
+            sizes: size_names.len(),
+            available,
+            price,
+        }
     }
 
     fn at(&self, slot: usize, size: usize, priority: Priority) -> usize {
@@ -79,7 +89,9 @@ fn choose_size(
     priority: Priority,
     order: &mut Vec<usize>,
 ) -> Option<(usize, SizeChoice)> {
-    let max_price = spec.max_price.filter(|&p| p > 0.0 && priority == Priority::Spot);
+    let max_price = spec
+        .max_price
+        .filter(|&p| p > 0.0 && priority == Priority::Spot);
     let fits = |j: usize| {
         let k = pools.at(slot, j, priority);
         pools.available[k] > 0 && max_price.is_none_or(|m| pools.price[k] <= m)
@@ -93,22 +105,38 @@ fn choose_size(
     match strategy {
         AllocationStrategy::LowestPrice => {
             order.sort_by(|&a, &b| {
-                let (pa, pb) = (pools.price[pools.at(slot, a, priority)], pools.price[pools.at(slot, b, priority)]);
+                let (pa, pb) = (
+                    pools.price[pools.at(slot, a, priority)],
+                    pools.price[pools.at(slot, b, priority)],
+                );
                 pa.total_cmp(&pb).then(a.cmp(&b))
             });
         }
         AllocationStrategy::CapacityOptimized => {
-            order.sort_by_key(|&j| (std::cmp::Reverse(pools.available[pools.at(slot, j, priority)]), j));
+            order.sort_by_key(|&j| {
+                (
+                    std::cmp::Reverse(pools.available[pools.at(slot, j, priority)]),
+                    j,
+                )
+            });
         }
         AllocationStrategy::Prioritized => {
             order.sort_by_key(|&j| {
                 let rank = profile.vm_sizes[j].rank.unwrap_or(u32::MAX);
-                (rank, std::cmp::Reverse(pools.available[pools.at(slot, j, priority)]), j)
+                (
+                    rank,
+                    std::cmp::Reverse(pools.available[pools.at(slot, j, priority)]),
+                    j,
+                )
             });
         }
     }
     order.iter().position(|&j| fits(j)).map(|pos| {
-        let choice = if pos == 0 { SizeChoice::Preferred(strategy) } else { SizeChoice::Fallback(strategy) };
+        let choice = if pos == 0 {
+            SizeChoice::Preferred(strategy)
+        } else {
+            SizeChoice::Fallback(strategy)
+        };
         (order[pos], choice)
     })
 }
@@ -142,7 +170,10 @@ pub fn plan_scale_out(view: &SetView<'_>, count: u64, next_id: u64) -> Result<Ve
             }
         }
     }
-    let down: Vec<bool> = slots.iter().map(|&s| !view.region.is_available(s)).collect();
+    let down: Vec<bool> = slots
+        .iter()
+        .map(|&s| !view.region.is_available(s))
+        .collect();
     let down_count = down.iter().filter(|&&d| d).count();
     if zonal && !strict && down_count >= 2 {
         return Err(CoreError::capacity(
@@ -163,8 +194,18 @@ pub fn plan_scale_out(view: &SetView<'_>, count: u64, next_id: u64) -> Result<Ve
         let (priority, priority_choice) = match spec.priority_mix_policy {
             Some(mix) => {
                 let target = mix.regular_target(total_after);
-                let p = if regular < target { Priority::Regular } else { Priority::Spot };
-                (p, PriorityChoice::Mix { regular_target: target, total: total_after })
+                let p = if regular < target {
+                    Priority::Regular
+                } else {
+                    Priority::Spot
+                };
+                (
+                    p,
+                    PriorityChoice::Mix {
+                        regular_target: target,
+                        total: total_after,
+                    },
+                )
             }
             None => (spec.priority, PriorityChoice::Spec),
         };
@@ -193,7 +234,16 @@ pub fn plan_scale_out(view: &SetView<'_>, count: u64, next_id: u64) -> Result<Ve
             }
         }
         let Some((s, (size, size_choice))) = chosen else {
-            return Err(allocation_error(view, &slots, &order, &down, min_count, &zone_count, priority, strict));
+            return Err(allocation_error(
+                view,
+                &slots,
+                &order,
+                &down,
+                min_count,
+                &zone_count,
+                priority,
+                strict,
+            ));
         };
         if zonal && zone_count[s] > min_count && unable >= 2 {
             return Err(CoreError::capacity(
@@ -206,14 +256,20 @@ pub fn plan_scale_out(view: &SetView<'_>, count: u64, next_id: u64) -> Result<Ve
         }
 
         let fd_base = s * span;
-        let fd = (0..span).min_by_key(|&f| (fd_count[fd_base + f], f)).unwrap_or(0);
+        let fd = (0..span)
+            .min_by_key(|&f| (fd_count[fd_base + f], f))
+            .unwrap_or(0);
         let reason = CreateReason {
             zone: if !zonal {
                 ZoneChoice::Regional
             } else if zone_count[s] == min_count {
-                ZoneChoice::Fewest { count: zone_count[s] }
+                ZoneChoice::Fewest {
+                    count: zone_count[s],
+                }
             } else {
-                ZoneChoice::FewestAvailable { count: zone_count[s] }
+                ZoneChoice::FewestAvailable {
+                    count: zone_count[s],
+                }
             },
             fault_domain_count: fd_count[fd_base + fd],
             priority: priority_choice,
@@ -301,18 +357,39 @@ mod tests {
         let region = Region::new(vec!["1".into(), "2".into()], 2).expect("region");
         let mut e = Engine::new(region, None);
         let (_, plan) = e.create_scale_set(spec(&["1", "2"]), 5).expect("create");
-        let got: Vec<(Option<u16>, u32)> = plan.creates.iter().map(|c| (c.zone, c.fault_domain)).collect();
-        assert_eq!(got, vec![(Some(0), 0), (Some(1), 0), (Some(0), 1), (Some(1), 1), (Some(0), 0)]);
+        let got: Vec<(Option<u16>, u32)> = plan
+            .creates
+            .iter()
+            .map(|c| (c.zone, c.fault_domain))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (Some(0), 0),
+                (Some(1), 0),
+                (Some(0), 1),
+                (Some(1), 1),
+                (Some(0), 0)
+            ]
+        );
     }
 
     #[test]
     fn zero_instances_plan_nothing_even_when_zones_are_down() {
         let region = Region::new(vec!["1".into(), "2".into(), "3".into()], 2).expect("region");
         let mut e = Engine::new(region, None);
-        e.create_scale_set(spec(&["1", "2", "3"]), 0).expect("create");
+        e.create_scale_set(spec(&["1", "2", "3"]), 0)
+            .expect("create");
         e.set_zone_available("1", false).expect("zone");
         e.set_zone_available("2", false).expect("zone");
-        assert!(e.set_capacity("t", 0, false).expect("no-op").creates.is_empty());
-        assert_eq!(e.set_capacity("t", 1, false).expect_err("blocked").code, crate::codes::TOO_MANY_ZONES_UNAVAILABLE);
+        assert!(e
+            .set_capacity("t", 0, false)
+            .expect("no-op")
+            .creates
+            .is_empty());
+        assert_eq!(
+            e.set_capacity("t", 1, false).expect_err("blocked").code,
+            crate::codes::TOO_MANY_ZONES_UNAVAILABLE
+        );
     }
 }

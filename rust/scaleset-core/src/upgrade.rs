@@ -22,7 +22,12 @@ fn unhealthy(i: &Instance) -> bool {
 type FdKey = (usize, u32);
 
 /// Interleaves one zone's candidates over fault domains (fullest remaining first) and cuts batches.
-fn zone_batches(by_fd: BTreeMap<FdKey, Vec<u64>>, fd_totals: &BTreeMap<FdKey, usize>, batch_size: usize, out: &mut Vec<Vec<u64>>) {
+fn zone_batches(
+    by_fd: BTreeMap<FdKey, Vec<u64>>,
+    fd_totals: &BTreeMap<FdKey, usize>,
+    batch_size: usize,
+    out: &mut Vec<Vec<u64>>,
+) {
     // (key, ids, next unread, instances of the fault domain, taken into the current batch)
     let mut queues: Vec<(FdKey, Vec<u64>, usize, usize, usize)> = by_fd
         .into_iter()
@@ -49,14 +54,19 @@ fn zone_batches(by_fd: BTreeMap<FdKey, Vec<u64>>, fd_totals: &BTreeMap<FdKey, us
                 best = Some((remaining, k));
             }
         }
-        let Some((_, k)) = best.or(fallback) else { break };
+        let Some((_, k)) = best.or(fallback) else {
+            break;
+        };
         let q = &mut queues[k];
         batch.push(q.1[q.2]);
         q.2 += 1;
         q.4 += 1;
         left -= 1;
         if batch.len() == batch_size {
-            out.push(std::mem::replace(&mut batch, Vec::with_capacity(batch_size)));
+            out.push(std::mem::replace(
+                &mut batch,
+                Vec::with_capacity(batch_size),
+            ));
             for q in &mut queues {
                 q.4 = 0;
             }
@@ -81,7 +91,12 @@ impl Engine {
         let batch_size = batch_size.max(1);
         // Zone order: the scale set's zones, then regional instances.
         let zone_rank = |z: ZoneSlot| match z {
-            Some(z) => state.spec.zones.iter().position(|n| n == self.region().zone_name(Some(z))).unwrap_or(usize::MAX - 1),
+            Some(z) => state
+                .spec
+                .zones
+                .iter()
+                .position(|n| n == self.region().zone_name(Some(z)))
+                .unwrap_or(usize::MAX - 1),
             None => usize::MAX,
         };
         // group -> (unhealthy?, fd) -> ids; and every instance per (group, fd) for the whole-fault-domain rule.
@@ -96,11 +111,24 @@ impl Engine {
                 continue;
             }
             let first = prioritize_unhealthy && unhealthy(i);
-            groups.entry(group).or_default().entry((!first, fd)).or_default().push(i.instance_id);
+            groups
+                .entry(group)
+                .or_default()
+                .entry((!first, fd))
+                .or_default()
+                .push(i.instance_id);
         }
         let mut order: Vec<(usize, usize)> = groups
             .iter()
-            .map(|(&g, q)| (g, q.iter().filter(|((later, _), _)| !later).map(|(_, ids)| ids.len()).sum()))
+            .map(|(&g, q)| {
+                (
+                    g,
+                    q.iter()
+                        .filter(|((later, _), _)| !later)
+                        .map(|(_, ids)| ids.len())
+                        .sum(),
+                )
+            })
             .collect();
         if prioritize_unhealthy {
             order.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
@@ -113,12 +141,20 @@ impl Engine {
             let mut first: BTreeMap<FdKey, Vec<u64>> = BTreeMap::new();
             let mut rest: BTreeMap<FdKey, Vec<u64>> = BTreeMap::new();
             for ((later, fd), ids) in queues {
-                if later { rest.insert(fd, ids); } else { first.insert(fd, ids); }
+                if later {
+                    rest.insert(fd, ids);
+                } else {
+                    first.insert(fd, ids);
+                }
             }
             let mut group_batches = Vec::new();
             zone_batches(first, &fd_totals, batch_size, &mut group_batches);
             // Top up a partial last unhealthy batch with healthy instances before starting new batches.
-            let carry = group_batches.last().map_or(0, |b: &Vec<u64>| if b.len() < batch_size { b.len() } else { 0 });
+            let carry =
+                group_batches.last().map_or(
+                    0,
+                    |b: &Vec<u64>| if b.len() < batch_size { b.len() } else { 0 },
+                );
             let mut healthy = Vec::new();
             zone_batches(rest, &fd_totals, batch_size, &mut healthy);
             if carry > 0 {
@@ -142,7 +178,12 @@ impl Engine {
     }
 
     /// Puts instances back on `model_version` (a rollback after a policy breach); health `Initializing`.
-    pub fn roll_back_instances(&mut self, name: &str, ids: &[u64], model_version: u64) -> Result<()> {
+    pub fn roll_back_instances(
+        &mut self,
+        name: &str,
+        ids: &[u64],
+        model_version: u64,
+    ) -> Result<()> {
         self.set_instance_model(name, ids, Some(model_version))
     }
 
@@ -159,9 +200,15 @@ impl Engine {
         }
         let mut positions = Vec::with_capacity(ids.len());
         for &id in ids {
-            let p = state.instances.binary_search_by_key(&id, |i| i.instance_id).map_err(|_| {
-                CoreError::not_found(codes::INSTANCE_NOT_FOUND, format!("scale set '{name}' has no instance with id {id}."))
-            })?;
+            let p = state
+                .instances
+                .binary_search_by_key(&id, |i| i.instance_id)
+                .map_err(|_| {
+                    CoreError::not_found(
+                        codes::INSTANCE_NOT_FOUND,
+                        format!("scale set '{name}' has no instance with id {id}."),
+                    )
+                })?;
             positions.push(p);
         }
         let model_sizes = state.size_ids().to_vec();

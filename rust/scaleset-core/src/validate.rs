@@ -13,8 +13,13 @@ fn invalid(code: &'static str, message: String) -> CoreError {
 }
 
 fn check_name(name: &str) -> Result<()> {
-    let ok_first = name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
-    let ok_rest = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    let ok_first = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric());
+    let ok_rest = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     if !ok_first || !ok_rest || name.len() > 64 {
         return Err(invalid(
             codes::INVALID_RESOURCE_NAME,
@@ -39,7 +44,10 @@ pub fn fault_domain_rule(mode: OrchestrationMode, zonal: bool) -> (&'static [u32
 /// B, D, E and F-series sizes support memory-preserving updates (reference §1.2); others do not.
 pub fn supports_memory_preserving_updates(vm_size: &str) -> bool {
     let family = vm_size.split_once('_').map_or(vm_size, |(_, rest)| rest);
-    matches!(family.chars().next().map(|c| c.to_ascii_uppercase()), Some('B' | 'D' | 'E' | 'F'))
+    matches!(
+        family.chars().next().map(|c| c.to_ascii_uppercase()),
+        Some('B' | 'D' | 'E' | 'F')
+    )
 }
 
 /// Validate a spec and fill in Azure's defaults. The result is what the engine stores.
@@ -49,9 +57,14 @@ pub fn resolve(mut spec: ScaleSetSpec, region: &Region) -> Result<ScaleSetSpec> 
 
     let mut seen = std::collections::BTreeSet::new();
     for zone in &spec.zones {
-        region.zone_index(zone).map_err(|e| invalid(codes::INVALID_PARAMETER, e.message))?;
+        region
+            .zone_index(zone)
+            .map_err(|e| invalid(codes::INVALID_PARAMETER, e.message))?;
         if !seen.insert(zone.as_str()) {
-            return Err(invalid(codes::INVALID_PARAMETER, format!("zone '{zone}' is listed twice in zones.")));
+            return Err(invalid(
+                codes::INVALID_PARAMETER,
+                format!("zone '{zone}' is listed twice in zones."),
+            ));
         }
     }
     if spec.zone_balance && spec.zones.len() < 2 {
@@ -64,7 +77,11 @@ pub fn resolve(mut spec: ScaleSetSpec, region: &Region) -> Result<ScaleSetSpec> 
     let (allowed, default_fd) = fault_domain_rule(spec.orchestration_mode, spec.is_zonal());
     let fd = spec.platform_fault_domain_count.unwrap_or(default_fd);
     if !allowed.contains(&fd) {
-        let kind = if spec.is_zonal() { "zonal or zone-spanning" } else { "regional" };
+        let kind = if spec.is_zonal() {
+            "zonal or zone-spanning"
+        } else {
+            "regional"
+        };
         return Err(invalid(
             codes::INVALID_FAULT_DOMAIN_COUNT,
             format!(
@@ -94,7 +111,10 @@ pub fn resolve(mut spec: ScaleSetSpec, region: &Region) -> Result<ScaleSetSpec> 
             }
         }
         Priority::Spot => {
-            spec.eviction_policy = Some(spec.eviction_policy.unwrap_or(crate::model::EvictionPolicy::Deallocate));
+            spec.eviction_policy = Some(
+                spec.eviction_policy
+                    .unwrap_or(crate::model::EvictionPolicy::Deallocate),
+            );
         }
     }
     if let Some(price) = spec.max_price {
@@ -160,7 +180,10 @@ pub fn resolve(mut spec: ScaleSetSpec, region: &Region) -> Result<ScaleSetSpec> 
                 format!("automatic_zone_rebalancing_policy.rebalance_strategy '{}' is not supported; the only value is Recreate.", policy.rebalance_strategy),
             ));
         }
-        if !policy.rebalance_behavior.eq_ignore_ascii_case("CreateBeforeDelete") {
+        if !policy
+            .rebalance_behavior
+            .eq_ignore_ascii_case("CreateBeforeDelete")
+        {
             return Err(invalid(
                 codes::INVALID_PARAMETER,
                 format!("automatic_zone_rebalancing_policy.rebalance_behavior '{}' is not supported; the only value is CreateBeforeDelete.", policy.rebalance_behavior),
@@ -175,14 +198,28 @@ pub fn resolve(mut spec: ScaleSetSpec, region: &Region) -> Result<ScaleSetSpec> 
     }
     let rolling = &spec.upgrade_policy.rolling_upgrade_policy;
     for (field, value, min) in [
-        ("max_batch_instance_percent", rolling.max_batch_instance_percent, 5),
-        ("max_unhealthy_instance_percent", rolling.max_unhealthy_instance_percent, 5),
-        ("max_unhealthy_upgraded_instance_percent", rolling.max_unhealthy_upgraded_instance_percent, 0),
+        (
+            "max_batch_instance_percent",
+            rolling.max_batch_instance_percent,
+            5,
+        ),
+        (
+            "max_unhealthy_instance_percent",
+            rolling.max_unhealthy_instance_percent,
+            5,
+        ),
+        (
+            "max_unhealthy_upgraded_instance_percent",
+            rolling.max_unhealthy_upgraded_instance_percent,
+            0,
+        ),
     ] {
         if value < min || value > 100 {
             return Err(invalid(
                 codes::INVALID_PARAMETER,
-                format!("rolling_upgrade_policy.{field} must be between {min} and 100, got {value}."),
+                format!(
+                    "rolling_upgrade_policy.{field} must be between {min} and 100, got {value}."
+                ),
             ));
         }
     }
@@ -214,7 +251,9 @@ pub fn resolve(mut spec: ScaleSetSpec, region: &Region) -> Result<ScaleSetSpec> 
         ));
     }
     if spec.scale_in_policy.rules.is_empty() {
-        spec.scale_in_policy.rules.push(crate::model::ScaleInRule::Default);
+        spec.scale_in_policy
+            .rules
+            .push(crate::model::ScaleInRule::Default);
     }
     Ok(spec)
 }
@@ -274,7 +313,10 @@ fn resolve_sku(spec: &mut ScaleSetSpec) -> Result<()> {
     let mut seen = std::collections::BTreeSet::new();
     for size in &profile.vm_sizes {
         if size.name.trim().is_empty() {
-            return Err(invalid(codes::INVALID_PARAMETER, "a sku_profile VM size needs a name.".into()));
+            return Err(invalid(
+                codes::INVALID_PARAMETER,
+                "a sku_profile VM size needs a name.".into(),
+            ));
         }
         if !seen.insert(size.name.to_ascii_lowercase()) {
             return Err(invalid(
@@ -304,7 +346,10 @@ pub fn instance_limit(spec: &ScaleSetSpec, override_limit: Option<u64>) -> u64 {
     let fixed_spreading = spec.fault_domain_count() > 1;
     if spec.orchestration_mode == OrchestrationMode::Flexible
         && fixed_spreading
-        && !spec.vm_size_names().iter().all(|s| supports_memory_preserving_updates(s))
+        && !spec
+            .vm_size_names()
+            .iter()
+            .all(|s| supports_memory_preserving_updates(s))
     {
         return 200;
     }
@@ -360,6 +405,8 @@ pub fn check_update(old: &ScaleSetSpec, new: &ScaleSetSpec) -> Result<bool> {
             "Changing property 'singlePlacementGroup' from false to true is not allowed.",
         ));
     }
-    let model_changed = old.sku != new.sku || old.sku_profile != new.sku_profile || old.image_kind != new.image_kind;
+    let model_changed = old.sku != new.sku
+        || old.sku_profile != new.sku_profile
+        || old.image_kind != new.image_kind;
     Ok(model_changed)
 }

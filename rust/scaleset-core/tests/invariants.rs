@@ -7,12 +7,19 @@ const SIZE: &str = "Standard_D2s_v5";
 
 fn spec(zones: &[&str], mix: Option<(u32, u32)>, rule: ScaleInRule) -> ScaleSetSpec {
     ScaleSetSpec {
-        priority: if mix.is_some() { Priority::Spot } else { Priority::Regular },
+        priority: if mix.is_some() {
+            Priority::Spot
+        } else {
+            Priority::Regular
+        },
         priority_mix_policy: mix.map(|(b, p)| PriorityMixPolicy {
             base_regular_priority_count: b,
             regular_priority_percentage_above_base: p,
         }),
-        scale_in_policy: ScaleInPolicy { rules: vec![rule], ..ScaleInPolicy::default() },
+        scale_in_policy: ScaleInPolicy {
+            rules: vec![rule],
+            ..ScaleInPolicy::default()
+        },
         ..ScaleSetSpec::with_sku("p", zones, SIZE)
     }
 }
@@ -24,7 +31,9 @@ fn engine() -> Engine {
 
 fn zone_counts(e: &Engine) -> Vec<u64> {
     let set = e.scale_set("p").expect("exists");
-    (0..3u16).map(|z| set.instances.iter().filter(|i| i.zone == Some(z)).count() as u64).collect()
+    (0..3u16)
+        .map(|z| set.instances.iter().filter(|i| i.zone == Some(z)).count() as u64)
+        .collect()
 }
 
 fn spread(counts: &[u64]) -> u64 {
@@ -32,7 +41,11 @@ fn spread(counts: &[u64]) -> u64 {
 }
 
 fn arb_rule() -> impl Strategy<Value = ScaleInRule> {
-    prop_oneof![Just(ScaleInRule::Default), Just(ScaleInRule::NewestVm), Just(ScaleInRule::OldestVm)]
+    prop_oneof![
+        Just(ScaleInRule::Default),
+        Just(ScaleInRule::NewestVm),
+        Just(ScaleInRule::OldestVm)
+    ]
 }
 
 proptest! {

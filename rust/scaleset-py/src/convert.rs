@@ -9,10 +9,16 @@ use scaleset_core::{codes, CoreError};
 use crate::to_py_err;
 
 /// Extracts a DTO, turning a shape or type mismatch into `InvalidInputError` (code `InvalidParameter`).
-pub fn extract<'py, T: for<'a> FromPyObject<'a, 'py>>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<T> {
+pub fn extract<'py, T: for<'a> FromPyObject<'a, 'py>>(
+    obj: &Bound<'py, PyAny>,
+    what: &str,
+) -> PyResult<T> {
     obj.extract::<T>().map_err(|e| {
         let e: PyErr = e.into();
-        to_py_err(CoreError::invalid(codes::INVALID_PARAMETER, format!("invalid {what}: {e}")))
+        to_py_err(CoreError::invalid(
+            codes::INVALID_PARAMETER,
+            format!("invalid {what}: {e}"),
+        ))
     })
 }
 
@@ -142,34 +148,57 @@ pub fn spec_from_dto(d: SpecDto) -> PyResult<core::ScaleSetSpec> {
             zones: d.zones,
             zone_balance: d.zone_balance,
             platform_fault_domain_count: d.platform_fault_domain_count,
-            sku: d.sku.map(|s| core::Sku { name: s.name, tier: s.tier }),
+            sku: d.sku.map(|s| core::Sku {
+                name: s.name,
+                tier: s.tier,
+            }),
             sku_profile: d
                 .sku_profile
                 .map(|p| -> core::Result<core::SkuProfile> {
                     Ok(core::SkuProfile {
-                        vm_sizes: p.vm_sizes.into_iter().map(|v| core::VmSize { name: v.name, rank: v.rank }).collect(),
-                        allocation_strategy: core::AllocationStrategy::parse(&p.allocation_strategy)?,
+                        vm_sizes: p
+                            .vm_sizes
+                            .into_iter()
+                            .map(|v| core::VmSize {
+                                name: v.name,
+                                rank: v.rank,
+                            })
+                            .collect(),
+                        allocation_strategy: core::AllocationStrategy::parse(
+                            &p.allocation_strategy,
+                        )?,
                     })
                 })
                 .transpose()?,
             priority: core::Priority::parse(&d.priority)?,
-            eviction_policy: d.eviction_policy.as_deref().map(core::EvictionPolicy::parse).transpose()?,
+            eviction_policy: d
+                .eviction_policy
+                .as_deref()
+                .map(core::EvictionPolicy::parse)
+                .transpose()?,
             max_price: d.max_price,
             priority_mix_policy: d.priority_mix_policy.map(|m| core::PriorityMixPolicy {
                 base_regular_priority_count: m.base_regular_priority_count,
                 regular_priority_percentage_above_base: m.regular_priority_percentage_above_base,
             }),
             scale_in_policy: core::ScaleInPolicy {
-                rules: d.scale_in_policy.rules.iter().map(|r| core::ScaleInRule::parse(r)).collect::<core::Result<_>>()?,
+                rules: d
+                    .scale_in_policy
+                    .rules
+                    .iter()
+                    .map(|r| core::ScaleInRule::parse(r))
+                    .collect::<core::Result<_>>()?,
                 force_deletion: d.scale_in_policy.force_deletion,
                 prioritize_unhealthy_vms: d.scale_in_policy.prioritize_unhealthy_vms,
             },
             single_placement_group: d.single_placement_group,
             image_kind: core::ImageKind::parse(&d.image_kind)?,
-            automatic_zone_rebalancing_policy: d.automatic_zone_rebalancing_policy.map(|p| core::AutomaticZoneRebalancingPolicy {
-                enabled: p.enabled,
-                rebalance_strategy: p.rebalance_strategy,
-                rebalance_behavior: p.rebalance_behavior,
+            automatic_zone_rebalancing_policy: d.automatic_zone_rebalancing_policy.map(|p| {
+                core::AutomaticZoneRebalancingPolicy {
+                    enabled: p.enabled,
+                    rebalance_strategy: p.rebalance_strategy,
+                    rebalance_behavior: p.rebalance_behavior,
+                }
             }),
             upgrade_policy: {
                 let r = d.upgrade_policy.rolling_upgrade_policy;
@@ -178,12 +207,14 @@ pub fn spec_from_dto(d: SpecDto) -> PyResult<core::ScaleSetSpec> {
                     rolling_upgrade_policy: core::RollingUpgradePolicy {
                         max_batch_instance_percent: r.max_batch_instance_percent,
                         max_unhealthy_instance_percent: r.max_unhealthy_instance_percent,
-                        max_unhealthy_upgraded_instance_percent: r.max_unhealthy_upgraded_instance_percent,
+                        max_unhealthy_upgraded_instance_percent: r
+                            .max_unhealthy_upgraded_instance_percent,
                         pause_time_between_batches: r.pause_time_between_batches,
                         prioritize_unhealthy_instances: r.prioritize_unhealthy_instances,
                         enable_cross_zone_upgrade: r.enable_cross_zone_upgrade,
                         max_surge: r.max_surge,
-                        rollback_failed_instances_on_policy_breach: r.rollback_failed_instances_on_policy_breach,
+                        rollback_failed_instances_on_policy_breach: r
+                            .rollback_failed_instances_on_policy_breach,
                     },
                 }
             },
@@ -210,9 +241,19 @@ pub fn spec_to_dto(s: &core::ScaleSetSpec) -> SpecDto {
         zones: s.zones.clone(),
         zone_balance: s.zone_balance,
         platform_fault_domain_count: s.platform_fault_domain_count,
-        sku: s.sku.as_ref().map(|k| SkuDto { name: k.name.clone(), tier: k.tier.clone() }),
+        sku: s.sku.as_ref().map(|k| SkuDto {
+            name: k.name.clone(),
+            tier: k.tier.clone(),
+        }),
         sku_profile: s.sku_profile.as_ref().map(|p| SkuProfileDto {
-            vm_sizes: p.vm_sizes.iter().map(|v| VmSizeDto { name: v.name.clone(), rank: v.rank }).collect(),
+            vm_sizes: p
+                .vm_sizes
+                .iter()
+                .map(|v| VmSizeDto {
+                    name: v.name.clone(),
+                    rank: v.rank,
+                })
+                .collect(),
             allocation_strategy: p.allocation_strategy.as_str().to_owned(),
         }),
         priority: s.priority.as_str().to_owned(),
@@ -223,16 +264,23 @@ pub fn spec_to_dto(s: &core::ScaleSetSpec) -> SpecDto {
             regular_priority_percentage_above_base: m.regular_priority_percentage_above_base,
         }),
         scale_in_policy: ScaleInPolicyDto {
-            rules: s.scale_in_policy.rules.iter().map(|r| r.as_str().to_owned()).collect(),
+            rules: s
+                .scale_in_policy
+                .rules
+                .iter()
+                .map(|r| r.as_str().to_owned())
+                .collect(),
             force_deletion: s.scale_in_policy.force_deletion,
             prioritize_unhealthy_vms: s.scale_in_policy.prioritize_unhealthy_vms,
         },
         single_placement_group: s.single_placement_group,
         image_kind: s.image_kind.as_str().to_owned(),
-        automatic_zone_rebalancing_policy: s.automatic_zone_rebalancing_policy.as_ref().map(|p| ZoneRebalancingDto {
-            enabled: p.enabled,
-            rebalance_strategy: p.rebalance_strategy.clone(),
-            rebalance_behavior: p.rebalance_behavior.clone(),
+        automatic_zone_rebalancing_policy: s.automatic_zone_rebalancing_policy.as_ref().map(|p| {
+            ZoneRebalancingDto {
+                enabled: p.enabled,
+                rebalance_strategy: p.rebalance_strategy.clone(),
+                rebalance_behavior: p.rebalance_behavior.clone(),
+            }
         }),
         upgrade_policy: {
             let r = &s.upgrade_policy.rolling_upgrade_policy;
@@ -241,12 +289,14 @@ pub fn spec_to_dto(s: &core::ScaleSetSpec) -> SpecDto {
                 rolling_upgrade_policy: RollingUpgradeDto {
                     max_batch_instance_percent: r.max_batch_instance_percent,
                     max_unhealthy_instance_percent: r.max_unhealthy_instance_percent,
-                    max_unhealthy_upgraded_instance_percent: r.max_unhealthy_upgraded_instance_percent,
+                    max_unhealthy_upgraded_instance_percent: r
+                        .max_unhealthy_upgraded_instance_percent,
                     pause_time_between_batches: r.pause_time_between_batches.clone(),
                     prioritize_unhealthy_instances: r.prioritize_unhealthy_instances,
                     enable_cross_zone_upgrade: r.enable_cross_zone_upgrade,
                     max_surge: r.max_surge,
-                    rollback_failed_instances_on_policy_breach: r.rollback_failed_instances_on_policy_breach,
+                    rollback_failed_instances_on_policy_breach: r
+                        .rollback_failed_instances_on_policy_breach,
                 },
             }
         },
@@ -296,15 +346,22 @@ pub fn instance_columns(e: &core::Engine, s: &core::ScaleSetState) -> InstanceCo
     for i in &s.instances {
         c.instance_id.push(i.instance_id);
         c.name.push(i.name.clone());
-        c.zone.push(i.zone.map(|z| core::zone_label(zones, Some(z)).to_owned()));
+        c.zone
+            .push(i.zone.map(|z| core::zone_label(zones, Some(z)).to_owned()));
         c.fault_domain.push(i.fault_domain);
-        c.vm_size.push(sizes.get(usize::from(i.vm_size)).cloned().unwrap_or_default());
+        c.vm_size.push(
+            sizes
+                .get(usize::from(i.vm_size))
+                .cloned()
+                .unwrap_or_default(),
+        );
         c.priority.push(i.priority.as_str().to_owned());
         c.power_state.push(i.power_state.as_str().to_owned());
         c.health.push(i.health.as_str().to_owned());
         c.model_version.push(Some(i.model_version));
         c.protect_from_scale_in.push(i.protect_from_scale_in);
-        c.protect_from_scale_set_actions.push(i.protect_from_scale_set_actions);
+        c.protect_from_scale_set_actions
+            .push(i.protect_from_scale_set_actions);
     }
     c
 }
@@ -324,7 +381,10 @@ pub fn instance_inputs(c: InstanceColumns) -> PyResult<Vec<core::InstanceInput>>
         c.protect_from_scale_set_actions.len(),
     ];
     if lengths.iter().any(|&l| l != n) {
-        return Err(to_py_err(CoreError::invalid(codes::INVALID_PARAMETER, "instance columns must all have the same length.")));
+        return Err(to_py_err(CoreError::invalid(
+            codes::INVALID_PARAMETER,
+            "instance columns must all have the same length.",
+        )));
     }
     let mut out = Vec::with_capacity(n);
     let mut name = c.name.into_iter();
@@ -356,8 +416,13 @@ pub fn plan_columns<'py>(
     items: impl ExactSizeIterator<Item = (u64, core::ZoneSlot, u32, u16, core::Priority)>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let n = items.len();
-    let (mut ids, mut zs, mut fds, mut vs, mut ps) =
-        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut ids, mut zs, mut fds, mut vs, mut ps) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
     for (id, zone, fd, size, priority) in items {
         ids.push(id);
         zs.push(zone.map(|z| core::zone_label(zones, Some(z))));
@@ -385,31 +450,106 @@ pub fn rebalance_input_to_py<'py>(
     let d = PyDict::new(py);
     d.set_item("capacity", input.capacity)?;
     d.set_item("fault_domains", input.fault_domains)?;
-    d.set_item("slots", input.slots.iter().map(|&s| s.map(|_| core::zone_label(zones, s))).collect::<Vec<_>>())?;
+    d.set_item(
+        "slots",
+        input
+            .slots
+            .iter()
+            .map(|&s| s.map(|_| core::zone_label(zones, s)))
+            .collect::<Vec<_>>(),
+    )?;
     d.set_item("slot_available", &input.slot_available)?;
     d.set_item("regular_target", input.regular_target)?;
     d.set_item("outside_regular", input.outside[0])?;
     d.set_item("outside_spot", input.outside[1])?;
-    d.set_item("model_sizes", input.model_sizes.iter().map(|&s| size(s)).collect::<Vec<_>>())?;
+    d.set_item(
+        "model_sizes",
+        input
+            .model_sizes
+            .iter()
+            .map(|&s| size(s))
+            .collect::<Vec<_>>(),
+    )?;
     let rows = PyDict::new(py);
-    rows.set_item("slot", input.rows.iter().map(|r| r.slot).collect::<Vec<_>>())?;
-    rows.set_item("fault_domain", input.rows.iter().map(|r| r.fault_domain).collect::<Vec<_>>())?;
-    rows.set_item("vm_size", input.rows.iter().map(|r| size(r.vm_size)).collect::<Vec<_>>())?;
-    rows.set_item("priority", input.rows.iter().map(|r| r.priority.as_str()).collect::<Vec<_>>())?;
+    rows.set_item(
+        "slot",
+        input.rows.iter().map(|r| r.slot).collect::<Vec<_>>(),
+    )?;
+    rows.set_item(
+        "fault_domain",
+        input
+            .rows
+            .iter()
+            .map(|r| r.fault_domain)
+            .collect::<Vec<_>>(),
+    )?;
+    rows.set_item(
+        "vm_size",
+        input
+            .rows
+            .iter()
+            .map(|r| size(r.vm_size))
+            .collect::<Vec<_>>(),
+    )?;
+    rows.set_item(
+        "priority",
+        input
+            .rows
+            .iter()
+            .map(|r| r.priority.as_str())
+            .collect::<Vec<_>>(),
+    )?;
     // -1 marks fixed (immovable) instances; 0 unhealthy, 1 out-of-date model, 2 current.
-    rows.set_item("class", input.rows.iter().map(|r| r.class.map_or(-1, |c| c as i32)).collect::<Vec<_>>())?;
-    rows.set_item("count", input.rows.iter().map(|r| r.count).collect::<Vec<_>>())?;
-    rows.set_item("price", input.rows.iter().map(|r| r.price).collect::<Vec<_>>())?;
+    rows.set_item(
+        "class",
+        input
+            .rows
+            .iter()
+            .map(|r| r.class.map_or(-1, |c| c as i32))
+            .collect::<Vec<_>>(),
+    )?;
+    rows.set_item(
+        "count",
+        input.rows.iter().map(|r| r.count).collect::<Vec<_>>(),
+    )?;
+    rows.set_item(
+        "price",
+        input.rows.iter().map(|r| r.price).collect::<Vec<_>>(),
+    )?;
     d.set_item("rows", rows)?;
     let pools = PyDict::new(py);
-    pools.set_item("slot", input.new_pools.iter().map(|p| p.slot).collect::<Vec<_>>())?;
-    pools.set_item("vm_size", input.new_pools.iter().map(|p| size(p.vm_size)).collect::<Vec<_>>())?;
-    pools.set_item("priority", input.new_pools.iter().map(|p| p.priority.as_str()).collect::<Vec<_>>())?;
+    pools.set_item(
+        "slot",
+        input.new_pools.iter().map(|p| p.slot).collect::<Vec<_>>(),
+    )?;
+    pools.set_item(
+        "vm_size",
+        input
+            .new_pools
+            .iter()
+            .map(|p| size(p.vm_size))
+            .collect::<Vec<_>>(),
+    )?;
+    pools.set_item(
+        "priority",
+        input
+            .new_pools
+            .iter()
+            .map(|p| p.priority.as_str())
+            .collect::<Vec<_>>(),
+    )?;
     pools.set_item(
         "available",
-        input.new_pools.iter().map(|p| (p.available != u64::MAX).then_some(p.available)).collect::<Vec<_>>(),
+        input
+            .new_pools
+            .iter()
+            .map(|p| (p.available != u64::MAX).then_some(p.available))
+            .collect::<Vec<_>>(),
     )?;
-    pools.set_item("price", input.new_pools.iter().map(|p| p.price).collect::<Vec<_>>())?;
+    pools.set_item(
+        "price",
+        input.new_pools.iter().map(|p| p.price).collect::<Vec<_>>(),
+    )?;
     d.set_item("new_pools", pools)?;
     Ok(d)
 }

@@ -17,11 +17,36 @@ use convert::{
     PoolDto, RegionDto, SpecDto,
 };
 
-create_exception!(_core, ScaleSetError, PyException, "Base class of every scaleset error; `.code` is stable.");
-create_exception!(_core, InvalidInputError, ScaleSetError, "The request is malformed or out of range.");
-create_exception!(_core, ConflictError, ScaleSetError, "The request conflicts with current state.");
-create_exception!(_core, NotFoundError, ScaleSetError, "A scale set, instance or zone does not exist.");
-create_exception!(_core, CapacityError, ScaleSetError, "The region cannot supply what was asked.");
+create_exception!(
+    _core,
+    ScaleSetError,
+    PyException,
+    "Base class of every scaleset error; `.code` is stable."
+);
+create_exception!(
+    _core,
+    InvalidInputError,
+    ScaleSetError,
+    "The request is malformed or out of range."
+);
+create_exception!(
+    _core,
+    ConflictError,
+    ScaleSetError,
+    "The request conflicts with current state."
+);
+create_exception!(
+    _core,
+    NotFoundError,
+    ScaleSetError,
+    "A scale set, instance or zone does not exist."
+);
+create_exception!(
+    _core,
+    CapacityError,
+    ScaleSetError,
+    "The region cannot supply what was asked."
+);
 
 /// The one mapping from core errors to Python exceptions: the class by kind, `.code` set on the instance.
 pub(crate) fn to_py_err(e: CoreError) -> PyErr {
@@ -65,7 +90,10 @@ struct Names {
 impl Engine {
     fn with<T>(&self, f: impl FnOnce(&mut core::Engine) -> core::Result<T>) -> core::Result<T> {
         let mut guard = self.inner.lock().map_err(|_| {
-            CoreError::conflict("EnginePoisoned", "the engine was poisoned by an earlier panic; restart the process.")
+            CoreError::conflict(
+                "EnginePoisoned",
+                "the engine was poisoned by an earlier panic; restart the process.",
+            )
         })?;
         f(&mut guard)
     }
@@ -79,9 +107,16 @@ impl Engine {
                 }
                 names.clone()
             }
-            Err(_) => Names { zones: e.region().zones.as_slice().into(), sizes: e.sizes().into() },
+            Err(_) => Names {
+                zones: e.region().zones.as_slice().into(),
+                sizes: e.sizes().into(),
+            },
         };
-        PlanHandle { plan, zones: names.zones, sizes: names.sizes }
+        PlanHandle {
+            plan,
+            zones: names.zones,
+            sizes: names.sizes,
+        }
     }
 }
 
@@ -129,24 +164,62 @@ impl PlanHandle {
 
     /// One planned create: (instance_id, zone, fault_domain, vm_size, priority, reason).
     fn create_at(&self, i: usize) -> PyResult<PlanItem<'_>> {
-        let c = self.plan.creates.get(i).ok_or_else(|| pyo3::exceptions::PyIndexError::new_err(i))?;
-        Ok((c.instance_id, self.zone(c.zone), c.fault_domain, self.size(c.vm_size), c.priority.as_str(), c.describe(&self.zones, &self.sizes)))
+        let c = self
+            .plan
+            .creates
+            .get(i)
+            .ok_or_else(|| pyo3::exceptions::PyIndexError::new_err(i))?;
+        Ok((
+            c.instance_id,
+            self.zone(c.zone),
+            c.fault_domain,
+            self.size(c.vm_size),
+            c.priority.as_str(),
+            c.describe(&self.zones, &self.sizes),
+        ))
     }
 
     /// One planned delete: (instance_id, zone, fault_domain, vm_size, priority, reason).
     fn delete_at(&self, i: usize) -> PyResult<PlanItem<'_>> {
-        let d = self.plan.deletes.get(i).ok_or_else(|| pyo3::exceptions::PyIndexError::new_err(i))?;
-        Ok((d.instance_id, self.zone(d.zone), d.fault_domain, self.size(d.vm_size), d.priority.as_str(), d.describe(&self.zones)))
+        let d = self
+            .plan
+            .deletes
+            .get(i)
+            .ok_or_else(|| pyo3::exceptions::PyIndexError::new_err(i))?;
+        Ok((
+            d.instance_id,
+            self.zone(d.zone),
+            d.fault_domain,
+            self.size(d.vm_size),
+            d.priority.as_str(),
+            d.describe(&self.zones),
+        ))
     }
 
     /// The creates as columns (no reasons): instance_id, zone, fault_domain, vm_size, priority.
     fn create_columns<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        plan_columns(py, &self.zones, &self.sizes, self.plan.creates.iter().map(|c| (c.instance_id, c.zone, c.fault_domain, c.vm_size, c.priority)))
+        plan_columns(
+            py,
+            &self.zones,
+            &self.sizes,
+            self.plan
+                .creates
+                .iter()
+                .map(|c| (c.instance_id, c.zone, c.fault_domain, c.vm_size, c.priority)),
+        )
     }
 
     /// The deletes as columns (no reasons): instance_id, zone, fault_domain, vm_size, priority.
     fn delete_columns<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        plan_columns(py, &self.zones, &self.sizes, self.plan.deletes.iter().map(|d| (d.instance_id, d.zone, d.fault_domain, d.vm_size, d.priority)))
+        plan_columns(
+            py,
+            &self.zones,
+            &self.sizes,
+            self.plan
+                .deletes
+                .iter()
+                .map(|d| (d.instance_id, d.zone, d.fault_domain, d.vm_size, d.priority)),
+        )
     }
 }
 
@@ -166,15 +239,32 @@ impl Engine {
         for pool in dto.pools {
             let priority = parse(&pool.priority, core::Priority::parse)?;
             engine
-                .set_pool_capacity(pool.zone.as_deref(), &pool.vm_size, priority, pool.available, Some(pool.price))
+                .set_pool_capacity(
+                    pool.zone.as_deref(),
+                    &pool.vm_size,
+                    priority,
+                    pool.available,
+                    Some(pool.price),
+                )
                 .map_err(to_py_err)?;
         }
-        let names = Names { zones: engine.region().zones.as_slice().into(), sizes: engine.sizes().into() };
-        Ok(Self { inner: Mutex::new(engine), names: Mutex::new(names) })
+        let names = Names {
+            zones: engine.region().zones.as_slice().into(),
+            sizes: engine.sizes().into(),
+        };
+        Ok(Self {
+            inner: Mutex::new(engine),
+            names: Mutex::new(names),
+        })
     }
 
     /// Validates and stores a scale set, scales it to `capacity`; returns (stored spec, plan).
-    fn create_scale_set(&self, py: Python<'_>, spec: &Bound<'_, PyAny>, capacity: u64) -> PyResult<(SpecDto, PlanHandle)> {
+    fn create_scale_set(
+        &self,
+        py: Python<'_>,
+        spec: &Bound<'_, PyAny>,
+        capacity: u64,
+    ) -> PyResult<(SpecDto, PlanHandle)> {
         let spec = spec_from_dto(extract(spec, "spec")?)?;
         let (stored, handle) = detached(py, || {
             self.with(|e| {
@@ -203,12 +293,16 @@ impl Engine {
 
     /// Names of all scale sets, sorted.
     fn list_scale_sets(&self, py: Python<'_>) -> PyResult<Vec<String>> {
-        detached(py, || self.with(|e| Ok(e.scale_sets().map(|s| s.spec.name.clone()).collect())))
+        detached(py, || {
+            self.with(|e| Ok(e.scale_sets().map(|s| s.spec.name.clone()).collect()))
+        })
     }
 
     /// The id the next new instance of `name` will get.
     fn next_instance_id(&self, py: Python<'_>, name: &str) -> PyResult<u64> {
-        detached(py, || self.with(|e| Ok(e.scale_set(name)?.next_instance_id)))
+        detached(py, || {
+            self.with(|e| Ok(e.scale_set(name)?.next_instance_id))
+        })
     }
 
     /// Puts back a saved scale set exactly: stored spec (with model version), instances as columns, next id.
@@ -221,7 +315,9 @@ impl Engine {
     ) -> PyResult<()> {
         let spec = spec_from_dto(extract(spec, "spec")?)?;
         let inputs = convert::instance_inputs(extract(columns, "instances")?)?;
-        detached(py, || self.with(|e| e.restore_scale_set(spec, inputs, next_instance_id)))
+        detached(py, || {
+            self.with(|e| e.restore_scale_set(spec, inputs, next_instance_id))
+        })
     }
 
     fn capacity(&self, py: Python<'_>, name: &str) -> PyResult<u64> {
@@ -234,26 +330,59 @@ impl Engine {
 
     /// The instances of one scale set as columns (see `InstanceColumns`).
     fn instances(&self, py: Python<'_>, name: &str) -> PyResult<InstanceColumns> {
-        detached(py, || self.with(|e| Ok(instance_columns(e, e.scale_set(name)?))))
+        detached(py, || {
+            self.with(|e| Ok(instance_columns(e, e.scale_set(name)?)))
+        })
     }
 
     #[pyo3(signature = (name, capacity, dry_run=false))]
-    fn set_capacity(&self, py: Python<'_>, name: &str, capacity: u64, dry_run: bool) -> PyResult<PlanHandle> {
-        detached(py, || self.with(|e| e.set_capacity(name, capacity, dry_run).map(|plan| self.handle(e, plan))))
+    fn set_capacity(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        capacity: u64,
+        dry_run: bool,
+    ) -> PyResult<PlanHandle> {
+        detached(py, || {
+            self.with(|e| {
+                e.set_capacity(name, capacity, dry_run)
+                    .map(|plan| self.handle(e, plan))
+            })
+        })
     }
 
     /// Adopts instances given as columns (the same shape `instances()` returns).
-    fn import_instances(&self, py: Python<'_>, name: &str, columns: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn import_instances(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        columns: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         let inputs = convert::instance_inputs(extract(columns, "instances")?)?;
         detached(py, || self.with(|e| e.import_instances(name, inputs)))
     }
 
-    fn delete_instances(&self, py: Python<'_>, name: &str, instance_ids: Vec<u64>) -> PyResult<PlanHandle> {
-        detached(py, || self.with(|e| e.delete_instances(name, &instance_ids).map(|plan| self.handle(e, plan))))
+    fn delete_instances(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        instance_ids: Vec<u64>,
+    ) -> PyResult<PlanHandle> {
+        detached(py, || {
+            self.with(|e| {
+                e.delete_instances(name, &instance_ids)
+                    .map(|plan| self.handle(e, plan))
+            })
+        })
     }
 
     /// Evicts Spot instances; returns (deleted ids, deallocated ids).
-    fn evict(&self, py: Python<'_>, name: &str, instance_ids: Vec<u64>) -> PyResult<(Vec<u64>, Vec<u64>)> {
+    fn evict(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        instance_ids: Vec<u64>,
+    ) -> PyResult<(Vec<u64>, Vec<u64>)> {
         let ev = detached(py, || self.with(|e| e.evict(name, &instance_ids)))?;
         Ok((ev.deleted, ev.deallocated))
     }
@@ -267,14 +396,32 @@ impl Engine {
         protect_from_scale_set_actions: bool,
     ) -> PyResult<()> {
         detached(py, || {
-            self.with(|e| e.set_protection(name, &instance_ids, protect_from_scale_in, protect_from_scale_set_actions))
+            self.with(|e| {
+                e.set_protection(
+                    name,
+                    &instance_ids,
+                    protect_from_scale_in,
+                    protect_from_scale_set_actions,
+                )
+            })
         })
     }
 
     /// Records health for many instances atomically: `health[i]` is the state of `instance_ids[i]`.
-    fn report_health(&self, py: Python<'_>, name: &str, instance_ids: Vec<u64>, health: Vec<String>) -> PyResult<()> {
-        let health = health.iter().map(|h| parse(h, core::Health::parse)).collect::<PyResult<Vec<_>>>()?;
-        detached(py, || self.with(|e| e.report_health(name, &instance_ids, &health)))
+    fn report_health(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        instance_ids: Vec<u64>,
+        health: Vec<String>,
+    ) -> PyResult<()> {
+        let health = health
+            .iter()
+            .map(|h| parse(h, core::Health::parse))
+            .collect::<PyResult<Vec<_>>>()?;
+        detached(py, || {
+            self.with(|e| e.report_health(name, &instance_ids, &health))
+        })
     }
 
     fn set_zone_available(&self, py: Python<'_>, zone: &str, available: bool) -> PyResult<()> {
@@ -292,20 +439,35 @@ impl Engine {
         price: Option<f64>,
     ) -> PyResult<()> {
         let priority = parse(priority, core::Priority::parse)?;
-        detached(py, || self.with(|e| e.set_pool_capacity(zone, vm_size, priority, available, price)))
+        detached(py, || {
+            self.with(|e| e.set_pool_capacity(zone, vm_size, priority, available, price))
+        })
     }
 
     /// The scale set grouped into pools for the rebalancer (see `scaleset.rebalance`), as plain columns.
     fn rebalance_input<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyDict>> {
         let (input, zones, sizes) = detached(py, || {
-            self.with(|e| Ok((e.rebalance_input(name)?, e.region().zones.clone(), e.sizes().to_vec())))
+            self.with(|e| {
+                Ok((
+                    e.rebalance_input(name)?,
+                    e.region().zones.clone(),
+                    e.sizes().to_vec(),
+                ))
+            })
         })?;
         convert::rebalance_input_to_py(py, &input, &zones, &sizes)
     }
 
     /// Which instances leave: `removals[r]` of pool row `r` (oldest first).
-    fn select_rebalance_deletes(&self, py: Python<'_>, name: &str, removals: Vec<u64>) -> PyResult<Vec<u64>> {
-        detached(py, || self.with(|e| e.select_rebalance_deletes(name, &removals)))
+    fn select_rebalance_deletes(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        removals: Vec<u64>,
+    ) -> PyResult<Vec<u64>> {
+        detached(py, || {
+            self.with(|e| e.select_rebalance_deletes(name, &removals))
+        })
     }
 
     /// Applies rebalance moves: creates as (zone, fault_domain, vm_size, priority) columns, then deletes.
@@ -320,18 +482,37 @@ impl Engine {
         priorities: Vec<String>,
         deletes: Vec<u64>,
     ) -> PyResult<PlanHandle> {
-        if [fault_domains.len(), vm_sizes.len(), priorities.len()].iter().any(|&l| l != zones.len()) {
-            return Err(to_py_err(CoreError::invalid(core::codes::INVALID_PARAMETER, "create columns must all have the same length.")));
+        if [fault_domains.len(), vm_sizes.len(), priorities.len()]
+            .iter()
+            .any(|&l| l != zones.len())
+        {
+            return Err(to_py_err(CoreError::invalid(
+                core::codes::INVALID_PARAMETER,
+                "create columns must all have the same length.",
+            )));
         }
-        let priorities = priorities.iter().map(|p| parse(p, core::Priority::parse)).collect::<PyResult<Vec<_>>>()?;
+        let priorities = priorities
+            .iter()
+            .map(|p| parse(p, core::Priority::parse))
+            .collect::<PyResult<Vec<_>>>()?;
         detached(py, || {
             self.with(|e| {
                 let mut creates = Vec::with_capacity(zones.len());
                 for (k, zone) in zones.iter().enumerate() {
-                    let slot = zone.as_deref().map(|z| e.region().zone_index(z)).transpose()?;
-                    let size = e.sizes().iter().position(|s| *s == vm_sizes[k]).ok_or_else(|| {
-                        CoreError::invalid(core::codes::INVALID_PARAMETER, format!("unknown VM size '{}'.", vm_sizes[k]))
-                    })?;
+                    let slot = zone
+                        .as_deref()
+                        .map(|z| e.region().zone_index(z))
+                        .transpose()?;
+                    let size = e
+                        .sizes()
+                        .iter()
+                        .position(|s| *s == vm_sizes[k])
+                        .ok_or_else(|| {
+                            CoreError::invalid(
+                                core::codes::INVALID_PARAMETER,
+                                format!("unknown VM size '{}'.", vm_sizes[k]),
+                            )
+                        })?;
                     creates.push((slot, fault_domains[k], size as u16, priorities[k]));
                 }
                 let plan = e.apply_rebalance(name, &creates, &deletes)?;
@@ -349,17 +530,36 @@ impl Engine {
         prioritize_unhealthy: bool,
         cross_zone: bool,
     ) -> PyResult<Vec<Vec<u64>>> {
-        detached(py, || self.with(|e| e.plan_upgrade_batches(name, batch_size, prioritize_unhealthy, cross_zone)))
+        detached(py, || {
+            self.with(|e| {
+                e.plan_upgrade_batches(name, batch_size, prioritize_unhealthy, cross_zone)
+            })
+        })
     }
 
     /// Moves instances to the current model in place; health becomes Initializing.
-    fn upgrade_instances(&self, py: Python<'_>, name: &str, instance_ids: Vec<u64>) -> PyResult<()> {
-        detached(py, || self.with(|e| e.upgrade_instances(name, &instance_ids)))
+    fn upgrade_instances(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        instance_ids: Vec<u64>,
+    ) -> PyResult<()> {
+        detached(py, || {
+            self.with(|e| e.upgrade_instances(name, &instance_ids))
+        })
     }
 
     /// Puts instances back on an earlier model version; health becomes Initializing.
-    fn roll_back_instances(&self, py: Python<'_>, name: &str, instance_ids: Vec<u64>, model_version: u64) -> PyResult<()> {
-        detached(py, || self.with(|e| e.roll_back_instances(name, &instance_ids, model_version)))
+    fn roll_back_instances(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        instance_ids: Vec<u64>,
+        model_version: u64,
+    ) -> PyResult<()> {
+        detached(py, || {
+            self.with(|e| e.roll_back_instances(name, &instance_ids, model_version))
+        })
     }
 
     /// The region as it stands: zones, which are down, fault domains, pools.
@@ -381,7 +581,9 @@ impl Engine {
                         .pools
                         .iter()
                         .map(|(k, p)| PoolDto {
-                            zone: k.zone.map(|z| core::zone_label(&r.zones, Some(z)).to_owned()),
+                            zone: k
+                                .zone
+                                .map(|z| core::zone_label(&r.zones, Some(z)).to_owned()),
                             vm_size: k.vm_size.clone(),
                             priority: k.priority.as_str().to_owned(),
                             available: p.available,

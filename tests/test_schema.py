@@ -1,0 +1,111 @@
+"""One schema: the Python model (scaleset.model) declares every spec field and its default; the proto and
+the Rust core must agree with it. Adding a field fails here until every representation has it."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
+import pytest
+from scaleset import (
+    AutomaticRepairsPolicy,
+    AutomaticZoneRebalancingPolicy,
+    Engine,
+    PriorityMixPolicy,
+    Region,
+    ScaleSetSpec,
+    Sku,
+    SkuProfile,
+    VmSize,
+    model,
+)
+from scaleset.convert import spec_from_proto, spec_to_proto
+from scaleset.v1 import scaleset_pb2 as pb
+
+MESSAGES = [
+    (model.ScaleSetSpec, pb.ScaleSetSpec),
+    (model.Sku, pb.Sku),
+    (model.SkuProfile, pb.SkuProfile),
+    (model.VmSize, pb.VmSize),
+    (model.PriorityMixPolicy, pb.PriorityMixPolicy),
+    (model.ScaleInPolicy, pb.ScaleInPolicy),
+    (model.AutomaticZoneRebalancingPolicy, pb.AutomaticZoneRebalancingPolicy),
+    (model.UpgradePolicy, pb.UpgradePolicy),
+    (model.RollingUpgradePolicy, pb.RollingUpgradePolicy),
+    (model.AutomaticRepairsPolicy, pb.AutomaticRepairsPolicy),
+]
+
+
+def field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("cls", "message"), MESSAGES, ids=[c.__name__ for c, _ in MESSAGES])
+def test_proto_fields_are_the_model_fields(cls: type, message: Any) -> None:
+    assert sorted(message.DESCRIPTOR.fields_by_name) == sorted(field_names(cls))
+
+
+@pytest.mark.parametrize(("cls", "message"), MESSAGES, ids=[c.__name__ for c, _ in MESSAGES])
+def test_optional_model_fields_have_presence_in_proto(cls: type, message: Any) -> None:
+    """A field that may be None in Python is one the proto can leave unset (optional or a message)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.default is None:
+            fd = message.DESCRIPTOR.fields_by_name[f.name]
+            assert fd.has_presence, f"{cls.__name__}.{f.name} may be None but the proto cannot leave it unset"
+            assert type(None) in typing.get_args(hints[f.name])
+
+
+def full_spec() -> ScaleSetSpec:
+    """Every optional part set, so every nested object crosses the boundary."""
+    return ScaleSetSpec(
+        name="web",
+        zones=["1", "2"],
+        sku=Sku(name="Mix"),
+        sku_profile=SkuProfile(
+            vm_sizes=[VmSize("Standard_D2s_v5", rank=0), VmSize("Standard_D4s_v5", rank=1)],
+            allocation_strategy="Prioritized",
+        ),
+        priority="Spot",
+        eviction_policy="Delete",
+        max_price=0.5,
+        priority_mix_policy=PriorityMixPolicy(2, 50),
+        automatic_zone_rebalancing_policy=AutomaticZoneRebalancingPolicy(enabled=True),
+        automatic_repairs_policy=AutomaticRepairsPolicy(enabled=True),
+        platform_fault_domain_count=1,
+        single_placement_group=False,
+    )
+
+
+def keys(value: Any) -> Any:
+    """The nested key structure of plain data (lists reduced to their first item's keys)."""
+    if isinstance(value, dict):
+        return {k: keys(v) for k, v in value.items()}
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        return [keys(value[0])]
+    return None
+
+
+def test_the_rust_model_has_the_same_fields() -> None:
+    engine = Engine(Region(zones=["1", "2"]))
+    engine.create_scale_set(full_spec())
+    stored = engine._core.get_spec("web")  # the Rust model, serialised field by field by the binding
+    assert keys(stored) == keys(full_spec().to_dict())
+
+
+def test_defaults_agree_between_python_proto_and_rust() -> None:
+    minimal = ScaleSetSpec(name="web", zones=["1"], sku=Sku(name="Standard_D2s_v5"))
+    # The proto's unset fields mean the model's defaults (nothing is restated in the conversion).
+    assert (
+        spec_from_proto(pb.ScaleSetSpec(name="web", zones=["1"], sku=pb.Sku(name="Standard_D2s_v5")))
+        == minimal
+    )
+    assert spec_from_proto(spec_to_proto(full_spec())) == full_spec()
+    # The core fills Azure's defaults where Python leaves None; everything Python defaults, it keeps.
+    engine = Engine(Region(zones=["1"]))
+    engine.create_scale_set(minimal)
+    stored = engine.get_spec("web").to_dict()
+    for name, value in minimal.to_dict().items():
+        if value is not None and name != "model_version":
+            assert stored[name] == value, name
