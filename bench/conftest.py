@@ -19,14 +19,35 @@ LOAD: dict[str, Any] = {}
 REBALANCE: dict[str, tuple[int, int, float, str]] = {}
 
 
+#: The gates: the least speed-up (baseline median / core median, same run) each group must show. About
+#: half of each target or of the speed-up measured when the benchmark was written, so noise on these
+#: 2-core machines cannot cross them but a real regression (a lost fast path, an O(N) rescan) does.
+FLOORS: dict[str, float] = {
+    "scale_out_0_to_1000": 40.0,  # measured 89-109x
+    "scale_out_0_to_100000": 25.0,  # measured 47-59x
+    "scale_in_one_decision_1k": 30.0,  # measured 70x
+    "scale_in_1k_to_0_one_at_a_time": 22.0,  # target 50x, measured 45-59x
+    "upgrade_batches_1000": 40.0,  # measured 91-105x
+    "upgrade_batches_100000": 40.0,  # measured 83-98x
+    "rebalance_1000": 50.0,  # per-VM model against the pool model, measured 515x
+}
+
+
 @pytest.fixture
 def record(benchmark: Any) -> Any:
-    """Call ``record(kind)`` after a benchmark ran, to file its median under its group."""
+    """Call ``record(kind)`` after a benchmark ran, to file its median under its group. Once a group has
+    both its core and its baseline, its speed-up is held to :data:`FLOORS`."""
 
     def _record(kind: str) -> None:
         stats = getattr(benchmark, "stats", None)
-        if stats is not None and benchmark.group:
-            MEDIANS[benchmark.group][kind] = stats.stats.median
+        if stats is None or not benchmark.group:
+            return
+        group = benchmark.group
+        MEDIANS[group][kind] = stats.stats.median
+        medians = MEDIANS[group]
+        if group in FLOORS and {"core", "baseline"} <= set(medians):
+            speedup = medians["baseline"] / medians["core"]
+            assert speedup >= FLOORS[group], f"{group}: {speedup:.1f}x, below the gate of {FLOORS[group]}x"
 
     return _record
 

@@ -1,13 +1,31 @@
 #!/usr/bin/env bash
-# The one test command (README): installs scaleset with its test extras (a release build of the Rust
-# core), then runs every test: Rust unit and property tests, the native module's type stubs, the Python
-# suite (unit, property, end-to-end gRPC), and the benchmarks once as a smoke test.
+# The one test command (README, CONTRIBUTING, CI): installs scaleset with its test extras (a release build
+# of the Rust core), then runs every gate: formatters and linters (ruff, cargo fmt, clippy), Rust unit and
+# property tests, the native module's type stubs, mypy strict, the Python suite (unit, property,
+# architecture, schema, end-to-end gRPC), and the benchmarks with their speed-up floors.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+step() { printf '\n== %s\n' "$*"; }
+
+step install
 python3 -m pip install --quiet --disable-pip-version-check '.[test]'
+
+step "lint: ruff check, ruff format --check, cargo fmt --check, cargo clippy -D warnings"
+python3 -m ruff check python tests bench build_backend.py
+python3 -m ruff format --check python tests bench build_backend.py
+cargo fmt --manifest-path rust/Cargo.toml --all -- --check
+cargo clippy --quiet --manifest-path rust/Cargo.toml --workspace --all-targets -- -D warnings
+
+step "rust: unit and property tests"
 cargo test --quiet --manifest-path rust/Cargo.toml --workspace
+
+step "types: stubtest, mypy strict"
 python3 -m mypy.stubtest scaleset._core
 python3 -m mypy
+
+step "python: tests"
 python3 -m pytest
-python3 -m pytest bench --benchmark-disable -q
+
+step "benchmarks: gated speed-ups (ratios against same-run baselines)"
+python3 -m pytest bench --benchmark-only -q
