@@ -74,7 +74,9 @@ def test_load(benchmark: Any, target: str, workload: str, full_calls: int) -> No
         LOAD[workload] = result
         if workload in FLOORS and "echo" in LOAD:
             share = result.per_second / LOAD["echo"].per_second
-            assert share >= FLOORS[workload], f"{workload}: {share:.2f}x echo, below the gate of {FLOORS[workload]}x"
+            assert share >= FLOORS[workload], (
+                f"{workload}: {share:.2f}x echo, below the gate of {FLOORS[workload]}x"
+            )
     if workload == "set_capacity":
         with grpc.insecure_channel(target) as channel:
             stub = pb_grpc.ScaleSetsStub(channel)

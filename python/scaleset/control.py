@@ -96,6 +96,8 @@ class ControlPlane:
         self._closing = False
         self._committer: asyncio.Task[None] | None = None
         self._last_commit: asyncio.Future[None] | None = None
+        #: Set while the state is rebuilt from the store after a failed commit; reads wait for it.
+        self._reloading: asyncio.Event | None = None
         self._subscribers: set[asyncio.Queue[EventRecord | None]] = set()
         self._inflight: dict[str, asyncio.Future[bytes]] = {}
         self._recent: dict[str, RequestRecord] = {}
@@ -182,6 +184,8 @@ class ControlPlane:
         last = self._last_commit
         if last is not None and not last.done():
             await asyncio.shield(last)
+        if (reloading := self._reloading) is not None:
+            await reloading.wait()
         return self.controller
 
     def revision(self, name: str) -> int:
@@ -400,6 +404,8 @@ class ControlPlane:
 
     async def _fail_and_reload(self, batch: list[_Pending], exc: Exception) -> None:
         async with self._lock:
+            # Reads wait until the state is rebuilt: none may see the changes that were not committed.
+            reloading = self._reloading = asyncio.Event()
             failed = batch + self._queue
             self._queue = []
             for p in failed:
@@ -411,6 +417,9 @@ class ControlPlane:
             except Exception:
                 log.exception("reloading the state from the store failed; refusing further changes")
                 self.healthy = False
+            finally:
+                self._reloading = None
+                reloading.set()
 
     def _remember(self, record: RequestRecord) -> None:
         self._recent[record.request_id] = record

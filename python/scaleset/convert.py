@@ -76,13 +76,13 @@ def _to_message(obj: Any, msg: Any) -> None:
             continue
         fd = msg.DESCRIPTOR.fields_by_name[f.name]
         target = getattr(msg, f.name)
-        if fd.message_type is not None and fd.label == fd.LABEL_REPEATED:
+        if fd.message_type is not None and fd.is_repeated:
             for item in value:
                 _to_message(item, target.add())
         elif fd.message_type is not None:
             target.SetInParent()
             _to_message(value, target)
-        elif fd.label == fd.LABEL_REPEATED:
+        elif fd.is_repeated:
             target.extend(value)
         else:
             setattr(msg, f.name, value)
@@ -100,11 +100,11 @@ def _from_message(cls: type[T], msg: Any) -> T:
             default = f.default_factory()
         else:
             default = dataclasses.MISSING
-        if fd.message_type is not None and fd.label == fd.LABEL_REPEATED:
+        if fd.message_type is not None and fd.is_repeated:
             kwargs[f.name] = [_from_message(hints[f.name], v) for v in value]
         elif fd.message_type is not None:
             kwargs[f.name] = _from_message(hints[f.name], value) if msg.HasField(f.name) else default
-        elif fd.label == fd.LABEL_REPEATED:
+        elif fd.is_repeated:
             kwargs[f.name] = list(value) or default
         elif fd.has_presence:
             kwargs[f.name] = value if msg.HasField(f.name) else default

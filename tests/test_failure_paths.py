@@ -1,0 +1,104 @@
+"""Paths that only run when something goes wrong: a store that cannot commit (a real SQLite "database or
+disk is full"), a watcher that falls behind, a client that retries, and the INTERNAL mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from scaleset import Instance, Region
+from scaleset.client import Client
+from scaleset.errors import InvalidInputError, UnavailableError
+from scaleset.service import status_for
+from scaleset.testing.server import ServerThread
+from tests.conftest import SIZE, zonal_spec
+
+REGION = Region(zones=["1", "2", "3"], fault_domains_per_zone=3)
+MANY = [Instance(instance_id=1000 + i, zone="1", vm_size=SIZE, name="x" * 200) for i in range(900)]
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerThread]:
+    with ServerThread(str(tmp_path / "state.db"), REGION) as s:
+        yield s
+
+
+def disk_full(server: ServerThread, full: bool) -> None:
+    """Caps (or uncaps) the database file at its current size, as a full disk would."""
+    writer = server.control._store._writer  # type: ignore[attr-defined]
+    pages = writer.execute("PRAGMA page_count").fetchone()[0]
+    writer.execute(f"PRAGMA max_page_count = {pages if full else 2**30}")
+
+
+def test_a_failed_commit_is_not_acknowledged_and_leaves_no_trace(server: ServerThread) -> None:
+    with Client(server.target, retries=0) as c:
+        info, _ = c.create_scale_set(zonal_spec(), 3)
+        disk_full(server, True)
+        with pytest.raises(UnavailableError) as caught:
+            c.import_instances("web", MANY, request_id="big-import")
+        assert caught.value.code == "StoreUnavailable"
+        # The engine was rolled back to the store: nothing of the failed change is visible.
+        after = c.get_scale_set("web")
+        assert (after.capacity, after.revision) == (3, info.revision)
+        disk_full(server, False)
+        # The same request, retried, applies exactly once.
+        c.import_instances("web", MANY, request_id="big-import")
+        c.import_instances("web", MANY, request_id="big-import")
+        again = c.get_scale_set("web")
+        assert (again.capacity, again.revision) == (3 + len(MANY), info.revision + 1)
+
+
+def test_the_client_retries_unavailable_with_the_same_request_id(server: ServerThread) -> None:
+    with Client(server.target, retries=6) as c:
+        c.create_scale_set(zonal_spec(), 3)
+        disk_full(server, True)
+        # The disk frees up while the client backs off (0.1 s, 0.2 s, 0.4 s, ...).
+        timer = threading.Timer(0.25, disk_full, (server, False))
+        timer.start()
+        c.import_instances("web", MANY)
+        timer.join()
+        assert c.get_scale_set("web").capacity == 3 + len(MANY)
+
+
+def test_a_watcher_that_falls_behind_catches_up_from_the_store_without_gaps(server: ServerThread) -> None:
+    import scaleset.control as control_module
+
+    control = server.control
+    backlog = control_module.WATCH_BACKLOG
+
+    async def watch_slowly() -> list[int]:
+        control_module.WATCH_BACKLOG = 5  # a small buffer, so a short burst overflows it
+        try:
+            stream = control.watch("", 0)
+            seen = [(await anext(stream)).sequence]
+            with Client(server.target) as c:
+                await asyncio.to_thread(lambda: [c.set_capacity("web", n) for n in range(1, 21)])
+            while len(seen) < 21:
+                seen.append((await anext(stream)).sequence)
+            await stream.aclose()
+            return seen
+        finally:
+            control_module.WATCH_BACKLOG = backlog
+
+    with Client(server.target) as c:
+        c.create_scale_set(zonal_spec(), 0)
+    assert server.call(watch_slowly()) == list(range(1, 22))
+
+
+def test_anything_unexpected_is_internal_and_says_nothing_of_its_cause() -> None:
+    status = status_for(KeyError("secret detail"))
+    assert status.code == grpc.StatusCode.INTERNAL
+    assert "secret" not in status.details and "logged" in status.details
+
+
+def test_errors_carry_the_field_at_fault_across_the_wire(server: ServerThread) -> None:
+    with Client(server.target) as c:
+        c.create_scale_set(zonal_spec(), 1)
+        with pytest.raises(InvalidInputError) as caught:
+            c.set_repairs_service_state("web", "Sometimes")
+        assert caught.value.field == "state" and caught.value.code == "InvalidParameter"
