@@ -10,12 +10,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from scaleset import Instance, Region
 from scaleset.client import Client
 from scaleset.errors import InvalidInputError, UnavailableError
 from scaleset.service import status_for
 from scaleset.testing.server import ServerThread
+
 from tests.conftest import SIZE, zonal_spec
 
 REGION = Region(zones=["1", "2", "3"], fault_domains_per_zone=3)
