@@ -430,18 +430,19 @@ impl Engine {
                     format!("instance id {id} already exists in scale set '{name}'."),
                 ));
             }
-            let zone =
-                match &input.zone {
-                    None => None,
-                    Some(z) if spec.zones.contains(z) => Some(self.region.zone_index(z)?),
-                    Some(z) => return Err(CoreError::invalid(
+            let zone = match &input.zone {
+                None => None,
+                Some(z) if spec.zones.contains(z) => Some(self.region.zone_index(z)?),
+                Some(z) => {
+                    return Err(CoreError::invalid(
                         codes::INVALID_PARAMETER,
                         format!(
                             "instance {id}: zone '{z}' is not one of the scale set's zones {:?}.",
                             spec.zones
                         ),
-                    )),
-                };
+                    ))
+                }
+            };
             if input.fault_domain >= span {
                 return Err(CoreError::invalid(
                     codes::INVALID_PARAMETER,

@@ -22,7 +22,7 @@ macro_rules! azure_enum {
                 Err(CoreError::invalid(
                     $code,
                     format!("{} '{}' is not valid; use one of: {}.", $field, text, allowed.join(", ")),
-                ))
+                ).at($field))
             }
         }
 

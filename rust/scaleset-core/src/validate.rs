@@ -26,7 +26,8 @@ fn check_name(name: &str) -> Result<()> {
             format!(
                 "scale set name '{name}' is invalid: use 1 to 64 letters, digits, '-', '_' or '.', starting with a letter or digit."
             ),
-        ));
+        )
+        .at("name"));
     }
     Ok(())
 }
