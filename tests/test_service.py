@@ -20,7 +20,7 @@ from scaleset.testing.server import ServerThread
 from scaleset.v1 import scaleset_pb2 as pb
 from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
 
-from tests.conftest import SIZE, zonal_spec
+from tests.conftest import SIZE, take, zonal_spec
 
 REGION = Region(zones=["1", "2", "3"], fault_domains_per_zone=3)
 
@@ -368,6 +368,12 @@ def test_rebalance_rpc_plans_applies_and_survives_restart(tmp_path: Path) -> Non
         assert [w.creates[0].instance_id for w in applied.waves] == [12, 13, 14, 15]
         info = c.get_scale_set("web")
         assert info.revision == 2 and info.capacity == 12
+        # Watchers see the applied moves as a plan: the created and the deleted instances.
+        (event,) = [e for e in take(c.watch("web"), 2) if e.type == "ScaleSetRebalanced"]
+        assert event.plan is not None
+        assert [p.instance_id for p in event.plan.creates] == [12, 13, 14, 15] and len(
+            event.plan.deletes
+        ) == 4
         before = c.list_instances("web")
         with pytest.raises(ConflictError) as stale:
             c.rebalance("web", dry_run=False, etag='W/"1"')

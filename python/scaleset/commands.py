@@ -496,7 +496,14 @@ class Rebalance(Command):
         return RebalanceMoves(self.name, tuple(map(tuple, creates)), tuple(deletes))
 
     def describe(self, result: Any) -> dict[str, Any]:
-        return {"text": f"{result.replacements} instances replaced ({result.status})"}
+        # Watchers see the applied moves as a plan, like every other change of instances.
+        plan = Plan(
+            self.name, result.capacity, result.capacity, result.dry_run, result.creates, result.deletes
+        )
+        return {
+            **_plan_description(plan),
+            "text": f"{result.replacements} instances replaced ({result.status})",
+        }
 
 
 # ----- upgrades, repairs and time ----------------------------------------------------------------------
