@@ -4,10 +4,10 @@ commands existed (which carried their time inside) still decode, so existing dat
 from __future__ import annotations
 
 import pytest
-
 from scaleset import Controller, Instance, Region
 from scaleset import commands as cmd
 from scaleset.errors import InvalidInputError
+
 from tests.conftest import SIZE, zonal_spec
 
 T0 = 1_800_000_000.0
