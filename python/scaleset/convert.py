@@ -139,29 +139,21 @@ def plan_to_proto(plan: Plan, summary_only: bool = False) -> pb.Plan:
         delete_count=len(plan.deletes),
     )
     if not summary_only:
-        msg.creates.extend(
-            pb.PlannedChange(
-                instance_id=c.instance_id,
-                zone=c.zone or "",
-                fault_domain=c.fault_domain,
-                vm_size=c.vm_size,
-                priority=c.priority,
-                reason=c.reason,
-            )
-            for c in plan.creates
-        )
-        msg.deletes.extend(
-            pb.PlannedChange(
-                instance_id=d.instance_id,
-                zone=d.zone or "",
-                fault_domain=d.fault_domain,
-                vm_size=d.vm_size,
-                priority=d.priority,
-                reason=d.reason,
-            )
-            for d in plan.deletes
-        )
+        msg.creates.extend(map(_planned_change, plan.creates))
+        msg.deletes.extend(map(_planned_change, plan.deletes))
     return msg
+
+
+def _planned_change(item: PlannedCreate | PlannedDelete) -> pb.PlannedChange:
+    """One planned create or delete (of a capacity plan or a rebalance wave) as its message."""
+    return pb.PlannedChange(
+        instance_id=item.instance_id,
+        zone=item.zone or "",
+        fault_domain=item.fault_domain,
+        vm_size=item.vm_size,
+        priority=item.priority,
+        reason=item.reason,
+    )
 
 
 def plan_from_proto(msg: pb.Plan) -> Plan:
@@ -247,16 +239,8 @@ def rebalance_plan_to_proto(plan: RebalancePlan) -> pb.RebalancePlan:
         )
     for wave in plan.waves:
         w = msg.waves.add(index=wave.index)
-        for target, moves in ((w.creates, wave.creates), (w.deletes, wave.deletes)):
-            for m in moves:
-                target.add(
-                    instance_id=m.instance_id or 0,
-                    zone=m.zone or "",
-                    fault_domain=m.fault_domain,
-                    vm_size=m.vm_size,
-                    priority=m.priority,
-                    reason=m.reason,
-                )
+        w.creates.extend(map(_planned_change, wave.creates))
+        w.deletes.extend(map(_planned_change, wave.deletes))
     return msg
 
 
