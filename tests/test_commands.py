@@ -4,7 +4,17 @@ commands existed (which carried their time inside) still decode, so existing dat
 from __future__ import annotations
 
 import pytest
-from scaleset import Controller, Instance, Region
+from scaleset import (
+    AutoscaleCapacity,
+    AutoscaleProfile,
+    AutoscaleSetting,
+    Controller,
+    Instance,
+    MetricTrigger,
+    Region,
+    ScaleAction,
+    ScaleRule,
+)
 from scaleset import commands as cmd
 from scaleset.errors import InvalidInputError
 
@@ -30,6 +40,20 @@ EXAMPLES: list[cmd.Command] = [
     cmd.SetRepairsServiceState("web", "Suspended"),
     cmd.SetZoneAvailability("2", False),
     cmd.SetPoolCapacity("1", SIZE, "Spot", 10, 0.02),
+    cmd.SetAutoscaleSetting(
+        "web",
+        AutoscaleSetting(
+            [
+                AutoscaleProfile(
+                    "default",
+                    AutoscaleCapacity(1, 5, 2),
+                    (ScaleRule(MetricTrigger("cpu", "GreaterThan", 70.0), ScaleAction("Increase")),),
+                )
+            ]
+        ),
+    ),
+    cmd.DeleteAutoscaleSetting("web"),
+    cmd.ReportMetrics("web", (("cpu", (T0, T0 + 60), (50.0, 60.5)),)),
 ]
 
 

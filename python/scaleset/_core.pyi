@@ -3,10 +3,12 @@
 from typing import Any, final
 
 __all__ = [
+    "AutoscaleRules",
     "CapacityError",
     "ConflictError",
     "Engine",
     "InvalidInputError",
+    "MetricBuffer",
     "NotFoundError",
     "PlanHandle",
     "ScaleSetError",
@@ -91,3 +93,29 @@ class Engine:
     ) -> PlanHandle: ...
 
 def parse_duration(text: str) -> float | None: ...
+
+@final
+class AutoscaleRules:
+    def __new__(cls, rules: list[dict[str, Any]]) -> AutoscaleRules: ...
+    def __len__(self) -> int: ...
+
+@final
+class MetricBuffer:
+    SAMPLE_BYTES: int
+    def __new__(cls, default_retention_ms: int, max_samples: int) -> MetricBuffer: ...
+    def set_retention(self, scale_set: str, retention_ms: int) -> None: ...
+    def add(self, scale_set: str, metric: str, times_ms: list[int], values: list[float]) -> None: ...
+    def remove_scale_set(self, scale_set: str) -> None: ...
+    def export(self) -> list[tuple[str, str, list[int], list[float]]]: ...
+    def sample_count(self) -> int: ...
+    def evaluate(
+        self,
+        scale_set: str,
+        rules: AutoscaleRules,
+        capacity: int,
+        minimum: int,
+        maximum: int,
+        default: int,
+        now_ms: int,
+        cooldown_until_ms: int | None,
+    ) -> dict[str, Any]: ...

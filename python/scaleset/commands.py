@@ -20,7 +20,7 @@ from typing import Any, ClassVar, TypeVar
 
 from scaleset.engine import Engine, check_count
 from scaleset.errors import invalid_input
-from scaleset.model import Eviction, Instance, Plan, ScaleSetSpec
+from scaleset.model import AutoscaleSetting, Eviction, Instance, Plan, ScaleSetSpec
 from scaleset.policies.common import Action
 from scaleset.policies.runner import PolicyRunner
 
@@ -29,6 +29,7 @@ __all__ = [
     "CancelRollingUpgrade",
     "Command",
     "CreateScaleSet",
+    "DeleteAutoscaleSetting",
     "DeleteInstances",
     "DeleteScaleSet",
     "EvictInstances",
@@ -36,6 +37,8 @@ __all__ = [
     "Rebalance",
     "RebalanceMoves",
     "ReportHealth",
+    "ReportMetrics",
+    "SetAutoscaleSetting",
     "SetCapacity",
     "SetPoolCapacity",
     "SetProtection",
@@ -577,6 +580,84 @@ class SetRepairsServiceState(Command):
 
     def describe(self, result: None) -> dict[str, Any]:
         return {"text": f"automatic repairs {self.state}"}
+
+
+# ----- autoscale ---------------------------------------------------------------------------------------
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class SetAutoscaleSetting(Command):
+    """Creates or replaces a scale set's autoscale setting (its cooldown and history carry over)."""
+
+    op: ClassVar[str] = "set_autoscale"
+    event_type: ClassVar[str] = "AutoscaleSettingSet"
+    name: str
+    setting: AutoscaleSetting
+
+    def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> AutoscaleSetting:
+        return policies.set_autoscale_setting(engine, self.name, self.setting)
+
+    def describe(self, result: AutoscaleSetting) -> dict[str, Any]:
+        state = "enabled" if result.enabled else "disabled"
+        return {"text": f"autoscale setting {state}: {len(result.profiles)} profiles"}
+
+    def encode(self) -> dict[str, Any]:
+        return {"op": self.op, "name": self.name, "setting": self.setting.to_dict()}
+
+    @classmethod
+    def from_fields(cls, data: Mapping[str, Any]) -> Command:
+        return cls(data["name"], AutoscaleSetting.from_dict(data["setting"]))
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class DeleteAutoscaleSetting(Command):
+    op: ClassVar[str] = "delete_autoscale"
+    event_type: ClassVar[str] = "AutoscaleSettingDeleted"
+    name: str
+
+    def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> None:
+        engine.capacity(self.name)
+        policies.delete_autoscale_setting(self.name)
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class ReportMetrics(Command):
+    """Samples pushed for a scale set: (metric name, times in seconds, values) series."""
+
+    op: ClassVar[str] = "metrics"
+    event_type: ClassVar[str] = "MetricsReported"
+    name: str
+    series: tuple[tuple[str, tuple[float, ...], tuple[float, ...]], ...]
+
+    def validate(self) -> None:
+        _require_name(self.name)
+        for metric, times, values in self.series:
+            if len(times) != len(values):
+                raise invalid_input(
+                    f"metric {metric!r} has {len(times)} times and {len(values)} values; send one value per time.",
+                    field="metrics.samples",
+                )
+
+    def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> None:
+        for metric, times, values in self.series:
+            policies.report_metrics(engine, self.name, metric, times, values)
+
+    def describe(self, result: None) -> dict[str, Any]:
+        return {"text": f"{sum(len(t) for _, t, _ in self.series)} samples of {len(self.series)} metrics"}
+
+    def encode(self) -> dict[str, Any]:
+        return {
+            "op": self.op,
+            "name": self.name,
+            "series": [[m, list(t), list(v)] for m, t, v in self.series],
+        }
+
+    @classmethod
+    def from_fields(cls, data: Mapping[str, Any]) -> Command:
+        return cls(data["name"], tuple((m, tuple(t), tuple(v)) for m, t, v in data["series"]))
 
 
 # ----- region -------------------------------------------------------------------------------------------

@@ -16,7 +16,16 @@ from typing import TYPE_CHECKING, Any
 
 from scaleset import commands as cmd
 from scaleset.engine import Engine
-from scaleset.model import Eviction, Instance, Plan, Region, ScaleSet, ScaleSetSpec
+from scaleset.model import (
+    AutoscaleDecision,
+    AutoscaleSetting,
+    Eviction,
+    Instance,
+    Plan,
+    Region,
+    ScaleSet,
+    ScaleSetSpec,
+)
 from scaleset.policies import Action, PolicyRunner, RollingUpgrade, ZoneBalanceOperation
 
 if TYPE_CHECKING:
@@ -197,6 +206,47 @@ class Controller:
     def zone_balance_operation(self, name: str) -> ZoneBalanceOperation | None:
         """The automatic zone balance operation in progress on ``name``, if any."""
         return self.policies.zone_balance_operation(name)
+
+    # ----- autoscale -----------------------------------------------------------------------------
+
+    def set_autoscale_setting(
+        self, name: str, setting: AutoscaleSetting, *, now: float | None = None
+    ) -> AutoscaleSetting:
+        """Creates or replaces ``name``'s autoscale setting; :meth:`advance` applies its decisions."""
+        return self.execute(cmd.SetAutoscaleSetting(name, setting), now)  # type: ignore[no-any-return]
+
+    def get_autoscale_setting(self, name: str) -> AutoscaleSetting | None:
+        """``name``'s autoscale setting, or None."""
+        self.engine.capacity(name)
+        return self.policies.get_autoscale_setting(name)
+
+    def delete_autoscale_setting(self, name: str, *, now: float | None = None) -> None:
+        """Removes ``name``'s autoscale setting: its capacity stays where it is."""
+        self.execute(cmd.DeleteAutoscaleSetting(name), now)
+
+    def report_metrics(
+        self,
+        name: str,
+        metric: str,
+        samples: Iterable[tuple[float, float]],
+        *,
+        now: float | None = None,
+    ) -> None:
+        """Pushes samples of ``metric`` for ``name``: (time in seconds since the epoch, value) pairs, one per
+        instance and time or one per time for the whole scale set."""
+        pairs = list(samples)
+        series = ((metric, tuple(t for t, _ in pairs), tuple(v for _, v in pairs)),)
+        self.execute(cmd.ReportMetrics(name, series), now)
+
+    def evaluate_autoscale(self, name: str, now: float | None = None) -> AutoscaleDecision:
+        """What autoscale would decide for ``name`` at ``now`` (a dry run): the profile, the rule, the
+        metric values, and every bound, cooldown and flapping adjustment, in words."""
+        return self.policies.evaluate_autoscale(self.engine, name, self.now if now is None else now)
+
+    def autoscale_history(self, name: str) -> list[AutoscaleDecision]:
+        """``name``'s recorded autoscale decisions (scales, skips, forecasts), oldest first."""
+        self.engine.capacity(name)
+        return self.policies.autoscale_history(name)
 
     # ----- region ---------------------------------------------------------------------------------
 

@@ -15,17 +15,19 @@ from typing import Any
 from scaleset import _core
 from scaleset.errors import invalid_input
 from scaleset.model import (
+    AutoscaleCapacity,
     Eviction,
     Instance,
     Plan,
     Region,
+    ScaleRule,
     ScaleSet,
     ScaleSetSpec,
 )
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "check_count", "duration_seconds"]
+__all__ = ["Engine", "MetricBuffer", "check_count", "compile_rules", "duration_seconds"]
 
 _INSTANCE_COLUMNS = (
     "instance_id",
@@ -299,3 +301,92 @@ class Engine:
     def describe_region(self) -> Region:
         """The region as it stands now: zones, zones down, and every configured pool."""
         return Region.from_dict(self._core.region())
+
+
+# ----- autoscale: the metric buffer and the decision rules live in the core ------------------------------
+
+
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)
+
+
+def compile_rules(rules: Sequence[ScaleRule]) -> Any:
+    """A profile's rules, parsed by the core once (enum values are checked here, with their field)."""
+    return _core.AutoscaleRules(
+        [
+            {
+                "metric_name": r.metric_trigger.metric_name,
+                "time_grain_ms": _ms(
+                    duration_seconds(r.metric_trigger.time_grain, "metric_trigger.time_grain")
+                ),
+                "time_window_ms": _ms(
+                    duration_seconds(r.metric_trigger.time_window, "metric_trigger.time_window")
+                ),
+                "statistic": r.metric_trigger.statistic,
+                "time_aggregation": r.metric_trigger.time_aggregation,
+                "operator": r.metric_trigger.operator,
+                "threshold": float(r.metric_trigger.threshold),
+                "divide_per_instance": bool(r.metric_trigger.divide_per_instance),
+                "direction": r.scale_action.direction,
+                "scale_type": r.scale_action.type,
+                "value": r.scale_action.value,
+                "cooldown_ms": _ms(duration_seconds(r.scale_action.cooldown, "scale_action.cooldown")),
+            }
+            for r in rules
+        ]
+    )
+
+
+class MetricBuffer:
+    """Pushed metrics of every scale set, held by the core: bounded by each scale set's retention (its
+    setting's largest window) and by ``max_samples`` per series, however long the server runs.
+
+    Times are seconds since the epoch.
+    """
+
+    #: Bytes one buffered sample costs in the core.
+    SAMPLE_BYTES: int = _core.MetricBuffer.SAMPLE_BYTES
+
+    def __init__(self, default_retention_s: float = 3600.0, max_samples: int = 100_000) -> None:
+        self._core = _core.MetricBuffer(_ms(default_retention_s), max_samples)
+
+    def set_retention(self, scale_set: str, seconds: float) -> None:
+        self._core.set_retention(scale_set, _ms(seconds))
+
+    def add(self, scale_set: str, metric: str, times: Sequence[float], values: Sequence[float]) -> None:
+        self._core.add(scale_set, metric, [_ms(t) for t in times], [float(v) for v in values])
+
+    def remove(self, scale_set: str) -> None:
+        self._core.remove_scale_set(scale_set)
+
+    def sample_count(self) -> int:
+        return int(self._core.sample_count())
+
+    def export(self) -> list[list[Any]]:
+        """Every series as [scale set, metric, times in ms, values], for snapshots."""
+        return [[s, m, t, v] for s, m, t, v in self._core.export()]
+
+    def restore(self, series: Sequence[Sequence[Any]]) -> None:
+        for scale_set, metric, times_ms, values in series:
+            self._core.add(scale_set, metric, list(times_ms), list(values))
+
+    def evaluate(
+        self,
+        scale_set: str,
+        rules: Any,
+        capacity: int,
+        bounds: AutoscaleCapacity,
+        now: float,
+        cooldown_until: float | None,
+    ) -> dict[str, Any]:
+        """The core's decision for the active profile (compiled by :func:`compile_rules`) at ``now``."""
+        return self._core.evaluate(
+            scale_set,
+            rules,
+            capacity,
+            bounds.minimum,
+            bounds.maximum,
+            bounds.default,
+            _ms(now),
+            None if cooldown_until is None else _ms(cooldown_until),
+        )

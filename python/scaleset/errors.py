@@ -35,6 +35,7 @@ __all__ = [
     "conflict",
     "error",
     "invalid_input",
+    "not_found",
     "unavailable",
 ]
 
@@ -70,6 +71,11 @@ def invalid_input(
 ) -> InvalidInputError:
     """An :class:`InvalidInputError` for arguments rejected before they reach the core."""
     return error(InvalidInputError, message, code, field=field)  # type: ignore[return-value]
+
+
+def not_found(message: str, code: str) -> NotFoundError:
+    """A :class:`NotFoundError` raised by the Python layers."""
+    return error(NotFoundError, message, code)  # type: ignore[return-value]
 
 
 def unavailable(message: str) -> UnavailableError:

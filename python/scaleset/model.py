@@ -19,20 +19,31 @@ from scaleset.errors import invalid_input
 __all__ = [
     "AutomaticRepairsPolicy",
     "AutomaticZoneRebalancingPolicy",
+    "AutoscaleCapacity",
+    "AutoscaleDecision",
+    "AutoscaleProfile",
+    "AutoscaleSetting",
     "Eviction",
     "Instance",
+    "MetricTrigger",
     "Plan",
     "PlannedCreate",
     "PlannedDelete",
     "Pool",
+    "PredictiveAutoscalePolicy",
     "PriorityMixPolicy",
+    "Recurrence",
+    "RecurrentSchedule",
     "Region",
     "RollingUpgradePolicy",
+    "ScaleAction",
     "ScaleInPolicy",
+    "ScaleRule",
     "ScaleSet",
     "ScaleSetSpec",
     "Sku",
     "SkuProfile",
+    "TimeWindow",
     "UpgradePolicy",
     "VmSize",
 ]
@@ -442,6 +453,172 @@ class Eviction:
     deallocated: tuple[int, ...]
 
 
+# ----- autoscale (Azure Monitor autoscale settings, snake_cased; reference section 9) ------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AutoscaleCapacity:
+    """A profile's bounds: autoscale keeps the count within ``minimum``-``maximum``; ``default`` is where it
+    scales out to when a metric cannot be read."""
+
+    minimum: int
+    maximum: int
+    default: int
+
+    def __post_init__(self) -> None:
+        for name in ("minimum", "maximum", "default"):
+            _check_int(self, name)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricTrigger:
+    """What a rule watches. Samples in ``time_window`` are grouped into ``time_grain``s; each grain's
+    ``statistic`` is taken over its samples, then ``time_aggregation`` combines the grains; the result
+    (divided by the instance count with ``divide_per_instance``) is compared with ``threshold``.
+
+    ``query`` (ours, not Azure's): a PromQL expression read from the server's Prometheus at each evaluation
+    instead of pushed samples; its result is recorded as samples of ``metric_name``.
+    """
+
+    metric_name: str
+    operator: str
+    threshold: float
+    time_grain: str = "PT1M"
+    statistic: str = "Average"
+    time_window: str = "PT5M"
+    time_aggregation: str = "Average"
+    divide_per_instance: bool = False
+    query: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.threshold, int) and not isinstance(self.threshold, bool):
+            object.__setattr__(self, "threshold", float(self.threshold))
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleAction:
+    """What a rule does: ``direction`` Increase or Decrease, by ``type`` ChangeCount, PercentChangeCount,
+    ExactCount or ServiceAllowedNextValue with ``value``; then no action for ``cooldown``."""
+
+    direction: str
+    type: str = "ChangeCount"
+    value: int = 1
+    cooldown: str = "PT5M"
+
+    def __post_init__(self) -> None:
+        _check_int(self, "value", 1)
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleRule:
+    metric_trigger: MetricTrigger
+    scale_action: ScaleAction
+
+
+@dataclass(frozen=True, slots=True)
+class TimeWindow:
+    """A fixed-date profile's period: local date-times (ISO 8601) in ``time_zone`` (Windows or IANA name)."""
+
+    start: str
+    end: str
+    time_zone: str = "UTC"
+
+
+@dataclass(frozen=True, slots=True)
+class RecurrentSchedule:
+    """When a weekly profile starts: on ``days`` (Monday ... Sunday) at each ``hours``:``minutes`` in
+    ``time_zone``; it lasts until the next recurring profile starts."""
+
+    time_zone: str
+    days: Sequence[str]
+    hours: Sequence[int]
+    minutes: Sequence[int]
+
+    def __post_init__(self) -> None:
+        for name in ("days", "hours", "minutes"):
+            _freeze(self, name)
+
+
+@dataclass(frozen=True, slots=True)
+class Recurrence:
+    schedule: RecurrentSchedule
+    frequency: str = "Week"
+
+
+@dataclass(frozen=True, slots=True)
+class AutoscaleProfile:
+    """Bounds and rules that apply at a time: a fixed date, a weekly recurrence, or neither (the default)."""
+
+    name: str
+    capacity: AutoscaleCapacity
+    rules: Sequence[ScaleRule] = ()
+    fixed_date: TimeWindow | None = None
+    recurrence: Recurrence | None = None
+
+    def __post_init__(self) -> None:
+        _freeze(self, "rules")
+
+
+@dataclass(frozen=True, slots=True)
+class PredictiveAutoscalePolicy:
+    """``scale_mode`` Disabled, ForecastOnly (record what it would do) or Enabled (scale out ahead of
+    forecast demand by ``scale_look_ahead_time``, 5 to 60 minutes)."""
+
+    scale_mode: str = "Disabled"
+    scale_look_ahead_time: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AutoscaleSetting:
+    """A scale set's autoscale setting: up to 20 profiles, of which one applies at a time."""
+
+    profiles: Sequence[AutoscaleProfile]
+    enabled: bool = True
+    predictive_autoscale_policy: PredictiveAutoscalePolicy | None = None
+
+    def __post_init__(self) -> None:
+        _freeze(self, "profiles")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)  # type: ignore[no-any-return]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AutoscaleSetting:
+        return _from_plain(cls, data, "autoscale_setting")
+
+
+@dataclass(frozen=True, slots=True)
+class AutoscaleDecision:
+    """One evaluation of a scale set's autoscale setting, in words.
+
+    ``kind``: Scale (to ``capacity``), NoAction, Skipped (a scale held back by the cooldown, the flapping
+    check, a rolling upgrade or a failed scale), PredictiveScaleOut (ahead of forecast demand), Disabled or
+    NoProfile. ``forecast`` is the forecast metric when predictive autoscale wanted more instances (with
+    ForecastOnly it is recorded, not acted on).
+    """
+
+    scale_set: str
+    time: float
+    kind: str
+    capacity_before: int
+    capacity: int
+    profile: str = ""
+    rule: int | None = None
+    metric_values: Mapping[str, float | None] = field(default_factory=dict)
+    forecast: float | None = None
+    explanation: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        _freeze(self, "explanation")
+
+    @property
+    def reason(self) -> str:
+        head = f"autoscale ({self.profile or 'no profile'}): {self.kind}"
+        if self.rule is not None:
+            head += f" by rule {self.rule + 1}"
+        return f"{head}, {self.capacity_before} -> {self.capacity}; " + "; ".join(self.explanation)
+
+
 # ----- plain-data conversion (dicts for the native core, the CLI's YAML/JSON and the gRPC layer) -----
 
 
@@ -502,5 +679,14 @@ _NESTED.update(
         "ScaleSetSpec.automatic_repairs_policy": _one(AutomaticRepairsPolicy),
         "SkuProfile.vm_sizes": _many(VmSize),
         "Region.pools": _many(Pool),
+        "AutoscaleSetting.profiles": _many(AutoscaleProfile),
+        "AutoscaleSetting.predictive_autoscale_policy": _one(PredictiveAutoscalePolicy),
+        "AutoscaleProfile.capacity": _one(AutoscaleCapacity),
+        "AutoscaleProfile.rules": _many(ScaleRule),
+        "AutoscaleProfile.fixed_date": _one(TimeWindow),
+        "AutoscaleProfile.recurrence": _one(Recurrence),
+        "Recurrence.schedule": _one(RecurrentSchedule),
+        "ScaleRule.metric_trigger": _one(MetricTrigger),
+        "ScaleRule.scale_action": _one(ScaleAction),
     }
 )

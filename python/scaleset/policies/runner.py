@@ -9,12 +9,14 @@ set at one instant. The runner's state is plain data (:meth:`export`, :meth:`res
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
-from scaleset.engine import Engine
-from scaleset.errors import conflict, invalid_input
-from scaleset.model import ScaleSetSpec
-from scaleset.policies import repairs, upgrade, zone_balance
+from scaleset.engine import Engine, MetricBuffer
+from scaleset.errors import conflict, invalid_input, not_found
+from scaleset.model import AutoscaleDecision, AutoscaleSetting, ScaleSetSpec
+from scaleset.policies import autoscale, repairs, upgrade, zone_balance
+from scaleset.policies.autoscale import AutoscaleState
 from scaleset.policies.common import Action
 from scaleset.policies.repairs import RepairState
 from scaleset.policies.upgrade import RollingUpgrade
@@ -26,9 +28,12 @@ __all__ = ["PolicyRunner"]
 
 
 class PolicyRunner:
-    """Rolling upgrades, automatic repairs and automatic zone balance of every scale set of one engine."""
+    """Rolling upgrades, automatic repairs, autoscale and automatic zone balance of every scale set of one
+    engine, and the pushed metrics autoscale reads."""
 
     def __init__(self) -> None:
+        self.metrics = MetricBuffer()
+        self._autoscale: dict[str, AutoscaleState] = {}
         #: When a user last changed each scale set (Azure's PUT/PATCH/POST), for quiet and grace periods.
         self._modified: dict[str, float] = {}
         self._zone_balance: dict[str, ZoneBalanceOperation] = {}
@@ -36,6 +41,8 @@ class PolicyRunner:
         self._upgrades: dict[str, RollingUpgrade] = {}
         self._upgrade_pending: set[str] = set()
         self._repairs: dict[str, RepairState] = {}
+        #: Metric names pushed for scale sets without an autoscale setting (bounded like the others).
+        self._loose_metrics: dict[str, set[str]] = {}
 
     # ----- what the commands tell the runner ----------------------------------------------------------
 
@@ -100,6 +107,16 @@ class PolicyRunner:
             busy = set(current.in_batch) if current is not None and current.active else set()
             repair = self._repairs.setdefault(n, RepairState())
             actions += repairs.step(engine, n, now, repair, self._modified.get(n), busy)
+            if (scaling := self._autoscale.get(n)) is not None:
+                waiting = "a rolling upgrade is in progress" if busy else None
+                decision, done_by_autoscale = autoscale.step(engine, self.metrics, n, scaling, now, waiting)
+                if (
+                    decision is not None
+                    and decision.capacity != decision.capacity_before
+                    and done_by_autoscale
+                ):
+                    self.changed(n, now, capacity=True)
+                actions += done_by_autoscale
             op, started, done = zone_balance.step(
                 engine,
                 n,
@@ -170,6 +187,69 @@ class PolicyRunner:
         """The automatic zone balance operation in progress on ``name``, if any."""
         return self._zone_balance.get(name)
 
+    # ----- autoscale ---------------------------------------------------------------------------------------
+
+    def set_autoscale_setting(self, engine: Engine, name: str, setting: AutoscaleSetting) -> AutoscaleSetting:
+        """Validates and stores ``name``'s autoscale setting (its cooldown and history carry over)."""
+        engine.capacity(name)  # NotFound for an unknown scale set
+        autoscale.validate(setting)
+        previous = self._autoscale.get(name)
+        state = AutoscaleState(setting)
+        if previous is not None:
+            state.cooldown_until, state.history, state.metric_names = (
+                previous.cooldown_until,
+                previous.history,
+                previous.metric_names,
+            )
+            state.forecasts = previous.forecasts
+        else:
+            state.metric_names = self._loose_metrics.pop(name, set())
+        self._autoscale[name] = state
+        self.metrics.set_retention(name, autoscale.retention_s(setting))
+        return setting
+
+    def get_autoscale_setting(self, name: str) -> AutoscaleSetting | None:
+        state = self._autoscale.get(name)
+        return None if state is None else state.setting
+
+    def delete_autoscale_setting(self, name: str) -> None:
+        if self._autoscale.pop(name, None) is None:
+            raise not_found(f"scale set '{name}' has no autoscale setting.", "AutoscaleSettingNotFound")
+
+    def report_metrics(
+        self, engine: Engine, name: str, metric: str, times: Sequence[float], values: Sequence[float]
+    ) -> None:
+        """Adds samples of ``metric`` for ``name`` (per instance or per set; times in seconds)."""
+        engine.capacity(name)
+        if not isinstance(metric, str) or not metric or len(metric) > 256:
+            raise invalid_input("metric_name must be 1 to 256 characters.", field="metric_name")
+        state = self._autoscale.get(name)
+        known = state.metric_names if state is not None else self._loose_metrics.setdefault(name, set())
+        if metric not in known and len(known) >= autoscale.MAX_METRICS:
+            raise invalid_input(
+                f"scale set '{name}' already reports {autoscale.MAX_METRICS} distinct metrics; "
+                "reuse a metric name or delete old ones by recreating the autoscale setting.",
+                "TooManyMetrics",
+                field="metric_name",
+            )
+        self.metrics.add(name, metric, times, values)
+        known.add(metric)
+        if state is not None:
+            autoscale.record_forecast_samples(state, metric, list(times), list(values))
+
+    def evaluate_autoscale(self, engine: Engine, name: str, now: float) -> AutoscaleDecision:
+        """What autoscale would decide for ``name`` at ``now`` (a dry run)."""
+        engine.capacity(name)
+        state = self._autoscale.get(name)
+        if state is None:
+            raise not_found(f"scale set '{name}' has no autoscale setting.", "AutoscaleSettingNotFound")
+        return autoscale.evaluate(engine, self.metrics, name, state, now)
+
+    def autoscale_history(self, name: str) -> list[AutoscaleDecision]:
+        """The recorded decisions of ``name`` (scales, skips, forecasts), oldest first."""
+        state = self._autoscale.get(name)
+        return [] if state is None else list(state.history)
+
     # ----- snapshots ------------------------------------------------------------------------------------------
 
     def export(self) -> dict[str, Any]:
@@ -181,6 +261,8 @@ class PolicyRunner:
             "upgrades": {n: u.to_dict() for n, u in self._upgrades.items()},
             "upgrade_pending": sorted(self._upgrade_pending),
             "repairs": {n: r.to_dict() for n, r in self._repairs.items()},
+            "autoscale": {n: a.to_dict() for n, a in self._autoscale.items()},
+            "metrics": self.metrics.export(),
         }
 
     @classmethod
@@ -195,4 +277,8 @@ class PolicyRunner:
         runner._upgrades = {n: RollingUpgrade.from_dict(u) for n, u in state.get("upgrades", {}).items()}
         runner._upgrade_pending = set(state.get("upgrade_pending", []))
         runner._repairs = {n: RepairState.from_dict(r) for n, r in state.get("repairs", {}).items()}
+        runner._autoscale = {n: AutoscaleState.from_dict(a) for n, a in state.get("autoscale", {}).items()}
+        for n, a in runner._autoscale.items():
+            runner.metrics.set_retention(n, autoscale.retention_s(a.setting))
+        runner.metrics.restore(state.get("metrics", []))
         return runner

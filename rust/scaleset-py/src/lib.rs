@@ -11,6 +11,7 @@ use pyo3::types::PyDict;
 use scaleset_core as core;
 use scaleset_core::{CoreError, ErrorKind};
 
+mod autoscale;
 mod convert;
 use convert::{
     extract, instance_columns, parse, plan_columns, spec_from_dto, spec_to_dto, InstanceColumns,
@@ -609,6 +610,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Engine>()?;
     m.add_class::<PlanHandle>()?;
     m.add_function(wrap_pyfunction!(parse_duration, m)?)?;
+    m.add_class::<autoscale::MetricBuffer>()?;
+    m.add_class::<autoscale::AutoscaleRules>()?;
     m.add("ScaleSetError", py.get_type::<ScaleSetError>())?;
     m.add("InvalidInputError", py.get_type::<InvalidInputError>())?;
     m.add("ConflictError", py.get_type::<ConflictError>())?;
