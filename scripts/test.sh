@@ -10,6 +10,13 @@ step() { printf '\n== %s\n' "$*"; }
 
 step install
 python3 -m pip install --quiet --disable-pip-version-check '.[test]'
+# Real components, not mocks: the autoscale tests start Debian's Prometheus themselves (a temporary
+# directory, a free port, stopped afterwards); it only has to be installed.
+if ! command -v prometheus >/dev/null 2>&1; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
 
 step "lint: ruff check, ruff format --check, cargo fmt --check, cargo clippy -D warnings"
 python3 -m ruff check python tests bench build_backend.py

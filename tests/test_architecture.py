@@ -19,7 +19,7 @@ LAYERS = [
     {"rebalance", "policies"},
     {"commands"},
     {"controller"},
-    {"store", "control", "documents"},
+    {"store", "control", "documents", "prometheus"},
     {"convert", "service", "client", "cli", "__main__", "v1"},
     {"testing"},
 ]

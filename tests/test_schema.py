@@ -34,6 +34,16 @@ MESSAGES = [
     (model.UpgradePolicy, pb.UpgradePolicy),
     (model.RollingUpgradePolicy, pb.RollingUpgradePolicy),
     (model.AutomaticRepairsPolicy, pb.AutomaticRepairsPolicy),
+    (model.AutoscaleSetting, pb.AutoscaleSetting),
+    (model.AutoscaleProfile, pb.AutoscaleProfile),
+    (model.AutoscaleCapacity, pb.AutoscaleCapacity),
+    (model.ScaleRule, pb.ScaleRule),
+    (model.MetricTrigger, pb.MetricTrigger),
+    (model.ScaleAction, pb.ScaleAction),
+    (model.TimeWindow, pb.TimeWindow),
+    (model.Recurrence, pb.Recurrence),
+    (model.RecurrentSchedule, pb.RecurrentSchedule),
+    (model.PredictiveAutoscalePolicy, pb.PredictiveAutoscalePolicy),
 ]
 
 
@@ -109,3 +119,73 @@ def test_defaults_agree_between_python_proto_and_rust() -> None:
     for name, value in minimal.to_dict().items():
         if value is not None and name != "model_version":
             assert stored[name] == value, name
+
+
+def test_autoscale_settings_round_trip_and_unset_fields_take_the_defaults() -> None:
+    from scaleset import (
+        AutoscaleCapacity,
+        AutoscaleProfile,
+        AutoscaleSetting,
+        MetricTrigger,
+        PredictiveAutoscalePolicy,
+        Recurrence,
+        RecurrentSchedule,
+        ScaleAction,
+        ScaleRule,
+        TimeWindow,
+    )
+    from scaleset.convert import autoscale_setting_from_proto, autoscale_setting_to_proto
+
+    full = AutoscaleSetting(
+        [
+            AutoscaleProfile(
+                "default",
+                AutoscaleCapacity(1, 5, 2),
+                [
+                    ScaleRule(
+                        MetricTrigger("cpu", "GreaterThan", 70.0, query="avg(cpu)"),
+                        ScaleAction("Increase", value=2),
+                    ),
+                ],
+            ),
+            AutoscaleProfile(
+                "weekday",
+                AutoscaleCapacity(2, 5, 2),
+                recurrence=Recurrence(RecurrentSchedule("UTC", ["Monday"], [8], [0])),
+            ),
+            AutoscaleProfile(
+                "launch",
+                AutoscaleCapacity(3, 5, 3),
+                fixed_date=TimeWindow("2027-01-01T00:00", "2027-01-02T00:00"),
+            ),
+        ],
+        enabled=False,
+        predictive_autoscale_policy=PredictiveAutoscalePolicy("Enabled", "PT10M"),
+    )
+    assert autoscale_setting_from_proto(autoscale_setting_to_proto(full)) == full
+    minimal = pb.AutoscaleSetting(
+        profiles=[
+            pb.AutoscaleProfile(
+                name="p",
+                capacity=pb.AutoscaleCapacity(minimum=1, maximum=2, default=1),
+                rules=[
+                    pb.ScaleRule(
+                        metric_trigger=pb.MetricTrigger(metric_name="cpu", operator="LessThan", threshold=5),
+                        scale_action=pb.ScaleAction(direction="Decrease"),
+                    )
+                ],
+            )
+        ]
+    )
+    expected = AutoscaleSetting(
+        [
+            AutoscaleProfile(
+                "p",
+                AutoscaleCapacity(1, 2, 1),
+                [
+                    ScaleRule(MetricTrigger("cpu", "LessThan", 5.0), ScaleAction("Decrease")),
+                ],
+            )
+        ]
+    )
+    assert autoscale_setting_from_proto(minimal) == expected

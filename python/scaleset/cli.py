@@ -35,10 +35,12 @@ async def run_server(
     metrics_port: int = 0,
     instance_limit: int | None = None,
     grace: float = 5.0,
-    advance_interval: float = 10.0,
+    advance_interval: float = 30.0,
+    prometheus_url: str | None = None,
 ) -> None:
     """Runs the service until SIGTERM or SIGINT, then drains in-flight calls and commits. Every
-    ``advance_interval`` seconds the time-driven policies (automatic zone balance) advance to the clock."""
+    ``advance_interval`` seconds the time-driven policies (rolling upgrades, repairs, autoscale, automatic
+    zone balance) advance to the clock, after the autoscale queries are read from ``prometheus_url``."""
     from prometheus_client import start_http_server
 
     from scaleset.control import ControlPlane
@@ -60,9 +62,17 @@ async def run_server(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    source = None
+    if prometheus_url:
+        from scaleset.prometheus import PrometheusSource, pull_metrics
+
+        source = PrometheusSource(prometheus_url)
+
     async def drive_policies() -> None:
         while not stop.is_set():
             try:
+                if source is not None:
+                    await pull_metrics(control, source)
                 for action in await control.advance():
                     log.info("%s %s: %s", action.scale_set, action.kind, action.reason)
             except Exception:
@@ -94,6 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             instance_limit=args.instance_limit,
             grace=args.grace,
             advance_interval=args.advance_interval,
+            prometheus_url=args.prometheus_url,
         )
     )
     return 0
@@ -351,6 +362,50 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def render_decision(d: Any) -> str:
+    """One autoscale decision: when, what, and every reason."""
+    import datetime as dt
+
+    when = dt.datetime.fromtimestamp(d.time, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    head = f"{when}  {d.kind:<18} {d.capacity_before} -> {d.capacity}  profile {d.profile or '-'}"
+    if d.rule is not None:
+        head += f"  rule {d.rule + 1}"
+    values = ", ".join(f"{k}={'-' if v is None else f'{v:.4g}'}" for k, v in d.metric_values.items())
+    lines = [head] + ([f"    metrics: {values}"] if values else [])
+    if d.forecast is not None:
+        lines.append(f"    forecast: {d.forecast:.4g}")
+    lines += [f"    {e}" for e in d.explanation]
+    return "\n".join(lines)
+
+
+def cmd_autoscale(args: argparse.Namespace) -> int:
+    from scaleset.documents import autoscale_from_document, load_document
+
+    with _client(args) as client:
+        if args.action == "set":
+            setting, ignored = autoscale_from_document(load_document(args.file))
+            stored = client.set_autoscale_setting(args.name, setting)
+            print(f"{args.name}: autoscale setting with {len(stored.profiles)} profiles stored")
+            if ignored:
+                print(f"ignored (not modelled): {', '.join(ignored)}", file=sys.stderr)
+        elif args.action == "show":
+            print(json.dumps(client.get_autoscale_setting(args.name).to_dict(), indent=2))
+        elif args.action == "delete":
+            client.delete_autoscale_setting(args.name)
+            print(f"{args.name}: autoscale setting deleted")
+        elif args.action == "evaluate":
+            print(render_decision(client.evaluate_autoscale(args.name)))
+        elif args.action == "history":
+            for decision in client.autoscale_history(args.name, args.limit):
+                print(render_decision(decision))
+        elif args.action == "report":
+            import time
+
+            accepted = client.report_metrics(args.name, args.metric, [(time.time(), v) for v in args.values])
+            print(f"{args.name}: {accepted} samples of {args.metric} accepted")
+    return 0
+
+
 def cmd_region(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.action == "zone":
@@ -402,8 +457,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--advance-interval",
         type=float,
-        default=10.0,
-        help="seconds between runs of the time-driven policies (automatic zone balance)",
+        default=30.0,
+        help="seconds between runs of the time-driven policies: rolling upgrades, repairs, autoscale "
+        "(Azure evaluates every 30 to 60 s), automatic zone balance (default: %(default)s)",
+    )
+    p.add_argument(
+        "--prometheus-url",
+        help="Prometheus server (http://host:9090) that autoscale triggers with a PromQL query read from",
     )
     p.set_defaults(func=cmd_serve)
 
@@ -472,6 +532,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["start", "status", "cancel"])
     p.add_argument("name")
     p.set_defaults(func=cmd_upgrade)
+
+    p = sub.add_parser("autoscale", help="autoscale settings, pushed metrics, decisions and their history")
+    asub = p.add_subparsers(dest="action", required=True)
+    a = asub.add_parser(
+        "set", help="store a setting (Azure's JSON/YAML, or a whole ARM autoscaleSettings resource)"
+    )
+    a.add_argument("name")
+    a.add_argument("-f", "--file", required=True, help="the setting document ('-' reads stdin)")
+    for action, text in (
+        ("show", "print the stored setting"),
+        ("delete", "remove the setting"),
+        ("evaluate", "what autoscale would decide now, and why"),
+    ):
+        asub.add_parser(action, help=text).add_argument("name")
+    a = asub.add_parser("history", help="recorded decisions, newest first")
+    a.add_argument("name")
+    a.add_argument("--limit", type=int, default=20)
+    a = asub.add_parser("report", help="push samples of a metric now (one per value)")
+    a.add_argument("name")
+    a.add_argument("metric")
+    a.add_argument("values", type=float, nargs="+")
+    p.set_defaults(func=cmd_autoscale)
 
     p = sub.add_parser("region", help="show the region, mark a zone up/down, set pool capacity")
     rsub = p.add_subparsers(dest="action")

@@ -28,7 +28,7 @@ from scaleset.errors import (
     UnavailableError,
     error,
 )
-from scaleset.model import Eviction, Instance, Plan, Region, ScaleSetSpec
+from scaleset.model import AutoscaleDecision, AutoscaleSetting, Eviction, Instance, Plan, Region, ScaleSetSpec
 from scaleset.v1 import scaleset_pb2 as pb
 from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
 
@@ -94,6 +94,7 @@ class Client:
         self._scale_sets = pb_grpc.ScaleSetsStub(self._channel)
         self._regions = pb_grpc.RegionsStub(self._channel)
         self._diagnostics = pb_grpc.DiagnosticsStub(self._channel)
+        self._autoscale = pb_grpc.AutoscaleStub(self._channel)
         self._timeout = timeout
         self._retries = retries
 
@@ -321,6 +322,58 @@ class Client:
             name=name, state=state, request_id=self._request_id(request_id)
         )
         self._call(self._scale_sets.SetRepairsServiceState, request)
+
+    # ----- autoscale --------------------------------------------------------------------------------
+
+    def set_autoscale_setting(
+        self, name: str, setting: AutoscaleSetting, *, etag: str = "", request_id: str | None = None
+    ) -> AutoscaleSetting:
+        request = pb.SetAutoscaleSettingRequest(
+            name=name,
+            setting=convert.autoscale_setting_to_proto(setting),
+            etag=etag,
+            request_id=self._request_id(request_id),
+        )
+        return convert.autoscale_setting_from_proto(
+            self._call(self._autoscale.SetAutoscaleSetting, request).setting
+        )
+
+    def get_autoscale_setting(self, name: str) -> AutoscaleSetting:
+        reply = self._call(self._autoscale.GetAutoscaleSetting, pb.GetAutoscaleSettingRequest(name=name))
+        return convert.autoscale_setting_from_proto(reply.setting)
+
+    def delete_autoscale_setting(self, name: str, *, request_id: str | None = None) -> None:
+        request = pb.DeleteAutoscaleSettingRequest(name=name, request_id=self._request_id(request_id))
+        self._call(self._autoscale.DeleteAutoscaleSetting, request)
+
+    def report_metrics(
+        self, name: str, metric: str, samples: Iterable[tuple[float, float]], *, request_id: str | None = None
+    ) -> int:
+        """Pushes (time in seconds, value) samples of ``metric``; returns how many were accepted."""
+        series = pb.MetricSeries(
+            metric_name=metric,
+            samples=[pb.MetricSample(time_unix_ms=round(t * 1000), value=v) for t, v in samples],
+        )
+        request = pb.ReportMetricsRequest(name=name, series=[series], request_id=self._request_id(request_id))
+        return int(self._call(self._autoscale.ReportMetrics, request).accepted_samples)
+
+    def evaluate_autoscale(self, name: str) -> AutoscaleDecision:
+        """What autoscale would decide now on the server's clock, and why."""
+        reply = self._call(self._autoscale.EvaluateAutoscale, pb.EvaluateAutoscaleRequest(name=name))
+        return convert.decision_from_proto(reply)
+
+    def autoscale_history(self, name: str, limit: int = 200) -> list[AutoscaleDecision]:
+        """Recorded decisions, newest first."""
+        out: list[AutoscaleDecision] = []
+        token = ""
+        while len(out) < limit:
+            request = pb.ListAutoscaleHistoryRequest(name=name, page_size=min(200, limit), page_token=token)
+            reply = self._call(self._autoscale.ListAutoscaleHistory, request)
+            out += [convert.decision_from_proto(d) for d in reply.decisions]
+            token = reply.next_page_token
+            if not token:
+                break
+        return out[:limit]
 
     def watch(self, scale_set: str = "", after: int = 0) -> Iterator[WatchedEvent]:
         """Events after ``after`` (a revision of ``scale_set``, or a global sequence), then live ones."""

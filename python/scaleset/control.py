@@ -188,6 +188,17 @@ class ControlPlane:
             await reloading.wait()
         return self.controller
 
+    def time(self) -> float:
+        """The server's clock (for reads that ask about "now", such as an autoscale dry run)."""
+        return self._clock()
+
+    async def record(self, command: Command) -> None:
+        """Applies and logs a change the server makes itself (metrics it pulled): durable, no reply."""
+        async with self._lock:
+            time_ms = self._tick()
+            future = self._queue_event(command, self.controller.execute(command, self.now), time_ms)
+        await asyncio.shield(future)
+
     def revision(self, name: str) -> int:
         return self.revisions.get(name, 0)
 
@@ -342,14 +353,18 @@ class ControlPlane:
                     continue  # deleted since the list was taken
                 if not actions:
                     continue
-                future, _, event = self._record(command, actions, time_ms)
-                self._queue.append(_Pending(event, None, future))
-                self._wake.set()
-                futures.append(future)
+                futures.append(self._queue_event(command, actions, time_ms))
                 done += actions
         for f in futures:
             await asyncio.shield(f)
         return done
+
+    def _queue_event(self, command: Command, result: Any, time_ms: int) -> asyncio.Future[None]:
+        """Logs a change the server made itself (no request, no reply); the caller holds the lock."""
+        future, _, event = self._record(command, result, time_ms)
+        self._queue.append(_Pending(event, None, future))
+        self._wake.set()
+        return future
 
     @staticmethod
     def _check_same_request(record: RequestRecord, request_id: str, method: str, fp: str) -> None:

@@ -243,6 +243,10 @@ class Controller:
         metric values, and every bound, cooldown and flapping adjustment, in words."""
         return self.policies.evaluate_autoscale(self.engine, name, self.now if now is None else now)
 
+    def autoscale_queries(self) -> dict[str, list[tuple[str, str]]]:
+        """Every scale set's (metric name, PromQL query) pairs from its autoscale triggers."""
+        return self.policies.autoscale_queries()
+
     def autoscale_history(self, name: str) -> list[AutoscaleDecision]:
         """``name``'s recorded autoscale decisions (scales, skips, forecasts), oldest first."""
         self.engine.capacity(name)

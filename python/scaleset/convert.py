@@ -11,6 +11,8 @@ import typing
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from scaleset.model import (
+    AutoscaleDecision,
+    AutoscaleSetting,
     Instance,
     Plan,
     PlannedCreate,
@@ -105,7 +107,7 @@ def _from_message(cls: type[T], msg: Any) -> T:
         elif fd.message_type is not None:
             kwargs[f.name] = _from_message(hints[f.name], value) if msg.HasField(f.name) else default
         elif fd.is_repeated:
-            kwargs[f.name] = list(value) or default
+            kwargs[f.name] = list(value) if value or default is dataclasses.MISSING else default
         elif fd.has_presence:
             kwargs[f.name] = value if msg.HasField(f.name) else default
         elif isinstance(value, str) and default is not dataclasses.MISSING:
@@ -124,6 +126,55 @@ def _hints(cls: type) -> dict[str, type]:
             if dataclasses.is_dataclass(arg):
                 out[name] = arg  # type: ignore[assignment]
     return out
+
+
+# ----- autoscale -------------------------------------------------------------------------------------
+
+
+def autoscale_setting_to_proto(setting: AutoscaleSetting) -> pb.AutoscaleSetting:
+    msg = pb.AutoscaleSetting()
+    _to_message(setting, msg)
+    return msg
+
+
+def autoscale_setting_from_proto(msg: pb.AutoscaleSetting) -> AutoscaleSetting:
+    return _from_message(AutoscaleSetting, msg)
+
+
+def decision_to_proto(d: AutoscaleDecision) -> pb.AutoscaleDecision:
+    msg = pb.AutoscaleDecision(
+        scale_set=d.scale_set,
+        time_unix_ms=round(d.time * 1000),
+        kind=d.kind,
+        capacity_before=d.capacity_before,
+        capacity=d.capacity,
+        profile=d.profile,
+        explanation=list(d.explanation),
+    )
+    if d.rule is not None:
+        msg.rule = d.rule
+    if d.forecast is not None:
+        msg.forecast = d.forecast
+    for rule, value in d.metric_values.items():
+        entry = msg.metric_values.add(rule=rule)
+        if value is not None:
+            entry.value = value
+    return msg
+
+
+def decision_from_proto(msg: pb.AutoscaleDecision) -> AutoscaleDecision:
+    return AutoscaleDecision(
+        scale_set=msg.scale_set,
+        time=msg.time_unix_ms / 1000,
+        kind=msg.kind,
+        capacity_before=msg.capacity_before,
+        capacity=msg.capacity,
+        profile=msg.profile,
+        rule=msg.rule if msg.HasField("rule") else None,
+        metric_values={m.rule: m.value if m.HasField("value") else None for m in msg.metric_values},
+        forecast=msg.forecast if msg.HasField("forecast") else None,
+        explanation=tuple(msg.explanation),
+    )
 
 
 # ----- plans ------------------------------------------------------------------------------------------

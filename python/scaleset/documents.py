@@ -17,9 +17,9 @@ from typing import Any
 import yaml
 
 from scaleset.errors import invalid_input
-from scaleset.model import ScaleSetSpec
+from scaleset.model import AutoscaleSetting, ScaleSetSpec
 
-__all__ = ["load_document", "spec_from_document"]
+__all__ = ["autoscale_from_document", "load_document", "spec_from_document"]
 
 _CAMEL = re.compile(r"([a-z0-9])([A-Z])")
 
@@ -108,3 +108,73 @@ def _flatten_arm(data: dict[str, Any], ignored: list[str]) -> dict[str, Any]:
         else:
             ignored.append(f"properties.{key}")
     return flat
+
+
+# ----- autoscale settings -------------------------------------------------------------------------------
+
+#: Azure properties of an autoscale setting that scaleset reads; the others are reported as ignored.
+_AUTOSCALE = {
+    "setting": {"profiles", "enabled", "predictive_autoscale_policy"},
+    "profile": {"name", "capacity", "rules", "fixed_date", "recurrence"},
+    "metric_trigger": {
+        "metric_name",
+        "operator",
+        "threshold",
+        "time_grain",
+        "statistic",
+        "time_window",
+        "time_aggregation",
+        "divide_per_instance",
+        "query",
+    },
+}
+#: Numbers Azure's SDK serialises as strings ("capacity": {"minimum": "1"}, "scaleAction": {"value": "1"}).
+_NUMERIC = {"minimum", "maximum", "default", "value"}
+
+
+def autoscale_from_document(doc: Any) -> tuple[AutoscaleSetting, list[str]]:
+    """An autoscale setting from Azure's shape (camelCase or snake_case, or a whole ARM
+    ``Microsoft.Insights/autoscaleSettings`` resource as Azure's SDK serialises it). Returns the setting
+    and the Azure properties scaleset does not model (notifications, metric namespaces, dimensions ...)."""
+    if not isinstance(doc, Mapping):
+        raise invalid_input("an autoscale document must be a mapping of property names to values.")
+    data = _snake_keys(doc)
+    ignored: list[str] = []
+    if "properties" in data:
+        ignored.extend(k for k in data if k != "properties")
+        data = dict(data["properties"] or {})
+    data = _keep(data, _AUTOSCALE["setting"], "", ignored)
+    profiles = []
+    for k, profile in enumerate(data.get("profiles") or []):
+        where = f"profiles[{k}]"
+        profile = _keep(dict(profile), _AUTOSCALE["profile"], where, ignored)
+        profile["capacity"] = {key: _number(v) for key, v in (profile.get("capacity") or {}).items()}
+        rules = []
+        for j, rule in enumerate(profile.get("rules") or []):
+            rule = dict(rule)
+            trigger = _keep(
+                dict(rule.get("metric_trigger") or {}),
+                _AUTOSCALE["metric_trigger"],
+                f"{where}.rules[{j}].metric_trigger",
+                ignored,
+            )
+            action = {
+                key: _number(v) if key in _NUMERIC else v
+                for key, v in (rule.get("scale_action") or {}).items()
+            }
+            rules.append({"metric_trigger": trigger, "scale_action": action})
+        profile["rules"] = rules
+        profiles.append(profile)
+    data["profiles"] = profiles
+    return AutoscaleSetting.from_dict(data), ignored
+
+
+def _keep(data: dict[str, Any], known: set[str], where: str, ignored: list[str]) -> dict[str, Any]:
+    ignored.extend(f"{where}.{k}" if where else k for k in data if k not in known)
+    return {k: v for k, v in data.items() if k in known}
+
+
+def _number(value: Any) -> Any:
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return value

@@ -37,7 +37,9 @@ from scaleset.errors import (
     ScaleSetError,
     UnavailableError,
     invalid_input,
+    not_found,
 )
+from scaleset.model import AutoscaleSetting
 from scaleset.v1 import scaleset_pb2 as pb
 from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
 
@@ -48,6 +50,8 @@ __all__ = ["Metrics", "build_server", "status_for"]
 ERROR_DOMAIN = "scaleset"
 #: Capacity changes or imports larger than this run on a worker thread, off the event loop.
 BIG_CHANGE = 2_000
+#: The most metric samples one ReportMetrics call may carry.
+MAX_SAMPLES_PER_REPORT = 100_000
 
 _STATUS_BY_KIND: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -218,20 +222,11 @@ def _require(value: str, field: str) -> str:
     return value
 
 
-class ScaleSetsServicer(pb_grpc.ScaleSetsServicer):
+class _Servicer:
+    """What every servicer shares: the control plane, and durable changes through it."""
+
     def __init__(self, control: ControlPlane) -> None:
         self._control = control
-        # Encoded once per revision: a listing of an unchanged scale set is served from these bytes.
-        self._pages: OrderedDict[tuple[str, int, int, int], bytes] = OrderedDict()
-        self._columns: OrderedDict[tuple[str, int], dict[str, list[Any]]] = OrderedDict()
-
-    def _scale_set(self, controller: Controller, name: str) -> pb.ScaleSet:
-        return pb.ScaleSet(
-            spec=convert.spec_to_proto(controller.get_spec(name)),
-            capacity=controller.capacity(name),
-            revision=self._control.revision(name),
-            etag=self._control.etag(name),
-        )
 
     async def _mutate(
         self,
@@ -253,6 +248,22 @@ class ScaleSetsServicer(pb_grpc.ScaleSetsServicer):
             payload=request.SerializeToString(),
             etag=etag,
             big=big,
+        )
+
+
+class ScaleSetsServicer(_Servicer, pb_grpc.ScaleSetsServicer):
+    def __init__(self, control: ControlPlane) -> None:
+        super().__init__(control)
+        # Encoded once per revision: a listing of an unchanged scale set is served from these bytes.
+        self._pages: OrderedDict[tuple[str, int, int, int], bytes] = OrderedDict()
+        self._columns: OrderedDict[tuple[str, int], dict[str, list[Any]]] = OrderedDict()
+
+    def _scale_set(self, controller: Controller, name: str) -> pb.ScaleSet:
+        return pb.ScaleSet(
+            spec=convert.spec_to_proto(controller.get_spec(name)),
+            capacity=controller.capacity(name),
+            revision=self._control.revision(name),
+            etag=self._control.etag(name),
         )
 
     async def CreateScaleSet(
@@ -533,6 +544,90 @@ def _remember(cache: OrderedDict[Any, Any], key: Any, value: Any, limit: int) ->
         cache.popitem(last=False)
 
 
+class AutoscaleServicer(_Servicer, pb_grpc.AutoscaleServicer):
+    """Autoscale settings, pushed metrics, dry-run evaluations and the decision history."""
+
+    def _setting(
+        self, name: str, setting: AutoscaleSetting, o: Outcome | None = None
+    ) -> pb.AutoscaleSettingResponse:
+        return pb.AutoscaleSettingResponse(
+            name=name,
+            setting=convert.autoscale_setting_to_proto(setting),
+            revision=o.revision if o is not None else self._control.revision(name),
+            etag=o.etag if o is not None else self._control.etag(name),
+        )
+
+    async def SetAutoscaleSetting(self, request: pb.SetAutoscaleSettingRequest, context: Any) -> Any:
+        name = _require(request.name, "name")
+        if not request.HasField("setting"):
+            raise invalid_input("setting is required.", field="setting")
+        command = cmd.SetAutoscaleSetting(name, convert.autoscale_setting_from_proto(request.setting))
+        return await self._mutate(
+            "SetAutoscaleSetting",
+            request,
+            command,
+            lambda o: self._setting(name, o.result, o),
+            etag=request.etag,
+        )
+
+    async def GetAutoscaleSetting(self, request: pb.GetAutoscaleSettingRequest, context: Any) -> Any:
+        name = _require(request.name, "name")
+        setting = (await self._control.settled()).get_autoscale_setting(name)
+        if setting is None:
+            raise not_found(f"scale set '{name}' has no autoscale setting.", "AutoscaleSettingNotFound")
+        return self._setting(name, setting)
+
+    async def DeleteAutoscaleSetting(self, request: pb.DeleteAutoscaleSettingRequest, context: Any) -> Any:
+        name = _require(request.name, "name")
+        return await self._mutate(
+            "DeleteAutoscaleSetting",
+            request,
+            cmd.DeleteAutoscaleSetting(name),
+            lambda o: pb.DeleteAutoscaleSettingResponse(revision=o.revision),
+            etag=request.etag,
+        )
+
+    async def ReportMetrics(self, request: pb.ReportMetricsRequest, context: Any) -> Any:
+        name = _require(request.name, "name")
+        count = sum(len(s.samples) for s in request.series)
+        if count > MAX_SAMPLES_PER_REPORT:
+            raise invalid_input(
+                f"{count} samples in one report; send at most {MAX_SAMPLES_PER_REPORT} per call.",
+                field="series",
+            )
+        series = tuple(
+            (
+                s.metric_name,
+                tuple(x.time_unix_ms / 1000 for x in s.samples),
+                tuple(x.value for x in s.samples),
+            )
+            for s in request.series
+        )
+        return await self._mutate(
+            "ReportMetrics",
+            request,
+            cmd.ReportMetrics(name, series),
+            lambda o: pb.ReportMetricsResponse(accepted_samples=count, revision=o.revision),
+            big=count > BIG_CHANGE,
+        )
+
+    async def EvaluateAutoscale(self, request: pb.EvaluateAutoscaleRequest, context: Any) -> Any:
+        name = _require(request.name, "name")
+        controller = await self._control.settled()
+        return convert.decision_to_proto(controller.evaluate_autoscale(name, self._control.time()))
+
+    async def ListAutoscaleHistory(self, request: pb.ListAutoscaleHistoryRequest, context: Any) -> Any:
+        name = _require(request.name, "name")
+        history = (await self._control.settled()).autoscale_history(name)[::-1]  # newest first
+        size = min(request.page_size or 50, 200)
+        start = _read_int_token(request.page_token) if request.page_token else 0
+        page = history[start : start + size]
+        reply = pb.ListAutoscaleHistoryResponse(decisions=[convert.decision_to_proto(d) for d in page])
+        if start + size < len(history):
+            reply.next_page_token = _page_token(str(start + size))
+        return reply
+
+
 class RegionsServicer(pb_grpc.RegionsServicer):
     def __init__(self, control: ControlPlane) -> None:
         self._control = control
@@ -586,10 +681,14 @@ async def build_server(control: ControlPlane, address: str) -> tuple[grpc.aio.Se
     server = grpc.aio.server(interceptors=[_Interceptor(metrics)])
     pb_grpc.add_ScaleSetsServicer_to_server(ScaleSetsServicer(control), server)
     pb_grpc.add_RegionsServicer_to_server(RegionsServicer(control), server)
+    pb_grpc.add_AutoscaleServicer_to_server(AutoscaleServicer(control), server)
     pb_grpc.add_DiagnosticsServicer_to_server(DiagnosticsServicer(), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = [pb.DESCRIPTOR.services_by_name[s].full_name for s in ("ScaleSets", "Regions", "Diagnostics")]
+    names = [
+        pb.DESCRIPTOR.services_by_name[s].full_name
+        for s in ("ScaleSets", "Autoscale", "Regions", "Diagnostics")
+    ]
     for name in ["", *names]:
         # Set before the server starts accepting, so checks never see UNKNOWN.
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -245,6 +245,22 @@ class PolicyRunner:
             raise not_found(f"scale set '{name}' has no autoscale setting.", "AutoscaleSettingNotFound")
         return autoscale.evaluate(engine, self.metrics, name, state, now)
 
+    def autoscale_queries(self) -> dict[str, list[tuple[str, str]]]:
+        """(metric name, PromQL query) pairs of every enabled setting's triggers that name a query."""
+        out: dict[str, list[tuple[str, str]]] = {}
+        for name, state in sorted(self._autoscale.items()):
+            if not state.setting.enabled:
+                continue
+            pairs = {
+                (r.metric_trigger.metric_name, r.metric_trigger.query)
+                for p in state.setting.profiles
+                for r in p.rules
+                if r.metric_trigger.query
+            }
+            if pairs:
+                out[name] = sorted(pairs)
+        return out
+
     def autoscale_history(self, name: str) -> list[AutoscaleDecision]:
         """The recorded decisions of ``name`` (scales, skips, forecasts), oldest first."""
         state = self._autoscale.get(name)
