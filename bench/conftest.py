@@ -30,6 +30,7 @@ FLOORS: dict[str, float] = {
     "upgrade_batches_1000": 40.0,  # measured 91-105x
     "upgrade_batches_100000": 40.0,  # measured 83-98x
     "rebalance_1000": 50.0,  # per-VM model against the pool model, measured 515x
+    "autoscale_1000_sets_1h": 10.0,  # target 20x
 }
 
 

@@ -21,7 +21,9 @@ from scaleset import (
     ScaleRule,
     TimeWindow,
 )
+from scaleset.engine import MetricBuffer, compile_rules
 from scaleset.errors import InvalidInputError, NotFoundError
+from scaleset.testing import autoscale_reference
 
 from tests.conftest import zonal_spec
 
@@ -391,3 +393,60 @@ def test_unknown_scale_sets_and_settings() -> None:
     with pytest.raises(InvalidInputError) as bad:
         c.report_metrics("web", "cpu", [(T0, float("nan"))])
     assert bad.value.field == "samples.value"
+
+
+# ----- the Rust evaluator against the plain-Python rules ---------------------------------------------------
+
+OPERATORS = ["Equals", "NotEquals", "GreaterThan", "GreaterThanOrEqual", "LessThan", "LessThanOrEqual"]
+rules_strategy = st.lists(
+    st.builds(
+        lambda metric, op, threshold, stat, agg, per, direction, kind, value: ScaleRule(
+            MetricTrigger(
+                metric, op, float(threshold), statistic=stat, time_aggregation=agg, divide_per_instance=per
+            ),
+            ScaleAction(direction, kind, value),
+        ),
+        st.sampled_from(["cpu", "queue"]),
+        st.sampled_from(OPERATORS),
+        st.integers(0, 100),
+        st.sampled_from(["Average", "Min", "Max", "Sum", "Count"]),
+        st.sampled_from(["Average", "Minimum", "Maximum", "Total", "Count", "Last"]),
+        st.booleans(),
+        st.sampled_from(["Increase", "Decrease"]),
+        st.sampled_from(["ChangeCount", "PercentChangeCount", "ExactCount"]),
+        st.integers(1, 60),
+    ),
+    min_size=1,
+    max_size=4,
+)
+samples_strategy = st.lists(st.tuples(st.integers(0, 400), st.integers(0, 100)), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rules=rules_strategy,
+    cpu=samples_strategy,
+    queue=samples_strategy,
+    capacity=st.integers(0, 30),
+    bounds=st.tuples(st.integers(0, 10), st.integers(0, 10), st.integers(0, 40)),
+    cooling=st.booleans(),
+)
+def test_the_core_decides_as_the_reference_rules(
+    rules: list[ScaleRule],
+    cpu: list[tuple[int, int]],
+    queue: list[tuple[int, int]],
+    capacity: int,
+    bounds: tuple[int, int, int],
+    cooling: bool,
+) -> None:
+    minimum, extra_default, extra_max = bounds
+    capacity_bounds = AutoscaleCapacity(minimum, minimum + extra_default + extra_max, minimum + extra_default)
+    now = T0 + 300
+    data = {m: [(T0 + t, float(v)) for t, v in series] for m, series in (("cpu", cpu), ("queue", queue))}
+    buffer = MetricBuffer()
+    for metric, series in data.items():
+        buffer.add("s", metric, [t for t, _ in series], [v for _, v in series])
+    cooldown = now + 60 if cooling else None
+    got = buffer.evaluate("s", compile_rules(rules), capacity, capacity_bounds, now, cooldown)
+    expected = autoscale_reference.decide(rules, data, capacity, capacity_bounds, now, cooldown)
+    assert (got["kind"], got["capacity"]) == expected
