@@ -8,6 +8,8 @@ import datetime as dt
 from zoneinfo import ZoneInfo
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scaleset import (
     AutoscaleCapacity,
     AutoscaleProfile,

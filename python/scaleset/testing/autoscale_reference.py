@@ -5,14 +5,14 @@ baseline. Samples are a list of (time in seconds, value); the rules read as refe
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from scaleset.engine import duration_seconds
 from scaleset.model import AutoscaleCapacity, ScaleRule
 
 __all__ = ["aggregate", "decide"]
 
-_OPS = {
+_OPS: dict[str, Callable[[float, float], bool]] = {
     "Equals": lambda v, t: v == t,
     "NotEquals": lambda v, t: v != t,
     "GreaterThan": lambda v, t: v > t,
@@ -32,22 +32,26 @@ def aggregate(samples: Sequence[tuple[float, float]], now: float, rule: ScaleRul
             grains.setdefault(int((time - start) // grain), []).append(value)
     if not grains:
         return None
-    stats = {
-        "Average": lambda xs: sum(xs) / len(xs),
-        "Min": min,
-        "Max": max,
-        "Sum": sum,
-        "Count": len,
-    }[t.statistic]
-    per_grain = [float(stats(grains[k])) for k in sorted(grains)]
-    return {
-        "Average": lambda: sum(per_grain) / len(per_grain),
-        "Minimum": lambda: min(per_grain),
-        "Maximum": lambda: max(per_grain),
-        "Total": lambda: sum(per_grain),
-        "Count": lambda: float(sum(len(v) for v in grains.values())),
-        "Last": lambda: per_grain[-1],
-    }[t.time_aggregation]()
+    per_grain = [_statistic(t.statistic, grains[k]) for k in sorted(grains)]
+    if t.time_aggregation == "Count":
+        return float(sum(len(v) for v in grains.values()))
+    if t.time_aggregation == "Last":
+        return per_grain[-1]
+    return _statistic(
+        {"Minimum": "Min", "Maximum": "Max", "Total": "Sum"}.get(t.time_aggregation, "Average"), per_grain
+    )
+
+
+def _statistic(name: str, xs: list[float]) -> float:
+    if name == "Min":
+        return min(xs)
+    if name == "Max":
+        return max(xs)
+    if name == "Sum":
+        return sum(xs)
+    if name == "Count":
+        return float(len(xs))
+    return sum(xs) / len(xs)
 
 
 def _target(rule: ScaleRule, capacity: int) -> int:
