@@ -243,6 +243,11 @@ class Controller:
         metric values, and every bound, cooldown and flapping adjustment, in words."""
         return self.policies.evaluate_autoscale(self.engine, name, self.now if now is None else now)
 
+    def autoscale_forecast(self, name: str, metric: str, at: float) -> float | None:
+        """Predictive autoscale's forecast of ``name``'s total ``metric`` load at ``at``."""
+        self.engine.capacity(name)
+        return self.policies.autoscale_forecast(name, metric, at)
+
     def autoscale_queries(self) -> dict[str, list[tuple[str, str]]]:
         """Every scale set's (metric name, PromQL query) pairs from its autoscale triggers."""
         return self.policies.autoscale_queries()

@@ -177,6 +177,17 @@ def _validate_profile(profile: AutoscaleProfile, at: str) -> None:
             )
 
 
+def local_zone(setting: AutoscaleSetting) -> ZoneInfo:
+    """The setting's time zone: its first scheduled profile's (UTC without one). Predictive autoscale's
+    daily pattern follows it, so the forecast stays at the same local hour across DST changes."""
+    for p in setting.profiles:
+        if p.recurrence is not None:
+            return zone(p.recurrence.schedule.time_zone)
+        if p.fixed_date is not None:
+            return zone(p.fixed_date.time_zone)
+    return zone("UTC")
+
+
 def retention_s(setting: AutoscaleSetting) -> float:
     """How much metric history the setting's rules look at (their largest window plus a grain)."""
     spans = [
@@ -321,29 +332,43 @@ def _predict(
     for k, rule in enumerate(profile.rules):
         t = rule.metric_trigger
         history = state.forecasts.get(t.metric_name)
-        if rule.scale_action.direction != "Increase" or history is None or t.statistic != "Average":
+        if rule.scale_action.direction != "Increase" or history is None or t.threshold <= 0:
             continue
-        expected = history.forecast(now + ahead)
-        if expected is None or t.threshold <= 0:
+        # The whole scale set's load (see record_forecast_samples), by the setting's local time.
+        total = history.forecast(now + ahead, local_zone(state.setting))
+        if total is None:
             continue
-        per_instance = expected / max(capacity, 1) if t.divide_per_instance else expected
-        # The forecast per-instance value at today's count, spread over enough instances to stay below it.
-        need = min(profile.capacity.maximum, math.ceil(capacity * per_instance / t.threshold))
-        if need > capacity and (best is None or need > best[0]):
-            best = (need, expected, k)
+        # Enough instances that the forecast load per instance stays at or below the threshold.
+        need = min(profile.capacity.maximum, math.ceil(total / t.threshold))
+        if best is None or need > best[0]:
+            best = (need, total / max(capacity, 1), k)
     if best is None:
         return decision
     need, expected, k = best
+    metric = profile.rules[k].metric_trigger.metric_name
     note = (
-        f"forecast {profile.rules[k].metric_trigger.metric_name} {expected:.2f} in "
-        f"{policy.scale_look_ahead_time} needs {need} instances (threshold {profile.rules[k].metric_trigger.threshold})"
+        f"forecast {metric} in {policy.scale_look_ahead_time}: {expected:.2f} per instance at today's {capacity}; "
+        f"{need} instances keep it at the threshold"
     )
     if policy.scale_mode == "ForecastOnly":
+        if need <= capacity:
+            return decision
         return dataclasses.replace(
             decision, forecast=expected, explanation=(*decision.explanation, note + ": forecast only")
         )
-    if decision.kind == "Scale" and decision.capacity >= need:
-        return dataclasses.replace(decision, forecast=expected)
+    if decision.kind == "Scale" and decision.capacity < decision.capacity_before and decision.capacity < need:
+        # The forecast is the floor: no scale-in below what the coming load needs.
+        floor = min(need, decision.capacity_before)
+        kind = "Scale" if floor < decision.capacity_before else "NoAction"
+        decision = dataclasses.replace(
+            decision,
+            kind=kind,
+            capacity=floor,
+            forecast=expected,
+            explanation=(*decision.explanation, note + f": scale-in held at {floor}"),
+        )
+    if need <= capacity or (decision.kind == "Scale" and decision.capacity >= need):
+        return decision
     if state.cooldown_until is not None and now < state.cooldown_until:
         return dataclasses.replace(
             decision,
@@ -444,16 +469,17 @@ def _repeats(state: AutoscaleState, decision: AutoscaleDecision) -> bool:
 
 
 def record_forecast_samples(
-    state: AutoscaleState, metric: str, times: list[float], values: list[float]
+    state: AutoscaleState, metric: str, times: list[float], values: list[float], capacity: int
 ) -> None:
-    """Feeds predictive autoscale's history with the samples of a metric a scale-out rule watches."""
+    """Feeds predictive autoscale's history with the load behind a metric a scale-out rule watches: the
+    whole scale set's, so that a forecast does not depend on how many instances carried it (a per-instance
+    average is multiplied by the instance count; a total divided per instance is kept as it is)."""
     if state.predictive == "Disabled":
         return
-    watched = {
-        r.metric_trigger.metric_name
-        for p in state.setting.profiles
-        for r in p.rules
-        if r.scale_action.direction == "Increase"
-    }
-    if metric in watched:
-        state.forecasts.setdefault(metric, SeasonalHistory()).add(times, values)
+    for p in state.setting.profiles:
+        for r in p.rules:
+            t = r.metric_trigger
+            if t.metric_name == metric and r.scale_action.direction == "Increase":
+                scale = 1.0 if t.divide_per_instance else float(max(capacity, 1))
+                state.forecasts.setdefault(metric, SeasonalHistory()).add(times, [v * scale for v in values])
+                return

@@ -235,7 +235,7 @@ class PolicyRunner:
         self.metrics.add(name, metric, times, values)
         known.add(metric)
         if state is not None:
-            autoscale.record_forecast_samples(state, metric, list(times), list(values))
+            autoscale.record_forecast_samples(state, metric, list(times), list(values), engine.capacity(name))
 
     def evaluate_autoscale(self, engine: Engine, name: str, now: float) -> AutoscaleDecision:
         """What autoscale would decide for ``name`` at ``now`` (a dry run)."""
@@ -260,6 +260,17 @@ class PolicyRunner:
             if pairs:
                 out[name] = sorted(pairs)
         return out
+
+    def autoscale_forecast(self, name: str, metric: str, at: float) -> float | None:
+        """Predictive autoscale's forecast of the whole scale set's ``metric`` load at ``at`` (None without
+        predictive autoscale or with under 7 days of history)."""
+        state = self._autoscale.get(name)
+        history = None if state is None else state.forecasts.get(metric)
+        return (
+            None
+            if history is None or state is None
+            else history.forecast(at, autoscale.local_zone(state.setting))
+        )
 
     def autoscale_history(self, name: str) -> list[AutoscaleDecision]:
         """The recorded decisions of ``name`` (scales, skips, forecasts), oldest first."""
