@@ -13,10 +13,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.dates as mdates  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-
-from scaleset.testing.simulation import BERLIN, START, THRESHOLD, simulate  # noqa: E402
+import matplotlib.dates as mdates
+import matplotlib.pyplot as plt
+from scaleset.testing.simulation import BERLIN, START, THRESHOLD, simulate
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "autoscale-week.png"
 

@@ -19,8 +19,8 @@ if ! command -v prometheus >/dev/null 2>&1; then
 fi
 
 step "lint: ruff check, ruff format --check, cargo fmt --check, cargo clippy -D warnings"
-python3 -m ruff check python tests bench build_backend.py
-python3 -m ruff format --check python tests bench build_backend.py
+python3 -m ruff check python tests bench scripts build_backend.py
+python3 -m ruff format --check python tests bench scripts build_backend.py
 cargo fmt --manifest-path rust/Cargo.toml --all -- --check
 cargo clippy --quiet --manifest-path rust/Cargo.toml --workspace --all-targets -- -D warnings
 

@@ -6,10 +6,10 @@ place before each weekday peak, where reactive autoscale lags it."""
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import math
 
 import pytest
-
 from scaleset.policies.autoscale import active_profile
 from scaleset.testing.simulation import BERLIN, PEAK, START, THRESHOLD, Trace, setting, simulate
 
@@ -42,7 +42,7 @@ def test_bounds_cooldowns_and_no_flapping(mode: str, request: pytest.FixtureRequ
         )
     events = scales(trace)
     assert len(events) > 100  # it did scale, every day
-    for (t1, k1), (t2, k2) in zip(events, events[1:], strict=False):
+    for (t1, k1), (t2, k2) in itertools.pairwise(events):
         assert t2 - t1 >= 5 * 60, "a scale action inside the previous one's 5-minute cooldown"
         if k1 != k2:
             assert t2 - t1 >= 15 * 60, f"flapping at {dt.datetime.fromtimestamp(t2, BERLIN)}"
