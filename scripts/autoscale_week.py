@@ -21,7 +21,7 @@ OUT = Path(__file__).resolve().parent.parent / "docs" / "autoscale-week.png"
 
 
 def main() -> None:
-    reactive, predictive = simulate(21, predictive=False), simulate(21, predictive=True)
+    reactive, predictive = simulate(21), simulate(21, predictive="Enabled")
     week = START + 14 * 86_400
     tuesday = week + 86_400
     fig, (ax, zoom) = plt.subplots(2, 1, figsize=(12, 7.5), dpi=110, gridspec_kw={"height_ratios": [3, 2]})

@@ -355,3 +355,41 @@ def test_prometheus_drives_a_scale_out_and_a_scale_in(
         assert down.kind == "AutoscaleScaleIn" and c.get_scale_set("web").capacity == 3
     # Prometheus unreachable: nothing is recorded and nothing raises.
     assert PrometheusSource("http://127.0.0.1:9", timeout=1).query("up", time.time()) is None
+
+
+def test_autoscale_state_survives_sigkill(tmp_path: Path) -> None:
+    """The server drives autoscale on its own clock; after a SIGKILL (no snapshot at stop) the replayed
+    log gives back the setting, the decisions and their cooldown, and the metrics."""
+    import signal
+
+    from scaleset.testing.server import start_server_process
+
+    db, port, log = tmp_path / "state.db", free_port(), tmp_path / "server.log"
+    proc = start_server_process(db, port, log, "--advance-interval", "0.2")
+    target = f"127.0.0.1:{port}"
+    try:
+        with Client(target) as c:
+            c.create_scale_set(zonal_spec(), 2)
+            c.set_autoscale_setting("web", cpu_setting(cooldown="PT1H"))
+            c.report_metrics("web", "cpu", [(time.time() - 1, 95.0)])
+            deadline = time.monotonic() + 30
+            while c.get_scale_set("web").capacity != 4:
+                assert time.monotonic() < deadline, "the server never scaled out"
+                time.sleep(0.1)
+            before = c.autoscale_history("web")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    proc = start_server_process(db, port, log)
+    try:
+        with Client(target) as c:
+            assert c.get_scale_set("web").capacity == 4
+            assert c.get_autoscale_setting("web") == cpu_setting(cooldown="PT1H")
+            # Newest first; the restarted server may have evaluated (and recorded a skip) since.
+            assert c.autoscale_history("web")[-len(before) :] == before and before[-1].kind == "Scale"
+            after = c.evaluate_autoscale("web")
+            assert after.kind == "Skipped" and any("cooldown" in e for e in after.explanation)
+            assert after.metric_values["1:cpu"] == 95.0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0

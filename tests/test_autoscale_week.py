@@ -18,12 +18,12 @@ NEED = math.ceil(PEAK / THRESHOLD)  # instances the weekday peak needs
 
 @pytest.fixture(scope="module")
 def reactive() -> Trace:
-    return simulate(days=21, predictive=False)
+    return simulate(days=21)
 
 
 @pytest.fixture(scope="module")
 def predictive() -> Trace:
-    return simulate(days=21, predictive=True)
+    return simulate(days=21, predictive="Enabled")
 
 
 def scales(trace: Trace) -> list[tuple[float, str]]:
@@ -33,7 +33,7 @@ def scales(trace: Trace) -> list[tuple[float, str]]:
 @pytest.mark.parametrize("mode", ["reactive", "predictive"])
 def test_bounds_cooldowns_and_no_flapping(mode: str, request: pytest.FixtureRequest) -> None:
     trace: Trace = request.getfixturevalue(mode)
-    s = setting(mode == "predictive")
+    s = setting("Enabled" if mode == "predictive" else "Disabled")
     for t, capacity in zip(trace.times, trace.capacity, strict=True):
         profile, _ = active_profile(s, t)
         assert profile is not None
@@ -49,7 +49,7 @@ def test_bounds_cooldowns_and_no_flapping(mode: str, request: pytest.FixtureRequ
 
 
 def test_schedules_switch_at_local_times_across_the_dst_change() -> None:
-    s = setting(False)
+    s = setting()
     for day in (dt.date(2027, 3, 22), dt.date(2027, 3, 29)):  # the Mondays before and after the change
         seven = dt.datetime(day.year, day.month, day.day, 7, 0, tzinfo=BERLIN).timestamp()
         assert active_profile(s, seven - 60)[0].name == "off hours"  # type: ignore[union-attr]
@@ -87,3 +87,11 @@ def test_predictive_autoscale_has_the_peak_capacity_in_place_first(
     ]
     assert first_week == reactive.capacity[: len(first_week)]
     assert all(f is None for f in predictive.forecast[: len(first_week) - 1])
+
+
+def test_forecast_only_records_what_it_would_do_and_changes_nothing(reactive: Trace) -> None:
+    watching = simulate(days=9, predictive="ForecastOnly")
+    assert watching.capacity == reactive.capacity[: len(watching.capacity)]  # it never acted
+    forecasts = [a for t, a in watching.actions if a.kind == "AutoscaleForecast"]
+    assert forecasts and all("forecast only" in a.reason for a in forecasts)
+    assert all(t >= START + 7 * 86_400 for t, a in watching.actions if a.kind == "AutoscaleForecast")

@@ -53,7 +53,7 @@ def demand(t: float) -> float:
     return BASE + (peak - BASE) * level * (1 + 0.03 * math.sin(t / 1800))
 
 
-def setting(predictive: bool) -> AutoscaleSetting:
+def setting(predictive: str = "Disabled") -> AutoscaleSetting:
     rules = (
         ScaleRule(
             MetricTrigger("cpu", "GreaterThan", THRESHOLD), ScaleAction("Increase", value=1, cooldown="PT5M")
@@ -76,7 +76,9 @@ def setting(predictive: bool) -> AutoscaleSetting:
                 recurrence=Recurrence(RecurrentSchedule(tz, [*WEEKDAYS, "Saturday", "Sunday"], [20], [0])),
             ),
         ],
-        predictive_autoscale_policy=PredictiveAutoscalePolicy("Enabled", "PT30M") if predictive else None,
+        predictive_autoscale_policy=(
+            None if predictive == "Disabled" else PredictiveAutoscalePolicy(predictive, "PT30M")
+        ),
     )
 
 
@@ -90,9 +92,9 @@ class Trace:
     actions: list[tuple[float, Action]] = field(default_factory=list)
 
 
-def simulate(days: int = 21, predictive: bool = False, step_s: float = 120.0) -> Trace:
+def simulate(days: int = 21, predictive: str = "Disabled", step_s: float = 120.0) -> Trace:
     """Runs the fleet for ``days``: every ``step_s`` each instance reports its share of the load, then
-    autoscale evaluates. The load is not capped at 100% (think of requests per instance against a target,
+    autoscale evaluates. ``predictive`` is the predictive autoscale mode (Disabled, ForecastOnly, Enabled). The load is not capped at 100% (think of requests per instance against a target,
     not CPU): a capped metric hides how far demand outran capacity, and the forecast learns from it."""
     c = Controller(Region(zones=["1", "2", "3"]))
     spec = ScaleSetSpec(name="web", zones=["1", "2", "3"], sku=Sku(name="Standard_D2s_v5"))
@@ -111,6 +113,6 @@ def simulate(days: int = 21, predictive: bool = False, step_s: float = 120.0) ->
         trace.times.append(t)
         trace.demand.append(load)
         trace.capacity.append(c.capacity("web"))
-        trace.forecast.append(c.autoscale_forecast("web", "cpu", t) if predictive else None)
+        trace.forecast.append(c.autoscale_forecast("web", "cpu", t))
         trace.profile.append(c.evaluate_autoscale("web", t).profile if k % 30 == 0 else trace.profile[-1])
     return trace
