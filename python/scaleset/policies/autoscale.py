@@ -388,10 +388,10 @@ def _predict(
 
 def step(
     engine: Engine, metrics: MetricBuffer, name: str, state: AutoscaleState, now: float, busy: str | None
-) -> tuple[AutoscaleDecision | None, list[Action]]:
+) -> tuple[AutoscaleDecision, list[Action]]:
     """Evaluates ``name`` at ``now`` and carries a scale decision out through the engine's scale-out and
-    scale-in rules. ``busy`` (a rolling upgrade in progress) defers scaling. Returns the decision (also
-    recorded in the history when it is not NoAction) and what was done."""
+    scale-in rules. ``busy`` (a rolling upgrade in progress) defers scaling. Returns the decision and what
+    was done; scales, skips and forecasts are recorded in the history (a skip repeating the last one once)."""
     decision = evaluate(engine, metrics, name, state, now)
     if decision.kind in ("Scale", "PredictiveScaleOut") and busy is not None:
         decision = dataclasses.replace(
@@ -402,11 +402,11 @@ def step(
         )
     if decision.kind == "Scale" and decision.capacity < decision.capacity_before:
         decision = _respect_protection(engine, name, decision)
-    actions: list[Action] = []
     if decision.kind in ("Scale", "PredictiveScaleOut") and decision.capacity != decision.capacity_before:
         try:
             plan = engine.set_capacity(name, decision.capacity)
         except ScaleSetError as e:
+            # Capacity, quota or protection: record why, and try again at the next evaluation.
             decision = dataclasses.replace(
                 decision,
                 kind="Skipped",
@@ -415,20 +415,19 @@ def step(
             )
         else:
             profile = next(p for p in state.setting.profiles if p.name == decision.profile)
-            rule = profile.rules[decision.rule] if decision.rule is not None else None
-            cooldown = duration_seconds(rule.scale_action.cooldown) if rule is not None else 0.0
-            state.cooldown_until = now + cooldown if cooldown else state.cooldown_until
+            if decision.rule is not None:  # bounds and the default capacity start no cooldown
+                state.cooldown_until = now + duration_seconds(
+                    profile.rules[decision.rule].scale_action.cooldown
+                )
             ids = tuple(c.instance_id for c in plan.creates) + tuple(d.instance_id for d in plan.deletes)
             kind = "AutoscaleScaleOut" if decision.capacity > decision.capacity_before else "AutoscaleScaleIn"
-            actions.append(Action(name, kind, ids, decision.reason))
-    elif decision.kind == "Skipped" or decision.forecast is not None:
-        if not _repeats(state, decision):
-            kind = "AutoscaleSkipped" if decision.kind == "Skipped" else "AutoscaleForecast"
-            actions.append(Action(name, kind, (), decision.reason))
-    if decision.kind != "NoAction" or decision.forecast is not None:
-        if actions:
             state.history.append(decision)
-    return decision, actions
+            return decision, [Action(name, kind, ids, decision.reason)]
+    if (decision.kind == "Skipped" or decision.forecast is not None) and not _repeats(state, decision):
+        state.history.append(decision)
+        kind = "AutoscaleSkipped" if decision.kind == "Skipped" else "AutoscaleForecast"
+        return decision, [Action(name, kind, (), decision.reason)]
+    return decision, []
 
 
 def _respect_protection(engine: Engine, name: str, decision: AutoscaleDecision) -> AutoscaleDecision:

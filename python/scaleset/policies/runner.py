@@ -110,12 +110,8 @@ class PolicyRunner:
             if (scaling := self._autoscale.get(n)) is not None:
                 waiting = "a rolling upgrade is in progress" if busy else None
                 decision, done_by_autoscale = autoscale.step(engine, self.metrics, n, scaling, now, waiting)
-                if (
-                    decision is not None
-                    and decision.capacity != decision.capacity_before
-                    and done_by_autoscale
-                ):
-                    self.changed(n, now, capacity=True)
+                if decision.capacity != decision.capacity_before and done_by_autoscale:
+                    self.changed(n, now, capacity=True)  # like a user's capacity change
                 actions += done_by_autoscale
             op, started, done = zone_balance.step(
                 engine,
