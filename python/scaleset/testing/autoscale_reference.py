@@ -65,6 +65,13 @@ def _target(rule: ScaleRule, capacity: int) -> int:
     return max(0, capacity + sign * step)
 
 
+def _projected(value: float, capacity: int, n: int) -> float:
+    """A per-instance value spread over ``n`` instances; over none, an unbounded load (or none)."""
+    if n == 0:
+        return 0.0 if value == 0 else math.copysign(math.inf, value)
+    return value * capacity / n
+
+
 def _per_instance(rule: ScaleRule) -> bool:
     return rule.metric_trigger.divide_per_instance or rule.metric_trigger.statistic in (
         "Average",
@@ -110,7 +117,7 @@ def decide(
             for n in range(target, capacity):
                 flap = any(
                     r.scale_action.direction == "Increase"
-                    and fires(r, values[k] * capacity / n if _per_instance(r) else values[k])
+                    and fires(r, _projected(values[k], capacity, n) if _per_instance(r) else values[k])
                     for k, r in enumerate(rules)
                 )
                 if not flap:

@@ -526,6 +526,20 @@ pub fn decide(
     d
 }
 
+/// A per-instance value at `capacity` instances, spread over `n` (over none: an unbounded load, or no
+/// load if there was none).
+fn projected(value: f64, capacity: u64, n: u64) -> f64 {
+    if n == 0 {
+        if value == 0.0 {
+            0.0
+        } else {
+            f64::INFINITY.copysign(value)
+        }
+    } else {
+        value * capacity as f64 / n as f64
+    }
+}
+
 /// The largest scale-in between `target` and `capacity - 1` whose projected metrics fire no scale-out
 /// rule (reference §9.3): None when every count would flap.
 fn flapping_check(
@@ -536,23 +550,20 @@ fn flapping_check(
     why: &mut Vec<String>,
 ) -> Option<u64> {
     for n in target..capacity {
-        let flap = rules.iter().enumerate().find(|(i, r)| {
-            let v = values[*i].unwrap_or(0.0);
-            let projected = if r.per_instance() {
-                v * capacity as f64 / n as f64
+        let project = |r: &Rule, v: f64| {
+            if r.per_instance() {
+                projected(v, capacity, n)
             } else {
                 v
-            };
-            r.direction == Direction::Increase && fires(r, projected)
+            }
+        };
+        let flap = rules.iter().enumerate().find(|(i, r)| {
+            r.direction == Direction::Increase && fires(r, project(r, values[*i].unwrap_or(0.0)))
         });
         match flap {
             Some((i, r)) => {
                 let v = values[i].unwrap_or(0.0);
-                let projected = if r.per_instance() {
-                    v * capacity as f64 / n as f64
-                } else {
-                    v
-                };
+                let projected = project(r, v);
                 why.push(format!(
                     "scale in to {n} would flap: {} projected to {projected:.4} at {n} instances ({v:.4} x {capacity} / {n}) fires scale-out rule {}",
                     r.metric_name,
