@@ -225,6 +225,8 @@ class UpdateScaleSet(Command):
         policies.changed(self.spec.name, now)
         if stored.model_version != before:
             policies.model_changed(engine, stored)
+        else:
+            policies.updated(engine, stored)
         return stored
 
     def encode(self) -> dict[str, Any]:

@@ -78,6 +78,21 @@ class PolicyRunner:
                 current.in_batch, current.surge_old = [], []
             self._upgrade_pending.add(name)
 
+    def updated(self, engine: Engine, spec: ScaleSetSpec) -> None:
+        """An update that changed no model property: in Rolling mode it starts the rolling upgrade again if
+        the last one stopped on a policy breach with instances still out of date (Azure: "a generic update
+        re-triggers the check"). A cancelled upgrade waits for a manual start or a new model."""
+        last = self._upgrades.get(spec.name)
+        if (
+            spec.upgrade_policy.mode != "Rolling"
+            or last is None
+            or last.status not in ("Faulted", "RolledBack")
+        ):
+            return
+        versions = engine.instance_columns(spec.name)["model_version"]
+        if any((v or 0) < spec.model_version for v in versions):
+            self._upgrade_pending.add(spec.name)
+
     def deleted(self, name: str) -> None:
         """Forgets every policy's state of a deleted scale set."""
         for state in (

@@ -7,8 +7,9 @@ one), zone by zone unless ``enable_cross_zone_upgrade``, spread over fault domai
 the scale set unhealthy stops the upgrade; after every batch, more than
 ``max_unhealthy_upgraded_instance_percent`` of it unhealthy among the upgraded instances stops it with
 ``MaxUnhealthyUpgradedInstancePercentExceededInRollingUpgrade`` (and rolls the failed instances back with
-``rollback_failed_instances_on_policy_breach``). A batch waits while its instances are ``Initializing``
-(up to :data:`HEALTH_WAIT_S`); ``Unknown`` counts as unhealthy. Between batches it pauses for
+``rollback_failed_instances_on_policy_breach``). A batch waits while its upgraded instances are
+``Initializing`` or report ``Unknown`` (up to :data:`HEALTH_WAIT_S`, after which they count as unhealthy);
+before a batch, ``Unknown`` counts as unhealthy. Between batches it pauses for
 ``pause_time_between_batches``. With ``max_surge`` each batch first creates new-model instances beside
 the old ones and deletes the old ones once the batch passes, so the running count never drops below
 capacity; if the new ones do not fit (capacity or quota), the batch is upgraded in place, as Azure does.
@@ -122,8 +123,10 @@ def step(engine: Engine, name: str, now: float, upgrade: RollingUpgrade) -> list
     total = len(health)
     if upgrade.in_batch:
         present = [i for i in upgrade.in_batch if i in health]
+        # Initializing waits; so does Unknown reported after the upgrade (Application Health: "rolling
+        # upgrades will be paused until the instance falls back into a Healthy state"), up to the timeout.
         if (
-            any(health[i] == "Initializing" for i in present)
+            any(health[i] in ("Initializing", "Unknown") for i in present)
             and now - (upgrade.batch_started_at or now) < HEALTH_WAIT_S
         ):
             return []

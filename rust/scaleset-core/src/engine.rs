@@ -204,6 +204,25 @@ impl Engine {
         check_update(&old, &spec)?;
         let mut spec = resolve(spec, &self.region)?;
         let model_changed = check_update(&old, &spec)?;
+        if spec.max_price != old.max_price {
+            // Azure: a Spot VM's max price changes only while it is deallocated.
+            let state = self.scale_set(&spec.name)?;
+            if let Some(vm) = state
+                .instances
+                .iter()
+                .find(|i| i.priority == Priority::Spot && i.power_state == PowerState::Running)
+            {
+                let vm_name = vm
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| format!("{}_{}", spec.name, vm.instance_id));
+                return Err(CoreError::conflict(
+                    codes::MAX_PRICE_CHANGE_NOT_ALLOWED_FOR_ALLOCATED_VMS,
+                    format!("Max price change is not allowed when the VM '{vm_name}' is currently allocated. Deallocate and try again."),
+                )
+                .at("max_price"));
+            }
+        }
         spec.model_version = old.model_version + u64::from(model_changed);
         let limit = instance_limit(&spec, self.instance_limit_override);
         let capacity = self.scale_set(&spec.name)?.capacity();

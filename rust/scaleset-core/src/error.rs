@@ -90,6 +90,8 @@ pub mod codes {
     pub const SCALE_IN_BLOCKED_BY_PROTECTION: &str = "ScaleInBlockedByProtection";
     pub const INVALID_PROTECTION_POLICY: &str = "InvalidProtectionPolicy";
     pub const MAX_PRICE_VALUE_INVALID: &str = "MaxPriceValueInvalid";
+    pub const MAX_PRICE_CHANGE_NOT_ALLOWED_FOR_ALLOCATED_VMS: &str =
+        "MaxPriceChangeNotAllowedForAllocatedVMs";
     pub const MAX_PRICE_ONLY_FOR_SPOT: &str = "MaxPriceIsSupportedOnlyForAzureSpotVirtualMachines";
     pub const EVICTION_POLICY_ONLY_FOR_SPOT: &str =
         "EvictionPolicyCanBeSetOnlyOnAzureSpotVirtualMachines";

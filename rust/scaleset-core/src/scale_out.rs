@@ -326,22 +326,29 @@ fn allocation_error(
             );
         }
     }
-    if view.spec.is_zonal() {
-        CoreError::capacity(
-            codes::ZONAL_ALLOCATION_FAILED,
-            format!(
-                "Allocation failed for '{name}': no zone it may use has capacity for {priority} {sizes}. Add pool capacity, bring a zone back, or scale to fewer instances."
-            ),
-        )
+    let code = if view.spec.is_zonal() {
+        codes::ZONAL_ALLOCATION_FAILED
     } else {
-        CoreError::capacity(
-            codes::ALLOCATION_FAILED,
-            format!(
-                "Allocation failed for '{name}': the region has no capacity for {priority} {sizes}. Add pool capacity or scale to fewer instances."
-            ),
-        )
-    }
+        codes::ALLOCATION_FAILED
+    };
+    let detail = if view.spec.is_zonal() {
+        format!("no zone '{name}' may use has capacity for {priority} {sizes}; add pool capacity, bring a zone back, or scale to fewer instances.")
+    } else {
+        format!("the region has no capacity for {priority} {sizes} for '{name}'; add pool capacity or scale to fewer instances.")
+    };
+    // Azure's own messages (reference §12), then what scaleset knows of the cause.
+    let azure = if view.spec.single_placement_group == Some(true) {
+        SPG_ALLOCATION_FAILED
+    } else {
+        ALLOCATION_FAILED
+    };
+    CoreError::capacity(code, format!("{azure} Here: {detail}"))
 }
+
+/// Azure's message for an allocation failure (reference §12, S40).
+pub const ALLOCATION_FAILED: &str = "Allocation failed. We do not have sufficient capacity for the requested VM size in this region. Read more about improving likelihood of allocation success at https://aka.ms/allocation-guidance.";
+/// Azure's message for an allocation failure in a single placement group (reference §12, S40).
+pub const SPG_ALLOCATION_FAILED: &str = "Allocation failed. If you are trying to add a new VM to a Virtual Machine Scale Set with a single placement group or update/resize an existing VM in a Virtual Machine Scale Set with a single placement group, please note that such allocation might be scoped to a single cluster, and it is possible that the cluster is out of capacity.";
 
 #[cfg(test)]
 mod tests {

@@ -406,6 +406,21 @@ pub fn check_update(old: &ScaleSetSpec, new: &ScaleSetSpec) -> Result<bool> {
             "Changing property 'singlePlacementGroup' from false to true is not allowed.",
         ));
     }
+    if let (Some(before), Some(after)) =
+        (&old.automatic_repairs_policy, &new.automatic_repairs_policy)
+    {
+        if before.enabled && after.enabled && before.repair_action != after.repair_action {
+            return Err(CoreError::conflict(
+                codes::PROPERTY_CHANGE_NOT_ALLOWED,
+                format!(
+                    "Changing property 'automaticRepairsPolicy.repairAction' from {} to {} is not allowed while automatic repairs are enabled: disable them (enabled: false) first, then enable them with the new action.",
+                    before.repair_action.as_str(),
+                    after.repair_action.as_str()
+                ),
+            )
+            .at("automatic_repairs_policy.repair_action"));
+        }
+    }
     let model_changed = old.sku != new.sku
         || old.sku_profile != new.sku_profile
         || old.image_kind != new.image_kind;

@@ -1,0 +1,156 @@
+"""Azure fidelity, round two (issue 14): documented rules that came out wrong, from the reference's own words."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from scaleset import AutomaticRepairsPolicy, Controller, Region, RollingUpgradePolicy, Sku, UpgradePolicy
+from scaleset.client import Client
+from scaleset.errors import CapacityError, ConflictError
+from scaleset.testing.server import ServerThread
+from tests.conftest import SIZE, zonal_spec
+
+T0 = 1_800_000_000.0
+
+
+def spot(**kwargs: object) -> Controller:
+    c = Controller(Region(zones=["1", "2", "3"]))
+    c.create_scale_set(zonal_spec(priority="Spot", eviction_policy="Deallocate", max_price=0.5, **kwargs), 3)
+    return c
+
+
+def test_max_price_of_allocated_spot_vms_cannot_change_until_they_are_deallocated() -> None:
+    """Reference §12: MaxPriceChangeNotAllowedForAllocatedVMs, "Deallocate and try again"."""
+    c = spot()
+    raised = dataclasses.replace(c.get_spec("web"), max_price=0.8)
+    with pytest.raises(ConflictError) as caught:
+        c.update_scale_set(raised)
+    assert caught.value.code == "MaxPriceChangeNotAllowedForAllocatedVMs"
+    assert (
+        caught.value.field == "max_price"
+        and "web_0" in str(caught.value)
+        and "Deallocate" in str(caught.value)
+    )
+    assert c.get_spec("web").max_price == 0.5  # nothing changed
+    c.evict("web", [0, 1, 2])  # eviction policy Deallocate: every VM deallocated
+    assert c.update_scale_set(raised).max_price == 0.8
+
+
+def test_max_price_rule_over_grpc(tmp_path: Path) -> None:
+    with (
+        ServerThread(str(tmp_path / "state.db"), Region(zones=["1", "2", "3"])) as server,
+        Client(server.target) as c,
+    ):
+        c.create_scale_set(zonal_spec(priority="Spot", eviction_policy="Delete", max_price=0.5), 2)
+        with pytest.raises(ConflictError) as caught:
+            c.update_scale_set(dataclasses.replace(c.get_scale_set("web").spec, max_price=-1.0))
+        assert (
+            caught.value.code == "MaxPriceChangeNotAllowedForAllocatedVMs"
+            and caught.value.field == "max_price"
+        )
+
+
+def test_repair_action_changes_only_through_disable_then_enable() -> None:
+    """Reference §8.1: "To change repairAction on an existing policy you must disable then re-enable"."""
+    c = Controller(Region(zones=["1"]))
+    c.create_scale_set(
+        zonal_spec(zones=["1"], automatic_repairs_policy=AutomaticRepairsPolicy(True, "PT10M", "Replace"))
+    )
+    spec = c.get_spec("web")
+    with pytest.raises(ConflictError) as caught:
+        c.update_scale_set(
+            dataclasses.replace(
+                spec, automatic_repairs_policy=AutomaticRepairsPolicy(True, "PT10M", "Reimage")
+            )
+        )
+    assert caught.value.code == "PropertyChangeNotAllowed"
+    assert caught.value.field == "automatic_repairs_policy.repair_action"
+    c.update_scale_set(
+        dataclasses.replace(spec, automatic_repairs_policy=AutomaticRepairsPolicy(False, "PT10M", "Replace"))
+    )
+    c.update_scale_set(
+        dataclasses.replace(spec, automatic_repairs_policy=AutomaticRepairsPolicy(True, "PT10M", "Reimage"))
+    )
+    assert c.get_spec("web").automatic_repairs_policy == AutomaticRepairsPolicy(True, "PT10M", "Reimage")
+
+
+def test_a_full_single_placement_group_fails_with_azures_message() -> None:
+    c = Controller(Region(zones=["1", "2", "3"], fault_domains_per_zone=5))
+    c.create_scale_set(
+        zonal_spec(zones=[], orchestration_mode="Uniform")
+    )  # regional Uniform: one placement group
+    assert c.get_spec("web").single_placement_group is True
+    c.set_pool_capacity(None, SIZE, "Regular", 2)
+    with pytest.raises(CapacityError) as caught:
+        c.set_capacity("web", 3)
+    assert caught.value.code == "AllocationFailed"
+    assert str(caught.value).startswith(
+        "Allocation failed. If you are trying to add a new VM to a Virtual Machine Scale Set with a single placement group"
+    )
+    multi = Controller(Region(zones=["1", "2", "3"], fault_domains_per_zone=5))
+    multi.create_scale_set(zonal_spec(zones=[], orchestration_mode="Uniform", single_placement_group=False))
+    multi.set_pool_capacity(None, SIZE, "Regular", 2)
+    with pytest.raises(CapacityError) as other:
+        multi.set_capacity("web", 3)
+    assert str(other.value).startswith(
+        "Allocation failed. We do not have sufficient capacity for the requested VM size"
+    )
+
+
+def rolling_fleet(n: int = 5, **policy: object) -> Controller:
+    c = Controller(Region(zones=["1"], fault_domains_per_zone=5))
+    spec = zonal_spec(zones=["1"], upgrade_policy=UpgradePolicy("Rolling", RollingUpgradePolicy(**policy)))  # type: ignore[arg-type]
+    c.create_scale_set(spec, n, now=T0)
+    c.report_health("web", range(n), "Healthy", now=T0)
+    c.update_scale_set(dataclasses.replace(c.get_spec("web"), sku=Sku(name="Standard_D4s_v5")), now=T0)
+    return c
+
+
+def test_unknown_after_an_upgrade_pauses_the_batch_until_healthy() -> None:
+    """Reference §7.4 (Rich Health States): Unknown -> "rolling upgrades will be paused until the instance
+    falls back into a Healthy state"."""
+    c = rolling_fleet()
+    c.advance(T0 + 1)  # batch 1 starts
+    (first,) = c.get_rolling_upgrade("web").in_batch  # type: ignore[union-attr]
+    c.report_health("web", [first], "Unknown", now=T0 + 2)
+    assert c.advance(T0 + 60) == []  # paused, not failed
+    assert c.get_rolling_upgrade("web").progress()["failed_instance_count"] == 0  # type: ignore[union-attr]
+    c.report_health("web", [first], "Healthy", now=T0 + 90)
+    (done,) = c.advance(T0 + 120)
+    assert done.kind == "RollingUpgradeBatchCompleted" and "1 healthy, 0 not" in done.reason
+
+
+def test_unknown_past_the_health_timeout_counts_as_unhealthy() -> None:
+    from scaleset.policies.upgrade import HEALTH_WAIT_S
+
+    c = rolling_fleet(max_unhealthy_upgraded_instance_percent=0)
+    c.advance(T0 + 1)
+    (first,) = c.get_rolling_upgrade("web").in_batch  # type: ignore[union-attr]
+    c.report_health("web", [first], "Unknown", now=T0 + 2)
+    assert c.advance(T0 + HEALTH_WAIT_S) == []
+    (failed,) = c.advance(T0 + 1 + HEALTH_WAIT_S)
+    assert failed.kind == "RollingUpgradeFailed"
+
+
+def test_an_update_after_a_policy_breach_starts_the_rolling_upgrade_again() -> None:
+    """Reference §7.4: "if … the upgrade has stopped due to any policy breach, any more changes … trigger a new
+    rolling upgrade"; "a generic az vmss update re-triggers the check"."""
+    c = rolling_fleet(max_unhealthy_upgraded_instance_percent=0)
+    c.advance(T0 + 1)
+    (first,) = c.get_rolling_upgrade("web").in_batch  # type: ignore[union-attr]
+    c.report_health("web", [first], "Unhealthy", now=T0 + 2)
+    c.advance(T0 + 3)
+    assert c.get_rolling_upgrade("web").status == "Faulted"  # type: ignore[union-attr]
+    c.report_health("web", [first], "Healthy", now=T0 + 4)  # the cause is fixed
+    c.update_scale_set(c.get_spec("web"), now=T0 + 5)  # a generic update: no model property changes
+    (started, *_) = c.advance(T0 + 6)
+    assert started.kind == "RollingUpgradeStarted" and c.get_rolling_upgrade("web").active  # type: ignore[union-attr]
+    # Once every instance is on the latest model, an update starts nothing.
+    while c.get_rolling_upgrade("web").active:  # type: ignore[union-attr]
+        c.report_health("web", c.get_rolling_upgrade("web").in_batch, "Healthy", now=c.now + 1)  # type: ignore[union-attr]
+        c.advance(c.now + 1)
+    c.update_scale_set(c.get_spec("web"), now=c.now + 1)
+    assert c.advance(c.now + 1) == []
