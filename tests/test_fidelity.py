@@ -6,11 +6,11 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-
 from scaleset import AutomaticRepairsPolicy, Controller, Region, RollingUpgradePolicy, Sku, UpgradePolicy
 from scaleset.client import Client
 from scaleset.errors import CapacityError, ConflictError
 from scaleset.testing.server import ServerThread
+
 from tests.conftest import SIZE, zonal_spec
 
 T0 = 1_800_000_000.0
