@@ -154,3 +154,59 @@ def test_an_update_after_a_policy_breach_starts_the_rolling_upgrade_again() -> N
         c.advance(c.now + 1)
     c.update_scale_set(c.get_spec("web"), now=c.now + 1)
     assert c.advance(c.now + 1) == []
+
+
+# ----- rebalancing around instances that cannot move ------------------------------------------------------
+
+
+def pinned_fleet(zones: list[str], fds: int, layout: list[tuple[str, int, int, bool]]) -> Controller:
+    """``layout``: (zone, fault domain, count, protected from scale-set actions)."""
+    from scaleset import Instance
+
+    c = Controller(Region(zones=zones, fault_domains_per_zone=fds))
+    c.create_scale_set(zonal_spec(zones=zones, platform_fault_domain_count=1 if len(zones) > 1 else None))
+    instances, protected = [], []
+    for zone, fd, count, pin in layout:
+        for _ in range(count):
+            i = len(instances)
+            instances.append(Instance(instance_id=i, zone=zone, fault_domain=fd, vm_size=SIZE, health="Healthy"))
+            if pin:
+                protected.append(i)
+    c.import_instances("web", instances)
+    c.set_protection("web", protected, protect_from_scale_in=True, protect_from_scale_set_actions=True)
+    return c
+
+
+def zone_counts(c: Controller) -> dict[str | None, int]:
+    from collections import Counter
+
+    return dict(sorted(Counter(i.zone for i in c.get_scale_set("web").instances).items(), key=str))
+
+
+def test_zones_balance_as_well_as_pinned_instances_allow() -> None:
+    """Issue 14: zones 1 / 2 / 3 hold 0 / 40 (protected) / 20; the best reachable shape is 10 / 40 / 10."""
+    c = pinned_fleet(["1", "2", "3"], 1, [("2", 0, 40, True), ("3", 0, 20, False)])
+    plan = c.rebalance("web")
+    assert plan.status == "OPTIMAL" and plan.replacements == 10
+    assert plan.zone_counts_after == {"1": 10, "2": 40, "3": 10}
+    assert plan.violation_after["zones"] == 0 and plan.violation_before["zones"] > 0
+    c.rebalance("web", dry_run=False)
+    assert zone_counts(c) == {"1": 10, "2": 40, "3": 10}
+    assert c.rebalance("web").replacements == 0  # already the best reachable shape
+
+
+def test_fault_domains_balance_as_well_as_pinned_instances_allow() -> None:
+    c = pinned_fleet(["1"], 3, [("1", 1, 40, True), ("1", 2, 20, False)])
+    plan = c.rebalance("web")
+    assert plan.replacements == 10
+    assert {fd: n for (_, fd), n in plan.fault_domain_counts_after.items()} == {0: 10, 1: 40, 2: 10}
+    assert plan.violation_after["fault_domains"] == 0
+
+
+def test_without_pinned_instances_the_target_is_the_even_split() -> None:
+    from scaleset.rebalance import water_fill
+
+    assert water_fill([0, 0, 0], 10) == [(3, 4), (3, 4), (3, 4)]
+    assert water_fill([0, 40, 0], 60) == [(10, 10), (40, 40), (10, 10)]
+    assert water_fill([0, 40, 5], 60) == [(10, 10), (40, 40), (10, 10)]
+    assert water_fill([0, 40, 15], 60) == [(5, 5), (40, 40), (15, 15)]

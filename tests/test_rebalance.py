@@ -98,11 +98,11 @@ def test_protected_and_deallocated_instances_never_move() -> None:
     engine.evict("web", [4, 5])  # Deallocate: stays, deallocated
     plan = engine.rebalance("web", dry_run=False)
     assert {d.instance_id for d in plan.deletes}.isdisjoint({0, 1, 2, 3, 4, 5})
-    # Zone 2's six cannot move, so zones stay 2 over / 2 under their share of 4 whatever happens;
-    # moving 2 of zone 3's six is the fewest replacements for that.
+    # Zone 2's six cannot move; the best reachable shape balances the movable six over zones 1 and 3
+    # (issue 14: the target is what the pinned instances allow, not an unreachable 4 / 4 / 4).
     counts = Counter(i.zone for i in engine.get_scale_set("web").instances)
-    assert counts == {"1": 2, "2": 6, "3": 4}
-    assert plan.violation_after["zones"] == 4 and plan.replacements == 2 and plan.optimal
+    assert counts == {"1": 3, "2": 6, "3": 3}
+    assert plan.violation_after["zones"] == 0 and plan.replacements == 3 and plan.optimal
 
 
 def test_budget_gives_the_best_partial_plan() -> None:

@@ -155,7 +155,13 @@ def _waves(
 
 
 class _Shape:
-    """The target-shape violation of given pool counts, as numbers (for reporting) or model terms."""
+    """The target-shape violation of given pool counts, as numbers (for reporting) or model terms.
+
+    The target is the best shape reachable around the instances that cannot move (protected, deallocated):
+    the movable ones fill the zones (and, in each zone, the fault domains) up to a common level, as water
+    fills vessels, and a zone or fault domain whose pinned instances already exceed the level keeps them
+    (reference §13, issue 14: 0 / 40 pinned / 20 balances to 10 / 40 / 10, not towards 20 / 20 / 20).
+    """
 
     def __init__(self, data: dict[str, Any]) -> None:
         self.slots: list[str | None] = data["slots"]
@@ -165,19 +171,97 @@ class _Shape:
         self.outside_regular: int = data["outside_regular"]
         self.model_sizes = set(data["model_sizes"])
         inside = data["capacity"] - data["outside_regular"] - data["outside_spot"]
-        k = max(1, len(self.available))
-        self.floor, self.ceil = inside // k, -(-inside // k)
+        rows = data["rows"]
+        self.pinned: Counter[int] = Counter()
+        self.pinned_fd: Counter[tuple[int, int]] = Counter()
+        for s, f, count, klass in zip(
+            rows["slot"], rows["fault_domain"], rows["count"], rows["class"], strict=True
+        ):
+            if klass < 0:
+                self.pinned[s] += count
+                self.pinned_fd[s, min(f, self.fds - 1)] += count
+        #: Per available zone, the (lowest, highest) count of the best reachable shape.
+        self.zone_target = water_fill([self.pinned[s] for s in self.available], inside)
+        self.floor = min((lo for lo, _ in self.zone_target), default=0)
+        self.ceil = max((hi for _, hi in self.zone_target), default=0)
+
+    def pinned_zone(self, s: int) -> bool:
+        """Whether any fault domain of zone ``s`` holds instances that cannot move."""
+        return any(self.pinned_fd[s, f] for f in range(self.fds))
 
     def measure(
         self, zone: Counter[int], fd: Counter[tuple[int, int]], regular: int, off_model: int
     ) -> dict[str, int]:
-        zones = sum(max(0, zone[s] - self.ceil) + max(0, self.floor - zone[s]) for s in self.available)
+        zones = sum(
+            max(0, zone[s] - hi) + max(0, lo - zone[s])
+            for s, (lo, hi) in zip(self.available, self.zone_target, strict=True)
+        )
         fds = 0
         for s in self.available:
-            lo, hi = zone[s] // self.fds, -(-zone[s] // self.fds)
-            fds += sum(max(0, fd[s, f] - hi) + max(0, lo - fd[s, f]) for f in range(self.fds))
+            counts = [fd[s, f] for f in range(self.fds)]
+            pins = [self.pinned_fd[s, f] for f in range(self.fds)]
+            targets = water_fill(pins, zone[s])
+            fds += sum(max(0, c - hi) + max(0, lo - c) for c, (lo, hi) in zip(counts, targets, strict=True))
         mix = abs(regular - self.regular_target) if self.regular_target is not None else 0
         return {"zones": zones, "fault_domains": fds, "priority_mix": mix, "vm_sizes": off_model}
+
+
+def water_fill(pinned: list[int], total: int) -> list[tuple[int, int]]:
+    """The best reachable spread of ``total`` instances over vessels already holding ``pinned`` ones that
+    cannot move: each vessel's (lowest, highest) count. Vessels below the common level ``L`` get ``L`` (or
+    ``L + 1`` while the remainder lasts, either is fine); vessels above it keep their pinned count. Without
+    pins this is the even split: floor and ceiling of ``total / vessels``."""
+    if not pinned:
+        return []
+    lo, hi = 0, max(total, 0)
+    while lo < hi:  # the largest level whose fill fits
+        mid = (lo + hi + 1) // 2
+        if sum(max(p, mid) for p in pinned) <= total:
+            lo = mid
+        else:
+            hi = mid - 1
+    level = lo
+    remainder = total - sum(max(p, level) for p in pinned)
+    return [(p, p) if p > level else (level, level + (1 if remainder > 0 else 0)) for p in pinned]
+
+
+def _pinned_fd_terms(
+    model: cp_model.CpModel,
+    shape: _Shape,
+    s: int,
+    z: Any,
+    fd_terms: dict[tuple[int, int], list[Any]],
+    inside: int,
+) -> list[Any]:
+    """Fault-domain violation in a zone with pinned instances, exactly as :func:`water_fill` measures it,
+    for a zone count the solver chooses: the level, each fault domain's target, and the remainder."""
+    fds = shape.fds
+    # The water level: the highest at which every fault domain's target (the larger of its pinned count
+    # and the level) fits in the zone; what is left over (the remainder) may stand one above its target.
+    level = model.new_int_var(0, inside, f"level{s}")
+    above = model.new_int_var(1, inside + 1, f"above{s}")
+    model.add(above == level + 1)
+    targets, next_targets, spare = [], [], []
+    out: list[Any] = []
+    for f in range(fds):
+        pinned = shape.pinned_fd[s, f]
+        t = model.new_int_var(0, inside, f"target{s}_{f}")
+        model.add_max_equality(t, [level, pinned])
+        t_next = model.new_int_var(0, inside + 1, f"next{s}_{f}")
+        model.add_max_equality(t_next, [above, pinned])
+        extra = model.new_bool_var(f"extra{s}_{f}")
+        targets.append(t)
+        next_targets.append(t_next)
+        spare.append(extra)
+        cnt = sum(fd_terms[s, f])
+        fo, fu = model.new_int_var(0, inside, f"pfo{s}_{f}"), model.new_int_var(0, inside, f"pfu{s}_{f}")
+        model.add(fo >= cnt - t - extra)
+        model.add(fu >= level - cnt)
+        out += [fo, fu]
+    model.add(sum(targets) <= z)
+    model.add(sum(next_targets) >= z + 1)
+    model.add(sum(spare) <= z - sum(targets))
+    return out
 
 
 def _solver(time_limit_s: float, num_workers: int, random_seed: int) -> cp_model.CpSolver:
@@ -250,13 +334,17 @@ def solve_rebalance(
             regular_terms.append(var)
     violations: list[Any] = []
     inside = sum(c for c in rows["count"])
-    for s in shape.available:
+    for s, (z_lo, z_hi) in zip(shape.available, shape.zone_target, strict=True):
         z = sum(zone_terms[s])
         over, under = model.new_int_var(0, inside, f"over{s}"), model.new_int_var(0, inside, f"under{s}")
-        model.add(over >= z - shape.ceil)
-        model.add(under >= shape.floor - z)
+        model.add(over >= z - z_hi)
+        model.add(under >= z_lo - z)
         violations += [WEIGHTS["zones"] * over, WEIGHTS["zones"] * under]
-        if fds > 1:
+        if fds > 1 and shape.pinned_zone(s):
+            violations += [
+                WEIGHTS["fault_domains"] * v for v in _pinned_fd_terms(model, shape, s, z, fd_terms, inside)
+            ]
+        elif fds > 1:
             hi, lo = model.new_int_var(0, inside, f"hi{s}"), model.new_int_var(0, inside, f"lo{s}")
             model.add(fds * hi >= z)
             model.add(fds * hi <= z + fds - 1)
@@ -384,6 +472,8 @@ def _assemble(
     before = shape.measure(zone_b, fd_b, regular_b, off_b)
     after = shape.measure(zone_a, fd_a, regular_a, off_a)
     target = f"{shape.floor}" if shape.floor == shape.ceil else f"{shape.floor}-{shape.ceil}"
+    if shape.pinned:
+        target += " around the instances that cannot move"
 
     def zone_note(s: int) -> str:
         return (

@@ -3,8 +3,9 @@ greedy heuristic. Benchmarks run them beside the real rebalancer; tests use the 
 cases to check that the pool model's plans are optimal.
 
 The target shape is the same as :mod:`scaleset.rebalance`'s, written independently: zone counts outside
-the balanced floor/ceil, fault-domain counts outside their zone's floor/ceil, distance from the
-priority-mix target, and movable instances on sizes outside the model.
+the best reachable spread around pinned (protected, deallocated) instances, fault-domain counts outside
+their zone's (the same rule inside a zone), distance from the priority-mix target, and movable instances
+on sizes outside the model.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from ortools.sat.python import cp_model
 
 from scaleset.engine import Engine
+from scaleset.model import Instance
 from scaleset.rebalance import WEIGHTS
 
 __all__ = ["BaselineResult", "greedy_rebalance", "per_vm_rebalance"]
@@ -53,6 +55,20 @@ def _pool_limits(data: dict) -> dict[tuple[int, str, str], int]:  # type: ignore
     }
 
 
+def _fixed(inst: Instance) -> bool:
+    return (
+        inst.protect_from_scale_in or inst.protect_from_scale_set_actions or inst.power_state == "deallocated"
+    )
+
+
+def _level(pinned: list[int], total: int) -> int:
+    """The highest common level the movable instances can fill every vessel to, one step at a time."""
+    level = 0
+    while sum(max(p, level + 1) for p in pinned) <= total:
+        level += 1
+    return level
+
+
 def per_vm_rebalance(
     engine: Engine, name: str, max_replacements: int | None = None, time_limit_s: float = 10.0
 ) -> BaselineResult:
@@ -70,11 +86,7 @@ def per_vm_rebalance(
     off_model = []
     for inst in instances:
         home = (slot_of[inst.zone], inst.fault_domain, inst.vm_size, inst.priority)
-        fixed = (
-            inst.protect_from_scale_in
-            or inst.protect_from_scale_set_actions
-            or inst.power_state == "deallocated"
-        )
+        fixed = _fixed(inst)
         stay = model.new_bool_var(f"stay{inst.instance_id}")
         if fixed:
             model.add(stay == 1)
@@ -100,26 +112,52 @@ def per_vm_rebalance(
         model.add(sum(replaced) <= max_replacements)
     for pool, limit in _pool_limits(data).items():
         model.add(sum(moved_in.get(pool, [])) <= limit)
-    k = max(1, len(available))
-    floor, ceil = total // k, -(-total // k)
+    pinned_zone = Counter(slot_of[i.zone] for i in instances if _fixed(i))
+    pinned_fd = Counter((slot_of[i.zone], min(i.fault_domain, fds - 1)) for i in instances if _fixed(i))
+    level = _level([pinned_zone[s] for s in available], total)
+    spare = total - sum(max(pinned_zone[s], level) for s in available)
     violation = []
     for s in available:
         z = sum(v for t, vs in counts.items() if t[0] == s for v in vs)
+        lo = max(pinned_zone[s], level)
+        hi = lo + (1 if spare > 0 and pinned_zone[s] <= level else 0)
         over, under = model.new_int_var(0, total, ""), model.new_int_var(0, total, "")
-        model.add(over >= z - ceil)
-        model.add(under >= floor - z)
+        model.add(over >= z - hi)
+        model.add(under >= lo - z)
         violation += [WEIGHTS["zones"] * over, WEIGHTS["zones"] * under]
-        if fds > 1:
-            hi, lo = model.new_int_var(0, total, ""), model.new_int_var(0, total, "")
-            model.add(fds * hi >= z)
-            model.add(fds * hi <= z + fds - 1)
-            model.add(fds * lo <= z)
-            model.add(fds * lo >= z - fds + 1)
+        if fds > 1 and any(pinned_fd[s, f] for f in range(fds)):
+            w = model.new_int_var(0, total, "")
+            tops, next_tops, extras = [], [], []
+            for f in range(fds):
+                top, next_top, extra = (
+                    model.new_int_var(0, total, ""),
+                    model.new_int_var(0, total + 1, ""),
+                    model.new_bool_var(""),
+                )
+                model.add_max_equality(top, [w, pinned_fd[s, f]])
+                model.add_max_equality(next_top, [w + 1, pinned_fd[s, f]])
+                tops.append(top)
+                next_tops.append(next_top)
+                extras.append(extra)
+                c = sum(v for t, vs in counts.items() if t[0] == s and t[1] == f for v in vs)
+                fo, fu = model.new_int_var(0, total, ""), model.new_int_var(0, total, "")
+                model.add(fo >= c - top - extra)
+                model.add(fu >= w - c)
+                violation += [WEIGHTS["fault_domains"] * fo, WEIGHTS["fault_domains"] * fu]
+            model.add(sum(tops) <= z)
+            model.add(sum(next_tops) >= z + 1)
+            model.add(sum(extras) <= z - sum(tops))
+        elif fds > 1:
+            hi_fd, lo_fd = model.new_int_var(0, total, ""), model.new_int_var(0, total, "")
+            model.add(fds * hi_fd >= z)
+            model.add(fds * hi_fd <= z + fds - 1)
+            model.add(fds * lo_fd <= z)
+            model.add(fds * lo_fd >= z - fds + 1)
             for f in range(fds):
                 c = sum(v for t, vs in counts.items() if t[0] == s and t[1] == f for v in vs)
                 fo, fu = model.new_int_var(0, total, ""), model.new_int_var(0, total, "")
-                model.add(fo >= c - hi)
-                model.add(fu >= lo - c)
+                model.add(fo >= c - hi_fd)
+                model.add(fu >= lo_fd - c)
                 violation += [WEIGHTS["fault_domains"] * fo, WEIGHTS["fault_domains"] * fu]
     if data["regular_target"] is not None:
         r = data["outside_regular"] + sum(regular)
