@@ -169,7 +169,9 @@ def pinned_fleet(zones: list[str], fds: int, layout: list[tuple[str, int, int, b
     for zone, fd, count, pin in layout:
         for _ in range(count):
             i = len(instances)
-            instances.append(Instance(instance_id=i, zone=zone, fault_domain=fd, vm_size=SIZE, health="Healthy"))
+            instances.append(
+                Instance(instance_id=i, zone=zone, fault_domain=fd, vm_size=SIZE, health="Healthy")
+            )
             if pin:
                 protected.append(i)
     c.import_instances("web", instances)
@@ -210,3 +212,59 @@ def test_without_pinned_instances_the_target_is_the_even_split() -> None:
     assert water_fill([0, 40, 0], 60) == [(10, 10), (40, 40), (10, 10)]
     assert water_fill([0, 40, 5], 60) == [(10, 10), (40, 40), (10, 10)]
     assert water_fill([0, 40, 15], 60) == [(5, 5), (40, 40), (15, 15)]
+
+
+# ----- overprovisioning (reference §11) -------------------------------------------------------------------
+
+
+def uniform(**kwargs: object) -> Controller:
+    c = Controller(Region(zones=["1", "2", "3"], fault_domains_per_zone=5))
+    c.create_scale_set(zonal_spec(orchestration_mode="Uniform", platform_fault_domain_count=5, **kwargs))
+    return c
+
+
+def test_uniform_scale_outs_overprovision_and_delete_the_extras() -> None:
+    """Reference §11: "the scale set actually spins up more VMs than you asked for, then deletes the extra VMs
+    once the requested number of VMs are successfully provisioned"; the number is ours (20%)."""
+    c = uniform()
+    assert c.get_spec("web").overprovision is True  # Azure's default for Uniform
+    plan = c.set_capacity("web", 10)
+    extras = [p for p in plan.creates if p.reason.startswith("overprovisioning")]
+    assert len(plan.creates) == 12 and len(extras) == 2 and [p.instance_id for p in extras] == [10, 11]
+    assert sorted(d.instance_id for d in plan.deletes) == [10, 11]
+    assert all("deleted once the 10 requested instances succeed" in p.reason for p in extras)
+    assert c.capacity("web") == 10 and {i.instance_id for i in c.get_scale_set("web").instances} == set(
+        range(10)
+    )
+    assert c.set_capacity("web", 11).creates[0].instance_id == 12  # the extras took ids, as in Azure
+    assert len(c.set_capacity("web", 5).creates) == 0  # scale-in: nothing extra
+
+
+def test_overprovisioning_is_configurable_and_never_fails_a_request() -> None:
+    assert len(uniform(overprovision_percent=50).set_capacity("web", 10).creates) == 15
+    assert len(uniform(overprovision_percent=0).set_capacity("web", 10).creates) == 10
+    assert len(uniform(overprovision=False).set_capacity("web", 10).creates) == 10
+    quiet = uniform(do_not_run_extensions_on_overprovisioned_vms=True).set_capacity("web", 5)
+    assert "extensions do not run" in quiet.creates[-1].reason
+    # Extras count toward neither the instance limit nor the pools: a set at its limit still scales to it,
+    # and a pool with room for exactly the request gets no extras rather than a failure.
+    spg = Controller(Region(zones=["1", "2", "3"], fault_domains_per_zone=5))
+    spg.create_scale_set(zonal_spec(orchestration_mode="Uniform", zones=[]))
+    assert spg.get_spec("web").single_placement_group is True
+    assert spg.set_capacity("web", 100).capacity_after == 100  # the limit is 100; 20 extras came and went
+    tight = uniform()
+    for zone in ("1", "2", "3"):
+        tight.set_pool_capacity(zone, SIZE, "Regular", 4)
+    plan = tight.set_capacity("web", 12)
+    assert len(plan.creates) == 12 and tight.capacity("web") == 12
+
+
+def test_overprovisioning_is_refused_on_flexible() -> None:
+    from scaleset.errors import InvalidInputError
+
+    c = Controller(Region(zones=["1", "2", "3"]))
+    with pytest.raises(InvalidInputError) as caught:
+        c.create_scale_set(zonal_spec(overprovision=True))
+    assert caught.value.field == "overprovision"
+    c.create_scale_set(zonal_spec())
+    assert c.get_spec("web").overprovision is False and len(c.set_capacity("web", 10).creates) == 10

@@ -185,6 +185,13 @@ class ScaleSetSpec:
     automatic_zone_rebalancing_policy: AutomaticZoneRebalancingPolicy | None = None
     upgrade_policy: UpgradePolicy = field(default_factory=UpgradePolicy)
     automatic_repairs_policy: AutomaticRepairsPolicy | None = None
+    #: Uniform only (Azure's default there: true): a scale-out creates extra VMs and deletes them once the
+    #: requested ones succeeded. Refused on Flexible.
+    overprovision: bool | None = None
+    do_not_run_extensions_on_overprovisioned_vms: bool = False
+    #: Ours (Azure does not document the number): extra VMs as a percentage of a scale-out, rounded up;
+    #: None means 20 (Azure's advice: "allow for an address space 20% greater").
+    overprovision_percent: int | None = None
     #: Engine-managed: starts at 1 and grows by one each time the VM model (size, sizes, image) changes.
     model_version: int = 0
 

@@ -7,7 +7,7 @@ use crate::error::{codes, CoreError, Result};
 use crate::model::{
     EvictionPolicy, Health, Instance, PoolKey, PowerState, Priority, Region, ScaleSetSpec, ZoneSlot,
 };
-use crate::plan::{DeleteCause, Plan, PlannedDelete};
+use crate::plan::{CreateCause, DeleteCause, Plan, PlannedDelete};
 use crate::scale_in::plan_scale_in;
 use crate::scale_out::{plan_scale_out, SetView};
 use crate::validate::{check_update, instance_limit, limit_error, resolve};
@@ -70,6 +70,9 @@ pub struct Engine {
     sizes: Vec<String>,
     instance_limit_override: Option<u64>,
 }
+
+/// Extra VMs of an overprovisioned scale-out, as a percentage of it (ours; Azure does not document it).
+pub const DEFAULT_OVERPROVISION_PERCENT: u32 = 20;
 
 fn not_found(name: &str) -> CoreError {
     CoreError::not_found(
@@ -197,6 +200,7 @@ impl Engine {
             .platform_fault_domain_count
             .or(old.platform_fault_domain_count);
         spec.single_placement_group = spec.single_placement_group.or(old.single_placement_group);
+        spec.overprovision = spec.overprovision.or(old.overprovision);
         if spec.priority == old.priority {
             spec.eviction_policy = spec.eviction_policy.or(old.eviction_policy);
         }
@@ -266,11 +270,63 @@ impl Engine {
             if capacity > limit {
                 return Err(limit_error(name, limit));
             }
-            plan.creates = plan_scale_out(&view, capacity - current, state.next_instance_id)?;
+            let requested = capacity - current;
+            plan.creates = plan_scale_out(&view, requested, state.next_instance_id)?;
+            if state.spec.overprovision == Some(true) {
+                self.overprovision(
+                    &view,
+                    &state.spec,
+                    requested,
+                    state.next_instance_id,
+                    &mut plan,
+                );
+            }
         } else if capacity < current {
             plan.deletes = plan_scale_in(&view, current - capacity, &self.sizes)?;
         }
         Ok(plan)
+    }
+
+    /// Adds an overprovisioned scale-out's extra VMs (placed by the same rules, after the requested ones)
+    /// and their deletes. Extras that do not fit anywhere are simply not made: they never fail a request.
+    fn overprovision(
+        &self,
+        view: &SetView<'_>,
+        spec: &ScaleSetSpec,
+        requested: u64,
+        next_id: u64,
+        plan: &mut Plan,
+    ) {
+        let percent = u64::from(
+            spec.overprovision_percent
+                .unwrap_or(DEFAULT_OVERPROVISION_PERCENT),
+        );
+        let mut extra = (requested * percent).div_ceil(100);
+        while extra > 0 {
+            if let Ok(all) = plan_scale_out(view, requested + extra, next_id) {
+                let cause = CreateCause::Overprovisioned {
+                    requested,
+                    no_extensions: spec.do_not_run_extensions_on_overprovisioned_vms,
+                };
+                for mut c in all
+                    .into_iter()
+                    .skip(usize::try_from(requested).unwrap_or(usize::MAX))
+                {
+                    c.cause = cause;
+                    plan.deletes.push(PlannedDelete {
+                        instance_id: c.instance_id,
+                        zone: c.zone,
+                        fault_domain: c.fault_domain,
+                        vm_size: c.vm_size,
+                        priority: c.priority,
+                        cause: DeleteCause::Overprovisioned,
+                    });
+                    plan.creates.push(c);
+                }
+                return;
+            }
+            extra /= 2; // capacity short: fewer extras, never a failed request
+        }
     }
 
     pub fn set_capacity(&mut self, name: &str, capacity: u64, dry_run: bool) -> Result<Plan> {
@@ -313,6 +369,10 @@ impl Engine {
                 .retain(|i| gone.binary_search(&i.instance_id).is_err());
         }
         for c in &plan.creates {
+            state.next_instance_id = state.next_instance_id.max(c.instance_id + 1);
+            if matches!(c.cause, CreateCause::Overprovisioned { .. }) {
+                continue; // created and deleted within the plan: it takes an id, and nothing stays
+            }
             state.instances.push(Instance {
                 instance_id: c.instance_id,
                 name: None,
@@ -326,7 +386,6 @@ impl Engine {
                 protect_from_scale_in: false,
                 protect_from_scale_set_actions: false,
             });
-            state.next_instance_id = state.next_instance_id.max(c.instance_id + 1);
         }
         let taken: Vec<(ZoneSlot, u16, Priority)> = plan
             .creates

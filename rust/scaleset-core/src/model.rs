@@ -228,6 +228,12 @@ pub struct ScaleSetSpec {
     pub scale_in_policy: ScaleInPolicy,
     pub single_placement_group: Option<bool>,
     pub image_kind: ImageKind,
+    /// Uniform only (Azure's default there: true): scale-outs create extra VMs and delete them once the
+    /// requested ones succeeded.
+    pub overprovision: Option<bool>,
+    pub do_not_run_extensions_on_overprovisioned_vms: bool,
+    /// Ours (Azure does not document how many): extra VMs as a percentage of a scale-out, rounded up.
+    pub overprovision_percent: Option<u32>,
     pub automatic_zone_rebalancing_policy: Option<AutomaticZoneRebalancingPolicy>,
     pub upgrade_policy: UpgradePolicy,
     pub automatic_repairs_policy: Option<AutomaticRepairsPolicy>,
@@ -256,6 +262,9 @@ impl ScaleSetSpec {
             scale_in_policy: ScaleInPolicy::default(),
             single_placement_group: None,
             image_kind: ImageKind::Marketplace,
+            overprovision: None,
+            do_not_run_extensions_on_overprovisioned_vms: false,
+            overprovision_percent: None,
             automatic_zone_rebalancing_policy: None,
             upgrade_policy: UpgradePolicy {
                 mode: UpgradeMode::Manual,

@@ -44,6 +44,12 @@ pub struct CreateReason {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CreateCause {
     ScaleOut(CreateReason),
+    /// An extra VM of an overprovisioned scale-out (Uniform), placed by the same rules and deleted once
+    /// the `requested` instances succeeded; with `no_extensions`, extensions do not run on it.
+    Overprovisioned {
+        requested: u64,
+        no_extensions: bool,
+    },
     /// A rebalance moved an instance into this pool (the plan's waves say why, pool by pool).
     Rebalance,
 }
@@ -79,6 +85,8 @@ pub struct ScaleInReason {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeleteCause {
     ScaleIn(ScaleInReason),
+    /// The extra VM of an overprovisioned scale-out, deleted once the requested ones succeeded.
+    Overprovisioned,
     Manual,
     Evicted,
     Rebalance,
@@ -112,6 +120,16 @@ impl PlannedCreate {
             .map_or("?", String::as_str);
         let r = match &self.cause {
             CreateCause::ScaleOut(r) => r,
+            CreateCause::Overprovisioned {
+                requested,
+                no_extensions,
+            } => {
+                return format!(
+                    "overprovisioning: an extra VM in zone {zone}, fault domain {}, deleted once the {requested} requested instances succeed (not counted toward limits or quota){}",
+                    self.fault_domain,
+                    if *no_extensions { "; extensions do not run on it" } else { "" }
+                )
+            }
             CreateCause::Rebalance => {
                 return format!(
                     "rebalance: a replacement in zone {zone}, fault domain {}, {} {size}",
@@ -154,6 +172,10 @@ impl PlannedDelete {
         match self.cause {
             DeleteCause::Manual => "manual delete requested by the user".to_owned(),
             DeleteCause::Evicted => "Spot eviction with eviction_policy Delete".to_owned(),
+            DeleteCause::Overprovisioned => {
+                "overprovisioning: the extra VM is deleted, the requested instances succeeded"
+                    .to_owned()
+            }
             DeleteCause::Rebalance => {
                 "rebalance: replaced by an instance in a better place".to_owned()
             }

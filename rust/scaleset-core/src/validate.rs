@@ -137,8 +137,17 @@ pub fn resolve(mut spec: ScaleSetSpec, region: &Region) -> Result<ScaleSetSpec> 
                 ));
             }
             spec.single_placement_group = Some(false);
+            if spec.overprovision == Some(true) {
+                return Err(invalid(
+                    codes::INVALID_PARAMETER,
+                    "overprovision is not supported with Flexible orchestration; leave it unset or false.".into(),
+                )
+                .at("overprovision"));
+            }
+            spec.overprovision = Some(false);
         }
         OrchestrationMode::Uniform => {
+            spec.overprovision = Some(spec.overprovision.unwrap_or(true));
             let spg = spec.single_placement_group.unwrap_or(!spec.is_zonal());
             if spg && fd == 1 && spec.is_zonal() {
                 return Err(invalid(
@@ -148,6 +157,17 @@ pub fn resolve(mut spec: ScaleSetSpec, region: &Region) -> Result<ScaleSetSpec> 
             }
             spec.single_placement_group = Some(spg);
         }
+    }
+
+    if spec.overprovision_percent.is_some_and(|p| p > 100) {
+        return Err(invalid(
+            codes::INVALID_PARAMETER,
+            format!(
+                "overprovision_percent must be 0 to 100, got {}.",
+                spec.overprovision_percent.unwrap_or_default()
+            ),
+        )
+        .at("overprovision_percent"));
     }
 
     if let Some(mix) = spec.priority_mix_policy {

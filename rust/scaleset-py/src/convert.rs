@@ -134,6 +134,9 @@ pub struct SpecDto {
     pub scale_in_policy: ScaleInPolicyDto,
     pub single_placement_group: Option<bool>,
     pub image_kind: String,
+    pub overprovision: Option<bool>,
+    pub do_not_run_extensions_on_overprovisioned_vms: bool,
+    pub overprovision_percent: Option<u32>,
     pub automatic_zone_rebalancing_policy: Option<ZoneRebalancingDto>,
     pub upgrade_policy: UpgradePolicyDto,
     pub automatic_repairs_policy: Option<RepairsDto>,
@@ -193,6 +196,10 @@ pub fn spec_from_dto(d: SpecDto) -> PyResult<core::ScaleSetSpec> {
             },
             single_placement_group: d.single_placement_group,
             image_kind: core::ImageKind::parse(&d.image_kind)?,
+            overprovision: d.overprovision,
+            do_not_run_extensions_on_overprovisioned_vms: d
+                .do_not_run_extensions_on_overprovisioned_vms,
+            overprovision_percent: d.overprovision_percent,
             automatic_zone_rebalancing_policy: d.automatic_zone_rebalancing_policy.map(|p| {
                 core::AutomaticZoneRebalancingPolicy {
                     enabled: p.enabled,
@@ -275,6 +282,10 @@ pub fn spec_to_dto(s: &core::ScaleSetSpec) -> SpecDto {
         },
         single_placement_group: s.single_placement_group,
         image_kind: s.image_kind.as_str().to_owned(),
+        overprovision: s.overprovision,
+        do_not_run_extensions_on_overprovisioned_vms: s
+            .do_not_run_extensions_on_overprovisioned_vms,
+        overprovision_percent: s.overprovision_percent,
         automatic_zone_rebalancing_policy: s.automatic_zone_rebalancing_policy.as_ref().map(|p| {
             ZoneRebalancingDto {
                 enabled: p.enabled,
