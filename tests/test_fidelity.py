@@ -268,3 +268,180 @@ def test_overprovisioning_is_refused_on_flexible() -> None:
     assert caught.value.field == "overprovision"
     c.create_scale_set(zonal_spec())
     assert c.get_spec("web").overprovision is False and len(c.set_capacity("web", 10).creates) == 10
+
+
+# ----- automatic zone placement (reference §2.6) ------------------------------------------------------------
+
+
+def auto_region(zones: int = 4) -> Region:
+    return Region(zones=[str(z) for z in range(1, zones + 1)], fault_domains_per_zone=3)
+
+
+def auto_spec(**kwargs: object):  # type: ignore[no-untyped-def]
+    from scaleset import Placement
+
+    placement = kwargs.pop("placement", Placement())
+    return zonal_spec(zones=[], placement=placement, **kwargs)
+
+
+def test_automatic_placement_targets_three_zones_evenly() -> None:
+    """ "Targets an even distribution across three availability zones."""
+    c = Controller(auto_region(4))
+    c.create_scale_set(auto_spec(), 9)
+    assert list(c.get_spec("web").zones) == ["1", "2", "3"]  # chosen by the engine, recorded
+    assert zone_counts(c) == {"1": 3, "2": 3, "3": 3}
+
+
+def test_include_and_exclude_zones_and_their_rules() -> None:
+    from scaleset import Placement
+    from scaleset.errors import InvalidInputError
+
+    c = Controller(auto_region(4))
+    c.create_scale_set(auto_spec(name="inc", placement=Placement(include_zones=["2", "4"])), 4)
+    assert list(c.get_spec("inc").zones) == ["2", "4"]
+    c.create_scale_set(auto_spec(name="exc", placement=Placement(exclude_zones=["1"])), 3)
+    assert list(c.get_spec("exc").zones) == ["2", "3", "4"]
+    for bad, field in [
+        (auto_spec(placement=Placement(include_zones=["1"], exclude_zones=["2"])), "placement"),
+        (auto_spec(placement=Placement(include_zones=["1"])), "placement"),  # fewer than two zones
+        (dataclasses.replace(auto_spec(), zones=["1", "2"]), "zones"),  # mutually exclusive
+        (
+            auto_spec(orchestration_mode="Uniform", overprovision=True, platform_fault_domain_count=1),
+            "overprovision",
+        ),
+    ]:
+        with pytest.raises(InvalidInputError) as caught:
+            c.create_scale_set(bad)
+        assert caught.value.field == field, bad
+
+
+def test_zone_allocation_policy_rules() -> None:
+    from scaleset import MaxInstancePercentPerZonePolicy as Pct
+    from scaleset import ZoneAllocationPolicy as Policy
+    from scaleset.errors import InvalidInputError
+
+    c = Controller(auto_region(3))
+    cases = [
+        (
+            auto_spec(zone_balance=True),
+            "zone_allocation_policy.max_zone_count",
+        ),  # zone balance needs max_zone_count
+        (auto_spec(zone_allocation_policy=Policy(max_zone_count=1)), "zone_allocation_policy.max_zone_count"),
+        (
+            auto_spec(zone_balance=True, zone_allocation_policy=Policy(2, Pct(True, 60))),
+            "zone_allocation_policy.max_instance_percent_per_zone_policy",
+        ),
+        # ceil(100 / 3 eligible zones) = 34 is the least valid percentage; with max_zone_count 2 it is 50.
+        (
+            auto_spec(zone_allocation_policy=Policy(None, Pct(True, 33))),
+            "zone_allocation_policy.max_instance_percent_per_zone_policy.value",
+        ),
+        (
+            auto_spec(zone_allocation_policy=Policy(2, Pct(True, 49))),
+            "zone_allocation_policy.max_instance_percent_per_zone_policy.value",
+        ),
+    ]
+    for bad, field in cases:
+        with pytest.raises(InvalidInputError) as caught:
+            c.create_scale_set(bad)
+        assert caught.value.field == field, bad
+    c.create_scale_set(auto_spec(zone_allocation_policy=Policy(None, Pct(True, 34))))
+    c.create_scale_set(
+        auto_spec(name="two", zone_balance=True, zone_allocation_policy=Policy(max_zone_count=2)), 4
+    )
+    assert list(c.get_spec("two").zones) == ["1", "2"]
+
+
+def test_expansion_only_when_capacity_runs_short_and_never_past_max_zone_count() -> None:
+    """ "Can expand to additional availability zones if the current zones don't have enough capacity";
+    with maxZoneCount it "never exceeds the configured limit"."""
+    c = Controller(auto_region(4))
+    c.create_scale_set(auto_spec(), 6)
+    c.set_pool_capacity("3", SIZE, "Regular", 0)  # zone 3 is out of this size
+    c.set_capacity("web", 9)  # zones 1 and 2 still have room under the 50% cap: no expansion
+    assert list(c.get_spec("web").zones) == ["1", "2", "3"]
+    c.set_pool_capacity("1", SIZE, "Regular", 0)  # now zone 1 is out too
+    assert zone_counts(c) == {"1": 4, "2": 3, "3": 2}
+    c.set_capacity("web", 14)  # zone 2 may hold 7 of 14 (50%); the last one needs a fourth zone
+    assert list(c.get_spec("web").zones) == ["1", "2", "3", "4"]
+    assert zone_counts(c) == {"1": 4, "2": 7, "3": 2, "4": 1}  # existing instances never moved
+    from scaleset import ZoneAllocationPolicy as Policy
+
+    capped = Controller(auto_region(4))
+    capped.create_scale_set(auto_spec(zone_allocation_policy=Policy(max_zone_count=3)), 9)
+    capped.set_pool_capacity("1", SIZE, "Regular", 0)
+    capped.set_pool_capacity("3", SIZE, "Regular", 0)
+    plan = capped.set_capacity("web", 14)
+    assert list(capped.get_spec("web").zones) == ["1", "2", "3"]  # never a fourth zone
+    assert (plan.capacity_after, plan.unallocated) == (13, 1)  # zone 2 holds at most 7 of 14
+
+
+def test_partial_allocation_places_what_the_policy_allows() -> None:
+    """ "Azure allocates as many instances as the policy allows and the remaining instances may fail to
+    provision. This behavior is a partial allocation failure, not a failure of the entire request." """
+    from scaleset import Placement
+
+    c = Controller(auto_region(3))
+    c.create_scale_set(auto_spec(placement=Placement(include_zones=["1", "2"])))
+    c.set_zone_available("2", False)
+    plan = c.set_capacity("web", 10)
+    assert (plan.capacity_after, plan.unallocated) == (5, 5)  # zone 1 holds at most 50% of 10
+    assert (
+        "5 of 10 instances placed" in plan.unallocated_reason
+        and "partial allocation" in plan.unallocated_reason
+    )
+    assert c.capacity("web") == 5 and zone_counts(c) == {"1": 5}
+
+
+def test_the_switch_from_regional_is_one_way() -> None:
+    from scaleset import Placement
+    from scaleset.errors import ConflictError
+
+    c = Controller(auto_region(3))
+    c.create_scale_set(zonal_spec(zones=[]), 2)  # regional
+    c.update_scale_set(dataclasses.replace(c.get_spec("web"), placement=Placement()))
+    assert list(c.get_spec("web").zones) == ["1", "2", "3"]
+    c.set_capacity("web", 5)
+    assert zone_counts(c) == {None: 2, "1": 1, "2": 1, "3": 1}  # regional instances stay where they are
+    with pytest.raises(ConflictError) as back:
+        c.update_scale_set(dataclasses.replace(c.get_spec("web"), placement=None))
+    assert back.value.field == "placement"
+    zonal = Controller(auto_region(3))
+    zonal.create_scale_set(zonal_spec(zones=["1", "2"]))
+    with pytest.raises(ConflictError):
+        zonal.update_scale_set(dataclasses.replace(zonal.get_spec("web"), placement=Placement()))
+
+
+def test_automatic_placement_over_grpc(tmp_path: Path) -> None:
+    from scaleset import Placement
+
+    with ServerThread(str(tmp_path / "state.db"), auto_region(3)) as server, Client(server.target) as c:
+        c.create_scale_set(auto_spec(placement=Placement(include_zones=["1", "2"])))
+        c.set_zone_available("2", False)
+        plan = c.set_capacity("web", 4)
+        assert (plan.capacity_after, plan.unallocated) == (
+            2,
+            2,
+        ) and "partial allocation" in plan.unallocated_reason
+        info = c.get_scale_set("web")
+        assert info.capacity == 2 and info.spec.placement == Placement(include_zones=["1", "2"])
+
+
+def test_arm_documents_carry_placement_and_zone_allocation_policy() -> None:
+    from scaleset import Placement
+    from scaleset import ZoneAllocationPolicy as Policy
+    from scaleset.documents import spec_from_document
+
+    spec, _, ignored = spec_from_document(
+        {
+            "name": "web",
+            "sku": {"name": SIZE, "capacity": 4},
+            "properties": {
+                "orchestrationMode": "Flexible",
+                "placement": {"zonePlacementPolicy": "Auto", "excludeZones": ["3"]},
+                "resiliencyPolicy": {"zoneAllocationPolicy": {"maxZoneCount": 2}},
+            },
+        }
+    )
+    assert spec.placement == Placement(exclude_zones=["3"]) and spec.zone_allocation_policy == Policy(2)
+    assert ignored == []

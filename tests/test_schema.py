@@ -44,6 +44,9 @@ MESSAGES = [
     (model.Recurrence, pb.Recurrence),
     (model.RecurrentSchedule, pb.RecurrentSchedule),
     (model.PredictiveAutoscalePolicy, pb.PredictiveAutoscalePolicy),
+    (model.Placement, pb.Placement),
+    (model.ZoneAllocationPolicy, pb.ZoneAllocationPolicy),
+    (model.MaxInstancePercentPerZonePolicy, pb.MaxInstancePercentPerZonePolicy),
 ]
 
 

@@ -26,7 +26,9 @@ from scaleset.model import (
     AutoscaleSetting,
     Eviction,
     Instance,
+    MaxInstancePercentPerZonePolicy,
     MetricTrigger,
+    Placement,
     Plan,
     PlannedCreate,
     PlannedDelete,
@@ -47,6 +49,7 @@ from scaleset.model import (
     TimeWindow,
     UpgradePolicy,
     VmSize,
+    ZoneAllocationPolicy,
 )
 
 __all__ = [
@@ -60,7 +63,9 @@ __all__ = [
     "Engine",
     "Eviction",
     "Instance",
+    "MaxInstancePercentPerZonePolicy",
     "MetricTrigger",
+    "Placement",
     "Plan",
     "PlannedCreate",
     "PlannedDelete",
@@ -81,6 +86,7 @@ __all__ = [
     "TimeWindow",
     "UpgradePolicy",
     "VmSize",
+    "ZoneAllocationPolicy",
     "errors",
 ]
 

@@ -102,7 +102,10 @@ def _plan_summary(plan: Plan) -> dict[str, Any]:
 
 
 def _plan_description(plan: Plan) -> dict[str, Any]:
-    return {"plan": _plan_summary(plan), "text": f"{plan.capacity_before} -> {plan.capacity_after} instances"}
+    text = f"{plan.capacity_before} -> {plan.capacity_after} instances"
+    if plan.unallocated:
+        text += f"; {plan.unallocated} not placed (partial allocation)"
+    return {"plan": _plan_summary(plan), "text": text}
 
 
 @dataclass(frozen=True, slots=True)

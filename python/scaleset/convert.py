@@ -188,6 +188,8 @@ def plan_to_proto(plan: Plan, summary_only: bool = False) -> pb.Plan:
         dry_run=plan.dry_run,
         create_count=len(plan.creates),
         delete_count=len(plan.deletes),
+        unallocated=plan.unallocated,
+        unallocated_reason=plan.unallocated_reason,
     )
     if not summary_only:
         msg.creates.extend(map(_planned_change, plan.creates))
@@ -218,6 +220,8 @@ def plan_from_proto(msg: pb.Plan) -> Plan:
         msg.dry_run,
         creates=[item(PlannedCreate, c) for c in msg.creates],
         deletes=[item(PlannedDelete, d) for d in msg.deletes],
+        unallocated=msg.unallocated,
+        unallocated_reason=msg.unallocated_reason,
     )
 
 

@@ -79,6 +79,9 @@ _ARM_PROPERTIES = {
     "sku_profile",
     "upgrade_policy",
     "automatic_repairs_policy",
+    "placement",
+    "overprovision",
+    "do_not_run_extensions_on_overprovisioned_vms",
 }
 
 
@@ -91,7 +94,7 @@ def _flatten_arm(data: dict[str, Any], ignored: list[str]) -> dict[str, Any]:
             flat[key] = value
         elif key == "resiliency_policy" and isinstance(value, Mapping):
             for rp_key, rp_value in value.items():
-                if rp_key == "automatic_zone_rebalancing_policy":
+                if rp_key in ("automatic_zone_rebalancing_policy", "zone_allocation_policy"):
                     flat[rp_key] = rp_value
                 else:
                     ignored.append(f"properties.resiliency_policy.{rp_key}")

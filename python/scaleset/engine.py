@@ -70,7 +70,15 @@ def duration_seconds(text: str, what: str = "duration") -> float:
 
 
 def _plan(handle: Any, dry_run: bool) -> Plan:
-    return Plan(handle.scale_set, handle.capacity_before, handle.capacity_after, dry_run, handle=handle)
+    return Plan(
+        handle.scale_set,
+        handle.capacity_before,
+        handle.capacity_after,
+        dry_run,
+        handle=handle,
+        unallocated=handle.unallocated,
+        unallocated_reason=handle.unallocated_reason,
+    )
 
 
 class Engine:

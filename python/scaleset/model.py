@@ -25,7 +25,9 @@ __all__ = [
     "AutoscaleSetting",
     "Eviction",
     "Instance",
+    "MaxInstancePercentPerZonePolicy",
     "MetricTrigger",
+    "Placement",
     "Plan",
     "PlannedCreate",
     "PlannedDelete",
@@ -46,6 +48,7 @@ __all__ = [
     "TimeWindow",
     "UpgradePolicy",
     "VmSize",
+    "ZoneAllocationPolicy",
 ]
 
 
@@ -165,6 +168,39 @@ class AutomaticRepairsPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class Placement:
+    """``placement`` (automatic zone placement, preview): the engine chooses the zones. Set
+    ``include_zones`` or ``exclude_zones`` (not both) to narrow the eligible zones."""
+
+    zone_placement_policy: str = "Auto"
+    include_zones: Sequence[str] = ()
+    exclude_zones: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        _freeze(self, "include_zones")
+        _freeze(self, "exclude_zones")
+
+
+@dataclass(frozen=True, slots=True)
+class MaxInstancePercentPerZonePolicy:
+    """No zone holds more than ``value`` percent of the target capacity (with automatic placement)."""
+
+    enabled: bool = True
+    value: int = 50
+
+
+@dataclass(frozen=True, slots=True)
+class ZoneAllocationPolicy:
+    """Azure's ``resiliencyPolicy.zoneAllocationPolicy`` for automatic zone placement."""
+
+    max_zone_count: int | None = None
+    max_instance_percent_per_zone_policy: MaxInstancePercentPerZonePolicy | None = None
+
+    def __post_init__(self) -> None:
+        _check_int(self, "max_zone_count")
+
+
+@dataclass(frozen=True, slots=True)
 class ScaleSetSpec:
     """A scale set's model (Azure's ``virtualMachineScaleSets`` properties, snake_cased)."""
 
@@ -192,6 +228,9 @@ class ScaleSetSpec:
     #: Ours (Azure does not document the number): extra VMs as a percentage of a scale-out, rounded up;
     #: None means 20 (Azure's advice: "allow for an address space 20% greater").
     overprovision_percent: int | None = None
+    #: Automatic zone placement (preview): leave ``zones`` empty; the engine chooses and records them.
+    placement: Placement | None = None
+    zone_allocation_policy: ZoneAllocationPolicy | None = None
     #: Engine-managed: starts at 1 and grows by one each time the VM model (size, sizes, image) changes.
     model_version: int = 0
 
@@ -372,12 +411,17 @@ class Plan:
         "capacity_before",
         "dry_run",
         "scale_set",
+        "unallocated",
+        "unallocated_reason",
     )
 
     scale_set: str
     capacity_before: int
     capacity_after: int
     dry_run: bool
+    #: Instances a partial allocation could not place (automatic zone placement), and why.
+    unallocated: int
+    unallocated_reason: str
 
     def __init__(
         self,
@@ -388,6 +432,9 @@ class Plan:
         creates: Sequence[PlannedCreate] | None = None,
         deletes: Sequence[PlannedDelete] | None = None,
         handle: Any = None,
+        *,
+        unallocated: int = 0,
+        unallocated_reason: str = "",
     ) -> None:
         self.scale_set, self.capacity_before, self.capacity_after, self.dry_run = (
             scale_set,
@@ -396,6 +443,7 @@ class Plan:
             dry_run,
         )
         self._creates, self._deletes, self._handle = creates, deletes, handle
+        self.unallocated, self.unallocated_reason = unallocated, unallocated_reason
 
     @property
     def creates(self) -> Sequence[PlannedCreate]:
@@ -684,6 +732,9 @@ _NESTED.update(
         "ScaleSetSpec.upgrade_policy": _one(UpgradePolicy),
         "UpgradePolicy.rolling_upgrade_policy": _one(RollingUpgradePolicy),
         "ScaleSetSpec.automatic_repairs_policy": _one(AutomaticRepairsPolicy),
+        "ScaleSetSpec.placement": _one(Placement),
+        "ScaleSetSpec.zone_allocation_policy": _one(ZoneAllocationPolicy),
+        "ZoneAllocationPolicy.max_instance_percent_per_zone_policy": _one(MaxInstancePercentPerZonePolicy),
         "SkuProfile.vm_sizes": _many(VmSize),
         "Region.pools": _many(Pool),
         "AutoscaleSetting.profiles": _many(AutoscaleProfile),

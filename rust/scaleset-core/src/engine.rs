@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::auto_zones;
 use crate::error::{codes, CoreError, Result};
 use crate::model::{
     EvictionPolicy, Health, Instance, PoolKey, PowerState, Priority, Region, ScaleSetSpec, ZoneSlot,
@@ -157,6 +158,17 @@ impl Engine {
         spec: ScaleSetSpec,
         capacity: u64,
     ) -> Result<(ScaleSetSpec, Plan)> {
+        let mut spec = spec;
+        if auto_zones::is_auto(&spec) {
+            if !spec.zones.is_empty() {
+                return Err(CoreError::invalid(
+                    codes::INVALID_PARAMETER,
+                    "zones and placement.zone_placement_policy Auto are mutually exclusive: leave zones empty and the engine chooses them.",
+                )
+                .at("zones"));
+            }
+            spec.zones = auto_zones::initial_zones(&spec, &self.region);
+        }
         let mut spec = resolve(spec, &self.region)?;
         if self.sets.contains_key(&spec.name) {
             return Err(CoreError::conflict(
@@ -179,16 +191,15 @@ impl Engine {
             next_instance_id: 0,
             size_ids,
         };
-        let creates = plan_scale_out(&self.view(&state), capacity, 0)?;
-        let name = spec.name.clone();
-        self.sets.insert(name.clone(), state);
-        let plan = Plan {
-            scale_set: name,
+        let mut plan = Plan {
+            scale_set: spec.name.clone(),
             capacity_before: 0,
             capacity_after: capacity,
-            creates,
-            deletes: Vec::new(),
+            ..Plan::default()
         };
+        self.scale_out_into(&state, capacity, &mut plan)?;
+        let name = spec.name.clone();
+        self.sets.insert(name, state);
         self.apply(&plan)?;
         Ok((spec, plan))
     }
@@ -201,6 +212,33 @@ impl Engine {
             .or(old.platform_fault_domain_count);
         spec.single_placement_group = spec.single_placement_group.or(old.single_placement_group);
         spec.overprovision = spec.overprovision.or(old.overprovision);
+        if old.placement.is_some() {
+            if spec.placement.is_none() {
+                return Err(CoreError::conflict(
+                    codes::PROPERTY_CHANGE_NOT_ALLOWED,
+                    "Changing property 'placement' is not allowed: a scale set with automatic zone placement cannot return to regional or explicit zones.",
+                )
+                .at("placement"));
+            }
+            if !spec.zones.is_empty() && spec.zones != old.zones {
+                return Err(CoreError::conflict(
+                    codes::PROPERTY_CHANGE_NOT_ALLOWED,
+                    "Changing property 'zones' is not allowed: automatic zone placement chooses the zones.",
+                )
+                .at("zones"));
+            }
+            spec.zones = old.zones.clone();
+        } else if spec.placement.is_some() {
+            if !old.zones.is_empty() {
+                return Err(CoreError::conflict(
+                    codes::PROPERTY_CHANGE_NOT_ALLOWED,
+                    "Changing property 'placement' is not allowed: only a regional scale set can switch to automatic zone placement.",
+                )
+                .at("placement"));
+            }
+            // The one-way switch from regional (reference §2.6): existing instances stay where they are.
+            spec.zones = auto_zones::initial_zones(&spec, &self.region);
+        }
         if spec.priority == old.priority {
             spec.eviction_policy = spec.eviction_policy.or(old.eviction_policy);
         }
@@ -270,21 +308,30 @@ impl Engine {
             if capacity > limit {
                 return Err(limit_error(name, limit));
             }
-            let requested = capacity - current;
-            plan.creates = plan_scale_out(&view, requested, state.next_instance_id)?;
-            if state.spec.overprovision == Some(true) {
-                self.overprovision(
-                    &view,
-                    &state.spec,
-                    requested,
-                    state.next_instance_id,
-                    &mut plan,
-                );
-            }
+            self.scale_out_into(state, capacity - current, &mut plan)?;
         } else if capacity < current {
             plan.deletes = plan_scale_in(&view, current - capacity, &self.sizes)?;
         }
         Ok(plan)
+    }
+
+    /// The creates of a scale-out by `requested` instances: automatic zone placement (which may place fewer,
+    /// a partial allocation), or the zone rules and then overprovisioning's extras.
+    fn scale_out_into(&self, state: &ScaleSetState, requested: u64, plan: &mut Plan) -> Result<()> {
+        let view = self.view(state);
+        if auto_zones::is_auto(&state.spec) {
+            let auto = auto_zones::plan(&view, requested, state.next_instance_id)?;
+            plan.capacity_after -= auto.unallocated;
+            plan.unallocated = auto.unallocated;
+            plan.unallocated_reason = auto.unallocated_reason;
+            plan.creates = auto.creates;
+            return Ok(());
+        }
+        plan.creates = plan_scale_out(&view, requested, state.next_instance_id)?;
+        if state.spec.overprovision == Some(true) {
+            self.overprovision(&view, &state.spec, requested, state.next_instance_id, plan);
+        }
+        Ok(())
     }
 
     /// Adds an overprovisioned scale-out's extra VMs (placed by the same rules, after the requested ones)
@@ -344,6 +391,21 @@ impl Engine {
             .get_mut(&plan.scale_set)
             .ok_or_else(|| not_found(&plan.scale_set))?;
         let model_version = state.spec.model_version;
+        if state.spec.placement.is_some() {
+            // Automatic zone placement: a zone a create went to is now one of the set's zones.
+            let zones = &self.region.zones;
+            for c in &plan.creates {
+                if let Some(name) = c.zone.and_then(|z| zones.get(usize::from(z))) {
+                    if !state.spec.zones.contains(name) {
+                        state.spec.zones.push(name.clone());
+                    }
+                }
+            }
+            state
+                .spec
+                .zones
+                .sort_by_key(|z| zones.iter().position(|r| r == z));
+        }
         if plan.deletes.len() <= 32 {
             // A few deletes (one decision at a time is common): find each by id, remove last first.
             let mut at: Vec<usize> = plan
@@ -635,6 +697,7 @@ impl Engine {
             capacity_after: before - deletes.len() as u64,
             creates: Vec::new(),
             deletes,
+            ..Plan::default()
         };
         self.apply(&plan)?;
         Ok(plan)
@@ -686,6 +749,7 @@ impl Engine {
                     capacity_after: before - deletes.len() as u64,
                     creates: Vec::new(),
                     deletes,
+                    ..Plan::default()
                 };
                 self.apply(&plan)?;
             }

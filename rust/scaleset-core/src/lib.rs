@@ -3,6 +3,7 @@
 //! Pure Rust: no Python, no I/O, no clock, no logging. The same state and request always give the same
 //! plan (ordered maps only, no hash iteration).
 
+pub mod auto_zones;
 pub mod autoscale;
 pub mod engine;
 pub mod error;

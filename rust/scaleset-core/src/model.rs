@@ -210,6 +210,29 @@ pub struct AutomaticZoneRebalancingPolicy {
     pub rebalance_behavior: String,
 }
 
+/// `placement` (automatic zone placement, preview): the engine chooses the zones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    /// Only "Auto".
+    pub zone_placement_policy: String,
+    pub include_zones: Vec<String>,
+    pub exclude_zones: Vec<String>,
+}
+
+/// `resiliency_policy.zone_allocation_policy.max_instance_percent_per_zone_policy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxInstancePercentPerZonePolicy {
+    pub enabled: bool,
+    pub value: u32,
+}
+
+/// `resiliency_policy.zone_allocation_policy` (with automatic zone placement).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZoneAllocationPolicy {
+    pub max_zone_count: Option<u32>,
+    pub max_instance_percent_per_zone_policy: Option<MaxInstancePercentPerZonePolicy>,
+}
+
 /// A scale set's model. Optional fields left `None` take Azure's default when the scale set is created
 /// (see `validate::resolve`), and the stored spec always has them filled in.
 #[derive(Debug, Clone, PartialEq)]
@@ -234,6 +257,8 @@ pub struct ScaleSetSpec {
     pub do_not_run_extensions_on_overprovisioned_vms: bool,
     /// Ours (Azure does not document how many): extra VMs as a percentage of a scale-out, rounded up.
     pub overprovision_percent: Option<u32>,
+    pub placement: Option<Placement>,
+    pub zone_allocation_policy: Option<ZoneAllocationPolicy>,
     pub automatic_zone_rebalancing_policy: Option<AutomaticZoneRebalancingPolicy>,
     pub upgrade_policy: UpgradePolicy,
     pub automatic_repairs_policy: Option<AutomaticRepairsPolicy>,
@@ -265,6 +290,8 @@ impl ScaleSetSpec {
             overprovision: None,
             do_not_run_extensions_on_overprovisioned_vms: false,
             overprovision_percent: None,
+            placement: None,
+            zone_allocation_policy: None,
             automatic_zone_rebalancing_policy: None,
             upgrade_policy: UpgradePolicy {
                 mode: UpgradeMode::Manual,

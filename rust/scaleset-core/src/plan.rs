@@ -109,6 +109,9 @@ pub struct Plan {
     pub capacity_after: u64,
     pub creates: Vec<PlannedCreate>,
     pub deletes: Vec<PlannedDelete>,
+    /// Instances a partial allocation could not place (automatic zone placement), and why.
+    pub unallocated: u64,
+    pub unallocated_reason: String,
 }
 
 impl PlannedCreate {

@@ -53,6 +53,7 @@ pub fn supports_memory_preserving_updates(vm_size: &str) -> bool {
 
 /// Validate a spec and fill in Azure's defaults. The result is what the engine stores.
 pub fn resolve(mut spec: ScaleSetSpec, region: &Region) -> Result<ScaleSetSpec> {
+    crate::auto_zones::validate(&mut spec, region)?;
     check_name(&spec.name)?;
     let flexible = spec.orchestration_mode == OrchestrationMode::Flexible;
 

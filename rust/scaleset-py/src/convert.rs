@@ -83,6 +83,28 @@ pub struct ScaleInPolicyDto {
 
 #[derive(FromPyObject, IntoPyObject)]
 #[pyo3(from_item_all)]
+pub struct PlacementDto {
+    pub zone_placement_policy: String,
+    pub include_zones: Vec<String>,
+    pub exclude_zones: Vec<String>,
+}
+
+#[derive(FromPyObject, IntoPyObject)]
+#[pyo3(from_item_all)]
+pub struct MaxInstancePercentDto {
+    pub enabled: bool,
+    pub value: u32,
+}
+
+#[derive(FromPyObject, IntoPyObject)]
+#[pyo3(from_item_all)]
+pub struct ZoneAllocationDto {
+    pub max_zone_count: Option<u32>,
+    pub max_instance_percent_per_zone_policy: Option<MaxInstancePercentDto>,
+}
+
+#[derive(FromPyObject, IntoPyObject)]
+#[pyo3(from_item_all)]
 pub struct ZoneRebalancingDto {
     pub enabled: bool,
     pub rebalance_strategy: String,
@@ -137,6 +159,8 @@ pub struct SpecDto {
     pub overprovision: Option<bool>,
     pub do_not_run_extensions_on_overprovisioned_vms: bool,
     pub overprovision_percent: Option<u32>,
+    pub placement: Option<PlacementDto>,
+    pub zone_allocation_policy: Option<ZoneAllocationDto>,
     pub automatic_zone_rebalancing_policy: Option<ZoneRebalancingDto>,
     pub upgrade_policy: UpgradePolicyDto,
     pub automatic_repairs_policy: Option<RepairsDto>,
@@ -200,6 +224,22 @@ pub fn spec_from_dto(d: SpecDto) -> PyResult<core::ScaleSetSpec> {
             do_not_run_extensions_on_overprovisioned_vms: d
                 .do_not_run_extensions_on_overprovisioned_vms,
             overprovision_percent: d.overprovision_percent,
+            placement: d.placement.map(|p| core::Placement {
+                zone_placement_policy: p.zone_placement_policy,
+                include_zones: p.include_zones,
+                exclude_zones: p.exclude_zones,
+            }),
+            zone_allocation_policy: d
+                .zone_allocation_policy
+                .map(|z| core::ZoneAllocationPolicy {
+                    max_zone_count: z.max_zone_count,
+                    max_instance_percent_per_zone_policy: z
+                        .max_instance_percent_per_zone_policy
+                        .map(|m| core::MaxInstancePercentPerZonePolicy {
+                            enabled: m.enabled,
+                            value: m.value,
+                        }),
+                }),
             automatic_zone_rebalancing_policy: d.automatic_zone_rebalancing_policy.map(|p| {
                 core::AutomaticZoneRebalancingPolicy {
                     enabled: p.enabled,
@@ -286,6 +326,23 @@ pub fn spec_to_dto(s: &core::ScaleSetSpec) -> SpecDto {
         do_not_run_extensions_on_overprovisioned_vms: s
             .do_not_run_extensions_on_overprovisioned_vms,
         overprovision_percent: s.overprovision_percent,
+        placement: s.placement.as_ref().map(|p| PlacementDto {
+            zone_placement_policy: p.zone_placement_policy.clone(),
+            include_zones: p.include_zones.clone(),
+            exclude_zones: p.exclude_zones.clone(),
+        }),
+        zone_allocation_policy: s
+            .zone_allocation_policy
+            .as_ref()
+            .map(|z| ZoneAllocationDto {
+                max_zone_count: z.max_zone_count,
+                max_instance_percent_per_zone_policy: z.max_instance_percent_per_zone_policy.map(
+                    |m| MaxInstancePercentDto {
+                        enabled: m.enabled,
+                        value: m.value,
+                    },
+                ),
+            }),
         automatic_zone_rebalancing_policy: s.automatic_zone_rebalancing_policy.as_ref().map(|p| {
             ZoneRebalancingDto {
                 enabled: p.enabled,

@@ -156,6 +156,14 @@ impl PlanHandle {
     fn capacity_after(&self) -> u64 {
         self.plan.capacity_after
     }
+    #[getter]
+    fn unallocated(&self) -> u64 {
+        self.plan.unallocated
+    }
+    #[getter]
+    fn unallocated_reason(&self) -> &str {
+        &self.plan.unallocated_reason
+    }
     fn creates_len(&self) -> usize {
         self.plan.creates.len()
     }
