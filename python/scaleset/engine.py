@@ -70,15 +70,10 @@ def duration_seconds(text: str, what: str = "duration") -> float:
 
 
 def _plan(handle: Any, dry_run: bool) -> Plan:
-    return Plan(
-        handle.scale_set,
-        handle.capacity_before,
-        handle.capacity_after,
-        dry_run,
-        handle=handle,
-        unallocated=handle.unallocated,
-        unallocated_reason=handle.unallocated_reason,
-    )
+    plan = Plan(handle.scale_set, handle.capacity_before, handle.capacity_after, dry_run, handle=handle)
+    if unallocated := handle.unallocated:  # only automatic zone placement leaves any (a hot path otherwise)
+        plan.unallocated, plan.unallocated_reason = unallocated, handle.unallocated_reason
+    return plan
 
 
 class Engine:
