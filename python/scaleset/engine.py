@@ -44,6 +44,10 @@ _INSTANCE_COLUMNS = (
 )
 
 
+#: The highest per-scale-set instance limit an engine accepts (ours: it bounds one plan's memory).
+MAX_INSTANCE_LIMIT = 10_000_000
+
+
 def check_count(value: Any, what: str) -> int:
     """``value`` if it is a non-negative integer below 2**64; InvalidParameter naming ``what`` otherwise."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
@@ -86,8 +90,11 @@ class Engine:
     """
 
     def __init__(self, region: Region, *, instance_limit: int | None = None) -> None:
-        if instance_limit is not None:
-            _count(instance_limit, "instance_limit")
+        if instance_limit is not None and _count(instance_limit, "instance_limit") > MAX_INSTANCE_LIMIT:
+            raise invalid_input(
+                f"instance_limit may be at most {MAX_INSTANCE_LIMIT:,} instances per scale set, got {instance_limit:,}.",
+                field="instance_limit",
+            )
         self._core = _core.Engine(region.to_dict(), instance_limit)
         self._instance_limit = instance_limit
 

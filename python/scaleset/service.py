@@ -209,7 +209,7 @@ def _read_token(token: str) -> str:
 
 def _read_int_token(token: str) -> int:
     text = _read_token(token)
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise invalid_input(
             "page_token is not one this server issued; start again without it.", "InvalidPageToken"
         )
@@ -351,6 +351,10 @@ class ScaleSetsServicer(_Servicer, pb_grpc.ScaleSetsServicer):
                 plan=convert.plan_to_proto(o.result, summary), revision=o.revision, etag=o.etag
             )
 
+        if not request.HasField("capacity"):
+            raise invalid_input(
+                "capacity is required (0 is a valid capacity, but it must be sent).", field="capacity"
+            )
         command = cmd.SetCapacity(name, request.capacity, request.dry_run)
         big = abs(request.capacity - self._control.controller.capacity(name)) > BIG_CHANGE
         if not command.mutates:
@@ -534,6 +538,10 @@ class ScaleSetsServicer(_Servicer, pb_grpc.ScaleSetsServicer):
         )
 
     async def WatchEvents(self, request: pb.WatchEventsRequest, context: Any) -> AsyncIterator[pb.Event]:
+        if request.after >= 2**63:
+            raise invalid_input(
+                f"after must be below 2**63, got {request.after}.", "InvalidParameter", field="after"
+            )
         async for event in self._control.watch(request.scale_set, request.after):
             yield convert.event_to_proto(event)
 

@@ -184,6 +184,16 @@ impl Engine {
         if capacity > limit {
             return Err(limit_error(&spec.name, limit));
         }
+        // A failed create leaves no trace, not even its VM sizes in the engine's size table.
+        let sizes_before = self.sizes.len();
+        let result = self.create_placed(spec, capacity);
+        if result.is_err() {
+            self.sizes.truncate(sizes_before);
+        }
+        result
+    }
+
+    fn create_placed(&mut self, spec: ScaleSetSpec, capacity: u64) -> Result<(ScaleSetSpec, Plan)> {
         let size_ids = self.intern_spec_sizes(&spec)?;
         let state = ScaleSetState {
             spec: spec.clone(),
@@ -817,12 +827,7 @@ impl Engine {
         price: Option<f64>,
     ) -> Result<()> {
         let zone = zone.map(|z| self.region.zone_index(z)).transpose()?;
-        if vm_size.trim().is_empty() {
-            return Err(CoreError::invalid(
-                codes::INVALID_PARAMETER,
-                "a pool needs a vm_size name.",
-            ));
-        }
+        crate::validate::check_size_name(vm_size, "pool.vm_size")?;
         if let Some(p) = price {
             if !(p.is_finite() && p >= 0.0) {
                 return Err(CoreError::invalid(

@@ -201,7 +201,7 @@ pub fn plan_scale_in(
     let mut total = instances.len() as u64;
     let mut active: Vec<usize> = (0..buckets.len()).collect();
     let mut cands: Vec<usize> = Vec::with_capacity(buckets.len());
-    let mut deletes = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
+    let mut deletes = Vec::with_capacity(usize::try_from(count.min(1 << 16)).unwrap_or(0));
     for _ in 0..count {
         active.retain(|&b| !buckets[b].is_empty());
         cands.clear();

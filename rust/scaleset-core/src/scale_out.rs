@@ -186,7 +186,7 @@ pub fn plan_scale_out(view: &SetView<'_>, count: u64, next_id: u64) -> Result<Ve
     }
 
     let total_before = view.instances.len() as u64;
-    let mut creates = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
+    let mut creates = Vec::with_capacity(usize::try_from(count.min(1 << 16)).unwrap_or(0));
     let mut order: Vec<usize> = Vec::with_capacity(slots.len());
     let mut size_order: Vec<usize> = Vec::with_capacity(size_names.len());
     for i in 0..count {

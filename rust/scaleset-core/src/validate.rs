@@ -7,9 +7,38 @@ use crate::model::{
 };
 
 pub const MAX_SKU_PROFILE_SIZES: usize = 5;
+/// The longest pause between rolling-upgrade batches (ours; Azure gives no maximum): a week.
+pub const MAX_PAUSE_S: f64 = 7.0 * 86_400.0;
 
 fn invalid(code: &'static str, message: String) -> CoreError {
     CoreError::invalid(code, message)
+}
+
+/// `text` as an error message may quote it: at most 64 characters, so a huge input never bloats the error.
+pub fn shown(text: &str) -> String {
+    if text.chars().count() <= 64 {
+        text.to_owned()
+    } else {
+        let head: String = text.chars().take(61).collect();
+        format!("{head}... ({} characters)", text.chars().count())
+    }
+}
+
+/// A VM size name: 1 to 128 letters, digits, '_' or '-' (Azure's size names, e.g. Standard_D2s_v5).
+pub fn check_size_name(name: &str, field: &'static str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'));
+    if !ok {
+        return Err(invalid(
+            codes::INVALID_PARAMETER,
+            format!("VM size name '{}' is invalid: use 1 to 128 letters, digits, '_' or '-' (e.g. Standard_D2s_v5).", shown(name)),
+        )
+        .at(field));
+    }
+    Ok(())
 }
 
 fn check_name(name: &str) -> Result<()> {
@@ -24,7 +53,8 @@ fn check_name(name: &str) -> Result<()> {
         return Err(invalid(
             codes::INVALID_RESOURCE_NAME,
             format!(
-                "scale set name '{name}' is invalid: use 1 to 64 letters, digits, '-', '_' or '.', starting with a letter or digit."
+                "scale set name '{}' is invalid: use 1 to 64 letters, digits, '-', '_' or '.', starting with a letter or digit.",
+                shown(name)
             ),
         )
         .at("name"));
@@ -53,8 +83,8 @@ pub fn supports_memory_preserving_updates(vm_size: &str) -> bool {
 
 /// Validate a spec and fill in Azure's defaults. The result is what the engine stores.
 pub fn resolve(mut spec: ScaleSetSpec, region: &Region) -> Result<ScaleSetSpec> {
-    crate::auto_zones::validate(&mut spec, region)?;
     check_name(&spec.name)?;
+    crate::auto_zones::validate(&mut spec, region)?;
     let flexible = spec.orchestration_mode == OrchestrationMode::Flexible;
 
     let mut seen = std::collections::BTreeSet::new();
@@ -95,6 +125,9 @@ pub fn resolve(mut spec: ScaleSetSpec, region: &Region) -> Result<ScaleSetSpec> 
     spec.platform_fault_domain_count = Some(fd);
 
     resolve_sku(&mut spec)?;
+    for size in spec.vm_size_names() {
+        check_size_name(size, "sku.name")?;
+    }
 
     // Spot-only properties.
     match spec.priority {
@@ -245,12 +278,14 @@ pub fn resolve(mut spec: ScaleSetSpec, region: &Region) -> Result<ScaleSetSpec> 
             ));
         }
     }
-    if crate::model::parse_duration(&rolling.pause_time_between_batches).is_none() {
+    if !crate::model::parse_duration(&rolling.pause_time_between_batches)
+        .is_some_and(|s| (0.0..=MAX_PAUSE_S).contains(&s))
+    {
         return Err(invalid(
             codes::INVALID_PARAMETER,
             format!(
-                "rolling_upgrade_policy.pause_time_between_batches '{}' is not an ISO 8601 duration such as PT0S or PT5M.",
-                rolling.pause_time_between_batches
+                "rolling_upgrade_policy.pause_time_between_batches '{}' must be an ISO 8601 duration from PT0S to P7D, such as PT5M.",
+                shown(&rolling.pause_time_between_batches)
             ),
         ));
     }

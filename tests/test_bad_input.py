@@ -1,0 +1,111 @@
+"""Bad or unlucky input gets INVALID_ARGUMENT with the field at fault, never INTERNAL, and changes nothing
+(issue 13's "wrong answers" that this round fixed; each was observed on the earlier code)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from scaleset import Controller, Engine, Region, RollingUpgradePolicy, Sku, UpgradePolicy
+from scaleset.errors import CapacityError, InvalidInputError
+from scaleset.testing.server import ServerThread
+from scaleset.v1 import scaleset_pb2 as pb
+from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
+
+from tests.conftest import SIZE, zonal_spec
+
+REGION = Region(zones=["1", "2", "3"], fault_domains_per_zone=3)
+
+
+@pytest.fixture
+def stub(tmp_path: Path) -> Iterator[pb_grpc.ScaleSetsStub]:
+    with (
+        ServerThread(str(tmp_path / "state.db"), REGION) as server,
+        grpc.insecure_channel(server.target) as ch,
+    ):
+        s = pb_grpc.ScaleSetsStub(ch)
+        s.CreateScaleSet(
+            pb.CreateScaleSetRequest(
+                scale_set=pb.ScaleSetSpec(name="web", zones=["1", "2", "3"], sku=pb.Sku(name=SIZE)),
+                capacity=3,
+            )
+        )
+        yield s
+
+
+def code_of(call: object) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()  # type: ignore[operator]
+    return caught.value.code()  # type: ignore[no-any-return]
+
+
+def test_a_forged_page_token_is_invalid_not_internal(stub: pb_grpc.ScaleSetsStub) -> None:
+    # "wrI=" decodes to "²", which str.isdigit() accepts but int() does not.
+    assert code_of(lambda: stub.ListInstances(pb.ListInstancesRequest(name="web", page_token="wrI="))) == (
+        grpc.StatusCode.INVALID_ARGUMENT
+    )
+
+
+def test_watching_after_2_to_the_63_is_invalid(stub: pb_grpc.ScaleSetsStub) -> None:
+    assert code_of(lambda: next(iter(stub.WatchEvents(pb.WatchEventsRequest(after=2**63))))) == (
+        grpc.StatusCode.INVALID_ARGUMENT
+    )
+
+
+def test_set_capacity_without_a_capacity_changes_nothing(stub: pb_grpc.ScaleSetsStub) -> None:
+    assert (
+        code_of(lambda: stub.SetCapacity(pb.SetCapacityRequest(name="web")))
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert stub.GetScaleSet(pb.GetScaleSetRequest(name="web")).capacity == 3
+    assert stub.SetCapacity(pb.SetCapacityRequest(name="web", capacity=0)).plan.capacity_after == 0
+
+
+@pytest.mark.parametrize("pause", ["PT" + "9" * 400 + "S", "P9999999999999D", "P8D"])
+def test_absurd_rolling_upgrade_pauses_are_refused_at_the_door(pause: str) -> None:
+    c = Controller(REGION)
+    spec = zonal_spec(
+        upgrade_policy=UpgradePolicy("Rolling", RollingUpgradePolicy(pause_time_between_batches=pause))
+    )
+    with pytest.raises(InvalidInputError) as caught:
+        c.create_scale_set(spec)
+    assert len(str(caught.value)) < 300  # the 400-digit input is not echoed whole
+
+
+def test_huge_names_are_refused_and_not_echoed() -> None:
+    c = Controller(REGION)
+    with pytest.raises(InvalidInputError) as big_sku:
+        c.create_scale_set(zonal_spec(sku=Sku(name="S" * 1_000_000)))
+    assert big_sku.value.field == "sku.name" and len(str(big_sku.value)) < 300
+    with pytest.raises(InvalidInputError) as big_name:
+        c.create_scale_set(zonal_spec(name="n" * 8192))
+    assert len(str(big_name.value)) < 300
+    with pytest.raises(InvalidInputError) as big_pool:
+        c.set_pool_capacity("1", "P" * 10_000, "Regular", 1)
+    assert big_pool.value.field == "pool.vm_size"
+
+
+def test_failed_creates_do_not_fill_the_size_table() -> None:
+    """Before, 65,535 failing creates that each named a new size refused every new size until restart."""
+    e = Engine(Region(zones=["1"]))
+    e.set_zone_available("1", False)  # every create fails after its sizes were looked up
+    for k in range(66_000):
+        with pytest.raises(CapacityError):
+            e.create_scale_set(zonal_spec(f"s{k}", zones=["1"], sku=Sku(name=f"Size_{k}")), 1)
+    e.set_zone_available("1", True)
+    e.create_scale_set(zonal_spec("ok", zones=["1"], sku=Sku(name="Brand_New_Size")), 1)
+    assert e.capacity("ok") == 1
+
+
+def test_the_instance_limit_is_bounded() -> None:
+    with pytest.raises(InvalidInputError) as caught:
+        Engine(REGION, instance_limit=10**13)
+    assert caught.value.field == "instance_limit"
+    e = Engine(REGION, instance_limit=10_000_000)
+    e.create_scale_set(zonal_spec())
+    with pytest.raises(CapacityError):
+        e.set_capacity("web", 10**12, dry_run=True)  # refused by the limit, not an allocation abort
+    assert dataclasses.is_dataclass(e.get_spec("web"))
