@@ -109,3 +109,78 @@ def test_the_instance_limit_is_bounded() -> None:
     with pytest.raises(CapacityError):
         e.set_capacity("web", 10**12, dry_run=True)  # refused by the limit, not an allocation abort
     assert dataclasses.is_dataclass(e.get_spec("web"))
+
+
+def test_garbage_request_bytes_are_invalid_argument(tmp_path: Path) -> None:
+    with (
+        ServerThread(str(tmp_path / "state.db"), REGION) as server,
+        grpc.insecure_channel(server.target) as ch,
+    ):
+        raw = ch.unary_unary("/scaleset.v1.ScaleSets/GetScaleSet")
+        with pytest.raises(grpc.RpcError) as caught:
+            raw(b"\xff\xff\xff\xff", timeout=10)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        truncated = pb.GetScaleSetRequest(name="web").SerializeToString()[:-2]
+        with pytest.raises(grpc.RpcError) as short:
+            raw(truncated, timeout=10)
+        assert short.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_one_request_id_in_flight_for_two_requests_never_shares_a_reply(tmp_path: Path) -> None:
+    import asyncio
+
+    from scaleset import commands as cmd
+
+    with ServerThread(str(tmp_path / "state.db"), REGION) as server:
+        control = server.control
+
+        async def both() -> list[object]:
+            await control.mutate(
+                method="CreateScaleSet",
+                command=cmd.CreateScaleSet(zonal_spec(), 2),
+                encode=lambda o: pb.CreateScaleSetResponse(),
+            )
+            scale = control.mutate(
+                method="SetCapacity",
+                command=cmd.SetCapacity("web", 5),
+                request_id="same",
+                payload=b"scale",
+                encode=lambda o: pb.SetCapacityResponse(revision=o.revision),
+            )
+            delete = control.mutate(
+                method="DeleteScaleSet",
+                command=cmd.DeleteScaleSet("web"),
+                request_id="same",
+                payload=b"delete",
+                encode=lambda o: pb.DeleteScaleSetResponse(revision=o.revision),
+            )
+            return await asyncio.gather(scale, delete, return_exceptions=True)
+
+        scaled, deleted = server.call(both())
+        assert isinstance(scaled, pb.SetCapacityResponse) and scaled.revision == 2
+        assert isinstance(deleted, InvalidInputError) and deleted.code == "RequestIdReused"
+        assert control.controller.capacity("web") == 5  # the set still exists
+
+
+def test_a_database_is_used_by_one_server_at_a_time(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from scaleset.cli import main
+    from scaleset.errors import ConflictError, UnavailableError
+    from scaleset.store import SQLiteStore
+
+    db = str(tmp_path / "state.db")
+    first = SQLiteStore(db)
+    with pytest.raises(ConflictError) as caught:
+        SQLiteStore(db)
+    assert caught.value.code == "DatabaseInUse"
+    assert main(["serve", "--db", db, "--port", "0", "--metrics-port", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error [DatabaseInUse]:") and "\n" not in err
+    first.close()
+    SQLiteStore(db).close()  # free again
+    damaged = tmp_path / "damaged.db"
+    damaged.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(UnavailableError) as bad:
+        SQLiteStore(str(damaged))
+    assert bad.value.code == "DatabaseDamaged"

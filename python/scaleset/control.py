@@ -99,7 +99,8 @@ class ControlPlane:
         #: Set while the state is rebuilt from the store after a failed commit; reads wait for it.
         self._reloading: asyncio.Event | None = None
         self._subscribers: set[asyncio.Queue[EventRecord | None]] = set()
-        self._inflight: dict[str, asyncio.Future[bytes]] = {}
+        #: request_id -> (method, fingerprint, the reply's future) of changes applied but not yet committed.
+        self._inflight: dict[str, tuple[str, str, asyncio.Future[bytes]]] = {}
         self._recent: dict[str, RequestRecord] = {}
         self._snapshot_task: asyncio.Task[None] | None = None
         self.controller: Controller
@@ -259,13 +260,21 @@ class ControlPlane:
             duplicate = self._inflight.get(request_id) if request_id else None
             if duplicate is None:
                 future, reply, request = await self._apply(method, command, encode, request_id, fp, etag, big)
+            elif duplicate[:2] != (method, fp):
+                # The same id in flight for another request: never answer with that request's reply.
+                raise invalid_input(
+                    f"request_id {request_id!r} is in use by a different request ({duplicate[0]}); "
+                    "use a new request_id for a new request.",
+                    code="RequestIdReused",
+                    field="request_id",
+                )
         if duplicate is not None:
-            return await asyncio.shield(duplicate)
+            return await asyncio.shield(duplicate[2])
         try:
             await asyncio.shield(future)
         finally:
             if request_id:
-                waiting = self._inflight.pop(request_id)
+                waiting = self._inflight.pop(request_id)[2]
                 if future.done() and future.exception() is None and request is not None:
                     waiting.set_result(request.response)
                 elif future.done():
@@ -303,7 +312,7 @@ class ControlPlane:
         )
         self._queue.append(_Pending(event, request, future))
         if request_id:
-            self._inflight[request_id] = asyncio.get_running_loop().create_future()
+            self._inflight[request_id] = (method, fp, asyncio.get_running_loop().create_future())
         self._wake.set()
         return future, reply, request
 

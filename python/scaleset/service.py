@@ -151,12 +151,24 @@ class _Interceptor(grpc.aio.ServerInterceptor):
         def response_serializer(reply: Any) -> bytes:
             return reply if isinstance(reply, bytes) else serialize(reply)
 
+        # Garbage or truncated request bytes become INVALID_ARGUMENT in the handler (a deserializer that
+        # raises would make gRPC answer UNKNOWN and log a traceback per call).
+        deserialize = handler.request_deserializer
+
+        def request_deserializer(data: bytes) -> Any:
+            try:
+                return deserialize(data)
+            except Exception as exc:
+                return _Malformed(str(exc) or type(exc).__name__)
+
         if handler.unary_unary is not None:
             inner = handler.unary_unary
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 started = time.perf_counter()
                 try:
+                    if isinstance(request, _Malformed):
+                        raise request.error()
                     reply = await inner(request, context)
                 except asyncio.CancelledError:
                     raise
@@ -169,7 +181,7 @@ class _Interceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=request_deserializer,
                 response_serializer=response_serializer,
             )
         if handler.unary_stream is not None:
@@ -178,6 +190,8 @@ class _Interceptor(grpc.aio.ServerInterceptor):
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 started = time.perf_counter()
                 try:
+                    if isinstance(request, _Malformed):
+                        raise request.error()
                     async for item in inner_stream(request, context):
                         yield item
                 except asyncio.CancelledError:
@@ -188,10 +202,25 @@ class _Interceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+
+class _Malformed:
+    """A request whose bytes did not decode; the handler answers INVALID_ARGUMENT."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def error(self) -> Exception:
+        return invalid_input(
+            f"the request is not a valid protobuf message for this method ({self.reason[:120]}).",
+            "MalformedRequest",
+        )
 
 
 def _page_token(value: str) -> str:

@@ -10,13 +10,16 @@ commit is on disk before it returns). A shared database for several replicas wou
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
+
+from scaleset.errors import ConflictError, UnavailableError, error
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +111,22 @@ def _event(row: tuple[Any, ...]) -> EventRecord:
     return EventRecord(seq, scale_set, revision, type_, json.loads(command), json.loads(summary), time_ms)
 
 
+def _lock_exclusively(path: str) -> IO[bytes]:
+    """Holds an exclusive lock on ``<path>.lock`` for as long as the store is open: a second server on the
+    same database is refused instead of serving stale reads. The kernel releases it if the process dies."""
+    handle = open(f"{path}.lock", "ab")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise error(
+            ConflictError,
+            f"{path} is in use by another scaleset server (it holds {path}.lock); stop it, or use another --db.",
+            "DatabaseInUse",
+        ) from None
+    return handle
+
+
 class SQLiteStore:
     """The embedded store. One writer connection (used by the group committer), one reader."""
 
@@ -115,9 +134,20 @@ class SQLiteStore:
         self.path = path
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
-        self._writer = self._connect()
-        self._writer.executescript(_SCHEMA)
-        self._reader = self._connect()
+        self._lock_file = _lock_exclusively(path)
+        try:
+            self._writer = self._connect()
+            self._writer.executescript(_SCHEMA)
+            self._reader = self._connect()
+            self._reader.execute("SELECT count(*) FROM events").fetchone()
+        except sqlite3.DatabaseError as e:
+            self._lock_file.close()
+            raise error(
+                UnavailableError,
+                f"{path} is not a readable scaleset database ({e}); restore it from a backup, or move it away "
+                "to start empty.",
+                "DatabaseDamaged",
+            ) from None
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -213,6 +243,7 @@ class SQLiteStore:
         with self._write_lock, self._read_lock:
             self._writer.close()
             self._reader.close()
+            self._lock_file.close()  # releases the exclusive lock
 
     def iter_all_events(self) -> Iterator[EventRecord]:
         """Every event in order (diagnostics and tests)."""
