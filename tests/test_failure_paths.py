@@ -53,6 +53,27 @@ def test_a_failed_commit_is_not_acknowledged_and_leaves_no_trace(server: ServerT
         assert (again.capacity, again.revision) == (3 + len(MANY), info.revision + 1)
 
 
+def test_health_is_not_serving_while_the_state_is_rebuilt(server: ServerThread) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    seen: list[bool] = []
+
+    async def record(serving: bool) -> None:
+        seen.append(serving)
+
+    server.control.serving_listeners.insert(0, record)
+    with Client(server.target, retries=0) as c, grpc.insecure_channel(server.target) as channel:
+        c.create_scale_set(zonal_spec(), 3)
+        disk_full(server, True)
+        with pytest.raises(UnavailableError):
+            c.import_instances("web", MANY)
+        disk_full(server, False)
+        c.get_scale_set("web")  # reads wait for the reload
+        assert seen == [False, True]  # NOT_SERVING during the reload, SERVING after it
+        check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert check.status == health_pb2.HealthCheckResponse.SERVING
+
+
 def test_the_client_retries_unavailable_with_the_same_request_id(server: ServerThread) -> None:
     with Client(server.target, retries=6) as c:
         c.create_scale_set(zonal_spec(), 3)

@@ -17,7 +17,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -98,6 +98,9 @@ class ControlPlane:
         self._last_commit: asyncio.Future[None] | None = None
         #: Set while the state is rebuilt from the store after a failed commit; reads wait for it.
         self._reloading: asyncio.Event | None = None
+        #: Told False while the state is rebuilt (and for good if that fails), True when it serves again:
+        #: the service's health checking listens, so probes see NOT_SERVING meanwhile.
+        self.serving_listeners: list[Callable[[bool], Awaitable[None]]] = []
         self._subscribers: set[asyncio.Queue[EventRecord | None]] = set()
         #: request_id -> (method, fingerprint, the reply's future) of changes applied but not yet committed.
         self._inflight: dict[str, tuple[str, str, asyncio.Future[bytes]]] = {}
@@ -430,6 +433,7 @@ class ControlPlane:
         async with self._lock:
             # Reads wait until the state is rebuilt: none may see the changes that were not committed.
             reloading = self._reloading = asyncio.Event()
+            await self._tell_serving(False)
             failed = batch + self._queue
             self._queue = []
             for p in failed:
@@ -441,9 +445,15 @@ class ControlPlane:
             except Exception:
                 log.exception("reloading the state from the store failed; refusing further changes")
                 self.healthy = False
+            else:
+                await self._tell_serving(True)
             finally:
                 self._reloading = None
                 reloading.set()
+
+    async def _tell_serving(self, serving: bool) -> None:
+        for listener in self.serving_listeners:
+            await listener(serving)
 
     def _remember(self, record: RequestRecord) -> None:
         self._recent[record.request_id] = record

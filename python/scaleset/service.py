@@ -726,9 +726,18 @@ async def build_server(control: ControlPlane, address: str) -> tuple[grpc.aio.Se
         pb.DESCRIPTOR.services_by_name[s].full_name
         for s in ("ScaleSets", "Autoscale", "Regions", "Diagnostics")
     ]
-    for name in ["", *names]:
-        # Set before the server starts accepting, so checks never see UNKNOWN.
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def set_health(serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ["", *names]:
+            await health_servicer.set(name, status)
+
+    # Set before the server starts accepting, so checks never see UNKNOWN; NOT_SERVING while the state is
+    # rebuilt after a failed commit.
+    await set_health(True)
+    control.serving_listeners.append(set_health)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = server.add_insecure_port(address)
     if port == 0:
