@@ -123,3 +123,32 @@ def test_errors_carry_the_field_at_fault_across_the_wire(server: ServerThread) -
         with pytest.raises(InvalidInputError) as caught:
             c.set_repairs_service_state("web", "Sometimes")
         assert caught.value.field == "state" and caught.value.code == "InvalidParameter"
+
+
+def test_history_is_bounded_and_a_compacted_watch_position_says_so(tmp_path: Path) -> None:
+    from scaleset.errors import ConflictError
+
+    db = str(tmp_path / "state.db")
+    options = {"snapshot_every": 5, "event_retention": 3, "request_retention": 2}
+    with ServerThread(db, REGION, **options) as server, Client(server.target) as c:
+        c.create_scale_set(zonal_spec(), 1)
+        for n in range(40):
+            c.set_capacity("web", n % 3, request_id=f"r{n}")
+        server.call(server.control._snapshot())
+        store = server.control._store
+        events = list(store.iter_all_events())  # type: ignore[attr-defined]
+        assert len(events) <= 5 + 3  # since the last snapshots, plus the retention
+        stored = store._reader.execute("SELECT count(*) FROM requests").fetchone()[0]  # type: ignore[attr-defined]
+        assert stored <= 5 + 2
+        with pytest.raises(ConflictError) as caught:
+            next(iter(c.watch("web", after=0)))
+        assert caught.value.code == "EventsCompacted" and caught.value.metadata["current"] == "41"
+        with pytest.raises(ConflictError):
+            next(iter(c.watch("", after=1)))
+        recent = next(iter(c.watch("web", after=events[-1].revision - 1)))
+        assert recent.revision == events[-1].revision
+    with (
+        ServerThread(db, REGION, **options) as again,
+        Client(again.target) as c,
+    ):  # restarts from the snapshot
+        assert c.get_scale_set("web").capacity == 39 % 3 and c.get_scale_set("web").revision == 41

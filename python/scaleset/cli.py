@@ -37,6 +37,8 @@ async def run_server(
     grace: float = 5.0,
     advance_interval: float = 30.0,
     prometheus_url: str | None = None,
+    event_retention: int = 100_000,
+    request_retention: int = 100_000,
 ) -> None:
     """Runs the service until SIGTERM or SIGINT, then drains in-flight calls and commits. Every
     ``advance_interval`` seconds the time-driven policies (rolling upgrades, repairs, autoscale, automatic
@@ -47,7 +49,13 @@ async def run_server(
     from scaleset.service import build_server
     from scaleset.store import SQLiteStore
 
-    control = ControlPlane(SQLiteStore(db), region, instance_limit=instance_limit)
+    control = ControlPlane(
+        SQLiteStore(db),
+        region,
+        instance_limit=instance_limit,
+        event_retention=event_retention,
+        request_retention=request_retention,
+    )
     await control.start()
     server, port, metrics = await build_server(control, address)
     if metrics_port:
@@ -105,6 +113,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             grace=args.grace,
             advance_interval=args.advance_interval,
             prometheus_url=args.prometheus_url,
+            event_retention=args.event_retention,
+            request_retention=args.request_retention,
         )
     )
     return 0
@@ -460,6 +470,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds between runs of the time-driven policies: rolling upgrades, repairs, autoscale "
         "(Azure evaluates every 30 to 60 s), automatic zone balance (default: %(default)s)",
+    )
+    p.add_argument(
+        "--event-retention",
+        type=int,
+        default=100_000,
+        help="events kept before the newest snapshot for resuming watchers (default: %(default)s)",
+    )
+    p.add_argument(
+        "--request-retention",
+        type=int,
+        default=100_000,
+        help="request_id replies kept for retries, newest first (default: %(default)s)",
     )
     p.add_argument(
         "--prometheus-url",

@@ -84,12 +84,18 @@ class ControlPlane:
         instance_limit: int | None = None,
         clock: Callable[[], float] = time.time,
         snapshot_every: int = 1000,
+        event_retention: int = 100_000,
+        request_retention: int = 100_000,
     ) -> None:
         self._store = store
         self._initial_region = region
         self._instance_limit = instance_limit
         self._clock = clock
         self._snapshot_every = snapshot_every
+        #: Events kept before the newest snapshot, for watchers that resume (older ones are compacted).
+        self._event_retention = event_retention
+        #: request_id replies kept, newest first: a retry older than that is a new request.
+        self._request_retention = request_retention
         self._lock = asyncio.Lock()
         self._queue: list[_Pending] = []
         self._wake = asyncio.Event()
@@ -491,9 +497,30 @@ class ControlPlane:
             await asyncio.shield(last)
         await asyncio.to_thread(self._store.save_snapshot, Snapshot(sequence, state))
         self._snapshot_sequence = sequence
+        # Bounded history: what the snapshot holds no longer needs its events, beyond the retention
+        # that resuming watchers use; request_id replies are kept for the last N requests.
+        await asyncio.to_thread(
+            self._store.compact,
+            sequence - self._event_retention,
+            min(sequence, self.sequence - self._request_retention),
+        )
         log.info("snapshot at sequence %d", sequence)
 
     # ----- watching -----------------------------------------------------------------------------------
+
+    async def _check_retained(self, scale_set: str, after: int) -> None:
+        """A watch may resume only where the stored events still reach; older positions were compacted."""
+        current = self.revision(scale_set) if scale_set else self.sequence
+        if after >= current:
+            return
+        first = await asyncio.to_thread(self._store.first_retained, scale_set or None)
+        if first is None or after < first - 1:
+            raise conflict(
+                f"events after {after} were compacted (the oldest kept is {first}); read the current state, "
+                f"then watch from {'its revision' if scale_set else 'the current sequence'} ({current}).",
+                "EventsCompacted",
+                metadata={"oldest_retained": str(first or current), "current": str(current)},
+            )
 
     async def watch(self, scale_set: str, after: int) -> AsyncIterator[EventRecord]:
         """Committed events after ``after`` (a revision of ``scale_set``, or a global sequence when
@@ -501,6 +528,8 @@ class ControlPlane:
 
         def key(e: EventRecord) -> int:
             return e.revision if scale_set else e.sequence
+
+        await self._check_retained(scale_set, after)
 
         last = after
         while True:

@@ -74,6 +74,14 @@ class Store(Protocol):
 
     def save_snapshot(self, snapshot: Snapshot) -> None: ...
 
+    def compact(self, events_through: int, requests_through: int) -> None:
+        """Drops events and stored replies up to the given sequences (both already in a snapshot)."""
+        ...
+
+    def first_retained(self, scale_set: str | None) -> int | None:
+        """The lowest revision of ``scale_set`` (or global sequence) still stored, None if none is."""
+        ...
+
     def get_meta(self, key: str) -> str | None: ...
 
     def set_meta(self, key: str, value: str) -> None: ...
@@ -229,6 +237,23 @@ class SQLiteStore:
             # Older snapshots are no longer needed to rebuild; events stay for WatchEvents.
             self._writer.execute("DELETE FROM snapshots WHERE sequence < ?", (snapshot.sequence,))
             self._writer.execute("COMMIT")
+
+    def compact(self, events_through: int, requests_through: int) -> None:
+        with self._write_lock:
+            self._writer.execute("BEGIN IMMEDIATE")
+            self._writer.execute("DELETE FROM events WHERE sequence <= ?", (events_through,))
+            self._writer.execute("DELETE FROM requests WHERE sequence <= ?", (requests_through,))
+            self._writer.execute("COMMIT")
+
+    def first_retained(self, scale_set: str | None) -> int | None:
+        with self._read_lock:
+            if scale_set is None:
+                row = self._reader.execute("SELECT min(sequence) FROM events").fetchone()
+            else:
+                row = self._reader.execute(
+                    "SELECT min(revision) FROM events WHERE scale_set = ?", (scale_set,)
+                ).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
 
     def get_meta(self, key: str) -> str | None:
         with self._read_lock:
