@@ -20,7 +20,7 @@ LAYERS = [
     {"commands"},
     {"controller"},
     {"store", "control", "documents", "prometheus"},
-    {"convert", "service", "client", "cli", "__main__", "v1"},
+    {"convert", "service", "client", "cli", "__main__", "v1", "auth"},
     {"testing"},
 ]
 

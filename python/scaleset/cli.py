@@ -39,6 +39,8 @@ async def run_server(
     prometheus_url: str | None = None,
     event_retention: int = 100_000,
     request_retention: int = 100_000,
+    authenticator: Any = None,
+    credentials: Any = None,
 ) -> None:
     """Runs the service until SIGTERM or SIGINT, then drains in-flight calls and commits. Every
     ``advance_interval`` seconds the time-driven policies (rolling upgrades, repairs, autoscale, automatic
@@ -57,7 +59,9 @@ async def run_server(
         request_retention=request_retention,
     )
     await control.start()
-    server, port, metrics = await build_server(control, address)
+    server, port, metrics = await build_server(
+        control, address, authenticator=authenticator, credentials=credentials
+    )
     if metrics_port:
         start_http_server(
             metrics_port, addr=address.rsplit(":", 1)[0].strip("[]") or "127.0.0.1", registry=metrics.registry
@@ -99,10 +103,51 @@ async def run_server(
     log.info("stopped")
 
 
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def _security(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The server's authenticator and TLS credentials from the serve flags; refuses to listen beyond
+    localhost without TLS unless told to."""
+    from scaleset.errors import invalid_input
+
+    authenticator = credentials = None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise invalid_input("--tls-cert and --tls-key go together.", field="tls")
+    if args.tls_cert:
+        from scaleset.auth import server_credentials
+
+        credentials = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
+    elif args.host not in LOCAL_HOSTS and not args.allow_insecure:
+        raise invalid_input(
+            f"refusing to listen on {args.host} without TLS: pass --tls-cert and --tls-key "
+            "(and --tokens or --jwt-public-key), or --allow-insecure on a trusted network.",
+            "InsecureListenRefused",
+            field="host",
+        )
+    if args.tokens or args.jwt_public_key:
+        from pathlib import Path
+
+        from scaleset.auth import Authenticator
+
+        jwt = {
+            "jwt_key": Path(args.jwt_public_key).read_text() if args.jwt_public_key else None,
+            "jwt_audience": args.jwt_audience,
+            "jwt_issuer": args.jwt_issuer,
+        }
+        authenticator = Authenticator.from_file(args.tokens, **jwt) if args.tokens else Authenticator(**jwt)
+    elif args.host not in LOCAL_HOSTS:
+        log.warning(
+            "listening on %s with no authentication: anyone who reaches it can change the fleet", args.host
+        )
+    return authenticator, credentials
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from scaleset.documents import load_document
 
     region = Region.from_dict(load_document(args.region)) if args.region else DEFAULT_REGION
+    authenticator, credentials = _security(args)
     asyncio.run(
         run_server(
             args.db,
@@ -115,6 +160,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             prometheus_url=args.prometheus_url,
             event_retention=args.event_retention,
             request_retention=args.request_retention,
+            authenticator=authenticator,
+            credentials=credentials,
         )
     )
     return 0
@@ -124,9 +171,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> Any:
+    from pathlib import Path
+
     from scaleset.client import Client
 
-    return Client(args.server)
+    root = Path(args.tls_ca).read_bytes() if args.tls_ca else None
+    return Client(args.server, token=args.token or None, root_certificates=root)
 
 
 def _print_plan(plan: Plan, limit: int = 20) -> None:
@@ -450,6 +500,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("SCALESET_SERVER", "localhost:50051"),
         help="server address (default: %(default)s)",
     )
+    parser.add_argument(
+        "--token", default=os.environ.get("SCALESET_TOKEN", ""), help="bearer token ($SCALESET_TOKEN)"
+    )
+    parser.add_argument(
+        "--tls-ca",
+        default=os.environ.get("SCALESET_TLS_CA"),
+        help="CA certificate (PEM) of a TLS server ($SCALESET_TLS_CA)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the gRPC service")
@@ -470,6 +528,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds between runs of the time-driven policies: rolling upgrades, repairs, autoscale "
         "(Azure evaluates every 30 to 60 s), automatic zone balance (default: %(default)s)",
+    )
+    p.add_argument(
+        "--tls-cert",
+        help="server certificate (PEM); with --tls-key, serve TLS (reloaded when the files change)",
+    )
+    p.add_argument("--tls-key", help="server private key (PEM)")
+    p.add_argument("--tls-client-ca", help="CA (PEM) that client certificates must chain to: mutual TLS")
+    p.add_argument("--tokens", help="YAML/JSON file of static bearer tokens: tokens: [{token, name, role}]")
+    p.add_argument("--jwt-public-key", help="PEM public key that verifies JWT bearer tokens (RS256/ES256)")
+    p.add_argument("--jwt-audience", help="required JWT audience")
+    p.add_argument("--jwt-issuer", help="required JWT issuer")
+    p.add_argument(
+        "--allow-insecure",
+        action="store_true",
+        help="listen beyond localhost without TLS (refused otherwise)",
     )
     p.add_argument(
         "--event-retention",

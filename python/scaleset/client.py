@@ -87,10 +87,31 @@ def _info(msg: pb.ScaleSet) -> ScaleSetInfo:
 
 
 class Client:
-    """Blocking client. ``Client("localhost:50051")``; use as a context manager or call :meth:`close`."""
+    """Blocking client. ``Client("localhost:50051")``; use as a context manager or call :meth:`close`.
 
-    def __init__(self, target: str = "localhost:50051", *, timeout: float = 30.0, retries: int = 3) -> None:
-        self._channel = grpc.insecure_channel(target)
+    Args:
+        token: a bearer token (static or JWT) for a server with authentication.
+        root_certificates: PEM of the CA that signed the server's certificate: connects with TLS.
+        private_key, certificate_chain: the client's own PEM key and certificate, for mutual TLS.
+    """
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        timeout: float = 30.0,
+        retries: int = 3,
+        token: str | None = None,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+    ) -> None:
+        if root_certificates is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+            self._channel = grpc.secure_channel(target, credentials)
+        else:
+            self._channel = grpc.insecure_channel(target)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._scale_sets = pb_grpc.ScaleSetsStub(self._channel)
         self._regions = pb_grpc.RegionsStub(self._channel)
         self._diagnostics = pb_grpc.DiagnosticsStub(self._channel)
@@ -111,7 +132,7 @@ class Client:
         delay = 0.1
         for attempt in range(self._retries + 1):
             try:
-                return method(request, timeout=self._timeout)
+                return method(request, timeout=self._timeout, metadata=self._metadata)
             except grpc.RpcError as err:
                 if idempotent and err.code() in _RETRYABLE and attempt < self._retries:
                     time.sleep(delay)
@@ -378,7 +399,8 @@ class Client:
     def watch(self, scale_set: str = "", after: int = 0) -> Iterator[WatchedEvent]:
         """Events after ``after`` (a revision of ``scale_set``, or a global sequence), then live ones."""
         try:
-            for e in self._scale_sets.WatchEvents(pb.WatchEventsRequest(scale_set=scale_set, after=after)):
+            request = pb.WatchEventsRequest(scale_set=scale_set, after=after)
+            for e in self._scale_sets.WatchEvents(request, metadata=self._metadata):
                 yield WatchedEvent(
                     e.sequence,
                     e.scale_set,

@@ -18,6 +18,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -30,7 +31,10 @@ from scaleset.store import EventRecord, RequestRecord, Snapshot, Store
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ControlPlane", "Outcome"]
+__all__ = ["ControlPlane", "Outcome", "current_actor"]
+
+#: Who makes the change being applied (set by the service's authentication); recorded with each event.
+current_actor: ContextVar[str] = ContextVar("scaleset_actor", default="")
 
 #: Events a watcher may fall behind by before it is switched to catching up from the store.
 WATCH_BACKLOG = 10_000
@@ -312,7 +316,7 @@ class ControlPlane:
             result = await asyncio.to_thread(self.controller.execute, command, self.now)
         else:
             result = self.controller.execute(command, self.now)
-        future, outcome, event = self._record(command, result, time_ms)
+        future, outcome, event = self._record(command, result, time_ms, request_id)
         reply = encode(outcome)
         request = (
             RequestRecord(request_id, method, fp, reply.SerializeToString(), self.sequence)
@@ -332,7 +336,7 @@ class ControlPlane:
         return time_ms
 
     def _record(
-        self, command: Command, result: Any, time_ms: int
+        self, command: Command, result: Any, time_ms: int, request_id: str = ""
     ) -> tuple[asyncio.Future[None], Outcome, EventRecord]:
         """Numbers an applied change and makes its event; the caller queues it (holding the lock)."""
         scale_set = command.scale_set
@@ -349,7 +353,12 @@ class ControlPlane:
             revision=revision,
             type=command.event(result),
             command=command.logged(result).encode(),
-            summary=command.describe(result),
+            # The audit trail: who, what (the command), and the request_id it came with.
+            summary={
+                **command.describe(result),
+                "actor": current_actor.get() or "scaleset (its own policies)",
+                **({"request_id": request_id} if request_id else {}),
+            },
             time_ms=time_ms,
         )
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()

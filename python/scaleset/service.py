@@ -711,11 +711,18 @@ class DiagnosticsServicer(pb_grpc.DiagnosticsServicer):
         return pb.EchoResponse(payload=request.payload)
 
 
-async def build_server(control: ControlPlane, address: str) -> tuple[grpc.aio.Server, int, Metrics]:
+async def build_server(
+    control: ControlPlane, address: str, *, authenticator: Any = None, credentials: Any = None
+) -> tuple[grpc.aio.Server, int, Metrics]:
     """A server with every service, health checking and reflection, bound to ``address``
     (``host:port``; port 0 picks a free one). Returns the server, its port and its metrics."""
     metrics = Metrics(control)
-    server = grpc.aio.server(interceptors=[_Interceptor(metrics)])
+    interceptors: list[Any] = [_Interceptor(metrics)]
+    if authenticator is not None:
+        from scaleset.auth import AuthInterceptor
+
+        interceptors.insert(0, AuthInterceptor(authenticator))  # outermost: a denied call reaches nothing
+    server = grpc.aio.server(interceptors=interceptors)
     pb_grpc.add_ScaleSetsServicer_to_server(ScaleSetsServicer(control), server)
     pb_grpc.add_RegionsServicer_to_server(RegionsServicer(control), server)
     pb_grpc.add_AutoscaleServicer_to_server(AutoscaleServicer(control), server)
@@ -739,7 +746,11 @@ async def build_server(control: ControlPlane, address: str) -> tuple[grpc.aio.Se
     await set_health(True)
     control.serving_listeners.append(set_health)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(address)
+    port = (
+        server.add_secure_port(address, credentials)
+        if credentials is not None
+        else server.add_insecure_port(address)
+    )
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     return server, port, metrics

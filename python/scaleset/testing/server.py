@@ -71,7 +71,16 @@ def start_server_process(db: Path, port: int, log: Path, *extra: str) -> subproc
 class ServerThread:
     """``with ServerThread(db_path, region) as server: Client(server.target)``; stops gracefully on exit."""
 
-    def __init__(self, db_path: str, region: Region, **control_options: Any) -> None:
+    def __init__(
+        self,
+        db_path: str,
+        region: Region,
+        *,
+        authenticator: Any = None,
+        credentials: Any = None,
+        **control_options: Any,
+    ) -> None:
+        self._security = {"authenticator": authenticator, "credentials": credentials}
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="scaleset-test-server", daemon=True
@@ -83,7 +92,7 @@ class ServerThread:
 
     async def _start(self) -> int:
         await self.control.start()
-        self._server, port, self.metrics = await build_server(self.control, "127.0.0.1:0")
+        self._server, port, self.metrics = await build_server(self.control, "127.0.0.1:0", **self._security)
         await self._server.start()
         return port
 
