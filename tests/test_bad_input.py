@@ -184,3 +184,41 @@ def test_a_database_is_used_by_one_server_at_a_time(
     with pytest.raises(UnavailableError) as bad:
         SQLiteStore(str(damaged))
     assert bad.value.code == "DatabaseDamaged"
+
+
+def test_watch_streams_are_bounded_and_big_replies_fit(tmp_path: Path) -> None:
+    from scaleset.client import Client
+    from scaleset.errors import CapacityError as TooMany
+
+    with ServerThread(str(tmp_path / "state.db"), REGION, max_watchers=1, instance_limit=200_000) as server:
+        with Client(server.target) as c, Client(server.target, retries=0) as other:
+            c.create_scale_set(zonal_spec(), 1)
+            first = iter(c.watch("web"))
+            next(first)
+            with pytest.raises(TooMany) as caught:
+                next(iter(other.watch("web")))
+            assert caught.value.code == "TooManyWatchers"
+            del first
+            # A 100,000-instance plan (about 32 MB) comes back in full: client and server limits agree.
+            plan = other.set_capacity("web", 100_000)
+            assert len(plan.creates) == 99_999
+
+
+def test_db_check_rebuilds_the_state_or_says_what_is_wrong(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from scaleset.cli import main
+
+    db = str(tmp_path / "state.db")
+    with ServerThread(db, REGION) as server:
+        from scaleset.client import Client
+
+        with Client(server.target) as c:
+            c.create_scale_set(zonal_spec(), 4)
+    assert main(["db", "check", "--db", db]) == 0
+    assert "ok: 1 scale sets, 4 instances" in capsys.readouterr().out
+    damaged = tmp_path / "damaged.db"
+    damaged.write_bytes(b"\0" * 4096)
+    assert main(["db", "check", "--db", str(damaged)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error [DatabaseDamaged]") and "\n" not in err

@@ -51,6 +51,7 @@ async def run_server(
     from scaleset.service import build_server
     from scaleset.store import SQLiteStore
 
+    _raise_file_limit()
     control = ControlPlane(
         SQLiteStore(db),
         region,
@@ -104,6 +105,21 @@ async def run_server(
 
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def _raise_file_limit() -> None:
+    """Every connection is a file descriptor: lift the soft limit (often 1,024) to the hard one, so idle
+    connections cannot starve new clients and health checks."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(
+                resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65_536, hard)
+            )
+        except (ValueError, OSError) as e:
+            log.warning("could not raise the open-file limit from %d: %s", soft, e)
 
 
 def _security(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -466,6 +482,32 @@ def cmd_autoscale(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_db(args: argparse.Namespace) -> int:
+    """``scaleset db check``: the database's integrity, and a full rebuild of the state from it."""
+    from scaleset.control import ControlPlane
+    from scaleset.store import SQLiteStore
+
+    if not os.path.exists(args.db):
+        print(f"error: {args.db} does not exist", file=sys.stderr)
+        return 2
+    store = SQLiteStore(args.db)
+    try:
+        try:
+            summary = ControlPlane(store, DEFAULT_REGION).check()
+        except ScaleSetError:
+            raise
+        except Exception as e:
+            print(f"error [DatabaseDamaged]: {args.db}: {e}", file=sys.stderr)
+            return 2
+    finally:
+        store.close()
+    print(
+        f"{args.db}: ok: {summary['scale_sets']} scale sets, {summary['instances']} instances, "
+        f"state rebuilt at sequence {summary['sequence']}"
+    )
+    return 0
+
+
 def cmd_region(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.action == "zone":
@@ -649,6 +691,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("metric")
     a.add_argument("values", type=float, nargs="+")
     p.set_defaults(func=cmd_autoscale)
+
+    p = sub.add_parser("db", help="check a database (stop the server first)")
+    p.add_argument("action", choices=["check"])
+    p.add_argument("--db", default="scaleset.db", help="SQLite file (default: %(default)s)")
+    p.set_defaults(func=cmd_db)
 
     p = sub.add_parser("region", help="show the region, mark a zone up/down, set pool capacity")
     rsub = p.add_subparsers(dest="action")

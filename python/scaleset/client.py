@@ -106,11 +106,13 @@ class Client:
         private_key: bytes | None = None,
         certificate_chain: bytes | None = None,
     ) -> None:
+        # The server sends replies up to 64 MB (a 100,000-instance plan is about 32 MB): accept as much.
+        options = [("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.keepalive_time_ms", 60_000)]
         if root_certificates is not None:
             credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
-            self._channel = grpc.secure_channel(target, credentials)
+            self._channel = grpc.secure_channel(target, credentials, options=options)
         else:
-            self._channel = grpc.insecure_channel(target)
+            self._channel = grpc.insecure_channel(target, options=options)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._scale_sets = pb_grpc.ScaleSetsStub(self._channel)
         self._regions = pb_grpc.RegionsStub(self._channel)

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from scaleset.commands import Advance, Command, decode
 from scaleset.controller import Controller
-from scaleset.errors import NotFoundError, conflict, invalid_input, unavailable
+from scaleset.errors import CapacityError, NotFoundError, conflict, error, invalid_input, unavailable
 from scaleset.model import Region
 from scaleset.policies import Action
 from scaleset.store import EventRecord, RequestRecord, Snapshot, Store
@@ -37,7 +37,7 @@ __all__ = ["ControlPlane", "Outcome", "current_actor"]
 current_actor: ContextVar[str] = ContextVar("scaleset_actor", default="")
 
 #: Events a watcher may fall behind by before it is switched to catching up from the store.
-WATCH_BACKLOG = 10_000
+WATCH_BACKLOG = 1_000
 
 
 class Encodable(Protocol):
@@ -90,6 +90,7 @@ class ControlPlane:
         snapshot_every: int = 1000,
         event_retention: int = 100_000,
         request_retention: int = 100_000,
+        max_watchers: int = 1000,
     ) -> None:
         self._store = store
         self._initial_region = region
@@ -100,6 +101,8 @@ class ControlPlane:
         self._event_retention = event_retention
         #: request_id replies kept, newest first: a retry older than that is a new request.
         self._request_retention = request_retention
+        #: Concurrent WatchEvents streams at most (each costs a buffer and a share of every publish).
+        self._max_watchers = max_watchers
         self._lock = asyncio.Lock()
         self._queue: list[_Pending] = []
         self._wake = asyncio.Event()
@@ -130,6 +133,17 @@ class ControlPlane:
     async def start(self) -> None:
         await asyncio.to_thread(self._load)
         self._committer = asyncio.create_task(self._commit_loop(), name="scaleset-group-commit")
+
+    def check(self) -> dict[str, int]:
+        """Rebuilds the state from the store without serving it (``scaleset db check``): the store's own
+        integrity check, then the newest snapshot and every event after it replayed. Raises on damage."""
+        self._store.check()
+        self._load()
+        return {
+            "scale_sets": len(self.controller.scale_set_names()),
+            "sequence": self.sequence,
+            "instances": sum(self.controller.capacity(n) for n in self.controller.scale_set_names()),
+        }
 
     def _load(self) -> None:
         limit = self._store.get_meta("instance_limit")
@@ -371,6 +385,7 @@ class ControlPlane:
         done: list[Action] = []
         futures = []
         for name in self.controller.scale_set_names():
+            await asyncio.sleep(0)  # one scale set at a time: requests (and health checks) go in between
             async with self._lock:
                 time_ms = self._tick()
                 command = Advance(name)
@@ -539,6 +554,13 @@ class ControlPlane:
             return e.revision if scale_set else e.sequence
 
         await self._check_retained(scale_set, after)
+        if len(self._subscribers) >= self._max_watchers:
+            raise error(
+                CapacityError,
+                f"this server already serves {self._max_watchers} watch streams; retry later or watch through "
+                "fewer streams (one stream with an empty scale_set sees every change).",
+                "TooManyWatchers",
+            )
 
         last = after
         while True:

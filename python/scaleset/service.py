@@ -50,6 +50,11 @@ __all__ = ["Metrics", "build_server", "status_for"]
 ERROR_DOMAIN = "scaleset"
 #: Capacity changes or imports larger than this run on a worker thread, off the event loop.
 BIG_CHANGE = 2_000
+#: RPCs served at once; more are refused with RESOURCE_EXHAUSTED rather than queued without bound.
+MAX_CONCURRENT_RPCS = 2000
+#: The largest request and reply a server accepts and sends.
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
+MAX_REPLY_BYTES = 64 * 1024 * 1024
 #: The most metric samples one ReportMetrics call may carry.
 MAX_SAMPLES_PER_REPORT = 100_000
 
@@ -722,7 +727,21 @@ async def build_server(
         from scaleset.auth import AuthInterceptor
 
         interceptors.insert(0, AuthInterceptor(authenticator))  # outermost: a denied call reaches nothing
-    server = grpc.aio.server(interceptors=interceptors)
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        # Bounds on what a client can make the server hold: calls at once, and message sizes both ways
+        # (replies up to 64 MB carry a 100,000-instance plan; the client accepts as much).
+        maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+        options=[
+            ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+            ("grpc.max_send_message_length", MAX_REPLY_BYTES),
+            ("grpc.max_concurrent_streams", 256),
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ],
+    )
     pb_grpc.add_ScaleSetsServicer_to_server(ScaleSetsServicer(control), server)
     pb_grpc.add_RegionsServicer_to_server(RegionsServicer(control), server)
     pb_grpc.add_AutoscaleServicer_to_server(AutoscaleServicer(control), server)

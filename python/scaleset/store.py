@@ -86,6 +86,10 @@ class Store(Protocol):
 
     def set_meta(self, key: str, value: str) -> None: ...
 
+    def check(self) -> None:
+        """Raises if the stored data is damaged."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -237,6 +241,16 @@ class SQLiteStore:
             # Older snapshots are no longer needed to rebuild; events stay for WatchEvents.
             self._writer.execute("DELETE FROM snapshots WHERE sequence < ?", (snapshot.sequence,))
             self._writer.execute("COMMIT")
+
+    def check(self) -> None:
+        with self._read_lock:
+            problems = [row[0] for row in self._reader.execute("PRAGMA integrity_check").fetchall()]
+        if problems != ["ok"]:
+            raise error(
+                UnavailableError,
+                f"{self.path} is damaged: {'; '.join(problems[:3])}; restore it from a backup.",
+                "DatabaseDamaged",
+            )
 
     def compact(self, events_through: int, requests_through: int) -> None:
         with self._write_lock:
