@@ -218,3 +218,26 @@ def test_no_plain_listening_beyond_localhost(tmp_path: Path, capsys: pytest.Capt
 
     assert main(["serve", "--host", "0.0.0.0", "--db", str(tmp_path / "x.db"), "--metrics-port", "0"]) == 2
     assert "error [InsecureListenRefused]" in capsys.readouterr().err
+
+
+def test_each_client_is_rate_limited(tmp_path: Path) -> None:
+    from scaleset.service import RateLimiter
+
+    now = [0.0]
+    bucket = RateLimiter(2, burst=3, clock=lambda: now[0])
+    assert [bucket.allow("a") for _ in range(4)] == [True, True, True, False]
+    assert bucket.allow("b")  # another client has its own bucket
+    now[0] += 0.5
+    assert bucket.allow("a") and not bucket.allow("a")  # refilled at 2 a second
+    with (
+        ServerThread(str(tmp_path / "state.db"), REGION, rate_limit=5) as s,
+        Client(s.target, retries=0) as c,
+    ):
+        outcomes = []
+        for _ in range(12):
+            try:
+                c.list_scale_sets()
+                outcomes.append("ok")
+            except ScaleSetError as e:
+                outcomes.append(e.code)
+        assert outcomes[:5] == ["ok"] * 5 and "RateLimited" in outcomes

@@ -41,6 +41,7 @@ async def run_server(
     request_retention: int = 100_000,
     authenticator: Any = None,
     credentials: Any = None,
+    rate_limit: float = 10_000.0,
 ) -> None:
     """Runs the service until SIGTERM or SIGINT, then drains in-flight calls and commits. Every
     ``advance_interval`` seconds the time-driven policies (rolling upgrades, repairs, autoscale, automatic
@@ -61,7 +62,7 @@ async def run_server(
     )
     await control.start()
     server, port, metrics = await build_server(
-        control, address, authenticator=authenticator, credentials=credentials
+        control, address, authenticator=authenticator, credentials=credentials, rate_limit=rate_limit
     )
     if metrics_port:
         start_http_server(
@@ -178,6 +179,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             request_retention=args.request_retention,
             authenticator=authenticator,
             credentials=credentials,
+            rate_limit=args.rate_limit,
         )
     )
     return 0
@@ -581,6 +583,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jwt-public-key", help="PEM public key that verifies JWT bearer tokens (RS256/ES256)")
     p.add_argument("--jwt-audience", help="required JWT audience")
     p.add_argument("--jwt-issuer", help="required JWT issuer")
+    p.add_argument(
+        "--rate-limit",
+        type=float,
+        default=10_000.0,
+        help="calls a second per client address, in bursts as large; 0 turns it off (default: %(default)s)",
+    )
     p.add_argument(
         "--allow-insecure",
         action="store_true",

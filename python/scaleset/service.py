@@ -36,6 +36,7 @@ from scaleset.errors import (
     NotFoundError,
     ScaleSetError,
     UnavailableError,
+    error,
     invalid_input,
     not_found,
 )
@@ -50,6 +51,8 @@ __all__ = ["Metrics", "build_server", "status_for"]
 ERROR_DOMAIN = "scaleset"
 #: Capacity changes or imports larger than this run on a worker thread, off the event loop.
 BIG_CHANGE = 2_000
+#: Calls a second per client address (bursts as large); beyond it RESOURCE_EXHAUSTED, RateLimited.
+DEFAULT_RATE_LIMIT = 10_000.0
 #: RPCs served at once; more are refused with RESOURCE_EXHAUSTED rather than queued without bound.
 MAX_CONCURRENT_RPCS = 2000
 #: The largest request and reply a server accepts and sends.
@@ -116,11 +119,41 @@ class Metrics:
         )
 
 
-class _Interceptor(grpc.aio.ServerInterceptor):
-    """Maps every exception through :func:`status_for` and records metrics, for every RPC."""
+class RateLimiter:
+    """A token bucket per client address: ``rate`` calls a second, bursts of up to ``burst``. Clients
+    beyond it get RESOURCE_EXHAUSTED (``RateLimited``) and retry later. Buckets of clients that went
+    quiet are forgotten, so their number stays bounded too."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(
+        self, rate: float, burst: float | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate, self.burst, self._clock = rate, burst if burst is not None else rate, clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def allow(self, client: str) -> bool:
+        now = self._clock()
+        tokens, at = self._buckets.pop(client, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - at) * self.rate)
+        allowed = tokens >= 1.0
+        self._buckets[client] = (tokens - 1.0 if allowed else tokens, now)
+        while len(self._buckets) > 100_000:
+            self._buckets.popitem(last=False)
+        return allowed
+
+
+def _client_address(context: grpc.aio.ServicerContext) -> str:
+    """The caller's address without its port ("ipv4:127.0.0.1:5555" -> "ipv4:127.0.0.1")."""
+    peer = str(context.peer() or "")
+    return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
+
+
+class _Interceptor(grpc.aio.ServerInterceptor):
+    """Maps every exception through :func:`status_for` and records metrics, for every RPC; applies the
+    per-client rate limit."""
+
+    def __init__(self, metrics: Metrics, limiter: RateLimiter | None = None) -> None:
         self._metrics = metrics
+        self._limiter = limiter
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
@@ -140,6 +173,7 @@ class _Interceptor(grpc.aio.ServerInterceptor):
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         metrics = self._metrics
+        limiter = self._limiter
         # Label children bound once per handler, not looked up on every call.
         ok = metrics.requests.labels(method, "OK")
         latency = metrics.latency.labels(method)
@@ -174,6 +208,12 @@ class _Interceptor(grpc.aio.ServerInterceptor):
                 try:
                     if isinstance(request, _Malformed):
                         raise request.error()
+                    if limiter is not None and not limiter.allow(_client_address(context)):
+                        raise error(
+                            CapacityError,
+                            f"too many requests from this client (more than {limiter.rate:g} a second); retry shortly.",
+                            "RateLimited",
+                        )
                     reply = await inner(request, context)
                 except asyncio.CancelledError:
                     raise
@@ -717,12 +757,18 @@ class DiagnosticsServicer(pb_grpc.DiagnosticsServicer):
 
 
 async def build_server(
-    control: ControlPlane, address: str, *, authenticator: Any = None, credentials: Any = None
+    control: ControlPlane,
+    address: str,
+    *,
+    authenticator: Any = None,
+    credentials: Any = None,
+    rate_limit: float | None = DEFAULT_RATE_LIMIT,
 ) -> tuple[grpc.aio.Server, int, Metrics]:
     """A server with every service, health checking and reflection, bound to ``address``
     (``host:port``; port 0 picks a free one). Returns the server, its port and its metrics."""
     metrics = Metrics(control)
-    interceptors: list[Any] = [_Interceptor(metrics)]
+    limiter = RateLimiter(rate_limit) if rate_limit else None
+    interceptors: list[Any] = [_Interceptor(metrics, limiter)]
     if authenticator is not None:
         from scaleset.auth import AuthInterceptor
 

@@ -78,9 +78,12 @@ class ServerThread:
         *,
         authenticator: Any = None,
         credentials: Any = None,
+        rate_limit: float | None = None,
         **control_options: Any,
     ) -> None:
         self._security = {"authenticator": authenticator, "credentials": credentials}
+        if rate_limit is not None:
+            self._security["rate_limit"] = rate_limit
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="scaleset-test-server", daemon=True
