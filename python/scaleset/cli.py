@@ -42,6 +42,7 @@ async def run_server(
     authenticator: Any = None,
     credentials: Any = None,
     rate_limit: float = 10_000.0,
+    max_watchers: int = 1000,
 ) -> None:
     """Runs the service until SIGTERM or SIGINT, then drains in-flight calls and commits. Every
     ``advance_interval`` seconds the time-driven policies (rolling upgrades, repairs, autoscale, automatic
@@ -59,6 +60,7 @@ async def run_server(
         instance_limit=instance_limit,
         event_retention=event_retention,
         request_retention=request_retention,
+        max_watchers=max_watchers,
     )
     await control.start()
     server, port, metrics = await build_server(
@@ -180,6 +182,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             authenticator=authenticator,
             credentials=credentials,
             rate_limit=args.rate_limit,
+            max_watchers=args.max_watchers,
         )
     )
     return 0
@@ -583,6 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jwt-public-key", help="PEM public key that verifies JWT bearer tokens (RS256/ES256)")
     p.add_argument("--jwt-audience", help="required JWT audience")
     p.add_argument("--jwt-issuer", help="required JWT issuer")
+    p.add_argument(
+        "--max-watchers", type=int, default=1000, help="WatchEvents streams at once (default: %(default)s)"
+    )
     p.add_argument(
         "--rate-limit",
         type=float,

@@ -248,7 +248,7 @@ class _Interceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(
                 stream,
                 request_deserializer=request_deserializer,
-                response_serializer=handler.response_serializer,
+                response_serializer=response_serializer,
             )
         return handler
 
@@ -331,6 +331,8 @@ class ScaleSetsServicer(_Servicer, pb_grpc.ScaleSetsServicer):
         # Encoded once per revision: a listing of an unchanged scale set is served from these bytes.
         self._pages: OrderedDict[tuple[str, int, int, int], bytes] = OrderedDict()
         self._columns: OrderedDict[tuple[str, int], dict[str, list[Any]]] = OrderedDict()
+        #: Recent events as sent on WatchEvents, by sequence: every watcher shares one encoding.
+        self._events: OrderedDict[int, bytes] = OrderedDict()
 
     def _scale_set(self, controller: Controller, name: str) -> pb.ScaleSet:
         return pb.ScaleSet(
@@ -611,13 +613,18 @@ class ScaleSetsServicer(_Servicer, pb_grpc.ScaleSetsServicer):
             lambda o: pb.SetRepairsServiceStateResponse(state=request.state, revision=o.revision),
         )
 
-    async def WatchEvents(self, request: pb.WatchEventsRequest, context: Any) -> AsyncIterator[pb.Event]:
+    async def WatchEvents(self, request: pb.WatchEventsRequest, context: Any) -> AsyncIterator[bytes]:
         if request.after >= 2**63:
             raise invalid_input(
                 f"after must be below 2**63, got {request.after}.", "InvalidParameter", field="after"
             )
         async for event in self._control.watch(request.scale_set, request.after):
-            yield convert.event_to_proto(event)
+            # Encoded once for every watcher (the serializer passes bytes through).
+            encoded = self._events.get(event.sequence)
+            if encoded is None:
+                encoded = convert.event_to_proto(event).SerializeToString()
+                _remember(self._events, event.sequence, encoded, 4096)
+            yield encoded
 
 
 def _remember(cache: OrderedDict[Any, Any], key: Any, value: Any, limit: int) -> None:

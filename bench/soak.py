@@ -1,0 +1,115 @@
+"""Soak test (on demand, not in CI): sustained durable SetCapacity load against `scaleset serve` while many
+watchers stream every change, some of which never read; prints the server's RSS and database size over
+time, and the unloaded vs loaded p99.
+
+Run: ``python bench/soak.py --minutes 2 --watchers 200``. It starts its own server on a free loopback port
+with its database in a temporary directory, and stops it at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scaleset.testing.server import free_port, start_server_process
+from scaleset.v1 import scaleset_pb2 as pb
+from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
+
+from bench.load import run_load
+
+PROCESSES, INFLIGHT = 2, 4
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def db_mb(db: Path) -> float:
+    return sum(p.stat().st_size for p in db.parent.glob(db.name + "*") if p.is_file()) / 1e6
+
+
+def watcher(target: str, reads: bool, stop: threading.Event) -> None:
+    with grpc.insecure_channel(target) as channel:
+        stream = pb_grpc.ScaleSetsStub(channel).WatchEvents(pb.WatchEventsRequest())
+        try:
+            for _ in stream:
+                if not reads:
+                    stop.wait()  # holds the stream open without reading another event
+                if stop.is_set():
+                    break
+        except grpc.RpcError:
+            pass
+        finally:
+            stream.cancel()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--minutes", type=float, default=2.0)
+    parser.add_argument("--watchers", type=int, default=200)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        db, port = Path(tmp) / "soak.db", free_port()
+        proc = start_server_process(
+            db,
+            port,
+            Path(tmp) / "server.log",
+            "--max-watchers",
+            str(args.watchers + 10),
+            "--event-retention",
+            "20000",
+            "--request-retention",
+            "20000",
+        )
+        target = f"127.0.0.1:{port}"
+        try:
+            with grpc.insecure_channel(target) as channel:
+                stub = pb_grpc.ScaleSetsStub(channel)
+                spec = pb.ScaleSetSpec(zones=["1", "2", "3"], sku=pb.Sku(name="Standard_D2s_v5"))
+                for p in range(PROCESSES):
+                    for k in range(64):
+                        spec.name = f"load-{p}-{k}"
+                        stub.CreateScaleSet(pb.CreateScaleSetRequest(scale_set=spec, capacity=10))
+            quiet = run_load(target, "set_capacity", PROCESSES, INFLIGHT, 100)
+            stop = threading.Event()
+            threads = [
+                threading.Thread(target=watcher, args=(target, w % 2 == 0, stop), daemon=True)
+                for w in range(args.watchers)
+            ]
+            for t in threads:
+                t.start()
+            print(
+                f"unloaded: {quiet.per_second:.0f}/s p99 {quiet.p99_ms:.1f} ms; {args.watchers} watchers, half never read"
+            )
+            print(f"{'minute':>7} {'req/s':>8} {'p99 ms':>8} {'RSS MB':>8} {'DB MB':>8}")
+            deadline = time.monotonic() + args.minutes * 60
+            worst = 0.0
+            while time.monotonic() < deadline:
+                r = run_load(target, "set_capacity", PROCESSES, INFLIGHT, 300)
+                worst = max(worst, r.p99_ms)
+                minute = args.minutes - (deadline - time.monotonic()) / 60
+                print(
+                    f"{minute:7.1f} {r.per_second:8.0f} {r.p99_ms:8.1f} {rss_mb(proc.pid):8.1f} {db_mb(db):8.1f}"
+                )
+            print(f"worst loaded p99 {worst:.1f} ms = {worst / quiet.p99_ms:.1f}x unloaded")
+            stop.set()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
