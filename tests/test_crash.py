@@ -28,7 +28,7 @@ class History:
     last_capacity: int = 0
 
 
-def drive(target: str, history: History, stop: threading.Event) -> None:
+def drive(target: str, history: History, stop: threading.Event, cycle: int = 0) -> None:
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.ScaleSetsStub(channel)
         n = 0
@@ -39,13 +39,13 @@ def drive(target: str, history: History, stop: threading.Event) -> None:
                     name=history.name,
                     instance_ids=[0],
                     protect_from_scale_in=n % 10 == 0,
-                    request_id=f"{history.name}-{n}",
+                    request_id=f"{history.name}-{cycle}-{n}",
                 )
                 call, capacity = stub.SetInstanceProtection, history.last_capacity
             else:
                 capacity = 1 + (n * 37) % 60
                 request = pb.SetCapacityRequest(
-                    name=history.name, capacity=capacity, request_id=f"{history.name}-{n}"
+                    name=history.name, capacity=capacity, request_id=f"{history.name}-{cycle}-{n}"
                 )
                 call = stub.SetCapacity
             history.in_flight = request
@@ -58,8 +58,12 @@ def drive(target: str, history: History, stop: threading.Event) -> None:
             history.in_flight = None
 
 
+KILLS = 3
+
+
 @pytest.mark.slow
 def test_sigkill_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    """Chaos: three SIGKILLs in a row under concurrent load, each followed by a restart and a full check."""
     db, log, port = tmp_path / "state.db", tmp_path / "server.log", free_port()
     target = f"127.0.0.1:{port}"
     proc = start_server(db, port, log)
@@ -78,55 +82,63 @@ def test_sigkill_loses_nothing_acknowledged(tmp_path: Path) -> None:
                 )
                 h.acked[reply.scale_set.revision] = 3
                 h.last_capacity = 3
-        stop = threading.Event()
-        threads = [threading.Thread(target=drive, args=(target, h, stop)) for h in histories]
-        for t in threads:
-            t.start()
-        while sum(len(h.acked) for h in histories) < 200:
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-        stop.set()
-        for t in threads:
-            t.join(timeout=30)
+        for cycle in range(KILLS):
+            stop = threading.Event()
+            threads = [threading.Thread(target=drive, args=(target, h, stop, cycle)) for h in histories]
+            goal = sum(len(h.acked) for h in histories) + 200
+            for t in threads:
+                t.start()
+            while sum(len(h.acked) for h in histories) < goal:
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+            stop.set()
+            for t in threads:
+                t.join(timeout=30)
+            proc = start_server(db, port, log)
+            check_and_settle(target, histories)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
 
-    proc = start_server(db, port, log)
-    try:
-        with grpc.insecure_channel(target) as channel:
-            stub = pb_grpc.ScaleSetsStub(channel)
-            for h in histories:
-                got = stub.GetScaleSet(pb.GetScaleSetRequest(name=h.name))
-                last_acked = max(h.acked)
-                # Every acknowledged change is there; at most the one unacknowledged change beyond it.
-                assert got.revision in (last_acked, last_acked + 1), (h.name, got.revision, last_acked)
-                if got.revision == last_acked:
-                    assert got.capacity == h.acked[last_acked]
-                else:
-                    assert h.in_flight is not None
-                    expected = (
-                        h.in_flight.capacity
-                        if isinstance(h.in_flight, pb.SetCapacityRequest)
-                        else h.acked[last_acked]
-                    )
-                    assert got.capacity == expected
-                instances = stub.ListInstances(pb.ListInstancesRequest(name=h.name)).instances
-                ids = list(instances.instance_id)
-                assert len(ids) == got.capacity == len(set(ids)) and ids == sorted(ids)
-                zones = Counter(instances.zone_names[z] for z in instances.zone)
-                assert max(zones.values()) - min(zones.values()) <= 1 if zones else True
-                # Retrying the unacknowledged request with its request_id is safe either way.
-                if h.in_flight is not None:
-                    method = (
-                        stub.SetCapacity
-                        if isinstance(h.in_flight, pb.SetCapacityRequest)
-                        else stub.SetInstanceProtection
-                    )
-                    reply = method(h.in_flight)
-                    assert reply.revision == last_acked + 1
-                    assert stub.GetScaleSet(pb.GetScaleSetRequest(name=h.name)).revision == last_acked + 1
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+
+def check_and_settle(target: str, histories: list[History]) -> None:
+    """Every acknowledged change is there, nothing unacknowledged is half-applied, the invariants hold;
+    then the in-flight request is retried with its request_id, and the histories go on from there."""
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.ScaleSetsStub(channel)
+        for h in histories:
+            got = stub.GetScaleSet(pb.GetScaleSetRequest(name=h.name))
+            last_acked = max(h.acked)
+            # Every acknowledged change is there; at most the one unacknowledged change beyond it.
+            assert got.revision in (last_acked, last_acked + 1), (h.name, got.revision, last_acked)
+            if got.revision == last_acked:
+                assert got.capacity == h.acked[last_acked]
+            else:
+                assert h.in_flight is not None
+                expected = (
+                    h.in_flight.capacity
+                    if isinstance(h.in_flight, pb.SetCapacityRequest)
+                    else h.acked[last_acked]
+                )
+                assert got.capacity == expected
+            instances = stub.ListInstances(pb.ListInstancesRequest(name=h.name)).instances
+            ids = list(instances.instance_id)
+            assert len(ids) == got.capacity == len(set(ids)) and ids == sorted(ids)
+            zones = Counter(instances.zone_names[z] for z in instances.zone)
+            assert max(zones.values()) - min(zones.values()) <= 1 if zones else True
+            # Retrying the unacknowledged request with its request_id is safe either way.
+            if h.in_flight is not None:
+                method = (
+                    stub.SetCapacity
+                    if isinstance(h.in_flight, pb.SetCapacityRequest)
+                    else stub.SetInstanceProtection
+                )
+                reply = method(h.in_flight)
+                assert reply.revision == last_acked + 1
+                after = stub.GetScaleSet(pb.GetScaleSetRequest(name=h.name))
+                assert after.revision == last_acked + 1
+                h.acked[after.revision] = after.capacity
+                h.last_capacity = after.capacity
+                h.in_flight = None
