@@ -4,7 +4,10 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
+import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from scaleset import Engine, Instance, Region, ScaleSetSpec, Sku
 
 SIZE = "Standard_D2s_v5"
@@ -55,3 +58,19 @@ def take(items: Iterator[T], n: int) -> list[T]:
         if len(out) == n:
             break
     return out
+
+
+def details_of(call: object) -> tuple[grpc.StatusCode, list[object]]:
+    """The status code and the ErrorInfo / BadRequest / RetryInfo details of a failing gRPC call."""
+    with pytest.raises(grpc.RpcError) as caught:
+        call()  # type: ignore[operator]
+    status = rpc_status.from_call(caught.value)  # type: ignore[arg-type]
+    assert status is not None
+    found: list[object] = []
+    for detail in status.details:
+        for kind in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest, error_details_pb2.RetryInfo):
+            if detail.Is(kind.DESCRIPTOR):
+                message = kind()
+                detail.Unpack(message)
+                found.append(message)
+    return caught.value.code(), found  # type: ignore[no-any-return]

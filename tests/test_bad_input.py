@@ -15,7 +15,7 @@ from scaleset.testing.server import ServerThread
 from scaleset.v1 import scaleset_pb2 as pb
 from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
 
-from tests.conftest import SIZE, zonal_spec
+from tests.conftest import SIZE, details_of, zonal_spec
 
 REGION = Region(zones=["1", "2", "3"], fault_domains_per_zone=3)
 
@@ -222,3 +222,18 @@ def test_db_check_rebuilds_the_state_or_says_what_is_wrong(
     assert main(["db", "check", "--db", str(damaged)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error [DatabaseDamaged]") and "\n" not in err
+
+
+def test_invalid_fields_come_back_as_a_bad_request_at_their_path_in_the_request(
+    stub: pb_grpc.ScaleSetsStub,
+) -> None:
+    spec = pb.ScaleSetSpec(name="api", zones=["1", "9"], sku=pb.Sku(name=SIZE))
+    code, details = details_of(lambda: stub.CreateScaleSet(pb.CreateScaleSetRequest(scale_set=spec)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    info, bad = details
+    assert info.reason == "InvalidParameter" and info.metadata["field"] == "scale_set.zones"  # type: ignore[attr-defined]
+    (violation,) = bad.field_violations  # type: ignore[attr-defined]
+    assert violation.field == "scale_set.zones" and "9" in violation.description
+    # A field of the request itself keeps its own path.
+    code, details = details_of(lambda: stub.SetCapacity(pb.SetCapacityRequest(name="web")))
+    assert [v.field for v in details[1].field_violations] == ["capacity"]  # type: ignore[attr-defined]

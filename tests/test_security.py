@@ -24,8 +24,10 @@ from scaleset.auth import Authenticator, required_role, server_credentials
 from scaleset.client import Client
 from scaleset.errors import ScaleSetError
 from scaleset.testing.server import ServerThread
+from scaleset.v1 import scaleset_pb2 as pb
+from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
 
-from tests.conftest import zonal_spec
+from tests.conftest import details_of, zonal_spec
 
 REGION = Region(zones=["1", "2", "3"])
 
@@ -241,3 +243,9 @@ def test_each_client_is_rate_limited(tmp_path: Path) -> None:
             except ScaleSetError as e:
                 outcomes.append(e.code)
         assert outcomes[:5] == ["ok"] * 5 and "RateLimited" in outcomes
+        with grpc.insecure_channel(s.target) as channel:
+            stub = pb_grpc.ScaleSetsStub(channel)
+            code, (info, retry) = details_of(lambda: stub.ListScaleSets(pb.ListScaleSetsRequest()))
+        # Told when to come back (google.rpc.RetryInfo), so clients back off instead of hammering.
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and info.reason == "RateLimited"  # type: ignore[attr-defined]
+        assert retry.retry_delay.ToTimedelta().total_seconds() > 0  # type: ignore[attr-defined]

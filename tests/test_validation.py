@@ -15,6 +15,7 @@ from scaleset import (
     VmSize,
 )
 from scaleset.errors import CapacityError, ConflictError, InvalidInputError, NotFoundError, ScaleSetError
+from scaleset.v1 import scaleset_pb2 as pb
 
 from tests.conftest import SIZE, zonal_spec
 
@@ -83,7 +84,18 @@ def test_invalid_specs_are_rejected_with_azure_codes(engine: Engine, spec: Scale
         engine.create_scale_set(spec)
     assert err.value.code == code
     assert str(err.value)  # a message a person can act on
+    assert names_a_spec_field(err.value.field)  # the field at fault, as its path in the API
     assert engine.list_scale_sets() == []
+
+
+def names_a_spec_field(path: str | None) -> bool:
+    message = pb.ScaleSetSpec.DESCRIPTOR
+    for part in (path or "").split("."):
+        field = message.fields_by_name.get(part) if message is not None else None
+        if field is None:
+            return False
+        message = field.message_type
+    return True
 
 
 def test_defaults_follow_azures_table(engine: Engine) -> None:
@@ -204,8 +216,9 @@ def test_not_found_and_duplicates(engine: Engine) -> None:
 )
 def test_import_validation(engine: Engine, instance: Instance) -> None:
     engine.create_scale_set(zonal_spec())
-    with pytest.raises(InvalidInputError):
+    with pytest.raises(InvalidInputError) as err:
         engine.import_instances("web", [instance])
+    assert err.value.field is not None
     assert engine.capacity("web") == 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import bisect
+import datetime
 import logging
 import time
 from collections import OrderedDict
@@ -70,26 +71,62 @@ _STATUS_BY_KIND: list[tuple[type[BaseException], grpc.StatusCode]] = [
 ]
 
 
-def status_for(exc: BaseException) -> grpc.Status:
-    """The one mapping from exceptions to gRPC statuses, with the stable code as ErrorInfo.reason."""
+#: Where a request carries a whole resource, errors about the resource's own fields ("zones") are
+#: reported at their path in the request ("scale_set.zones").
+_RESOURCE_FIELD = {
+    "CreateScaleSetRequest": "scale_set",
+    "UpdateScaleSetRequest": "scale_set",
+    "SetAutoscaleSettingRequest": "setting",
+}
+#: How long a client should wait before retrying errors that pass by themselves (google.rpc.RetryInfo).
+_RETRY_AFTER_S = {"StoreUnavailable": 1.0, "RateLimited": 0.1, "TooManyWatchers": 5.0}
+
+
+def field_path(field: str, request: Any = None) -> str:
+    """``field`` as a path in ``request`` (AIP-193): prefixed with the resource field when the request
+    has no top-level field of that name."""
+    root = _RESOURCE_FIELD.get(type(request).__name__) if request is not None else None
+    if root and field.split(".", 1)[0] not in request.DESCRIPTOR.fields_by_name:
+        return f"{root}.{field}"
+    return field
+
+
+def _pack(message: Any) -> any_pb2.Any:
+    detail = any_pb2.Any()
+    detail.Pack(message)
+    return detail
+
+
+def status_for(exc: BaseException, request: Any = None) -> grpc.Status:
+    """The one mapping from exceptions to gRPC statuses. Details: ErrorInfo (the stable code as its
+    reason, the field and any metadata), BadRequest with the field at fault for invalid input (its path
+    in ``request``), RetryInfo for errors that a later retry can get past."""
     code = grpc.StatusCode.INTERNAL
     for kind, status in _STATUS_BY_KIND:
         if isinstance(exc, kind):
             code = status
             break
     metadata: dict[str, str] = {}
+    details: list[any_pb2.Any] = []
     if isinstance(exc, ScaleSetError):
         reason, message = exc.code, str(exc)
         metadata = dict(getattr(exc, "metadata", None) or {})
-        if getattr(exc, "field", None):
-            metadata["field"] = exc.field  # type: ignore[assignment]
+        if field := getattr(exc, "field", None):
+            metadata["field"] = field_path(field, request)
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                violation = error_details_pb2.BadRequest.FieldViolation(
+                    field=metadata["field"], description=message
+                )
+                details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
+        if (delay := _RETRY_AFTER_S.get(reason)) is not None:
+            retry = error_details_pb2.RetryInfo()
+            retry.retry_delay.FromTimedelta(datetime.timedelta(seconds=delay))
+            details.append(_pack(retry))
     else:
         log.exception("internal error", exc_info=exc)
         reason, message = "InternalError", "internal error; the server logged the details."
     info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata)
-    detail = any_pb2.Any()
-    detail.Pack(info)
-    status = status_pb2.Status(code=code.value[0], message=message, details=[detail])
+    status = status_pb2.Status(code=code.value[0], message=message, details=[_pack(info), *details])
     return rpc_status.to_status(status)
 
 
@@ -178,8 +215,10 @@ class _Interceptor(grpc.aio.ServerInterceptor):
         ok = metrics.requests.labels(method, "OK")
         latency = metrics.latency.labels(method)
 
-        async def abort(context: grpc.aio.ServicerContext, exc: BaseException, started: float) -> None:
-            status = status_for(exc)
+        async def abort(
+            context: grpc.aio.ServicerContext, exc: BaseException, started: float, request: Any
+        ) -> None:
+            status = status_for(exc, request)
             metrics.requests.labels(method, status.code.name).inc()
             latency.observe(time.perf_counter() - started)
             await context.abort(status.code, status.details, status.trailing_metadata)
@@ -218,7 +257,7 @@ class _Interceptor(grpc.aio.ServerInterceptor):
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    await abort(context, exc, started)
+                    await abort(context, exc, started, request)
                     raise  # unreachable: abort raises
                 ok.inc()
                 latency.observe(time.perf_counter() - started)
@@ -242,7 +281,7 @@ class _Interceptor(grpc.aio.ServerInterceptor):
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    await abort(context, exc, started)
+                    await abort(context, exc, started, request)
                 ok.inc()
 
             return grpc.unary_stream_rpc_method_handler(

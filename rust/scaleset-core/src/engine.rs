@@ -128,7 +128,8 @@ impl Engine {
             return Err(CoreError::invalid(
                 codes::INVALID_PARAMETER,
                 "too many distinct VM sizes.",
-            ));
+            )
+            .at("vm_size"));
         }
         self.sizes.push(name.to_owned());
         Ok((self.sizes.len() - 1) as u16)
@@ -566,7 +567,8 @@ impl Engine {
                 return Err(CoreError::invalid(
                     codes::INVALID_PARAMETER,
                     format!("instance id {id} is too large: ids must be at most {MAX_INSTANCE_ID} (2^53 - 1, exact in every JSON client)."),
-                ));
+                )
+        .at("instances.instance_id"));
             }
             if !seen.insert(id) {
                 return Err(CoreError::invalid(
@@ -590,20 +592,23 @@ impl Engine {
                             "instance {id}: zone '{z}' is not one of the scale set's zones {:?}.",
                             spec.zones
                         ),
-                    ))
+                    )
+                    .at("instances.zone"))
                 }
             };
             if input.fault_domain >= span {
                 return Err(CoreError::invalid(
                     codes::INVALID_PARAMETER,
                     format!("instance {id}: fault_domain {} is out of range; this scale set uses fault domains 0..{}.", input.fault_domain, span - 1),
-                ));
+                )
+        .at("instances.fault_domain"));
             }
             if model_sizes_only && !allowed_sizes.contains(&input.vm_size.as_str()) {
                 return Err(CoreError::invalid(
                     codes::INVALID_PARAMETER,
                     format!("instance {id}: vm_size '{}' is not one of the scale set's sizes {allowed_sizes:?}.", input.vm_size),
-                ));
+                )
+        .at("instances.vm_size"));
             }
             let priority_ok = if spec.priority_mix_policy.is_some() {
                 true
@@ -617,7 +622,8 @@ impl Engine {
                         "instance {id}: priority {} does not match the scale set's priority {}.",
                         input.priority, spec.priority
                     ),
-                ));
+                )
+                .at("instances.priority"));
             }
             if input.protect_from_scale_set_actions && !input.protect_from_scale_in {
                 return Err(protection_error());
@@ -728,7 +734,8 @@ impl Engine {
                     "instance {} is a Regular instance; only Spot instances can be evicted.",
                     state.instances[p].instance_id
                 ),
-            ));
+            )
+            .at("instance_ids"));
         }
         let policy = state
             .spec
@@ -799,7 +806,8 @@ impl Engine {
             return Err(CoreError::invalid(
                 codes::INVALID_PARAMETER,
                 "every instance id needs one health state.",
-            ));
+            )
+            .at("reports"));
         }
         let positions = self.positions(name, ids)?;
         let state = self.scale_set_mut(name)?;
@@ -833,7 +841,8 @@ impl Engine {
                 return Err(CoreError::invalid(
                     codes::INVALID_PARAMETER,
                     format!("pool price must be a non-negative number, got {p}."),
-                ));
+                )
+                .at("pool.price"));
             }
         }
         let key = PoolKey {
@@ -855,4 +864,5 @@ fn protection_error() -> CoreError {
         codes::INVALID_PROTECTION_POLICY,
         "protect_from_scale_set_actions requires protect_from_scale_in: you can't set protect_from_scale_in to false while protect_from_scale_set_actions is true.",
     )
+        .at("protect_from_scale_set_actions")
 }

@@ -397,7 +397,8 @@ impl Region {
             return Err(CoreError::invalid(
                 codes::INVALID_PARAMETER,
                 format!("fault_domains_per_zone must be between 1 and 20, got {fault_domains_per_zone}."),
-            ));
+            )
+        .at("fault_domains_per_zone"));
         }
         let mut seen = std::collections::BTreeSet::new();
         for zone in &zones {
@@ -405,14 +406,16 @@ impl Region {
                 return Err(CoreError::invalid(
                     codes::INVALID_PARAMETER,
                     format!("region zones must be distinct, non-empty names; got {zones:?}."),
-                ));
+                )
+                .at("zones"));
             }
         }
         if zones.len() > usize::from(u16::MAX) {
             return Err(CoreError::invalid(
                 codes::INVALID_PARAMETER,
                 "a region has too many zones.",
-            ));
+            )
+            .at("zones"));
         }
         let zone_available = vec![true; zones.len()];
         Ok(Self {

@@ -91,19 +91,21 @@ pub fn resolve(mut spec: ScaleSetSpec, region: &Region) -> Result<ScaleSetSpec> 
     for zone in &spec.zones {
         region
             .zone_index(zone)
-            .map_err(|e| invalid(codes::INVALID_PARAMETER, e.message))?;
+            .map_err(|e| invalid(codes::INVALID_PARAMETER, e.message).at("zones"))?;
         if !seen.insert(zone.as_str()) {
             return Err(invalid(
                 codes::INVALID_PARAMETER,
                 format!("zone '{zone}' is listed twice in zones."),
-            ));
+            )
+            .at("zones"));
         }
     }
     if spec.zone_balance && spec.zones.len() < 2 {
         return Err(invalid(
             codes::ZONE_BALANCE_REQUIRES_MULTIPLE_ZONES,
             "zone_balance can only be set when zones lists more than one zone; remove zone_balance or add zones.".into(),
-        ));
+        )
+        .at("zone_balance"));
     }
 
     let (allowed, default_fd) = fault_domain_rule(spec.orchestration_mode, spec.is_zonal());
@@ -120,7 +122,8 @@ pub fn resolve(mut spec: ScaleSetSpec, region: &Region) -> Result<ScaleSetSpec> 
                 "platform_fault_domain_count {fd} is not supported for a {kind} {} scale set; supported values: {allowed:?}.",
                 spec.orchestration_mode
             ),
-        ));
+        )
+        .at("platform_fault_domain_count"));
     }
     spec.platform_fault_domain_count = Some(fd);
 
@@ -136,13 +139,15 @@ pub fn resolve(mut spec: ScaleSetSpec, region: &Region) -> Result<ScaleSetSpec> 
                 return Err(invalid(
                     codes::EVICTION_POLICY_ONLY_FOR_SPOT,
                     "Eviction policy can be set only on Azure Spot Virtual Machines; remove eviction_policy or set priority to Spot.".into(),
-                ));
+                )
+        .at("eviction_policy"));
             }
             if spec.max_price.is_some() {
                 return Err(invalid(
                     codes::MAX_PRICE_ONLY_FOR_SPOT,
                     "Max price is supported only for Azure Spot Virtual Machines; remove max_price or set priority to Spot.".into(),
-                ));
+                )
+        .at("max_price"));
             }
         }
         Priority::Spot => {
@@ -157,7 +162,8 @@ pub fn resolve(mut spec: ScaleSetSpec, region: &Region) -> Result<ScaleSetSpec> 
             return Err(invalid(
                 codes::MAX_PRICE_VALUE_INVALID,
                 format!("Invalid max price value {price}. The only supported values for max price are -1 or a decimal greater than zero."),
-            ));
+            )
+        .at("max_price"));
         }
     }
 
@@ -168,7 +174,8 @@ pub fn resolve(mut spec: ScaleSetSpec, region: &Region) -> Result<ScaleSetSpec> 
                 return Err(invalid(
                     codes::INVALID_PARAMETER,
                     "single_placement_group is not supported with Flexible orchestration; leave it unset.".into(),
-                ));
+                )
+        .at("single_placement_group"));
             }
             spec.single_placement_group = Some(false);
             if spec.overprovision == Some(true) {
@@ -187,7 +194,8 @@ pub fn resolve(mut spec: ScaleSetSpec, region: &Region) -> Result<ScaleSetSpec> 
                 return Err(invalid(
                     codes::INVALID_PARAMETER,
                     "max spreading (platform_fault_domain_count 1) across zones needs multiple placement groups; set single_placement_group to false.".into(),
-                ));
+                )
+        .at("single_placement_group"));
             }
             spec.single_placement_group = Some(spg);
         }
@@ -209,13 +217,15 @@ pub fn resolve(mut spec: ScaleSetSpec, region: &Region) -> Result<ScaleSetSpec> 
             return Err(invalid(
                 codes::PRIORITY_MIX_NOT_SUPPORTED,
                 "priority_mix_policy needs a Flexible scale set whose priority is Spot.".into(),
-            ));
+            )
+            .at("priority_mix_policy"));
         }
         if fd > 1 {
             return Err(invalid(
                 codes::PRIORITY_MIX_NOT_SUPPORTED,
                 "Spot and Regular instances cannot be mixed with fixed fault-domain spreading; use platform_fault_domain_count 1.".into(),
-            ));
+            )
+        .at("platform_fault_domain_count"));
         }
         if mix.regular_priority_percentage_above_base > 100 {
             return Err(invalid(
@@ -224,7 +234,8 @@ pub fn resolve(mut spec: ScaleSetSpec, region: &Region) -> Result<ScaleSetSpec> 
                     "priority_mix_policy.regular_priority_percentage_above_base must be between 0 and 100, got {}.",
                     mix.regular_priority_percentage_above_base
                 ),
-            ));
+            )
+        .at("priority_mix_policy.regular_priority_percentage_above_base"));
         }
     }
 
@@ -233,7 +244,8 @@ pub fn resolve(mut spec: ScaleSetSpec, region: &Region) -> Result<ScaleSetSpec> 
             return Err(invalid(
                 codes::INVALID_PARAMETER,
                 format!("automatic_zone_rebalancing_policy.rebalance_strategy '{}' is not supported; the only value is Recreate.", policy.rebalance_strategy),
-            ));
+            )
+        .at("automatic_zone_rebalancing_policy.rebalance_strategy"));
         }
         if !policy
             .rebalance_behavior
@@ -242,13 +254,15 @@ pub fn resolve(mut spec: ScaleSetSpec, region: &Region) -> Result<ScaleSetSpec> 
             return Err(invalid(
                 codes::INVALID_PARAMETER,
                 format!("automatic_zone_rebalancing_policy.rebalance_behavior '{}' is not supported; the only value is CreateBeforeDelete.", policy.rebalance_behavior),
-            ));
+            )
+        .at("automatic_zone_rebalancing_policy.rebalance_behavior"));
         }
         if policy.enabled && (spec.zones.len() < 2 || spec.zone_balance) {
             return Err(invalid(
                 codes::INVALID_PARAMETER,
                 "automatic zone balance needs a zone-spanning scale set (two or more zones) without strict zone_balance.".into(),
-            ));
+            )
+        .at("automatic_zone_rebalancing_policy.enabled"));
         }
     }
     let rolling = &spec.upgrade_policy.rolling_upgrade_policy;
@@ -287,7 +301,8 @@ pub fn resolve(mut spec: ScaleSetSpec, region: &Region) -> Result<ScaleSetSpec> 
                 "rolling_upgrade_policy.pause_time_between_batches '{}' must be an ISO 8601 duration from PT0S to P7D, such as PT5M.",
                 shown(&rolling.pause_time_between_batches)
             ),
-        ));
+        )
+        .at("upgrade_policy.rolling_upgrade_policy.pause_time_between_batches"));
     }
     if let Some(repairs) = &spec.automatic_repairs_policy {
         let minutes = crate::model::parse_duration(&repairs.grace_period).map(|s| s / 60.0);
@@ -298,14 +313,16 @@ pub fn resolve(mut spec: ScaleSetSpec, region: &Region) -> Result<ScaleSetSpec> 
                     "automatic_repairs_policy.grace_period '{}' must be an ISO 8601 duration between 10 and 90 minutes (PT10M to PT90M).",
                     repairs.grace_period
                 ),
-            ));
+            )
+        .at("automatic_repairs_policy.grace_period"));
         }
     }
     if spec.scale_in_policy.rules.len() > 1 {
         return Err(invalid(
             codes::INVALID_PARAMETER,
             "scale_in_policy.rules takes at most one rule (Default, NewestVM or OldestVM).".into(),
-        ));
+        )
+        .at("scale_in_policy.rules"));
     }
     if spec.scale_in_policy.rules.is_empty() {
         spec.scale_in_policy
@@ -323,13 +340,15 @@ fn resolve_sku(spec: &mut ScaleSetSpec) -> Result<()> {
                 return Err(invalid(
                     codes::SKU_PROFILE_VM_SIZES_EMPTY,
                     "sku name 'Mix' needs a sku_profile listing the VM sizes.".into(),
-                ))
+                )
+        .at("sku_profile"))
             }
             _ => {
                 return Err(invalid(
                     codes::INVALID_PARAMETER,
                     "a scale set needs a sku with a VM size name (e.g. Standard_D2s_v5) or a sku_profile.".into(),
-                ))
+                )
+        .at("sku.name"))
             }
         }
     };
@@ -337,7 +356,8 @@ fn resolve_sku(spec: &mut ScaleSetSpec) -> Result<()> {
         return Err(invalid(
             codes::SKU_PROFILE_SCENARIO_NOT_SUPPORTED,
             "sku_profile (instance mix) is supported only on Flexible scale sets.".into(),
-        ));
+        )
+        .at("sku_profile"));
     }
     match &spec.sku {
         None => spec.sku = Some(Sku { name: "Mix".into(), tier: None }),
@@ -345,13 +365,15 @@ fn resolve_sku(spec: &mut ScaleSetSpec) -> Result<()> {
             return Err(invalid(
                 codes::SKU_NAME_MUST_BE_MIX,
                 format!("Sku name is {}. Virtual Machine Scale Sets with Sku Profile must have the Sku name property set to \"Mix\".", sku.name),
-            ))
+            )
+        .at("sku.name"))
         }
         Some(Sku { tier: Some(tier), .. }) => {
             return Err(invalid(
                 codes::SKU_TIER_MUST_NOT_BE_SET,
                 format!("Sku tier is {tier}. Virtual Machine Scale Sets with Sku Profile must not have the Sku tier property set."),
-            ))
+            )
+        .at("sku.tier"))
         }
         Some(_) => {}
     }
@@ -359,13 +381,15 @@ fn resolve_sku(spec: &mut ScaleSetSpec) -> Result<()> {
         return Err(invalid(
             codes::SKU_PROFILE_VM_SIZES_EMPTY,
             "Sku Profile VM Sizes cannot be null or empty. Please provide a valid list of VM Sizes and retry.".into(),
-        ));
+        )
+        .at("sku_profile.vm_sizes"));
     }
     if profile.vm_sizes.len() > MAX_SKU_PROFILE_SIZES {
         return Err(invalid(
             codes::SKU_PROFILE_TOO_MANY_VM_SIZES,
             "Too many VM Sizes were specified in the request. Please provide no more than 5 VM Sizes.".into(),
-        ));
+        )
+        .at("sku_profile.vm_sizes"));
     }
     let mut seen = std::collections::BTreeSet::new();
     for size in &profile.vm_sizes {
@@ -373,19 +397,22 @@ fn resolve_sku(spec: &mut ScaleSetSpec) -> Result<()> {
             return Err(invalid(
                 codes::INVALID_PARAMETER,
                 "a sku_profile VM size needs a name.".into(),
-            ));
+            )
+            .at("sku_profile.vm_sizes.name"));
         }
         if !seen.insert(size.name.to_ascii_lowercase()) {
             return Err(invalid(
                 codes::SKU_PROFILE_DUPLICATE_VM_SIZE,
                 format!("Sku Profile contains duplicate VM Size: {}. Please remove any duplicates and retry.", size.name),
-            ));
+            )
+        .at("sku_profile.vm_sizes.name"));
         }
         if size.rank.is_some() && profile.allocation_strategy != AllocationStrategy::Prioritized {
             return Err(invalid(
                 codes::SKU_PROFILE_RANK_INVALID,
                 format!("VM size {} has a rank, but ranks are used only with the Prioritized allocation strategy.", size.name),
-            ));
+            )
+        .at("sku_profile.vm_sizes.rank"));
         }
     }
     Ok(())
@@ -438,29 +465,32 @@ pub fn check_update(old: &ScaleSetSpec, new: &ScaleSetSpec) -> Result<bool> {
         return Err(CoreError::conflict(
             codes::PROPERTY_CHANGE_NOT_ALLOWED,
             "Changing property 'orchestrationMode' is not allowed: the orchestration mode is fixed when the scale set is created.",
-        ));
+        )
+        .at("orchestration_mode"));
     }
     if old.platform_fault_domain_count != new.platform_fault_domain_count {
-        return Err(changed("platformFaultDomainCount"));
+        return Err(changed("platformFaultDomainCount").at("platform_fault_domain_count"));
     }
     if old.priority != new.priority {
-        return Err(changed("priority"));
+        return Err(changed("priority").at("priority"));
     }
     if old.eviction_policy != new.eviction_policy {
-        return Err(changed("evictionPolicy"));
+        return Err(changed("evictionPolicy").at("eviction_policy"));
     }
     // Zones can be added (zone expansion) but never removed, and a zonal set never becomes regional.
     if let Some(removed) = old.zones.iter().find(|z| !new.zones.contains(z)) {
         return Err(CoreError::conflict(
             codes::PROPERTY_CHANGE_NOT_ALLOWED,
             format!("Changing property 'zones' is not allowed: zone '{removed}' cannot be removed; zones can only be added."),
-        ));
+        )
+        .at("zones"));
     }
     if old.single_placement_group == Some(false) && new.single_placement_group == Some(true) {
         return Err(CoreError::conflict(
             codes::PROPERTY_CHANGE_NOT_ALLOWED,
             "Changing property 'singlePlacementGroup' from false to true is not allowed.",
-        ));
+        )
+        .at("single_placement_group"));
     }
     if let (Some(before), Some(after)) =
         (&old.automatic_repairs_policy, &new.automatic_repairs_policy)
