@@ -231,7 +231,7 @@ def test_invalid_fields_come_back_as_a_bad_request_at_their_path_in_the_request(
     code, details = details_of(lambda: stub.CreateScaleSet(pb.CreateScaleSetRequest(scale_set=spec)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     info, bad = details
-    assert info.reason == "InvalidParameter" and info.metadata["field"] == "scale_set.zones"  # type: ignore[attr-defined]
+    assert info.reason == "InvalidParameter" and info.metadata["field"] == "zones"  # type: ignore[attr-defined]
     (violation,) = bad.field_violations  # type: ignore[attr-defined]
     assert violation.field == "scale_set.zones" and "9" in violation.description
     # A field of the request itself keeps its own path.

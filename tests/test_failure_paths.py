@@ -95,12 +95,13 @@ def test_a_watcher_that_falls_behind_catches_up_from_the_store_without_gaps(serv
     async def watch_slowly() -> list[int]:
         control_module.WATCH_BACKLOG = 5  # a small buffer, so a short burst overflows it
         try:
-            stream = control.watch("", 0)
-            seen = [(await anext(stream)).sequence]
+            stream = await control.watch("", 0)
+            seen = [e.sequence for e in await anext(stream)]
             with Client(server.target) as c:
                 await asyncio.to_thread(lambda: [c.set_capacity("web", n) for n in range(1, 21)])
+            assert len(control._recent_events) == 5  # the shared buffer stays bounded
             while len(seen) < 21:
-                seen.append((await anext(stream)).sequence)
+                seen.extend(e.sequence for e in await anext(stream))
             await stream.aclose()
             return seen
         finally:

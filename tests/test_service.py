@@ -296,6 +296,27 @@ def test_watch_events_resume(client: Client) -> None:
     )
 
 
+def test_a_watch_answers_at_once_and_ends_with_its_scale_set(stub: pb_grpc.ScaleSetsStub) -> None:
+    # Unknown scale set: NOT_FOUND, not a stream that waits for the name to appear.
+    with pytest.raises(grpc.RpcError) as unknown:
+        next(iter(stub.WatchEvents(pb.WatchEventsRequest(scale_set="web"))))
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    stub.CreateScaleSet(
+        pb.CreateScaleSetRequest(scale_set=pb.ScaleSetSpec(name="web", sku=pb.Sku(name=SIZE)))
+    )
+    # Headers arrive before any event: a client can open the watch, then make the change it waits for.
+    watch = stub.WatchEvents(pb.WatchEventsRequest(scale_set="web", after=1))
+    assert watch.initial_metadata() is not None
+    stub.SetCapacity(pb.SetCapacityRequest(name="web", capacity=2))
+    stub.DeleteScaleSet(pb.DeleteScaleSetRequest(name="web"))
+    # The stream ends (OK) after the deletion of the scale set it watches.
+    assert [e.type for message in watch for e in message.events] == ["CapacitySet", "ScaleSetDeleted"]
+    assert watch.code() == grpc.StatusCode.OK
+    # A watch that resumes before the deletion replays it, though the set is gone.
+    replay = stub.WatchEvents(pb.WatchEventsRequest(scale_set="web", after=2))
+    assert [e.type for message in replay for e in message.events] == ["ScaleSetDeleted"]
+
+
 def test_health_checking_and_reflection(server: ServerThread) -> None:
     with grpc.insecure_channel(server.target) as channel:
         health = health_pb2_grpc.HealthStub(channel)

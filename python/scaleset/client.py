@@ -402,16 +402,17 @@ class Client:
         """Events after ``after`` (a revision of ``scale_set``, or a global sequence), then live ones."""
         try:
             request = pb.WatchEventsRequest(scale_set=scale_set, after=after)
-            for e in self._scale_sets.WatchEvents(request, metadata=self._metadata):
-                yield WatchedEvent(
-                    e.sequence,
-                    e.scale_set,
-                    e.revision,
-                    e.type,
-                    e.summary,
-                    e.time_unix_ms,
-                    convert.plan_from_proto(e.plan) if e.HasField("plan") else None,
-                )
+            for message in self._scale_sets.WatchEvents(request, metadata=self._metadata):
+                for e in message.events:
+                    yield WatchedEvent(
+                        e.sequence,
+                        e.scale_set,
+                        e.revision,
+                        e.type,
+                        e.summary,
+                        e.time_unix_ms,
+                        convert.plan_from_proto(e.plan) if e.HasField("plan") else None,
+                    )
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.CANCELLED:
                 return

@@ -13,6 +13,8 @@ its reply, which is cached (as bytes) for ``request_id`` retries in the same tra
 from __future__ import annotations
 
 import asyncio
+import bisect
+import collections
 import hashlib
 import json
 import logging
@@ -36,8 +38,18 @@ __all__ = ["ControlPlane", "Outcome", "current_actor"]
 #: Who makes the change being applied (set by the service's authentication); recorded with each event.
 current_actor: ContextVar[str] = ContextVar("scaleset_actor", default="")
 
-#: Events a watcher may fall behind by before it is switched to catching up from the store.
-WATCH_BACKLOG = 1_000
+#: Recent committed events every watcher reads from (one shared buffer, not one queue per watcher), at
+#: most this many and this many bytes (as stored): a watcher that falls further behind than the buffer
+#: reaches catches up from the store instead.
+WATCH_BACKLOG = 10_000
+WATCH_BUFFER_BYTES = 64 * 1024 * 1024
+#: While changes stream, a watcher sends at most one message per this interval (each carrying every
+#: event since its last): the cost of many watchers grows with their number, not with the change rate.
+WATCH_INTERVAL_S = 0.05
+#: Watchers replaying history read the store in aligned chunks of this many events, and the last few
+#: chunks read are shared (at most REPLAY_CACHE_BYTES): many watchers replaying the same history decode it once.
+REPLAY_CHUNK = 500
+REPLAY_CACHE_BYTES = 32 * 1024 * 1024
 
 
 class Encodable(Protocol):
@@ -114,7 +126,19 @@ class ControlPlane:
         #: Told False while the state is rebuilt (and for good if that fails), True when it serves again:
         #: the service's health checking listens, so probes see NOT_SERVING meanwhile.
         self.serving_listeners: list[Callable[[bool], Awaitable[None]]] = []
-        self._subscribers: set[asyncio.Queue[EventRecord | None]] = set()
+        #: Committed events, oldest first, with their sizes, that live watchers read from (bounded by
+        #: WATCH_BACKLOG and WATCH_BUFFER_BYTES); ``_published`` is replaced on every publish, so a wait
+        #: covers exactly one generation.
+        self._recent_events: list[EventRecord] = []
+        self._recent_sizes: collections.deque[int] = collections.deque()
+        self._recent_bytes = 0
+        #: (scale_set, first position) -> a full chunk of stored events; LRU, bounded by bytes.
+        self._replay_cache: collections.OrderedDict[tuple[str, int], list[EventRecord]] = (
+            collections.OrderedDict()
+        )
+        self._replay_bytes = 0
+        self._published = asyncio.Event()
+        self._watchers = 0
         #: request_id -> (method, fingerprint, the reply's future) of changes applied but not yet committed.
         self._inflight: dict[str, tuple[str, str, asyncio.Future[bytes]]] = {}
         self._recent: dict[str, RequestRecord] = {}
@@ -200,8 +224,7 @@ class ControlPlane:
             await self._snapshot_task
         if self.healthy and self.sequence > self._snapshot_sequence:
             await self._snapshot()
-        for q in list(self._subscribers):
-            q.put_nowait(None)
+        self._published.set()
         await asyncio.to_thread(self._store.close)
 
     # ----- reads --------------------------------------------------------------------------------------
@@ -435,7 +458,7 @@ class ControlPlane:
             batch, self._queue = self._queue, []
             if batch:
                 try:
-                    await asyncio.to_thread(
+                    sizes = await asyncio.to_thread(
                         self._store.append,
                         [p.event for p in batch],
                         [p.request for p in batch if p.request is not None],
@@ -450,7 +473,7 @@ class ControlPlane:
                         p.future.set_result(None)
                         if p.request is not None:
                             self._remember(p.request)
-                    self._publish([p.event for p in batch])
+                    self._publish([p.event for p in batch], sizes)
                     if (
                         self.sequence - self._snapshot_sequence >= self._snapshot_every
                         and self._snapshot_task is None
@@ -490,15 +513,30 @@ class ControlPlane:
         if len(self._recent) > 10_000:
             del self._recent[next(iter(self._recent))]
 
-    def _publish(self, events: list[EventRecord]) -> None:
-        for q in list(self._subscribers):
-            if q.qsize() > WATCH_BACKLOG:
-                # A slow watcher: it catches up from the store instead of holding events in memory.
-                self._subscribers.discard(q)
-                q.put_nowait(None)
-                continue
-            for e in events:
-                q.put_nowait(e)
+    def _publish(self, events: list[EventRecord], sizes: list[int]) -> None:
+        """O(events), whatever the number of watchers: they read the shared buffer when woken."""
+        self._recent_events.extend(events)
+        self._recent_sizes.extend(sizes)
+        self._recent_bytes += sum(sizes)
+        drop = 0
+        while len(self._recent_sizes) > 1 and (
+            len(self._recent_sizes) > WATCH_BACKLOG or self._recent_bytes > WATCH_BUFFER_BYTES
+        ):
+            self._recent_bytes -= self._recent_sizes.popleft()
+            drop += 1
+        if drop:
+            del self._recent_events[:drop]
+        woken, self._published = self._published, asyncio.Event()
+        woken.set()
+
+    def _events_since(self, sequence: int) -> list[EventRecord] | None:
+        """Published events after ``sequence``; None when the buffer no longer reaches back that far."""
+        recent = self._recent_events
+        if not recent or sequence >= recent[-1].sequence:
+            return []
+        if sequence < recent[0].sequence - 1:
+            return None
+        return recent[bisect.bisect_right(recent, sequence, key=lambda e: e.sequence) :]
 
     # ----- snapshots ----------------------------------------------------------------------------------
 
@@ -546,39 +584,88 @@ class ControlPlane:
                 metadata={"oldest_retained": str(first or current), "current": str(current)},
             )
 
-    async def watch(self, scale_set: str, after: int) -> AsyncIterator[EventRecord]:
+    async def _stored_events(self, scale_set: str, after: int) -> list[EventRecord]:
+        """Stored events after position ``after`` (a revision of ``scale_set``, or a sequence), up to the
+        end of the aligned chunk that holds ``after + 1``. Full chunks are shared between watchers, so
+        many watchers replaying the same history read and decode it once."""
+        start = after // REPLAY_CHUNK * REPLAY_CHUNK
+        chunk = self._replay_cache.get((scale_set, start))
+        if chunk is not None:
+            self._replay_cache.move_to_end((scale_set, start))
+            key = (lambda e: e.revision) if scale_set else (lambda e: e.sequence)
+            return chunk[bisect.bisect_right(chunk, after, key=key) :]
+        limit = REPLAY_CHUNK - (after - start)
+        events = await asyncio.to_thread(self._store.events_after, scale_set or None, after, limit)
+        if after == start and len(events) == REPLAY_CHUNK:  # complete, and the log is append-only
+            self._replay_cache[(scale_set, start)] = events
+            self._replay_bytes += sum(e.size for e in events)
+            while len(self._replay_cache) > 1 and self._replay_bytes > REPLAY_CACHE_BYTES:
+                _, dropped = self._replay_cache.popitem(last=False)
+                self._replay_bytes -= sum(e.size for e in dropped)
+        return events
+
+    async def watch(self, scale_set: str, after: int) -> AsyncIterator[list[EventRecord]]:
         """Committed events after ``after`` (a revision of ``scale_set``, or a global sequence when
-        ``scale_set`` is empty): history from the store first, then live ones, with no gaps."""
-
-        def key(e: EventRecord) -> int:
-            return e.revision if scale_set else e.sequence
-
+        ``scale_set`` is empty), in batches: history from the store first, then live ones, with no gaps. A watch of
+        one scale set ends after its deletion; one of a scale set that does not exist (and has nothing
+        after ``after`` to replay) is NOT_FOUND. The checks run here, before the first event is awaited,
+        so a caller can answer them (and send its headers) at once."""
+        if scale_set and after >= self.revisions.get(scale_set, 0):
+            self.controller.get_spec(scale_set)  # NOT_FOUND unless it exists (nothing to replay)
         await self._check_retained(scale_set, after)
-        if len(self._subscribers) >= self._max_watchers:
+        if self._watchers >= self._max_watchers:
             raise error(
                 CapacityError,
                 f"this server already serves {self._max_watchers} watch streams; retry later or watch through "
                 "fewer streams (one stream with an empty scale_set sees every change).",
                 "TooManyWatchers",
             )
+        return self._follow(scale_set, after)
 
-        last = after
-        while True:
-            queue: asyncio.Queue[EventRecord | None] = asyncio.Queue()
-            self._subscribers.add(queue)
-            try:
-                while batch := await asyncio.to_thread(
-                    self._store.events_after, scale_set or None, last, 500
-                ):
-                    for past in batch:
-                        yield past
-                        last = key(past)
-                while (live := await queue.get()) is not None:
-                    if (not scale_set or live.scale_set == scale_set) and key(live) > last:
-                        yield live
-                        last = key(live)
-            finally:
-                self._subscribers.discard(queue)
-            if self._closing:
-                return
-            # Fell behind: catch up from the store and carry on.
+    async def _follow(self, scale_set: str, after: int) -> AsyncIterator[list[EventRecord]]:
+        """The events of a watch, in batches: each stored chunk, then whatever was published since the
+        last batch (a watcher busy sending one batch finds the next one bigger, not later)."""
+
+        def key(e: EventRecord) -> int:
+            return e.revision if scale_set else e.sequence
+
+        def wanted(events: list[EventRecord], last: int) -> list[EventRecord]:
+            batch = [e for e in events if (not scale_set or e.scale_set == scale_set) and key(e) > last]
+            if scale_set:  # a watch of one scale set ends with its deletion
+                ends = next((i for i, e in enumerate(batch) if e.type == "ScaleSetDeleted"), None)
+                if ends is not None:
+                    del batch[ends + 1 :]
+            return batch
+
+        self._watchers += 1
+        try:
+            last = after
+            while not self._closing:
+                # Everything published up to here is in the store: read it from there, then follow the
+                # shared buffer from this point (duplicates are skipped by position).
+                cursor = self._recent_events[-1].sequence if self._recent_events else self.sequence
+                while stored := await self._stored_events(scale_set, last):
+                    batch = wanted(stored, last)
+                    yield batch
+                    last = key(batch[-1])
+                    if batch[-1].type == "ScaleSetDeleted" and scale_set:
+                        return
+                while not self._closing:
+                    published = self._published
+                    live = self._events_since(cursor)
+                    if live is None:
+                        break  # fell behind the buffer: catch up from the store
+                    if not live:
+                        await published.wait()
+                        continue
+                    cursor = live[-1].sequence
+                    if batch := wanted(live, last):
+                        yield batch
+                        last = key(batch[-1])
+                        if batch[-1].type == "ScaleSetDeleted" and scale_set:
+                            return
+                        # At most one message per watcher per interval while changes stream: the first
+                        # event after a quiet spell goes out at once, a burst goes out in fewer messages.
+                        await asyncio.sleep(WATCH_INTERVAL_S)
+        finally:
+            self._watchers -= 1

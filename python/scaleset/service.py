@@ -42,6 +42,7 @@ from scaleset.errors import (
     not_found,
 )
 from scaleset.model import AutoscaleSetting
+from scaleset.store import EventRecord
 from scaleset.v1 import scaleset_pb2 as pb
 from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
 
@@ -99,8 +100,8 @@ def _pack(message: Any) -> any_pb2.Any:
 
 def status_for(exc: BaseException, request: Any = None) -> grpc.Status:
     """The one mapping from exceptions to gRPC statuses. Details: ErrorInfo (the stable code as its
-    reason, the field and any metadata), BadRequest with the field at fault for invalid input (its path
-    in ``request``), RetryInfo for errors that a later retry can get past."""
+    reason, the field as the domain names it and any metadata), BadRequest with the field at fault for
+    invalid input (its path in ``request``), RetryInfo for errors that a later retry can get past."""
     code = grpc.StatusCode.INTERNAL
     for kind, status in _STATUS_BY_KIND:
         if isinstance(exc, kind):
@@ -112,10 +113,10 @@ def status_for(exc: BaseException, request: Any = None) -> grpc.Status:
         reason, message = exc.code, str(exc)
         metadata = dict(getattr(exc, "metadata", None) or {})
         if field := getattr(exc, "field", None):
-            metadata["field"] = field_path(field, request)
+            metadata["field"] = field  # as the in-process API names it (the Python client's error.field)
             if code == grpc.StatusCode.INVALID_ARGUMENT:
                 violation = error_details_pb2.BadRequest.FieldViolation(
-                    field=metadata["field"], description=message
+                    field=field_path(field, request), description=message
                 )
                 details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
         if (delay := _RETRY_AFTER_S.get(reason)) is not None:
@@ -372,6 +373,7 @@ class ScaleSetsServicer(_Servicer, pb_grpc.ScaleSetsServicer):
         self._columns: OrderedDict[tuple[str, int], dict[str, list[Any]]] = OrderedDict()
         #: Recent events as sent on WatchEvents, by sequence: every watcher shares one encoding.
         self._events: OrderedDict[int, bytes] = OrderedDict()
+        self._events_bytes = 0
 
     def _scale_set(self, controller: Controller, name: str) -> pb.ScaleSet:
         return pb.ScaleSet(
@@ -657,13 +659,48 @@ class ScaleSetsServicer(_Servicer, pb_grpc.ScaleSetsServicer):
             raise invalid_input(
                 f"after must be below 2**63, got {request.after}.", "InvalidParameter", field="after"
             )
-        async for event in self._control.watch(request.scale_set, request.after):
-            # Encoded once for every watcher (the serializer passes bytes through).
-            encoded = self._events.get(event.sequence)
-            if encoded is None:
-                encoded = convert.event_to_proto(event).SerializeToString()
-                _remember(self._events, event.sequence, encoded, 4096)
-            yield encoded
+        batches = await self._control.watch(request.scale_set, request.after)
+        # Headers now, not with the first event: a client may open a watch and then make the change.
+        await context.send_initial_metadata(())
+        async for batch in batches:
+            message: list[bytes] = []
+            size = 0
+            for event in batch:
+                field = self._event_field(event)
+                if message and size + len(field) > WATCH_MESSAGE_BYTES:
+                    yield b"".join(message)
+                    message, size = [], 0
+                message.append(field)
+                size += len(field)
+            yield b"".join(message)
+
+    def _event_field(self, event: EventRecord) -> bytes:
+        """``event`` encoded as one ``events`` entry of a WatchEventsResponse (field 1, length-delimited),
+        so a message is these entries joined. Encoded once for every watcher."""
+        encoded = self._events.get(event.sequence)
+        if encoded is None:
+            body = convert.event_to_proto(event).SerializeToString()
+            encoded = _EVENTS_TAG + _varint(len(body)) + body
+            self._events[event.sequence] = encoded
+            self._events_bytes += len(encoded)
+            while len(self._events) > 1 and (len(self._events) > 4096 or self._events_bytes > 64 << 20):
+                self._events_bytes -= len(self._events.popitem(last=False)[1])
+        return encoded
+
+
+#: A WatchEventsResponse carries events up to about this many bytes (more only for one larger event),
+#: well under the 4 MB every stock gRPC client accepts by default.
+WATCH_MESSAGE_BYTES = 1 << 20
+_EVENTS_TAG = bytes([(pb.WatchEventsResponse.EVENTS_FIELD_NUMBER << 3) | 2])
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 def _remember(cache: OrderedDict[Any, Any], key: Any, value: Any, limit: int) -> None:

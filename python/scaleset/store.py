@@ -38,6 +38,8 @@ class EventRecord:
     command: dict[str, Any]
     summary: dict[str, Any]
     time_ms: int
+    #: Bytes of its command and summary as stored (0 until stored): what holding it in memory costs.
+    size: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +64,9 @@ class Store(Protocol):
         """The newest snapshot and every event after it, in order."""
         ...
 
-    def append(self, events: Sequence[EventRecord], requests: Sequence[RequestRecord]) -> None:
-        """Writes a batch atomically and durably (group commit)."""
+    def append(self, events: Sequence[EventRecord], requests: Sequence[RequestRecord]) -> list[int]:
+        """Writes a batch atomically and durably (group commit); returns each event's size in bytes as
+        stored (what keeping it in memory roughly costs)."""
         ...
 
     def events_after(self, scale_set: str | None, after: int, limit: int) -> list[EventRecord]:
@@ -120,7 +123,16 @@ _COLUMNS = "sequence, scale_set, revision, type, command, summary, time_ms"
 
 def _event(row: tuple[Any, ...]) -> EventRecord:
     seq, scale_set, revision, type_, command, summary, time_ms = row
-    return EventRecord(seq, scale_set, revision, type_, json.loads(command), json.loads(summary), time_ms)
+    return EventRecord(
+        seq,
+        scale_set,
+        revision,
+        type_,
+        json.loads(command),
+        json.loads(summary),
+        time_ms,
+        len(command) + len(summary),
+    )
 
 
 def _lock_exclusively(path: str) -> IO[bytes]:
@@ -180,26 +192,24 @@ class SQLiteStore:
             ).fetchall()
         return snapshot, [_event(r) for r in rows]
 
-    def append(self, events: Sequence[EventRecord], requests: Sequence[RequestRecord]) -> None:
+    def append(self, events: Sequence[EventRecord], requests: Sequence[RequestRecord]) -> list[int]:
+        rows = [
+            (
+                e.sequence,
+                e.scale_set,
+                e.revision,
+                e.type,
+                json.dumps(e.command),
+                json.dumps(e.summary),
+                e.time_ms,
+            )
+            for e in events
+        ]
         with self._write_lock:
             cur = self._writer.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
-                cur.executemany(
-                    f"INSERT INTO events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        (
-                            e.sequence,
-                            e.scale_set,
-                            e.revision,
-                            e.type,
-                            json.dumps(e.command),
-                            json.dumps(e.summary),
-                            e.time_ms,
-                        )
-                        for e in events
-                    ],
-                )
+                cur.executemany(f"INSERT INTO events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
                 cur.executemany(
                     "INSERT INTO requests (request_id, method, fingerprint, response, sequence) VALUES (?, ?, ?, ?, ?)",
                     [(r.request_id, r.method, r.fingerprint, r.response, r.sequence) for r in requests],
@@ -208,6 +218,7 @@ class SQLiteStore:
             except BaseException:
                 cur.execute("ROLLBACK")
                 raise
+        return [len(r[4]) + len(r[5]) for r in rows]
 
     def events_after(self, scale_set: str | None, after: int, limit: int) -> list[EventRecord]:
         with self._read_lock:
