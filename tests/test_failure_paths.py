@@ -4,6 +4,7 @@ disk is full"), a watcher that falls behind, a client that retries, and the INTE
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -153,3 +154,25 @@ def test_history_is_bounded_and_a_compacted_watch_position_says_so(tmp_path: Pat
         Client(again.target) as c,
     ):  # restarts from the snapshot
         assert c.get_scale_set("web").capacity == 39 % 3 and c.get_scale_set("web").revision == 41
+
+
+def test_a_database_copied_without_its_write_ahead_log_is_refused_not_served_stale(tmp_path: Path) -> None:
+    from scaleset.store import EventRecord, SQLiteStore
+
+    live = tmp_path / "live.db"
+    store = SQLiteStore(str(live))
+    store.append([EventRecord(n, "web", n, "CapacitySet", {}, {}, 0) for n in range(1, 4)], [])
+    # Copied while the server runs, without live.db-wal: the copy would silently miss the changes.
+    stale = tmp_path / "stale.db"
+    shutil.copy(live, stale)
+    with pytest.raises(UnavailableError) as refused:
+        SQLiteStore(str(stale))
+    assert refused.value.code == "WriteAheadLogMissing" and "-wal" in str(refused.value)
+    # After a clean close the file alone holds everything, and a copy of it opens.
+    store.close()
+    assert not Path(f"{live}-wal").exists()
+    clean = tmp_path / "clean.db"
+    shutil.copy(live, clean)
+    copy = SQLiteStore(str(clean))
+    assert [e.sequence for e in copy.iter_all_events()] == [1, 2, 3]
+    copy.close()

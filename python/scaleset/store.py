@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -159,11 +160,29 @@ class SQLiteStore:
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
         self._lock_file = _lock_exclusively(path)
+        # Only a clean close removes the write-ahead log; a database left open (a crash) keeps it.
+        wal_present = os.path.exists(f"{path}-wal")
         try:
             self._writer = self._connect()
             self._writer.executescript(_SCHEMA)
             self._reader = self._connect()
             self._reader.execute("SELECT count(*) FROM events").fetchone()
+            left_open = self._writer.execute("SELECT value FROM meta WHERE key = 'open'").fetchone()
+            if left_open == ("1",) and not wal_present:
+                self._writer.close()
+                self._reader.close()
+                self._lock_file.close()
+                raise error(
+                    UnavailableError,
+                    f"{path} was not closed cleanly and its write-ahead log {path}-wal is missing, so its latest "
+                    "changes are not in it (a copy of a running server's database without its -wal file?). "
+                    'Put the -wal file back, or copy the database with `sqlite3 SOURCE ".backup COPY"` or '
+                    "after stopping the server.",
+                    "WriteAheadLogMissing",
+                )
+            # Marked open in the database file itself (checkpointed), so a copy of the file alone says so.
+            self._writer.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('open', '1')")
+            self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.DatabaseError as e:
             self._lock_file.close()
             raise error(
@@ -291,6 +310,10 @@ class SQLiteStore:
 
     def close(self) -> None:
         with self._write_lock, self._read_lock:
+            try:
+                self._writer.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('open', '0')")
+            except sqlite3.Error:
+                log.warning("could not mark %s closed (it will need its -wal file to open)", self.path)
             self._writer.close()
             self._reader.close()
             self._lock_file.close()  # releases the exclusive lock
