@@ -237,3 +237,33 @@ def test_invalid_fields_come_back_as_a_bad_request_at_their_path_in_the_request(
     # A field of the request itself keeps its own path.
     code, details = details_of(lambda: stub.SetCapacity(pb.SetCapacityRequest(name="web")))
     assert [v.field for v in details[1].field_violations] == ["capacity"]  # type: ignore[attr-defined]
+
+
+def test_status_codes_say_what_a_client_should_do(stub: pb_grpc.ScaleSetsStub) -> None:
+    # Each was another code before (issue 11): FAILED_PRECONDITION, FAILED_PRECONDITION, RESOURCE_EXHAUSTED.
+    existing = pb.ScaleSetSpec(name="web", zones=["1", "2", "3"], sku=pb.Sku(name=SIZE))
+    code, (info, *_) = details_of(lambda: stub.CreateScaleSet(pb.CreateScaleSetRequest(scale_set=existing)))
+    assert (code, info.reason) == (grpc.StatusCode.ALREADY_EXISTS, "ScaleSetAlreadyExists")  # type: ignore[attr-defined]
+    stale = stub.GetScaleSet(pb.GetScaleSetRequest(name="web")).etag
+    stub.SetCapacity(pb.SetCapacityRequest(name="web", capacity=4))
+    code, (info, *_) = details_of(
+        lambda: stub.SetCapacity(pb.SetCapacityRequest(name="web", capacity=5, etag=stale))
+    )
+    assert (code, info.reason) == (grpc.StatusCode.ABORTED, "EtagMismatch")  # type: ignore[attr-defined]
+    code, (info, bad) = details_of(
+        lambda: stub.SetCapacity(pb.SetCapacityRequest(name="web", capacity=2**64 - 1))
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT  # never satisfiable, so not RESOURCE_EXHAUSTED
+    assert [v.field for v in bad.field_violations] == ["capacity"]  # type: ignore[attr-defined]
+    assert stub.GetScaleSet(pb.GetScaleSetRequest(name="web")).capacity == 4
+
+
+def test_an_etag_is_tied_to_its_scale_set(stub: pb_grpc.ScaleSetsStub) -> None:
+    other = pb.ScaleSetSpec(name="api", zones=["1", "2", "3"], sku=pb.Sku(name=SIZE))
+    stub.CreateScaleSet(pb.CreateScaleSetRequest(scale_set=other, capacity=3))
+    web, api = (stub.GetScaleSet(pb.GetScaleSetRequest(name=n)) for n in ("web", "api"))
+    assert web.revision == api.revision and web.etag != api.etag
+    assert code_of(
+        lambda: stub.SetCapacity(pb.SetCapacityRequest(name="api", capacity=1, etag=web.etag))
+    ) == (grpc.StatusCode.ABORTED)
+    stub.SetCapacity(pb.SetCapacityRequest(name="api", capacity=1, etag=api.etag))

@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 from scaleset import Instance, Region, ScaleInPolicy
 from scaleset.client import Client
+from scaleset.control import make_etag
 from scaleset.errors import CapacityError, ConflictError, InvalidInputError, NotFoundError
 from scaleset.testing.server import ServerThread
 from scaleset.v1 import scaleset_pb2 as pb
@@ -199,7 +200,7 @@ def test_stale_etag_is_rejected_with_the_current_one(stub: pb_grpc.ScaleSetsStub
     stub.SetCapacity(pb.SetCapacityRequest(name="web", capacity=1, etag=etag))
     with pytest.raises(grpc.RpcError) as err:
         stub.SetCapacity(pb.SetCapacityRequest(name="web", capacity=3, etag=etag))
-    assert error_info(err.value) == (grpc.StatusCode.FAILED_PRECONDITION, "Aborted")
+    assert error_info(err.value) == (grpc.StatusCode.ABORTED, "EtagMismatch")
     status = rpc_status.from_call(err.value)  # type: ignore[arg-type]
     info = error_details_pb2.ErrorInfo()
     status.details[0].Unpack(info)
@@ -397,8 +398,8 @@ def test_rebalance_rpc_plans_applies_and_survives_restart(tmp_path: Path) -> Non
         ) == 4
         before = c.list_instances("web")
         with pytest.raises(ConflictError) as stale:
-            c.rebalance("web", dry_run=False, etag='W/"1"')
-        assert stale.value.code == "Aborted"
+            c.rebalance("web", dry_run=False, etag=make_etag("web", 1))
+        assert stale.value.code == "EtagMismatch"
     with ServerThread(db, REGION) as second, Client(second.target) as c:
         assert c.list_instances("web") == before
         assert c.rebalance("web").replacements == 0

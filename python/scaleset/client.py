@@ -37,6 +37,8 @@ __all__ = ["Client", "ScaleSetInfo", "WatchedEvent"]
 _ERROR_BY_STATUS: dict[grpc.StatusCode, type[ScaleSetError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidInputError,
     grpc.StatusCode.FAILED_PRECONDITION: ConflictError,
+    grpc.StatusCode.ALREADY_EXISTS: ConflictError,
+    grpc.StatusCode.ABORTED: ConflictError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: CapacityError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,

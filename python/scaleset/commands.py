@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
-from scaleset.engine import Engine, check_count
+from scaleset.engine import Engine, check_capacity, check_count
 from scaleset.errors import invalid_input
 from scaleset.model import AutoscaleSetting, Eviction, Instance, Plan, ScaleSetSpec
 from scaleset.policies.common import Action
@@ -188,7 +188,7 @@ class CreateScaleSet(Command):
 
     def validate(self) -> None:
         _require_name(self.spec.name, "scale_set.name")
-        check_count(self.capacity, "capacity")
+        check_capacity(self.capacity)
 
     def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> Plan:
         plan = engine.create_scale_set(self.spec, self.capacity)
@@ -265,7 +265,7 @@ class SetCapacity(Command):
 
     def validate(self) -> None:
         _require_name(self.name)
-        check_count(self.capacity, "capacity")
+        check_capacity(self.capacity)
 
     def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> Plan:
         plan = engine.set_capacity(self.name, self.capacity, dry_run=self.dry_run)

@@ -71,7 +71,9 @@ class Outcome:
 
 
 def make_etag(name: str, revision: int) -> str:
-    return f'W/"{revision}"'
+    """``W/"<revision>-<8 hex digits of the name's hash>"``: tied to its scale set, so one set's etag is
+    never accepted as another's."""
+    return f'W/"{revision}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"'
 
 
 @dataclass(slots=True)
@@ -263,7 +265,7 @@ class ControlPlane:
         raise conflict(
             f"etag {etag} is stale: '{name}' is at revision {self.revision(name)} (etag {self.etag(name)}); "
             "read it again and retry.",
-            "Aborted",
+            "EtagMismatch",
             metadata={"current_etag": self.etag(name), "current_revision": str(self.revision(name))},
         )
 

@@ -55,6 +55,16 @@ def check_count(value: Any, what: str) -> int:
     return value
 
 
+def check_capacity(value: Any, what: str = "capacity") -> int:
+    """A capacity no scale set could ever hold (above MAX_INSTANCE_LIMIT) is invalid input, not a
+    capacity error: retrying it can never succeed."""
+    if check_count(value, what) > MAX_INSTANCE_LIMIT:
+        raise invalid_input(
+            f"{what} {value:,} is above the most any scale set can hold ({MAX_INSTANCE_LIMIT:,}).", field=what
+        )
+    return value  # type: ignore[no-any-return]
+
+
 _count = check_count
 
 

@@ -98,6 +98,14 @@ def _pack(message: Any) -> any_pb2.Any:
     return detail
 
 
+#: Codes whose gRPC status is more specific than their kind's (AIP-193).
+_STATUS_BY_CODE = {
+    "ScaleSetAlreadyExists": grpc.StatusCode.ALREADY_EXISTS,
+    "InstanceAlreadyExists": grpc.StatusCode.ALREADY_EXISTS,
+    "EtagMismatch": grpc.StatusCode.ABORTED,
+}
+
+
 def status_for(exc: BaseException, request: Any = None) -> grpc.Status:
     """The one mapping from exceptions to gRPC statuses. Details: ErrorInfo (the stable code as its
     reason, the field as the domain names it and any metadata), BadRequest with the field at fault for
@@ -111,6 +119,7 @@ def status_for(exc: BaseException, request: Any = None) -> grpc.Status:
     details: list[any_pb2.Any] = []
     if isinstance(exc, ScaleSetError):
         reason, message = exc.code, str(exc)
+        code = _STATUS_BY_CODE.get(reason, code)
         metadata = dict(getattr(exc, "metadata", None) or {})
         if field := getattr(exc, "field", None):
             metadata["field"] = field  # as the in-process API names it (the Python client's error.field)
