@@ -267,3 +267,47 @@ def test_an_etag_is_tied_to_its_scale_set(stub: pb_grpc.ScaleSetsStub) -> None:
         lambda: stub.SetCapacity(pb.SetCapacityRequest(name="api", capacity=1, etag=web.etag))
     ) == (grpc.StatusCode.ABORTED)
     stub.SetCapacity(pb.SetCapacityRequest(name="api", capacity=1, etag=api.etag))
+
+
+def test_a_page_token_is_good_only_for_its_own_query(stub: pb_grpc.ScaleSetsStub) -> None:
+    other = pb.ScaleSetSpec(name="api", zones=["1", "2", "3"], sku=pb.Sku(name=SIZE))
+    stub.CreateScaleSet(pb.CreateScaleSetRequest(scale_set=other, capacity=3))
+    first = stub.ListInstances(pb.ListInstancesRequest(name="web", page_size=2))
+    assert first.next_page_token
+    rest = stub.ListInstances(
+        pb.ListInstancesRequest(name="web", page_size=2, page_token=first.next_page_token)
+    )
+    assert list(rest.instances.instance_id) == [2]
+    # The same token on another scale set was an empty page with OK; now it is refused.
+    code, (info, bad) = details_of(
+        lambda: stub.ListInstances(pb.ListInstancesRequest(name="api", page_token=first.next_page_token))
+    )
+    assert (code, info.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "InvalidPageToken")  # type: ignore[attr-defined]
+    assert [v.field for v in bad.field_violations] == ["page_token"]  # type: ignore[attr-defined]
+
+
+def test_updates_follow_aip_134(stub: pb_grpc.ScaleSetsStub) -> None:
+    # No mask: only the fields the request sets change (this failed on "zone cannot be removed").
+    bigger = stub.UpdateScaleSet(
+        pb.UpdateScaleSetRequest(scale_set=pb.ScaleSetSpec(name="web", sku=pb.Sku(name="Standard_D4s_v5")))
+    )
+    assert bigger.spec.sku.name == "Standard_D4s_v5" and list(bigger.spec.zones) == ["1", "2", "3"]
+    # "*" replaces the whole spec.
+    whole = pb.ScaleSetSpec(name="web", zones=["1", "2", "3"], sku=pb.Sku(name=SIZE))
+    request = pb.UpdateScaleSetRequest(scale_set=whole)
+    request.update_mask.paths.append("*")
+    assert stub.UpdateScaleSet(request).spec.sku.name == SIZE
+    request.update_mask.paths.append("sku")
+    assert code_of(lambda: stub.UpdateScaleSet(request)) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_retry_matches_its_request_id_on_meaning_not_bytes(stub: pb_grpc.ScaleSetsStub) -> None:
+    unset = pb.SetCapacityRequest(name="web", capacity=5, request_id="same-meaning")
+    full = pb.SetCapacityRequest(name="web", capacity=5, request_id="same-meaning", view=pb.PLAN_VIEW_FULL)
+    first = stub.SetCapacity(unset)
+    assert stub.SetCapacity(full) == first  # the first answer, not RequestIdReused
+    assert stub.GetScaleSet(pb.GetScaleSetRequest(name="web")).revision == first.revision
+    summary = pb.SetCapacityRequest(
+        name="web", capacity=5, request_id="same-meaning", view=pb.PLAN_VIEW_SUMMARY
+    )
+    assert code_of(lambda: stub.SetCapacity(summary)) == grpc.StatusCode.INVALID_ARGUMENT

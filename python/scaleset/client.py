@@ -190,7 +190,8 @@ class Client:
         request = pb.UpdateScaleSetRequest(
             scale_set=convert.spec_to_proto(spec), etag=etag, request_id=self._request_id(request_id)
         )
-        request.update_mask.paths.extend(update_mask)
+        # Like Engine.update_scale_set, the spec replaces the stored one unless a mask names what changes.
+        request.update_mask.paths.extend(update_mask or ["*"])
         return _info(self._call(self._scale_sets.UpdateScaleSet, request))
 
     def delete_scale_set(self, name: str, *, etag: str = "", request_id: str | None = None) -> None:

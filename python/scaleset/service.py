@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, field_mask_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -317,26 +317,46 @@ class _Malformed:
         )
 
 
-def _page_token(value: str) -> str:
-    return base64.urlsafe_b64encode(value.encode()).decode()
+def _page_token(query: str, position: str) -> str:
+    """An opaque token for the page after ``position`` of ``query`` (the method and what it lists):
+    a token is only good for the query it came from (AIP-158)."""
+    return base64.urlsafe_b64encode(f"{query}\0{position}".encode()).decode()
 
 
-def _read_token(token: str) -> str:
+def _read_token(token: str, query: str) -> str:
     try:
-        return base64.urlsafe_b64decode(token.encode()).decode()
+        issued_for, _, position = base64.urlsafe_b64decode(token.encode()).decode().rpartition("\0")
     except (ValueError, UnicodeDecodeError):
+        issued_for, position = "", ""
+    if issued_for != query:
         raise invalid_input(
-            "page_token is not one this server issued; start again without it.", "InvalidPageToken"
-        ) from None
+            "page_token is not one this server issued for this query; start again without it, or send the "
+            "same request (only page_size may change) with it.",
+            "InvalidPageToken",
+            field="page_token",
+        )
+    return position
 
 
-def _read_int_token(token: str) -> int:
-    text = _read_token(token)
+def _read_int_token(token: str, query: str) -> int:
+    text = _read_token(token, query)
     if not (text.isascii() and text.isdigit()):
         raise invalid_input(
-            "page_token is not one this server issued; start again without it.", "InvalidPageToken"
+            "page_token is not one this server issued; start again without it.",
+            "InvalidPageToken",
+            field="page_token",
         )
     return int(text)
+
+
+def _meaning(request: Any) -> bytes:
+    """What a request asks for, as bytes to match a retry's request_id against: defaults spelled out
+    (a view left unset is the full view) and deterministic encoding, so two requests that mean the same
+    match even when their bytes differ."""
+    if "view" in request.DESCRIPTOR.fields_by_name and request.view == pb.PLAN_VIEW_UNSPECIFIED:
+        request = type(request).FromString(request.SerializeToString())
+        request.view = pb.PLAN_VIEW_FULL
+    return request.SerializeToString(deterministic=True)  # type: ignore[no-any-return]
 
 
 def _require(value: str, field: str) -> str:
@@ -368,7 +388,7 @@ class _Servicer:
             command=command,
             encode=encode,
             request_id=request.request_id,
-            payload=request.SerializeToString(),
+            payload=_meaning(request),
             etag=etag,
             big=big,
         )
@@ -420,32 +440,43 @@ class ScaleSetsServicer(_Servicer, pb_grpc.ScaleSetsServicer):
         engine = await self._control.settled()
         size = min(request.page_size or 100, 1000)
         names = engine.scale_set_names()
-        after = _read_token(request.page_token) if request.page_token else None
+        after = _read_token(request.page_token, "ListScaleSets") if request.page_token else None
         if after is not None:
             names = [n for n in names if n > after]
         page = names[:size]
         reply = pb.ListScaleSetsResponse(scale_sets=[self._scale_set(engine, n) for n in page])
         if len(names) > size:
-            reply.next_page_token = _page_token(page[-1])
+            reply.next_page_token = _page_token("ListScaleSets", page[-1])
         return reply
 
     async def UpdateScaleSet(self, request: pb.UpdateScaleSetRequest, context: Any) -> pb.ScaleSet:
+        """AIP-134: the mask's paths change; ``*`` replaces the whole spec; no mask means every field
+        the request sets (so sending only a name and a sku changes only the sku)."""
         name = _require(request.scale_set.name, "scale_set.name")
-        mask = request.update_mask
-        if mask.paths and not mask.IsValidForDescriptor(pb.ScaleSetSpec.DESCRIPTOR):
+        paths = list(request.update_mask.paths)
+        replace = paths == ["*"]
+        if "*" in paths and not replace:
             raise invalid_input(
-                f"update_mask has a path that is not a ScaleSetSpec field: {list(mask.paths)}."
+                "update_mask '*' replaces everything and takes no other path.", field="update_mask"
+            )
+        if not paths:
+            paths = [field.name for field, _ in request.scale_set.ListFields()]
+        mask = field_mask_pb2.FieldMask(paths=paths)
+        if not replace and not mask.IsValidForDescriptor(pb.ScaleSetSpec.DESCRIPTOR):
+            raise invalid_input(
+                f"update_mask has a path that is not a ScaleSetSpec field: {str(paths)[:200]}.",
+                field="update_mask",
             )
 
         def command(current: Controller) -> cmd.Command:
             # Merged under the control plane's lock, against the spec as it is when the change applies.
-            if mask.paths:
+            if replace:
+                merged = request.scale_set
+            else:
                 merged = convert.spec_to_proto(current.get_spec(name))
                 mask.MergeMessage(
                     request.scale_set, merged, replace_message_field=True, replace_repeated_field=True
                 )
-            else:
-                merged = request.scale_set
             return cmd.UpdateScaleSet(convert.spec_from_proto(merged))
 
         return await self._mutate(
@@ -506,7 +537,8 @@ class ScaleSetsServicer(_Servicer, pb_grpc.ScaleSetsServicer):
         controller = await self._control.settled()
         revision = self._control.revision(name)
         size = min(request.page_size or 1000, 10_000)
-        after = _read_int_token(request.page_token) if request.page_token else -1
+        query = f"ListInstances/{name}"
+        after = _read_int_token(request.page_token, query) if request.page_token else -1
         key = (name, revision, after, size)
         if (cached := self._pages.get(key)) is not None:
             return cached
@@ -521,7 +553,7 @@ class ScaleSetsServicer(_Servicer, pb_grpc.ScaleSetsServicer):
             instances=convert.columns_to_proto(cols, start, stop), revision=revision
         )
         if stop < len(ids):
-            reply.next_page_token = _page_token(str(ids[stop - 1]))
+            reply.next_page_token = _page_token(query, str(ids[stop - 1]))
         encoded = reply.SerializeToString()
         _remember(self._pages, key, encoded, 64)
         return encoded
@@ -794,11 +826,12 @@ class AutoscaleServicer(_Servicer, pb_grpc.AutoscaleServicer):
         name = _require(request.name, "name")
         history = (await self._control.settled()).autoscale_history(name)[::-1]  # newest first
         size = min(request.page_size or 50, 200)
-        start = _read_int_token(request.page_token) if request.page_token else 0
+        query = f"ListAutoscaleHistory/{name}"
+        start = _read_int_token(request.page_token, query) if request.page_token else 0
         page = history[start : start + size]
         reply = pb.ListAutoscaleHistoryResponse(decisions=[convert.decision_to_proto(d) for d in page])
         if start + size < len(history):
-            reply.next_page_token = _page_token(str(start + size))
+            reply.next_page_token = _page_token(query, str(start + size))
         return reply
 
 
