@@ -31,6 +31,9 @@ def generate_protos() -> None:
         f"--python_out={os.path.join(_ROOT, 'python')}",
         f"--pyi_out={os.path.join(_ROOT, 'python')}",
         f"--grpc_python_out={os.path.join(_ROOT, 'python')}",
+        # With its comments, for server reflection (the generated modules carry none).
+        f"--descriptor_set_out={os.path.join(_ROOT, 'python', 'scaleset', 'v1', 'scaleset.binpb')}",
+        "--include_source_info",
         *protos,
     ]
     if protoc.main(args) != 0:

@@ -24,6 +24,10 @@ python3 -m ruff format --check python tests bench scripts build_backend.py
 cargo fmt --manifest-path rust/Cargo.toml --all -- --check
 cargo clippy --quiet --manifest-path rust/Cargo.toml --workspace --all-targets -- -D warnings
 
+step "api: buf lint, buf breaking against the committed v1 contract (api/scaleset-v1.binpb)"
+buf lint
+buf breaking --against api/scaleset-v1.binpb
+
 step "rust: unit and property tests"
 cargo test --quiet --manifest-path rust/Cargo.toml --workspace
 

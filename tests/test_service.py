@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -335,6 +336,23 @@ def test_health_checking_and_reflection(server: ServerThread) -> None:
         )
         names = {s.name for s in replies[0].list_services_response.service}
         assert {"scaleset.v1.ScaleSets", "scaleset.v1.Regions", "grpc.health.v1.Health"} <= names
+        assert {"grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"} <= names
+        # grpc.reflection.v1 answers too (same messages on the wire), with the file's comments.
+        v1 = channel.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        (reply,) = v1(
+            iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol="scaleset.v1.ScaleSets")])
+        )
+        files = [
+            descriptor_pb2.FileDescriptorProto.FromString(f)
+            for f in reply.file_descriptor_response.file_descriptor_proto
+        ]
+        (ours,) = [f for f in files if f.name == "scaleset/v1/scaleset.proto"]
+        comments = " ".join(loc.leading_comments for loc in ours.source_code_info.location)
+        assert "Resume after this per-scale-set revision" in comments
 
 
 def test_state_survives_restarts_with_and_without_snapshots(tmp_path: Path) -> None:

@@ -31,15 +31,15 @@ if TYPE_CHECKING:
     from scaleset.rebalance import RebalancePlan
     from scaleset.store import EventRecord
 
-PRIORITY_TO_PB = {"Regular": pb.REGULAR, "Spot": pb.SPOT}
+PRIORITY_TO_PB = {"Regular": pb.PRIORITY_REGULAR, "Spot": pb.PRIORITY_SPOT}
 PRIORITY_FROM_PB = {v: k for k, v in PRIORITY_TO_PB.items()}
-POWER_TO_PB = {"running": pb.RUNNING, "deallocated": pb.DEALLOCATED}
+POWER_TO_PB = {"running": pb.POWER_STATE_RUNNING, "deallocated": pb.POWER_STATE_DEALLOCATED}
 POWER_FROM_PB = {v: k for k, v in POWER_TO_PB.items()}
 HEALTH_TO_PB = {
-    "Unknown": pb.UNKNOWN,
-    "Initializing": pb.INITIALIZING,
-    "Healthy": pb.HEALTHY,
-    "Unhealthy": pb.UNHEALTHY,
+    "Unknown": pb.HEALTH_UNKNOWN,
+    "Initializing": pb.HEALTH_INITIALIZING,
+    "Healthy": pb.HEALTH_HEALTHY,
+    "Unhealthy": pb.HEALTH_UNHEALTHY,
 }
 HEALTH_FROM_PB = {v: k for k, v in HEALTH_TO_PB.items()}
 

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import bisect
 import datetime
+import importlib.resources
 import logging
 import time
 from collections import OrderedDict
@@ -19,10 +20,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2, field_mask_pb2
+from google.protobuf import any_pb2, descriptor_pb2, field_mask_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import _async as reflection_aio
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -356,7 +358,7 @@ def _meaning(request: Any) -> bytes:
     if "view" in request.DESCRIPTOR.fields_by_name and request.view == pb.PLAN_VIEW_UNSPECIFIED:
         request = type(request).FromString(request.SerializeToString())
         request.view = pb.PLAN_VIEW_FULL
-    return request.SerializeToString(deterministic=True)  # type: ignore[no-any-return]
+    return request.SerializeToString(deterministic=True)
 
 
 def _require(value: str, field: str) -> str:
@@ -881,6 +883,42 @@ class DiagnosticsServicer(pb_grpc.DiagnosticsServicer):
         return pb.EchoResponse(payload=request.payload)
 
 
+class _Reflection(reflection_aio.ReflectionServicer):
+    """Server reflection whose descriptors of our own file carry its comments (source info), so tools
+    such as grpcurl ``describe`` show the documentation; served as both grpc.reflection.v1 and v1alpha
+    (the messages are the same on the wire)."""
+
+    def __init__(self, service_names: list[str]) -> None:
+        super().__init__(service_names)
+        data = importlib.resources.files("scaleset.v1").joinpath("scaleset.binpb").read_bytes()
+        self._documented = {
+            f.name: f.SerializeToString() for f in descriptor_pb2.FileDescriptorSet.FromString(data).file
+        }
+
+    async def ServerReflectionInfo(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
+        async for response in super().ServerReflectionInfo(request_iterator, context):
+            if response.HasField("file_descriptor_response"):
+                files = response.file_descriptor_response.file_descriptor_proto
+                for i, serialized in enumerate(files):
+                    name = descriptor_pb2.FileDescriptorProto.FromString(serialized).name
+                    files[i] = self._documented.get(name, serialized)
+            yield response
+
+
+def _serve_reflection(server: grpc.aio.Server, service_names: list[str]) -> None:
+    v1 = "grpc.reflection.v1.ServerReflection"
+    servicer = _Reflection([*service_names, reflection.SERVICE_NAME, v1])
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    method = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(v1, {"ServerReflectionInfo": method}),)
+    )
+
+
 async def build_server(
     control: ControlPlane,
     address: str,
@@ -935,7 +973,7 @@ async def build_server(
     # rebuilt after a failed commit.
     await set_health(True)
     control.serving_listeners.append(set_health)
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    _serve_reflection(server, [*names, health.SERVICE_NAME])
     port = (
         server.add_secure_port(address, credentials)
         if credentials is not None
