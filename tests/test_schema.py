@@ -192,3 +192,49 @@ def test_autoscale_settings_round_trip_and_unset_fields_take_the_defaults() -> N
         ]
     )
     assert autoscale_setting_from_proto(minimal) == expected
+
+
+def test_every_enum_on_the_wire_carries_exactly_the_cores_words() -> None:
+    """A closed set is an enum in the proto and Azure's words in Python and Rust; the words derived from
+    the enum value names (SCALE_IN_RULE_NEWEST_VM -> NewestVM) must be exactly the core's spellings."""
+    import re
+    from pathlib import Path
+
+    from scaleset.convert import _enum_words
+
+    source = (Path(__file__).resolve().parent.parent / "rust/scaleset-core/src/model.rs").read_text()
+    core = {
+        field.rsplit(".", 1)[-1]: set(re.findall(r'= "([^"]+)"', values))
+        for field, values in re.findall(r'azure_enum!\([^"]*"([^"]+)"[^{]*\{([^}]*)\}', source)
+    }
+    checked = set()
+    for cls, message in MESSAGES:
+        for fd in message.DESCRIPTOR.fields:
+            if fd.enum_type is None or fd.name not in core:
+                continue
+            words = set(_enum_words(fd.enum_type)[1].values())
+            assert words == core[fd.name], (cls.__name__, fd.name)
+            checked.add(fd.name)
+    # The spec's closed sets; the single-valued ones (Auto, Recreate, CreateBeforeDelete) are strings in Rust.
+    assert {
+        "orchestration_mode",
+        "priority",
+        "eviction_policy",
+        "allocation_strategy",
+        "rules",
+        "image_kind",
+    } <= checked
+    assert {"mode", "repair_action"} <= checked
+
+
+def test_an_enum_value_unknown_to_this_server_is_invalid_input_naming_the_field() -> None:
+    from scaleset.errors import InvalidInputError
+
+    msg = spec_to_proto(ScaleSetSpec(name="web", sku=Sku(name="Standard_D2s_v5")))
+    msg.scale_in_policy.rules.append(42)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError) as caught:
+        spec_from_proto(msg)
+    assert caught.value.field == "rules" and "NewestVM" in str(caught.value)
+    assert spec_from_proto(
+        spec_to_proto(ScaleSetSpec(name="web", scale_in_policy=model.ScaleInPolicy(["newestvm"])))
+    ).scale_in_policy.rules == ("NewestVM",)

@@ -58,7 +58,7 @@ def test_scale_set_lifecycle_through_the_generated_stub(stub: pb_grpc.ScaleSetsS
     spec = pb.ScaleSetSpec(name="web", zones=["1", "2", "3"], sku=pb.Sku(name=SIZE))
     created = stub.CreateScaleSet(pb.CreateScaleSetRequest(scale_set=spec, capacity=6))
     assert created.scale_set.capacity == 6 and created.scale_set.revision == 1
-    assert created.scale_set.spec.orchestration_mode == "Flexible"  # Azure's default filled in
+    assert created.scale_set.spec.orchestration_mode == pb.ORCHESTRATION_MODE_FLEXIBLE  # Azure's default
     assert created.scale_set.spec.platform_fault_domain_count == 1
     assert [c.zone for c in created.plan.creates] == ["1", "2", "3", "1", "2", "3"]
     assert all(c.reason.startswith("scale-out:") for c in created.plan.creates)
@@ -77,11 +77,17 @@ def test_scale_set_lifecycle_through_the_generated_stub(stub: pb_grpc.ScaleSetsS
     assert stub.GetScaleSet(pb.GetScaleSetRequest(name="web")).capacity == 4
 
     update = pb.UpdateScaleSetRequest(
-        scale_set=pb.ScaleSetSpec(name="web", scale_in_policy=pb.ScaleInPolicy(rules=["OldestVM"]))
+        scale_set=pb.ScaleSetSpec(
+            name="web", scale_in_policy=pb.ScaleInPolicy(rules=[pb.SCALE_IN_RULE_OLDEST_VM])
+        )
     )
     update.update_mask.paths.append("scale_in_policy")
     updated = stub.UpdateScaleSet(update)
-    assert updated.spec.scale_in_policy.rules == ["OldestVM"] and updated.spec.zones == ["1", "2", "3"]
+    assert updated.spec.scale_in_policy.rules == [pb.SCALE_IN_RULE_OLDEST_VM] and updated.spec.zones == [
+        "1",
+        "2",
+        "3",
+    ]
     assert updated.spec.model_version == 1
 
     stub.DeleteScaleSet(pb.DeleteScaleSetRequest(name="web"))
@@ -95,7 +101,7 @@ def test_scale_set_lifecycle_through_the_generated_stub(stub: pb_grpc.ScaleSetsS
     [
         (
             pb.CreateScaleSetRequest(
-                scale_set=pb.ScaleSetSpec(name="x", orchestration_mode="Sideways", sku=pb.Sku(name=SIZE))
+                scale_set=pb.ScaleSetSpec(name="x", orchestration_mode=99, sku=pb.Sku(name=SIZE))  # type: ignore[arg-type]
             ),
             grpc.StatusCode.INVALID_ARGUMENT,
             "InvalidParameter",

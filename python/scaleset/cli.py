@@ -416,10 +416,14 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
 
 def render_upgrade(u: Any) -> str:
     """A readable rolling-upgrade progress view (protobuf RollingUpgradeStatus)."""
-    if u.status == "NotStarted":
+    from scaleset import convert
+    from scaleset.v1 import scaleset_pb2 as pb
+
+    status = convert.enum_word(pb.RollingUpgradeState.DESCRIPTOR, u.status, "status")
+    if status == "NotStarted":
         return f"{u.scale_set}: no rolling upgrade has run"
     lines = [
-        f"{u.scale_set}: rolling upgrade to model {u.model_version}: {u.status}",
+        f"{u.scale_set}: rolling upgrade to model {u.model_version}: {status}",
         f"batches: {u.batches_done} of {u.batches_total} done, {u.batches_total - u.batches_done} left",
         f"instances: {u.successful_instance_count} upgraded, {u.failed_instance_count} failed, "
         f"{u.in_progress_instance_count} in progress, {u.pending_instance_count} pending",

@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.rpc import error_details_pb2
@@ -345,7 +345,12 @@ class Client:
 
     def set_repairs_service_state(self, name: str, state: str, *, request_id: str | None = None) -> None:
         request = pb.SetRepairsServiceStateRequest(
-            name=name, state=state, request_id=self._request_id(request_id)
+            name=name,
+            state=cast(
+                "pb.RepairsServiceState",
+                convert.enum_number(pb.RepairsServiceState.DESCRIPTOR, state, "state"),
+            ),
+            request_id=self._request_id(request_id),
         )
         self._call(self._scale_sets.SetRepairsServiceState, request)
 

@@ -10,6 +10,8 @@ import functools
 import typing
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from google.protobuf.descriptor import EnumDescriptor
+
 from scaleset.model import (
     AutoscaleDecision,
     AutoscaleSetting,
@@ -55,6 +57,58 @@ def _enum(table: dict[Any, str], value: int, field: str, default: str | None = N
         raise invalid_input(f"{field} must be set to one of {sorted(table.values())}.") from None
 
 
+# ----- closed sets of values: Azure's words in Python and Rust, enums on the wire ----------------------
+
+#: Words kept in capitals when an enum value name becomes Azure's spelling (SCALE_IN_RULE_NEWEST_VM -> NewestVM).
+_ACRONYMS = frozenset({"VM"})
+
+
+def _squash(text: str) -> str:
+    return text.replace("_", "").lower()
+
+
+@functools.cache
+def _enum_words(enum: EnumDescriptor) -> tuple[dict[str, int], dict[int, str]]:
+    """An enum's values by Azure's word (squashed: any case, no underscores) and its words by value."""
+    prefix = "".join(f"_{c}" if c.isupper() and i else c for i, c in enumerate(enum.name)).upper() + "_"
+    by_word: dict[str, int] = {}
+    words: dict[int, str] = {}
+    for value in enum.values:
+        if value.number == 0:
+            continue
+        parts = value.name.removeprefix(prefix).split("_")
+        word = "".join(p if p in _ACRONYMS else p.capitalize() for p in parts)
+        by_word[_squash(word)] = value.number
+        words[value.number] = word
+    return by_word, words
+
+
+def enum_number(enum: EnumDescriptor, word: str, field: str) -> int:
+    """The wire value of one of Azure's words ("NewestVM" -> SCALE_IN_RULE_NEWEST_VM), in any case."""
+    by_word, words = _enum_words(enum)
+    number = by_word.get(_squash(word)) if isinstance(word, str) else None
+    if number is None:
+        from scaleset.errors import invalid_input
+
+        raise invalid_input(
+            f"{field} '{str(word)[:64]}' is not valid; use one of: {', '.join(words.values())}.", field=field
+        )
+    return number
+
+
+def enum_word(enum: EnumDescriptor, number: int, field: str) -> str:
+    """Azure's word for a wire value; an unknown value is INVALID_ARGUMENT naming the field."""
+    word = _enum_words(enum)[1].get(number)
+    if word is None:
+        from scaleset.errors import invalid_input
+
+        raise invalid_input(
+            f"{field} {number} is not a {enum.name} value; use one of: {', '.join(_enum_words(enum)[1].values())}.",
+            field=field,
+        )
+    return word
+
+
 # ----- spec -------------------------------------------------------------------------------------------
 
 
@@ -84,6 +138,10 @@ def _to_message(obj: Any, msg: Any) -> None:
         elif fd.message_type is not None:
             target.SetInParent()
             _to_message(value, target)
+        elif fd.enum_type is not None and fd.is_repeated:
+            target.extend(enum_number(fd.enum_type, v, f.name) for v in value)
+        elif fd.enum_type is not None:
+            setattr(msg, f.name, enum_number(fd.enum_type, value, f.name))
         elif fd.is_repeated:
             target.extend(value)
         else:
@@ -106,6 +164,15 @@ def _from_message(cls: type[T], msg: Any) -> T:
             kwargs[f.name] = [_from_message(hints[f.name], v) for v in value]
         elif fd.message_type is not None:
             kwargs[f.name] = _from_message(hints[f.name], value) if msg.HasField(f.name) else default
+        elif fd.enum_type is not None and fd.is_repeated:
+            words = [enum_word(fd.enum_type, v, f.name) for v in value]
+            kwargs[f.name] = words if words or default is dataclasses.MISSING else default
+        elif fd.enum_type is not None:
+            unset = not msg.HasField(f.name) if fd.has_presence else value == 0
+            if unset and default is not dataclasses.MISSING:
+                kwargs[f.name] = default  # unspecified: the dataclass's (Azure's) default
+            else:
+                kwargs[f.name] = enum_word(fd.enum_type, value, f.name)
         elif fd.is_repeated:
             kwargs[f.name] = list(value) if value or default is dataclasses.MISSING else default
         elif fd.has_presence:
@@ -204,14 +271,15 @@ def _planned_change(item: PlannedCreate | PlannedDelete) -> pb.PlannedChange:
         zone=item.zone or "",
         fault_domain=item.fault_domain,
         vm_size=item.vm_size,
-        priority=item.priority,
+        priority=PRIORITY_TO_PB[item.priority],
         reason=item.reason,
     )
 
 
 def plan_from_proto(msg: pb.Plan) -> Plan:
     def item(cls: Any, c: pb.PlannedChange) -> Any:
-        return cls(c.instance_id, c.zone or None, c.fault_domain, c.vm_size, c.priority, c.reason)
+        priority = PRIORITY_FROM_PB[c.priority]
+        return cls(c.instance_id, c.zone or None, c.fault_domain, c.vm_size, priority, c.reason)
 
     return Plan(
         msg.scale_set,
@@ -244,7 +312,7 @@ def event_plan_to_proto(scale_set: str, summary: dict[str, Any]) -> pb.Plan:
                 zone=zone or "",
                 fault_domain=fault_domain,
                 vm_size=vm_size,
-                priority=priority,
+                priority=PRIORITY_TO_PB[priority],
             )
     return msg
 
@@ -303,11 +371,15 @@ def rolling_upgrade_to_proto(
     name: str, upgrade: RollingUpgrade | None, revision: int
 ) -> pb.RollingUpgradeStatus:
     if upgrade is None:
-        return pb.RollingUpgradeStatus(scale_set=name, status="NotStarted", revision=revision)
+        return pb.RollingUpgradeStatus(
+            scale_set=name, status=pb.ROLLING_UPGRADE_STATE_NOT_STARTED, revision=revision
+        )
     progress = upgrade.progress()
     return pb.RollingUpgradeStatus(
         scale_set=name,
-        status=upgrade.status,
+        status=typing.cast(
+            "pb.RollingUpgradeState", enum_number(pb.RollingUpgradeState.DESCRIPTOR, upgrade.status, "status")
+        ),
         model_version=upgrade.model_version,
         batches_total=len(upgrade.batches),
         batches_done=min(upgrade.next_batch, len(upgrade.batches)),

@@ -689,7 +689,8 @@ class ScaleSetsServicer(_Servicer, pb_grpc.ScaleSetsServicer):
 
     async def SetRepairsServiceState(self, request: pb.SetRepairsServiceStateRequest, context: Any) -> Any:
         name = _require(request.name, "name")
-        command = cmd.SetRepairsServiceState(name, request.state)
+        state = convert.enum_word(pb.RepairsServiceState.DESCRIPTOR, request.state, "state")
+        command = cmd.SetRepairsServiceState(name, state)
         return await self._mutate(
             "SetRepairsServiceState",
             request,
