@@ -38,7 +38,8 @@ def disk_full(server: ServerThread, full: bool) -> None:
 
 def test_a_failed_commit_is_not_acknowledged_and_leaves_no_trace(server: ServerThread) -> None:
     with Client(server.target, retries=0) as c:
-        info, _ = c.create_scale_set(zonal_spec(), 3)
+        c.create_scale_set(zonal_spec(), 3)
+        info = c.get_scale_set("web")
         disk_full(server, True)
         with pytest.raises(UnavailableError) as caught:
             c.import_instances("web", MANY, request_id="big-import")

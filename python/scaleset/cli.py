@@ -264,7 +264,8 @@ def cmd_create(args: argparse.Namespace) -> int:
     if args.capacity is not None:
         capacity = args.capacity
     with _client(args) as client:
-        info, plan = client.create_scale_set(spec, capacity or 0)
+        plan = client.create_scale_set(spec, capacity or 0)
+        info = client.get_scale_set(spec.name)
     print(f"created {info.spec.name} (revision {info.revision})")
     _print_plan(plan)
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import typing
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from google.protobuf.descriptor import EnumDescriptor
@@ -44,6 +45,11 @@ HEALTH_TO_PB = {
     "Unhealthy": pb.HEALTH_UNHEALTHY,
 }
 HEALTH_FROM_PB = {v: k for k, v in HEALTH_TO_PB.items()}
+
+
+def priority_word(value: int, field: str) -> str:
+    """Regular or Spot for a wire Priority (unspecified means Regular)."""
+    return _enum(PRIORITY_FROM_PB, value, field, "Regular")
 
 
 def _enum(table: dict[Any, str], value: int, field: str, default: str | None = None) -> str:
@@ -454,6 +460,78 @@ def columns_to_proto(cols: dict[str, list[Any]], start: int, stop: int) -> pb.In
     return msg
 
 
+class Column(Sequence[Any]):
+    """One column of a listing, read-only, decoded on access from the reply's packed column (through a
+    dictionary for zones, sizes and enums): no Python object per row until the row is read. Compares
+    equal to a list with the same items."""
+
+    __slots__ = ("_codes", "_table")
+
+    def __init__(self, codes: Sequence[Any], table: Sequence[Any] | Mapping[Any, Any] | None = None) -> None:
+        self._codes = codes
+        self._table = table
+
+    def __len__(self) -> int:
+        return len(self._codes)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return list(self)[index]
+        code = self._codes[index]
+        return code if self._table is None else self._table[code]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._codes) if self._table is None else map(self._table.__getitem__, self._codes)
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, Sequence)
+            and len(other) == len(self)
+            and all(a == b for a, b in zip(self, other, strict=True))
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return repr(list(self))
+
+
+def listing_columns(msg: pb.InstanceColumns, scale_set: str) -> dict[str, Sequence[Any]]:
+    """A listing page as the engine's columns (``name`` None for default names), each a :class:`Column`
+    over the reply's packed column: no object per row."""
+    ids = msg.instance_id
+    custom = dict(msg.custom_names)
+    return {
+        "instance_id": Column(ids),
+        "name": Column([custom.get(i) for i in ids]) if custom else Column([None] * len(ids)),
+        "zone": Column(msg.zone, [z or None for z in msg.zone_names]),
+        "fault_domain": Column(msg.fault_domain),
+        "vm_size": Column(msg.vm_size, list(msg.vm_size_names)),
+        "priority": Column(msg.priority, PRIORITY_FROM_PB),
+        "power_state": Column(msg.power_state, POWER_FROM_PB),
+        "health": Column(msg.health, HEALTH_FROM_PB),
+        "model_version": Column(msg.model_version),
+        "protect_from_scale_in": Column(msg.protect_from_scale_in),
+        "protect_from_scale_set_actions": Column(msg.protect_from_scale_set_actions),
+    }
+
+
+def instance_to_proto(i: Instance) -> pb.Instance:
+    return pb.Instance(
+        instance_id=i.instance_id,
+        name=i.name or "",
+        zone=i.zone or "",
+        fault_domain=i.fault_domain,
+        vm_size=i.vm_size,
+        priority=PRIORITY_TO_PB[i.priority],
+        power_state=POWER_TO_PB[i.power_state],
+        health=HEALTH_TO_PB[i.health],
+        model_version=i.model_version or 0,
+        protect_from_scale_in=i.protect_from_scale_in,
+        protect_from_scale_set_actions=i.protect_from_scale_set_actions,
+    )
+
+
 def columns_from_proto(msg: pb.InstanceColumns, scale_set: str) -> list[Instance]:
     return [
         Instance(
@@ -494,7 +572,10 @@ def region_to_proto(region: Region, revision: int) -> pb.Region:
         msg.zones.add(name=zone, available=zone not in region.unavailable_zones)
     for pool in region.pools:
         entry = msg.pools.add(
-            zone=pool.zone or "", vm_size=pool.vm_size, priority=pool.priority, price=pool.price
+            zone=pool.zone or "",
+            vm_size=pool.vm_size,
+            priority=PRIORITY_TO_PB[pool.priority],
+            price=pool.price,
         )
         if pool.available is not None:
             entry.available = pool.available
@@ -514,7 +595,7 @@ def pool_from_proto(msg: pb.Pool) -> Pool:
     return Pool(
         zone=msg.zone or None,
         vm_size=msg.vm_size,
-        priority=msg.priority or "Regular",
+        priority=priority_word(msg.priority, "pool.priority"),
         available=msg.available if msg.HasField("available") else None,
         price=msg.price if msg.HasField("price") else 0.0,
     )

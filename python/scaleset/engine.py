@@ -15,6 +15,7 @@ from typing import Any
 from scaleset import _core
 from scaleset.errors import invalid_input
 from scaleset.model import (
+    INSTANCE_COLUMNS,
     AutoscaleCapacity,
     Eviction,
     Instance,
@@ -28,20 +29,6 @@ from scaleset.model import (
 log = logging.getLogger(__name__)
 
 __all__ = ["Engine", "MetricBuffer", "check_count", "compile_rules", "duration_seconds"]
-
-_INSTANCE_COLUMNS = (
-    "instance_id",
-    "name",
-    "zone",
-    "fault_domain",
-    "vm_size",
-    "priority",
-    "power_state",
-    "health",
-    "model_version",
-    "protect_from_scale_in",
-    "protect_from_scale_set_actions",
-)
 
 
 #: The highest per-scale-set instance limit an engine accepts (ours: it bounds one plan's memory).
@@ -205,8 +192,8 @@ class Engine:
         ]
         cols["name"] = names
         return tuple(
-            Instance(**dict(zip(_INSTANCE_COLUMNS, row, strict=False)))
-            for row in zip(*(cols[c] for c in _INSTANCE_COLUMNS), strict=False)
+            Instance(**dict(zip(INSTANCE_COLUMNS, row, strict=False)))
+            for row in zip(*(cols[c] for c in INSTANCE_COLUMNS), strict=False)
         )
 
     def import_instances(self, name: str, instances: Iterable[Instance]) -> None:
@@ -215,7 +202,7 @@ class Engine:
         Imported instances keep the capacity they already hold: pools are not charged for them.
         """
         items: Sequence[Instance] = list(instances)
-        columns = {c: [getattr(i, c) for i in items] for c in _INSTANCE_COLUMNS}
+        columns = {c: [getattr(i, c) for i in items] for c in INSTANCE_COLUMNS}
         self._core.import_instances(name, columns)
 
     def delete_instances(self, name: str, instance_ids: Iterable[int]) -> Plan:

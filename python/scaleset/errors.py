@@ -11,6 +11,9 @@ status code:
 * :class:`NotFoundError` - a scale set, instance or zone does not exist (``NOT_FOUND``).
 * :class:`CapacityError` - the region cannot supply what was asked (``RESOURCE_EXHAUSTED``).
 * :class:`UnavailableError` - the store failed; the change was not acknowledged (``UNAVAILABLE``).
+
+Two more reach only a client: :class:`AccessDeniedError` (``UNAUTHENTICATED``, ``PERMISSION_DENIED``) and
+:class:`InternalError` (``INTERNAL`` and anything else unexpected: a server bug, never a retry).
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ from scaleset._core import (
 )
 
 __all__ = [
+    "AccessDeniedError",
     "CapacityError",
     "ConflictError",
+    "InternalError",
     "InvalidInputError",
     "NotFoundError",
     "ScaleSetError",
@@ -43,6 +48,16 @@ __all__ = [
 class UnavailableError(ScaleSetError):
     """The store failed to commit; the change was not acknowledged and has been rolled back. Retrying the
     same request (with its request_id) is safe."""
+
+
+class AccessDeniedError(ScaleSetError):
+    """The server refused the caller: no valid token (UNAUTHENTICATED), or a role too small for the call
+    (PERMISSION_DENIED, naming the role needed)."""
+
+
+class InternalError(ScaleSetError):
+    """The server failed in a way it did not expect (INTERNAL, UNKNOWN): a bug to report, with its
+    request_id; retrying the same call will not help."""
 
 
 def error(

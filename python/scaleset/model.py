@@ -321,6 +321,23 @@ class Instance:
         _check_int(self, "model_version")
 
 
+#: The columns of a scale set's instances (``Controller.instance_columns``, ``Client.instance_columns``):
+#: one list per :class:`Instance` field.
+INSTANCE_COLUMNS = (
+    "instance_id",
+    "name",
+    "zone",
+    "fault_domain",
+    "vm_size",
+    "priority",
+    "power_state",
+    "health",
+    "model_version",
+    "protect_from_scale_in",
+    "protect_from_scale_set_actions",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class ScaleSet:
     """A stored scale set: its model and its instances (sorted by instance id)."""

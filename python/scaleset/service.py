@@ -858,7 +858,7 @@ class RegionsServicer(pb_grpc.RegionsServicer):
             command=command,
             encode=lambda o: self._region(),
             request_id=request.request_id,
-            payload=request.SerializeToString(),
+            payload=_meaning(request),
         )
 
     async def SetPoolCapacity(self, request: pb.SetPoolCapacityRequest, context: Any) -> Any:
@@ -866,7 +866,7 @@ class RegionsServicer(pb_grpc.RegionsServicer):
         command = cmd.SetPoolCapacity(
             zone=pool.zone or None,
             vm_size=_require(pool.vm_size, "pool.vm_size"),
-            priority=pool.priority or "Regular",
+            priority=convert.priority_word(pool.priority, "pool.priority"),
             available=pool.available if pool.HasField("available") else None,
             price=pool.price if pool.HasField("price") else None,
         )
@@ -875,7 +875,7 @@ class RegionsServicer(pb_grpc.RegionsServicer):
             command=command,
             encode=lambda o: self._region(),
             request_id=request.request_id,
-            payload=request.SerializeToString(),
+            payload=_meaning(request),
         )
 
 

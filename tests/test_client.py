@@ -1,0 +1,125 @@
+"""The Python clients mirror the in-process Controller: the same return types where the wire carries them,
+the same errors, a blocking and an asyncio flavour with the same methods, retries that honour RetryInfo."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from scaleset import Controller, Region
+from scaleset.client import AsyncClient, Client
+from scaleset.errors import AccessDeniedError, CapacityError, ConflictError, InternalError, InvalidInputError
+from scaleset.testing.server import ServerThread
+
+from tests.conftest import zonal_spec
+
+REGION = Region(zones=["1", "2", "3"], fault_domains_per_zone=3)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerThread]:
+    with ServerThread(str(tmp_path / "state.db"), REGION) as s:
+        yield s
+
+
+def public(cls: type) -> dict[str, inspect.Signature]:
+    return {
+        name: inspect.signature(getattr(cls, name))
+        for name in dir(cls)
+        if not name.startswith("_") and callable(getattr(cls, name))
+    }
+
+
+def test_both_clients_have_the_same_methods_with_the_same_parameters() -> None:
+    sync, asynchronous = public(Client), public(AsyncClient)
+    assert sync.keys() == asynchronous.keys()
+    for name, signature in sync.items():
+        assert list(signature.parameters) == list(asynchronous[name].parameters), name
+
+
+def test_the_client_returns_what_the_controller_returns(server: ServerThread) -> None:
+    local = Controller(REGION)
+    with Client(server.target) as c:
+        spec = zonal_spec()
+        assert c.create_scale_set(spec, 5) == local.create_scale_set(spec, 5)
+        assert c.set_capacity("web", 2) == local.set_capacity("web", 2)
+        # Columns as the engine keys them, with no object per row; rows as Instances on request.
+        assert c.instance_columns("web") == local.instance_columns("web")
+        assert c.instance_columns("web", page_size=1) == local.instance_columns("web")  # pages joined
+        zones = c.instance_columns("web")["zone"]
+        assert (len(zones), zones[0], zones[-1], zones[:1]) == (2, "1", "2", ["1"])
+        assert c.list_instances("web") == list(local.get_scale_set("web").instances)
+        assert c.describe_region() == local.describe_region()
+
+
+def test_errors_are_the_same_classes_with_code_and_field(server: ServerThread) -> None:
+    with Client(server.target, retries=0) as c:
+        c.create_scale_set(zonal_spec(), 1)
+        with pytest.raises(ConflictError) as exists:
+            c.create_scale_set(zonal_spec())
+        assert exists.value.code == "ScaleSetAlreadyExists"
+        with pytest.raises(InvalidInputError) as bad:
+            c.create_scale_set(zonal_spec("api", zones=["1", "9"]))
+        assert (bad.value.code, bad.value.field) == ("InvalidParameter", "zones")
+        with pytest.raises(CapacityError):
+            c.set_capacity("web", 5000)
+
+
+def test_unauthenticated_and_internal_are_their_own_kinds() -> None:
+    import grpc
+    from scaleset.client import _Failure
+
+    class Failed(grpc.RpcError):
+        def __init__(self, code: grpc.StatusCode) -> None:
+            self._code = code
+
+        def code(self) -> grpc.StatusCode:
+            return self._code
+
+        def details(self) -> str:
+            return "no"
+
+        def trailing_metadata(self) -> tuple[()]:
+            return ()
+
+    assert isinstance(_Failure.of(Failed(grpc.StatusCode.UNAUTHENTICATED)).exception(), AccessDeniedError)
+    assert isinstance(_Failure.of(Failed(grpc.StatusCode.PERMISSION_DENIED)).exception(), AccessDeniedError)
+    for code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+        failure = _Failure.of(Failed(code))
+        assert isinstance(failure.exception(), InternalError) and not failure.retryable
+
+
+def test_a_rate_limited_call_is_retried_after_the_delay_the_server_asks_for(tmp_path: Path) -> None:
+    with ServerThread(str(tmp_path / "state.db"), REGION, rate_limit=20) as s:
+        with Client(s.target, retries=0) as impatient:
+            with pytest.raises(CapacityError) as limited:
+                for _ in range(100):
+                    impatient.echo(b"x")
+            assert limited.value.code == "RateLimited"
+        with Client(s.target, retries=5) as patient:
+            for _ in range(60):  # three times the burst: the client waits as RetryInfo says
+                assert patient.echo(b"y") == b"y"
+
+
+def test_the_asyncio_client_end_to_end(server: ServerThread) -> None:
+    async def run() -> None:
+        async with AsyncClient(server.target) as c:
+            plan = await c.create_scale_set(zonal_spec(), 3)
+            assert len(plan.creates) == 3
+            watch = c.watch("web")
+            first = await anext(watch)
+            assert first.type == "ScaleSetCreated"
+            await c.set_capacity("web", 5)
+            assert (await anext(watch)).type == "CapacitySet"
+            await watch.aclose()
+            columns = await c.instance_columns("web")
+            assert columns["instance_id"] == [0, 1, 2, 3, 4]
+            assert len(await c.list_scale_sets()) == 1
+            with pytest.raises(ConflictError) as stale:
+                await c.set_capacity("web", 1, etag='W/"1-00000000"')
+            assert stale.value.code == "EtagMismatch"
+
+    asyncio.run(run())
