@@ -173,8 +173,10 @@ def test_autoscale_settings_round_trip_and_unset_fields_take_the_defaults() -> N
                 capacity=pb.AutoscaleCapacity(minimum=1, maximum=2, default=1),
                 rules=[
                     pb.ScaleRule(
-                        metric_trigger=pb.MetricTrigger(metric_name="cpu", operator="LessThan", threshold=5),
-                        scale_action=pb.ScaleAction(direction="Decrease"),
+                        metric_trigger=pb.MetricTrigger(
+                            metric_name="cpu", operator=pb.COMPARISON_OPERATOR_LESS_THAN, threshold=5
+                        ),
+                        scale_action=pb.ScaleAction(direction=pb.SCALE_DIRECTION_DECREASE),
                     )
                 ],
             )
@@ -202,11 +204,15 @@ def test_every_enum_on_the_wire_carries_exactly_the_cores_words() -> None:
 
     from scaleset.convert import _enum_words
 
-    source = (Path(__file__).resolve().parent.parent / "rust/scaleset-core/src/model.rs").read_text()
+    src = Path(__file__).resolve().parent.parent / "rust/scaleset-core/src"
+    source = (src / "model.rs").read_text() + (src / "autoscale.rs").read_text()
     core = {
         field.rsplit(".", 1)[-1]: set(re.findall(r'= "([^"]+)"', values))
-        for field, values in re.findall(r'azure_enum!\([^"]*"([^"]+)"[^{]*\{([^}]*)\}', source)
+        for field, values in re.findall(r'(?:azure_enum|names)!\([^"]*"([^"]+)"[^{]*\{([^}]*)\}', source)
     }
+    from scaleset.policies.autoscale import DAYS
+
+    core["days"] = set(DAYS)  # checked in Python, not in the core
     checked = set()
     for cls, message in MESSAGES:
         for fd in message.DESCRIPTOR.fields:
@@ -225,6 +231,7 @@ def test_every_enum_on_the_wire_carries_exactly_the_cores_words() -> None:
         "image_kind",
     } <= checked
     assert {"mode", "repair_action"} <= checked
+    assert {"operator", "statistic", "time_aggregation", "direction", "type", "days"} <= checked
 
 
 def test_an_enum_value_unknown_to_this_server_is_invalid_input_naming_the_field() -> None:

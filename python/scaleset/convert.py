@@ -218,7 +218,9 @@ def decision_to_proto(d: AutoscaleDecision) -> pb.AutoscaleDecision:
     msg = pb.AutoscaleDecision(
         scale_set=d.scale_set,
         time_unix_ms=round(d.time * 1000),
-        kind=d.kind,
+        kind=typing.cast(
+            "pb.AutoscaleDecisionKind", enum_number(pb.AutoscaleDecisionKind.DESCRIPTOR, d.kind, "kind")
+        ),
         capacity_before=d.capacity_before,
         capacity=d.capacity,
         profile=d.profile,
@@ -239,7 +241,7 @@ def decision_from_proto(msg: pb.AutoscaleDecision) -> AutoscaleDecision:
     return AutoscaleDecision(
         scale_set=msg.scale_set,
         time=msg.time_unix_ms / 1000,
-        kind=msg.kind,
+        kind=enum_word(pb.AutoscaleDecisionKind.DESCRIPTOR, msg.kind, "kind"),
         capacity_before=msg.capacity_before,
         capacity=msg.capacity,
         profile=msg.profile,
