@@ -12,10 +12,14 @@ step install
 python3 -m pip install --quiet --disable-pip-version-check '.[test]'
 # Real components, not mocks: the autoscale tests start Debian's Prometheus themselves (a temporary
 # directory, a free port, stopped afterwards); it only has to be installed.
-if ! command -v prometheus >/dev/null 2>&1; then
+# The PostgreSQL store's tests start Debian's PostgreSQL the same way (scaleset/testing/postgres.py).
+missing=()
+command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null 2>&1 || missing+=(postgresql)
+if [ ${#missing[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 step "lint: ruff check, ruff format --check, cargo fmt --check, cargo clippy -D warnings"

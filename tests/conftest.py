@@ -74,3 +74,13 @@ def details_of(call: object) -> tuple[grpc.StatusCode, list[object]]:
                 detail.Unpack(message)
                 found.append(message)
     return caught.value.code(), found  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[object]:
+    """One real PostgreSQL (Debian's) for the session, in a temporary directory on a free port; tests take
+    a fresh database each with ``postgres.create_database()``."""
+    from scaleset.testing.postgres import PostgresServer
+
+    with PostgresServer() as server:
+        yield server

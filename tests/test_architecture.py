@@ -19,7 +19,7 @@ LAYERS = [
     {"rebalance", "policies"},
     {"commands"},
     {"controller"},
-    {"store", "control", "documents", "prometheus"},
+    {"store", "postgres", "control", "documents", "prometheus"},
     {"convert", "service", "client", "cli", "__main__", "v1", "auth"},
     {"testing"},
 ]
@@ -104,3 +104,26 @@ def test_a_client_does_not_load_the_solver_or_the_store() -> None:
     code = "import sys, scaleset.client; print(sorted(m for m in ('ortools', 'sqlite3', 'scaleset.rebalance') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.strip() == "[]"
+
+
+def test_each_database_and_solver_library_has_one_owner() -> None:
+    owners = {
+        "sqlite3": "store.py",
+        "psycopg": "postgres.py",
+        "psycopg_pool": "postgres.py",
+        "ortools": "rebalance.py",
+    }
+    found: dict[str, set[str]] = {lib: set() for lib in owners}
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            for name in names:
+                if name.split(".")[0] in owners and "testing" not in path.parts:
+                    found[name.split(".")[0]].add(path.name)
+    assert found == {lib: {owner} for lib, owner in owners.items()}

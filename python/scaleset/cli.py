@@ -14,10 +14,13 @@ import signal
 import sys
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from scaleset.errors import ScaleSetError
 from scaleset.model import Instance, Plan, PlannedCreate, PlannedDelete, Region
+
+if TYPE_CHECKING:
+    from scaleset.store import Store
 
 log = logging.getLogger("scaleset")
 
@@ -27,8 +30,19 @@ DEFAULT_REGION = Region(zones=["1", "2", "3"], fault_domains_per_zone=5)
 # ----- serve --------------------------------------------------------------------------------------------
 
 
+def open_store(location: str) -> Store:
+    """The store at ``location``: a ``postgresql://`` URL, or a SQLite file (the default)."""
+    if location.startswith(("postgresql://", "postgres://")):
+        from scaleset.postgres import PostgresStore
+
+        return PostgresStore(location)
+    from scaleset.store import SQLiteStore
+
+    return SQLiteStore(location)
+
+
 async def run_server(
-    db: str,
+    store: str,
     address: str,
     region: Region,
     *,
@@ -51,11 +65,11 @@ async def run_server(
 
     from scaleset.control import ControlPlane
     from scaleset.service import build_server
-    from scaleset.store import SQLiteStore
 
     _raise_file_limit()
+    opened = open_store(store)
     control = ControlPlane(
-        SQLiteStore(db),
+        opened,
         region,
         instance_limit=instance_limit,
         event_retention=event_retention,
@@ -72,7 +86,7 @@ async def run_server(
         )
         log.info("metrics on port %d", metrics_port)
     await server.start()
-    log.info("scaleset listening on %s (port %d), state in %s", address, port, db)
+    log.info("scaleset listening on %s (port %d), state in %s", address, port, opened.path)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -169,7 +183,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     authenticator, credentials = _security(args)
     asyncio.run(
         run_server(
-            args.db,
+            args.store or args.db,
             f"{args.host}:{args.port}",
             region,
             metrics_port=args.metrics_port,
@@ -495,24 +509,24 @@ def cmd_autoscale(args: argparse.Namespace) -> int:
 def cmd_db(args: argparse.Namespace) -> int:
     """``scaleset db check``: the database's integrity, and a full rebuild of the state from it."""
     from scaleset.control import ControlPlane
-    from scaleset.store import SQLiteStore
 
-    if not os.path.exists(args.db):
+    location = args.store or args.db
+    if not args.store and not os.path.exists(args.db):
         print(f"error: {args.db} does not exist", file=sys.stderr)
         return 2
-    store = SQLiteStore(args.db)
+    store = open_store(location)
     try:
         try:
             summary = ControlPlane(store, DEFAULT_REGION).check()
         except ScaleSetError:
             raise
         except Exception as e:
-            print(f"error [DatabaseDamaged]: {args.db}: {e}", file=sys.stderr)
+            print(f"error [DatabaseDamaged]: {store.path}: {e}", file=sys.stderr)
             return 2
     finally:
         store.close()
     print(
-        f"{args.db}: ok: {summary['scale_sets']} scale sets, {summary['instances']} instances, "
+        f"{store.path}: ok: {summary['scale_sets']} scale sets, {summary['instances']} instances, "
         f"state rebuilt at sequence {summary['sequence']}"
     )
     return 0
@@ -564,6 +578,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the gRPC service")
     p.add_argument("--db", default="scaleset.db", help="SQLite file (default: %(default)s)")
+    p.add_argument(
+        "--store",
+        default=os.environ.get("SCALESET_STORE"),
+        help="a postgresql:// URL to keep the state in PostgreSQL instead of --db ($SCALESET_STORE)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--metrics-port", type=int, default=9464, help="Prometheus metrics port; 0 turns it off")
@@ -714,6 +733,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("db", help="check a database (stop the server first)")
     p.add_argument("action", choices=["check"])
     p.add_argument("--db", default="scaleset.db", help="SQLite file (default: %(default)s)")
+    p.add_argument(
+        "--store", default=os.environ.get("SCALESET_STORE"), help="a postgresql:// URL instead of --db"
+    )
     p.set_defaults(func=cmd_db)
 
     p = sub.add_parser("region", help="show the region, mark a zone up/down, set pool capacity")

@@ -61,6 +61,9 @@ class Snapshot:
 
 
 class Store(Protocol):
+    #: Where the state is, for messages (a file, or a URL without its password).
+    path: str
+
     def load(self) -> tuple[Snapshot | None, list[EventRecord]]:
         """The newest snapshot and every event after it, in order."""
         ...
@@ -108,7 +111,9 @@ CREATE TABLE IF NOT EXISTS events (
     summary TEXT NOT NULL,
     time_ms INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS events_by_scale_set ON events (scale_set, revision);
+-- A position is appended once: unique per scale set (and by sequence, the key).
+DROP INDEX IF EXISTS events_by_scale_set;
+CREATE UNIQUE INDEX IF NOT EXISTS events_by_scale_set_revision ON events (scale_set, revision);
 CREATE TABLE IF NOT EXISTS requests (
     request_id TEXT PRIMARY KEY,
     method TEXT NOT NULL,

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from scaleset.cli import open_store
 from scaleset.control import ControlPlane
 from scaleset.model import Region
 from scaleset.service import build_server
-from scaleset.store import SQLiteStore
 
 __all__ = ["ServerThread", "free_port", "start_server_process"]
 
@@ -69,7 +69,8 @@ def start_server_process(db: Path, port: int, log: Path, *extra: str) -> subproc
 
 
 class ServerThread:
-    """``with ServerThread(db_path, region) as server: Client(server.target)``; stops gracefully on exit."""
+    """``with ServerThread(db_path, region) as server: Client(server.target)``; stops gracefully on exit.
+    ``db_path`` is a SQLite file or a ``postgresql://`` URL."""
 
     def __init__(
         self,
@@ -89,7 +90,7 @@ class ServerThread:
             target=self._loop.run_forever, name="scaleset-test-server", daemon=True
         )
         self._thread.start()
-        self.control = ControlPlane(SQLiteStore(db_path), region, **control_options)
+        self.control = ControlPlane(open_store(db_path), region, **control_options)
         self.port = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
         self.target = f"127.0.0.1:{self.port}"
 

@@ -1,0 +1,258 @@
+"""The PostgreSQL store (``scaleset serve --store postgresql://...``): the same event log, snapshots,
+request replies and metadata as the embedded SQLite store, in PostgreSQL, through psycopg 3.
+
+This module owns psycopg. One connection writes (the group committer's batches, each one transaction)
+and holds a session advisory lock, so a second server on the same database is refused as with SQLite;
+reads go through a small connection pool. Events are unique by ``sequence`` and by ``(scale_set,
+revision)``, so no two writers can ever both append the same position. The schema carries a version and
+migrates forward on start; a database newer than the code is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from scaleset.errors import ConflictError, UnavailableError, error
+from scaleset.store import EventRecord, RequestRecord, Snapshot
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SCHEMA_VERSION", "PostgresStore"]
+
+#: Each entry migrates the schema from its index to the next version; SCHEMA_VERSION is their count.
+_MIGRATIONS = [
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE events (
+        sequence BIGINT PRIMARY KEY,
+        scale_set TEXT NOT NULL,
+        revision BIGINT NOT NULL,
+        type TEXT NOT NULL,
+        command TEXT NOT NULL,
+        summary TEXT NOT NULL,
+        time_ms BIGINT NOT NULL,
+        UNIQUE (scale_set, revision)
+    );
+    CREATE TABLE requests (
+        request_id TEXT PRIMARY KEY,
+        method TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        response BYTEA NOT NULL,
+        sequence BIGINT NOT NULL
+    );
+    CREATE INDEX requests_by_sequence ON requests (sequence);
+    CREATE TABLE snapshots (sequence BIGINT PRIMARY KEY, state TEXT NOT NULL);
+    """,
+]
+SCHEMA_VERSION = len(_MIGRATIONS)
+#: The advisory lock key a serving store holds ("scaleset" in ASCII).
+_LOCK_KEY = 0x7363616C65736574
+
+_COLUMNS = "sequence, scale_set, revision, type, command, summary, time_ms"
+
+
+def _event(row: tuple[Any, ...]) -> EventRecord:
+    seq, scale_set, revision, type_, command, summary, time_ms = row
+    return EventRecord(
+        seq,
+        scale_set,
+        revision,
+        type_,
+        json.loads(command),
+        json.loads(summary),
+        time_ms,
+        len(command) + len(summary),
+    )
+
+
+def _redacted(url: str) -> str:
+    """The URL without its password, for messages."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "the given PostgreSQL URL"
+    return f"postgresql://{info.get('user', '')}@{info.get('host', '')}:{info.get('port', '')}/{info.get('dbname', '')}"
+
+
+class PostgresStore:
+    """The :class:`~scaleset.store.Store` on PostgreSQL."""
+
+    def __init__(self, url: str, *, pool_size: int = 4) -> None:
+        self.path = _redacted(url)
+        self._url = url
+        self._write_lock = threading.Lock()
+        self._writer = self._connect_writer()
+        try:
+            self._migrate()
+        except BaseException:
+            self._writer.close()
+            raise
+        self._pool = ConnectionPool(
+            url, min_size=1, max_size=pool_size, kwargs={"autocommit": True}, open=True
+        )
+
+    def _connect_writer(self) -> psycopg.Connection[Any]:
+        """The writing session, holding the advisory lock that makes this server the database's only one."""
+        try:
+            conn = psycopg.connect(self._url, autocommit=True, connect_timeout=10)
+        except psycopg.Error as e:
+            raise error(
+                UnavailableError,
+                f"cannot connect to {self.path}: {str(e).strip().splitlines()[0]}",
+                "DatabaseUnavailable",
+            ) from None
+        locked = conn.execute("SELECT pg_try_advisory_lock(%s)", (_LOCK_KEY,)).fetchone()
+        if not (locked and locked[0]):
+            conn.close()
+            raise error(
+                ConflictError,
+                f"{self.path} is in use by another scaleset server (it holds the scaleset advisory lock); "
+                "stop it, or use another database.",
+                "DatabaseInUse",
+            )
+        return conn
+
+    def _writing(self) -> psycopg.Connection[Any]:
+        """The writer, reconnected (and relocked) if the last one broke; call holding the write lock."""
+        if self._writer.broken or self._writer.closed:
+            log.warning("the connection to %s broke; reconnecting", self.path)
+            self._writer = self._connect_writer()
+        return self._writer
+
+    def _migrate(self) -> None:
+        with self._writer.transaction():
+            self._writer.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = self._writer.execute("SELECT version FROM schema_version FOR UPDATE").fetchone()
+            version = row[0] if row else 0
+            if version > SCHEMA_VERSION:
+                raise error(
+                    UnavailableError,
+                    f"{self.path} has schema version {version}, newer than this scaleset's {SCHEMA_VERSION}; "
+                    "upgrade scaleset before serving it.",
+                    "SchemaTooNew",
+                )
+            for step in range(version, SCHEMA_VERSION):
+                self._writer.execute(_MIGRATIONS[step])
+                log.info("migrated %s to schema version %d", self.path, step + 1)
+            if row is None:
+                self._writer.execute("INSERT INTO schema_version VALUES (%s)", (SCHEMA_VERSION,))
+            elif version != SCHEMA_VERSION:
+                self._writer.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION,))
+
+    def _read(self, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._pool.connection() as conn:
+            return conn.execute(query, params).fetchall()
+
+    def load(self) -> tuple[Snapshot | None, list[EventRecord]]:
+        rows = self._read("SELECT sequence, state FROM snapshots ORDER BY sequence DESC LIMIT 1")
+        snapshot = Snapshot(rows[0][0], json.loads(rows[0][1])) if rows else None
+        after = snapshot.sequence if snapshot else 0
+        events = self._read(f"SELECT {_COLUMNS} FROM events WHERE sequence > %s ORDER BY sequence", (after,))
+        return snapshot, [_event(r) for r in events]
+
+    def append(self, events: Sequence[EventRecord], requests: Sequence[RequestRecord]) -> list[int]:
+        rows = [
+            (
+                e.sequence,
+                e.scale_set,
+                e.revision,
+                e.type,
+                json.dumps(e.command),
+                json.dumps(e.summary),
+                e.time_ms,
+            )
+            for e in events
+        ]
+        with self._write_lock, self._writing().transaction(), self._writer.cursor() as cur:
+            cur.executemany(f"INSERT INTO events ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s)", rows)
+            cur.executemany(
+                "INSERT INTO requests (request_id, method, fingerprint, response, sequence) VALUES (%s, %s, %s, %s, %s)",
+                [(r.request_id, r.method, r.fingerprint, r.response, r.sequence) for r in requests],
+            )
+        return [len(r[4]) + len(r[5]) for r in rows]
+
+    def events_after(self, scale_set: str | None, after: int, limit: int) -> list[EventRecord]:
+        if scale_set is None:
+            rows = self._read(
+                f"SELECT {_COLUMNS} FROM events WHERE sequence > %s ORDER BY sequence LIMIT %s",
+                (after, limit),
+            )
+        else:
+            rows = self._read(
+                f"SELECT {_COLUMNS} FROM events WHERE scale_set = %s AND revision > %s ORDER BY sequence LIMIT %s",
+                (scale_set, after, limit),
+            )
+        return [_event(r) for r in rows]
+
+    def lookup_request(self, request_id: str) -> RequestRecord | None:
+        rows = self._read(
+            "SELECT request_id, method, fingerprint, response, sequence FROM requests WHERE request_id = %s",
+            (request_id,),
+        )
+        return (
+            RequestRecord(rows[0][0], rows[0][1], rows[0][2], bytes(rows[0][3]), rows[0][4]) if rows else None
+        )
+
+    def save_snapshot(self, snapshot: Snapshot) -> None:
+        data = json.dumps(snapshot.state, separators=(",", ":"))
+        with self._write_lock, self._writing().transaction():
+            self._writer.execute(
+                "INSERT INTO snapshots (sequence, state) VALUES (%s, %s) "
+                "ON CONFLICT (sequence) DO UPDATE SET state = EXCLUDED.state",
+                (snapshot.sequence, data),
+            )
+            self._writer.execute("DELETE FROM snapshots WHERE sequence < %s", (snapshot.sequence,))
+
+    def compact(self, events_through: int, requests_through: int) -> None:
+        with self._write_lock, self._writing().transaction():
+            self._writer.execute("DELETE FROM events WHERE sequence <= %s", (events_through,))
+            self._writer.execute("DELETE FROM requests WHERE sequence <= %s", (requests_through,))
+
+    def first_retained(self, scale_set: str | None) -> int | None:
+        if scale_set is None:
+            rows = self._read("SELECT min(sequence) FROM events")
+        else:
+            rows = self._read("SELECT min(revision) FROM events WHERE scale_set = %s", (scale_set,))
+        return None if not rows or rows[0][0] is None else int(rows[0][0])
+
+    def get_meta(self, key: str) -> str | None:
+        rows = self._read("SELECT value FROM meta WHERE key = %s", (key,))
+        return rows[0][0] if rows else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._write_lock:
+            self._writing().execute(
+                "INSERT INTO meta (key, value) VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                (key, value),
+            )
+
+    def check(self) -> None:
+        """The log must be gap-free after the newest snapshot (PostgreSQL guards the pages themselves)."""
+        snapshot = self._read("SELECT coalesce(max(sequence), 0) FROM snapshots")[0][0]
+        first, last, count = self._read(
+            "SELECT min(sequence), max(sequence), count(*) FROM events WHERE sequence > %s", (snapshot,)
+        )[0]
+        if count and (first != snapshot + 1 or last - first + 1 != count):
+            raise error(
+                UnavailableError,
+                f"{self.path} is damaged: the event log after snapshot {snapshot} has gaps "
+                f"({count} events between {first} and {last}); restore it from a backup.",
+                "DatabaseDamaged",
+            )
+
+    def close(self) -> None:
+        with self._write_lock:
+            self._pool.close()
+            try:
+                # Released now, not when the server notices the session ended: a restart may follow at once.
+                self._writer.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
+            except psycopg.Error:
+                log.warning("could not release the lock on %s; it goes with the session", self.path)
+            self._writer.close()
