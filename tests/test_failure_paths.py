@@ -177,3 +177,33 @@ def test_a_database_copied_without_its_write_ahead_log_is_refused_not_served_sta
     copy = SQLiteStore(str(clean))
     assert [e.sequence for e in copy.iter_all_events()] == [1, 2, 3]
     copy.close()
+
+
+def test_a_watch_opened_while_a_change_is_being_committed_still_gets_it(tmp_path: Path) -> None:
+    """On a fresh server (nothing published yet), a watch that starts between a change's apply and its
+    commit must still deliver it: it is neither in the store yet nor in the shared buffer."""
+    with ServerThread(str(tmp_path / "state.db"), REGION) as server:
+        store = server.control._store
+        append, gate = store.append, threading.Event()
+
+        def slow_append(*args: object) -> list[int]:
+            gate.wait(10)
+            return append(*args)  # type: ignore[arg-type]
+
+        store.append = slow_append  # type: ignore[method-assign]
+        creating = threading.Thread(
+            target=lambda: Client(server.target).create_scale_set(zonal_spec(), 1), daemon=True
+        )
+        creating.start()
+        while server.control.sequence == 0:  # applied, not committed
+            threading.Event().wait(0.01)
+
+        async def first_event() -> str:
+            stream = await server.control.watch("", 0)
+            gate.set()
+            batch = await asyncio.wait_for(anext(stream), 5)
+            await stream.aclose()
+            return batch[0].type
+
+        assert server.call(first_event()) == "ScaleSetCreated"
+        creating.join(10)

@@ -134,6 +134,10 @@ class ControlPlane:
         self._recent_events: list[EventRecord] = []
         self._recent_sizes: collections.deque[int] = collections.deque()
         self._recent_bytes = 0
+        #: The last committed (and published) sequence and revision of each scale set; ``sequence`` and
+        #: ``revisions`` run ahead of them by what is in flight.
+        self._published_sequence = 0
+        self._committed: dict[str, int] = {}
         #: (scale_set, first position) -> a full chunk of stored events; LRU, bounded by bytes.
         self._replay_cache: collections.OrderedDict[tuple[str, int], list[EventRecord]] = (
             collections.OrderedDict()
@@ -207,6 +211,8 @@ class ControlPlane:
                     f"the stored log cannot be replayed at sequence {event.sequence} ({event.type}): {exc}"
                 ) from exc
             self._count(event)
+        self._published_sequence = self.sequence  # everything loaded is committed
+        self._committed = dict(self.revisions)
         log.info("loaded state at sequence %d (%d events replayed)", self.sequence, len(events))
 
     def _count(self, event: EventRecord) -> None:
@@ -518,6 +524,10 @@ class ControlPlane:
     def _publish(self, events: list[EventRecord], sizes: list[int]) -> None:
         """O(events), whatever the number of watchers: they read the shared buffer when woken."""
         self._recent_events.extend(events)
+        for e in events:
+            self._published_sequence = e.sequence
+            if e.scale_set:
+                self._committed[e.scale_set] = e.revision
         self._recent_sizes.extend(sizes)
         self._recent_bytes += sum(sizes)
         drop = 0
@@ -573,8 +583,9 @@ class ControlPlane:
     # ----- watching -----------------------------------------------------------------------------------
 
     async def _check_retained(self, scale_set: str, after: int) -> None:
-        """A watch may resume only where the stored events still reach; older positions were compacted."""
-        current = self.revision(scale_set) if scale_set else self.sequence
+        """A watch may resume only where the stored events still reach; older positions were compacted.
+        Positions are compared with what is committed (changes in flight are not in the store yet)."""
+        current = self._committed.get(scale_set, 0) if scale_set else self._published_sequence
         if after >= current:
             return
         first = await asyncio.to_thread(self._store.first_retained, scale_set or None)
@@ -645,7 +656,7 @@ class ControlPlane:
             while not self._closing:
                 # Everything published up to here is in the store: read it from there, then follow the
                 # shared buffer from this point (duplicates are skipped by position).
-                cursor = self._recent_events[-1].sequence if self._recent_events else self.sequence
+                cursor = self._published_sequence
                 while stored := await self._stored_events(scale_set, last):
                     batch = wanted(stored, last)
                     yield batch
