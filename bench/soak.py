@@ -9,11 +9,12 @@ with its database in a temporary directory, and stops it at the end.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import multiprocessing
 import os
 import signal
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -40,19 +41,27 @@ def db_mb(db: Path) -> float:
     return sum(p.stat().st_size for p in db.parent.glob(db.name + "*") if p.is_file()) / 1e6
 
 
-def watcher(target: str, reads: bool, stop: threading.Event) -> None:
-    with grpc.insecure_channel(target) as channel:
-        stream = pb_grpc.ScaleSetsStub(channel).WatchEvents(pb.WatchEventsRequest())
-        try:
-            for _ in stream:
-                if not reads:
-                    stop.wait()  # holds the stream open without reading another event
-                if stop.is_set():
-                    break
-        except grpc.RpcError:
-            pass
-        finally:
-            stream.cancel()
+async def _watch(target: str, count: int, reads: bool) -> None:
+    """``count`` watch streams on one asyncio channel; a reading stream reads every message, the others
+    read one and then hold the stream open without reading another."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.ScaleSetsStub(channel)
+
+        async def one() -> None:
+            stream = stub.WatchEvents(pb.WatchEventsRequest())
+            try:
+                async for _ in stream:
+                    if not reads:
+                        await asyncio.Event().wait()  # never set: stops reading
+            except grpc.RpcError:
+                pass
+
+        await asyncio.gather(*(one() for _ in range(count)))
+
+
+def watchers(target: str, count: int, reads: bool) -> None:
+    """A watcher process (killed at the end of the soak)."""
+    asyncio.run(_watch(target, count, reads))
 
 
 def main() -> None:
@@ -83,13 +92,16 @@ def main() -> None:
                         spec.name = f"load-{p}-{k}"
                         stub.CreateScaleSet(pb.CreateScaleSetRequest(scale_set=spec, capacity=10))
             quiet = run_load(target, "set_capacity", PROCESSES, INFLIGHT, 100)
-            stop = threading.Event()
-            threads = [
-                threading.Thread(target=watcher, args=(target, w % 2 == 0, stop), daemon=True)
-                for w in range(args.watchers)
+            # The watchers run in two processes of their own (asyncio channels), one reading, one not.
+            procs = [
+                multiprocessing.Process(
+                    target=watchers, args=(target, args.watchers // 2, reads), daemon=True
+                )
+                for reads in (True, False)
             ]
-            for t in threads:
-                t.start()
+            for w in procs:
+                w.start()
+            time.sleep(2)
             print(
                 f"unloaded: {quiet.per_second:.0f}/s p99 {quiet.p99_ms:.1f} ms; {args.watchers} watchers, half never read"
             )
@@ -104,7 +116,8 @@ def main() -> None:
                     f"{minute:7.1f} {r.per_second:8.0f} {r.p99_ms:8.1f} {rss_mb(proc.pid):8.1f} {db_mb(db):8.1f}"
                 )
             print(f"worst loaded p99 {worst:.1f} ms = {worst / quiet.p99_ms:.1f}x unloaded")
-            stop.set()
+            for w in procs:
+                w.kill()
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
