@@ -20,7 +20,7 @@ LAYERS = [
     {"commands"},
     {"controller"},
     {"store", "postgres", "control", "documents", "prometheus"},
-    {"convert", "service", "client", "cli", "__main__", "v1", "auth"},
+    {"convert", "service", "client", "cli", "__main__", "v1", "auth", "gateway"},
     {"testing"},
 ]
 

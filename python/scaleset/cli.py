@@ -57,6 +57,8 @@ async def run_server(
     credentials: Any = None,
     rate_limit: float = 10_000.0,
     max_watchers: int = 1000,
+    http_port: int | None = None,
+    http_tls: Any = None,
 ) -> None:
     """Runs the service until SIGTERM or SIGINT, then drains in-flight calls and commits. Every
     ``advance_interval`` seconds the time-driven policies (rolling upgrades, repairs, autoscale, automatic
@@ -85,8 +87,22 @@ async def run_server(
             metrics_port, addr=address.rsplit(":", 1)[0].strip("[]") or "127.0.0.1", registry=metrics.registry
         )
         log.info("metrics on port %d", metrics_port)
+    gateway, private = None, None
+    if http_port is not None:
+        import tempfile
+
+        from scaleset.gateway import Gateway
+
+        # The gateway reaches the gRPC services over a Unix socket in a directory only we can open (0700).
+        private = tempfile.mkdtemp(prefix="scaleset-gateway-")
+        server.add_insecure_port(f"unix:{private}/grpc.sock")
+        gateway = Gateway(f"unix:{private}/grpc.sock", tls=http_tls)
     await server.start()
     log.info("scaleset listening on %s (port %d), state in %s", address, port, opened.path)
+    if gateway is not None and http_port is not None:
+        host = address.rsplit(":", 1)[0].strip("[]") or "127.0.0.1"
+        await gateway.start(host, http_port)
+        log.info("HTTP/JSON gateway on %s port %d", host, http_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -116,8 +132,14 @@ async def run_server(
     await stop.wait()
     log.info("shutting down: draining calls for up to %.0f s", grace)
     await driver
+    if gateway is not None:
+        await gateway.stop()
     await server.stop(grace)
     await control.stop()
+    if private is not None:
+        import shutil
+
+        shutil.rmtree(private, ignore_errors=True)
     log.info("stopped")
 
 
@@ -176,6 +198,21 @@ def _security(args: argparse.Namespace) -> tuple[Any, Any]:
     return authenticator, credentials
 
 
+def _http_tls(args: argparse.Namespace) -> Any:
+    """The HTTP/JSON gateway's TLS context: the gRPC server's certificate and, with --tls-client-ca,
+    client certificates required as on gRPC."""
+    if args.http_port is None or not args.tls_cert:
+        return None
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(args.tls_cert, args.tls_key)
+    if args.tls_client_ca:
+        context.load_verify_locations(args.tls_client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from scaleset.documents import load_document
 
@@ -197,6 +234,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             credentials=credentials,
             rate_limit=args.rate_limit,
             max_watchers=args.max_watchers,
+            http_port=args.http_port,
+            http_tls=_http_tls(args),
         )
     )
     return 0
@@ -585,6 +624,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=50051)
+    p.add_argument(
+        "--http-port",
+        type=int,
+        help="also serve the API as HTTP/JSON on this port (POST /scaleset.v1.ScaleSets/SetCapacity ...); "
+        "off by default",
+    )
     p.add_argument("--metrics-port", type=int, default=9464, help="Prometheus metrics port; 0 turns it off")
     p.add_argument(
         "--region", help="YAML/JSON region: zones, fault_domains_per_zone, pools (first start only)"

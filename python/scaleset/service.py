@@ -50,7 +50,7 @@ from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Metrics", "build_server", "status_for"]
+__all__ = ["FORWARDED_FOR", "Metrics", "build_server", "status_for"]
 
 ERROR_DOMAIN = "scaleset"
 #: Capacity changes or imports larger than this run on a worker thread, off the event loop.
@@ -190,9 +190,19 @@ class RateLimiter:
         return allowed
 
 
+#: Metadata the HTTP/JSON gateway sets to its caller's address; trusted only on the gateway's private
+#: Unix socket (a directory only the server's process can open).
+FORWARDED_FOR = "x-scaleset-forwarded-for"
+
+
 def _client_address(context: grpc.aio.ServicerContext) -> str:
-    """The caller's address without its port ("ipv4:127.0.0.1:5555" -> "ipv4:127.0.0.1")."""
+    """The caller's address without its port ("ipv4:127.0.0.1:5555" -> "ipv4:127.0.0.1"); through the
+    gateway, the address the gateway was called from."""
     peer = str(context.peer() or "")
+    if peer.startswith("unix:"):
+        for key, value in context.invocation_metadata() or ():
+            if key == FORWARDED_FOR:
+                return f"http:{value}"
     return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
 
 
