@@ -30,12 +30,19 @@ DEFAULT_REGION = Region(zones=["1", "2", "3"], fault_domains_per_zone=5)
 # ----- serve --------------------------------------------------------------------------------------------
 
 
-def open_store(location: str) -> Store:
-    """The store at ``location``: a ``postgresql://`` URL, or a SQLite file (the default)."""
+def open_store(location: str, *, standby: bool = False) -> Store:
+    """The store at ``location``: a ``postgresql://`` URL, or a SQLite file (the default). A standby
+    waits until no other server holds the PostgreSQL database."""
     if location.startswith(("postgresql://", "postgres://")):
         from scaleset.postgres import PostgresStore
 
-        return PostgresStore(location)
+        return PostgresStore(location, standby=standby)
+    if standby:
+        from scaleset.errors import invalid_input
+
+        raise invalid_input(
+            "--standby needs --store postgresql://... (a SQLite file has one server).", field="standby"
+        )
     from scaleset.store import SQLiteStore
 
     return SQLiteStore(location)
@@ -59,7 +66,8 @@ async def run_server(
     max_watchers: int = 1000,
     http_port: int | None = None,
     http_tls: Any = None,
-) -> None:
+    standby: bool = False,
+) -> int:
     """Runs the service until SIGTERM or SIGINT, then drains in-flight calls and commits. Every
     ``advance_interval`` seconds the time-driven policies (rolling upgrades, repairs, autoscale, automatic
     zone balance) advance to the clock, after the autoscale queries are read from ``prometheus_url``."""
@@ -69,7 +77,7 @@ async def run_server(
     from scaleset.service import build_server
 
     _raise_file_limit()
-    opened = open_store(store)
+    opened = open_store(store, standby=standby)
     control = ControlPlane(
         opened,
         region,
@@ -129,18 +137,43 @@ async def run_server(
                 pass
 
     driver = asyncio.create_task(drive_policies(), name="scaleset-policies")
+    lost: list[str] = []
+
+    async def hold_the_database() -> None:
+        """With PostgreSQL: prove every second that this server still holds the database; if it does not
+        (the session died, a standby took over), stop serving at once so clients move to the new one."""
+        heartbeat = getattr(opened, "heartbeat", None)
+        while heartbeat is not None and not stop.is_set():
+            try:
+                await asyncio.to_thread(heartbeat)
+            except ScaleSetError as e:
+                lost.append(str(e))
+                log.error("%s; stopping so that clients fail over to the server that holds it now", e)
+                stop.set()
+                return
+            try:
+                await asyncio.wait_for(stop.wait(), 1.0)
+            except TimeoutError:
+                pass
+
+    holder = asyncio.create_task(hold_the_database(), name="scaleset-database-lease")
     await stop.wait()
+    await holder
     log.info("shutting down: draining calls for up to %.0f s", grace)
     await driver
     if gateway is not None:
         await gateway.stop()
-    await server.stop(grace)
-    await control.stop()
+    await server.stop(0 if lost else grace)
+    if lost:
+        control.abandon()  # nothing more may be written: another server owns the database
+    else:
+        await control.stop()
     if private is not None:
         import shutil
 
         shutil.rmtree(private, ignore_errors=True)
     log.info("stopped")
+    return 1 if lost else 0
 
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -218,7 +251,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     region = Region.from_dict(load_document(args.region)) if args.region else DEFAULT_REGION
     authenticator, credentials = _security(args)
-    asyncio.run(
+    return asyncio.run(
         run_server(
             args.store or args.db,
             f"{args.host}:{args.port}",
@@ -236,9 +269,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_watchers=args.max_watchers,
             http_port=args.http_port,
             http_tls=_http_tls(args),
+            standby=args.standby,
         )
     )
-    return 0
 
 
 # ----- client commands ----------------------------------------------------------------------------------
@@ -624,6 +657,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=50051)
+    p.add_argument(
+        "--standby",
+        action="store_true",
+        help="with --store postgresql://: wait while another server holds the database, take over when it goes",
+    )
     p.add_argument(
         "--http-port",
         type=int,

@@ -235,6 +235,20 @@ class ControlPlane:
         self._published.set()
         await asyncio.to_thread(self._store.close)
 
+    def abandon(self) -> None:
+        """Stops without writing anything more (another server owns the store now): what is queued was
+        never acknowledged, and fails as unavailable."""
+        self._closing = True
+        for p in self._queue:
+            if not p.future.done():
+                p.future.set_exception(
+                    unavailable("this server lost its database; retry on the server that holds it.")
+                )
+                p.future.exception()
+        self._queue = []
+        self._wake.set()
+        self._published.set()
+
     # ----- reads --------------------------------------------------------------------------------------
 
     async def settled(self) -> Controller:

@@ -13,18 +13,19 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from scaleset.errors import ConflictError, UnavailableError, error
+from scaleset.errors import ConflictError, ScaleSetError, UnavailableError, error
 from scaleset.store import EventRecord, RequestRecord, Snapshot
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SCHEMA_VERSION", "PostgresStore"]
+__all__ = ["LEASE_S", "SCHEMA_VERSION", "PostgresStore"]
 
 #: Each entry migrates the schema from its index to the next version; SCHEMA_VERSION is their count.
 _MIGRATIONS = [
@@ -52,6 +53,9 @@ _MIGRATIONS = [
     """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
+#: How often a standby asks for the lock, and about how long a dead server's session (and lock) lasts.
+STANDBY_POLL_S = 0.5
+LEASE_S = 5.0
 #: The advisory lock key a serving store holds ("scaleset" in ASCII).
 _LOCK_KEY = 0x7363616C65736574
 
@@ -84,11 +88,11 @@ def _redacted(url: str) -> str:
 class PostgresStore:
     """The :class:`~scaleset.store.Store` on PostgreSQL."""
 
-    def __init__(self, url: str, *, pool_size: int = 4) -> None:
+    def __init__(self, url: str, *, pool_size: int = 4, standby: bool = False) -> None:
         self.path = _redacted(url)
         self._url = url
         self._write_lock = threading.Lock()
-        self._writer = self._connect_writer()
+        self._writer = self._wait_for_lock() if standby else self._connect_writer()
         try:
             self._migrate()
         except BaseException:
@@ -98,10 +102,33 @@ class PostgresStore:
             url, min_size=1, max_size=pool_size, kwargs={"autocommit": True}, open=True
         )
 
+    def _wait_for_lock(self) -> psycopg.Connection[Any]:
+        """A standby: waits until no other server holds the database (it stopped, died, or lost its
+        session), then takes over."""
+        log.info("standby on %s: waiting for the active server to go", self.path)
+        while True:
+            try:
+                return self._connect_writer()
+            except ScaleSetError as e:
+                if e.code not in ("DatabaseInUse", "DatabaseUnavailable"):
+                    raise
+            time.sleep(STANDBY_POLL_S)
+
     def _connect_writer(self) -> psycopg.Connection[Any]:
-        """The writing session, holding the advisory lock that makes this server the database's only one."""
+        """The writing session, holding the advisory lock that makes this server the database's only one.
+        TCP keepalives both ways: if this server or its network dies, PostgreSQL ends the session (and
+        the lock with it) within LEASE_S, and a standby takes over."""
         try:
-            conn = psycopg.connect(self._url, autocommit=True, connect_timeout=10)
+            conn = psycopg.connect(
+                self._url,
+                autocommit=True,
+                connect_timeout=10,
+                keepalives=1,
+                keepalives_idle=2,
+                keepalives_interval=1,
+                keepalives_count=3,
+                options="-c tcp_keepalives_idle=2 -c tcp_keepalives_interval=1 -c tcp_keepalives_count=3",
+            )
         except psycopg.Error as e:
             raise error(
                 UnavailableError,
@@ -118,6 +145,20 @@ class PostgresStore:
                 "DatabaseInUse",
             )
         return conn
+
+    def heartbeat(self) -> None:
+        """Proves this server still holds the database; raises (DatabaseInUse, DatabaseUnavailable) when
+        it does not, and the server must stop serving: a standby may have taken over."""
+        with self._write_lock:
+            try:
+                self._writing().execute("SELECT 1")
+            except psycopg.Error as e:
+                self._writer.close()
+                raise error(
+                    UnavailableError,
+                    f"lost {self.path}: {str(e).strip().splitlines()[0]}",
+                    "DatabaseUnavailable",
+                ) from None
 
     def _writing(self) -> psycopg.Connection[Any]:
         """The writer, reconnected (and relocked) if the last one broke; call holding the write lock."""
