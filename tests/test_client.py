@@ -55,6 +55,52 @@ def test_the_client_returns_what_the_controller_returns(server: ServerThread) ->
         assert c.describe_region() == local.describe_region()
 
 
+def test_a_rebalance_plan_is_the_controllers_type_with_the_same_content(server: ServerThread) -> None:
+    from scaleset.model import RebalancePlan
+
+    local = Controller(REGION)
+    with Client(server.target) as c:
+        for side in (local, c):
+            side.set_zone_available("1", False)
+            side.create_scale_set(zonal_spec(), 9)
+            side.set_zone_available("1", True)
+        for dry_run in (True, False):
+            remote, here = (
+                c.rebalance("web", max_surge=2, dry_run=dry_run),
+                local.rebalance("web", max_surge=2, dry_run=dry_run),
+            )
+            assert isinstance(remote, RebalancePlan)
+            for name in ("status", "dry_run", "replacements", "violation_before", "violation_after", "violation_bound",
+                         "zone_counts_before", "zone_counts_after", "fault_domain_counts_before",
+                         "fault_domain_counts_after", "creates", "deletes", "created_ids", "score_after"):  # fmt: skip
+                assert getattr(remote, name) == getattr(here, name), name
+            assert [(w.creates, w.deletes) for w in remote.waves] == [
+                (w.creates, w.deletes) for w in here.waves
+            ]
+
+
+def test_a_rolling_upgrade_is_the_controllers_type_with_the_same_state(tmp_path: Path) -> None:
+    import dataclasses
+
+    from scaleset import RollingUpgradePolicy, Sku, UpgradePolicy
+    from scaleset.policies.upgrade import RollingUpgrade
+
+    clock = [1_700_000_000.0]
+    local = Controller(REGION)
+    spec = zonal_spec(
+        upgrade_policy=UpgradePolicy("Rolling", RollingUpgradePolicy(max_batch_instance_percent=50))
+    )
+    with ServerThread(str(tmp_path / "state.db"), REGION, clock=lambda: clock[0]) as s, Client(s.target) as c:
+        for side in (local, c):
+            side.create_scale_set(spec, 4, **({"now": clock[0]} if side is local else {}))
+            side.update_scale_set(dataclasses.replace(spec, sku=Sku(name="Standard_D4s_v5")))
+        assert c.get_rolling_upgrade("web") is None is local.get_rolling_upgrade("web")
+        remote, here = c.start_rolling_upgrade("web"), local.start_rolling_upgrade("web", now=clock[0])
+        assert isinstance(remote, RollingUpgrade) and remote == here
+        assert c.get_rolling_upgrade("web") == local.get_rolling_upgrade("web")
+        assert c.cancel_rolling_upgrade("web") == local.cancel_rolling_upgrade("web", now=clock[0])
+
+
 def test_errors_are_the_same_classes_with_code_and_field(server: ServerThread) -> None:
     with Client(server.target, retries=0) as c:
         c.create_scale_set(zonal_spec(), 1)

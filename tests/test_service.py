@@ -405,13 +405,16 @@ def test_rebalance_rpc_plans_applies_and_survives_restart(tmp_path: Path) -> Non
         dry = c.rebalance("web", max_surge=2)
         assert dry.status == "OPTIMAL" and dry.dry_run and dry.replacements == 4 and len(dry.waves) == 2
         assert (
-            dry.violation_before["zones"] == 8 and dry.violation_after["zones"] == 0 and dry.score_bound == 0
+            dry.violation_before["zones"] == 8
+            and dry.violation_after["zones"] == 0
+            and dry.violation_bound == 0
         )
         assert c.get_scale_set("web").revision == 1
         applied = c.rebalance("web", dry_run=False, request_id="rb-1")
         again = c.rebalance("web", dry_run=False, request_id="rb-1")
-        assert again == applied and not applied.dry_run
+        assert not applied.dry_run and again.creates == applied.creates and again.deletes == applied.deletes
         assert [w.creates[0].instance_id for w in applied.waves] == [12, 13, 14, 15]
+        assert [c.instance_id for c in applied.creates] == [12, 13, 14, 15] == list(applied.created_ids)
         info = c.get_scale_set("web")
         assert info.revision == 2 and info.capacity == 12
         # Watchers see the applied moves as a plan: the created and the deleted instances.

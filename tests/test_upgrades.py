@@ -21,7 +21,6 @@ from scaleset.errors import ConflictError, InvalidInputError
 from scaleset.policies.repairs import SUSPEND_AFTER
 from scaleset.policies.upgrade import HEALTH_WAIT_S
 from scaleset.testing.server import ServerThread
-from scaleset.v1 import scaleset_pb2 as pb
 
 from tests.conftest import SIZE, take
 
@@ -374,25 +373,19 @@ def test_upgrades_over_grpc(tmp_path: Path) -> None:
     ):
         c.create_scale_set(rolling(), 4)
         c.report_health("web", range(4), "Healthy")
-        assert c.get_rolling_upgrade("web").status == pb.ROLLING_UPGRADE_STATE_NOT_STARTED
+        assert c.get_rolling_upgrade("web") is None  # as Controller.get_rolling_upgrade
         c.update_scale_set(dataclasses.replace(rolling(), sku=Sku(name=NEW)))
         server.call(server.control.advance())
         status = c.get_rolling_upgrade("web")
-        assert (
-            status.status == pb.ROLLING_UPGRADE_STATE_ROLLING_FORWARD
-            and status.batches_total == 4
-            and list(status.current_batch) == [0]
-        )
+        assert status is not None
+        assert status.status == "RollingForward" and len(status.batches) == 4 and status.in_batch == [0]
         c.report_health("web", [0], "Healthy")
         clock[0] += 1
         server.call(server.control.advance())
         cancelled = c.cancel_rolling_upgrade("web")
-        assert (
-            cancelled.status == pb.ROLLING_UPGRADE_STATE_CANCELLED
-            and cancelled.successful_instance_count == 1
-        )
+        assert cancelled.status == "Cancelled" and cancelled.progress()["successful_instance_count"] == 1
         restarted = c.start_rolling_upgrade("web")
-        assert restarted.status == pb.ROLLING_UPGRADE_STATE_ROLLING_FORWARD and restarted.batches_total == 3
+        assert restarted.status == "RollingForward" and len(restarted.batches) == 3
         c.upgrade_instances("web", [3])
         kinds = [e.type for e in take(c.watch("web"), 9)]
         assert (
@@ -404,5 +397,5 @@ def test_upgrades_over_grpc(tmp_path: Path) -> None:
         with pytest.raises(InvalidInputError):
             c.set_repairs_service_state("web", "Asleep")
     with ServerThread(db, Region(zones=["1"]), clock=lambda: clock[0]) as again, Client(again.target) as c:
-        assert c.get_rolling_upgrade("web").status == pb.ROLLING_UPGRADE_STATE_ROLLING_FORWARD
+        assert c.get_rolling_upgrade("web").status == "RollingForward"  # type: ignore[union-attr]
         assert [i.model_version for i in c.list_instances("web")] == [2, 1, 1, 2]

@@ -450,7 +450,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def render_rebalance(plan: Any, limit: int = 20) -> str:
-    """The before/after zone x fault-domain table and the waves of a rebalance plan (protobuf form)."""
+    """The before/after zone x fault-domain table and the waves of a rebalance plan."""
     what = "dry run" if plan.dry_run else "applied"
     lines = [
         f"{plan.scale_set}: {plan.status}, {plan.replacements} replacements in {len(plan.waves)} waves "
@@ -460,15 +460,20 @@ def render_rebalance(plan: Any, limit: int = 20) -> str:
             f"{k} {plan.violation_before[k]} -> {plan.violation_after[k]}"
             for k in sorted(plan.violation_before)
         )
-        + f" (weighted {plan.score_after}, proven bound {plan.score_bound})",
+        + f" (weighted {plan.score_after}, proven bound {plan.violation_bound})",
     ]
-    zones = [c.zone for c in plan.counts if c.fault_domain < 0]
-    fds = sorted({c.fault_domain for c in plan.counts if c.fault_domain >= 0})
-    cell = {(c.zone, c.fault_domain): f"{c.before}->{c.after}" for c in plan.counts}
+    zones = list(plan.zone_counts_before)
+    keys = set(plan.fault_domain_counts_before) | set(plan.fault_domain_counts_after)
+    fds = sorted({f for _, f in keys})
+    cell = {
+        k: f"{plan.fault_domain_counts_before.get(k, 0)}->{plan.fault_domain_counts_after.get(k, 0)}"
+        for k in keys
+    }
     lines.append("            " + "".join(f"{'FD' + str(f):>10}" for f in fds) + f"{'total':>12}")
     for z in zones:
         row = "".join(f"{cell.get((z, f), '0->0'):>10}" for f in fds)
-        lines.append(f"{('zone ' + z) if z else 'regional':<12}{row}{cell[(z, -1)]:>12}")
+        total = f"{plan.zone_counts_before[z]}->{plan.zone_counts_after.get(z, 0)}"
+        lines.append(f"{('zone ' + z) if z else 'regional':<12}{row}{total:>12}")
     for wave in list(plan.waves)[:limit]:
         lines.append(f"wave {wave.index + 1}:")
         for c in wave.creates:
@@ -501,22 +506,20 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
     return 0
 
 
-def render_upgrade(u: Any) -> str:
-    """A readable rolling-upgrade progress view (protobuf RollingUpgradeStatus)."""
-    from scaleset import convert
-    from scaleset.v1 import scaleset_pb2 as pb
-
-    status = convert.enum_word(pb.RollingUpgradeState.DESCRIPTOR, u.status, "status")
-    if status == "NotStarted":
-        return f"{u.scale_set}: no rolling upgrade has run"
+def render_upgrade(name: str, u: Any) -> str:
+    """A readable rolling-upgrade progress view of a :class:`~scaleset.policies.upgrade.RollingUpgrade`."""
+    if u is None:
+        return f"{name}: no rolling upgrade has run"
+    progress = u.progress()
+    done = min(u.next_batch, len(u.batches))
     lines = [
-        f"{u.scale_set}: rolling upgrade to model {u.model_version}: {status}",
-        f"batches: {u.batches_done} of {u.batches_total} done, {u.batches_total - u.batches_done} left",
-        f"instances: {u.successful_instance_count} upgraded, {u.failed_instance_count} failed, "
-        f"{u.in_progress_instance_count} in progress, {u.pending_instance_count} pending",
+        f"{name}: rolling upgrade to model {u.model_version}: {u.status}",
+        f"batches: {done} of {len(u.batches)} done, {len(u.batches) - done} left",
+        f"instances: {progress['successful_instance_count']} upgraded, {progress['failed_instance_count']} failed, "
+        f"{progress['in_progress_instance_count']} in progress, {progress['pending_instance_count']} pending",
     ]
-    if u.current_batch:
-        lines.append(f"current batch: {list(u.current_batch)}")
+    if u.in_batch:
+        lines.append(f"current batch: {list(u.in_batch)}")
     if u.error_code:
         lines.append(f"error [{u.error_code}]: {u.error_message}")
     return "\n".join(lines)
@@ -530,7 +533,7 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
             status = client.cancel_rolling_upgrade(args.name)
         else:
             status = client.get_rolling_upgrade(args.name)
-    print(render_upgrade(status))
+    print(render_upgrade(args.name, status))
     return 0
 
 

@@ -5,8 +5,7 @@ two clients only differ in how they send it. They speak the in-process :class:`~
 types where the wire carries them (:class:`~scaleset.model.Plan`, :class:`~scaleset.model.Instance`,
 :class:`~scaleset.model.Region`, :class:`~scaleset.model.Eviction`, autoscale settings and decisions, and
 the same instance columns as ``Controller.instance_columns``), plus :class:`ScaleSetInfo` for what only a
-server has (revision and etag). Rebalance plans and rolling-upgrade progress come as their protobuf
-messages. Errors are the same :mod:`scaleset.errors` classes (kind from the gRPC status, ``code`` from the
+server has (revision and etag); rebalance plans and rolling upgrades are the Controller's types too. Errors are the same :mod:`scaleset.errors` classes (kind from the gRPC status, ``code`` from the
 ``ErrorInfo`` detail, ``field`` where there is one), plus :class:`~scaleset.errors.AccessDeniedError` and
 :class:`~scaleset.errors.InternalError`.
 
@@ -48,9 +47,11 @@ from scaleset.model import (
     Eviction,
     Instance,
     Plan,
+    RebalancePlan,
     Region,
     ScaleSetSpec,
 )
+from scaleset.policies.upgrade import RollingUpgrade
 from scaleset.v1 import scaleset_pb2 as pb
 from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
 
@@ -175,6 +176,13 @@ def _request_id(request_id: str | None) -> str:
 
 def _info(msg: pb.ScaleSet) -> ScaleSetInfo:
     return ScaleSetInfo(convert.spec_from_proto(msg.spec), msg.capacity, msg.revision, msg.etag)
+
+
+def _upgrade(msg: pb.RollingUpgradeStatus) -> RollingUpgrade:
+    upgrade = convert.rolling_upgrade_from_proto(msg)
+    if upgrade is None:  # a start or cancel always has one
+        raise error(InternalError, "the server answered a rolling upgrade call without one.", "InternalError")
+    return upgrade
 
 
 def _columns(pages: list[pb.ListInstancesResponse], name: str) -> dict[str, Sequence[Any]]:
@@ -348,8 +356,8 @@ class _Operations:
         max_replacements_percent: float | None = None,
         etag: str = "",
         request_id: str | None = None,
-    ) -> _Call[pb.RebalancePlan]:
-        """The server's rebalance plan (as the protobuf message: waves, counts, status, bound)."""
+    ) -> _Call[RebalancePlan]:
+        """The rebalance plan, as ``Controller.rebalance`` returns it (a dry run unless ``dry_run`` is False)."""
         request = pb.RebalanceRequest(
             name=name,
             max_surge=max_surge,
@@ -362,25 +370,28 @@ class _Operations:
             request.max_replacements = max_replacements
         if max_replacements_percent is not None:
             request.max_replacements_percent = max_replacements_percent
-        return _Call("ScaleSets", "Rebalance", request, lambda r: r.plan)
+        return _Call("ScaleSets", "Rebalance", request, lambda r: convert.rebalance_plan_from_proto(r.plan))
 
     # ----- upgrades and repairs -----------------------------------------------------------------------
 
     @staticmethod
     def start_rolling_upgrade(
         name: str, *, etag: str = "", request_id: str | None = None
-    ) -> _Call[pb.RollingUpgradeStatus]:
+    ) -> _Call[RollingUpgrade]:
+        """Starts a rolling upgrade to the current model; the upgrade as ``Controller`` returns it."""
         request = pb.StartRollingUpgradeRequest(name=name, etag=etag, request_id=_request_id(request_id))
-        return _Call("ScaleSets", "StartRollingUpgrade", request, lambda r: r)
+        return _Call("ScaleSets", "StartRollingUpgrade", request, _upgrade)
 
     @staticmethod
-    def get_rolling_upgrade(name: str) -> _Call[pb.RollingUpgradeStatus]:
-        return _Call("ScaleSets", "GetRollingUpgrade", pb.GetRollingUpgradeRequest(name=name), lambda r: r)
+    def get_rolling_upgrade(name: str) -> _Call[RollingUpgrade | None]:
+        """The current or last rolling upgrade; None when none has run."""
+        request = pb.GetRollingUpgradeRequest(name=name)
+        return _Call("ScaleSets", "GetRollingUpgrade", request, convert.rolling_upgrade_from_proto)
 
     @staticmethod
-    def cancel_rolling_upgrade(name: str, *, request_id: str | None = None) -> _Call[pb.RollingUpgradeStatus]:
+    def cancel_rolling_upgrade(name: str, *, request_id: str | None = None) -> _Call[RollingUpgrade]:
         request = pb.CancelRollingUpgradeRequest(name=name, request_id=_request_id(request_id))
-        return _Call("ScaleSets", "CancelRollingUpgrade", request, lambda r: r)
+        return _Call("ScaleSets", "CancelRollingUpgrade", request, _upgrade)
 
     @staticmethod
     def upgrade_instances(

@@ -21,8 +21,10 @@ from scaleset.model import (
     PlannedCreate,
     PlannedDelete,
     Pool,
+    RebalancePlan,
     Region,
     ScaleSetSpec,
+    rebalance_waves,
 )
 from scaleset.policies.upgrade import RollingUpgrade
 from scaleset.v1 import scaleset_pb2 as pb
@@ -31,7 +33,6 @@ T = TypeVar("T")
 
 if TYPE_CHECKING:
     # Types only: the solver and the store load when they are used, not with every client.
-    from scaleset.rebalance import RebalancePlan
     from scaleset.store import EventRecord
 
 PRIORITY_TO_PB = {"Regular": pb.PRIORITY_REGULAR, "Spot": pb.PRIORITY_SPOT}
@@ -375,6 +376,44 @@ def rebalance_plan_to_proto(plan: RebalancePlan) -> pb.RebalancePlan:
     return msg
 
 
+def rebalance_plan_from_proto(msg: pb.RebalancePlan) -> RebalancePlan:
+    """The plan as ``Controller.rebalance`` returns it: waves, creates, deletes, counts and violations."""
+
+    def change(c: pb.PlannedChange) -> tuple[Any, ...]:
+        return (c.zone or None, c.fault_domain, c.vm_size, PRIORITY_FROM_PB[c.priority], c.reason)
+
+    creates = [w_c for w in msg.waves for w_c in w.creates]
+    deletes = [w_d for w in msg.waves for w_d in w.deletes]
+    raw_creates = [change(c) for c in creates]
+    raw_deletes = [(d.instance_id, *change(d)) for d in deletes]
+    first_id = creates[0].instance_id if creates else 0
+    created_ids = [] if msg.dry_run else [c.instance_id for c in creates]
+    zones = {c.zone or None: c for c in msg.counts if c.fault_domain < 0}
+    fds = {(c.zone or None, c.fault_domain): c for c in msg.counts if c.fault_domain >= 0}
+    return RebalancePlan(
+        scale_set=msg.scale_set,
+        status=msg.status,
+        dry_run=msg.dry_run,
+        capacity=msg.capacity,
+        max_surge=msg.max_surge,
+        replacements=msg.replacements,
+        violation_before=dict(msg.violation_before),
+        violation_after=dict(msg.violation_after),
+        violation_bound=msg.score_bound,
+        solve_seconds=msg.solve_seconds,
+        zone_counts_before={z: c.before for z, c in zones.items()},
+        zone_counts_after={z: c.after for z, c in zones.items()},
+        # The wire lists every (zone, fault domain) of either side; the plan counts only occupied ones.
+        fault_domain_counts_before={k: c.before for k, c in fds.items() if c.before},
+        fault_domain_counts_after={k: c.after for k, c in fds.items() if c.after},
+        waves=rebalance_waves(raw_creates, raw_deletes, msg.max_surge, first_id, created_ids or None),
+        _creates=raw_creates,
+        _deletes=raw_deletes,
+        first_instance_id=first_id,
+        created_ids=tuple(created_ids),
+    )
+
+
 def rolling_upgrade_to_proto(
     name: str, upgrade: RollingUpgrade | None, revision: int
 ) -> pb.RollingUpgradeStatus:
@@ -393,14 +432,46 @@ def rolling_upgrade_to_proto(
         batches_done=min(upgrade.next_batch, len(upgrade.batches)),
         error_code=upgrade.error_code,
         error_message=upgrade.error_message,
-        started_unix_ms=int(upgrade.started_at * 1000),
-        finished_unix_ms=int((upgrade.finished_at or 0) * 1000),
+        started_unix_ms=round(upgrade.started_at * 1000),
+        finished_unix_ms=round((upgrade.finished_at or 0) * 1000),
         current_batch=upgrade.in_batch,
-        next_batch_unix_ms=int((upgrade.pause_until or 0) * 1000)
+        next_batch_unix_ms=round((upgrade.pause_until or 0) * 1000)
         if upgrade.active and not upgrade.in_batch
         else 0,
         revision=revision,
+        batches=[pb.RollingUpgradeBatch(instance_ids=b) for b in upgrade.batches],
+        next_batch=upgrade.next_batch,
+        upgraded=upgrade.upgraded,
+        failed=upgrade.failed,
+        surge_old=upgrade.surge_old,
+        previous_versions=upgrade.previous_versions,
+        batch_started_unix_ms=round((upgrade.batch_started_at or 0) * 1000),
         **progress,
+    )
+
+
+def rolling_upgrade_from_proto(msg: pb.RollingUpgradeStatus) -> RollingUpgrade | None:
+    """The upgrade as ``Controller.get_rolling_upgrade`` returns it; None when none has run."""
+    status = enum_word(pb.RollingUpgradeState.DESCRIPTOR, msg.status, "status")
+    if status == "NotStarted":
+        return None
+    return RollingUpgrade(
+        scale_set=msg.scale_set,
+        model_version=msg.model_version,
+        status=status,
+        started_at=msg.started_unix_ms / 1000,
+        batches=[list(b.instance_ids) for b in msg.batches],
+        next_batch=msg.next_batch,
+        in_batch=list(msg.current_batch),
+        surge_old=list(msg.surge_old),
+        batch_started_at=msg.batch_started_unix_ms / 1000 if msg.batch_started_unix_ms else None,
+        pause_until=msg.next_batch_unix_ms / 1000 if msg.next_batch_unix_ms else None,
+        upgraded=list(msg.upgraded),
+        previous_versions=dict(msg.previous_versions),
+        failed=list(msg.failed),
+        error_code=msg.error_code,
+        error_message=msg.error_message,
+        finished_at=msg.finished_unix_ms / 1000 if msg.finished_unix_ms else None,
     )
 
 

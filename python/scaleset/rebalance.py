@@ -22,136 +22,25 @@ the current placement; a solve stopped by its time limit returns its best plan a
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from ortools.sat.python import cp_model
 
 from scaleset.errors import invalid_input
-from scaleset.model import LazyItems, PlannedCreate, PlannedDelete
+from scaleset.model import WEIGHTS, RebalancePlan, Wave, rebalance_waves, score
 
 if TYPE_CHECKING:
     from scaleset.engine import Engine
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RebalancePlan", "Wave", "solve_rebalance"]
+__all__ = ["WEIGHTS", "RebalancePlan", "Wave", "score", "solve_rebalance"]
 
 _CLASS_NAMES = {0: "unhealthy", 1: "running an out-of-date model", 2: "healthy and current"}
 #: Prices are per hour; the model works in integer micro-units.
 _PRICE_SCALE = 1_000_000
-#: How much each unit of violation weighs. Zone balance and the priority mix come first (as Azure balances
-#: zones before fault domains); a fault-domain fix never costs zone balance, the mix or a size.
-WEIGHTS = {"zones": 4, "priority_mix": 4, "vm_sizes": 2, "fault_domains": 1}
-
-
-def score(violation: dict[str, int]) -> int:
-    """The weighted violation the solver minimises."""
-    return sum(WEIGHTS[k] * v for k, v in violation.items())
-
-
-@dataclass(frozen=True, slots=True)
-class Wave:
-    """Create these, then (once they run) delete those: the running count stays between capacity and
-    capacity + max_surge."""
-
-    index: int
-    creates: tuple[PlannedCreate, ...]
-    deletes: tuple[PlannedDelete, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class RebalancePlan:
-    """A rebalance: the replacements, in waves, and the target shape's violation before and after.
-
-    ``creates`` and ``deletes`` are the same planned-change items as a capacity :class:`~scaleset.model.Plan`
-    has; a dry run's creates carry the ids they would receive if applied now.
-    """
-
-    scale_set: str
-    status: str  # OPTIMAL | FEASIBLE (time limit reached before the proof)
-    dry_run: bool
-    capacity: int
-    max_surge: int
-    replacements: int
-    #: Remaining violation of the target shape, by component (instances out of place), before and after.
-    violation_before: dict[str, int]
-    violation_after: dict[str, int]
-    #: The proven lower bound on the weighted violation (:func:`score`); equal to it when OPTIMAL.
-    violation_bound: int
-    solve_seconds: float
-    zone_counts_before: dict[str | None, int]
-    zone_counts_after: dict[str | None, int]
-    fault_domain_counts_before: dict[tuple[str | None, int], int] = field(repr=False)
-    fault_domain_counts_after: dict[tuple[str | None, int], int] = field(repr=False)
-    waves: LazyItems[Wave] = field(repr=False)
-    _creates: list[tuple[str | None, int, str, str, str]] = field(repr=False, compare=False)
-    _deletes: list[tuple[int, str | None, int, str, str, str]] = field(repr=False, compare=False)
-    #: The id the first create receives (the scale set's next instance id when the plan was made).
-    first_instance_id: int = 0
-    #: Instance ids given to the creates when the plan was applied (wave order); empty for a dry run.
-    created_ids: tuple[int, ...] = ()
-
-    @property
-    def optimal(self) -> bool:
-        return self.status == "OPTIMAL"
-
-    @property
-    def score_before(self) -> int:
-        return score(self.violation_before)
-
-    @property
-    def score_after(self) -> int:
-        return score(self.violation_after)
-
-    def applied(self, created_ids: list[int]) -> RebalancePlan:
-        """This plan as executed: not a dry run, and each create with the id it received."""
-        return replace(
-            self,
-            dry_run=False,
-            created_ids=tuple(created_ids),
-            waves=_waves(self._creates, self._deletes, self.max_surge, self.first_instance_id, created_ids),
-        )
-
-    @property
-    def creates(self) -> tuple[PlannedCreate, ...]:
-        """Every create, in wave order."""
-        ids = self.created_ids or range(self.first_instance_id, self.first_instance_id + len(self._creates))
-        return tuple(PlannedCreate(i, *c) for i, c in zip(ids, self._creates, strict=True))
-
-    @property
-    def deletes(self) -> tuple[PlannedDelete, ...]:
-        """Every delete, in wave order."""
-        return tuple(PlannedDelete(*d) for d in self._deletes)
-
-    def moves(self) -> tuple[list[list[Any]], list[int]]:
-        """The plan as explicit moves: creates as [zone, fault_domain, vm_size, priority], delete ids.
-        (What a rebalance is logged as, so a replay never runs the solver.)"""
-        return [list(c[:4]) for c in self._creates], [d[0] for d in self._deletes]
-
-
-def _waves(
-    creates: list[Any], deletes: list[Any], surge: int, first_id: int, created_ids: list[int] | None = None
-) -> LazyItems[Wave]:
-    count = math.ceil(max(len(creates), len(deletes)) / surge) if creates or deletes else 0
-
-    def wave(i: int) -> Wave:
-        lo, hi = i * surge, (i + 1) * surge
-        ids = (
-            created_ids[lo:hi]
-            if created_ids is not None
-            else range(first_id + lo, first_id + lo + len(creates[lo:hi]))
-        )
-        return Wave(
-            index=i,
-            creates=tuple(PlannedCreate(id_, *c) for id_, c in zip(ids, creates[lo:hi], strict=True)),
-            deletes=tuple(PlannedDelete(*d) for d in deletes[lo:hi]),
-        )
-
-    return LazyItems(count, wave)
 
 
 class _Shape:
@@ -526,7 +415,7 @@ def _assemble(
         zone_counts_after={slots[s]: zone_a[s] for s in sorted(set(zone_a) | set(shape.available))},
         fault_domain_counts_before={(slots[s], f): n for (s, f), n in sorted(fd_b.items())},
         fault_domain_counts_after={(slots[s], f): n for (s, f), n in sorted(fd_a.items())},
-        waves=_waves(creates, deletes, surge, first_id),
+        waves=rebalance_waves(creates, deletes, surge, first_id),
         _creates=creates,
         _deletes=deletes,
         first_instance_id=first_id,
