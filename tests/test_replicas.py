@@ -84,6 +84,18 @@ class Cluster:
                 proc.kill()
 
 
+def cluster_status(url: str) -> dict[str, str]:
+    """`scaleset cluster status`: address -> role, as an operator reads it."""
+    out = subprocess.run(
+        [sys.executable, "-m", "scaleset", "cluster", "status", "--store", url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    return {line.split()[0]: line.split()[1] for line in out.splitlines()[1:] if line.startswith("127.")}
+
+
 def drive(target: str, name: str, acked: dict[int, int], stop: threading.Event, errors: list[str]) -> None:
     """SetCapacity with request_ids until stopped; every acknowledged revision with its capacity."""
     with Client(target, retries=12, timeout=10) as c:
@@ -127,12 +139,19 @@ def test_a_standby_takes_over_and_nothing_acknowledged_is_lost(postgres: Any, tm
             started = c.start_rolling_upgrade("roll")
             assert started.status == "RollingForward" and len(started.batches) >= 3
 
+        first = cluster.active(timeout=5)
+        deadline = time.monotonic() + 10
+        while len(status := cluster_status(url)) < 3:  # the standbys announce themselves as they wait
+            assert time.monotonic() < deadline, status
+            time.sleep(0.2)
+        assert sorted(status.values()) == ["active", "standby", "standby"]
+        assert status[f"127.0.0.1:{first}"] == "active"
+
         acked: dict[int, int] = {}
         errors: list[str] = []
         stop = threading.Event()
         writer = threading.Thread(target=drive, args=(cluster.target, "load", acked, stop, errors))
         writer.start()
-        first = cluster.active(timeout=5)
         while len(acked) < 50:
             time.sleep(0.01)
 
@@ -158,6 +177,7 @@ def test_a_standby_takes_over_and_nothing_acknowledged_is_lost(postgres: Any, tm
         stop.set()
         writer.join(timeout=60)
         assert errors == []
+        assert cluster_status(url)[f"127.0.0.1:{third}"] == "active"
 
         with Client(cluster.target, retries=12) as c:
             got = c.get_scale_set("load")

@@ -170,3 +170,36 @@ def test_scaleset_serve_and_db_check_on_postgresql(postgres: Any, tmp_path: Path
         timeout=60,
     )
     assert check.returncode == 0 and "1 scale sets, 7 instances" in check.stdout, check.stdout + check.stderr
+
+
+def test_postgresql_takes_its_database_back_only_if_nobody_wrote_meanwhile(postgres: Any) -> None:
+    import psycopg
+    from scaleset.postgres import PostgresStore
+
+    def drop_sessions() -> None:  # as a network blip or a PostgreSQL restart would
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            )
+
+    url = postgres.create_database()
+    first = PostgresStore(url)
+    first.load()
+    first.append([event(1)], [])
+    drop_sessions()
+    with pytest.raises(psycopg.OperationalError):  # the batch in flight fails (UNAVAILABLE to its callers)
+        first.append([event(2)], [])
+    first.append([event(2)], [])  # the retry reconnects: nobody else wrote, so it goes on
+    drop_sessions()
+    with pytest.raises(psycopg.OperationalError):
+        first.append([event(3)], [])
+    other = PostgresStore(url)  # meanwhile another server takes the database and writes
+    other.load()
+    other.append([event(3)], [])
+    other.close()
+    with pytest.raises(ConflictError) as changed:
+        first.append([event(4)], [])
+    assert changed.value.code == "DatabaseChanged"
+    reader = PostgresStore(url)
+    assert [e.sequence for e in reader.events_after(None, 0, 10)] == [1, 2, 3]
+    reader.close()

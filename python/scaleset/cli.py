@@ -30,13 +30,13 @@ DEFAULT_REGION = Region(zones=["1", "2", "3"], fault_domains_per_zone=5)
 # ----- serve --------------------------------------------------------------------------------------------
 
 
-def open_store(location: str, *, standby: bool = False) -> Store:
+def open_store(location: str, *, standby: bool = False, address: str = "") -> Store:
     """The store at ``location``: a ``postgresql://`` URL, or a SQLite file (the default). A standby
     waits until no other server holds the PostgreSQL database."""
     if location.startswith(("postgresql://", "postgres://")):
         from scaleset.postgres import PostgresStore
 
-        return PostgresStore(location, standby=standby)
+        return PostgresStore(location, standby=standby, address=address)
     if standby:
         from scaleset.errors import invalid_input
 
@@ -77,7 +77,7 @@ async def run_server(
     from scaleset.service import build_server
 
     _raise_file_limit()
-    opened = open_store(store, standby=standby)
+    opened = open_store(store, standby=standby, address=address)
     control = ControlPlane(
         opened,
         region,
@@ -163,10 +163,11 @@ async def run_server(
     await driver
     if gateway is not None:
         await gateway.stop()
-    await server.stop(0 if lost else grace)
     if lost:
-        control.abandon()  # nothing more may be written: another server owns the database
+        control.abandon()  # nothing more may be written: what is queued is answered UNAVAILABLE
+        await server.stop(0.5)
     else:
+        await server.stop(grace)
         await control.stop()
     if private is not None:
         import shutil
@@ -581,6 +582,24 @@ def cmd_autoscale(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cluster(args: argparse.Namespace) -> int:
+    """``scaleset cluster status``: the servers of a PostgreSQL database, which one is active, and when each
+    was last seen."""
+    from scaleset.postgres import LEASE_S, PostgresStore
+
+    if not (args.store or "").startswith(("postgresql://", "postgres://")):
+        print("error: cluster status needs --store postgresql://... (or $SCALESET_STORE)", file=sys.stderr)
+        return 2
+    servers = PostgresStore.list_servers(args.store)
+    print(f"{'address':<28} {'role':<8} last seen")
+    for address, role, age in servers:
+        state = f"{age:.1f} s ago" if age < 3 * LEASE_S else f"{age:.0f} s ago (gone)"
+        print(f"{address:<28} {role:<8} {state}")
+    if not any(role == "active" and age < 3 * LEASE_S for _, role, age in servers):
+        print("no active server")
+    return 0
+
+
 def cmd_db(args: argparse.Namespace) -> int:
     """``scaleset db check``: the database's integrity, and a full rebuild of the state from it."""
     from scaleset.control import ControlPlane
@@ -815,6 +834,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("metric")
     a.add_argument("values", type=float, nargs="+")
     p.set_defaults(func=cmd_autoscale)
+
+    p = sub.add_parser("cluster", help="the servers of a PostgreSQL database: which is active, which wait")
+    p.add_argument("action", choices=["status"])
+    p.add_argument("--store", default=os.environ.get("SCALESET_STORE"), help="the postgresql:// URL")
+    p.set_defaults(func=cmd_cluster)
 
     p = sub.add_parser("db", help="check a database (stop the server first)")
     p.add_argument("action", choices=["check"])

@@ -69,6 +69,8 @@ _ERROR_BY_STATUS: dict[grpc.StatusCode, type[ScaleSetError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: CapacityError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: UnavailableError,
+    # A server that stops (a failover) cancels the calls it was serving; the same call is retried.
+    grpc.StatusCode.CANCELLED: UnavailableError,
     grpc.StatusCode.UNAUTHENTICATED: AccessDeniedError,
     grpc.StatusCode.PERMISSION_DENIED: AccessDeniedError,
 }
@@ -136,7 +138,10 @@ class _Failure:
     @property
     def retryable(self) -> bool:
         """Unavailable, or the server said when to come back; the same request (and request_id) is safe."""
-        return self.code == grpc.StatusCode.UNAVAILABLE or self.retry_after is not None
+        return (
+            self.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+            or self.retry_after is not None
+        )
 
     def exception(self) -> ScaleSetError:
         metadata = dict(self.metadata)

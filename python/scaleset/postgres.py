@@ -51,6 +51,10 @@ _MIGRATIONS = [
     CREATE INDEX requests_by_sequence ON requests (sequence);
     CREATE TABLE snapshots (sequence BIGINT PRIMARY KEY, state TEXT NOT NULL);
     """,
+    # 2: the servers of the database, for `scaleset cluster status`.
+    """
+    CREATE TABLE servers (address TEXT PRIMARY KEY, role TEXT NOT NULL, seen_ms BIGINT NOT NULL);
+    """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 #: How often a standby asks for the lock, and about how long a dead server's session (and lock) lasts.
@@ -88,9 +92,14 @@ def _redacted(url: str) -> str:
 class PostgresStore:
     """The :class:`~scaleset.store.Store` on PostgreSQL."""
 
-    def __init__(self, url: str, *, pool_size: int = 4, standby: bool = False) -> None:
+    def __init__(self, url: str, *, pool_size: int = 4, standby: bool = False, address: str = "") -> None:
         self.path = _redacted(url)
         self._url = url
+        self._standby = standby
+        #: The newest position this server has read or written (a reconnect checks nobody wrote since).
+        self._last_sequence = 0
+        #: Where clients reach this server, as listed by `scaleset cluster status` ("" lists nothing).
+        self.address = address
         self._write_lock = threading.Lock()
         self._writer = self._wait_for_lock() if standby else self._connect_writer()
         try:
@@ -101,6 +110,7 @@ class PostgresStore:
         self._pool = ConnectionPool(
             url, min_size=1, max_size=pool_size, kwargs={"autocommit": True}, open=True
         )
+        self._announce(self._writer, "active")
 
     def _wait_for_lock(self) -> psycopg.Connection[Any]:
         """A standby: waits until no other server holds the database (it stopped, died, or lost its
@@ -112,7 +122,37 @@ class PostgresStore:
             except ScaleSetError as e:
                 if e.code not in ("DatabaseInUse", "DatabaseUnavailable"):
                     raise
+            try:
+                with psycopg.connect(self._url, autocommit=True, connect_timeout=5) as conn:
+                    self._announce(conn, "standby")
+            except psycopg.Error:
+                pass  # the database is away, or older than the servers table: nothing to announce
             time.sleep(STANDBY_POLL_S)
+
+    def _announce(self, conn: psycopg.Connection[Any], role: str) -> None:
+        """Records this server (its address and role, now) for `scaleset cluster status`."""
+        if self.address:
+            conn.execute(
+                "INSERT INTO servers (address, role, seen_ms) VALUES (%s, %s, %s) ON CONFLICT (address) "
+                "DO UPDATE SET role = EXCLUDED.role, seen_ms = EXCLUDED.seen_ms",
+                (self.address, role, round(time.time() * 1000)),
+            )
+
+    @staticmethod
+    def list_servers(url: str) -> list[tuple[str, str, float]]:
+        """Every server that announced itself on the database at ``url`` (read without taking it):
+        address, role (active or standby) and seconds since it was last seen."""
+        now = time.time()
+        try:
+            with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+                rows = conn.execute("SELECT address, role, seen_ms FROM servers ORDER BY address").fetchall()
+        except psycopg.Error as e:
+            raise error(
+                UnavailableError,
+                f"cannot read the servers of {_redacted(url)}: {str(e).strip().splitlines()[0]}",
+                "DatabaseUnavailable",
+            ) from None
+        return [(address, role, now - seen / 1000) for address, role, seen in rows]
 
     def _connect_writer(self) -> psycopg.Connection[Any]:
         """The writing session, holding the advisory lock that makes this server the database's only one.
@@ -151,6 +191,7 @@ class PostgresStore:
         it does not, and the server must stop serving: a standby may have taken over."""
         with self._write_lock:
             try:
+                self._announce(self._writing(), "active")
                 self._writing().execute("SELECT 1")
             except psycopg.Error as e:
                 self._writer.close()
@@ -161,10 +202,31 @@ class PostgresStore:
                 ) from None
 
     def _writing(self) -> psycopg.Connection[Any]:
-        """The writer, reconnected (and relocked) if the last one broke; call holding the write lock."""
+        """The writer, reconnected (and relocked) if the last one broke; call holding the write lock.
+
+        Once the session is gone another server may have taken the database and written to it, so this
+        server's state may be stale: with standbys it never takes the database back (it stops, and a
+        supervisor restarts it as a standby); alone, it takes it back only if the log has not moved."""
         if self._writer.broken or self._writer.closed:
+            if self._standby:
+                raise error(
+                    UnavailableError,
+                    f"lost the session on {self.path}; a standby takes over, and this server stops.",
+                    "DatabaseUnavailable",
+                )
             log.warning("the connection to %s broke; reconnecting", self.path)
             self._writer = self._connect_writer()
+            row = self._writer.execute(
+                "SELECT greatest((SELECT max(sequence) FROM events), (SELECT max(sequence) FROM snapshots))"
+            ).fetchone()
+            if row and row[0] is not None and row[0] > self._last_sequence:
+                self._writer.close()
+                raise error(
+                    ConflictError,
+                    f"{self.path} was written by another server while this one was away (sequence {row[0]}, "
+                    f"this server is at {self._last_sequence}); restart this server to serve the current state.",
+                    "DatabaseChanged",
+                )
         return self._writer
 
     def _migrate(self) -> None:
@@ -196,7 +258,9 @@ class PostgresStore:
         snapshot = Snapshot(rows[0][0], json.loads(rows[0][1])) if rows else None
         after = snapshot.sequence if snapshot else 0
         events = self._read(f"SELECT {_COLUMNS} FROM events WHERE sequence > %s ORDER BY sequence", (after,))
-        return snapshot, [_event(r) for r in events]
+        loaded = [_event(r) for r in events]
+        self._last_sequence = loaded[-1].sequence if loaded else after
+        return snapshot, loaded
 
     def append(self, events: Sequence[EventRecord], requests: Sequence[RequestRecord]) -> list[int]:
         rows = [
@@ -217,6 +281,8 @@ class PostgresStore:
                 "INSERT INTO requests (request_id, method, fingerprint, response, sequence) VALUES (%s, %s, %s, %s, %s)",
                 [(r.request_id, r.method, r.fingerprint, r.response, r.sequence) for r in requests],
             )
+        if events:
+            self._last_sequence = max(self._last_sequence, events[-1].sequence)
         return [len(r[4]) + len(r[5]) for r in rows]
 
     def events_after(self, scale_set: str | None, after: int, limit: int) -> list[EventRecord]:
@@ -292,6 +358,8 @@ class PostgresStore:
         with self._write_lock:
             self._pool.close()
             try:
+                if self.address:
+                    self._writer.execute("DELETE FROM servers WHERE address = %s", (self.address,))
                 # Released now, not when the server notices the session ended: a restart may follow at once.
                 self._writer.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
             except psycopg.Error:
