@@ -533,26 +533,32 @@ _STUBS = {
 
 
 class _Connection:
-    """What both clients share: the channel's options and credentials, the token, deadlines, retries."""
+    """What both clients share: the channel (with its options, credentials and stubs), the token,
+    deadlines and retries. ``_channels`` is the module that makes the channel: ``grpc`` or ``grpc.aio``;
+    the arguments are documented on :class:`Client`."""
+
+    _channels: Any = grpc
 
     def __init__(
         self,
+        target: str = "localhost:50051",
         *,
-        timeout: float,
-        retries: int,
-        token: str | None,
-        root_certificates: bytes | None,
-        private_key: bytes | None,
-        certificate_chain: bytes | None,
+        timeout: float = 30.0,
+        retries: int = 3,
+        token: str | None = None,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
     ) -> None:
         self._timeout = timeout
         self._retries = retries
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._credentials = (
-            grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
-            if root_certificates is not None
-            else None
-        )
+        if root_certificates is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+            self._channel = self._channels.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
+        else:
+            self._channel = self._channels.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self._stubs = {name: stub(self._channel) for name, stub in _STUBS.items()}
 
     def _backoff(self, failure: _Failure, attempt: int, delay: float) -> float | None:
         """How long to wait before retrying, or None to give up."""
@@ -603,32 +609,6 @@ class Client(_Connection):
         root_certificates: PEM of the CA that signed the server's certificate: connects with TLS.
         private_key, certificate_chain: the client's own PEM key and certificate, for mutual TLS.
     """
-
-    def __init__(
-        self,
-        target: str = "localhost:50051",
-        *,
-        timeout: float = 30.0,
-        retries: int = 3,
-        token: str | None = None,
-        root_certificates: bytes | None = None,
-        private_key: bytes | None = None,
-        certificate_chain: bytes | None = None,
-    ) -> None:
-        super().__init__(
-            timeout=timeout,
-            retries=retries,
-            token=token,
-            root_certificates=root_certificates,
-            private_key=private_key,
-            certificate_chain=certificate_chain,
-        )
-        self._channel = (
-            grpc.secure_channel(target, self._credentials, options=_CHANNEL_OPTIONS)
-            if self._credentials is not None
-            else grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
-        )
-        self._stubs = {name: stub(self._channel) for name, stub in _STUBS.items()}
 
     def close(self) -> None:
         self._channel.close()
@@ -709,31 +689,7 @@ class AsyncClient(_Connection):
     """The asyncio client: the same methods as :class:`Client`, awaited (``watch`` is an async iterator).
     ``async with AsyncClient("localhost:50051") as c: plan = await c.set_capacity("web", 10)``."""
 
-    def __init__(
-        self,
-        target: str = "localhost:50051",
-        *,
-        timeout: float = 30.0,
-        retries: int = 3,
-        token: str | None = None,
-        root_certificates: bytes | None = None,
-        private_key: bytes | None = None,
-        certificate_chain: bytes | None = None,
-    ) -> None:
-        super().__init__(
-            timeout=timeout,
-            retries=retries,
-            token=token,
-            root_certificates=root_certificates,
-            private_key=private_key,
-            certificate_chain=certificate_chain,
-        )
-        self._channel = (
-            grpc.aio.secure_channel(target, self._credentials, options=_CHANNEL_OPTIONS)
-            if self._credentials is not None
-            else grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
-        )
-        self._stubs = {name: stub(self._channel) for name, stub in _STUBS.items()}
+    _channels = grpc.aio
 
     async def close(self) -> None:
         await self._channel.close()

@@ -21,7 +21,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from scaleset.errors import ConflictError, ScaleSetError, UnavailableError, error
-from scaleset.store import EventRecord, RequestRecord, Snapshot
+from scaleset.store import EVENT_COLUMNS, EventRecord, RequestRecord, Snapshot, event_from_row, event_row
 
 log = logging.getLogger(__name__)
 
@@ -63,22 +63,6 @@ LEASE_S = 5.0
 #: The advisory lock key a serving store holds ("scaleset" in ASCII).
 _LOCK_KEY = 0x7363616C65736574
 
-_COLUMNS = "sequence, scale_set, revision, type, command, summary, time_ms"
-
-
-def _event(row: tuple[Any, ...]) -> EventRecord:
-    seq, scale_set, revision, type_, command, summary, time_ms = row
-    return EventRecord(
-        seq,
-        scale_set,
-        revision,
-        type_,
-        json.loads(command),
-        json.loads(summary),
-        time_ms,
-        len(command) + len(summary),
-    )
-
 
 def _redacted(url: str) -> str:
     """The URL without its password, for messages."""
@@ -116,18 +100,24 @@ class PostgresStore:
         """A standby: waits until no other server holds the database (it stopped, died, or lost its
         session), then takes over."""
         log.info("standby on %s: waiting for the active server to go", self.path)
-        while True:
-            try:
-                return self._connect_writer()
-            except ScaleSetError as e:
-                if e.code not in ("DatabaseInUse", "DatabaseUnavailable"):
-                    raise
-            try:
-                with psycopg.connect(self._url, autocommit=True, connect_timeout=5) as conn:
-                    self._announce(conn, "standby")
-            except psycopg.Error:
-                pass  # the database is away, or older than the servers table: nothing to announce
-            time.sleep(STANDBY_POLL_S)
+        announcer: psycopg.Connection[Any] | None = None  # one session for the whole wait, not one a poll
+        try:
+            while True:
+                try:
+                    return self._connect_writer()
+                except ScaleSetError as e:
+                    if e.code not in ("DatabaseInUse", "DatabaseUnavailable"):
+                        raise
+                try:
+                    if announcer is None or announcer.broken or announcer.closed:
+                        announcer = psycopg.connect(self._url, autocommit=True, connect_timeout=5)
+                    self._announce(announcer, "standby")
+                except psycopg.Error:
+                    pass  # the database is away, or older than the servers table: nothing to announce
+                time.sleep(STANDBY_POLL_S)
+        finally:
+            if announcer is not None:
+                announcer.close()
 
     def _announce(self, conn: psycopg.Connection[Any], role: str) -> None:
         """Records this server (its address and role, now) for `scaleset cluster status`."""
@@ -257,26 +247,17 @@ class PostgresStore:
         rows = self._read("SELECT sequence, state FROM snapshots ORDER BY sequence DESC LIMIT 1")
         snapshot = Snapshot(rows[0][0], json.loads(rows[0][1])) if rows else None
         after = snapshot.sequence if snapshot else 0
-        events = self._read(f"SELECT {_COLUMNS} FROM events WHERE sequence > %s ORDER BY sequence", (after,))
-        loaded = [_event(r) for r in events]
+        events = self._read(
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE sequence > %s ORDER BY sequence", (after,)
+        )
+        loaded = [event_from_row(r) for r in events]
         self._last_sequence = loaded[-1].sequence if loaded else after
         return snapshot, loaded
 
     def append(self, events: Sequence[EventRecord], requests: Sequence[RequestRecord]) -> list[int]:
-        rows = [
-            (
-                e.sequence,
-                e.scale_set,
-                e.revision,
-                e.type,
-                json.dumps(e.command),
-                json.dumps(e.summary),
-                e.time_ms,
-            )
-            for e in events
-        ]
+        rows = [event_row(e) for e in events]
         with self._write_lock, self._writing().transaction(), self._writer.cursor() as cur:
-            cur.executemany(f"INSERT INTO events ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s)", rows)
+            cur.executemany(f"INSERT INTO events ({EVENT_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s)", rows)
             cur.executemany(
                 "INSERT INTO requests (request_id, method, fingerprint, response, sequence) VALUES (%s, %s, %s, %s, %s)",
                 [(r.request_id, r.method, r.fingerprint, r.response, r.sequence) for r in requests],
@@ -288,15 +269,15 @@ class PostgresStore:
     def events_after(self, scale_set: str | None, after: int, limit: int) -> list[EventRecord]:
         if scale_set is None:
             rows = self._read(
-                f"SELECT {_COLUMNS} FROM events WHERE sequence > %s ORDER BY sequence LIMIT %s",
+                f"SELECT {EVENT_COLUMNS} FROM events WHERE sequence > %s ORDER BY sequence LIMIT %s",
                 (after, limit),
             )
         else:
             rows = self._read(
-                f"SELECT {_COLUMNS} FROM events WHERE scale_set = %s AND revision > %s ORDER BY sequence LIMIT %s",
+                f"SELECT {EVENT_COLUMNS} FROM events WHERE scale_set = %s AND revision > %s ORDER BY sequence LIMIT %s",
                 (scale_set, after, limit),
             )
-        return [_event(r) for r in rows]
+        return [event_from_row(r) for r in rows]
 
     def lookup_request(self, request_id: str) -> RequestRecord | None:
         rows = self._read(

@@ -124,10 +124,24 @@ CREATE TABLE IF NOT EXISTS requests (
 CREATE TABLE IF NOT EXISTS snapshots (sequence INTEGER PRIMARY KEY, state TEXT NOT NULL);
 """
 
-_COLUMNS = "sequence, scale_set, revision, type, command, summary, time_ms"
+#: An event's columns, in the order of :func:`event_row` and :func:`event_from_row` (every store's).
+EVENT_COLUMNS = "sequence, scale_set, revision, type, command, summary, time_ms"
 
 
-def _event(row: tuple[Any, ...]) -> EventRecord:
+def event_row(e: EventRecord) -> tuple[Any, ...]:
+    """An event as a row of :data:`EVENT_COLUMNS` (command and summary as JSON text)."""
+    return (
+        e.sequence,
+        e.scale_set,
+        e.revision,
+        e.type,
+        json.dumps(e.command),
+        json.dumps(e.summary),
+        e.time_ms,
+    )
+
+
+def event_from_row(row: tuple[Any, ...]) -> EventRecord:
     seq, scale_set, revision, type_, command, summary, time_ms = row
     return EventRecord(
         seq,
@@ -212,28 +226,17 @@ class SQLiteStore:
             snapshot = Snapshot(row[0], json.loads(row[1])) if row else None
             after = snapshot.sequence if snapshot else 0
             rows = self._reader.execute(
-                f"SELECT {_COLUMNS} FROM events WHERE sequence > ? ORDER BY sequence", (after,)
+                f"SELECT {EVENT_COLUMNS} FROM events WHERE sequence > ? ORDER BY sequence", (after,)
             ).fetchall()
-        return snapshot, [_event(r) for r in rows]
+        return snapshot, [event_from_row(r) for r in rows]
 
     def append(self, events: Sequence[EventRecord], requests: Sequence[RequestRecord]) -> list[int]:
-        rows = [
-            (
-                e.sequence,
-                e.scale_set,
-                e.revision,
-                e.type,
-                json.dumps(e.command),
-                json.dumps(e.summary),
-                e.time_ms,
-            )
-            for e in events
-        ]
+        rows = [event_row(e) for e in events]
         with self._write_lock:
             cur = self._writer.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
-                cur.executemany(f"INSERT INTO events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                cur.executemany(f"INSERT INTO events ({EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
                 cur.executemany(
                     "INSERT INTO requests (request_id, method, fingerprint, response, sequence) VALUES (?, ?, ?, ?, ?)",
                     [(r.request_id, r.method, r.fingerprint, r.response, r.sequence) for r in requests],
@@ -248,15 +251,15 @@ class SQLiteStore:
         with self._read_lock:
             if scale_set is None:
                 rows = self._reader.execute(
-                    f"SELECT {_COLUMNS} FROM events WHERE sequence > ? ORDER BY sequence LIMIT ?",
+                    f"SELECT {EVENT_COLUMNS} FROM events WHERE sequence > ? ORDER BY sequence LIMIT ?",
                     (after, limit),
                 ).fetchall()
             else:
                 rows = self._reader.execute(
-                    f"SELECT {_COLUMNS} FROM events WHERE scale_set = ? AND revision > ? ORDER BY sequence LIMIT ?",
+                    f"SELECT {EVENT_COLUMNS} FROM events WHERE scale_set = ? AND revision > ? ORDER BY sequence LIMIT ?",
                     (scale_set, after, limit),
                 ).fetchall()
-        return [_event(r) for r in rows]
+        return [event_from_row(r) for r in rows]
 
     def lookup_request(self, request_id: str) -> RequestRecord | None:
         with self._read_lock:
