@@ -20,7 +20,8 @@ LAYERS = [
     {"commands"},
     {"controller"},
     {"store", "postgres", "control", "documents", "prometheus"},
-    {"convert", "service", "client", "cli", "__main__", "v1", "auth", "gateway"},
+    {"dispatch"},
+    {"convert", "service", "client", "cli", "__main__", "v1", "auth", "gateway", "executor", "instance"},
     {"testing"},
 ]
 

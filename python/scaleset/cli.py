@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -67,6 +68,7 @@ async def run_server(
     http_port: int | None = None,
     http_tls: Any = None,
     standby: bool = False,
+    executors: bool = False,
 ) -> int:
     """Runs the service until SIGTERM or SIGINT, then drains in-flight calls and commits. Every
     ``advance_interval`` seconds the time-driven policies (rolling upgrades, repairs, autoscale, automatic
@@ -87,6 +89,7 @@ async def run_server(
         max_watchers=max_watchers,
     )
     await control.start()
+    await control.set_execution_mode("Executors" if executors else "Immediate")
     server, port, metrics = await build_server(
         control, address, authenticator=authenticator, credentials=credentials, rate_limit=rate_limit
     )
@@ -271,6 +274,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             http_port=args.http_port,
             http_tls=_http_tls(args),
             standby=args.standby,
+            executors=args.executors,
         )
     )
 
@@ -652,6 +656,68 @@ def cmd_region(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_executor(args: argparse.Namespace) -> int:
+    """Runs an executor until SIGTERM or SIGINT."""
+    from scaleset.executor import ApplicationHealth, Executor, FakeCloud, LocalProcesses, Provider
+
+    provider: Provider
+    if args.kind == "fake":
+        capacity = {}
+        for item in args.pool or []:
+            where, _, count = item.rpartition("=")
+            zone, size, priority = (where.split("/") + ["Regular"])[:3]
+            capacity[(zone or None, size, priority)] = int(count)
+        provider = FakeCloud(
+            seed=args.seed,
+            latency_s=(args.latency / 2, args.latency * 1.5),
+            capacity=capacity,
+            quota=args.quota,
+            failure_rate=args.failure_rate,
+        )
+    else:
+        provider = LocalProcesses(ApplicationHealth(interval_s=args.probe_interval, probes=args.probes))
+    with _client(args) as client:
+        executor = Executor(
+            client,
+            provider,
+            executor_id=args.id,
+            zones=args.zone or (),
+            max_in_flight=args.max_in_flight,
+            lease_seconds=args.lease_seconds,
+            probe_interval=args.probe_interval if args.kind == "local" else None,
+        )
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: executor.stop())
+        log.info("executor %s (%s) leasing from %s", executor.executor_id, args.kind, args.server)
+        try:
+            executor.run()
+        finally:
+            if isinstance(provider, LocalProcesses):
+                provider.close()
+    log.info("executor %s stopped after %d operations", executor.executor_id, executor.carried_out)
+    return 0
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        report = client.fleet_report(args.name)
+    if args.output == "json":
+        print(json.dumps(dataclasses.asdict(report), indent=2, default=str))
+        return 0
+    states = ", ".join(f"{n} {s}" for s, n in report.provisioning_states.items()) or "no instances"
+    print(f"{report.scale_set}: desired {report.desired_capacity} ({states}); mode {report.execution_mode}")
+    if report.shortfall:
+        print(f"  shortfall {report.shortfall}, {report.consecutive_failures} failures in a row, next try at {report.retry_at}")
+    if report.last_error_code:
+        print(f"  last error: {report.last_error_code}: {report.last_error_message}")
+    for zone, size, priority, until in report.unavailable_pools:
+        print(f"  pool {zone or 'regional'}/{size}/{priority} skipped until {until:.0f}")
+    print(f"  {report.pending_operation_count} pending operations")
+    for op in report.pending_operations[: args.limit]:
+        print(f"    #{op.operation_id} {op.kind} {op.scale_set}_{op.instance_id} in {op.zone or 'regional'} (try {op.attempt})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scaleset", description=__doc__)
     parser.add_argument("--log-level", default=os.environ.get("SCALESET_LOG_LEVEL", "INFO"))
@@ -745,7 +811,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--prometheus-url",
         help="Prometheus server (http://host:9090) that autoscale triggers with a PromQL query read from",
     )
+    p.add_argument(
+        "--executors",
+        action="store_true",
+        help="hand every create, delete, reimage and restart to executors (scaleset executor ...) and wait "
+        "for their reports, instead of applying plans at once",
+    )
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("executor", help="carry a server's operations out (serve --executors)")
+    p.add_argument("kind", choices=["fake", "local"], help="fake: a simulated cloud; local: one process per instance")
+    p.add_argument("--id", help="executor id (default: host and pid)")
+    p.add_argument("--zone", action="append", help="only operations in this zone (repeatable)")
+    p.add_argument("--max-in-flight", type=int, default=16)
+    p.add_argument("--lease-seconds", type=int, default=60)
+    p.add_argument("--seed", type=int, default=0, help="fake: the seed every simulated outcome follows")
+    p.add_argument("--latency", type=float, default=0.0, help="fake: mean seconds per operation")
+    p.add_argument("--failure-rate", type=float, default=0.0, help="fake: share of operations that fail once")
+    p.add_argument("--quota", type=int, help="fake: most instances in all (OperationNotAllowed beyond)")
+    p.add_argument(
+        "--pool", action="append", help="fake: ZONE/SIZE[/PRIORITY]=COUNT capacity of one pool (repeatable)"
+    )
+    p.add_argument("--probe-interval", type=float, default=5.0, help="local: seconds between health probes")
+    p.add_argument("--probes", type=int, default=1, help="local: probes in a row that change the health state")
+    p.set_defaults(func=cmd_executor)
+
+    p = sub.add_parser("fleet", help="a scale set's infrastructure against its desired state")
+    p.add_argument("name")
+    p.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    p.add_argument("--limit", type=int, default=20, help="pending operations to print")
+    p.set_defaults(func=cmd_fleet)
 
     p = sub.add_parser("create", help="create a scale set from a YAML/JSON spec")
     p.add_argument("-f", "--file", required=True, help="spec file (Azure property names; '-' for stdin)")

@@ -51,6 +51,7 @@ from scaleset.model import (
     Region,
     ScaleSetSpec,
 )
+from scaleset.policies.lifecycle import FleetReport, Operation
 from scaleset.policies.upgrade import RollingUpgrade
 from scaleset.v1 import scaleset_pb2 as pb
 from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
@@ -514,6 +515,47 @@ class _Operations:
         request = pb.SetPoolCapacityRequest(pool=pool, request_id=_request_id(request_id))
         return _Call("Regions", "SetPoolCapacity", request, convert.region_from_proto)
 
+    # ----- executors -------------------------------------------------------------------------------
+
+    @staticmethod
+    def report_operation(
+        operation_id: int,
+        succeeded: bool,
+        error_code: str = "",
+        error_message: str = "",
+        *,
+        executor_id: str = "",
+        address: str = "",
+        provider_id: str = "",
+        in_progress: bool = False,
+    ) -> _Call[bool]:
+        """An executor's outcome of one operation (or, with ``in_progress``, a renewal of its lease).
+        True if it was applied; False if the operation was no longer pending (reported before, or
+        cancelled). Safe to retry: an outcome is applied once."""
+        outcome = (
+            pb.OPERATION_OUTCOME_IN_PROGRESS
+            if in_progress
+            else pb.OPERATION_OUTCOME_SUCCEEDED
+            if succeeded
+            else pb.OPERATION_OUTCOME_FAILED
+        )
+        request = pb.ReportOperationRequest(
+            executor_id=executor_id,
+            operation_id=operation_id,
+            outcome=outcome,
+            error_code=error_code,
+            error_message=error_message,
+            address=address,
+            provider_id=provider_id,
+        )
+        return _Call("Executors", "ReportOperation", request, lambda r: bool(r.applied))
+
+    @staticmethod
+    def fleet_report(name: str) -> _Call[FleetReport]:
+        """How far ``name``'s infrastructure is from its desired state, with its pending operations."""
+        request = pb.GetFleetStatusRequest(name=name)
+        return _Call("Executors", "GetFleetStatus", request, convert.fleet_report_from_proto)
+
     @staticmethod
     def echo(payload: bytes = b"") -> _Call[bytes]:
         return _Call("Diagnostics", "Echo", pb.EchoRequest(payload=payload), lambda r: bytes(r.payload))
@@ -529,7 +571,18 @@ _STUBS = {
     "Regions": pb_grpc.RegionsStub,
     "Autoscale": pb_grpc.AutoscaleStub,
     "Diagnostics": pb_grpc.DiagnosticsStub,
+    "Executors": pb_grpc.ExecutorsStub,
 }
+
+
+def _lease_request(executor_id: str, zones: Iterable[str], max_in_flight: int, lease_seconds: int) -> Any:
+    return pb.LeaseOperationsRequest(
+        executor_id=executor_id, zones=list(zones), max_in_flight=max_in_flight, lease_seconds=lease_seconds
+    )
+
+
+def _leased(message: Any) -> tuple[list[Operation], list[int]]:
+    return [convert.operation_from_proto(o) for o in message.operations], list(message.cancelled_operation_ids)
 
 
 class _Connection:
@@ -599,6 +652,25 @@ def _async_pages(build: Callable[P, _Pages[T]]) -> Callable[Concatenate[AsyncCli
     return method
 
 
+class LeaseStream:
+    """The operations leased to one executor stream: iterate for (new operations, cancelled operation
+    ids) until :meth:`cancel` (from any thread) or the server ends it."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def __iter__(self) -> Iterator[tuple[list[Operation], list[int]]]:
+        try:
+            for message in self._call:
+                yield _leased(message)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.CANCELLED:
+                raise _Failure.of(err).exception() from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
 class Client(_Connection):
     """Blocking client. ``Client("localhost:50051")``; use as a context manager or call :meth:`close`.
 
@@ -654,6 +726,16 @@ class Client(_Connection):
             if err.code() != grpc.StatusCode.CANCELLED:
                 raise _Failure.of(err).exception() from None
 
+    def lease_operations(
+        self, executor_id: str, zones: Iterable[str] = (), max_in_flight: int = 16, lease_seconds: int = 60
+    ) -> LeaseStream:
+        """Operations leased to this executor as they come: iterate for (new operations, cancelled
+        operation ids); :meth:`LeaseStream.cancel` ends it. See :mod:`scaleset.dispatch` for leases."""
+        call = self._stubs["Executors"].LeaseOperations(
+            _lease_request(executor_id, zones, max_in_flight, lease_seconds), metadata=self._metadata
+        )
+        return LeaseStream(call)
+
     create_scale_set = _sync(_Operations.create_scale_set)
     get_scale_set = _sync(_Operations.get_scale_set)
     list_scale_sets = _sync_pages(_Operations.list_scale_sets)
@@ -683,6 +765,8 @@ class Client(_Connection):
     set_zone_available = _sync(_Operations.set_zone_available)
     set_pool_capacity = _sync(_Operations.set_pool_capacity)
     echo = _sync(_Operations.echo)
+    report_operation = _sync(_Operations.report_operation)
+    fleet_report = _sync(_Operations.fleet_report)
 
 
 class AsyncClient(_Connection):
@@ -765,3 +849,17 @@ class AsyncClient(_Connection):
     set_zone_available = _async(_Operations.set_zone_available)
     set_pool_capacity = _async(_Operations.set_pool_capacity)
     echo = _async(_Operations.echo)
+    report_operation = _async(_Operations.report_operation)
+    fleet_report = _async(_Operations.fleet_report)
+
+    async def lease_operations(
+        self, executor_id: str, zones: Iterable[str] = (), max_in_flight: int = 16, lease_seconds: int = 60
+    ) -> AsyncIterator[tuple[list[Operation], list[int]]]:
+        """Operations leased to this executor as they come, as (new operations, cancelled ids)."""
+        request = _lease_request(executor_id, zones, max_in_flight, lease_seconds)
+        try:
+            async for message in self._stubs["Executors"].LeaseOperations(request, metadata=self._metadata):
+                yield _leased(message)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.CANCELLED:
+                raise _Failure.of(err).exception() from None

@@ -22,6 +22,7 @@ from scaleset.engine import Engine, check_capacity, check_count
 from scaleset.errors import invalid_input
 from scaleset.model import AutoscaleSetting, Eviction, Instance, Plan, ScaleSetSpec
 from scaleset.policies.common import Action
+from scaleset.policies.lifecycle import MODES
 from scaleset.policies.runner import PolicyRunner
 
 __all__ = [
@@ -709,6 +710,79 @@ class SetPoolCapacity(Command):
         return {
             "text": f"pool {self.zone or 'regional'}/{self.vm_size}/{self.priority} available={self.available}"
         }
+
+
+# ----- executors ----------------------------------------------------------------------------------------
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class SetExecutionMode(Command):
+    """``Immediate`` (plans take effect as made) or ``Executors`` (executors carry them out and report)."""
+
+    op: ClassVar[str] = "execution_mode"
+    event_type: ClassVar[str] = "ExecutionModeChanged"
+    mode: str
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise invalid_input(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}.", field="mode")
+
+    def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> list[Action]:
+        return policies.lifecycle.set_mode(engine, self.mode, now)
+
+    def describe(self, result: list[Action]) -> dict[str, Any]:
+        return {"text": f"execution mode {self.mode}"}
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class ReportOperation(Command):
+    """An executor's outcome of one operation; one already applied (or cancelled) changes nothing."""
+
+    op: ClassVar[str] = "operation"
+    event_type: ClassVar[str] = "OperationReported"
+    name: str
+    operation_id: int
+    succeeded: bool
+    error_code: str = ""
+    error_message: str = ""
+    address: str = ""
+    provider_id: str = ""
+
+    def validate(self) -> None:
+        _require_name(self.name)
+        check_count(self.operation_id, "operation_id")
+        for field, value, limit in (
+            ("error_code", self.error_code, 128),
+            ("error_message", self.error_message, 2048),
+            ("address", self.address, 512),
+            ("provider_id", self.provider_id, 512),
+        ):
+            if not isinstance(value, str) or len(value) > limit:
+                raise invalid_input(f"{field} must be text of at most {limit} characters.", field=field)
+        if not self.succeeded and not self.error_code:
+            raise invalid_input("a failed operation needs its error_code (Azure's, such as AllocationFailed).", field="error_code")
+
+    def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> list[Action] | None:
+        return policies.lifecycle.complete(
+            engine,
+            self.operation_id,
+            self.succeeded,
+            self.error_code,
+            self.error_message,
+            self.address,
+            self.provider_id,
+            now=now,
+        )
+
+    def event(self, result: list[Action] | None) -> str:
+        return result[-1].kind if result else self.event_type
+
+    def describe(self, result: list[Action] | None) -> dict[str, Any]:
+        if result is None:
+            return {"text": f"operation {self.operation_id} was already applied"}
+        return {"text": "; ".join(a.reason for a in result) or f"operation {self.operation_id} applied"}
 
 
 #: Every logged command's class by its log name.

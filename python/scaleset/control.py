@@ -22,9 +22,9 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from scaleset.commands import Advance, Command, decode
+from scaleset.commands import Advance, Command, SetExecutionMode, decode
 from scaleset.controller import Controller
 from scaleset.errors import CapacityError, NotFoundError, conflict, error, invalid_input, unavailable
 from scaleset.model import Region
@@ -32,6 +32,8 @@ from scaleset.policies import Action
 from scaleset.store import EventRecord, RequestRecord, Snapshot, Store
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 __all__ = ["ControlPlane", "Outcome", "current_actor"]
 
@@ -261,6 +263,12 @@ class ControlPlane:
             await reloading.wait()
         return self.controller
 
+    async def inspect(self, read: Callable[[Controller], T]) -> T:
+        """``read(controller)`` with no change in progress: for state that a change running on a worker
+        thread may be rewriting (the lifecycle ledger)."""
+        async with self._lock:
+            return read(self.controller)
+
     def time(self) -> float:
         """The server's clock (for reads that ask about "now", such as an autoscale dry run)."""
         return self._clock()
@@ -271,6 +279,13 @@ class ControlPlane:
             time_ms = self._tick()
             future = self._queue_event(command, self.controller.execute(command, self.now), time_ms)
         await asyncio.shield(future)
+
+    async def set_execution_mode(self, mode: str) -> None:
+        """Makes the stored execution mode ``mode`` (``Immediate`` or ``Executors``), durably; the mode
+        is the server's, chosen at start (``serve --executors``)."""
+        if self.controller.execution_mode != mode:
+            await self.record(SetExecutionMode(mode))
+            log.info("execution mode is now %s", mode)
 
     def revision(self, name: str) -> int:
         return self.revisions.get(name, 0)

@@ -27,6 +27,7 @@ from scaleset.model import (
     ScaleSetSpec,
 )
 from scaleset.policies import Action, PolicyRunner, RollingUpgrade, ZoneBalanceOperation
+from scaleset.policies.lifecycle import FleetReport, Operation
 
 if TYPE_CHECKING:
     from scaleset.rebalance import RebalancePlan
@@ -56,6 +57,7 @@ class Controller:
         controller = cls.__new__(cls)
         controller.engine = Engine.from_state(state, instance_limit=instance_limit)
         controller.policies = PolicyRunner.restore(state.get("policies", {}))
+        controller.policies.lifecycle.attach(controller.engine)
         controller.now = float(state.get("now", 0.0))
         return controller
 
@@ -68,7 +70,52 @@ class Controller:
         if now is not None and now > self.now:
             self.now = now
         command.validate()
-        return command.apply(self.engine, self.policies, self.now if now is None else now)
+        at = self.now if now is None else now
+        try:
+            return command.apply(self.engine, self.policies, at)
+        finally:
+            if self.engine.journal:  # what the command changed, for executors to carry out
+                self.policies.lifecycle.absorb(self.engine, at)
+
+    # ----- executors ------------------------------------------------------------------------------
+
+    def set_execution_mode(self, mode: str, *, now: float | None = None) -> list[Action]:
+        """``Executors``: every create, delete, reimage and restart becomes an operation for executors, and
+        instances are Creating or Updating until one reports. ``Immediate`` (the default): plans take
+        effect as made; switching back completes whatever was pending."""
+        return self.execute(cmd.SetExecutionMode(mode), now)  # type: ignore[no-any-return]
+
+    def report_operation(
+        self,
+        name: str,
+        operation_id: int,
+        succeeded: bool,
+        error_code: str = "",
+        error_message: str = "",
+        *,
+        address: str = "",
+        provider_id: str = "",
+        now: float | None = None,
+    ) -> list[Action] | None:
+        """An executor's outcome of one operation (what it led to; None if it was no longer pending). A failed create is placed again by the scale set's
+        rules (see :mod:`scaleset.policies.lifecycle`); a second report of the same operation does nothing."""
+        command = cmd.ReportOperation(
+            name, operation_id, succeeded, error_code, error_message, address, provider_id
+        )
+        return self.execute(command, now)  # type: ignore[no-any-return]
+
+    def pending_operations(self, name: str | None = None) -> list[Operation]:
+        """Operations waiting for an executor (of ``name``, or all), oldest first."""
+        return self.policies.lifecycle.pending(name)
+
+    def fleet_report(self, name: str) -> FleetReport:
+        """How far ``name``'s infrastructure is from its desired state: desired capacity, instances by
+        provisioning state, the shortfall and its backoff, the last error, pending operations."""
+        return self.policies.lifecycle.report(self.engine, name)
+
+    @property
+    def execution_mode(self) -> str:
+        return self.policies.lifecycle.mode
 
     # ----- scale sets -----------------------------------------------------------------------------
 

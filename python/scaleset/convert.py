@@ -33,6 +33,8 @@ T = TypeVar("T")
 
 if TYPE_CHECKING:
     # Types only: the solver and the store load when they are used, not with every client.
+    from scaleset.controller import Controller
+    from scaleset.policies.lifecycle import FleetReport, Operation
     from scaleset.store import EventRecord
 
 PRIORITY_TO_PB = {"Regular": pb.PRIORITY_REGULAR, "Spot": pb.PRIORITY_SPOT}
@@ -46,6 +48,16 @@ HEALTH_TO_PB = {
     "Unhealthy": pb.HEALTH_UNHEALTHY,
 }
 HEALTH_FROM_PB = {v: k for k, v in HEALTH_TO_PB.items()}
+PROVISIONING_TO_PB = {
+    "Creating": pb.PROVISIONING_STATE_CREATING,
+    "Succeeded": pb.PROVISIONING_STATE_SUCCEEDED,
+    "Failed": pb.PROVISIONING_STATE_FAILED,
+    "Updating": pb.PROVISIONING_STATE_UPDATING,
+    "Deleting": pb.PROVISIONING_STATE_DELETING,
+}
+PROVISIONING_FROM_PB = {v: k for k, v in PROVISIONING_TO_PB.items()} | {
+    pb.PROVISIONING_STATE_UNSPECIFIED: "Succeeded"
+}
 
 
 def priority_word(value: int, field: str) -> str:
@@ -491,6 +503,7 @@ def instance_from_proto(msg: pb.Instance) -> Instance:
         protect_from_scale_in=msg.protect_from_scale_in,
         protect_from_scale_set_actions=msg.protect_from_scale_set_actions,
         name=msg.name or None,
+        provisioning_state=_enum(PROVISIONING_FROM_PB, msg.provisioning_state, "provisioning_state", "Succeeded"),
     )
 
 
@@ -525,6 +538,7 @@ def columns_to_proto(cols: dict[str, list[Any]], start: int, stop: int) -> pb.In
     msg.model_version.extend(cols["model_version"][window])
     msg.protect_from_scale_in.extend(cols["protect_from_scale_in"][window])
     msg.protect_from_scale_set_actions.extend(cols["protect_from_scale_set_actions"][window])
+    msg.provisioning_state.extend(PROVISIONING_TO_PB[p] for p in cols["provisioning_state"][window])
     msg.zone_names.extend(zone_names)
     msg.vm_size_names.extend(size_names)
     for instance_id, name in zip(cols["instance_id"][window], cols["name"][window], strict=False):
@@ -569,6 +583,11 @@ class Column(Sequence[Any]):
         return repr(list(self))
 
 
+def _provisioning_states(msg: pb.InstanceColumns) -> Sequence[int]:
+    """The provisioning-state column; a server older than the column sends none (every one Succeeded)."""
+    return msg.provisioning_state or [pb.PROVISIONING_STATE_SUCCEEDED] * len(msg.instance_id)
+
+
 def listing_columns(msg: pb.InstanceColumns, scale_set: str) -> dict[str, Sequence[Any]]:
     """A listing page as the engine's columns (``name`` None for default names), each a :class:`Column`
     over the reply's packed column: no object per row."""
@@ -586,6 +605,7 @@ def listing_columns(msg: pb.InstanceColumns, scale_set: str) -> dict[str, Sequen
         "model_version": Column(msg.model_version),
         "protect_from_scale_in": Column(msg.protect_from_scale_in),
         "protect_from_scale_set_actions": Column(msg.protect_from_scale_set_actions),
+        "provisioning_state": Column(_provisioning_states(msg), PROVISIONING_FROM_PB),
     }
 
 
@@ -602,6 +622,7 @@ def instance_to_proto(i: Instance) -> pb.Instance:
         model_version=i.model_version or 0,
         protect_from_scale_in=i.protect_from_scale_in,
         protect_from_scale_set_actions=i.protect_from_scale_set_actions,
+        provisioning_state=PROVISIONING_TO_PB[i.provisioning_state],
     )
 
 
@@ -619,8 +640,9 @@ def columns_from_proto(msg: pb.InstanceColumns, scale_set: str) -> list[Instance
             protect_from_scale_in=p_in,
             protect_from_scale_set_actions=p_actions,
             name=msg.custom_names.get(instance_id, f"{scale_set}_{instance_id}"),
+            provisioning_state=PROVISIONING_FROM_PB[state],
         )
-        for instance_id, zone, fd, size, priority, power, health, version, p_in, p_actions in zip(
+        for instance_id, zone, fd, size, priority, power, health, version, p_in, p_actions, state in zip(
             msg.instance_id,
             msg.zone,
             msg.fault_domain,
@@ -631,6 +653,7 @@ def columns_from_proto(msg: pb.InstanceColumns, scale_set: str) -> list[Instance
             msg.model_version,
             msg.protect_from_scale_in,
             msg.protect_from_scale_set_actions,
+            _provisioning_states(msg),
             strict=False,
         )
     ]
@@ -671,4 +694,86 @@ def pool_from_proto(msg: pb.Pool) -> Pool:
         priority=priority_word(msg.priority, "pool.priority"),
         available=msg.available if msg.HasField("available") else None,
         price=msg.price if msg.HasField("price") else 0.0,
+    )
+
+
+# ----- executors --------------------------------------------------------------------------------------
+
+
+def operation_to_proto(op: Operation) -> pb.Operation:
+    return pb.Operation(
+        operation_id=op.operation_id,
+        kind=enum_number(pb.OperationKind.DESCRIPTOR, op.kind, "kind"),
+        scale_set=op.scale_set,
+        instance_id=op.instance_id,
+        instance_name=f"{op.scale_set}_{op.instance_id}",
+        zone=op.zone or "",
+        fault_domain=op.fault_domain,
+        vm_size=op.vm_size,
+        priority=PRIORITY_TO_PB[op.priority],
+        model_version=op.model_version,
+        attempt=op.attempt,
+    )
+
+
+def operation_from_proto(msg: pb.Operation) -> Operation:
+    from scaleset.policies.lifecycle import Operation
+
+    return Operation(
+        operation_id=msg.operation_id,
+        kind=enum_word(pb.OperationKind.DESCRIPTOR, msg.kind, "kind"),
+        scale_set=msg.scale_set,
+        instance_id=msg.instance_id,
+        zone=msg.zone or None,
+        fault_domain=msg.fault_domain,
+        vm_size=msg.vm_size,
+        priority=priority_word(msg.priority, "priority"),
+        model_version=msg.model_version,
+        created_at=0.0,
+        attempt=msg.attempt,
+    )
+
+
+def fleet_report_to_proto(report: FleetReport) -> pb.FleetStatus:
+    msg = pb.FleetStatus(
+        scale_set=report.scale_set,
+        execution_mode=report.execution_mode,
+        desired_capacity=report.desired_capacity,
+        provisioning_states=report.provisioning_states,
+        shortfall=report.shortfall,
+        consecutive_failures=report.consecutive_failures,
+        retry_at_unix_ms=round(report.retry_at * 1000) if report.retry_at is not None else 0,
+        last_error_code=report.last_error_code,
+        last_error_message=report.last_error_message,
+        pending_operation_count=report.pending_operation_count,
+        pending_operations=[operation_to_proto(o) for o in report.pending_operations],
+        revision=report.revision,
+    )
+    for zone, size, priority, until in report.unavailable_pools:
+        msg.unavailable_pools.add(
+            zone=zone or "", vm_size=size, priority=PRIORITY_TO_PB[priority], until_unix_ms=round(until * 1000)
+        )
+    return msg
+
+
+def fleet_report_from_proto(msg: pb.FleetStatus) -> FleetReport:
+    from scaleset.policies.lifecycle import FleetReport
+
+    return FleetReport(
+        scale_set=msg.scale_set,
+        execution_mode=msg.execution_mode,
+        desired_capacity=msg.desired_capacity,
+        provisioning_states=dict(sorted(msg.provisioning_states.items())),
+        shortfall=msg.shortfall,
+        consecutive_failures=msg.consecutive_failures,
+        retry_at=msg.retry_at_unix_ms / 1000 if msg.retry_at_unix_ms else None,
+        last_error_code=msg.last_error_code,
+        last_error_message=msg.last_error_message,
+        pending_operation_count=msg.pending_operation_count,
+        pending_operations=tuple(operation_from_proto(o) for o in msg.pending_operations),
+        unavailable_pools=tuple(
+            (p.zone or None, p.vm_size, priority_word(p.priority, "priority"), p.until_unix_ms / 1000)
+            for p in msg.unavailable_pools
+        ),
+        revision=msg.revision,
     )

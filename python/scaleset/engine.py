@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from scaleset import _core
 from scaleset.errors import invalid_input
@@ -28,7 +28,7 @@ from scaleset.model import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "MetricBuffer", "check_count", "compile_rules", "duration_seconds"]
+__all__ = ["Change", "Engine", "MetricBuffer", "check_count", "compile_rules", "duration_seconds"]
 
 
 #: The highest per-scale-set instance limit an engine accepts (ours: it bounds one plan's memory).
@@ -70,6 +70,19 @@ def duration_seconds(text: str, what: str = "duration") -> float:
     return seconds
 
 
+class Change(NamedTuple):
+    """One thing the engine did to an instance that infrastructure must carry out: ``Create``, ``Delete``,
+    ``Reimage`` (a new or earlier model in place) or ``Restart``; with where the instance is."""
+
+    kind: str
+    scale_set: str
+    instance_id: int
+    zone: str | None
+    fault_domain: int
+    vm_size: str
+    priority: str
+
+
 def _plan(handle: Any, dry_run: bool) -> Plan:
     plan = Plan(handle.scale_set, handle.capacity_before, handle.capacity_after, dry_run, handle=handle)
     if unallocated := handle.unallocated:  # only automatic zone placement leaves any (a hot path otherwise)
@@ -94,6 +107,35 @@ class Engine:
             )
         self._core = _core.Engine(region.to_dict(), instance_limit)
         self._instance_limit = instance_limit
+        #: Every :class:`Change` made since the last drain, while somebody carries changes out (executors);
+        #: ``None`` records nothing (plans take effect as they are made).
+        self.journal: list[Change] | None = None
+
+    def _record(self, plan: Plan) -> Plan:
+        """Journals a plan's creates and deletes (an overprovisioned VM, created and deleted within the
+        plan, is neither)."""
+        if self.journal is None or plan.dry_run:
+            return plan
+        creates, deletes = plan.creates, plan.deletes
+        both = {c.instance_id for c in creates} & {d.instance_id for d in deletes} if deletes and creates else ()
+        for kind, items in (("Delete", deletes), ("Create", creates)):
+            self.journal.extend(
+                Change(kind, plan.scale_set, i.instance_id, i.zone, i.fault_domain, i.vm_size, i.priority)
+                for i in items
+                if i.instance_id not in both
+            )
+        return plan
+
+    def _record_ids(self, kind: str, name: str, ids: Sequence[int]) -> None:
+        if self.journal is None or not ids:
+            return
+        cols = self._core.instances(name)
+        where = {i: k for k, i in enumerate(cols["instance_id"])}
+        for i in ids:
+            k = where[i]
+            self.journal.append(
+                Change(kind, name, i, cols["zone"][k], cols["fault_domain"][k], cols["vm_size"][k], cols["priority"][k])
+            )
 
     # ----- scale sets ---------------------------------------------------------------------------------
 
@@ -105,7 +147,7 @@ class Engine:
         """
         _, handle = self._core.create_scale_set(spec.to_dict(), _count(capacity, "capacity"))
         log.debug("created scale set %s with %d instances", spec.name, capacity)
-        return _plan(handle, dry_run=False)
+        return self._record(_plan(handle, dry_run=False))
 
     def get_scale_set(self, name: str) -> ScaleSet:
         """The stored spec (with Azure's defaults filled in) and every instance."""
@@ -135,6 +177,8 @@ class Engine:
 
     def delete_scale_set(self, name: str) -> None:
         """Deletes a scale set and its instances (protection does not block deleting the whole set)."""
+        if self.journal is not None:
+            self._record_ids("Delete", name, self._core.instances(name)["instance_id"])
         self._core.delete_scale_set(name)
 
     def capacity(self, name: str) -> int:
@@ -176,7 +220,7 @@ class Engine:
     def set_capacity(self, name: str, capacity: int, dry_run: bool = False) -> Plan:
         """Scales out or in to ``capacity`` instances. With ``dry_run`` nothing changes."""
         handle = self._core.set_capacity(name, _count(capacity, "capacity"), dry_run)
-        return _plan(handle, dry_run=dry_run)
+        return self._record(_plan(handle, dry_run=dry_run))
 
     # ----- instances ----------------------------------------------------------------------------------
 
@@ -207,7 +251,7 @@ class Engine:
 
     def delete_instances(self, name: str, instance_ids: Iterable[int]) -> Plan:
         """Deletes chosen instances, protected ones included (as Azure allows for user deletes)."""
-        return _plan(self._core.delete_instances(name, _ids(instance_ids)), dry_run=False)
+        return self._record(_plan(self._core.delete_instances(name, _ids(instance_ids)), dry_run=False))
 
     def evict(self, name: str, instance_ids: Iterable[int]) -> Eviction:
         """Spot eviction per the scale set's ``eviction_policy`` (Delete removes, Deallocate keeps)."""
@@ -265,17 +309,32 @@ class Engine:
             [c[3] for c in creates],
             _ids(deletes),
         )
-        return _plan(handle, dry_run=False)
+        return self._record(_plan(handle, dry_run=False))
 
     # ----- upgrades ----------------------------------------------------------------------------------------
 
     def upgrade_instances(self, name: str, instance_ids: Iterable[int]) -> None:
         """Moves the given instances to the latest model in place (health Initializing)."""
-        self._core.upgrade_instances(name, _ids(instance_ids))
+        ids = _ids(instance_ids)
+        self._core.upgrade_instances(name, ids)
+        self._record_ids("Reimage", name, ids)
 
     def roll_back_instances(self, name: str, instance_ids: Iterable[int], model_version: int) -> None:
         """Puts instances back on an earlier model version (health Initializing)."""
-        self._core.roll_back_instances(name, _ids(instance_ids), _count(model_version, "model_version"))
+        ids = _ids(instance_ids)
+        self._core.roll_back_instances(name, ids, _count(model_version, "model_version"))
+        self._record_ids("Reimage", name, ids)
+
+    def restart_instances(self, name: str, instance_ids: Iterable[int]) -> None:
+        """Restarts instances (health Initializing until they report)."""
+        ids = _ids(instance_ids)
+        self._core.report_health(name, ids, ["Initializing"] * len(ids))
+        self._record_ids("Restart", name, ids)
+
+    def set_provisioning_state(self, name: str, instance_ids: Iterable[int], state: str) -> None:
+        """Records what the infrastructure did: ``Creating``, ``Succeeded``, ``Failed``, ``Updating`` or
+        ``Deleting``. Nothing changes unless every id exists."""
+        self._core.set_provisioning_state(name, _ids(instance_ids), state)
 
     def plan_upgrade_batches(
         self, name: str, batch_size: int, prioritize_unhealthy: bool = False, cross_zone: bool = False
@@ -304,6 +363,11 @@ class Engine:
         if available is not None:
             _count(available, "available")
         self._core.set_pool_capacity(zone, vm_size, priority, available, price)
+
+    def set_pool_blocked(self, zone: str | None, vm_size: str, priority: str, blocked: bool) -> None:
+        """Makes placement skip a pool whatever its capacity (an allocation just failed there), or use it
+        again. Not part of the region's state: whoever blocks a pool owns when it is unblocked."""
+        self._core.set_pool_blocked(zone, vm_size, priority, bool(blocked))
 
     def describe_region(self) -> Region:
         """The region as it stands now: zones, zones down, and every configured pool."""

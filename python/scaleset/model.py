@@ -315,6 +315,8 @@ class Instance:
     protect_from_scale_in: bool = False
     protect_from_scale_set_actions: bool = False
     name: str | None = None
+    #: Azure's provisioning state: Creating, Succeeded, Failed, Updating or Deleting.
+    provisioning_state: str = "Succeeded"
 
     def __post_init__(self) -> None:
         _check_int(self, "instance_id")
@@ -336,6 +338,7 @@ INSTANCE_COLUMNS = (
     "model_version",
     "protect_from_scale_in",
     "protect_from_scale_set_actions",
+    "provisioning_state",
 )
 
 

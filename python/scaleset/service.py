@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import bisect
+import dataclasses
 import datetime
 import importlib.resources
 import logging
@@ -889,6 +890,70 @@ class RegionsServicer(pb_grpc.RegionsServicer):
         )
 
 
+class ExecutorsServicer(pb_grpc.ExecutorsServicer):
+    """Executors lease operations and report outcomes (see :mod:`scaleset.dispatch`)."""
+
+    def __init__(self, control: ControlPlane) -> None:
+        from scaleset.dispatch import Dispatcher
+
+        self._control = control
+        self.dispatcher = Dispatcher(control)
+
+    async def LeaseOperations(self, request: pb.LeaseOperationsRequest, context: Any) -> AsyncIterator[Any]:
+        if self._control.controller.execution_mode != "Executors":
+            raise error(
+                ConflictError,
+                "this server applies plans immediately; start it with --executors to hand them to executors.",
+                "ExecutorsDisabled",
+            )
+        batches = self.dispatcher.stream(
+            request.executor_id, list(request.zones), request.max_in_flight, request.lease_seconds
+        )
+        await context.send_initial_metadata(())
+        async for leased, cancelled in batches:
+            yield pb.LeaseOperationsResponse(
+                operations=[convert.operation_to_proto(o) for o in leased], cancelled_operation_ids=cancelled
+            )
+
+    async def ReportOperation(self, request: pb.ReportOperationRequest, context: Any) -> pb.ReportOperationResponse:
+        outcome = request.outcome
+        if outcome not in (pb.OPERATION_OUTCOME_IN_PROGRESS, pb.OPERATION_OUTCOME_SUCCEEDED, pb.OPERATION_OUTCOME_FAILED):
+            raise invalid_input("outcome must be IN_PROGRESS, SUCCEEDED or FAILED.", field="outcome")
+        if outcome == pb.OPERATION_OUTCOME_FAILED and not request.error_code:
+            raise invalid_input(
+                "a failed operation needs its error_code (Azure's, such as AllocationFailed).", field="error_code"
+            )
+        op = self._control.controller.policies.lifecycle.operations.get(request.operation_id)
+        if op is None:  # reported before, or cancelled: applied once, so nothing to do
+            self.dispatcher.release(request.operation_id)
+            return pb.ReportOperationResponse(applied=False)
+        if outcome == pb.OPERATION_OUTCOME_IN_PROGRESS:
+            self.dispatcher.renew(request.operation_id)
+            return pb.ReportOperationResponse(applied=True, revision=self._control.revision(op.scale_set))
+        command = cmd.ReportOperation(
+            op.scale_set,
+            request.operation_id,
+            outcome == pb.OPERATION_OUTCOME_SUCCEEDED,
+            request.error_code,
+            request.error_message,
+            request.address,
+            request.provider_id,
+        )
+        reply = await self._control.mutate(
+            method="ReportOperation",
+            command=command,
+            encode=lambda o: pb.ReportOperationResponse(applied=o.result is not None, revision=o.revision),
+        )
+        self.dispatcher.release(request.operation_id)
+        return reply
+
+    async def GetFleetStatus(self, request: pb.GetFleetStatusRequest, context: Any) -> pb.FleetStatus:
+        await self._control.settled()
+        name = _require(request.name, "name")
+        report = await self._control.inspect(lambda c: c.fleet_report(name))
+        return convert.fleet_report_to_proto(dataclasses.replace(report, revision=self._control.revision(name)))
+
+
 class DiagnosticsServicer(pb_grpc.DiagnosticsServicer):
     async def Echo(self, request: pb.EchoRequest, context: Any) -> pb.EchoResponse:
         return pb.EchoResponse(payload=request.payload)
@@ -966,11 +1031,12 @@ async def build_server(
     pb_grpc.add_RegionsServicer_to_server(RegionsServicer(control), server)
     pb_grpc.add_AutoscaleServicer_to_server(AutoscaleServicer(control), server)
     pb_grpc.add_DiagnosticsServicer_to_server(DiagnosticsServicer(), server)
+    pb_grpc.add_ExecutorsServicer_to_server(ExecutorsServicer(control), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [
         pb.DESCRIPTOR.services_by_name[s].full_name
-        for s in ("ScaleSets", "Autoscale", "Regions", "Diagnostics")
+        for s in ("ScaleSets", "Autoscale", "Regions", "Diagnostics", "Executors")
     ]
 
     async def set_health(serving: bool) -> None:

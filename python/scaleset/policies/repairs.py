@@ -121,7 +121,7 @@ def step(
         engine.upgrade_instances(name, due)
         repaired, text = due, f"reimaged unhealthy {due} (latest model)"
     else:
-        engine.report_health(name, due, "Initializing")
+        engine.restart_instances(name, due)
         repaired, text = due, f"restarted unhealthy {due}"
     for i in repaired:
         state.in_repair[i] = now

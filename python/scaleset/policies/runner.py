@@ -18,6 +18,7 @@ from scaleset.model import AutoscaleDecision, AutoscaleSetting, ScaleSetSpec
 from scaleset.policies import autoscale, repairs, upgrade, zone_balance
 from scaleset.policies.autoscale import AutoscaleState
 from scaleset.policies.common import Action
+from scaleset.policies.lifecycle import Lifecycle
 from scaleset.policies.repairs import RepairState
 from scaleset.policies.upgrade import RollingUpgrade
 from scaleset.policies.zone_balance import ZoneBalanceOperation
@@ -43,6 +44,8 @@ class PolicyRunner:
         self._repairs: dict[str, RepairState] = {}
         #: Metric names pushed for scale sets without an autoscale setting (bounded like the others).
         self._loose_metrics: dict[str, set[str]] = {}
+        #: Operations for executors, the unavailable-capacity cache, shortfalls and backoff.
+        self.lifecycle = Lifecycle()
 
     # ----- what the commands tell the runner ----------------------------------------------------------
 
@@ -52,6 +55,7 @@ class PolicyRunner:
         self._modified[name] = now
         if capacity:
             self._zone_balance.pop(name, None)
+            self.lifecycle.capacity_set(name)
 
     def model_changed(self, engine: Engine, spec: ScaleSetSpec) -> None:
         """A new model version: Automatic mode upgrades every out-of-date instance now; Rolling starts a
@@ -104,6 +108,7 @@ class PolicyRunner:
         ):
             state.pop(name, None)
         self._upgrade_pending.discard(name)
+        self.lifecycle.deleted(name)
 
     # ----- time -----------------------------------------------------------------------------------------
 
@@ -112,6 +117,7 @@ class PolicyRunner:
         The same state and ``now`` give the same actions."""
         actions: list[Action] = []
         for n in [name] if name is not None else engine.scale_set_names():
+            actions += self.lifecycle.step(engine, n, now)
             if n in self._upgrade_pending:
                 self._upgrade_pending.discard(n)
                 self._upgrades[n], started_actions = upgrade.start(engine, n, now)
@@ -301,6 +307,7 @@ class PolicyRunner:
             "repairs": {n: r.to_dict() for n, r in self._repairs.items()},
             "autoscale": {n: a.to_dict() for n, a in self._autoscale.items()},
             "metrics": self.metrics.export(),
+            "lifecycle": self.lifecycle.export(),
         }
 
     @classmethod
@@ -319,4 +326,5 @@ class PolicyRunner:
         for n, a in runner._autoscale.items():
             runner.metrics.set_retention(n, autoscale.retention_s(a.setting))
         runner.metrics.restore(state.get("metrics", []))
+        runner.lifecycle = Lifecycle.restore(state.get("lifecycle", {}))
         return runner

@@ -80,8 +80,10 @@ class ServerThread:
         authenticator: Any = None,
         credentials: Any = None,
         rate_limit: float | None = None,
+        executors: bool = False,
         **control_options: Any,
     ) -> None:
+        self._mode = "Executors" if executors else "Immediate"
         self._security = {"authenticator": authenticator, "credentials": credentials}
         if rate_limit is not None:
             self._security["rate_limit"] = rate_limit
@@ -96,6 +98,7 @@ class ServerThread:
 
     async def _start(self) -> int:
         await self.control.start()
+        await self.control.set_execution_mode(self._mode)
         self._server, port, self.metrics = await build_server(self.control, "127.0.0.1:0", **self._security)
         await self._server.start()
         return port

@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::auto_zones;
 use crate::error::{codes, CoreError, Result};
 use crate::model::{
-    EvictionPolicy, Health, Instance, PoolKey, PowerState, Priority, Region, ScaleSetSpec, ZoneSlot,
+    EvictionPolicy, Health, Instance, PoolKey, PowerState, Priority, ProvisioningState, Region,
+    ScaleSetSpec, ZoneSlot,
 };
 use crate::plan::{CreateCause, DeleteCause, Plan, PlannedDelete};
 use crate::scale_in::plan_scale_in;
@@ -53,6 +54,7 @@ pub struct InstanceInput {
     pub priority: Priority,
     pub power_state: PowerState,
     pub health: Health,
+    pub provisioning_state: ProvisioningState,
     pub model_version: Option<u64>,
     pub protect_from_scale_in: bool,
     pub protect_from_scale_set_actions: bool,
@@ -455,6 +457,7 @@ impl Engine {
                 priority: c.priority,
                 power_state: PowerState::Running,
                 health: Health::Unknown,
+                provisioning_state: ProvisioningState::Succeeded,
                 model_version,
                 protect_from_scale_in: false,
                 protect_from_scale_set_actions: false,
@@ -642,6 +645,7 @@ impl Engine {
                 priority: input.priority,
                 power_state: input.power_state,
                 health: input.health,
+                provisioning_state: input.provisioning_state,
                 model_version: input.model_version.unwrap_or(spec.model_version),
                 protect_from_scale_in: input.protect_from_scale_in,
                 protect_from_scale_set_actions: input.protect_from_scale_set_actions,
@@ -817,7 +821,45 @@ impl Engine {
         Ok(())
     }
 
+    /// Records what the infrastructure did with several instances: all ids are checked before any changes.
+    pub fn set_provisioning_state(
+        &mut self,
+        name: &str,
+        ids: &[u64],
+        provisioning_state: ProvisioningState,
+    ) -> Result<()> {
+        let positions = self.positions(name, ids)?;
+        let state = self.scale_set_mut(name)?;
+        for p in positions {
+            state.instances[p].provisioning_state = provisioning_state;
+        }
+        Ok(())
+    }
+
     // ----- region -------------------------------------------------------------------------------------
+
+    /// Makes placement skip a pool (as if it had no capacity) or consider it again.
+    pub fn set_pool_blocked(
+        &mut self,
+        zone: Option<&str>,
+        vm_size: &str,
+        priority: Priority,
+        blocked: bool,
+    ) -> Result<()> {
+        let zone = zone.map(|z| self.region.zone_index(z)).transpose()?;
+        crate::validate::check_size_name(vm_size, "pool.vm_size")?;
+        let key = PoolKey {
+            zone,
+            vm_size: vm_size.to_owned(),
+            priority,
+        };
+        if blocked {
+            self.region.blocked.insert(key);
+        } else {
+            self.region.blocked.remove(&key);
+        }
+        Ok(())
+    }
 
     pub fn set_zone_available(&mut self, zone: &str, available: bool) -> Result<()> {
         let z = self.region.zone_index(zone)?;

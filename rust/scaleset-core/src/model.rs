@@ -50,6 +50,11 @@ azure_enum!(
     Health, "health", codes::INVALID_PARAMETER,
     { Unknown = "Unknown", Initializing = "Initializing", Healthy = "Healthy", Unhealthy = "Unhealthy" });
 azure_enum!(
+    /// Azure's provisioning states: what the infrastructure has done with an instance. Without executors
+    /// every instance is `Succeeded` at once; with them it is `Creating` until an executor reports back.
+    ProvisioningState, "provisioning_state", codes::INVALID_PARAMETER,
+    { Creating = "Creating", Succeeded = "Succeeded", Failed = "Failed", Updating = "Updating", Deleting = "Deleting" });
+azure_enum!(
     /// What the OS image is; a legacy managed image lowers the instance limit to 600.
     ImageKind, "image_kind", codes::INVALID_PARAMETER,
     { Marketplace = "Marketplace", Gallery = "Gallery", ManagedImage = "ManagedImage" });
@@ -332,6 +337,7 @@ pub struct Instance {
     pub priority: Priority,
     pub power_state: PowerState,
     pub health: Health,
+    pub provisioning_state: ProvisioningState,
     pub model_version: u64,
     pub protect_from_scale_in: bool,
     pub protect_from_scale_set_actions: bool,
@@ -389,6 +395,9 @@ pub struct Region {
     pub zone_available: Vec<bool>,
     pub fault_domains_per_zone: u32,
     pub pools: std::collections::BTreeMap<PoolKey, Pool>,
+    /// Pools placement skips for now whatever their capacity (the unavailable-capacity cache: a pool that
+    /// just failed an allocation). Owned by the caller, which decides when a pool is tried again.
+    pub blocked: std::collections::BTreeSet<PoolKey>,
 }
 
 impl Region {
@@ -423,6 +432,7 @@ impl Region {
             zone_available,
             fault_domains_per_zone,
             pools: Default::default(),
+            blocked: Default::default(),
         })
     }
 
@@ -459,14 +469,19 @@ impl Region {
     }
 
     pub fn pool(&self, zone: ZoneSlot, vm_size: &str, priority: Priority) -> Pool {
-        self.pools
-            .get(&PoolKey {
-                zone,
-                vm_size: vm_size.to_owned(),
-                priority,
-            })
-            .copied()
-            .unwrap_or_default()
+        let key = PoolKey {
+            zone,
+            vm_size: vm_size.to_owned(),
+            priority,
+        };
+        let pool = self.pools.get(&key).copied().unwrap_or_default();
+        if !self.blocked.is_empty() && self.blocked.contains(&key) {
+            return Pool {
+                available: Some(0),
+                ..pool
+            };
+        }
+        pool
     }
 }
 

@@ -63,6 +63,7 @@ proptest! {
             instance_id: i as u64, name: None, zone: Some((z + 1).to_string()), fault_domain: 0,
             vm_size: SIZE.into(), priority: Priority::Regular, power_state: PowerState::Running,
             health: Health::Unknown, model_version: None, protect_from_scale_in: false,
+            provisioning_state: ProvisioningState::Succeeded,
             protect_from_scale_set_actions: false,
         }).collect();
         e.import_instances("p", inputs).expect("import");

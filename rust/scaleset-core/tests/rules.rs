@@ -30,6 +30,7 @@ fn instance(id: u64, zone: &str, fd: u32) -> InstanceInput {
         priority: Priority::Regular,
         power_state: PowerState::Running,
         health: Health::Healthy,
+        provisioning_state: ProvisioningState::Succeeded,
         model_version: Some(1),
         protect_from_scale_in: false,
         protect_from_scale_set_actions: false,
@@ -308,4 +309,52 @@ fn unknown_enum_values_name_their_field() {
         (err.code, err.field),
         (codes::INVALID_PARAMETER, Some("priority"))
     );
+}
+
+// ----- the unavailable-capacity overlay and provisioning states -------------------------------------------
+
+#[test]
+fn a_blocked_pool_is_skipped_until_unblocked_and_keeps_its_capacity() {
+    let mut e = engine(&["1", "2", "3"], 1);
+    e.create_scale_set(with_rule(ScaleInRule::Default), 0)
+        .expect("valid");
+    e.set_pool_capacity(Some("1"), SIZE, Priority::Regular, Some(7), None)
+        .expect("pool");
+    e.set_pool_blocked(Some("1"), SIZE, Priority::Regular, true)
+        .expect("block");
+    let plan = e.set_capacity("web", 4, false).expect("two zones left");
+    assert!(plan.creates.iter().all(|c| c.zone != Some(0)));
+    assert_eq!(plan.creates.len(), 4);
+    e.set_pool_blocked(Some("1"), SIZE, Priority::Regular, false)
+        .expect("unblock");
+    assert_eq!(
+        e.region().pool(Some(0), SIZE, Priority::Regular).available,
+        Some(7)
+    );
+    let plan = e.set_capacity("web", 6, false).expect("zone 1 again");
+    assert!(plan.creates.iter().all(|c| c.zone == Some(0)));
+}
+
+#[test]
+fn provisioning_state_starts_succeeded_and_is_set_all_or_nothing() {
+    let mut e = engine(&["1", "2", "3"], 1);
+    e.create_scale_set(with_rule(ScaleInRule::Default), 3)
+        .expect("valid");
+    let states = |e: &Engine| -> Vec<ProvisioningState> {
+        e.scale_set("web")
+            .expect("exists")
+            .instances
+            .iter()
+            .map(|i| i.provisioning_state)
+            .collect()
+    };
+    assert_eq!(states(&e), vec![ProvisioningState::Succeeded; 3]);
+    assert_eq!(
+        code(e.set_provisioning_state("web", &[0, 99], ProvisioningState::Creating)),
+        "InstanceNotFound"
+    );
+    assert_eq!(states(&e), vec![ProvisioningState::Succeeded; 3]);
+    e.set_provisioning_state("web", &[1], ProvisioningState::Creating)
+        .expect("known id");
+    assert_eq!(states(&e)[1], ProvisioningState::Creating);
 }

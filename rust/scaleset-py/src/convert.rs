@@ -389,6 +389,9 @@ pub struct InstanceColumns {
     pub priority: Vec<String>,
     pub power_state: Vec<String>,
     pub health: Vec<String>,
+    /// Absent in columns saved before provisioning states existed: every such instance had succeeded.
+    #[pyo3(default)]
+    pub provisioning_state: Vec<String>,
     pub model_version: Vec<Option<u64>>,
     pub protect_from_scale_in: Vec<bool>,
     pub protect_from_scale_set_actions: Vec<bool>,
@@ -407,6 +410,7 @@ pub fn instance_columns(e: &core::Engine, s: &core::ScaleSetState) -> InstanceCo
         priority: Vec::with_capacity(n),
         power_state: Vec::with_capacity(n),
         health: Vec::with_capacity(n),
+        provisioning_state: Vec::with_capacity(n),
         model_version: Vec::with_capacity(n),
         protect_from_scale_in: Vec::with_capacity(n),
         protect_from_scale_set_actions: Vec::with_capacity(n),
@@ -426,6 +430,8 @@ pub fn instance_columns(e: &core::Engine, s: &core::ScaleSetState) -> InstanceCo
         c.priority.push(i.priority.as_str().to_owned());
         c.power_state.push(i.power_state.as_str().to_owned());
         c.health.push(i.health.as_str().to_owned());
+        c.provisioning_state
+            .push(i.provisioning_state.as_str().to_owned());
         c.model_version.push(Some(i.model_version));
         c.protect_from_scale_in.push(i.protect_from_scale_in);
         c.protect_from_scale_set_actions
@@ -448,7 +454,8 @@ pub fn instance_inputs(c: InstanceColumns) -> PyResult<Vec<core::InstanceInput>>
         c.protect_from_scale_in.len(),
         c.protect_from_scale_set_actions.len(),
     ];
-    if lengths.iter().any(|&l| l != n) {
+    let states = c.provisioning_state.len();
+    if lengths.iter().any(|&l| l != n) || (states != 0 && states != n) {
         return Err(to_py_err(CoreError::invalid(
             codes::INVALID_PARAMETER,
             "instance columns must all have the same length.",
@@ -468,6 +475,10 @@ pub fn instance_inputs(c: InstanceColumns) -> PyResult<Vec<core::InstanceInput>>
             priority: parse(&c.priority[i], core::Priority::parse)?,
             power_state: parse(&c.power_state[i], core::PowerState::parse)?,
             health: parse(&c.health[i], core::Health::parse)?,
+            provisioning_state: match c.provisioning_state.get(i) {
+                Some(text) => parse(text, core::ProvisioningState::parse)?,
+                None => core::ProvisioningState::Succeeded,
+            },
             model_version: c.model_version[i],
             protect_from_scale_in: c.protect_from_scale_in[i],
             protect_from_scale_set_actions: c.protect_from_scale_set_actions[i],

@@ -433,6 +433,35 @@ impl Engine {
         })
     }
 
+    /// Records what the infrastructure did with instances (Creating, Succeeded, Failed, Updating, Deleting).
+    fn set_provisioning_state(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        instance_ids: Vec<u64>,
+        provisioning_state: &str,
+    ) -> PyResult<()> {
+        let state = parse(provisioning_state, core::ProvisioningState::parse)?;
+        detached(py, || {
+            self.with(|e| e.set_provisioning_state(name, &instance_ids, state))
+        })
+    }
+
+    /// Makes placement skip a pool whatever its capacity (`blocked`), or consider it again.
+    fn set_pool_blocked(
+        &self,
+        py: Python<'_>,
+        zone: Option<&str>,
+        vm_size: &str,
+        priority: &str,
+        blocked: bool,
+    ) -> PyResult<()> {
+        let priority = parse(priority, core::Priority::parse)?;
+        detached(py, || {
+            self.with(|e| e.set_pool_blocked(zone, vm_size, priority, blocked))
+        })
+    }
+
     fn set_zone_available(&self, py: Python<'_>, zone: &str, available: bool) -> PyResult<()> {
         detached(py, || self.with(|e| e.set_zone_available(zone, available)))
     }

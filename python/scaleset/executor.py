@@ -1,0 +1,404 @@
+"""Executors: carry a server's operations out on infrastructure and report back.
+
+An :class:`Executor` leases operations from a server in Executors mode (``scaleset serve --executors``),
+runs each on a :class:`Provider` in a thread pool (at most ``max_in_flight`` at once), and reports every
+outcome; with a ``probe_interval`` it also probes the instances' health, Application Health extension
+style, and reports changes. Two providers ship with scaleset:
+
+- :class:`FakeCloud`: a simulated cloud for tests and what-ifs: per-pool capacity, latency, injected
+  failures, deterministic for a seed (each operation's fate depends on the seed and the operation, not on
+  thread timing).
+- :class:`LocalProcesses`: each instance is a real local process (``python -m scaleset.instance``, a small
+  HTTP server with a health endpoint), so ``scaleset serve --executors`` plus ``scaleset executor local``
+  is a working fleet on one machine.
+
+A provider must be idempotent by instance name: creating an instance that exists returns it, deleting
+one that does not exist succeeds (an operation whose lease lapsed may be carried out twice).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from scaleset.client import Client, LeaseStream
+from scaleset.errors import ScaleSetError
+from scaleset.policies.lifecycle import Operation
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ApplicationHealth",
+    "Executor",
+    "FakeCloud",
+    "LocalProcesses",
+    "Provider",
+    "ProviderError",
+]
+
+
+class ProviderError(Exception):
+    """An operation failed: ``code`` is Azure's (``ZonalAllocationFailed``, ``OperationNotAllowed`` ...) or
+    the provider's own."""
+
+    def __init__(self, code: str, message: str = "") -> None:
+        super().__init__(f"{code}: {message}" if message else code)
+        self.code = code
+        self.message = message
+
+
+class Provider(Protocol):
+    """What an executor drives. Each method blocks until its operation is done or raises ProviderError."""
+
+    def create(self, op: Operation) -> tuple[str, str]:
+        """Creates the instance; returns (address, provider id)."""
+        ...
+
+    def delete(self, op: Operation) -> None: ...
+
+    def reimage(self, op: Operation) -> None: ...
+
+    def restart(self, op: Operation) -> None: ...
+
+    def health(self) -> dict[str, dict[int, str]]:
+        """Each known instance's Application Health by scale set (Healthy, Unhealthy, Initializing,
+        Unknown); empty if the provider does not probe."""
+        ...
+
+
+def instance_name(op: Operation) -> str:
+    return f"{op.scale_set}_{op.instance_id}"
+
+
+# ----- the fake cloud ---------------------------------------------------------------------------------
+
+
+@dataclass
+class FakeCloud:
+    """A simulated cloud. ``capacity`` maps (zone or None, vm_size, priority) to how many instances that
+    pool holds (absent pools are unlimited); a create beyond it fails with ZonalAllocationFailed (or
+    AllocationFailed for regional capacity). ``quota`` caps instances in all. A ``failure_rate`` share of
+    operations fails with ``failure_code`` on their first try. Everything a seed decides is a function of
+    the seed and the operation, so runs repeat."""
+
+    seed: int = 0
+    latency_s: tuple[float, float] = (0.0, 0.0)
+    capacity: dict[tuple[str | None, str, str], int] = field(default_factory=dict)
+    quota: int | None = None
+    failure_rate: float = 0.0
+    failure_code: str = "InternalExecutionError"
+    instances: dict[str, Operation] = field(default_factory=dict)
+    #: Every operation carried out, as (kind, instance name, outcome code or "OK").
+    log: list[tuple[str, str, str]] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def _fate(self, op: Operation) -> random.Random:
+        digest = hashlib.sha256(f"{self.seed}/{op.operation_id}/{op.attempt}".encode()).digest()
+        return random.Random(int.from_bytes(digest[:8], "big"))
+
+    def _work(self, op: Operation) -> None:
+        rng = self._fate(op)
+        low, high = self.latency_s
+        if high > 0:
+            time.sleep(rng.uniform(low, high))
+        if op.attempt == 1 and rng.random() < self.failure_rate:
+            raise ProviderError(self.failure_code, f"injected failure of {op.kind.lower()} {instance_name(op)}")
+
+    def _used(self, pool: tuple[str | None, str, str]) -> int:
+        return sum(1 for i in self.instances.values() if (i.zone, i.vm_size, i.priority) == pool)
+
+    def create(self, op: Operation) -> tuple[str, str]:
+        name = instance_name(op)
+        try:
+            self._work(op)
+            with self._lock:
+                if name not in self.instances:
+                    pool = (op.zone, op.vm_size, op.priority)
+                    if pool in self.capacity and self._used(pool) >= self.capacity[pool]:
+                        code = "ZonalAllocationFailed" if op.zone else "AllocationFailed"
+                        raise ProviderError(code, f"no {op.vm_size} {op.priority} capacity in {op.zone or 'the region'}")
+                    if self.quota is not None and len(self.instances) >= self.quota:
+                        raise ProviderError("OperationNotAllowed", f"quota of {self.quota} instances reached")
+                    self.instances[name] = op
+                self.log.append(("Create", name, "OK"))
+        except ProviderError as e:
+            with self._lock:
+                self.log.append(("Create", name, e.code))
+            raise
+        return f"10.0.{op.instance_id // 250}.{op.instance_id % 250 + 4}", f"fake://{name}"
+
+    def _simple(self, op: Operation) -> None:
+        name = instance_name(op)
+        try:
+            self._work(op)
+        except ProviderError as e:
+            with self._lock:
+                self.log.append((op.kind, name, e.code))
+            raise
+        with self._lock:
+            if op.kind == "Delete":
+                self.instances.pop(name, None)
+            self.log.append((op.kind, name, "OK"))
+
+    delete = reimage = restart = _simple
+
+    def health(self) -> dict[str, dict[int, str]]:
+        return {}
+
+    def take_pool(self, zone: str | None, vm_size: str, priority: str, capacity: int) -> None:
+        """Changes a pool's capacity (a zone runs out of a size, a Spot pool disappears)."""
+        with self._lock:
+            self.capacity[(zone, vm_size, priority)] = capacity
+
+
+# ----- local processes --------------------------------------------------------------------------------
+
+
+@dataclass
+class ApplicationHealth:
+    """Azure's Application Health extension: a probe every ``interval_s``; ``probes`` failures (or
+    successes) in a row change the state; Initializing until the first success or ``grace_s``."""
+
+    path: str = "/health"
+    interval_s: float = 5.0
+    probes: int = 1
+    grace_s: float = 600.0
+
+
+class LocalProcesses:
+    """Each instance a local process: ``python -m scaleset.instance`` on a free port of 127.0.0.1."""
+
+    def __init__(self, health: ApplicationHealth | None = None) -> None:
+        self.settings = health or ApplicationHealth()
+        self._procs: dict[str, tuple[subprocess.Popen[bytes], int, Operation, float]] = {}
+        self._streaks: dict[str, tuple[str, int]] = {}
+        self._lock = threading.Lock()
+
+    def _start(self, op: Operation) -> tuple[subprocess.Popen[bytes], int]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "scaleset.instance", "--name", instance_name(op), "--model", str(op.model_version)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode().strip()  # "PORT <n>" once it listens
+        if not line.startswith("PORT "):
+            proc.kill()
+            raise ProviderError("VMStartTimedOut", f"instance {instance_name(op)} did not start")
+        return proc, int(line.split()[1])
+
+    def create(self, op: Operation) -> tuple[str, str]:
+        name = instance_name(op)
+        with self._lock:
+            known = self._procs.get(name)
+        if known is not None and known[0].poll() is None:
+            return f"127.0.0.1:{known[1]}", f"pid://{known[0].pid}"
+        proc, port = self._start(op)
+        with self._lock:
+            self._procs[name] = (proc, port, op, time.monotonic())
+        return f"127.0.0.1:{port}", f"pid://{proc.pid}"
+
+    def delete(self, op: Operation) -> None:
+        with self._lock:
+            known = self._procs.pop(instance_name(op), None)
+            self._streaks.pop(instance_name(op), None)
+        if known is not None:
+            _stop(known[0])
+
+    def reimage(self, op: Operation) -> None:
+        self.delete(op)
+        self.create(op)
+
+    restart = reimage
+
+    def pid(self, scale_set: str, instance_id: int) -> int | None:
+        with self._lock:
+            known = self._procs.get(f"{scale_set}_{instance_id}")
+        return None if known is None else known[0].pid
+
+    def _probe(self, port: int) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{self.settings.path}", timeout=2) as reply:
+                return bool(reply.status == 200)
+        except OSError:
+            return False
+
+    def health(self) -> dict[str, dict[int, str]]:
+        with self._lock:
+            procs = dict(self._procs)
+        out: dict[str, dict[int, str]] = {}
+        for name, (proc, port, op, started) in procs.items():
+            ok = proc.poll() is None and self._probe(port)
+            last, streak = self._streaks.get(name, ("", 0))
+            seen = "Healthy" if ok else "Unhealthy"
+            streak = streak + 1 if seen == last else 1
+            self._streaks[name] = (seen, streak)
+            if streak >= self.settings.probes:
+                state = seen
+            elif not ok and time.monotonic() - started < self.settings.grace_s and last != "Healthy":
+                state = "Initializing"
+            else:
+                continue  # not enough probes in a row to change the state
+            out.setdefault(op.scale_set, {})[op.instance_id] = state
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            procs, self._procs = list(self._procs.values()), {}
+        for proc, *_ in procs:
+            _stop(proc)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+# ----- the executor -----------------------------------------------------------------------------------
+
+
+class Executor:
+    """Leases operations from ``client``'s server and carries them out on ``provider``.
+
+    Args:
+        executor_id: this executor's name (default: host and pid).
+        zones: only operations in these zones ("" for regional); empty means all.
+        max_in_flight: operations carried out at once.
+        lease_seconds: how long the server waits for a report before offering an operation again.
+        probe_interval: seconds between health probes (None: no probing).
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        provider: Provider,
+        *,
+        executor_id: str | None = None,
+        zones: Iterable[str] = (),
+        max_in_flight: int = 16,
+        lease_seconds: int = 60,
+        probe_interval: float | None = None,
+    ) -> None:
+        self.client = client
+        self.provider = provider
+        self.executor_id = executor_id or f"{os.uname().nodename}-{os.getpid()}"
+        self.zones = list(zones)
+        self.max_in_flight = max_in_flight
+        self.lease_seconds = lease_seconds
+        self.probe_interval = probe_interval
+        self.stopped = threading.Event()
+        #: Operations carried out (whatever their outcome), and reports the server applied.
+        self.carried_out = 0
+        self.applied = 0
+        self._cancelled: set[int] = set()
+        #: The health last reported per (scale set, instance): only changes are sent.
+        self._reported: dict[tuple[str, int], str] = {}
+        self._stream: LeaseStream | None = None
+        self._lock = threading.Lock()
+
+    def run(self) -> None:
+        """Leases and carries out operations until :meth:`stop`; reconnects after a lost stream."""
+        prober = None
+        if self.probe_interval:
+            prober = threading.Thread(target=self._probe_loop, name="scaleset-probes", daemon=True)
+            prober.start()
+        with ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="scaleset-op") as pool:
+            delay = 0.5
+            while not self.stopped.is_set():
+                try:
+                    self._stream = self.client.lease_operations(
+                        self.executor_id, self.zones, self.max_in_flight, self.lease_seconds
+                    )
+                    for leased, cancelled in self._stream:
+                        delay = 0.5
+                        with self._lock:
+                            self._cancelled.update(cancelled)
+                        for op in leased:
+                            pool.submit(self._carry_out, op)
+                except ScaleSetError as e:
+                    log.warning("executor %s: lease stream ended (%s); reconnecting", self.executor_id, e)
+                self.stopped.wait(delay)
+                delay = min(delay * 2, 10.0)
+        if prober is not None:
+            prober.join(timeout=10)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self._stream is not None:
+            self._stream.cancel()
+
+    def _carry_out(self, op: Operation) -> None:
+        with self._lock:
+            if op.operation_id in self._cancelled:
+                self._cancelled.discard(op.operation_id)
+                return
+        address = provider_id = code = message = ""
+        try:
+            if op.kind == "Create":
+                address, provider_id = self.provider.create(op)
+            elif op.kind == "Delete":
+                self.provider.delete(op)
+            elif op.kind == "Reimage":
+                self.provider.reimage(op)
+            else:
+                self.provider.restart(op)
+        except ProviderError as e:
+            code, message = e.code, e.message
+        except Exception as e:  # a provider bug must not kill the executor: report it
+            log.exception("executor %s: %s of %s failed", self.executor_id, op.kind, instance_name(op))
+            code, message = "ExecutorError", f"{type(e).__name__}: {e}"
+        self.carried_out += 1
+        try:
+            applied = self.client.report_operation(
+                op.operation_id,
+                not code,
+                code,
+                message[:2048],
+                executor_id=self.executor_id,
+                address=address,
+                provider_id=provider_id,
+            )
+        except ScaleSetError as e:  # the lease lapses and the operation is offered again
+            log.warning("executor %s: could not report operation %d: %s", self.executor_id, op.operation_id, e)
+            return
+        with self._lock:
+            self.applied += applied
+            if not code:  # a new, reimaged or restarted instance starts over (the server set Initializing)
+                self._reported.pop((op.scale_set, op.instance_id), None)
+
+    def _probe_loop(self) -> None:
+        reported = self._reported
+        while not self.stopped.wait(self.probe_interval):
+            for scale_set, states in self.provider.health().items():
+                changed: dict[str, list[int]] = {}
+                with self._lock:
+                    for instance_id, state in states.items():
+                        if reported.get((scale_set, instance_id)) != state:
+                            changed.setdefault(state, []).append(instance_id)
+                for state, ids in changed.items():
+                    try:
+                        self.client.report_health(scale_set, ids, state)
+                    except ScaleSetError as e:
+                        log.info("executor %s: health of %s not reported: %s", self.executor_id, scale_set, e)
+                        continue
+                    with self._lock:
+                        reported.update({(scale_set, i): state for i in ids})

@@ -1,0 +1,449 @@
+"""Instance lifecycle with executors: the operations that carry plans out, and what failures do.
+
+In ``Immediate`` mode (the default, and the in-process API's) a plan takes effect as it is made: every
+instance is ``Succeeded`` at once. In ``Executors`` mode every create, delete, reimage and restart the
+engine makes becomes an :class:`Operation` that an executor (a cloud API, libvirt, local processes)
+carries out and reports back on, and instances are ``Creating`` or ``Updating`` until it does.
+
+What a failed create does (reference §4 and §5; chosen where Azure is silent, see docs/behaviour.md):
+
+- A capacity error (``AllocationFailed``, ``ZonalAllocationFailed``, ``SkuNotAvailable``,
+  ``OverconstrainedAllocationRequest``, ``SpotPriceGreaterThanProvidedMaxPrice``) marks its pool (zone x
+  size x priority) unavailable for :data:`UNAVAILABLE_TTL_S` (Karpenter's unavailable-offerings cache), and
+  the instance is placed again by the scale set's own rules without that pool: best-effort zone balance
+  and instance mix fall back to another zone or size, strict zone balance refuses what would unbalance.
+- A quota error (``OperationNotAllowed``) places nothing new until the backoff passes.
+- Any other failure retries the same operation, up to :data:`MAX_ATTEMPTS`, then leaves the instance
+  ``Failed`` (where automatic repairs find it).
+
+What could not be placed is the scale set's shortfall, retried with exponential backoff per scale set
+(:data:`BACKOFF_BASE_S` doubling to :data:`BACKOFF_CAP_S`). Desired capacity is the instances the engine
+holds plus the shortfall. Every decision is returned as an :class:`~scaleset.policies.common.Action`
+with its reason. Leases (who is carrying out which operation) are the server's, not this state's: they
+do not survive a restart, and an operation whose lease lapses is simply handed out again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from scaleset.errors import CapacityError, NotFoundError, invalid_input
+from scaleset.policies.common import Action
+
+if TYPE_CHECKING:
+    from scaleset.engine import Change, Engine
+
+__all__ = [
+    "BACKOFF_BASE_S",
+    "BACKOFF_CAP_S",
+    "CAPACITY_ERRORS",
+    "MAX_ATTEMPTS",
+    "MODES",
+    "QUOTA_ERRORS",
+    "UNAVAILABLE_TTL_S",
+    "FleetReport",
+    "FleetStatus",
+    "Lifecycle",
+    "Operation",
+]
+
+MODES = ("Immediate", "Executors")
+OPERATION_KINDS = ("Create", "Delete", "Reimage", "Restart")
+_DONE = {"Create": "InstanceCreated", "Reimage": "InstanceReimaged", "Restart": "InstanceRestarted"}
+#: Azure's allocation error codes: the pool cannot take the instance now.
+CAPACITY_ERRORS = frozenset(
+    {
+        "AllocationFailed",
+        "ZonalAllocationFailed",
+        "SkuNotAvailable",
+        "OverconstrainedAllocationRequest",
+        "SpotPriceGreaterThanProvidedMaxPrice",
+    }
+)
+#: A core quota is exhausted: no pool will do until somebody raises it or frees cores.
+QUOTA_ERRORS = frozenset({"OperationNotAllowed", "QuotaExceeded"})
+#: How long a pool that failed an allocation is skipped (Karpenter's unavailable offerings: 3 minutes).
+UNAVAILABLE_TTL_S = 180.0
+BACKOFF_BASE_S = 5.0
+BACKOFF_CAP_S = 300.0
+#: Tries of one operation that failed for another reason than capacity or quota.
+MAX_ATTEMPTS = 3
+
+
+def backoff(failures: int) -> float:
+    """Seconds to wait after ``failures`` failures in a row: 5, 10, 20 ... capped at 300."""
+    return float(min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** max(0, min(failures, 32) - 1)))
+
+
+@dataclass
+class Operation:
+    """One thing an executor must do to one instance."""
+
+    operation_id: int
+    kind: str  # Create | Delete | Reimage | Restart
+    scale_set: str
+    instance_id: int
+    zone: str | None
+    fault_domain: int
+    vm_size: str
+    priority: str
+    model_version: int
+    created_at: float
+    attempt: int = 1
+    #: Not handed out before this time (a retry's backoff).
+    not_before: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class FleetStatus:
+    """How far a scale set's infrastructure is from its desired state."""
+
+    #: Instances that could not be placed yet (retried at ``retry_at``).
+    shortfall: int = 0
+    #: Failures in a row (a successful create resets it): the backoff's exponent.
+    failures: int = 0
+    retry_at: float | None = None
+    last_error_code: str = ""
+    last_error_message: str = ""
+    last_error_at: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class FleetReport:
+    """A scale set's infrastructure against its desired state (``Controller.fleet_report``,
+    ``Client.fleet_report``)."""
+
+    scale_set: str
+    execution_mode: str
+    #: The instances it should have: the engine's plus the shortfall.
+    desired_capacity: int
+    #: Instances by provisioning state.
+    provisioning_states: dict[str, int]
+    shortfall: int
+    consecutive_failures: int
+    retry_at: float | None
+    last_error_code: str
+    last_error_message: str
+    pending_operation_count: int
+    #: The oldest pending operations (at most 1,000).
+    pending_operations: tuple[Operation, ...]
+    #: (zone, vm_size, priority, until) of every pool skipped for now (region-wide).
+    unavailable_pools: tuple[tuple[str | None, str, str, float], ...]
+    #: The scale set's revision (filled in by the server; 0 in process).
+    revision: int = 0
+
+
+@dataclass
+class Lifecycle:
+    """The operations ledger of every scale set of one engine, the unavailable-capacity cache, and each
+    scale set's shortfall and backoff. Plain data (:meth:`export`, :meth:`restore`) for snapshots."""
+
+    mode: str = "Immediate"
+    operations: dict[int, Operation] = field(default_factory=dict)
+    next_operation_id: int = 1
+    status: dict[str, FleetStatus] = field(default_factory=dict)
+    #: Pool (zone, vm_size, priority) -> until when placement skips it.
+    unavailable: dict[tuple[str | None, str, str], float] = field(default_factory=dict)
+    #: Scale set -> instance id -> (address, provider id), as executors reported them.
+    addresses: dict[str, dict[int, tuple[str, str]]] = field(default_factory=dict)
+    _by_instance: dict[tuple[str, int], list[int]] = field(default_factory=dict, repr=False)
+
+    # ----- mode -----------------------------------------------------------------------------------------
+
+    def attach(self, engine: Engine) -> None:
+        """Points ``engine`` at this state: it journals changes in Executors mode, and skips the pools in
+        the unavailable cache."""
+        engine.journal = [] if self.mode == "Executors" else None
+        for (zone, size, priority), _ in sorted(self.unavailable.items(), key=lambda kv: str(kv[0])):
+            engine.set_pool_blocked(zone, size, priority, True)
+
+    def set_mode(self, engine: Engine, mode: str, now: float) -> list[Action]:
+        """Switches between ``Immediate`` and ``Executors``. Leaving Executors mode completes every
+        pending operation as done (nobody would carry it out)."""
+        if mode not in MODES:
+            raise invalid_input(f"execution mode must be one of {', '.join(MODES)}, not {mode!r}.", field="mode")
+        actions: list[Action] = []
+        if mode == "Immediate" and self.operations:
+            for op in list(self.operations.values()):
+                actions += self.complete(engine, op.operation_id, True, now=now) or []
+        self.mode = mode
+        self.attach(engine)
+        return actions
+
+    # ----- what the engine did ----------------------------------------------------------------------------
+
+    def absorb(self, engine: Engine, now: float) -> None:
+        """Turns the engine's journal into operations and marks their instances Creating or Updating."""
+        journal, engine.journal = engine.journal, [] if self.mode == "Executors" else None
+        if not journal:
+            return
+        versions: dict[str, int] = {}
+        marks: dict[tuple[str, str], list[int]] = {}
+        for change in journal:
+            name = change.scale_set
+            if change.kind == "Delete":
+                self._cancel(name, change.instance_id)
+                self.addresses.get(name, {}).pop(change.instance_id, None)
+                self._add(change, 0, now)
+                continue
+            if name not in versions:
+                try:
+                    versions[name] = engine.get_spec(name).model_version
+                except NotFoundError:
+                    continue
+            if change.kind != "Create":
+                self._cancel(name, change.instance_id, kinds=("Reimage", "Restart"))
+            self._add(change, versions[name], now)
+            state = "Creating" if change.kind == "Create" else "Updating"
+            marks.setdefault((name, state), []).append(change.instance_id)
+        for (name, state), ids in marks.items():
+            try:
+                engine.set_provisioning_state(name, ids, state)
+            except NotFoundError:
+                pass  # created and deleted by the same command
+
+    def _add(self, change: Change, model_version: int, now: float) -> None:
+        op = Operation(
+            self.next_operation_id,
+            change.kind,
+            change.scale_set,
+            change.instance_id,
+            change.zone,
+            change.fault_domain,
+            change.vm_size,
+            change.priority,
+            model_version,
+            now,
+        )
+        self.next_operation_id += 1
+        self.operations[op.operation_id] = op
+        self._by_instance.setdefault((op.scale_set, op.instance_id), []).append(op.operation_id)
+
+    def _cancel(self, name: str, instance_id: int, kinds: tuple[str, ...] = OPERATION_KINDS) -> None:
+        """Drops pending operations on an instance that no longer matter (it is being deleted, or a newer
+        reimage or restart supersedes them). A create already under way is the executor's to finish; the
+        delete that follows removes what it made."""
+        ids = self._by_instance.get((name, instance_id))
+        if not ids:
+            return
+        for op_id in [i for i in ids if self.operations[i].kind in kinds]:
+            self._forget(self.operations[op_id])
+
+    def _forget(self, op: Operation) -> None:
+        del self.operations[op.operation_id]
+        key = (op.scale_set, op.instance_id)
+        ids = self._by_instance[key]
+        ids.remove(op.operation_id)
+        if not ids:
+            del self._by_instance[key]
+
+    def deleted(self, name: str) -> None:
+        """A deleted scale set: its pending creates, reimages and restarts are cancelled (the deletes its
+        deletion queued stay: every instance it had must go)."""
+        for op in [o for o in self.operations.values() if o.scale_set == name and o.kind != "Delete"]:
+            self._forget(op)
+        self.status.pop(name, None)
+        self.addresses.pop(name, None)
+
+    def capacity_set(self, name: str) -> None:
+        """A user (or autoscale) chose a new capacity: what was missing no longer is."""
+        status = self.status.get(name)
+        if status is not None:
+            status.shortfall, status.retry_at = 0, None
+
+    # ----- what executors report ---------------------------------------------------------------------------
+
+    def complete(
+        self,
+        engine: Engine,
+        operation_id: int,
+        succeeded: bool,
+        code: str = "",
+        message: str = "",
+        address: str = "",
+        provider_id: str = "",
+        *,
+        now: float,
+    ) -> list[Action] | None:
+        """Applies an executor's outcome and returns what it led to; ``None`` (and no change) for an
+        operation that is no longer pending (reported before, or cancelled)."""
+        op = self.operations.get(operation_id)
+        if op is None:
+            return None
+        self._forget(op)
+        name, i = op.scale_set, op.instance_id
+        where = f"instance {i} ({op.zone or 'regional'}, {op.vm_size}, {op.priority})"
+        if succeeded:
+            if op.kind == "Delete":
+                return [Action(name, "InstanceDeleted", (i,), f"{where} deleted")]
+            if not self._set_state(engine, op, "Succeeded"):
+                return []
+            if op.kind == "Create":
+                self.addresses.setdefault(name, {})[i] = (address, provider_id)
+                status = self.status.get(name)
+                if status is not None:
+                    status.failures = 0
+            return [Action(name, _DONE[op.kind], (i,), f"{where}: {op.kind.lower()} succeeded")]
+        error = f"{code or 'Failed'}: {message}" if message else code or "Failed"
+        if op.kind == "Delete" or (
+            op.kind == "Create" and code not in CAPACITY_ERRORS | QUOTA_ERRORS and op.attempt < MAX_ATTEMPTS
+        ):
+            return [self._retry(op, now, f"{where}: {op.kind.lower()} failed ({error})")]
+        if op.kind != "Create":
+            self._set_state(engine, op, "Failed")
+            return [Action(name, "OperationFailed", (i,), f"{where}: {op.kind.lower()} failed ({error})")]
+        return self._replace(engine, op, code or "Failed", message, now)
+
+    def _set_state(self, engine: Engine, op: Operation, state: str) -> bool:
+        try:
+            engine.set_provisioning_state(op.scale_set, [op.instance_id], state)
+        except NotFoundError:
+            return False  # deleted meanwhile (with its scale set, or by a scale-in): its delete follows
+        return True
+
+    def _retry(self, op: Operation, now: float, reason: str) -> Action:
+        op.attempt += 1
+        op.not_before = now + backoff(op.attempt - 1)
+        self.operations[op.operation_id] = op
+        self._by_instance.setdefault((op.scale_set, op.instance_id), []).append(op.operation_id)
+        return Action(
+            op.scale_set,
+            "OperationRetried",
+            (op.instance_id,),
+            f"{reason}; try {op.attempt} after {op.not_before - now:g} s",
+        )
+
+    def _replace(self, engine: Engine, op: Operation, code: str, message: str, now: float) -> list[Action]:
+        """A create that failed for good: the instance goes (it never existed, so nothing is deleted), its
+        pool is skipped for a while if it was out of capacity, and the scale set places it again."""
+        name, i = op.scale_set, op.instance_id
+        journal, engine.journal = engine.journal, None
+        try:
+            engine.delete_instances(name, [i])
+        except NotFoundError:
+            return []  # deleted meanwhile: nothing to place again
+        finally:
+            engine.journal = journal
+        reason = f"instance {i} ({op.zone or 'regional'}, {op.vm_size}, {op.priority}) could not be created ({code}"
+        reason += f": {message})" if message else ")"
+        if code in CAPACITY_ERRORS:
+            pool = (op.zone, op.vm_size, op.priority)
+            if pool not in self.unavailable:
+                engine.set_pool_blocked(*pool, True)
+            self.unavailable[pool] = now + UNAVAILABLE_TTL_S
+            reason += f"; pool {op.zone or 'regional'}/{op.vm_size}/{op.priority} skipped for {UNAVAILABLE_TTL_S:g} s"
+        status = self.status.setdefault(name, FleetStatus())
+        status.failures += 1
+        status.last_error_code, status.last_error_message, status.last_error_at = code, message, now
+        status.shortfall += 1
+        if code in QUOTA_ERRORS:
+            status.retry_at = now + backoff(status.failures)
+            return [Action(name, "ReplacementDeferred", (i,), f"{reason}; placing again after {status.retry_at - now:g} s")]
+        return [self._place_shortfall(engine, name, status, now, reason)]
+
+    # ----- time ------------------------------------------------------------------------------------------
+
+    def step(self, engine: Engine, name: str, now: float) -> list[Action]:
+        """Pools whose time in the unavailable cache is over are used again; a shortfall whose backoff has
+        passed is placed again."""
+        actions: list[Action] = []
+        for pool, until in sorted(self.unavailable.items(), key=lambda kv: (kv[1], str(kv[0]))):
+            if until <= now:
+                del self.unavailable[pool]
+                engine.set_pool_blocked(*pool, False)
+                zone, size, priority = pool
+                actions.append(
+                    Action(name, "PoolAvailableAgain", (), f"pool {zone or 'regional'}/{size}/{priority} is tried again")
+                )
+        status = self.status.get(name)
+        if status is not None and status.shortfall and (status.retry_at is None or status.retry_at <= now):
+            actions.append(self._place_shortfall(engine, name, status, now, "retrying"))
+        return actions
+
+    def _place_shortfall(self, engine: Engine, name: str, status: FleetStatus, now: float, reason: str) -> Action:
+        try:
+            plan = engine.set_capacity(name, engine.capacity(name) + status.shortfall)
+        except CapacityError as e:
+            status.retry_at = now + backoff(status.failures)
+            status.failures += 1
+            status.last_error_code, status.last_error_message, status.last_error_at = e.code, str(e), now
+            return Action(
+                name,
+                "ReplacementDeferred",
+                (),
+                f"{reason}; {status.shortfall} instance(s) cannot be placed now ({e.code}); next try after {status.retry_at - now:g} s",
+            )
+        placed = tuple(c.instance_id for c in plan.creates)
+        where = ", ".join(f"{c.instance_id} in {c.zone or 'regional'} ({c.vm_size}, {c.priority})" for c in plan.creates)
+        status.shortfall, status.retry_at = 0, None
+        return Action(name, "InstancesReplaced", placed, f"{reason}; placed again: {where}")
+
+    # ----- reads -----------------------------------------------------------------------------------------
+
+    def report(self, engine: Engine, name: str, pending_limit: int = 1000) -> FleetReport:
+        """``name``'s infrastructure against its desired state."""
+        status = self.status.get(name, FleetStatus())
+        states: dict[str, int] = {}
+        for state in engine.instance_columns(name)["provisioning_state"]:
+            states[state] = states.get(state, 0) + 1
+        pending = self.pending(name)
+        return FleetReport(
+            scale_set=name,
+            execution_mode=self.mode,
+            desired_capacity=engine.capacity(name) + status.shortfall,
+            provisioning_states=dict(sorted(states.items())),
+            shortfall=status.shortfall,
+            consecutive_failures=status.failures,
+            retry_at=status.retry_at,
+            last_error_code=status.last_error_code,
+            last_error_message=status.last_error_message,
+            pending_operation_count=len(pending),
+            pending_operations=tuple(pending[:pending_limit]),
+            unavailable_pools=tuple(
+                (zone, size, priority, until)
+                for (zone, size, priority), until in sorted(self.unavailable.items(), key=lambda kv: str(kv[0]))
+            ),
+        )
+
+    def pending(self, name: str | None = None) -> list[Operation]:
+        """Pending operations (of ``name``, or all), oldest first."""
+        ops = self.operations.values()
+        return sorted(
+            (o for o in ops if name is None or o.scale_set == name), key=lambda o: o.operation_id
+        )
+
+    # ----- snapshots -------------------------------------------------------------------------------------
+
+    def export(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "operations": [o.to_dict() for o in self.pending()],
+            "next_operation_id": self.next_operation_id,
+            "status": {n: s.to_dict() for n, s in self.status.items()},
+            "unavailable": [[*pool, until] for pool, until in self.unavailable.items()],
+            "addresses": {n: {str(i): list(a) for i, a in m.items()} for n, m in self.addresses.items()},
+        }
+
+    @classmethod
+    def restore(cls, data: dict[str, Any]) -> Lifecycle:
+        state = cls(
+            mode=data.get("mode", "Immediate"),
+            next_operation_id=data.get("next_operation_id", 1),
+            status={n: FleetStatus(**s) for n, s in data.get("status", {}).items()},
+            unavailable={(z, s, p): until for z, s, p, until in data.get("unavailable", [])},
+            addresses={
+                n: {int(i): (a[0], a[1]) for i, a in m.items()} for n, m in data.get("addresses", {}).items()
+            },
+        )
+        for o in data.get("operations", []):
+            op = Operation(**o)
+            state.operations[op.operation_id] = op
+            state._by_instance.setdefault((op.scale_set, op.instance_id), []).append(op.operation_id)
+        return state

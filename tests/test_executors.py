@@ -1,0 +1,370 @@
+"""Plans meet reality: the lifecycle ledger in process, and executors over gRPC (the fake cloud and
+real local processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from scaleset.client import Client
+from scaleset.controller import Controller
+from scaleset.errors import ConflictError, InvalidInputError
+from scaleset.executor import ApplicationHealth, Executor, FakeCloud, LocalProcesses
+from scaleset.model import AutomaticRepairsPolicy, Region, ScaleSetSpec, Sku, UpgradePolicy
+from scaleset.policies.lifecycle import BACKOFF_BASE_S, MAX_ATTEMPTS, UNAVAILABLE_TTL_S
+from scaleset.testing.server import ServerThread
+
+SIZE = "Standard_D2s_v5"
+REGION = Region(zones=("1", "2", "3"), fault_domains_per_zone=1)
+
+
+def spec(name: str = "web", **changes: object) -> ScaleSetSpec:
+    fields: dict[str, object] = {"zones": ("1", "2", "3"), "sku": Sku(SIZE), **changes}
+    return ScaleSetSpec(name=name, **fields)  # type: ignore[arg-type]
+
+
+def executors_controller() -> Controller:
+    c = Controller(REGION)
+    c.set_execution_mode("Executors", now=0)
+    return c
+
+
+def ops(c: Controller) -> list[tuple[str, int, str | None]]:
+    return [(o.kind, o.instance_id, o.zone) for o in c.pending_operations()]
+
+
+def states(c: Controller, name: str = "web") -> dict[int, str]:
+    cols = c.instance_columns(name)
+    return dict(zip(cols["instance_id"], cols["provisioning_state"], strict=True))
+
+
+def op_of(c: Controller, instance_id: int, kind: str = "Create") -> int:
+    return next(o.operation_id for o in c.pending_operations() if o.instance_id == instance_id and o.kind == kind)
+
+
+# ----- in process ------------------------------------------------------------------------------------
+
+
+def test_immediate_mode_is_unchanged_every_instance_succeeded_and_no_operations() -> None:
+    c = Controller(REGION)
+    c.create_scale_set(spec(), 3, now=1)
+    assert set(states(c).values()) == {"Succeeded"}
+    assert c.pending_operations() == []
+    assert c.engine.journal is None
+
+
+def test_executors_mode_turns_every_change_into_an_operation_and_marks_instances() -> None:
+    c = executors_controller()
+    c.create_scale_set(spec(), 3, now=1)
+    assert ops(c) == [("Create", 0, "1"), ("Create", 1, "2"), ("Create", 2, "3")]
+    assert set(states(c).values()) == {"Creating"}
+    assert c.report_operation("web", op_of(c, 1), True, address="10.0.0.5", provider_id="vm-1", now=2)
+    assert states(c)[1] == "Succeeded"
+    assert c.policies.lifecycle.addresses["web"][1] == ("10.0.0.5", "vm-1")
+    # a scale-in of an instance still being created cancels its create and deletes it
+    c.set_capacity("web", 2, now=3)
+    assert ("Create", 2, "3") not in ops(c) and ("Delete", 2, "3") in ops(c)
+    report = c.fleet_report("web")
+    assert report.desired_capacity == 2 and report.provisioning_states == {"Creating": 1, "Succeeded": 1}
+
+
+def test_an_outcome_reported_twice_is_applied_once() -> None:
+    c = executors_controller()
+    c.create_scale_set(spec(), 1, now=1)
+    op = op_of(c, 0)
+    assert c.report_operation("web", op, True, now=2) is not None
+    assert c.report_operation("web", op, False, "AllocationFailed", now=3) is None
+    assert states(c) == {0: "Succeeded"} and c.pending_operations() == []
+
+
+def test_a_zone_out_of_capacity_is_skipped_for_its_ttl_and_the_instance_placed_in_another_zone() -> None:
+    c = executors_controller()
+    c.create_scale_set(spec(), 3, now=1)
+    actions = c.report_operation("web", op_of(c, 0), False, "ZonalAllocationFailed", "zone 1 is full", now=2)
+    assert actions is not None and actions[0].kind == "InstancesReplaced"
+    assert "ZonalAllocationFailed" in actions[0].reason and "skipped for 180 s" in actions[0].reason
+    (new,) = actions[0].instance_ids
+    assert 0 not in states(c) and states(c)[new] == "Creating"
+    assert c.pending_operations()[-1].zone != "1"  # best-effort zone balance takes another zone
+    assert c.fleet_report("web").unavailable_pools == (("1", SIZE, "Regular", 2 + UNAVAILABLE_TTL_S),)
+    # while the pool is skipped, a scale-out avoids zone 1; after the TTL it is used again
+    c.set_capacity("web", 6, now=3)
+    assert all(o.zone != "1" for o in c.pending_operations())
+    assert [a.kind for a in c.advance(2 + UNAVAILABLE_TTL_S, "web")] == ["PoolAvailableAgain"]
+    c.set_capacity("web", 7, now=2 + UNAVAILABLE_TTL_S)
+    assert c.pending_operations()[-1].zone == "1"
+
+
+def test_strict_zone_balance_does_not_move_to_another_zone_and_reports_the_shortfall() -> None:
+    c = executors_controller()
+    c.create_scale_set(spec(zone_balance=True), 3, now=1)
+    actions = c.report_operation("web", op_of(c, 0), False, "ZonalAllocationFailed", now=2)
+    assert actions is not None and actions[0].kind == "ReplacementDeferred"
+    report = c.fleet_report("web")
+    assert report.shortfall == 1 and report.desired_capacity == 3 and report.retry_at == 2 + BACKOFF_BASE_S
+    assert report.last_error_code  # the placement's refusal, in Azure's words
+    # retried with backoff (still refused while zone 1 is skipped), then placed once the pool is back
+    assert [a.kind for a in c.advance(2 + BACKOFF_BASE_S, "web")] == ["ReplacementDeferred"]
+    assert c.fleet_report("web").retry_at == 2 + 3 * BACKOFF_BASE_S  # 5 s, then 10 s
+    kinds = [a.kind for a in c.advance(2 + UNAVAILABLE_TTL_S, "web")]
+    assert kinds == ["PoolAvailableAgain", "InstancesReplaced"]
+    assert c.pending_operations()[-1].zone == "1" and c.fleet_report("web").shortfall == 0
+
+
+def test_a_quota_failure_places_nothing_until_the_backoff_passes() -> None:
+    c = executors_controller()
+    c.create_scale_set(spec(), 2, now=1)
+    actions = c.report_operation("web", op_of(c, 0), False, "OperationNotAllowed", "core quota", now=2)
+    assert actions is not None and actions[0].kind == "ReplacementDeferred"
+    assert c.fleet_report("web").unavailable_pools == ()  # quota is not a pool's capacity
+    assert c.advance(3, "web") == []
+    assert [a.kind for a in c.advance(2 + BACKOFF_BASE_S, "web")] == ["InstancesReplaced"]
+
+
+def test_other_failures_retry_the_same_operation_then_leave_the_instance_failed() -> None:
+    c = executors_controller()
+    c.create_scale_set(spec(), 1, now=1)
+    op = op_of(c, 0)
+    for attempt in range(1, MAX_ATTEMPTS):
+        actions = c.report_operation("web", op, False, "InternalExecutionError", now=1 + attempt)
+        assert actions is not None and actions[0].kind == "OperationRetried"
+        (pending,) = c.pending_operations()
+        assert pending.operation_id == op and pending.attempt == attempt + 1
+        assert pending.not_before > 1 + attempt
+    actions = c.report_operation("web", op, False, "InternalExecutionError", now=10)
+    assert actions is not None and actions[0].kind == "InstancesReplaced"
+
+
+def test_a_user_capacity_change_replaces_the_shortfall() -> None:
+    c = executors_controller()
+    c.create_scale_set(spec(zone_balance=True), 3, now=1)
+    c.report_operation("web", op_of(c, 0), False, "ZonalAllocationFailed", now=2)
+    assert c.fleet_report("web").shortfall == 1
+    c.set_capacity("web", 2, now=3)
+    assert c.fleet_report("web").shortfall == 0 and c.fleet_report("web").desired_capacity == 2
+
+
+def test_deleting_a_scale_set_cancels_its_creates_and_deletes_every_instance() -> None:
+    c = executors_controller()
+    c.create_scale_set(spec(), 3, now=1)
+    c.report_operation("web", op_of(c, 0), True, now=2)
+    c.delete_scale_set("web", now=3)
+    assert sorted(ops(c)) == [("Delete", 0, "1"), ("Delete", 1, "2"), ("Delete", 2, "3")]
+
+
+def test_upgrades_and_restarts_are_operations_and_instances_are_updating_meanwhile() -> None:
+    c = executors_controller()
+    c.create_scale_set(spec(), 2, now=1)
+    for o in c.pending_operations():
+        c.report_operation("web", o.operation_id, True, now=2)
+    c.update_scale_set(spec(sku=Sku("Standard_D4s_v5")), now=3)
+    c.upgrade_instances("web", [1], now=4)
+    (op,) = c.pending_operations()
+    assert (op.kind, op.instance_id, op.model_version) == ("Reimage", 1, 2)
+    assert states(c) == {0: "Succeeded", 1: "Updating"}
+    c.report_operation("web", op.operation_id, False, "VMExtensionProvisioningError", now=5)
+    assert states(c)[1] == "Failed"
+
+
+def test_the_ledger_survives_a_snapshot_and_leaving_executors_mode_completes_it() -> None:
+    c = executors_controller()
+    c.create_scale_set(spec(zone_balance=True), 3, now=1)
+    c.report_operation("web", op_of(c, 0), False, "ZonalAllocationFailed", now=2)
+    restored = Controller.from_state(json.loads(json.dumps(c.export_state())))
+    assert restored.pending_operations() == c.pending_operations()
+    assert restored.fleet_report("web") == c.fleet_report("web")
+    # the skipped pool is skipped after the restore too: the retry is refused the same way
+    assert [a.kind for a in restored.advance(2 + BACKOFF_BASE_S, "web")] == ["ReplacementDeferred"]
+    restored.set_execution_mode("Immediate", now=10)
+    assert restored.pending_operations() == [] and set(states(restored).values()) == {"Succeeded"}
+
+
+def test_bad_reports_and_modes_are_refused_with_the_field() -> None:
+    c = executors_controller()
+    c.create_scale_set(spec(), 1, now=1)
+    with pytest.raises(InvalidInputError) as e:
+        c.report_operation("web", op_of(c, 0), False, now=2)
+    assert e.value.field == "error_code"
+    with pytest.raises(InvalidInputError) as e:
+        c.report_operation("web", op_of(c, 0), True, address="x" * 600, now=2)
+    assert e.value.field == "address"
+    with pytest.raises(InvalidInputError) as e:
+        c.set_execution_mode("Eventually")
+    assert e.value.field == "mode"
+
+
+# ----- over gRPC with the fake cloud -------------------------------------------------------------------
+
+
+class Clock:
+    """A server clock tests can move forward (lease expiry, grace periods)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[tuple[ServerThread, Client, Clock]]:
+    clock = Clock()
+    with ServerThread(str(tmp_path / "db"), REGION, executors=True, clock=clock) as server:
+        client = Client(server.target)
+        yield server, client, clock
+        client.close()
+
+
+def start(executor: Executor) -> threading.Thread:
+    thread = threading.Thread(target=executor.run, daemon=True)
+    thread.start()
+    return thread
+
+
+def converged(client: Client, capacity: int) -> bool:
+    report = client.fleet_report("web")
+    return report.pending_operation_count == 0 and report.provisioning_states == {"Succeeded": capacity}
+
+
+def test_a_zone_that_runs_out_mid_scale_out_converges_elsewhere_with_every_decision_explained(
+    fleet: tuple[ServerThread, Client, Clock],
+) -> None:
+    server, client, _ = fleet
+    cloud = FakeCloud(seed=7, capacity={("1", SIZE, "Regular"): 4})
+    executor = Executor(client, cloud, executor_id="zone-all", max_in_flight=8)
+    thread = start(executor)
+    client.create_scale_set(spec(), 30)
+    wait_for(lambda: converged(client, 30))
+    zones = Counter(client.instance_columns("web")["zone"])
+    assert zones["1"] == 4 and sum(zones.values()) == 30
+    assert Counter(i.zone for i in cloud.instances.values()) == zones  # the cloud agrees with the engine
+    failures = [entry for entry in cloud.log if entry[2] != "OK"]
+    assert {code for *_, code in failures} == {"ZonalAllocationFailed"}
+    # each failure was answered by one replacement, explained in the scale set's events
+    last = client.get_scale_set("web").revision
+    replaced = []
+    for event in client.watch("web"):
+        if event.type == "InstancesReplaced":
+            replaced.append(event.summary)
+        if event.revision >= last:
+            break
+    assert len(replaced) == len(failures) and all("ZonalAllocationFailed" in text for text in replaced)
+    assert len(cloud.log) == 30 + len(failures)  # the fewest operations: one create each, one per failure
+    executor.stop()
+    thread.join(10)
+
+
+def test_an_executor_killed_holding_leases_loses_nothing_and_a_second_report_changes_nothing(
+    fleet: tuple[ServerThread, Client, Clock],
+) -> None:
+    server, client, clock = fleet
+    client.create_scale_set(spec(), 6)
+    stream = client.lease_operations("doomed", max_in_flight=4, lease_seconds=5)
+    leased, _ = next(iter(stream))
+    assert len(leased) == 4
+    stream.cancel()  # dies holding four leases
+    cloud = FakeCloud(seed=1)
+    executor = Executor(client, cloud, executor_id="survivor")
+    thread = start(executor)
+    wait_for(lambda: client.fleet_report("web").pending_operation_count == 4)  # only the two unleased ran
+    clock.offset += 6  # the dead executor's leases lapse
+    wait_for(lambda: converged(client, 6))
+    assert sorted(name for kind, name, _ in cloud.log if kind == "Create") == [f"web_{i}" for i in range(6)]
+    revision = client.get_scale_set("web").revision
+    assert client.report_operation(leased[0].operation_id, True, executor_id="doomed") is False
+    assert client.get_scale_set("web").revision == revision
+    executor.stop()
+    thread.join(10)
+
+
+def test_executors_are_refused_by_a_server_that_applies_plans_immediately(tmp_path: Path) -> None:
+    with ServerThread(str(tmp_path / "db"), REGION) as server, Client(server.target) as client:
+        with pytest.raises(ConflictError) as e:
+            next(iter(client.lease_operations("x")))
+        assert e.value.code == "ExecutorsDisabled"
+        with pytest.raises(InvalidInputError) as bad:
+            client.report_operation(1, False)
+        assert bad.value.field == "error_code"
+
+
+def test_executors_can_split_the_work_by_zone(fleet: tuple[ServerThread, Client, Clock]) -> None:
+    _, client, _ = fleet
+    clouds = {zone: FakeCloud(seed=3) for zone in ("1", "2", "3")}
+    executors = [Executor(client, clouds[z], executor_id=f"zone-{z}", zones=[z]) for z in clouds]
+    threads = [start(e) for e in executors]
+    client.create_scale_set(spec(), 9)
+    wait_for(lambda: converged(client, 9))
+    assert {z: sorted(i.zone for i in cloud.instances.values()) for z, cloud in clouds.items()} == {
+        z: [z] * 3 for z in clouds
+    }
+    for e in executors:
+        e.stop()
+    for t in threads:
+        t.join(10)
+
+
+# ----- real local processes ----------------------------------------------------------------------------
+
+
+def test_local_processes_carry_a_fleet_health_repairs_and_a_rolling_upgrade(
+    fleet: tuple[ServerThread, Client, Clock],
+) -> None:
+    server, client, clock = fleet
+    local = LocalProcesses(ApplicationHealth(interval_s=0.1))
+    executor = Executor(client, local, executor_id="local", probe_interval=0.1)
+    thread = start(executor)
+    try:
+        repairs = AutomaticRepairsPolicy(enabled=True, grace_period="PT10M")
+        client.create_scale_set(spec(automatic_repairs_policy=repairs), 3)
+        wait_for(lambda: converged(client, 3))
+
+        def health() -> list[str]:
+            return list(client.instance_columns("web")["health"])
+
+        wait_for(lambda: health() == ["Healthy"] * 3)  # from the processes' own health endpoints
+        pids = {i: local.pid("web", i) for i in range(3)}
+        assert all(pid is not None for pid in pids.values())
+        os.kill(pids[1], signal.SIGKILL)  # an instance dies
+        wait_for(lambda: health()[1] == "Unhealthy")
+        clock.offset += 11 * 60  # past the repair grace period
+        server.call(server.control.advance())
+        wait_for(lambda: converged(client, 3) and health() == ["Healthy"] * 3)
+        ids = list(client.instance_columns("web")["instance_id"])
+        assert 1 not in ids and len(ids) == 3  # replaced by a new instance with a new process
+        # a rolling upgrade reimages the processes batch by batch, each batch healthy before the next
+        before = {i: local.pid("web", i) for i in ids}
+        rolling = UpgradePolicy(mode="Rolling")
+        client.update_scale_set(spec(sku=Sku("Standard_D4s_v5"), upgrade_policy=rolling, automatic_repairs_policy=repairs))
+        batches_seen = set()
+
+        def upgraded() -> bool:
+            server.call(server.control.advance())
+            status = client.get_rolling_upgrade("web")
+            if status is not None:
+                batches_seen.add(tuple(status.in_batch))
+            return status is not None and status.status == "Completed"
+
+        wait_for(upgraded, timeout=60)
+        wait_for(lambda: converged(client, 3) and health() == ["Healthy"] * 3)
+        assert set(client.instance_columns("web")["model_version"]) == {2}
+        assert all(local.pid("web", i) != before[i] for i in ids)  # every process replaced
+        assert max(len(b) for b in batches_seen) == 1  # one instance at a time (20% of 3)
+    finally:
+        executor.stop()
+        thread.join(10)
+        local.close()
