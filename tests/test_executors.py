@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
 from scaleset.client import Client
 from scaleset.controller import Controller
 from scaleset.errors import ConflictError, InvalidInputError
@@ -47,7 +46,9 @@ def states(c: Controller, name: str = "web") -> dict[int, str]:
 
 
 def op_of(c: Controller, instance_id: int, kind: str = "Create") -> int:
-    return next(o.operation_id for o in c.pending_operations() if o.instance_id == instance_id and o.kind == kind)
+    return next(
+        o.operation_id for o in c.pending_operations() if o.instance_id == instance_id and o.kind == kind
+    )
 
 
 # ----- in process ------------------------------------------------------------------------------------
@@ -244,7 +245,7 @@ def converged(client: Client, capacity: int) -> bool:
 def test_a_zone_that_runs_out_mid_scale_out_converges_elsewhere_with_every_decision_explained(
     fleet: tuple[ServerThread, Client, Clock],
 ) -> None:
-    server, client, _ = fleet
+    _server, client, _ = fleet
     cloud = FakeCloud(seed=7, capacity={("1", SIZE, "Regular"): 4})
     executor = Executor(client, cloud, executor_id="zone-all", max_in_flight=8)
     thread = start(executor)
@@ -272,7 +273,7 @@ def test_a_zone_that_runs_out_mid_scale_out_converges_elsewhere_with_every_decis
 def test_an_executor_killed_holding_leases_loses_nothing_and_a_second_report_changes_nothing(
     fleet: tuple[ServerThread, Client, Clock],
 ) -> None:
-    server, client, clock = fleet
+    _server, client, clock = fleet
     client.create_scale_set(spec(), 6)
     stream = client.lease_operations("doomed", max_in_flight=4, lease_seconds=5)
     leased, _ = next(iter(stream))
@@ -349,7 +350,9 @@ def test_local_processes_carry_a_fleet_health_repairs_and_a_rolling_upgrade(
         # a rolling upgrade reimages the processes batch by batch, each batch healthy before the next
         before = {i: local.pid("web", i) for i in ids}
         rolling = UpgradePolicy(mode="Rolling")
-        client.update_scale_set(spec(sku=Sku("Standard_D4s_v5"), upgrade_policy=rolling, automatic_repairs_policy=repairs))
+        client.update_scale_set(
+            spec(sku=Sku("Standard_D4s_v5"), upgrade_policy=rolling, automatic_repairs_policy=repairs)
+        )
         batches_seen = set()
 
         def upgraded() -> bool:

@@ -665,7 +665,7 @@ def cmd_executor(args: argparse.Namespace) -> int:
         capacity = {}
         for item in args.pool or []:
             where, _, count = item.rpartition("=")
-            zone, size, priority = (where.split("/") + ["Regular"])[:3]
+            zone, size, priority = ([*where.split("/"), "Regular"])[:3]
             capacity[(zone or None, size, priority)] = int(count)
         provider = FakeCloud(
             seed=args.seed,
@@ -707,14 +707,18 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     states = ", ".join(f"{n} {s}" for s, n in report.provisioning_states.items()) or "no instances"
     print(f"{report.scale_set}: desired {report.desired_capacity} ({states}); mode {report.execution_mode}")
     if report.shortfall:
-        print(f"  shortfall {report.shortfall}, {report.consecutive_failures} failures in a row, next try at {report.retry_at}")
+        print(
+            f"  shortfall {report.shortfall}, {report.consecutive_failures} failures in a row, next try at {report.retry_at}"
+        )
     if report.last_error_code:
         print(f"  last error: {report.last_error_code}: {report.last_error_message}")
     for zone, size, priority, until in report.unavailable_pools:
         print(f"  pool {zone or 'regional'}/{size}/{priority} skipped until {until:.0f}")
     print(f"  {report.pending_operation_count} pending operations")
     for op in report.pending_operations[: args.limit]:
-        print(f"    #{op.operation_id} {op.kind} {op.scale_set}_{op.instance_id} in {op.zone or 'regional'} (try {op.attempt})")
+        print(
+            f"    #{op.operation_id} {op.kind} {op.scale_set}_{op.instance_id} in {op.zone or 'regional'} (try {op.attempt})"
+        )
     return 0
 
 
@@ -820,7 +824,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("executor", help="carry a server's operations out (serve --executors)")
-    p.add_argument("kind", choices=["fake", "local"], help="fake: a simulated cloud; local: one process per instance")
+    p.add_argument(
+        "kind", choices=["fake", "local"], help="fake: a simulated cloud; local: one process per instance"
+    )
     p.add_argument("--id", help="executor id (default: host and pid)")
     p.add_argument("--zone", action="append", help="only operations in this zone (repeatable)")
     p.add_argument("--max-in-flight", type=int, default=16)
@@ -833,7 +839,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--pool", action="append", help="fake: ZONE/SIZE[/PRIORITY]=COUNT capacity of one pool (repeatable)"
     )
     p.add_argument("--probe-interval", type=float, default=5.0, help="local: seconds between health probes")
-    p.add_argument("--probes", type=int, default=1, help="local: probes in a row that change the health state")
+    p.add_argument(
+        "--probes", type=int, default=1, help="local: probes in a row that change the health state"
+    )
     p.set_defaults(func=cmd_executor)
 
     p = sub.add_parser("fleet", help="a scale set's infrastructure against its desired state")

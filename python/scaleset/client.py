@@ -582,7 +582,9 @@ def _lease_request(executor_id: str, zones: Iterable[str], max_in_flight: int, l
 
 
 def _leased(message: Any) -> tuple[list[Operation], list[int]]:
-    return [convert.operation_from_proto(o) for o in message.operations], list(message.cancelled_operation_ids)
+    return [convert.operation_from_proto(o) for o in message.operations], list(
+        message.cancelled_operation_ids
+    )
 
 
 class _Connection:

@@ -762,7 +762,10 @@ class ReportOperation(Command):
             if not isinstance(value, str) or len(value) > limit:
                 raise invalid_input(f"{field} must be text of at most {limit} characters.", field=field)
         if not self.succeeded and not self.error_code:
-            raise invalid_input("a failed operation needs its error_code (Azure's, such as AllocationFailed).", field="error_code")
+            raise invalid_input(
+                "a failed operation needs its error_code (Azure's, such as AllocationFailed).",
+                field="error_code",
+            )
 
     def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> list[Action] | None:
         return policies.lifecycle.complete(

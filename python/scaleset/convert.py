@@ -33,7 +33,6 @@ T = TypeVar("T")
 
 if TYPE_CHECKING:
     # Types only: the solver and the store load when they are used, not with every client.
-    from scaleset.controller import Controller
     from scaleset.policies.lifecycle import FleetReport, Operation
     from scaleset.store import EventRecord
 
@@ -503,7 +502,9 @@ def instance_from_proto(msg: pb.Instance) -> Instance:
         protect_from_scale_in=msg.protect_from_scale_in,
         protect_from_scale_set_actions=msg.protect_from_scale_set_actions,
         name=msg.name or None,
-        provisioning_state=_enum(PROVISIONING_FROM_PB, msg.provisioning_state, "provisioning_state", "Succeeded"),
+        provisioning_state=_enum(
+            PROVISIONING_FROM_PB, msg.provisioning_state, "provisioning_state", "Succeeded"
+        ),
     )
 
 
@@ -703,7 +704,7 @@ def pool_from_proto(msg: pb.Pool) -> Pool:
 def operation_to_proto(op: Operation) -> pb.Operation:
     return pb.Operation(
         operation_id=op.operation_id,
-        kind=enum_number(pb.OperationKind.DESCRIPTOR, op.kind, "kind"),
+        kind=typing.cast("pb.OperationKind", enum_number(pb.OperationKind.DESCRIPTOR, op.kind, "kind")),
         scale_set=op.scale_set,
         instance_id=op.instance_id,
         instance_name=f"{op.scale_set}_{op.instance_id}",
@@ -751,7 +752,10 @@ def fleet_report_to_proto(report: FleetReport) -> pb.FleetStatus:
     )
     for zone, size, priority, until in report.unavailable_pools:
         msg.unavailable_pools.add(
-            zone=zone or "", vm_size=size, priority=PRIORITY_TO_PB[priority], until_unix_ms=round(until * 1000)
+            zone=zone or "",
+            vm_size=size,
+            priority=PRIORITY_TO_PB[priority],
+            until_unix_ms=round(until * 1000),
         )
     return msg
 

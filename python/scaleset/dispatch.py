@@ -54,6 +54,9 @@ class Dispatcher:
         self._leases: dict[int, Lease] = {}
         self._streams = 0
         self._next_stream = 1
+        #: One event per open stream, set when an operation is released: a stream with room leases more
+        #: at once instead of at its next poll.
+        self._wakes: set[asyncio.Event] = set()
 
     def _now(self) -> float:
         return self._control.time()
@@ -75,21 +78,30 @@ class Dispatcher:
                 field="lease_seconds",
             )
         if self._streams >= MAX_STREAMS:
-            raise unavailable(f"this server already serves {MAX_STREAMS} executor streams; try another server or later.")
+            raise unavailable(
+                f"this server already serves {MAX_STREAMS} executor streams; try another server or later."
+            )
         wanted = {z or None for z in zones} if zones else None
         stream = self._next_stream
         self._next_stream += 1
         self._streams += 1
         mine: set[int] = set()
+        wake = asyncio.Event()
+        self._wakes.add(wake)
         try:
             while True:
+                wake.clear()
                 batch = await self._control.inspect(
                     lambda c: self._lease(c, stream, executor_id, wanted, in_flight, lease_s, mine)
                 )
                 if batch[0] or batch[1]:
                     yield batch
-                await asyncio.sleep(POLL_S)
+                try:
+                    await asyncio.wait_for(wake.wait(), POLL_S)
+                except TimeoutError:
+                    pass
         finally:
+            self._wakes.discard(wake)
             self._streams -= 1
 
     def _lease(
@@ -104,13 +116,19 @@ class Dispatcher:
     ) -> tuple[list[Operation], list[int]]:
         now = self._now()
         pending = controller.policies.lifecycle.operations
-        cancelled = sorted(i for i in mine if i not in pending)
-        for i in cancelled:
+        # Gone from the ledger: reported (its lease released) or cancelled (its lease still here).
+        gone = [i for i in mine if i not in pending]
+        cancelled = sorted(i for i in gone if i in self._leases)
+        for i in gone:
             mine.discard(i)
             self._leases.pop(i, None)
         if len(self._leases) > 2 * len(pending) + 1000:  # leases of streams gone, on operations gone
             self._leases = {i: lease for i, lease in self._leases.items() if i in pending}
-        for i in [i for i in mine if (lease := self._leases.get(i)) is None or lease.stream != stream or lease.expires <= now]:
+        for i in [
+            i
+            for i in mine
+            if (lease := self._leases.get(i)) is None or lease.stream != stream or lease.expires <= now
+        ]:
             mine.discard(i)  # lapsed: offered to anyone again (this stream included)
         room = in_flight - len(mine)
         leased: list[Operation] = []
@@ -138,8 +156,10 @@ class Dispatcher:
         return True
 
     def release(self, operation_id: int) -> None:
-        """The operation is done (or no longer pending)."""
+        """The operation is done (or no longer pending): its stream has room for another."""
         self._leases.pop(operation_id, None)
+        for wake in self._wakes:
+            wake.set()
 
     def leased(self) -> int:
         """How many operations are leased now (lapsed leases included until they are taken again)."""

@@ -117,7 +117,9 @@ class Engine:
         if self.journal is None or plan.dry_run:
             return plan
         creates, deletes = plan.creates, plan.deletes
-        both = {c.instance_id for c in creates} & {d.instance_id for d in deletes} if deletes and creates else ()
+        both = (
+            {c.instance_id for c in creates} & {d.instance_id for d in deletes} if deletes and creates else ()
+        )
         for kind, items in (("Delete", deletes), ("Create", creates)):
             self.journal.extend(
                 Change(kind, plan.scale_set, i.instance_id, i.zone, i.fault_domain, i.vm_size, i.priority)
@@ -134,7 +136,15 @@ class Engine:
         for i in ids:
             k = where[i]
             self.journal.append(
-                Change(kind, name, i, cols["zone"][k], cols["fault_domain"][k], cols["vm_size"][k], cols["priority"][k])
+                Change(
+                    kind,
+                    name,
+                    i,
+                    cols["zone"][k],
+                    cols["fault_domain"][k],
+                    cols["vm_size"][k],
+                    cols["priority"][k],
+                )
             )
 
     # ----- scale sets ---------------------------------------------------------------------------------

@@ -114,7 +114,9 @@ class FakeCloud:
         if high > 0:
             time.sleep(rng.uniform(low, high))
         if op.attempt == 1 and rng.random() < self.failure_rate:
-            raise ProviderError(self.failure_code, f"injected failure of {op.kind.lower()} {instance_name(op)}")
+            raise ProviderError(
+                self.failure_code, f"injected failure of {op.kind.lower()} {instance_name(op)}"
+            )
 
     def _used(self, pool: tuple[str | None, str, str]) -> int:
         return sum(1 for i in self.instances.values() if (i.zone, i.vm_size, i.priority) == pool)
@@ -128,7 +130,9 @@ class FakeCloud:
                     pool = (op.zone, op.vm_size, op.priority)
                     if pool in self.capacity and self._used(pool) >= self.capacity[pool]:
                         code = "ZonalAllocationFailed" if op.zone else "AllocationFailed"
-                        raise ProviderError(code, f"no {op.vm_size} {op.priority} capacity in {op.zone or 'the region'}")
+                        raise ProviderError(
+                            code, f"no {op.vm_size} {op.priority} capacity in {op.zone or 'the region'}"
+                        )
                     if self.quota is not None and len(self.instances) >= self.quota:
                         raise ProviderError("OperationNotAllowed", f"quota of {self.quota} instances reached")
                     self.instances[name] = op
@@ -188,7 +192,15 @@ class LocalProcesses:
 
     def _start(self, op: Operation) -> tuple[subprocess.Popen[bytes], int]:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "scaleset.instance", "--name", instance_name(op), "--model", str(op.model_version)],
+            [
+                sys.executable,
+                "-m",
+                "scaleset.instance",
+                "--name",
+                instance_name(op),
+                "--model",
+                str(op.model_version),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
         )
@@ -378,7 +390,9 @@ class Executor:
                 provider_id=provider_id,
             )
         except ScaleSetError as e:  # the lease lapses and the operation is offered again
-            log.warning("executor %s: could not report operation %d: %s", self.executor_id, op.operation_id, e)
+            log.warning(
+                "executor %s: could not report operation %d: %s", self.executor_id, op.operation_id, e
+            )
             return
         with self._lock:
             self.applied += applied

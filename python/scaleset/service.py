@@ -915,13 +915,18 @@ class ExecutorsServicer(pb_grpc.ExecutorsServicer):
                 operations=[convert.operation_to_proto(o) for o in leased], cancelled_operation_ids=cancelled
             )
 
-    async def ReportOperation(self, request: pb.ReportOperationRequest, context: Any) -> pb.ReportOperationResponse:
+    async def ReportOperation(self, request: pb.ReportOperationRequest, context: Any) -> Any:
         outcome = request.outcome
-        if outcome not in (pb.OPERATION_OUTCOME_IN_PROGRESS, pb.OPERATION_OUTCOME_SUCCEEDED, pb.OPERATION_OUTCOME_FAILED):
+        if outcome not in (
+            pb.OPERATION_OUTCOME_IN_PROGRESS,
+            pb.OPERATION_OUTCOME_SUCCEEDED,
+            pb.OPERATION_OUTCOME_FAILED,
+        ):
             raise invalid_input("outcome must be IN_PROGRESS, SUCCEEDED or FAILED.", field="outcome")
         if outcome == pb.OPERATION_OUTCOME_FAILED and not request.error_code:
             raise invalid_input(
-                "a failed operation needs its error_code (Azure's, such as AllocationFailed).", field="error_code"
+                "a failed operation needs its error_code (Azure's, such as AllocationFailed).",
+                field="error_code",
             )
         op = self._control.controller.policies.lifecycle.operations.get(request.operation_id)
         if op is None:  # reported before, or cancelled: applied once, so nothing to do
@@ -951,7 +956,9 @@ class ExecutorsServicer(pb_grpc.ExecutorsServicer):
         await self._control.settled()
         name = _require(request.name, "name")
         report = await self._control.inspect(lambda c: c.fleet_report(name))
-        return convert.fleet_report_to_proto(dataclasses.replace(report, revision=self._control.revision(name)))
+        return convert.fleet_report_to_proto(
+            dataclasses.replace(report, revision=self._control.revision(name))
+        )
 
 
 class DiagnosticsServicer(pb_grpc.DiagnosticsServicer):

@@ -168,7 +168,9 @@ class Lifecycle:
         """Switches between ``Immediate`` and ``Executors``. Leaving Executors mode completes every
         pending operation as done (nobody would carry it out)."""
         if mode not in MODES:
-            raise invalid_input(f"execution mode must be one of {', '.join(MODES)}, not {mode!r}.", field="mode")
+            raise invalid_input(
+                f"execution mode must be one of {', '.join(MODES)}, not {mode!r}.", field="mode"
+            )
         actions: list[Action] = []
         if mode == "Immediate" and self.operations:
             for op in list(self.operations.values()):
@@ -345,7 +347,14 @@ class Lifecycle:
         status.shortfall += 1
         if code in QUOTA_ERRORS:
             status.retry_at = now + backoff(status.failures)
-            return [Action(name, "ReplacementDeferred", (i,), f"{reason}; placing again after {status.retry_at - now:g} s")]
+            return [
+                Action(
+                    name,
+                    "ReplacementDeferred",
+                    (i,),
+                    f"{reason}; placing again after {status.retry_at - now:g} s",
+                )
+            ]
         return [self._place_shortfall(engine, name, status, now, reason)]
 
     # ----- time ------------------------------------------------------------------------------------------
@@ -360,14 +369,21 @@ class Lifecycle:
                 engine.set_pool_blocked(*pool, False)
                 zone, size, priority = pool
                 actions.append(
-                    Action(name, "PoolAvailableAgain", (), f"pool {zone or 'regional'}/{size}/{priority} is tried again")
+                    Action(
+                        name,
+                        "PoolAvailableAgain",
+                        (),
+                        f"pool {zone or 'regional'}/{size}/{priority} is tried again",
+                    )
                 )
         status = self.status.get(name)
         if status is not None and status.shortfall and (status.retry_at is None or status.retry_at <= now):
             actions.append(self._place_shortfall(engine, name, status, now, "retrying"))
         return actions
 
-    def _place_shortfall(self, engine: Engine, name: str, status: FleetStatus, now: float, reason: str) -> Action:
+    def _place_shortfall(
+        self, engine: Engine, name: str, status: FleetStatus, now: float, reason: str
+    ) -> Action:
         try:
             plan = engine.set_capacity(name, engine.capacity(name) + status.shortfall)
         except CapacityError as e:
@@ -381,7 +397,9 @@ class Lifecycle:
                 f"{reason}; {status.shortfall} instance(s) cannot be placed now ({e.code}); next try after {status.retry_at - now:g} s",
             )
         placed = tuple(c.instance_id for c in plan.creates)
-        where = ", ".join(f"{c.instance_id} in {c.zone or 'regional'} ({c.vm_size}, {c.priority})" for c in plan.creates)
+        where = ", ".join(
+            f"{c.instance_id} in {c.zone or 'regional'} ({c.vm_size}, {c.priority})" for c in plan.creates
+        )
         status.shortfall, status.retry_at = 0, None
         return Action(name, "InstancesReplaced", placed, f"{reason}; placed again: {where}")
 
@@ -408,16 +426,16 @@ class Lifecycle:
             pending_operations=tuple(pending[:pending_limit]),
             unavailable_pools=tuple(
                 (zone, size, priority, until)
-                for (zone, size, priority), until in sorted(self.unavailable.items(), key=lambda kv: str(kv[0]))
+                for (zone, size, priority), until in sorted(
+                    self.unavailable.items(), key=lambda kv: str(kv[0])
+                )
             ),
         )
 
     def pending(self, name: str | None = None) -> list[Operation]:
         """Pending operations (of ``name``, or all), oldest first."""
         ops = self.operations.values()
-        return sorted(
-            (o for o in ops if name is None or o.scale_set == name), key=lambda o: o.operation_id
-        )
+        return sorted((o for o in ops if name is None or o.scale_set == name), key=lambda o: o.operation_id)
 
     # ----- snapshots -------------------------------------------------------------------------------------
 
