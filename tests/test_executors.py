@@ -371,3 +371,70 @@ def test_local_processes_carry_a_fleet_health_repairs_and_a_rolling_upgrade(
         executor.stop()
         thread.join(10)
         local.close()
+
+
+# ----- the commands an operator types ------------------------------------------------------------------
+
+
+def test_serve_with_executors_and_the_local_executor_make_a_working_fleet_from_the_cli(
+    tmp_path: Path,
+) -> None:
+    """``scaleset serve --executors`` and ``scaleset executor local`` as processes, driven by ``scaleset
+    create`` / ``scale`` / ``fleet``: real processes start and stop, each answering its health endpoint."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from scaleset.testing.server import free_port, start_server_process
+
+    port = free_port()
+    server = start_server_process(tmp_path / "state.db", port, tmp_path / "server.log", "--executors")
+    target = f"127.0.0.1:{port}"
+    cli = [sys.executable, "-m", "scaleset", "--server", target]
+    with (tmp_path / "executor.log").open("wb") as log:
+        executor = subprocess.Popen(
+            [*cli, "executor", "local", "--id", "cli", "--probe-interval", "0.2"],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    try:
+        (tmp_path / "web.json").write_text(
+            json.dumps({"name": "web", "zones": ["1", "2", "3"], "sku": {"name": SIZE}})
+        )
+        subprocess.run(
+            [*cli, "create", "-f", str(tmp_path / "web.json"), "--capacity", "2"],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run([*cli, "scale", "web", "3"], check=True, capture_output=True)
+        with Client(target) as client:
+            wait_for(lambda: converged(client, 3))
+            wait_for(lambda: list(client.instance_columns("web")["health"]) == ["Healthy"] * 3)
+            report = subprocess.run(
+                [*cli, "fleet", "web", "-o", "json"], check=True, capture_output=True, text=True
+            )
+            assert json.loads(report.stdout)["provisioning_states"] == {"Succeeded": 3}
+            # each instance is a live process answering on the address the executor reported
+            addresses = [address for address, _ in client.fleet_report("web").addresses.values()]
+            assert len(addresses) == 3
+            for address in addresses:
+                with urllib.request.urlopen(f"http://{address}/", timeout=5) as reply:
+                    assert json.loads(reply.read())["name"].startswith("web_")
+            subprocess.run([*cli, "scale", "web", "1"], check=True, capture_output=True)
+            wait_for(lambda: converged(client, 1))
+
+            def stopped() -> int:
+                down = 0
+                for address in addresses:
+                    try:
+                        urllib.request.urlopen(f"http://{address}/health", timeout=1).close()
+                    except OSError:
+                        down += 1
+                return down
+
+            wait_for(lambda: stopped() == 2)  # the two scaled-in instances' processes are gone
+    finally:
+        executor.send_signal(signal.SIGTERM)
+        assert executor.wait(timeout=20) == 0
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=20)

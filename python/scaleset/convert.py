@@ -749,6 +749,8 @@ def fleet_report_to_proto(report: FleetReport) -> pb.FleetStatus:
         pending_operation_count=report.pending_operation_count,
         pending_operations=[operation_to_proto(o) for o in report.pending_operations],
         revision=report.revision,
+        addresses={i: a for i, (a, _) in report.addresses.items()},
+        provider_ids={i: p for i, (_, p) in report.addresses.items()},
     )
     for zone, size, priority, until in report.unavailable_pools:
         msg.unavailable_pools.add(
@@ -779,5 +781,6 @@ def fleet_report_from_proto(msg: pb.FleetStatus) -> FleetReport:
             (p.zone or None, p.vm_size, priority_word(p.priority, "priority"), p.until_unix_ms / 1000)
             for p in msg.unavailable_pools
         ),
+        addresses={i: (a, msg.provider_ids.get(i, "")) for i, a in sorted(msg.addresses.items())},
         revision=msg.revision,
     )

@@ -136,6 +136,8 @@ class FleetReport:
     pending_operations: tuple[Operation, ...]
     #: (zone, vm_size, priority, until) of every pool skipped for now (region-wide).
     unavailable_pools: tuple[tuple[str | None, str, str, float], ...]
+    #: Instance id -> (address, provider id) of every created instance, as its executor reported them.
+    addresses: dict[int, tuple[str, str]] = field(default_factory=dict)
     #: The scale set's revision (filled in by the server; 0 in process).
     revision: int = 0
 
@@ -292,7 +294,8 @@ class Lifecycle:
                 status = self.status.get(name)
                 if status is not None:
                     status.failures = 0
-            return [Action(name, _DONE[op.kind], (i,), f"{where}: {op.kind.lower()} succeeded")]
+            at = f" at {address}" if address else ""
+            return [Action(name, _DONE[op.kind], (i,), f"{where}: {op.kind.lower()} succeeded{at}")]
         error = f"{code or 'Failed'}: {message}" if message else code or "Failed"
         if op.kind == "Delete" or (
             op.kind == "Create" and code not in CAPACITY_ERRORS | QUOTA_ERRORS and op.attempt < MAX_ATTEMPTS
@@ -430,6 +433,7 @@ class Lifecycle:
                     self.unavailable.items(), key=lambda kv: str(kv[0])
                 )
             ),
+            addresses=dict(sorted(self.addresses.get(name, {}).items())),
         )
 
     def pending(self, name: str | None = None) -> list[Operation]:
