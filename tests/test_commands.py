@@ -55,6 +55,7 @@ EXAMPLES: list[cmd.Command] = [
     cmd.DeleteAutoscaleSetting("web"),
     cmd.ReportMetrics("web", (("cpu", (T0, T0 + 60), (50.0, 60.5)),)),
     cmd.SetExecutionMode("Executors"),
+    cmd.AcknowledgeScheduledEvent("web", 3),
     cmd.ReportOperation("web", 7, False, "ZonalAllocationFailed", "zone 1 is out of D2s_v5", "", ""),
 ]
 

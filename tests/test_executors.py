@@ -17,7 +17,17 @@ from scaleset.client import Client
 from scaleset.controller import Controller
 from scaleset.errors import ConflictError, InvalidInputError
 from scaleset.executor import ApplicationHealth, Executor, FakeCloud, LocalProcesses
-from scaleset.model import AutomaticRepairsPolicy, Region, ScaleSetSpec, Sku, UpgradePolicy
+from scaleset.model import (
+    AutomaticRepairsPolicy,
+    AutoscaleCapacity,
+    AutoscaleProfile,
+    AutoscaleSetting,
+    Region,
+    ScaleSetSpec,
+    Sku,
+    SpotRestorePolicy,
+    UpgradePolicy,
+)
 from scaleset.policies.lifecycle import BACKOFF_BASE_S, MAX_ATTEMPTS, UNAVAILABLE_TTL_S
 from scaleset.testing.server import ServerThread
 
@@ -202,6 +212,91 @@ def test_bad_reports_and_modes_are_refused_with_the_field() -> None:
     assert e.value.field == "mode"
 
 
+# ----- Spot: price evictions with notice, Try & restore -------------------------------------------------
+
+
+def spot_spec(**changes: object) -> ScaleSetSpec:
+    return spec(**{"priority": "Spot", "eviction_policy": "Delete", "max_price": 0.05, **changes})
+
+
+def test_a_spot_price_above_max_price_schedules_a_preempt_30_s_ahead_then_evicts() -> None:
+    c = Controller(REGION)
+    c.create_scale_set(spot_spec(), 3, now=1)
+    c.create_scale_set(spec("steady", priority="Spot", max_price=-1.0), 3, now=1)
+    actions = c.set_pool_capacity("1", SIZE, "Spot", None, price=0.08, now=10)
+    (notice,) = actions  # "steady" (max price -1) is never evicted for price
+    assert notice.kind == "EvictionScheduled" and notice.instance_ids == (0,) and "0.08" in notice.reason
+    (event,) = c.fleet_report("web").scheduled_events
+    assert event.event_type == "Preempt" and event.not_before == 40 and event.instance_ids == (0,)
+    assert c.advance(39, "web") == [] and c.capacity("web") == 3  # not before its time
+    assert [a.kind for a in c.advance(40, "web")] == ["InstancesEvicted"]
+    assert c.capacity("web") == 2 and c.fleet_report("web").scheduled_events == ()
+    # the price falling back does not bring the VM back (Azure: not restarted automatically)
+    c.set_pool_capacity("1", SIZE, "Spot", None, price=0.01, now=50)
+    assert c.advance(200, "web") == [] and c.capacity("web") == 2
+
+
+def test_an_acknowledged_notice_evicts_at_once_and_executors_carry_it_out() -> None:
+    c = executors_controller()
+    c.create_scale_set(spot_spec(eviction_policy="Deallocate"), 3, now=1)
+    for o in c.pending_operations():
+        c.report_operation("web", o.operation_id, True, now=2)
+    c.set_pool_capacity("2", SIZE, "Spot", None, price=0.5, now=3)
+    (event,) = c.fleet_report("web").scheduled_events
+    actions = c.acknowledge_scheduled_event("web", event.event_id, now=4)
+    assert actions is not None and actions[0].kind == "InstancesEvicted"
+    assert c.acknowledge_scheduled_event("web", event.event_id, now=5) is None  # once
+    (op,) = c.pending_operations()
+    assert (op.kind, op.instance_id) == ("Deallocate", 1)
+    cols = c.instance_columns("web")
+    assert cols["power_state"][1] == "deallocated" and cols["provisioning_state"][1] == "Updating"
+    c.report_operation("web", op.operation_id, True, now=6)
+    assert c.instance_columns("web")["provisioning_state"][1] == "Succeeded"
+
+
+def test_try_and_restore_brings_back_capacity_evictions_until_its_timeout() -> None:
+    c = Controller(REGION)
+    restore = SpotRestorePolicy(enabled=True, restore_timeout="PT10M")
+    c.create_scale_set(spot_spec(spot_restore_policy=restore), 6, now=0)
+    c.set_pool_capacity("1", SIZE, "Spot", 0, now=1)
+    c.set_pool_capacity("2", SIZE, "Spot", 0, now=1)
+    c.set_pool_capacity("3", SIZE, "Spot", 0, now=1)
+    c.evict("web", [0, 1], now=10)  # the cloud took them back (capacity)
+    assert c.fleet_report("web").restoring == (2, 610)
+    assert c.advance(69, "web") == []  # tried once a minute
+    assert [a.kind for a in c.advance(70, "web")] == ["SpotRestoreDeferred"]  # no Spot capacity yet
+    c.set_pool_capacity("1", SIZE, "Spot", None, now=100)
+    (restored,) = c.advance(130, "web")
+    assert restored.kind == "SpotRestored" and len(restored.instance_ids) == 2 and c.capacity("web") == 6
+    # a later eviction whose capacity never returns is given up at the timeout
+    c.set_pool_capacity("1", SIZE, "Spot", 0, now=200)
+    c.evict("web", [restored.instance_ids[0]], now=200)
+    kinds = [a.kind for t in range(260, 900, 60) for a in c.advance(t, "web")]
+    assert kinds[-1] == "SpotRestoreTimedOut" and set(kinds[:-1]) == {"SpotRestoreDeferred"}
+    assert c.fleet_report("web").restoring is None and c.capacity("web") == 5
+
+
+def test_try_and_restore_is_for_spot_sets_and_leaves_autoscaled_sets_to_autoscale() -> None:
+    c = Controller(REGION)
+    with pytest.raises(InvalidInputError) as e:
+        c.create_scale_set(spec(spot_restore_policy=SpotRestorePolicy(enabled=True)), 1, now=0)
+    assert (e.value.code, e.value.field) == (
+        "SpotRestorationIsSupportedOnlyForAzureSpotScaleSets",
+        "spot_restore_policy.enabled",
+    )
+    with pytest.raises(InvalidInputError) as e:
+        c.create_scale_set(spot_spec(spot_restore_policy=SpotRestorePolicy(True, "P90D")), 1, now=0)
+    assert e.value.field == "spot_restore_policy.restore_timeout"
+    c.create_scale_set(spot_spec(spot_restore_policy=SpotRestorePolicy(enabled=True)), 3, now=0)
+    c.set_autoscale_setting(
+        "web",
+        AutoscaleSetting([AutoscaleProfile("default", AutoscaleCapacity(1, 5, 3), ())]),
+        now=1,
+    )
+    c.evict("web", [0], now=2)
+    assert c.fleet_report("web").restoring is None
+
+
 # ----- over gRPC with the fake cloud -------------------------------------------------------------------
 
 
@@ -276,7 +371,7 @@ def test_an_executor_killed_holding_leases_loses_nothing_and_a_second_report_cha
     _server, client, clock = fleet
     client.create_scale_set(spec(), 6)
     stream = client.lease_operations("doomed", max_in_flight=4, lease_seconds=5)
-    leased, _ = next(iter(stream))
+    leased, _, _ = next(iter(stream))
     assert len(leased) == 4
     stream.cancel()  # dies holding four leases
     cloud = FakeCloud(seed=1)
@@ -317,6 +412,45 @@ def test_executors_can_split_the_work_by_zone(fleet: tuple[ServerThread, Client,
         e.stop()
     for t in threads:
         t.join(10)
+
+
+def test_a_spot_preempt_notice_reaches_executors_which_drain_and_acknowledge(
+    fleet: tuple[ServerThread, Client, Clock],
+) -> None:
+    _, client, _ = fleet
+    cloud = FakeCloud(seed=5)
+    executor = Executor(client, cloud, executor_id="spot")
+    thread = start(executor)
+    client.create_scale_set(spot_spec(), 3)
+    wait_for(lambda: converged(client, 3))
+    client.set_pool_capacity("3", SIZE, "Spot", None, price=1.0)  # far above the max price of 0.05
+    # the executor hears of the Preempt on its lease stream and acknowledges it (nothing to drain), so the
+    # eviction happens now rather than 30 s later, and the executor deletes the VM
+    wait_for(lambda: converged(client, 2))
+    assert sorted(cloud.instances) == ["web_0", "web_1"]
+    assert client.fleet_report("web").scheduled_events == ()
+    executor.stop()
+    thread.join(10)
+
+
+def test_a_capacity_eviction_in_the_fake_cloud_is_reported_and_try_and_restore_brings_it_back(
+    fleet: tuple[ServerThread, Client, Clock],
+) -> None:
+    server, client, clock = fleet
+    cloud = FakeCloud(seed=9)
+    executor = Executor(client, cloud, executor_id="spot", probe_interval=0.1)
+    thread = start(executor)
+    client.create_scale_set(spot_spec(spot_restore_policy=SpotRestorePolicy(enabled=True)), 4)
+    wait_for(lambda: converged(client, 4))
+    cloud.evict(["web_1", "web_2"])  # the cloud needs its capacity back
+    wait_for(lambda: client.fleet_report("web").restoring is not None)
+    assert client.get_scale_set("web").capacity == 2
+    clock.offset += 61  # Try & restore's next try
+    server.call(server.control.advance())
+    wait_for(lambda: converged(client, 4))
+    assert len(cloud.instances) == 4 and client.fleet_report("web").restoring is None
+    executor.stop()
+    thread.join(10)
 
 
 # ----- real local processes ----------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, cast
+from typing import Any, Concatenate, Generic, NamedTuple, ParamSpec, TypeVar, cast
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -51,7 +51,7 @@ from scaleset.model import (
     Region,
     ScaleSetSpec,
 )
-from scaleset.policies.lifecycle import FleetReport, Operation
+from scaleset.policies.lifecycle import FleetReport, Operation, ScheduledEvent
 from scaleset.policies.upgrade import RollingUpgrade
 from scaleset.v1 import scaleset_pb2 as pb
 from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
@@ -551,6 +551,13 @@ class _Operations:
         return _Call("Executors", "ReportOperation", request, lambda r: bool(r.applied))
 
     @staticmethod
+    def acknowledge_scheduled_event(name: str, event_id: int) -> _Call[bool]:
+        """Carries out a scheduled eviction now (its instances are drained). False if it was no longer
+        pending."""
+        request = pb.AcknowledgeScheduledEventRequest(name=name, event_id=event_id)
+        return _Call("Executors", "AcknowledgeScheduledEvent", request, lambda r: bool(r.applied))
+
+    @staticmethod
     def fleet_report(name: str) -> _Call[FleetReport]:
         """How far ``name``'s infrastructure is from its desired state, with its pending operations."""
         request = pb.GetFleetStatusRequest(name=name)
@@ -581,9 +588,19 @@ def _lease_request(executor_id: str, zones: Iterable[str], max_in_flight: int, l
     )
 
 
-def _leased(message: Any) -> tuple[list[Operation], list[int]]:
-    return [convert.operation_from_proto(o) for o in message.operations], list(
-        message.cancelled_operation_ids
+class Leased(NamedTuple):
+    """One message of an executor's lease stream."""
+
+    operations: list[Operation]
+    cancelled_operation_ids: list[int]
+    scheduled_events: list[ScheduledEvent]
+
+
+def _leased(message: Any) -> Leased:
+    return Leased(
+        [convert.operation_from_proto(o) for o in message.operations],
+        list(message.cancelled_operation_ids),
+        [convert.scheduled_event_from_proto(e) for e in message.scheduled_events],
     )
 
 
@@ -661,7 +678,7 @@ class LeaseStream:
     def __init__(self, call: Any) -> None:
         self._call = call
 
-    def __iter__(self) -> Iterator[tuple[list[Operation], list[int]]]:
+    def __iter__(self) -> Iterator[Leased]:
         try:
             for message in self._call:
                 yield _leased(message)
@@ -768,6 +785,7 @@ class Client(_Connection):
     set_pool_capacity = _sync(_Operations.set_pool_capacity)
     echo = _sync(_Operations.echo)
     report_operation = _sync(_Operations.report_operation)
+    acknowledge_scheduled_event = _sync(_Operations.acknowledge_scheduled_event)
     fleet_report = _sync(_Operations.fleet_report)
 
 
@@ -852,11 +870,12 @@ class AsyncClient(_Connection):
     set_pool_capacity = _async(_Operations.set_pool_capacity)
     echo = _async(_Operations.echo)
     report_operation = _async(_Operations.report_operation)
+    acknowledge_scheduled_event = _async(_Operations.acknowledge_scheduled_event)
     fleet_report = _async(_Operations.fleet_report)
 
     async def lease_operations(
         self, executor_id: str, zones: Iterable[str] = (), max_in_flight: int = 16, lease_seconds: int = 60
-    ) -> AsyncIterator[tuple[list[Operation], list[int]]]:
+    ) -> AsyncIterator[Leased]:
         """Operations leased to this executor as they come, as (new operations, cancelled ids)."""
         request = _lease_request(executor_id, zones, max_in_flight, lease_seconds)
         try:

@@ -345,7 +345,12 @@ class EvictInstances(_InstancesCommand):
     event_type: ClassVar[str] = "InstancesEvicted"
 
     def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> Eviction:
-        return engine.evict(self.name, self.instance_ids)
+        eviction = engine.evict(self.name, self.instance_ids)
+        # Reported evictions are the infrastructure's (capacity): Try & restore may bring them back.
+        policies.lifecycle.evicted(
+            engine, self.name, len(eviction.deleted), now, autoscaled=policies.autoscaled(self.name)
+        )
+        return eviction
 
     def describe(self, result: Eviction) -> dict[str, Any]:
         return {"text": f"evicted: {len(result.deleted)} deleted, {len(result.deallocated)} deallocated"}
@@ -703,13 +708,18 @@ class SetPoolCapacity(Command):
         if self.available is not None:
             check_count(self.available, "pool.available")
 
-    def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> None:
+    def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> list[Action]:
         engine.set_pool_capacity(self.zone, self.vm_size, self.priority, self.available, self.price)
+        # A Spot price above a scale set's max price schedules its instances' eviction.
+        return policies.lifecycle.price_changed(
+            engine, self.zone, self.vm_size, self.priority, self.price, now
+        )
 
-    def describe(self, result: None) -> dict[str, Any]:
-        return {
-            "text": f"pool {self.zone or 'regional'}/{self.vm_size}/{self.priority} available={self.available}"
-        }
+    def describe(self, result: list[Action] | None) -> dict[str, Any]:
+        text = f"pool {self.zone or 'regional'}/{self.vm_size}/{self.priority} available={self.available}"
+        if self.price is not None:
+            text += f" price={self.price:g}"
+        return {"text": "; ".join([text, *(a.reason for a in result or ())])}
 
 
 # ----- executors ----------------------------------------------------------------------------------------
@@ -786,6 +796,33 @@ class ReportOperation(Command):
         if result is None:
             return {"text": f"operation {self.operation_id} was already applied"}
         return {"text": "; ".join(a.reason for a in result) or f"operation {self.operation_id} applied"}
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class AcknowledgeScheduledEvent(Command):
+    """An executor is ready for a scheduled eviction (Azure's Scheduled Events ``StartRequests``): it
+    happens now instead of at its not-before time."""
+
+    op: ClassVar[str] = "ack_event"
+    event_type: ClassVar[str] = "InstancesEvicted"
+    name: str
+    event_id: int
+
+    def validate(self) -> None:
+        _require_name(self.name)
+        check_count(self.event_id, "event_id")
+
+    def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> list[Action] | None:
+        return policies.lifecycle.acknowledge(engine, self.name, self.event_id, now)
+
+    def describe(self, result: list[Action] | None) -> dict[str, Any]:
+        if result is None:
+            return {"text": f"scheduled event {self.event_id} is not pending"}
+        return {
+            "text": "; ".join(a.reason for a in result)
+            or f"scheduled event {self.event_id}: nothing left to evict"
+        }
 
 
 #: Every logged command's class by its log name.

@@ -104,6 +104,13 @@ class Controller:
         )
         return self.execute(command, now)  # type: ignore[no-any-return]
 
+    def acknowledge_scheduled_event(
+        self, name: str, event_id: int, *, now: float | None = None
+    ) -> list[Action] | None:
+        """Carries out a scheduled Spot eviction now (an executor drained its instances); None if the event
+        is no longer pending."""
+        return self.execute(cmd.AcknowledgeScheduledEvent(name, event_id), now)  # type: ignore[no-any-return]
+
     def pending_operations(self, name: str | None = None) -> list[Operation]:
         """Operations waiting for an executor (of ``name``, or all), oldest first."""
         return self.policies.lifecycle.pending(name)
@@ -319,9 +326,10 @@ class Controller:
         price: float | None = None,
         *,
         now: float | None = None,
-    ) -> None:
-        """Sets how many more instances a pool can take (``None``: unlimited) and optionally its price."""
-        self.execute(cmd.SetPoolCapacity(zone, vm_size, priority, available, price), now)
+    ) -> list[Action]:
+        """Sets how many more instances a pool can take (``None``: unlimited) and optionally its price.
+        Returns the Spot evictions a price above scale sets' max price scheduled."""
+        return self.execute(cmd.SetPoolCapacity(zone, vm_size, priority, available, price), now)  # type: ignore[no-any-return]
 
     # ----- reads (the engine's) -------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ T = TypeVar("T")
 
 if TYPE_CHECKING:
     # Types only: the solver and the store load when they are used, not with every client.
-    from scaleset.policies.lifecycle import FleetReport, Operation
+    from scaleset.policies.lifecycle import FleetReport, Operation, ScheduledEvent
     from scaleset.store import EventRecord
 
 PRIORITY_TO_PB = {"Regular": pb.PRIORITY_REGULAR, "Spot": pb.PRIORITY_SPOT}
@@ -735,6 +735,30 @@ def operation_from_proto(msg: pb.Operation) -> Operation:
     )
 
 
+def scheduled_event_to_proto(e: ScheduledEvent) -> pb.ScheduledEvent:
+    return pb.ScheduledEvent(
+        event_id=e.event_id,
+        event_type=e.event_type,
+        scale_set=e.scale_set,
+        instance_ids=e.instance_ids,
+        not_before_unix_ms=round(e.not_before * 1000),
+        description=e.description,
+    )
+
+
+def scheduled_event_from_proto(msg: pb.ScheduledEvent) -> ScheduledEvent:
+    from scaleset.policies.lifecycle import ScheduledEvent
+
+    return ScheduledEvent(
+        event_id=msg.event_id,
+        scale_set=msg.scale_set,
+        instance_ids=tuple(msg.instance_ids),
+        not_before=msg.not_before_unix_ms / 1000,
+        description=msg.description,
+        event_type=msg.event_type,
+    )
+
+
 def fleet_report_to_proto(report: FleetReport) -> pb.FleetStatus:
     msg = pb.FleetStatus(
         scale_set=report.scale_set,
@@ -751,7 +775,13 @@ def fleet_report_to_proto(report: FleetReport) -> pb.FleetStatus:
         revision=report.revision,
         addresses={i: a for i, (a, _) in report.addresses.items()},
         provider_ids={i: p for i, (_, p) in report.addresses.items()},
+        scheduled_events=[scheduled_event_to_proto(e) for e in report.scheduled_events],
     )
+    if report.restoring is not None:
+        msg.restoring_count, msg.restore_deadline_unix_ms = (
+            report.restoring[0],
+            round(report.restoring[1] * 1000),
+        )
     for zone, size, priority, until in report.unavailable_pools:
         msg.unavailable_pools.add(
             zone=zone or "",
@@ -782,5 +812,7 @@ def fleet_report_from_proto(msg: pb.FleetStatus) -> FleetReport:
             for p in msg.unavailable_pools
         ),
         addresses={i: (a, msg.provider_ids.get(i, "")) for i, a in sorted(msg.addresses.items())},
+        scheduled_events=tuple(scheduled_event_from_proto(e) for e in msg.scheduled_events),
+        restoring=(msg.restoring_count, msg.restore_deadline_unix_ms / 1000) if msg.restoring_count else None,
         revision=msg.revision,
     )

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from scaleset.control import ControlPlane
 from scaleset.controller import Controller
 from scaleset.errors import invalid_input, unavailable
-from scaleset.policies.lifecycle import Operation
+from scaleset.policies.lifecycle import Operation, ScheduledEvent
 
 __all__ = [
     "DEFAULT_IN_FLIGHT",
@@ -63,9 +63,9 @@ class Dispatcher:
 
     async def stream(
         self, executor_id: str, zones: Sequence[str], max_in_flight: int, lease_seconds: int
-    ) -> AsyncIterator[tuple[list[Operation], list[int]]]:
-        """Batches of (newly leased operations, cancelled operation ids) for one executor stream, until
-        the caller stops iterating. Leases it holds stay until they lapse (the executor may still report)."""
+    ) -> AsyncIterator[tuple[list[Operation], list[int], list[ScheduledEvent]]]:
+        """Batches of (newly leased operations, cancelled operation ids, newly scheduled evictions) for one
+        executor stream, until the caller stops iterating. Leases it holds stay until they lapse (the executor may still report)."""
         if not executor_id or len(executor_id) > 128:
             raise invalid_input("executor_id must be 1 to 128 characters.", field="executor_id")
         in_flight = max_in_flight or DEFAULT_IN_FLIGHT
@@ -86,16 +86,20 @@ class Dispatcher:
         self._next_stream += 1
         self._streams += 1
         mine: set[int] = set()
+        announced: set[int] = set()
         wake = asyncio.Event()
         self._wakes.add(wake)
         try:
             while True:
                 wake.clear()
-                batch = await self._control.inspect(
-                    lambda c: self._lease(c, stream, executor_id, wanted, in_flight, lease_s, mine)
+                leased, cancelled, events = await self._control.inspect(
+                    lambda c: (
+                        *self._lease(c, stream, executor_id, wanted, in_flight, lease_s, mine),
+                        self._new_events(c, announced),
+                    )
                 )
-                if batch[0] or batch[1]:
-                    yield batch
+                if leased or cancelled or events:
+                    yield leased, cancelled, events
                 try:
                     await asyncio.wait_for(wake.wait(), POLL_S)
                 except TimeoutError:
@@ -146,6 +150,14 @@ class Dispatcher:
             if len(leased) >= room:
                 break
         return leased, cancelled
+
+    @staticmethod
+    def _new_events(controller: Controller, announced: set[int]) -> list[ScheduledEvent]:
+        events = controller.policies.lifecycle.events
+        announced.intersection_update(events)  # forget carried-out events: the set stays bounded
+        new = [e for i, e in sorted(events.items()) if i not in announced]
+        announced.update(e.event_id for e in new)
+        return new
 
     def renew(self, operation_id: int) -> bool:
         """Extends a lease by its length after a progress report; False if nobody holds it."""

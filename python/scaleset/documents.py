@@ -79,6 +79,7 @@ _ARM_PROPERTIES = {
     "sku_profile",
     "upgrade_policy",
     "automatic_repairs_policy",
+    "spot_restore_policy",
     "placement",
     "overprovision",
     "do_not_run_extensions_on_overprovisioned_vms",

@@ -5,7 +5,7 @@ runs each on a :class:`Provider` in a thread pool (at most ``max_in_flight`` at 
 outcome; with a ``probe_interval`` it also probes the instances' health, Application Health extension
 style, and reports changes. Two providers ship with scaleset:
 
-- :class:`FakeCloud`: a simulated cloud for tests and what-ifs: per-pool capacity, latency, injected
+- :class:`FakeCloud`: a simulated cloud for tests and what-ifs: per-pool capacity, quota, latency, injected
   failures, deterministic for a seed (each operation's fate depends on the seed and the operation, not on
   thread timing).
 - :class:`LocalProcesses`: each instance is a real local process (``python -m scaleset.instance``, a small
@@ -35,7 +35,7 @@ from typing import Protocol
 
 from scaleset.client import Client, LeaseStream
 from scaleset.errors import ScaleSetError
-from scaleset.policies.lifecycle import Operation
+from scaleset.policies.lifecycle import Operation, ScheduledEvent
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +68,24 @@ class Provider(Protocol):
 
     def delete(self, op: Operation) -> None: ...
 
+    def deallocate(self, op: Operation) -> None: ...
+
     def reimage(self, op: Operation) -> None: ...
 
     def restart(self, op: Operation) -> None: ...
 
+    def preempt(self, event: ScheduledEvent) -> bool:
+        """A Spot eviction is scheduled for ``event.instance_ids``: drain them; True to let it happen now
+        (acknowledge), False to let it come at its not-before time."""
+        ...
+
     def health(self) -> dict[str, dict[int, str]]:
         """Each known instance's Application Health by scale set (Healthy, Unhealthy, Initializing,
         Unknown); empty if the provider does not probe."""
+        ...
+
+    def evictions(self) -> dict[str, list[int]]:
+        """Spot instances the infrastructure evicted (for capacity) since the last call, by scale set."""
         ...
 
 
@@ -103,6 +114,7 @@ class FakeCloud:
     #: Every operation carried out, as (kind, instance name, outcome code or "OK").
     log: list[tuple[str, str, str]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _evicted: dict[str, list[int]] = field(default_factory=dict, repr=False)
 
     def _fate(self, op: Operation) -> random.Random:
         digest = hashlib.sha256(f"{self.seed}/{op.operation_id}/{op.attempt}".encode()).digest()
@@ -156,10 +168,27 @@ class FakeCloud:
                 self.instances.pop(name, None)
             self.log.append((op.kind, name, "OK"))
 
-    delete = reimage = restart = _simple
+    delete = deallocate = reimage = restart = _simple
+
+    def preempt(self, event: ScheduledEvent) -> bool:
+        return True  # nothing to drain
 
     def health(self) -> dict[str, dict[int, str]]:
         return {}
+
+    def evict(self, names: list[str]) -> None:
+        """Injects a capacity eviction: the instances are gone, and the executor tells the server."""
+        with self._lock:
+            for name in names:
+                op = self.instances.pop(name, None)
+                if op is not None:
+                    self._evicted.setdefault(op.scale_set, []).append(op.instance_id)
+                    self.log.append(("Evicted", name, "OK"))
+
+    def evictions(self) -> dict[str, list[int]]:
+        with self._lock:
+            evicted, self._evicted = self._evicted, {}
+        return evicted
 
     def take_pool(self, zone: str | None, vm_size: str, priority: str, capacity: int) -> None:
         """Changes a pool's capacity (a zone runs out of a size, a Spot pool disappears)."""
@@ -229,11 +258,16 @@ class LocalProcesses:
         if known is not None:
             _stop(known[0])
 
+    deallocate = delete  # a deallocated VM runs no process
+
     def reimage(self, op: Operation) -> None:
         self.delete(op)
         self.create(op)
 
     restart = reimage
+
+    def preempt(self, event: ScheduledEvent) -> bool:
+        return True  # the processes hold nothing to drain
 
     def pid(self, scale_set: str, instance_id: int) -> int | None:
         with self._lock:
@@ -265,6 +299,9 @@ class LocalProcesses:
                 continue  # not enough probes in a row to change the state
             out.setdefault(op.scale_set, {})[op.instance_id] = state
         return out
+
+    def evictions(self) -> dict[str, list[int]]:
+        return {}  # local processes are never evicted
 
     def close(self) -> None:
         with self._lock:
@@ -324,15 +361,15 @@ class Executor:
         self._cancelled: set[int] = set()
         #: The health last reported per (scale set, instance): only changes are sent.
         self._reported: dict[tuple[str, int], str] = {}
+        #: Instances with an operation under way: not probed (a reimage is not a failure).
+        self._busy: set[tuple[str, int]] = set()
         self._stream: LeaseStream | None = None
         self._lock = threading.Lock()
 
     def run(self) -> None:
         """Leases and carries out operations until :meth:`stop`; reconnects after a lost stream."""
-        prober = None
-        if self.probe_interval:
-            prober = threading.Thread(target=self._probe_loop, name="scaleset-probes", daemon=True)
-            prober.start()
+        prober = threading.Thread(target=self._probe_loop, name="scaleset-probes", daemon=True)
+        prober.start()
         with ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="scaleset-op") as pool:
             delay = 0.5
             while not self.stopped.is_set():
@@ -340,46 +377,44 @@ class Executor:
                     self._stream = self.client.lease_operations(
                         self.executor_id, self.zones, self.max_in_flight, self.lease_seconds
                     )
-                    for leased, cancelled in self._stream:
+                    for leased, cancelled, events in self._stream:
                         delay = 0.5
                         with self._lock:
                             self._cancelled.update(cancelled)
                         for op in leased:
                             pool.submit(self._carry_out, op)
+                        for event in events:
+                            pool.submit(self._preempt, event)
                 except ScaleSetError as e:
                     log.warning("executor %s: lease stream ended (%s); reconnecting", self.executor_id, e)
                 self.stopped.wait(delay)
                 delay = min(delay * 2, 10.0)
-        if prober is not None:
-            prober.join(timeout=10)
+        prober.join(timeout=10)
 
     def stop(self) -> None:
         self.stopped.set()
         if self._stream is not None:
             self._stream.cancel()
 
+    def _preempt(self, event: ScheduledEvent) -> None:
+        try:
+            if self.provider.preempt(event):
+                self.client.acknowledge_scheduled_event(event.scale_set, event.event_id)
+        except ScaleSetError as e:  # it happens at its not-before time anyway
+            log.info(
+                "executor %s: scheduled event %d not acknowledged: %s", self.executor_id, event.event_id, e
+            )
+
     def _carry_out(self, op: Operation) -> None:
+        key = (op.scale_set, op.instance_id)
         with self._lock:
             if op.operation_id in self._cancelled:
                 self._cancelled.discard(op.operation_id)
                 return
-        address = provider_id = code = message = ""
+            self._busy.add(key)
         try:
-            if op.kind == "Create":
-                address, provider_id = self.provider.create(op)
-            elif op.kind == "Delete":
-                self.provider.delete(op)
-            elif op.kind == "Reimage":
-                self.provider.reimage(op)
-            else:
-                self.provider.restart(op)
-        except ProviderError as e:
-            code, message = e.code, e.message
-        except Exception as e:  # a provider bug must not kill the executor: report it
-            log.exception("executor %s: %s of %s failed", self.executor_id, op.kind, instance_name(op))
-            code, message = "ExecutorError", f"{type(e).__name__}: {e}"
-        self.carried_out += 1
-        try:
+            address, provider_id, code, message = self._run(op)
+            self.carried_out += 1
             applied = self.client.report_operation(
                 op.operation_id,
                 not code,
@@ -394,19 +429,51 @@ class Executor:
                 "executor %s: could not report operation %d: %s", self.executor_id, op.operation_id, e
             )
             return
+        finally:
+            with self._lock:
+                self._busy.discard(key)
         with self._lock:
             self.applied += applied
             if not code:  # a new, reimaged or restarted instance starts over (the server set Initializing)
-                self._reported.pop((op.scale_set, op.instance_id), None)
+                self._reported.pop(key, None)
+
+    def _run(self, op: Operation) -> tuple[str, str, str, str]:
+        """Carries ``op`` out on the provider: (address, provider id, error code, error message)."""
+        try:
+            if op.kind == "Create":
+                address, provider_id = self.provider.create(op)
+                return address, provider_id, "", ""
+            {
+                "Delete": self.provider.delete,
+                "Deallocate": self.provider.deallocate,
+                "Reimage": self.provider.reimage,
+                "Restart": self.provider.restart,
+            }[op.kind](op)
+        except ProviderError as e:
+            return "", "", e.code, e.message
+        except Exception as e:  # a provider bug must not kill the executor: report it
+            log.exception("executor %s: %s of %s failed", self.executor_id, op.kind, instance_name(op))
+            return "", "", "ExecutorError", f"{type(e).__name__}: {e}"
+        return "", "", "", ""
 
     def _probe_loop(self) -> None:
+        """Reports what the infrastructure did on its own (evictions) and, with a probe interval, the
+        instances' health changes."""
         reported = self._reported
-        while not self.stopped.wait(self.probe_interval):
+        while not self.stopped.wait(self.probe_interval or 1.0):
+            for scale_set, ids in self.provider.evictions().items():
+                try:
+                    self.client.evict(scale_set, ids)
+                except ScaleSetError as e:
+                    log.info("executor %s: eviction in %s not reported: %s", self.executor_id, scale_set, e)
+            if not self.probe_interval:
+                continue
             for scale_set, states in self.provider.health().items():
                 changed: dict[str, list[int]] = {}
                 with self._lock:
                     for instance_id, state in states.items():
-                        if reported.get((scale_set, instance_id)) != state:
+                        key = (scale_set, instance_id)
+                        if key not in self._busy and reported.get(key) != state:
                             changed.setdefault(state, []).append(instance_id)
                 for state, ids in changed.items():
                     try:

@@ -46,6 +46,7 @@ __all__ = [
     "ScaleSetSpec",
     "Sku",
     "SkuProfile",
+    "SpotRestorePolicy",
     "TimeWindow",
     "UpgradePolicy",
     "VmSize",
@@ -169,6 +170,15 @@ class AutomaticRepairsPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class SpotRestorePolicy:
+    """``spot_restore_policy`` (Try & restore): keep trying to restore Spot instances evicted for capacity,
+    for at most ``restore_timeout`` after the eviction (Spot scale sets without autoscale)."""
+
+    enabled: bool = False
+    restore_timeout: str = "PT1H"
+
+
+@dataclass(frozen=True, slots=True)
 class Placement:
     """``placement`` (automatic zone placement, preview): the engine chooses the zones. Set
     ``include_zones`` or ``exclude_zones`` (not both) to narrow the eligible zones."""
@@ -222,6 +232,7 @@ class ScaleSetSpec:
     automatic_zone_rebalancing_policy: AutomaticZoneRebalancingPolicy | None = None
     upgrade_policy: UpgradePolicy = field(default_factory=UpgradePolicy)
     automatic_repairs_policy: AutomaticRepairsPolicy | None = None
+    spot_restore_policy: SpotRestorePolicy | None = None
     #: Uniform only (Azure's default there: true): a scale-out creates extra VMs and deletes them once the
     #: requested ones succeeded. Refused on Flexible.
     overprovision: bool | None = None
@@ -753,6 +764,7 @@ _NESTED.update(
         "ScaleSetSpec.upgrade_policy": _one(UpgradePolicy),
         "UpgradePolicy.rolling_upgrade_policy": _one(RollingUpgradePolicy),
         "ScaleSetSpec.automatic_repairs_policy": _one(AutomaticRepairsPolicy),
+        "ScaleSetSpec.spot_restore_policy": _one(SpotRestorePolicy),
         "ScaleSetSpec.placement": _one(Placement),
         "ScaleSetSpec.zone_allocation_policy": _one(ZoneAllocationPolicy),
         "ZoneAllocationPolicy.max_instance_percent_per_zone_policy": _one(MaxInstancePercentPerZonePolicy),

@@ -910,9 +910,11 @@ class ExecutorsServicer(pb_grpc.ExecutorsServicer):
             request.executor_id, list(request.zones), request.max_in_flight, request.lease_seconds
         )
         await context.send_initial_metadata(())
-        async for leased, cancelled in batches:
+        async for leased, cancelled, events in batches:
             yield pb.LeaseOperationsResponse(
-                operations=[convert.operation_to_proto(o) for o in leased], cancelled_operation_ids=cancelled
+                operations=[convert.operation_to_proto(o) for o in leased],
+                cancelled_operation_ids=cancelled,
+                scheduled_events=[convert.scheduled_event_to_proto(e) for e in events],
             )
 
     async def ReportOperation(self, request: pb.ReportOperationRequest, context: Any) -> Any:
@@ -951,6 +953,23 @@ class ExecutorsServicer(pb_grpc.ExecutorsServicer):
         )
         self.dispatcher.release(request.operation_id)
         return reply
+
+    async def AcknowledgeScheduledEvent(
+        self, request: pb.AcknowledgeScheduledEventRequest, context: Any
+    ) -> Any:
+        name = _require(request.name, "name")
+        event = self._control.controller.policies.lifecycle.events.get(request.event_id)
+        if (
+            event is None or event.scale_set != name
+        ):  # carried out already (or never scheduled): nothing to do
+            return pb.AcknowledgeScheduledEventResponse(applied=False, revision=self._control.revision(name))
+        return await self._control.mutate(
+            method="AcknowledgeScheduledEvent",
+            command=cmd.AcknowledgeScheduledEvent(name, request.event_id),
+            encode=lambda o: pb.AcknowledgeScheduledEventResponse(
+                applied=o.result is not None, revision=o.revision
+            ),
+        )
 
     async def GetFleetStatus(self, request: pb.GetFleetStatusRequest, context: Any) -> pb.FleetStatus:
         await self._control.settled()

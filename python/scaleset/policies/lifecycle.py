@@ -28,11 +28,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from scaleset.engine import Change, duration_seconds
 from scaleset.errors import CapacityError, NotFoundError, invalid_input
 from scaleset.policies.common import Action
 
 if TYPE_CHECKING:
-    from scaleset.engine import Change, Engine
+    from scaleset.engine import Engine
 
 __all__ = [
     "BACKOFF_BASE_S",
@@ -49,8 +50,17 @@ __all__ = [
 ]
 
 MODES = ("Immediate", "Executors")
-OPERATION_KINDS = ("Create", "Delete", "Reimage", "Restart")
-_DONE = {"Create": "InstanceCreated", "Reimage": "InstanceReimaged", "Restart": "InstanceRestarted"}
+OPERATION_KINDS = ("Create", "Delete", "Deallocate", "Reimage", "Restart")
+_DONE = {
+    "Create": "InstanceCreated",
+    "Deallocate": "InstanceDeallocated",
+    "Reimage": "InstanceReimaged",
+    "Restart": "InstanceRestarted",
+}
+#: How far ahead a Spot price eviction is announced (Azure: Scheduled Events "up to 30 seconds" before).
+NOTICE_S = 30.0
+#: How often Try & restore tries again to bring back Spot instances evicted for capacity.
+RESTORE_INTERVAL_S = 60.0
 #: Azure's allocation error codes: the pool cannot take the instance now.
 CAPACITY_ERRORS = frozenset(
     {
@@ -99,6 +109,34 @@ class Operation:
 
 
 @dataclass
+class ScheduledEvent:
+    """A notice in the manner of Azure's Scheduled Events: Spot instances to be evicted (``Preempt``) not
+    before ``not_before``, unless acknowledged earlier."""
+
+    event_id: int
+    scale_set: str
+    instance_ids: tuple[int, ...]
+    not_before: float
+    description: str
+    event_type: str = "Preempt"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "instance_ids": list(self.instance_ids)}
+
+
+@dataclass
+class Restore:
+    """Try & restore of one scale set: Spot instances evicted for capacity, restored until ``deadline``."""
+
+    count: int
+    deadline: float
+    next_try: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
 class FleetStatus:
     """How far a scale set's infrastructure is from its desired state."""
 
@@ -138,6 +176,10 @@ class FleetReport:
     unavailable_pools: tuple[tuple[str | None, str, str, float], ...]
     #: Instance id -> (address, provider id) of every created instance, as its executor reported them.
     addresses: dict[int, tuple[str, str]] = field(default_factory=dict)
+    #: Evictions announced and not yet carried out.
+    scheduled_events: tuple[ScheduledEvent, ...] = ()
+    #: Try & restore in progress: (instances to restore, deadline), or None.
+    restoring: tuple[int, float] | None = None
     #: The scale set's revision (filled in by the server; 0 in process).
     revision: int = 0
 
@@ -155,6 +197,10 @@ class Lifecycle:
     unavailable: dict[tuple[str | None, str, str], float] = field(default_factory=dict)
     #: Scale set -> instance id -> (address, provider id), as executors reported them.
     addresses: dict[str, dict[int, tuple[str, str]]] = field(default_factory=dict)
+    #: Scheduled evictions by event id, and Try & restore by scale set.
+    events: dict[int, ScheduledEvent] = field(default_factory=dict)
+    next_event_id: int = 1
+    restores: dict[str, Restore] = field(default_factory=dict)
     _by_instance: dict[tuple[str, int], list[int]] = field(default_factory=dict, repr=False)
 
     # ----- mode -----------------------------------------------------------------------------------------
@@ -208,10 +254,7 @@ class Lifecycle:
             state = "Creating" if change.kind == "Create" else "Updating"
             marks.setdefault((name, state), []).append(change.instance_id)
         for (name, state), ids in marks.items():
-            try:
-                engine.set_provisioning_state(name, ids, state)
-            except NotFoundError:
-                pass  # created and deleted by the same command
+            self._mark(engine, name, ids, state)
 
     def _add(self, change: Change, model_version: int, now: float) -> None:
         op = Operation(
@@ -255,12 +298,150 @@ class Lifecycle:
             self._forget(op)
         self.status.pop(name, None)
         self.addresses.pop(name, None)
+        self.restores.pop(name, None)
+        for event_id in [i for i, e in self.events.items() if e.scale_set == name]:
+            del self.events[event_id]
 
     def capacity_set(self, name: str) -> None:
-        """A user (or autoscale) chose a new capacity: what was missing no longer is."""
+        """A user (or autoscale) chose a new capacity: what was missing, or evicted, no longer is."""
         status = self.status.get(name)
         if status is not None:
             status.shortfall, status.retry_at = 0, None
+        self.restores.pop(name, None)
+
+    # ----- Spot: price evictions with notice, Try & restore -----------------------------------------------
+
+    def price_changed(
+        self, engine: Engine, zone: str | None, vm_size: str, priority: str, price: float | None, now: float
+    ) -> list[Action]:
+        """A Spot pool's price rose: every running Spot instance in it whose scale set's max price is now
+        below the price gets a Preempt notice, evicted at its ``not_before`` (or when acknowledged)."""
+        if priority != "Spot" or price is None:
+            return []
+        noticed = {(e.scale_set, i) for e in self.events.values() for i in e.instance_ids}
+        actions: list[Action] = []
+        for name in engine.scale_set_names():
+            max_price = engine.get_spec(name).max_price
+            if max_price is None or max_price < 0 or price <= max_price:
+                continue  # -1 (or unset): never evicted for price
+            cols = engine.instance_columns(name)
+            ids = tuple(
+                i
+                for i, z, size, p, power in zip(
+                    cols["instance_id"],
+                    cols["zone"],
+                    cols["vm_size"],
+                    cols["priority"],
+                    cols["power_state"],
+                    strict=True,
+                )
+                if z == zone
+                and size == vm_size
+                and p == "Spot"
+                and power == "running"
+                and (name, i) not in noticed
+            )
+            if not ids:
+                continue
+            event = ScheduledEvent(
+                self.next_event_id,
+                name,
+                ids,
+                now + NOTICE_S,
+                f"the Spot price of {vm_size} in {zone or 'the region'} ({price:g} USD) rose above the max price "
+                f"({max_price:g} USD)",
+            )
+            self.next_event_id += 1
+            self.events[event.event_id] = event
+            actions.append(
+                Action(
+                    name,
+                    "EvictionScheduled",
+                    ids,
+                    f"Preempt (event {event.event_id}) of {len(ids)} instance(s) not before {event.not_before:.0f}: "
+                    f"{event.description}",
+                )
+            )
+        return actions
+
+    def acknowledge(self, engine: Engine, name: str, event_id: int, now: float) -> list[Action] | None:
+        """An executor is ready for a scheduled eviction: it happens now. None if no such event is pending."""
+        event = self.events.get(event_id)
+        if event is None or event.scale_set != name:
+            return None
+        return self._preempt(engine, event, now, "acknowledged")
+
+    def _preempt(self, engine: Engine, event: ScheduledEvent, now: float, why: str) -> list[Action]:
+        del self.events[event.event_id]
+        name = event.scale_set
+        cols = engine.instance_columns(name)
+        where = {i: k for k, i in enumerate(cols["instance_id"])}
+        ids = [i for i in event.instance_ids if i in where and cols["power_state"][where[i]] == "running"]
+        if not ids:
+            return []
+        eviction = engine.evict(name, ids)
+        if self.mode == "Executors":  # the executor carries the eviction out
+            for kind, gone in (("Delete", eviction.deleted), ("Deallocate", eviction.deallocated)):
+                for i in gone:
+                    k = where[i]
+                    change = Change(
+                        kind,
+                        name,
+                        i,
+                        cols["zone"][k],
+                        cols["fault_domain"][k],
+                        cols["vm_size"][k],
+                        cols["priority"][k],
+                    )
+                    self._cancel(name, i)
+                    self._add(change, 0, now)
+            if eviction.deallocated:
+                self._mark(engine, name, list(eviction.deallocated), "Updating")
+        return [
+            Action(
+                name,
+                "InstancesEvicted",
+                tuple(ids),
+                f"Preempt (event {event.event_id}, {why}): {len(eviction.deleted)} deleted, "
+                f"{len(eviction.deallocated)} deallocated; {event.description}",
+            )
+        ]
+
+    def evicted(self, engine: Engine, name: str, count: int, now: float, *, autoscaled: bool) -> None:
+        """Spot instances of ``name`` were evicted for capacity (and deleted): with Try & restore on (and no
+        autoscale, which then owns the count) they are restored on a schedule until the timeout."""
+        policy = engine.get_spec(name).spot_restore_policy
+        if policy is None or not policy.enabled or autoscaled or count == 0:
+            return
+        timeout = duration_seconds(policy.restore_timeout, "spot_restore_policy.restore_timeout")
+        restore = self.restores.get(name)
+        total = count + (restore.count if restore is not None else 0)
+        self.restores[name] = Restore(total, now + timeout, now + RESTORE_INTERVAL_S)
+
+    def _restore(self, engine: Engine, name: str, restore: Restore, now: float) -> Action:
+        if now >= restore.deadline:
+            del self.restores[name]
+            return Action(
+                name,
+                "SpotRestoreTimedOut",
+                (),
+                f"Try & restore gave up on {restore.count} evicted Spot instance(s)",
+            )
+        try:
+            plan = engine.set_capacity(name, engine.capacity(name) + restore.count)
+        except CapacityError as e:
+            restore.next_try = now + RESTORE_INTERVAL_S
+            return Action(
+                name,
+                "SpotRestoreDeferred",
+                (),
+                f"Try & restore: {restore.count} instance(s) cannot be placed yet ({e.code}); next try at {restore.next_try:.0f}",
+            )
+        del self.restores[name]
+        ids = tuple(c.instance_id for c in plan.creates)
+        return Action(
+            name, "SpotRestored", ids, f"Try & restore brought back {len(ids)} evicted Spot instance(s)"
+        )
 
     # ----- what executors report ---------------------------------------------------------------------------
 
@@ -297,7 +478,7 @@ class Lifecycle:
             at = f" at {address}" if address else ""
             return [Action(name, _DONE[op.kind], (i,), f"{where}: {op.kind.lower()} succeeded{at}")]
         error = f"{code or 'Failed'}: {message}" if message else code or "Failed"
-        if op.kind == "Delete" or (
+        if op.kind in ("Delete", "Deallocate") or (
             op.kind == "Create" and code not in CAPACITY_ERRORS | QUOTA_ERRORS and op.attempt < MAX_ATTEMPTS
         ):
             return [self._retry(op, now, f"{where}: {op.kind.lower()} failed ({error})")]
@@ -305,6 +486,13 @@ class Lifecycle:
             self._set_state(engine, op, "Failed")
             return [Action(name, "OperationFailed", (i,), f"{where}: {op.kind.lower()} failed ({error})")]
         return self._replace(engine, op, code or "Failed", message, now)
+
+    @staticmethod
+    def _mark(engine: Engine, name: str, ids: list[int], state: str) -> None:
+        try:
+            engine.set_provisioning_state(name, ids, state)
+        except NotFoundError:
+            pass  # created and deleted by the same command
 
     def _set_state(self, engine: Engine, op: Operation, state: str) -> bool:
         try:
@@ -382,6 +570,11 @@ class Lifecycle:
         status = self.status.get(name)
         if status is not None and status.shortfall and (status.retry_at is None or status.retry_at <= now):
             actions.append(self._place_shortfall(engine, name, status, now, "retrying"))
+        for event in [e for e in self.events.values() if e.scale_set == name and e.not_before <= now]:
+            actions += self._preempt(engine, event, now, "its time came")
+        restore = self.restores.get(name)
+        if restore is not None and now >= min(restore.next_try, restore.deadline):
+            actions.append(self._restore(engine, name, restore, now))
         return actions
 
     def _place_shortfall(
@@ -434,6 +627,8 @@ class Lifecycle:
                 )
             ),
             addresses=dict(sorted(self.addresses.get(name, {}).items())),
+            scheduled_events=tuple(e for _, e in sorted(self.events.items()) if e.scale_set == name),
+            restoring=(restore.count, restore.deadline) if (restore := self.restores.get(name)) else None,
         )
 
     def pending(self, name: str | None = None) -> list[Operation]:
@@ -451,6 +646,9 @@ class Lifecycle:
             "status": {n: s.to_dict() for n, s in self.status.items()},
             "unavailable": [[*pool, until] for pool, until in self.unavailable.items()],
             "addresses": {n: {str(i): list(a) for i, a in m.items()} for n, m in self.addresses.items()},
+            "events": [e.to_dict() for _, e in sorted(self.events.items())],
+            "next_event_id": self.next_event_id,
+            "restores": {n: r.to_dict() for n, r in self.restores.items()},
         }
 
     @classmethod
@@ -463,7 +661,12 @@ class Lifecycle:
             addresses={
                 n: {int(i): (a[0], a[1]) for i, a in m.items()} for n, m in data.get("addresses", {}).items()
             },
+            next_event_id=data.get("next_event_id", 1),
+            restores={n: Restore(**r) for n, r in data.get("restores", {}).items()},
         )
+        for e in data.get("events", []):
+            event = ScheduledEvent(**{**e, "instance_ids": tuple(e["instance_ids"])})
+            state.events[event.event_id] = event
         for o in data.get("operations", []):
             op = Operation(**o)
             state.operations[op.operation_id] = op

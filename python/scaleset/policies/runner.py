@@ -97,6 +97,11 @@ class PolicyRunner:
         if any((v or 0) < spec.model_version for v in versions):
             self._upgrade_pending.add(spec.name)
 
+    def autoscaled(self, name: str) -> bool:
+        """Whether an enabled autoscale setting owns ``name``'s instance count."""
+        state = self._autoscale.get(name)
+        return state is not None and state.setting.enabled is not False
+
     def deleted(self, name: str) -> None:
         """Forgets every policy's state of a deleted scale set."""
         for state in (

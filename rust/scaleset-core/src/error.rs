@@ -106,4 +106,5 @@ pub mod codes {
     pub const SKU_TIER_MUST_NOT_BE_SET: &str = "SkuTierMustNotBeSetIfSkuProfileIsSpecified";
     pub const SKU_PROFILE_RANK_INVALID: &str = "SkuProfileRankInvalid";
     pub const SKU_NOT_AVAILABLE: &str = "SkuNotAvailable";
+    pub const SPOT_RESTORE_ONLY_FOR_SPOT: &str = "SpotRestorationIsSupportedOnlyForAzureSpotScaleSets";
 }

@@ -173,6 +173,15 @@ pub struct AutomaticRepairsPolicy {
     pub repair_action: RepairAction,
 }
 
+/// `spot_restore_policy` (reference §5.4, Try & restore): keep trying to restore Spot instances evicted
+/// for capacity, for at most `restore_timeout`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpotRestorePolicy {
+    pub enabled: bool,
+    /// ISO 8601 duration (ours by default: "PT1H"; Azure documents none).
+    pub restore_timeout: String,
+}
+
 /// Seconds in an ISO 8601 duration of days, hours, minutes and seconds ("PT1H30M", "P1DT2H", "PT0.5S").
 pub fn parse_duration(text: &str) -> Option<f64> {
     let rest = text.strip_prefix('P')?;
@@ -267,6 +276,7 @@ pub struct ScaleSetSpec {
     pub automatic_zone_rebalancing_policy: Option<AutomaticZoneRebalancingPolicy>,
     pub upgrade_policy: UpgradePolicy,
     pub automatic_repairs_policy: Option<AutomaticRepairsPolicy>,
+    pub spot_restore_policy: Option<SpotRestorePolicy>,
     /// Engine-managed: bumped whenever the VM model (size, sizes, image) changes.
     pub model_version: u64,
 }
@@ -303,6 +313,7 @@ impl ScaleSetSpec {
                 rolling_upgrade_policy: RollingUpgradePolicy::default(),
             },
             automatic_repairs_policy: None,
+            spot_restore_policy: None,
             model_version: 0,
         }
     }

@@ -317,6 +317,26 @@ pub fn resolve(mut spec: ScaleSetSpec, region: &Region) -> Result<ScaleSetSpec> 
         .at("automatic_repairs_policy.grace_period"));
         }
     }
+    if let Some(restore) = &spec.spot_restore_policy {
+        if restore.enabled && spec.priority != Priority::Spot {
+            return Err(invalid(
+                codes::SPOT_RESTORE_ONLY_FOR_SPOT,
+                "spot_restore_policy (Try & restore) is supported only for Azure Spot scale sets (priority Spot).".into(),
+            )
+            .at("spot_restore_policy.enabled"));
+        }
+        let seconds = crate::model::parse_duration(&restore.restore_timeout);
+        if !seconds.is_some_and(|s| s > 0.0 && s <= 30.0 * 86_400.0) {
+            return Err(invalid(
+                codes::INVALID_PARAMETER,
+                format!(
+                    "spot_restore_policy.restore_timeout '{}' must be an ISO 8601 duration above zero and at most 30 days, such as PT1H.",
+                    shown(&restore.restore_timeout)
+                ),
+            )
+            .at("spot_restore_policy.restore_timeout"));
+        }
+    }
     if spec.scale_in_policy.rules.len() > 1 {
         return Err(invalid(
             codes::INVALID_PARAMETER,

@@ -141,6 +141,13 @@ pub struct RepairsDto {
 
 #[derive(FromPyObject, IntoPyObject)]
 #[pyo3(from_item_all)]
+pub struct SpotRestoreDto {
+    pub enabled: bool,
+    pub restore_timeout: String,
+}
+
+#[derive(FromPyObject, IntoPyObject)]
+#[pyo3(from_item_all)]
 pub struct SpecDto {
     pub name: String,
     pub orchestration_mode: String,
@@ -164,6 +171,9 @@ pub struct SpecDto {
     pub automatic_zone_rebalancing_policy: Option<ZoneRebalancingDto>,
     pub upgrade_policy: UpgradePolicyDto,
     pub automatic_repairs_policy: Option<RepairsDto>,
+    /// Absent in specs saved before Try & restore existed.
+    #[pyo3(default)]
+    pub spot_restore_policy: Option<SpotRestoreDto>,
     pub model_version: u64,
 }
 
@@ -275,6 +285,10 @@ pub fn spec_from_dto(d: SpecDto) -> PyResult<core::ScaleSetSpec> {
                     })
                 })
                 .transpose()?,
+            spot_restore_policy: d.spot_restore_policy.map(|p| core::SpotRestorePolicy {
+                enabled: p.enabled,
+                restore_timeout: p.restore_timeout,
+            }),
             model_version: d.model_version,
         })
     };
@@ -372,6 +386,10 @@ pub fn spec_to_dto(s: &core::ScaleSetSpec) -> SpecDto {
             enabled: p.enabled,
             grace_period: p.grace_period.clone(),
             repair_action: p.repair_action.as_str().to_owned(),
+        }),
+        spot_restore_policy: s.spot_restore_policy.as_ref().map(|p| SpotRestoreDto {
+            enabled: p.enabled,
+            restore_timeout: p.restore_timeout.clone(),
         }),
         model_version: s.model_version,
     }
