@@ -56,6 +56,8 @@ EXAMPLES: list[cmd.Command] = [
     cmd.ReportMetrics("web", (("cpu", (T0, T0 + 60), (50.0, 60.5)),)),
     cmd.SetExecutionMode("Executors"),
     cmd.AcknowledgeScheduledEvent("web", 3),
+    cmd.CompleteLifecycleAction("web", 4, "drain", "Abandon"),
+    cmd.RecordLifecycleActionHeartbeat("web", 4, "drain"),
     cmd.ReportOperation("web", 7, False, "ZonalAllocationFailed", "zone 1 is out of D2s_v5", "", ""),
 ]
 

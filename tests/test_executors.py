@@ -22,6 +22,7 @@ from scaleset.model import (
     AutoscaleCapacity,
     AutoscaleProfile,
     AutoscaleSetting,
+    LifecycleHook,
     Region,
     ScaleSetSpec,
     Sku,
@@ -297,6 +298,68 @@ def test_try_and_restore_is_for_spot_sets_and_leaves_autoscaled_sets_to_autoscal
     assert c.fleet_report("web").restoring is None
 
 
+# ----- lifecycle hooks -----------------------------------------------------------------------------------
+
+HOOKS = (
+    LifecycleHook("warm-up", "Launching", "PT60S", "Abandon"),
+    LifecycleHook("drain", "Terminating", "PT5M", "Continue"),
+)
+
+
+def created(c: Controller, now: float) -> None:
+    for o in c.pending_operations():
+        if o.kind == "Create":
+            c.report_operation("web", o.operation_id, True, now=now)
+
+
+def test_a_launch_hook_keeps_a_created_instance_out_of_service_until_completed() -> None:
+    c = executors_controller()
+    c.create_scale_set(spec(lifecycle_hooks=HOOKS), 2, now=1)
+    created(c, 2)
+    assert set(states(c).values()) == {"Creating"}  # created, but waiting on warm-up
+    (w0, w1) = c.fleet_report("web").lifecycle_actions
+    assert (w0.hook, w0.transition, w0.deadline) == ("warm-up", "Launching", 62)
+    actions = c.complete_lifecycle_action("web", 0, "warm-up", now=10)
+    assert actions is not None and "in service" in actions[0].reason and states(c)[0] == "Succeeded"
+    assert c.complete_lifecycle_action("web", 0, "warm-up", now=11) is None  # once
+    # a heartbeat moves the deadline; then the default result (Abandon) deletes and replaces it
+    assert c.record_lifecycle_action_heartbeat("web", 1, "warm-up", now=50)
+    assert c.advance(62, "web") == []
+    kinds = [a.kind for a in c.advance(110, "web")]
+    assert kinds == ["LifecycleActionTimedOut", "InstancesReplaced"]
+    assert 1 not in states(c) and ("Delete", 1, "2") in ops(c)
+    delete = next(o for o in c.pending_operations() if o.instance_id == 1)
+    assert not delete.held  # an abandoned launch never served: no drain
+
+
+def test_a_terminate_hook_holds_the_delete_until_drained_or_timed_out() -> None:
+    c = executors_controller()
+    c.create_scale_set(spec(lifecycle_hooks=HOOKS[1:]), 3, now=1)
+    created(c, 2)
+    c.set_capacity("web", 1, now=3)
+    held = [o for o in c.pending_operations() if o.kind == "Delete"]
+    assert len(held) == 2 and all(o.held for o in held) and c.capacity("web") == 1
+    c.complete_lifecycle_action("web", held[0].instance_id, "drain", now=4)
+    assert [o.held for o in c.pending_operations() if o.kind == "Delete"] == [False, True]
+    assert [a.kind for a in c.advance(3 + 300, "web")] == ["LifecycleActionTimedOut"]
+    assert all(not o.held for o in c.pending_operations())
+    assert c.fleet_report("web").lifecycle_actions == ()
+
+
+def test_lifecycle_hooks_are_validated_with_the_field() -> None:
+    c = Controller(REGION)
+    bad = [
+        ((LifecycleHook("x", heartbeat_timeout="PT10S"),), "lifecycle_hooks.heartbeat_timeout"),
+        ((LifecycleHook("a b"),), "lifecycle_hooks.name"),
+        ((LifecycleHook("x"), LifecycleHook("x")), "lifecycle_hooks.name"),
+        ((LifecycleHook("x", transition="Rebooting"),), "lifecycle_hooks.transition"),
+    ]
+    for hooks, field in bad:
+        with pytest.raises(InvalidInputError) as e:
+            c.create_scale_set(spec(lifecycle_hooks=hooks), 1, now=0)
+        assert e.value.field == field
+
+
 # ----- over gRPC with the fake cloud -------------------------------------------------------------------
 
 
@@ -449,6 +512,33 @@ def test_a_capacity_eviction_in_the_fake_cloud_is_reported_and_try_and_restore_b
     server.call(server.control.advance())
     wait_for(lambda: converged(client, 4))
     assert len(cloud.instances) == 4 and client.fleet_report("web").restoring is None
+    executor.stop()
+    thread.join(10)
+
+
+def test_lifecycle_actions_over_grpc_and_the_executor_never_gets_a_held_delete(
+    fleet: tuple[ServerThread, Client, Clock],
+) -> None:
+    _, client, _ = fleet
+    cloud = FakeCloud(seed=2)
+    executor = Executor(client, cloud, executor_id="hooks")
+    thread = start(executor)
+    client.create_scale_set(spec(lifecycle_hooks=HOOKS), 2)
+    wait_for(lambda: len(client.fleet_report("web").lifecycle_actions) == 2)
+    assert client.fleet_report("web").provisioning_states == {"Creating": 2}
+    for i in (0, 1):
+        assert client.complete_lifecycle_action("web", i, "warm-up")
+    wait_for(lambda: converged(client, 2))
+    client.set_capacity("web", 1)
+    wait_for(lambda: any(w.transition == "Terminating" for w in client.fleet_report("web").lifecycle_actions))
+    time.sleep(0.3)
+    assert len(cloud.instances) == 2  # the delete waits for the drain
+    (held,) = client.fleet_report("web").pending_operations
+    assert held.held and held.kind == "Delete"
+    assert client.record_lifecycle_action_heartbeat("web", held.instance_id, "drain")
+    assert client.complete_lifecycle_action("web", held.instance_id, "drain")
+    wait_for(lambda: converged(client, 1) and len(cloud.instances) == 1)
+    assert client.complete_lifecycle_action("web", held.instance_id, "drain") is False
     executor.stop()
     thread.join(10)
 

@@ -714,11 +714,33 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         print(f"  last error: {report.last_error_code}: {report.last_error_message}")
     for zone, size, priority, until in report.unavailable_pools:
         print(f"  pool {zone or 'regional'}/{size}/{priority} skipped until {until:.0f}")
+    for w in report.lifecycle_actions:
+        print(
+            f"  instance {w.instance_id} waits on {w.transition.lower()} hook '{w.hook}' until {w.deadline:.0f}"
+        )
+    for e in report.scheduled_events:
+        print(
+            f"  {e.event_type} (event {e.event_id}) of {list(e.instance_ids)} not before {e.not_before:.0f}"
+        )
     print(f"  {report.pending_operation_count} pending operations")
     for op in report.pending_operations[: args.limit]:
         print(
             f"    #{op.operation_id} {op.kind} {op.scale_set}_{op.instance_id} in {op.zone or 'regional'} (try {op.attempt})"
         )
+    return 0
+
+
+def cmd_hook(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.action == "complete":
+            result = "Abandon" if args.abandon else "Continue"
+            applied = client.complete_lifecycle_action(args.name, args.instance, args.hook, result)
+        else:
+            applied = client.record_lifecycle_action_heartbeat(args.name, args.instance, args.hook)
+    if not applied:
+        print(f"no lifecycle action of hook '{args.hook}' waits on instance {args.instance}", file=sys.stderr)
+        return 1
+    print(f"{args.name}_{args.instance}: hook '{args.hook}' {args.action}d")
     return 0
 
 
@@ -843,6 +865,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--probes", type=int, default=1, help="local: probes in a row that change the health state"
     )
     p.set_defaults(func=cmd_executor)
+
+    p = sub.add_parser("hook", help="complete a lifecycle action, or extend it with a heartbeat")
+    p.add_argument("action", choices=["complete", "heartbeat"])
+    p.add_argument("name")
+    p.add_argument("instance", type=int)
+    p.add_argument("hook")
+    p.add_argument("--abandon", action="store_true", help="complete with Abandon (default: Continue)")
+    p.set_defaults(func=cmd_hook)
 
     p = sub.add_parser("fleet", help="a scale set's infrastructure against its desired state")
     p.add_argument("name")

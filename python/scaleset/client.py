@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+import typing
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -558,6 +559,29 @@ class _Operations:
         return _Call("Executors", "AcknowledgeScheduledEvent", request, lambda r: bool(r.applied))
 
     @staticmethod
+    def complete_lifecycle_action(
+        name: str, instance_id: int, hook: str, result: str = "Continue"
+    ) -> _Call[bool]:
+        """Ends an instance's wait on lifecycle hook ``hook`` (``Continue`` or ``Abandon``); False if no
+        such action waited."""
+        request = pb.CompleteLifecycleActionRequest(
+            name=name,
+            instance_id=instance_id,
+            hook=hook,
+            result=typing.cast(
+                "pb.LifecycleHookDefaultResult",
+                convert.enum_number(pb.LifecycleHookDefaultResult.DESCRIPTOR, result, "result"),
+            ),
+        )
+        return _Call("Executors", "CompleteLifecycleAction", request, lambda r: bool(r.applied))
+
+    @staticmethod
+    def record_lifecycle_action_heartbeat(name: str, instance_id: int, hook: str) -> _Call[bool]:
+        """Restarts the timeout of an instance's wait on ``hook``; False if no such action waited."""
+        request = pb.RecordLifecycleActionHeartbeatRequest(name=name, instance_id=instance_id, hook=hook)
+        return _Call("Executors", "RecordLifecycleActionHeartbeat", request, lambda r: bool(r.applied))
+
+    @staticmethod
     def fleet_report(name: str) -> _Call[FleetReport]:
         """How far ``name``'s infrastructure is from its desired state, with its pending operations."""
         request = pb.GetFleetStatusRequest(name=name)
@@ -786,6 +810,8 @@ class Client(_Connection):
     echo = _sync(_Operations.echo)
     report_operation = _sync(_Operations.report_operation)
     acknowledge_scheduled_event = _sync(_Operations.acknowledge_scheduled_event)
+    complete_lifecycle_action = _sync(_Operations.complete_lifecycle_action)
+    record_lifecycle_action_heartbeat = _sync(_Operations.record_lifecycle_action_heartbeat)
     fleet_report = _sync(_Operations.fleet_report)
 
 
@@ -871,6 +897,8 @@ class AsyncClient(_Connection):
     echo = _async(_Operations.echo)
     report_operation = _async(_Operations.report_operation)
     acknowledge_scheduled_event = _async(_Operations.acknowledge_scheduled_event)
+    complete_lifecycle_action = _async(_Operations.complete_lifecycle_action)
+    record_lifecycle_action_heartbeat = _async(_Operations.record_lifecycle_action_heartbeat)
     fleet_report = _async(_Operations.fleet_report)
 
     async def lease_operations(

@@ -825,5 +825,66 @@ class AcknowledgeScheduledEvent(Command):
         }
 
 
+@command
+@dataclass(frozen=True, slots=True)
+class CompleteLifecycleAction(Command):
+    """Ends an instance's wait on one lifecycle hook: ``Continue`` or ``Abandon``."""
+
+    op: ClassVar[str] = "lifecycle_action"
+    event_type: ClassVar[str] = "LifecycleActionCompleted"
+    name: str
+    instance_id: int
+    hook: str
+    result: str = "Continue"
+
+    def validate(self) -> None:
+        _require_name(self.name)
+        check_count(self.instance_id, "instance_id")
+        _require_name(self.hook, "hook")
+        if self.result not in ("Continue", "Abandon"):
+            raise invalid_input(f"result must be Continue or Abandon, not {self.result!r}.", field="result")
+
+    def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> list[Action] | None:
+        engine.capacity(self.name)  # NotFound for an unknown scale set
+        return policies.lifecycle.complete_action(
+            engine, self.name, self.instance_id, self.hook, self.result, now
+        )
+
+    def event(self, result: list[Action] | None) -> str:
+        return result[-1].kind if result else self.event_type
+
+    def describe(self, result: list[Action] | None) -> dict[str, Any]:
+        if result is None:
+            return {"text": f"no lifecycle action of hook '{self.hook}' waits on instance {self.instance_id}"}
+        return {"text": "; ".join(a.reason for a in result)}
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class RecordLifecycleActionHeartbeat(Command):
+    """Restarts the timeout of an instance's wait on one lifecycle hook (the work takes longer)."""
+
+    op: ClassVar[str] = "lifecycle_heartbeat"
+    event_type: ClassVar[str] = "LifecycleActionHeartbeat"
+    name: str
+    instance_id: int
+    hook: str
+
+    def validate(self) -> None:
+        _require_name(self.name)
+        check_count(self.instance_id, "instance_id")
+        _require_name(self.hook, "hook")
+
+    def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> bool:
+        engine.capacity(self.name)
+        return policies.lifecycle.heartbeat(self.name, self.instance_id, self.hook, now)
+
+    def describe(self, result: bool) -> dict[str, Any]:
+        return {
+            "text": f"instance {self.instance_id}: hook '{self.hook}' heartbeat"
+            + ("" if result else " (no action waits)")
+        }
+
+
 #: Every logged command's class by its log name.
 COMMANDS: Mapping[str, type[Command]] = _REGISTRY

@@ -111,6 +111,21 @@ class Controller:
         is no longer pending."""
         return self.execute(cmd.AcknowledgeScheduledEvent(name, event_id), now)  # type: ignore[no-any-return]
 
+    def complete_lifecycle_action(
+        self, name: str, instance_id: int, hook: str, result: str = "Continue", *, now: float | None = None
+    ) -> list[Action] | None:
+        """Ends an instance's wait on lifecycle hook ``hook``: ``Continue`` (a launched instance counts, a
+        terminating one is deleted) or ``Abandon`` (a launched one is deleted and replaced). None if no
+        such action waits."""
+        command = cmd.CompleteLifecycleAction(name, instance_id, hook, result)
+        return self.execute(command, now)  # type: ignore[no-any-return]
+
+    def record_lifecycle_action_heartbeat(
+        self, name: str, instance_id: int, hook: str, *, now: float | None = None
+    ) -> bool:
+        """Restarts the timeout of an instance's wait on ``hook``; False if no such action waits."""
+        return self.execute(cmd.RecordLifecycleActionHeartbeat(name, instance_id, hook), now)  # type: ignore[no-any-return]
+
     def pending_operations(self, name: str | None = None) -> list[Operation]:
         """Operations waiting for an executor (of ``name``, or all), oldest first."""
         return self.policies.lifecycle.pending(name)

@@ -33,7 +33,7 @@ T = TypeVar("T")
 
 if TYPE_CHECKING:
     # Types only: the solver and the store load when they are used, not with every client.
-    from scaleset.policies.lifecycle import FleetReport, Operation, ScheduledEvent
+    from scaleset.policies.lifecycle import FleetReport, LifecycleAction, Operation, ScheduledEvent
     from scaleset.store import EventRecord
 
 PRIORITY_TO_PB = {"Regular": pb.PRIORITY_REGULAR, "Spot": pb.PRIORITY_SPOT}
@@ -714,6 +714,7 @@ def operation_to_proto(op: Operation) -> pb.Operation:
         priority=PRIORITY_TO_PB[op.priority],
         model_version=op.model_version,
         attempt=op.attempt,
+        held=op.held,
     )
 
 
@@ -732,6 +733,7 @@ def operation_from_proto(msg: pb.Operation) -> Operation:
         model_version=msg.model_version,
         created_at=0.0,
         attempt=msg.attempt,
+        held=msg.held,
     )
 
 
@@ -777,6 +779,20 @@ def fleet_report_to_proto(report: FleetReport) -> pb.FleetStatus:
         provider_ids={i: p for i, (_, p) in report.addresses.items()},
         scheduled_events=[scheduled_event_to_proto(e) for e in report.scheduled_events],
     )
+    for w in report.lifecycle_actions:
+        msg.lifecycle_actions.add(
+            instance_id=w.instance_id,
+            hook=w.hook,
+            transition=typing.cast(
+                "pb.LifecycleTransition",
+                enum_number(pb.LifecycleTransition.DESCRIPTOR, w.transition, "transition"),
+            ),
+            deadline_unix_ms=round(w.deadline * 1000),
+            default_result=typing.cast(
+                "pb.LifecycleHookDefaultResult",
+                enum_number(pb.LifecycleHookDefaultResult.DESCRIPTOR, w.default_result, "default_result"),
+            ),
+        )
     if report.restoring is not None:
         msg.restoring_count, msg.restore_deadline_unix_ms = (
             report.restoring[0],
@@ -790,6 +806,22 @@ def fleet_report_to_proto(report: FleetReport) -> pb.FleetStatus:
             until_unix_ms=round(until * 1000),
         )
     return msg
+
+
+def _lifecycle_action_from_proto(scale_set: str, msg: pb.LifecycleAction) -> LifecycleAction:
+    from scaleset.policies.lifecycle import LifecycleAction
+
+    return LifecycleAction(
+        scale_set=scale_set,
+        instance_id=msg.instance_id,
+        hook=msg.hook,
+        transition=enum_word(pb.LifecycleTransition.DESCRIPTOR, msg.transition, "transition"),
+        deadline=msg.deadline_unix_ms / 1000,
+        heartbeat_s=0.0,
+        default_result=enum_word(
+            pb.LifecycleHookDefaultResult.DESCRIPTOR, msg.default_result, "default_result"
+        ),
+    )
 
 
 def fleet_report_from_proto(msg: pb.FleetStatus) -> FleetReport:
@@ -814,5 +846,8 @@ def fleet_report_from_proto(msg: pb.FleetStatus) -> FleetReport:
         addresses={i: (a, msg.provider_ids.get(i, "")) for i, a in sorted(msg.addresses.items())},
         scheduled_events=tuple(scheduled_event_from_proto(e) for e in msg.scheduled_events),
         restoring=(msg.restoring_count, msg.restore_deadline_unix_ms / 1000) if msg.restoring_count else None,
+        lifecycle_actions=tuple(
+            _lifecycle_action_from_proto(msg.scale_set, w) for w in msg.lifecycle_actions
+        ),
         revision=msg.revision,
     )

@@ -139,7 +139,7 @@ class Dispatcher:
         if room <= 0:
             return leased, cancelled
         for op in pending.values():
-            if op.not_before > now or (zones is not None and op.zone not in zones):
+            if op.held or op.not_before > now or (zones is not None and op.zone not in zones):
                 continue
             lease = self._leases.get(op.operation_id)
             if lease is not None and lease.expires > now:

@@ -26,6 +26,7 @@ __all__ = [
     "AutoscaleSetting",
     "Eviction",
     "Instance",
+    "LifecycleHook",
     "MaxInstancePercentPerZonePolicy",
     "MetricTrigger",
     "Placement",
@@ -170,6 +171,19 @@ class AutomaticRepairsPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class LifecycleHook:
+    """A lifecycle hook (ours, after AWS Auto Scaling's; Azure has terminate notifications): with
+    executors, holds each instance at ``transition`` (``Launching``: created, not yet counted as
+    Succeeded; ``Terminating``: removed, not yet deleted) until the action is completed or
+    ``heartbeat_timeout`` passes without a heartbeat, which decides ``default_result``."""
+
+    name: str
+    transition: str = "Launching"
+    heartbeat_timeout: str = "PT1H"
+    default_result: str = "Abandon"
+
+
+@dataclass(frozen=True, slots=True)
 class SpotRestorePolicy:
     """``spot_restore_policy`` (Try & restore): keep trying to restore Spot instances evicted for capacity,
     for at most ``restore_timeout`` after the eviction (Spot scale sets without autoscale)."""
@@ -233,6 +247,7 @@ class ScaleSetSpec:
     upgrade_policy: UpgradePolicy = field(default_factory=UpgradePolicy)
     automatic_repairs_policy: AutomaticRepairsPolicy | None = None
     spot_restore_policy: SpotRestorePolicy | None = None
+    lifecycle_hooks: Sequence[LifecycleHook] = ()
     #: Uniform only (Azure's default there: true): a scale-out creates extra VMs and deletes them once the
     #: requested ones succeeded. Refused on Flexible.
     overprovision: bool | None = None
@@ -248,6 +263,7 @@ class ScaleSetSpec:
 
     def __post_init__(self) -> None:
         _freeze(self, "zones")
+        _freeze(self, "lifecycle_hooks")
         _check_int(self, "platform_fault_domain_count")
         if isinstance(self.max_price, int) and not isinstance(self.max_price, bool):
             object.__setattr__(self, "max_price", float(self.max_price))
@@ -765,6 +781,7 @@ _NESTED.update(
         "UpgradePolicy.rolling_upgrade_policy": _one(RollingUpgradePolicy),
         "ScaleSetSpec.automatic_repairs_policy": _one(AutomaticRepairsPolicy),
         "ScaleSetSpec.spot_restore_policy": _one(SpotRestorePolicy),
+        "ScaleSetSpec.lifecycle_hooks": _many(LifecycleHook),
         "ScaleSetSpec.placement": _one(Placement),
         "ScaleSetSpec.zone_allocation_policy": _one(ZoneAllocationPolicy),
         "ZoneAllocationPolicy.max_instance_percent_per_zone_policy": _one(MaxInstancePercentPerZonePolicy),

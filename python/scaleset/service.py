@@ -971,6 +971,39 @@ class ExecutorsServicer(pb_grpc.ExecutorsServicer):
             ),
         )
 
+    async def CompleteLifecycleAction(self, request: pb.CompleteLifecycleActionRequest, context: Any) -> Any:
+        name = _require(request.name, "name")
+        result = (
+            convert.enum_word(pb.LifecycleHookDefaultResult.DESCRIPTOR, request.result, "result")
+            if request.result
+            else "Continue"
+        )
+        command = cmd.CompleteLifecycleAction(
+            name, request.instance_id, _require(request.hook, "hook"), result
+        )
+        return await self._control.mutate(
+            method="CompleteLifecycleAction",
+            command=command,
+            encode=lambda o: pb.CompleteLifecycleActionResponse(
+                applied=o.result is not None, revision=o.revision
+            ),
+        )
+
+    async def RecordLifecycleActionHeartbeat(
+        self, request: pb.RecordLifecycleActionHeartbeatRequest, context: Any
+    ) -> Any:
+        name = _require(request.name, "name")
+        command = cmd.RecordLifecycleActionHeartbeat(
+            name, request.instance_id, _require(request.hook, "hook")
+        )
+        return await self._control.mutate(
+            method="RecordLifecycleActionHeartbeat",
+            command=command,
+            encode=lambda o: pb.RecordLifecycleActionHeartbeatResponse(
+                applied=bool(o.result), revision=o.revision
+            ),
+        )
+
     async def GetFleetStatus(self, request: pb.GetFleetStatusRequest, context: Any) -> pb.FleetStatus:
         await self._control.settled()
         name = _require(request.name, "name")

@@ -34,6 +34,7 @@ from scaleset.policies.common import Action
 
 if TYPE_CHECKING:
     from scaleset.engine import Engine
+    from scaleset.model import LifecycleHook
 
 __all__ = [
     "BACKOFF_BASE_S",
@@ -103,6 +104,26 @@ class Operation:
     attempt: int = 1
     #: Not handed out before this time (a retry's backoff).
     not_before: float = 0.0
+    #: Held by terminating lifecycle hooks: not handed out until their actions complete.
+    held: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LifecycleAction:
+    """An instance held by one lifecycle hook until the action completes or ``deadline`` passes."""
+
+    scale_set: str
+    instance_id: int
+    hook: str
+    transition: str  # Launching | Terminating
+    deadline: float
+    heartbeat_s: float
+    default_result: str  # Continue | Abandon
+    #: Terminating: the delete operation held.
+    operation_id: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -180,6 +201,8 @@ class FleetReport:
     scheduled_events: tuple[ScheduledEvent, ...] = ()
     #: Try & restore in progress: (instances to restore, deadline), or None.
     restoring: tuple[int, float] | None = None
+    #: Instances held by lifecycle hooks.
+    lifecycle_actions: tuple[LifecycleAction, ...] = ()
     #: The scale set's revision (filled in by the server; 0 in process).
     revision: int = 0
 
@@ -201,6 +224,12 @@ class Lifecycle:
     events: dict[int, ScheduledEvent] = field(default_factory=dict)
     next_event_id: int = 1
     restores: dict[str, Restore] = field(default_factory=dict)
+    #: Lifecycle actions pending, by (scale set, instance id, hook name).
+    waits: dict[tuple[str, int, str], LifecycleAction] = field(default_factory=dict)
+    #: Each scale set's lifecycle hooks (read from its spec once per change of the spec).
+    _hooks: dict[str, tuple[LifecycleHook, ...]] = field(default_factory=dict, repr=False)
+    #: Instances whose delete skips the terminating hooks (an abandoned launch never served).
+    _unhooked: set[tuple[str, int]] = field(default_factory=set, repr=False)
     _by_instance: dict[tuple[str, int], list[int]] = field(default_factory=dict, repr=False)
 
     # ----- mode -----------------------------------------------------------------------------------------
@@ -241,7 +270,9 @@ class Lifecycle:
             if change.kind == "Delete":
                 self._cancel(name, change.instance_id)
                 self.addresses.get(name, {}).pop(change.instance_id, None)
-                self._add(change, 0, now)
+                self._drop_waits(name, change.instance_id)
+                op = self._add(change, 0, now)
+                self._hold(engine, op, now)
                 continue
             if name not in versions:
                 try:
@@ -256,7 +287,7 @@ class Lifecycle:
         for (name, state), ids in marks.items():
             self._mark(engine, name, ids, state)
 
-    def _add(self, change: Change, model_version: int, now: float) -> None:
+    def _add(self, change: Change, model_version: int, now: float) -> Operation:
         op = Operation(
             self.next_operation_id,
             change.kind,
@@ -272,6 +303,7 @@ class Lifecycle:
         self.next_operation_id += 1
         self.operations[op.operation_id] = op
         self._by_instance.setdefault((op.scale_set, op.instance_id), []).append(op.operation_id)
+        return op
 
     def _cancel(self, name: str, instance_id: int, kinds: tuple[str, ...] = OPERATION_KINDS) -> None:
         """Drops pending operations on an instance that no longer matter (it is being deleted, or a newer
@@ -299,8 +331,113 @@ class Lifecycle:
         self.status.pop(name, None)
         self.addresses.pop(name, None)
         self.restores.pop(name, None)
+        self._hooks.pop(name, None)
         for event_id in [i for i, e in self.events.items() if e.scale_set == name]:
             del self.events[event_id]
+        for key in [k for k in self.waits if k[0] == name]:  # deleting the set does not wait for hooks
+            self._release(self.waits.pop(key))
+
+    def spec_changed(self, name: str) -> None:
+        """``name``'s spec may have changed: its lifecycle hooks are read again when next needed."""
+        self._hooks.pop(name, None)
+
+    # ----- lifecycle hooks ---------------------------------------------------------------------------------
+
+    def _hooks_of(self, engine: Engine, name: str, transition: str) -> list[LifecycleHook]:
+        hooks = self._hooks.get(name)
+        if hooks is None:
+            try:
+                hooks = tuple(engine.get_spec(name).lifecycle_hooks)
+            except NotFoundError:
+                return []
+            self._hooks[name] = hooks
+        return [h for h in hooks if h.transition == transition]
+
+    def _wait(
+        self, op_or_instance: tuple[str, int, int], hooks: list[LifecycleHook], transition: str, now: float
+    ) -> None:
+        name, instance_id, operation_id = op_or_instance
+        for hook in hooks:
+            seconds = duration_seconds(hook.heartbeat_timeout, "lifecycle_hooks.heartbeat_timeout")
+            self.waits[(name, instance_id, hook.name)] = LifecycleAction(
+                name,
+                instance_id,
+                hook.name,
+                transition,
+                now + seconds,
+                seconds,
+                hook.default_result,
+                operation_id,
+            )
+
+    def _hold(self, engine: Engine, op: Operation, now: float) -> None:
+        """A delete waits for the scale set's terminating hooks (if any) before executors get it."""
+        if (op.scale_set, op.instance_id) in self._unhooked:
+            self._unhooked.discard((op.scale_set, op.instance_id))
+            return
+        hooks = self._hooks_of(engine, op.scale_set, "Terminating")
+        if hooks:
+            op.held = True
+            self._wait((op.scale_set, op.instance_id, op.operation_id), hooks, "Terminating", now)
+
+    def _drop_waits(self, name: str, instance_id: int) -> None:
+        for key in [k for k in self.waits if k[0] == name and k[1] == instance_id]:
+            if self.waits[key].transition == "Launching":
+                del self.waits[key]
+
+    def _release(self, action: LifecycleAction) -> None:
+        op = self.operations.get(action.operation_id)
+        if op is not None and not any(w.operation_id == op.operation_id for w in self.waits.values()):
+            op.held = False
+
+    def complete_action(
+        self,
+        engine: Engine,
+        name: str,
+        instance_id: int,
+        hook: str,
+        result: str,
+        now: float,
+        *,
+        timed_out: bool = False,
+    ) -> list[Action] | None:
+        """Completes one lifecycle action: ``Continue`` or ``Abandon``. None if no such action waits."""
+        action = self.waits.pop((name, instance_id, hook), None)
+        if action is None:
+            return None
+        how = f"timed out ({action.default_result})" if timed_out else result
+        kind = "LifecycleActionTimedOut" if timed_out else "LifecycleActionCompleted"
+        text = f"instance {instance_id}: {action.transition.lower()} hook '{hook}' {how}"
+        if action.transition == "Terminating":
+            self._release(action)
+            return [Action(name, kind, (instance_id,), f"{text}; deleting it")]
+        if result == "Abandon":
+            for key in [k for k in self.waits if k[0] == name and k[1] == instance_id]:
+                del self.waits[key]
+            self._unhooked.add((name, instance_id))
+            try:
+                engine.delete_instances(name, [instance_id])  # journaled: the executor deletes the VM
+            except NotFoundError:
+                self._unhooked.discard((name, instance_id))
+                return [Action(name, kind, (instance_id,), text)]
+            status = self.status.setdefault(name, FleetStatus())
+            status.shortfall += 1
+            return [
+                Action(name, kind, (instance_id,), f"{text}; deleting it"),
+                self._place_shortfall(engine, name, status, now, "replacing the abandoned launch"),
+            ]
+        if not any(k[0] == name and k[1] == instance_id for k in self.waits):
+            self._mark(engine, name, [instance_id], "Succeeded")
+            text += "; it is in service"
+        return [Action(name, kind, (instance_id,), text)]
+
+    def heartbeat(self, name: str, instance_id: int, hook: str, now: float) -> bool:
+        """Restarts a lifecycle action's timeout; False if no such action waits."""
+        action = self.waits.get((name, instance_id, hook))
+        if action is None:
+            return False
+        action.deadline = now + action.heartbeat_s
+        return True
 
     def capacity_set(self, name: str) -> None:
         """A user (or autoscale) chose a new capacity: what was missing, or evicted, no longer is."""
@@ -475,6 +612,18 @@ class Lifecycle:
                 status = self.status.get(name)
                 if status is not None:
                     status.failures = 0
+                if hooks := self._hooks_of(engine, name, "Launching"):
+                    self._mark(engine, name, [i], "Creating")  # not in service until its hooks complete
+                    self._wait((name, i, 0), hooks, "Launching", now)
+                    names = ", ".join(h.name for h in hooks)
+                    return [
+                        Action(
+                            name,
+                            "LifecycleActionPending",
+                            (i,),
+                            f"{where}: created; waits for launch hook(s) {names}",
+                        )
+                    ]
             at = f" at {address}" if address else ""
             return [Action(name, _DONE[op.kind], (i,), f"{where}: {op.kind.lower()} succeeded{at}")]
         error = f"{code or 'Failed'}: {message}" if message else code or "Failed"
@@ -570,6 +719,13 @@ class Lifecycle:
         status = self.status.get(name)
         if status is not None and status.shortfall and (status.retry_at is None or status.retry_at <= now):
             actions.append(self._place_shortfall(engine, name, status, now, "retrying"))
+        due = sorted((k for k, w in self.waits.items() if k[0] == name and w.deadline <= now))
+        for key in due:
+            action = self.waits[key]
+            actions += (
+                self.complete_action(engine, name, key[1], key[2], action.default_result, now, timed_out=True)
+                or []
+            )
         for event in [e for e in self.events.values() if e.scale_set == name and e.not_before <= now]:
             actions += self._preempt(engine, event, now, "its time came")
         restore = self.restores.get(name)
@@ -629,6 +785,7 @@ class Lifecycle:
             addresses=dict(sorted(self.addresses.get(name, {}).items())),
             scheduled_events=tuple(e for _, e in sorted(self.events.items()) if e.scale_set == name),
             restoring=(restore.count, restore.deadline) if (restore := self.restores.get(name)) else None,
+            lifecycle_actions=tuple(w for k, w in sorted(self.waits.items()) if k[0] == name),
         )
 
     def pending(self, name: str | None = None) -> list[Operation]:
@@ -649,6 +806,7 @@ class Lifecycle:
             "events": [e.to_dict() for _, e in sorted(self.events.items())],
             "next_event_id": self.next_event_id,
             "restores": {n: r.to_dict() for n, r in self.restores.items()},
+            "waits": [w.to_dict() for _, w in sorted(self.waits.items())],
         }
 
     @classmethod
@@ -664,6 +822,9 @@ class Lifecycle:
             next_event_id=data.get("next_event_id", 1),
             restores={n: Restore(**r) for n, r in data.get("restores", {}).items()},
         )
+        for w in data.get("waits", []):
+            action = LifecycleAction(**w)
+            state.waits[(action.scale_set, action.instance_id, action.hook)] = action
         for e in data.get("events", []):
             event = ScheduledEvent(**{**e, "instance_ids": tuple(e["instance_ids"])})
             state.events[event.event_id] = event

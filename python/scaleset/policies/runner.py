@@ -53,6 +53,7 @@ class PolicyRunner:
         """A user changed ``name`` at ``now``; a capacity change also cancels an automatic zone balance in
         progress (its new VM stays)."""
         self._modified[name] = now
+        self.lifecycle.spec_changed(name)
         if capacity:
             self._zone_balance.pop(name, None)
             self.lifecycle.capacity_set(name)

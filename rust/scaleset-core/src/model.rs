@@ -173,6 +173,26 @@ pub struct AutomaticRepairsPolicy {
     pub repair_action: RepairAction,
 }
 
+azure_enum!(
+    /// When a lifecycle hook holds an instance: after it is created, or before it is deleted.
+    LifecycleTransition, "lifecycle_hooks.transition", codes::INVALID_PARAMETER,
+    { Launching = "Launching", Terminating = "Terminating" });
+azure_enum!(
+    /// What a lifecycle hook's timeout decides: go on, or give the instance up.
+    LifecycleHookDefaultResult, "lifecycle_hooks.default_result", codes::INVALID_PARAMETER,
+    { Continue = "Continue", Abandon = "Abandon" });
+
+/// A lifecycle hook (ours, after AWS Auto Scaling's; Azure has terminate notifications): holds instances
+/// at a transition until an operator completes the action or the heartbeat timeout passes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LifecycleHook {
+    pub name: String,
+    pub transition: LifecycleTransition,
+    /// ISO 8601, 30 seconds to 2 hours (default "PT1H").
+    pub heartbeat_timeout: String,
+    pub default_result: LifecycleHookDefaultResult,
+}
+
 /// `spot_restore_policy` (reference §5.4, Try & restore): keep trying to restore Spot instances evicted
 /// for capacity, for at most `restore_timeout`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -277,6 +297,7 @@ pub struct ScaleSetSpec {
     pub upgrade_policy: UpgradePolicy,
     pub automatic_repairs_policy: Option<AutomaticRepairsPolicy>,
     pub spot_restore_policy: Option<SpotRestorePolicy>,
+    pub lifecycle_hooks: Vec<LifecycleHook>,
     /// Engine-managed: bumped whenever the VM model (size, sizes, image) changes.
     pub model_version: u64,
 }
@@ -314,6 +335,7 @@ impl ScaleSetSpec {
             },
             automatic_repairs_policy: None,
             spot_restore_policy: None,
+            lifecycle_hooks: Vec::new(),
             model_version: 0,
         }
     }

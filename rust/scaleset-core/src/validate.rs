@@ -337,6 +337,7 @@ pub fn resolve(mut spec: ScaleSetSpec, region: &Region) -> Result<ScaleSetSpec> 
             .at("spot_restore_policy.restore_timeout"));
         }
     }
+    check_lifecycle_hooks(&spec.lifecycle_hooks)?;
     if spec.scale_in_policy.rules.len() > 1 {
         return Err(invalid(
             codes::INVALID_PARAMETER,
@@ -531,4 +532,57 @@ pub fn check_update(old: &ScaleSetSpec, new: &ScaleSetSpec) -> Result<bool> {
         || old.sku_profile != new.sku_profile
         || old.image_kind != new.image_kind;
     Ok(model_changed)
+}
+
+
+/// The most lifecycle hooks a scale set may have (AWS Auto Scaling's limit).
+pub const MAX_LIFECYCLE_HOOKS: usize = 50;
+
+fn check_lifecycle_hooks(hooks: &[crate::model::LifecycleHook]) -> Result<()> {
+    if hooks.len() > MAX_LIFECYCLE_HOOKS {
+        return Err(invalid(
+            codes::INVALID_PARAMETER,
+            format!("a scale set has at most {MAX_LIFECYCLE_HOOKS} lifecycle hooks, got {}.", hooks.len()),
+        )
+        .at("lifecycle_hooks"));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for hook in hooks {
+        let valid = !hook.name.is_empty()
+            && hook.name.len() <= 255
+            && hook
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '/' | '.'));
+        if !valid {
+            return Err(invalid(
+                codes::INVALID_PARAMETER,
+                format!(
+                    "lifecycle hook name '{}' must be 1 to 255 letters, digits, '-', '_', '/' or '.'.",
+                    shown(&hook.name)
+                ),
+            )
+            .at("lifecycle_hooks.name"));
+        }
+        if !seen.insert(hook.name.as_str()) {
+            return Err(invalid(
+                codes::INVALID_PARAMETER,
+                format!("lifecycle hook names must be distinct; '{}' is given twice.", hook.name),
+            )
+            .at("lifecycle_hooks.name"));
+        }
+        let seconds = crate::model::parse_duration(&hook.heartbeat_timeout);
+        if !seconds.is_some_and(|s| (30.0..=7200.0).contains(&s)) {
+            return Err(invalid(
+                codes::INVALID_PARAMETER,
+                format!(
+                    "lifecycle hook '{}': heartbeat_timeout '{}' must be an ISO 8601 duration from PT30S to PT2H.",
+                    hook.name,
+                    shown(&hook.heartbeat_timeout)
+                ),
+            )
+            .at("lifecycle_hooks.heartbeat_timeout"));
+        }
+    }
+    Ok(())
 }

@@ -148,6 +148,15 @@ pub struct SpotRestoreDto {
 
 #[derive(FromPyObject, IntoPyObject)]
 #[pyo3(from_item_all)]
+pub struct LifecycleHookDto {
+    pub name: String,
+    pub transition: String,
+    pub heartbeat_timeout: String,
+    pub default_result: String,
+}
+
+#[derive(FromPyObject, IntoPyObject)]
+#[pyo3(from_item_all)]
 pub struct SpecDto {
     pub name: String,
     pub orchestration_mode: String,
@@ -174,6 +183,9 @@ pub struct SpecDto {
     /// Absent in specs saved before Try & restore existed.
     #[pyo3(default)]
     pub spot_restore_policy: Option<SpotRestoreDto>,
+    /// Absent in specs saved before lifecycle hooks existed.
+    #[pyo3(default)]
+    pub lifecycle_hooks: Vec<LifecycleHookDto>,
     pub model_version: u64,
 }
 
@@ -289,6 +301,18 @@ pub fn spec_from_dto(d: SpecDto) -> PyResult<core::ScaleSetSpec> {
                 enabled: p.enabled,
                 restore_timeout: p.restore_timeout,
             }),
+            lifecycle_hooks: d
+                .lifecycle_hooks
+                .into_iter()
+                .map(|h| -> core::Result<core::LifecycleHook> {
+                    Ok(core::LifecycleHook {
+                        name: h.name,
+                        transition: core::LifecycleTransition::parse(&h.transition)?,
+                        heartbeat_timeout: h.heartbeat_timeout,
+                        default_result: core::LifecycleHookDefaultResult::parse(&h.default_result)?,
+                    })
+                })
+                .collect::<core::Result<Vec<_>>>()?,
             model_version: d.model_version,
         })
     };
@@ -391,6 +415,16 @@ pub fn spec_to_dto(s: &core::ScaleSetSpec) -> SpecDto {
             enabled: p.enabled,
             restore_timeout: p.restore_timeout.clone(),
         }),
+        lifecycle_hooks: s
+            .lifecycle_hooks
+            .iter()
+            .map(|h| LifecycleHookDto {
+                name: h.name.clone(),
+                transition: h.transition.as_str().to_owned(),
+                heartbeat_timeout: h.heartbeat_timeout.clone(),
+                default_result: h.default_result.as_str().to_owned(),
+            })
+            .collect(),
         model_version: s.model_version,
     }
 }
