@@ -317,7 +317,7 @@ def test_a_launch_hook_keeps_a_created_instance_out_of_service_until_completed()
     c.create_scale_set(spec(lifecycle_hooks=HOOKS), 2, now=1)
     created(c, 2)
     assert set(states(c).values()) == {"Creating"}  # created, but waiting on warm-up
-    (w0, w1) = c.fleet_report("web").lifecycle_actions
+    w0, _ = c.fleet_report("web").lifecycle_actions
     assert (w0.hook, w0.transition, w0.deadline) == ("warm-up", "Launching", 62)
     actions = c.complete_lifecycle_action("web", 0, "warm-up", now=10)
     assert actions is not None and "in service" in actions[0].reason and states(c)[0] == "Succeeded"
