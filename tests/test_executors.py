@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from scaleset.client import Client
 from scaleset.controller import Controller
-from scaleset.errors import ConflictError, InvalidInputError
+from scaleset.errors import CapacityError, ConflictError, InvalidInputError
 from scaleset.executor import ApplicationHealth, Executor, FakeCloud, LocalProcesses
 from scaleset.model import (
     AutomaticRepairsPolicy,
@@ -26,8 +26,10 @@ from scaleset.model import (
     Region,
     ScaleSetSpec,
     Sku,
+    SkuProfile,
     SpotRestorePolicy,
     UpgradePolicy,
+    VmSize,
 )
 from scaleset.policies.lifecycle import BACKOFF_BASE_S, MAX_ATTEMPTS, UNAVAILABLE_TTL_S
 from scaleset.testing.server import ServerThread
@@ -296,6 +298,45 @@ def test_try_and_restore_is_for_spot_sets_and_leaves_autoscaled_sets_to_autoscal
     )
     c.evict("web", [0], now=2)
     assert c.fleet_report("web").restoring is None
+
+
+# ----- sizes not offered in a zone ------------------------------------------------------------------------
+
+
+def test_a_size_restricted_in_a_zone_is_refused_at_placement_with_sku_not_available() -> None:
+    c = Controller(REGION)
+    c.set_pool_capacity("1", SIZE, "Regular", None, restricted=True, now=0)
+    c.create_scale_set(spec(), 3, now=1)  # best effort: the other zones take them, nothing was tried in 1
+    assert "1" not in c.instance_columns("web")["zone"]
+    c.create_scale_set(spec("strict", zone_balance=True), 2, now=1)
+    with pytest.raises(CapacityError) as e:
+        c.set_capacity("strict", 3, now=2)  # the third must go to zone 1
+    assert e.value.code == "SkuNotAvailable" and "'1'" in str(e.value)
+    # an instance mix falls back to a size that is offered
+    mix = spec(
+        "mix",
+        sku=Sku("Mix"),
+        sku_profile=SkuProfile(
+            vm_sizes=(VmSize(SIZE), VmSize("Standard_D4s_v5")), allocation_strategy="Prioritized"
+        ),
+        zones=("1",),
+    )
+    c.create_scale_set(mix, 2, now=3)
+    assert set(c.instance_columns("mix")["vm_size"]) == {"Standard_D4s_v5"}
+    c.set_pool_capacity("1", SIZE, "Regular", None, restricted=False, now=4)
+    c.set_capacity("strict", 3, now=5)
+    assert c.instance_columns("strict")["zone"][-1] == "1"
+
+
+def test_restricted_sizes_over_grpc_and_across_a_restart(tmp_path: Path) -> None:
+    with ServerThread(str(tmp_path / "db"), REGION) as server, Client(server.target) as client:
+        region = client.set_pool_capacity("2", SIZE, "Spot", 5, restricted=True)
+        (pool,) = region.pools
+        assert pool.restricted and pool.available == 5
+        region = client.set_pool_capacity("2", SIZE, "Spot", 6)  # unset: stays restricted
+        assert region.pools[0].restricted and region.pools[0].available == 6
+    with ServerThread(str(tmp_path / "db"), REGION) as server, Client(server.target) as client:
+        assert client.describe_region().pools[0].restricted
 
 
 # ----- lifecycle hooks -----------------------------------------------------------------------------------

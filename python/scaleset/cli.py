@@ -642,6 +642,7 @@ def cmd_region(args: argparse.Namespace) -> int:
                 args.priority,
                 available,
                 args.price,
+                restricted=args.restricted,
             )
         else:
             region = client.describe_region()
@@ -993,6 +994,16 @@ def build_parser() -> argparse.ArgumentParser:
     pool.add_argument("priority", choices=["Regular", "Spot"])
     pool.add_argument("available", help="count, or 'unlimited'")
     pool.add_argument("--price", type=float)
+    offered = pool.add_mutually_exclusive_group()
+    offered.add_argument(
+        "--restricted",
+        action="store_const",
+        const=True,
+        help="the size is not offered here (SkuNotAvailable)",
+    )
+    offered.add_argument(
+        "--offered", dest="restricted", action="store_const", const=False, help="offered again"
+    )
     p.set_defaults(func=cmd_region)
     return parser
 

@@ -506,6 +506,7 @@ class _Operations:
         available: int | None,
         price: float | None = None,
         *,
+        restricted: bool | None = None,
         request_id: str | None = None,
     ) -> _Call[Region]:
         pool = pb.Pool(zone=zone or "", vm_size=vm_size, priority=convert.PRIORITY_TO_PB[priority])
@@ -513,6 +514,8 @@ class _Operations:
             pool.available = available
         if price is not None:
             pool.price = price
+        if restricted is not None:
+            pool.restricted = restricted
         request = pb.SetPoolCapacityRequest(pool=pool, request_id=_request_id(request_id))
         return _Call("Regions", "SetPoolCapacity", request, convert.region_from_proto)
 

@@ -702,6 +702,7 @@ class SetPoolCapacity(Command):
     priority: str = "Regular"
     available: int | None = None
     price: float | None = None
+    restricted: bool | None = None
 
     def validate(self) -> None:
         _require_name(self.vm_size, "pool.vm_size")
@@ -709,7 +710,9 @@ class SetPoolCapacity(Command):
             check_count(self.available, "pool.available")
 
     def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> list[Action]:
-        engine.set_pool_capacity(self.zone, self.vm_size, self.priority, self.available, self.price)
+        engine.set_pool_capacity(
+            self.zone, self.vm_size, self.priority, self.available, self.price, self.restricted
+        )
         # A Spot price above a scale set's max price schedules its instances' eviction.
         return policies.lifecycle.price_changed(
             engine, self.zone, self.vm_size, self.priority, self.price, now
@@ -719,6 +722,8 @@ class SetPoolCapacity(Command):
         text = f"pool {self.zone or 'regional'}/{self.vm_size}/{self.priority} available={self.available}"
         if self.price is not None:
             text += f" price={self.price:g}"
+        if self.restricted is not None:
+            text += " restricted" if self.restricted else " offered"
         return {"text": "; ".join([text, *(a.reason for a in result or ())])}
 
 

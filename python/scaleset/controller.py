@@ -340,11 +340,14 @@ class Controller:
         available: int | None,
         price: float | None = None,
         *,
+        restricted: bool | None = None,
         now: float | None = None,
     ) -> list[Action]:
-        """Sets how many more instances a pool can take (``None``: unlimited) and optionally its price.
-        Returns the Spot evictions a price above scale sets' max price scheduled."""
-        return self.execute(cmd.SetPoolCapacity(zone, vm_size, priority, available, price), now)  # type: ignore[no-any-return]
+        """Sets how many more instances a pool can take (``None``: unlimited), optionally its price, and
+        whether the size is offered there (``restricted``). Returns the Spot evictions a price above
+        scale sets' max price scheduled."""
+        command = cmd.SetPoolCapacity(zone, vm_size, priority, available, price, restricted)
+        return self.execute(command, now)  # type: ignore[no-any-return]
 
     # ----- reads (the engine's) -------------------------------------------------------------------
 

@@ -676,6 +676,8 @@ def region_to_proto(region: Region, revision: int) -> pb.Region:
         )
         if pool.available is not None:
             entry.available = pool.available
+        if pool.restricted:
+            entry.restricted = True
     return msg
 
 
@@ -695,6 +697,7 @@ def pool_from_proto(msg: pb.Pool) -> Pool:
         priority=priority_word(msg.priority, "pool.priority"),
         available=msg.available if msg.HasField("available") else None,
         price=msg.price if msg.HasField("price") else 0.0,
+        restricted=msg.restricted,
     )
 
 

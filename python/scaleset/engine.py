@@ -368,11 +368,15 @@ class Engine:
         priority: str,
         available: int | None,
         price: float | None = None,
+        restricted: bool | None = None,
     ) -> None:
-        """Sets how many more instances a pool can take (``None``: unlimited) and optionally its price."""
+        """Sets how many more instances a pool can take (``None``: unlimited), and optionally its price and
+        whether the size is offered there at all (``restricted``: refused with SkuNotAvailable)."""
         if available is not None:
             _count(available, "available")
         self._core.set_pool_capacity(zone, vm_size, priority, available, price)
+        if restricted is not None:
+            self._core.set_pool_restricted(zone, vm_size, priority, bool(restricted))
 
     def set_pool_blocked(self, zone: str | None, vm_size: str, priority: str, blocked: bool) -> None:
         """Makes placement skip a pool whatever its capacity (an allocation just failed there), or use it

@@ -299,6 +299,8 @@ class Pool:
     priority: str = "Regular"
     available: int | None = None
     price: float = 0.0
+    #: The size is not offered here: placement refuses it (SkuNotAvailable) before any try.
+    restricted: bool = False
 
     def __post_init__(self) -> None:
         _check_int(self, "available")

@@ -880,6 +880,7 @@ class RegionsServicer(pb_grpc.RegionsServicer):
             priority=convert.priority_word(pool.priority, "pool.priority"),
             available=pool.available if pool.HasField("available") else None,
             price=pool.price if pool.HasField("price") else None,
+            restricted=pool.restricted if pool.HasField("restricted") else None,
         )
         return await self._control.mutate(
             method="SetPoolCapacity",

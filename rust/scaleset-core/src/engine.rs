@@ -838,6 +838,25 @@ impl Engine {
 
     // ----- region -------------------------------------------------------------------------------------
 
+    /// Marks a size as not offered in a zone (or regionally) for a priority, or offered again.
+    pub fn set_pool_restricted(
+        &mut self,
+        zone: Option<&str>,
+        vm_size: &str,
+        priority: Priority,
+        restricted: bool,
+    ) -> Result<()> {
+        let zone = zone.map(|z| self.region.zone_index(z)).transpose()?;
+        crate::validate::check_size_name(vm_size, "pool.vm_size")?;
+        let key = PoolKey {
+            zone,
+            vm_size: vm_size.to_owned(),
+            priority,
+        };
+        self.region.pools.entry(key).or_default().restricted = restricted;
+        Ok(())
+    }
+
     /// Makes placement skip a pool (as if it had no capacity) or consider it again.
     pub fn set_pool_blocked(
         &mut self,

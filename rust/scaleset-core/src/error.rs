@@ -106,5 +106,6 @@ pub mod codes {
     pub const SKU_TIER_MUST_NOT_BE_SET: &str = "SkuTierMustNotBeSetIfSkuProfileIsSpecified";
     pub const SKU_PROFILE_RANK_INVALID: &str = "SkuProfileRankInvalid";
     pub const SKU_NOT_AVAILABLE: &str = "SkuNotAvailable";
-    pub const SPOT_RESTORE_ONLY_FOR_SPOT: &str = "SpotRestorationIsSupportedOnlyForAzureSpotScaleSets";
+    pub const SPOT_RESTORE_ONLY_FOR_SPOT: &str =
+        "SpotRestorationIsSupportedOnlyForAzureSpotScaleSets";
 }

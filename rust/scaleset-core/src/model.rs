@@ -404,6 +404,8 @@ pub struct Pool {
     pub available: Option<u64>,
     /// Price per hour (Spot price for Spot pools).
     pub price: f64,
+    /// The size is not offered here (placement refuses it with SkuNotAvailable, before any try).
+    pub restricted: bool,
 }
 
 impl Default for Pool {
@@ -411,6 +413,7 @@ impl Default for Pool {
         Self {
             available: None,
             price: 0.0,
+            restricted: false,
         }
     }
 }
@@ -501,6 +504,17 @@ impl Region {
         }
     }
 
+    /// Whether the size is not offered in this zone (or regionally) for this priority.
+    pub fn is_restricted(&self, zone: ZoneSlot, vm_size: &str, priority: Priority) -> bool {
+        self.pools
+            .get(&PoolKey {
+                zone,
+                vm_size: vm_size.to_owned(),
+                priority,
+            })
+            .is_some_and(|p| p.restricted)
+    }
+
     pub fn pool(&self, zone: ZoneSlot, vm_size: &str, priority: Priority) -> Pool {
         let key = PoolKey {
             zone,
@@ -508,7 +522,7 @@ impl Region {
             priority,
         };
         let pool = self.pools.get(&key).copied().unwrap_or_default();
-        if !self.blocked.is_empty() && self.blocked.contains(&key) {
+        if pool.restricted || (!self.blocked.is_empty() && self.blocked.contains(&key)) {
             return Pool {
                 available: Some(0),
                 ..pool

@@ -310,6 +310,32 @@ fn allocation_error(
 ) -> CoreError {
     let name = &view.spec.name;
     let sizes = view.spec.vm_size_names().join(", ");
+    // A size not offered where the instance must go is SkuNotAvailable (Azure's code), not a capacity
+    // failure: no retry helps until the operator changes sizes or zones.
+    let restricted = |s: usize| {
+        view.spec
+            .vm_size_names()
+            .iter()
+            .all(|size| view.region.is_restricted(slots[s], size, priority))
+    };
+    let must: Vec<usize> = order
+        .iter()
+        .copied()
+        .filter(|&s| !down[s] && (!strict || zone_count[s] == min_count))
+        .collect();
+    if !must.is_empty() && must.iter().all(|&s| restricted(s)) {
+        let zones: Vec<&str> = must
+            .iter()
+            .map(|&s| view.region.zone_name(slots[s]))
+            .collect();
+        return CoreError::capacity(
+            codes::SKU_NOT_AVAILABLE,
+            format!(
+                "The requested size for resource '{name}' is currently not available in zones '{}' ({priority} {sizes}). Please try another size or deploy to different zones.",
+                zones.join(", ")
+            ),
+        );
+    }
     if strict {
         let blocked: Vec<&str> = order
             .iter()

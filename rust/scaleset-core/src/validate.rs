@@ -534,7 +534,6 @@ pub fn check_update(old: &ScaleSetSpec, new: &ScaleSetSpec) -> Result<bool> {
     Ok(model_changed)
 }
 
-
 /// The most lifecycle hooks a scale set may have (AWS Auto Scaling's limit).
 pub const MAX_LIFECYCLE_HOOKS: usize = 50;
 
@@ -542,7 +541,10 @@ fn check_lifecycle_hooks(hooks: &[crate::model::LifecycleHook]) -> Result<()> {
     if hooks.len() > MAX_LIFECYCLE_HOOKS {
         return Err(invalid(
             codes::INVALID_PARAMETER,
-            format!("a scale set has at most {MAX_LIFECYCLE_HOOKS} lifecycle hooks, got {}.", hooks.len()),
+            format!(
+                "a scale set has at most {MAX_LIFECYCLE_HOOKS} lifecycle hooks, got {}.",
+                hooks.len()
+            ),
         )
         .at("lifecycle_hooks"));
     }
@@ -567,7 +569,10 @@ fn check_lifecycle_hooks(hooks: &[crate::model::LifecycleHook]) -> Result<()> {
         if !seen.insert(hook.name.as_str()) {
             return Err(invalid(
                 codes::INVALID_PARAMETER,
-                format!("lifecycle hook names must be distinct; '{}' is given twice.", hook.name),
+                format!(
+                    "lifecycle hook names must be distinct; '{}' is given twice.",
+                    hook.name
+                ),
             )
             .at("lifecycle_hooks.name"));
         }

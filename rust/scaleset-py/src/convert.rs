@@ -34,6 +34,9 @@ pub struct PoolDto {
     pub priority: String,
     pub available: Option<u64>,
     pub price: f64,
+    /// Absent in regions saved before restricted sizes existed.
+    #[pyo3(default)]
+    pub restricted: bool,
 }
 
 #[derive(FromPyObject, IntoPyObject)]

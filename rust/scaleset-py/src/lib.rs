@@ -256,6 +256,11 @@ impl Engine {
                     Some(pool.price),
                 )
                 .map_err(to_py_err)?;
+            if pool.restricted {
+                engine
+                    .set_pool_restricted(pool.zone.as_deref(), &pool.vm_size, priority, true)
+                    .map_err(to_py_err)?;
+            }
         }
         let names = Names {
             zones: engine.region().zones.as_slice().into(),
@@ -447,6 +452,21 @@ impl Engine {
         })
     }
 
+    /// Marks a size as not offered in a zone for a priority (SkuNotAvailable at placement), or offered.
+    fn set_pool_restricted(
+        &self,
+        py: Python<'_>,
+        zone: Option<&str>,
+        vm_size: &str,
+        priority: &str,
+        restricted: bool,
+    ) -> PyResult<()> {
+        let priority = parse(priority, core::Priority::parse)?;
+        detached(py, || {
+            self.with(|e| e.set_pool_restricted(zone, vm_size, priority, restricted))
+        })
+    }
+
     /// Makes placement skip a pool whatever its capacity (`blocked`), or consider it again.
     fn set_pool_blocked(
         &self,
@@ -626,6 +646,7 @@ impl Engine {
                             priority: k.priority.as_str().to_owned(),
                             available: p.available,
                             price: p.price,
+                            restricted: p.restricted,
                         })
                         .collect(),
                 })
