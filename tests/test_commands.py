@@ -55,6 +55,7 @@ EXAMPLES: list[cmd.Command] = [
     cmd.DeleteAutoscaleSetting("web"),
     cmd.ReportMetrics("web", (("cpu", (T0, T0 + 60), (50.0, 60.5)),)),
     cmd.SetExecutionMode("Executors"),
+    cmd.SetCoreQuota("standardDSv5Family", 40),
     cmd.AcknowledgeScheduledEvent("web", 3),
     cmd.CompleteLifecycleAction("web", 4, "drain", "Abandon"),
     cmd.RecordLifecycleActionHeartbeat("web", 4, "drain"),

@@ -34,7 +34,7 @@ ROLES = ("reader", "operator", "admin")
 #: Methods whose name starts with one of these only read.
 _READS = ("Get", "List", "Watch", "Evaluate", "Echo")
 #: The region's mutations need admin.
-_ADMIN = {"SetZoneAvailability", "SetPoolCapacity"}
+_ADMIN = {"SetZoneAvailability", "SetPoolCapacity", "SetCoreQuota"}
 #: Services that stay open (probes, tooling).
 _OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 

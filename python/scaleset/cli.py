@@ -634,6 +634,9 @@ def cmd_region(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.action == "zone":
             region = client.set_zone_available(args.zone, args.state == "up")
+        elif args.action == "quota":
+            cores = None if args.cores == "none" else int(args.cores)
+            region = client.set_core_quota(args.family, cores)
         elif args.action == "pool":
             available = None if args.available == "unlimited" else int(args.available)
             region = client.set_pool_capacity(
@@ -653,7 +656,12 @@ def cmd_region(args: argparse.Namespace) -> int:
     print(f"fault domains per zone: {region.fault_domains_per_zone}")
     for p in region.pools:
         avail = "unlimited" if p.available is None else p.available
-        print(f"pool {p.zone or 'regional'}/{p.vm_size}/{p.priority}: available {avail}, price {p.price}")
+        restricted = ", not offered (restricted)" if p.restricted else ""
+        print(
+            f"pool {p.zone or 'regional'}/{p.vm_size}/{p.priority}: available {avail}, price {p.price}{restricted}"
+        )
+    for q in region.core_quotas:
+        print(f"core quota {q.family}: {q.cores} vCPUs")
     return 0
 
 
@@ -994,6 +1002,11 @@ def build_parser() -> argparse.ArgumentParser:
     pool.add_argument("priority", choices=["Regular", "Spot"])
     pool.add_argument("available", help="count, or 'unlimited'")
     pool.add_argument("--price", type=float)
+    quota = rsub.add_parser(
+        "quota", help="a quota family's vCPU quota (standardDSv5Family, lowPriorityCores)"
+    )
+    quota.add_argument("family")
+    quota.add_argument("cores", help="vCPUs, or 'none'")
     offered = pool.add_mutually_exclusive_group()
     offered.add_argument(
         "--restricted",

@@ -499,6 +499,14 @@ class _Operations:
         return _Call("Regions", "SetZoneAvailability", request, convert.region_from_proto)
 
     @staticmethod
+    def set_core_quota(family: str, cores: int | None, *, request_id: str | None = None) -> _Call[Region]:
+        """Sets (``None``: removes) a quota family's vCPU quota; returns the region."""
+        request = pb.SetCoreQuotaRequest(family=family, request_id=_request_id(request_id))
+        if cores is not None:
+            request.cores = cores
+        return _Call("Regions", "SetCoreQuota", request, convert.region_from_proto)
+
+    @staticmethod
     def set_pool_capacity(
         zone: str | None,
         vm_size: str,
@@ -810,6 +818,7 @@ class Client(_Connection):
     describe_region = _sync(_Operations.describe_region)
     set_zone_available = _sync(_Operations.set_zone_available)
     set_pool_capacity = _sync(_Operations.set_pool_capacity)
+    set_core_quota = _sync(_Operations.set_core_quota)
     echo = _sync(_Operations.echo)
     report_operation = _sync(_Operations.report_operation)
     acknowledge_scheduled_event = _sync(_Operations.acknowledge_scheduled_event)
@@ -897,6 +906,7 @@ class AsyncClient(_Connection):
     describe_region = _async(_Operations.describe_region)
     set_zone_available = _async(_Operations.set_zone_available)
     set_pool_capacity = _async(_Operations.set_pool_capacity)
+    set_core_quota = _async(_Operations.set_core_quota)
     echo = _async(_Operations.echo)
     report_operation = _async(_Operations.report_operation)
     acknowledge_scheduled_event = _async(_Operations.acknowledge_scheduled_event)

@@ -694,6 +694,28 @@ class SetZoneAvailability(Command):
 
 @command
 @dataclass(frozen=True, slots=True)
+class SetCoreQuota(Command):
+    """A quota family's vCPU quota (``cores`` None: no quota)."""
+
+    op: ClassVar[str] = "core_quota"
+    event_type: ClassVar[str] = "CoreQuotaChanged"
+    family: str
+    cores: int | None = None
+
+    def validate(self) -> None:
+        _require_name(self.family, "family")
+        if self.cores is not None:
+            check_count(self.cores, "cores")
+
+    def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> None:
+        engine.set_core_quota(self.family, self.cores)
+
+    def describe(self, result: None) -> dict[str, Any]:
+        return {"text": f"core quota {self.family} = {'none' if self.cores is None else self.cores}"}
+
+
+@command
+@dataclass(frozen=True, slots=True)
 class SetPoolCapacity(Command):
     op: ClassVar[str] = "pool"
     event_type: ClassVar[str] = "PoolCapacityChanged"

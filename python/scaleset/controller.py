@@ -332,6 +332,11 @@ class Controller:
         """Marks a zone down (outage) or up again."""
         self.execute(cmd.SetZoneAvailability(zone, bool(available)), now)
 
+    def set_core_quota(self, family: str, cores: int | None, *, now: float | None = None) -> None:
+        """Sets a quota family's vCPU quota (``None``: none): ``standardDSv5Family`` for Standard_D2s_v5
+        Regular, ``lowPriorityCores`` for all Spot. A plan beyond it fails with OperationNotAllowed."""
+        self.execute(cmd.SetCoreQuota(family, cores), now)
+
     def set_pool_capacity(
         self,
         zone: str | None,

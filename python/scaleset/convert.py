@@ -16,6 +16,7 @@ from google.protobuf.descriptor import EnumDescriptor
 from scaleset.model import (
     AutoscaleDecision,
     AutoscaleSetting,
+    CoreQuota,
     Instance,
     Plan,
     PlannedCreate,
@@ -678,6 +679,8 @@ def region_to_proto(region: Region, revision: int) -> pb.Region:
             entry.available = pool.available
         if pool.restricted:
             entry.restricted = True
+    for quota in region.core_quotas:
+        msg.core_quotas.add(family=quota.family, cores=quota.cores)
     return msg
 
 
@@ -687,6 +690,7 @@ def region_from_proto(msg: pb.Region) -> Region:
         fault_domains_per_zone=msg.fault_domains_per_zone,
         unavailable_zones=[z.name for z in msg.zones if not z.available],
         pools=[pool_from_proto(p) for p in msg.pools],
+        core_quotas=[CoreQuota(q.family, q.cores) for q in msg.core_quotas],
     )
 
 

@@ -378,6 +378,13 @@ class Engine:
         if restricted is not None:
             self._core.set_pool_restricted(zone, vm_size, priority, bool(restricted))
 
+    def set_core_quota(self, family: str, cores: int | None) -> None:
+        """Sets a quota family's vCPU quota (``None``: none). A plan that would take the family's running
+        vCPUs above it fails whole with OperationNotAllowed."""
+        if cores is not None:
+            _count(cores, "cores")
+        self._core.set_core_quota(family, cores)
+
     def set_pool_blocked(self, zone: str | None, vm_size: str, priority: str, blocked: bool) -> None:
         """Makes placement skip a pool whatever its capacity (an allocation just failed there), or use it
         again. Not part of the region's state: whoever blocks a pool owns when it is unblocked."""

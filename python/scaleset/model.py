@@ -24,6 +24,7 @@ __all__ = [
     "AutoscaleDecision",
     "AutoscaleProfile",
     "AutoscaleSetting",
+    "CoreQuota",
     "Eviction",
     "Instance",
     "LifecycleHook",
@@ -307,6 +308,18 @@ class Pool:
 
 
 @dataclass(frozen=True, slots=True)
+class CoreQuota:
+    """A vCPU quota: the running instances of quota family ``family`` (``standardDSv5Family`` for
+    Standard_D2s_v5 Regular; ``lowPriorityCores`` for every Spot size) hold at most ``cores`` vCPUs."""
+
+    family: str
+    cores: int
+
+    def __post_init__(self) -> None:
+        _check_int(self, "cores")
+
+
+@dataclass(frozen=True, slots=True)
 class Region:
     """Zones, fault domains per zone, zones currently down, and capacity pools."""
 
@@ -314,11 +327,13 @@ class Region:
     fault_domains_per_zone: int = 3
     unavailable_zones: Sequence[str] = ()
     pools: Sequence[Pool] = ()
+    core_quotas: Sequence[CoreQuota] = ()
 
     def __post_init__(self) -> None:
         _freeze(self, "zones")
         _freeze(self, "unavailable_zones")
         _freeze(self, "pools")
+        _freeze(self, "core_quotas")
         _check_int(self, "fault_domains_per_zone", 1)
 
     def to_dict(self) -> dict[str, Any]:
@@ -789,6 +804,7 @@ _NESTED.update(
         "ZoneAllocationPolicy.max_instance_percent_per_zone_policy": _one(MaxInstancePercentPerZonePolicy),
         "SkuProfile.vm_sizes": _many(VmSize),
         "Region.pools": _many(Pool),
+        "Region.core_quotas": _many(CoreQuota),
         "AutoscaleSetting.profiles": _many(AutoscaleProfile),
         "AutoscaleSetting.predictive_autoscale_policy": _one(PredictiveAutoscalePolicy),
         "AutoscaleProfile.capacity": _one(AutoscaleCapacity),

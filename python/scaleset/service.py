@@ -890,6 +890,18 @@ class RegionsServicer(pb_grpc.RegionsServicer):
             payload=_meaning(request),
         )
 
+    async def SetCoreQuota(self, request: pb.SetCoreQuotaRequest, context: Any) -> Any:
+        command = cmd.SetCoreQuota(
+            _require(request.family, "family"), request.cores if request.HasField("cores") else None
+        )
+        return await self._control.mutate(
+            method="SetCoreQuota",
+            command=command,
+            encode=lambda o: self._region(),
+            request_id=request.request_id,
+            payload=_meaning(request),
+        )
+
 
 class ExecutorsServicer(pb_grpc.ExecutorsServicer):
     """Executors lease operations and report outcomes (see :mod:`scaleset.dispatch`)."""

@@ -391,14 +391,98 @@ impl Engine {
 
     pub fn set_capacity(&mut self, name: &str, capacity: u64, dry_run: bool) -> Result<Plan> {
         let plan = self.plan_capacity(name, capacity)?;
-        if !dry_run {
+        if dry_run {
+            self.check_quota(&plan)?;
+        } else {
             self.apply(&plan)?;
         }
         Ok(plan)
     }
 
+    /// Refuses a plan whose new instances would take a quota family's running vCPUs above its quota
+    /// (Azure: OperationNotAllowed, the whole request fails). Costs nothing without quotas; with them,
+    /// one pass over the region's instances for each family the plan adds to.
+    pub fn check_quota(&self, plan: &Plan) -> Result<()> {
+        if self.region.core_quotas.is_empty() || plan.creates.is_empty() {
+            return Ok(());
+        }
+        let transient: std::collections::BTreeSet<u64> = plan
+            .creates
+            .iter()
+            .filter(|c| matches!(c.cause, CreateCause::Overprovisioned { .. }))
+            .map(|c| c.instance_id)
+            .collect();
+        let mut delta: BTreeMap<String, i128> = BTreeMap::new();
+        let mut family_of = |size: u16, priority: Priority, sign: i128| {
+            let name = self.sizes.get(usize::from(size)).map_or("", String::as_str);
+            if let Some((family, cores)) = crate::model::quota_family(name, priority) {
+                if self.region.core_quotas.contains_key(&family) {
+                    *delta.entry(family).or_default() += sign * i128::from(cores);
+                }
+            }
+        };
+        for c in plan
+            .creates
+            .iter()
+            .filter(|c| !transient.contains(&c.instance_id))
+        {
+            family_of(c.vm_size, c.priority, 1);
+        }
+        for d in plan
+            .deletes
+            .iter()
+            .filter(|d| !transient.contains(&d.instance_id))
+        {
+            family_of(d.vm_size, d.priority, -1);
+        }
+        for (family, added) in delta.into_iter().filter(|(_, added)| *added > 0) {
+            let limit = self.region.core_quotas[&family];
+            let used: u64 = self
+                .sets
+                .values()
+                .flat_map(|s| s.instances.iter())
+                .filter(|i| i.power_state == PowerState::Running)
+                .filter_map(|i| {
+                    let name = self.sizes.get(usize::from(i.vm_size))?;
+                    crate::model::quota_family(name, i.priority).filter(|(f, _)| *f == family)
+                })
+                .map(|(_, cores)| cores)
+                .sum();
+            if i128::from(used) + added > i128::from(limit) {
+                return Err(CoreError::capacity(
+                    codes::OPERATION_NOT_ALLOWED,
+                    format!(
+                        "Operation could not be completed as it results in exceeding approved {family} Cores quota. Additional details - Current Limit: {limit}, Current Usage: {used}, Additional Required: {added}, (Minimum) New Limit Required: {}. Raise the quota (SetCoreQuota) or scale to fewer instances.",
+                        i128::from(used) + added
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets the vCPU quota of a quota family (`None`: no quota).
+    pub fn set_core_quota(&mut self, family: &str, cores: Option<u64>) -> Result<()> {
+        if family.is_empty()
+            || family.len() > 128
+            || !family.chars().all(|c| c.is_ascii_alphanumeric())
+        {
+            return Err(CoreError::invalid(
+                codes::INVALID_PARAMETER,
+                format!("quota family '{}' must be 1 to 128 letters and digits, such as standardDSv5Family or lowPriorityCores.", crate::validate::shown(family)),
+            )
+            .at("family"));
+        }
+        match cores {
+            Some(c) => self.region.core_quotas.insert(family.to_owned(), c),
+            None => self.region.core_quotas.remove(family),
+        };
+        Ok(())
+    }
+
     /// Applies a plan made by this engine: creates instances, removes instances, moves pool capacity.
     pub fn apply(&mut self, plan: &Plan) -> Result<()> {
+        self.check_quota(plan)?;
         let state = self
             .sets
             .get_mut(&plan.scale_set)

@@ -395,6 +395,43 @@ pub fn zone_label(zones: &[String], slot: ZoneSlot) -> &str {
     }
 }
 
+/// The quota a VM size draws on and its vCPUs, from Azure's size naming
+/// (`Standard_<family letters><vCPUs>[-<constrained vCPUs>]<features>[_<accelerator>]_v<version>`): Spot
+/// instances draw on the regional `lowPriorityCores`; Regular ones on `standard<LETTERS><FEATURES>v<N>Family`
+/// (`Standard_D2s_v5` -> `standardDSv5Family`, 2). Azure's own family names differ for a few series (B,
+/// some GPU sizes); a quota is keyed by the name this gives, which every quota error shows. None for a
+/// name outside the pattern (no quota applies).
+pub fn quota_family(vm_size: &str, priority: Priority) -> Option<(String, u64)> {
+    let rest = vm_size
+        .strip_prefix("Standard_")
+        .or_else(|| vm_size.strip_prefix("standard_"))?;
+    let mut parts = rest.split('_');
+    let head = parts.next()?;
+    let letters: String = head
+        .chars()
+        .take_while(|c| c.is_ascii_uppercase())
+        .collect();
+    let digits: String = head[letters.len()..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    let cores: u64 = digits.parse().ok()?;
+    if letters.is_empty() {
+        return None;
+    }
+    if priority == Priority::Spot {
+        return Some(("lowPriorityCores".to_owned(), cores));
+    }
+    let tail = &head[letters.len() + digits.len()..];
+    let tail = tail.trim_start_matches(|c: char| c == '-' || c.is_ascii_digit());
+    let features = tail.to_ascii_uppercase();
+    let version = parts
+        .filter(|p| p.len() > 1 && p.starts_with('v') && p[1..].chars().all(|c| c.is_ascii_digit()))
+        .last()
+        .unwrap_or("");
+    Some((format!("standard{letters}{features}{version}Family"), cores))
+}
+
 /// Where a pool is: a zone of the region, or the regional (non-zonal) capacity.
 pub type ZoneSlot = Option<u16>;
 
@@ -431,6 +468,8 @@ pub struct Region {
     pub zone_available: Vec<bool>,
     pub fault_domains_per_zone: u32,
     pub pools: std::collections::BTreeMap<PoolKey, Pool>,
+    /// vCPU quotas by quota family (see [`quota_family`]): the cores of running instances never exceed them.
+    pub core_quotas: std::collections::BTreeMap<String, u64>,
     /// Pools placement skips for now whatever their capacity (the unavailable-capacity cache: a pool that
     /// just failed an allocation). Owned by the caller, which decides when a pool is tried again.
     pub blocked: std::collections::BTreeSet<PoolKey>,
@@ -468,6 +507,7 @@ impl Region {
             zone_available,
             fault_domains_per_zone,
             pools: Default::default(),
+            core_quotas: Default::default(),
             blocked: Default::default(),
         })
     }

@@ -311,6 +311,54 @@ fn unknown_enum_values_name_their_field() {
     );
 }
 
+// ----- core quotas -----------------------------------------------------------------------------------------
+
+#[test]
+fn quota_families_follow_azures_size_names() {
+    let family = |name: &str| quota_family(name, Priority::Regular);
+    assert_eq!(
+        family("Standard_D2s_v5"),
+        Some(("standardDSv5Family".into(), 2))
+    );
+    assert_eq!(
+        family("Standard_D4_v3"),
+        Some(("standardDv3Family".into(), 4))
+    );
+    assert_eq!(
+        family("Standard_E64-32ds_v4"),
+        Some(("standardEDSv4Family".into(), 64))
+    );
+    assert_eq!(
+        family("Standard_F2s_v2"),
+        Some(("standardFSv2Family".into(), 2))
+    );
+    assert_eq!(
+        quota_family("Standard_D8s_v5", Priority::Spot),
+        Some(("lowPriorityCores".into(), 8))
+    );
+    assert_eq!(family("custom-size"), None);
+}
+
+#[test]
+fn a_plan_beyond_a_core_quota_is_refused_whole_and_a_dry_run_says_so() {
+    let mut e = engine(&["1", "2", "3"], 1);
+    e.set_core_quota("standardDSv5Family", Some(10))
+        .expect("quota");
+    e.create_scale_set(with_rule(ScaleInRule::Default), 4)
+        .expect("8 of 10 cores");
+    let err = e.set_capacity("web", 6, true).expect_err("12 > 10");
+    assert_eq!(err.code, "OperationNotAllowed");
+    assert!(err
+        .message
+        .contains("Current Limit: 10, Current Usage: 8, Additional Required: 4"));
+    assert_eq!(code(e.set_capacity("web", 6, false)), "OperationNotAllowed");
+    assert_eq!(e.scale_set("web").expect("exists").capacity(), 4);
+    e.set_capacity("web", 5, false).expect("10 of 10");
+    e.set_core_quota("standardDSv5Family", None)
+        .expect("no quota");
+    e.set_capacity("web", 9, false).expect("unlimited");
+}
+
 // ----- the unavailable-capacity overlay and provisioning states -------------------------------------------
 
 #[test]

@@ -41,11 +41,21 @@ pub struct PoolDto {
 
 #[derive(FromPyObject, IntoPyObject)]
 #[pyo3(from_item_all)]
+pub struct CoreQuotaDto {
+    pub family: String,
+    pub cores: u64,
+}
+
+#[derive(FromPyObject, IntoPyObject)]
+#[pyo3(from_item_all)]
 pub struct RegionDto {
     pub zones: Vec<String>,
     pub fault_domains_per_zone: u32,
     pub unavailable_zones: Vec<String>,
     pub pools: Vec<PoolDto>,
+    /// Absent in regions saved before core quotas existed.
+    #[pyo3(default)]
+    pub core_quotas: Vec<CoreQuotaDto>,
 }
 
 #[derive(FromPyObject, IntoPyObject)]

@@ -14,8 +14,8 @@ use scaleset_core::{CoreError, ErrorKind};
 mod autoscale;
 mod convert;
 use convert::{
-    extract, instance_columns, parse, plan_columns, spec_from_dto, spec_to_dto, InstanceColumns,
-    PoolDto, RegionDto, SpecDto,
+    extract, instance_columns, parse, plan_columns, spec_from_dto, spec_to_dto, CoreQuotaDto,
+    InstanceColumns, PoolDto, RegionDto, SpecDto,
 };
 
 create_exception!(
@@ -262,6 +262,11 @@ impl Engine {
                     .map_err(to_py_err)?;
             }
         }
+        for quota in dto.core_quotas {
+            engine
+                .set_core_quota(&quota.family, Some(quota.cores))
+                .map_err(to_py_err)?;
+        }
         let names = Names {
             zones: engine.region().zones.as_slice().into(),
             sizes: engine.sizes().into(),
@@ -450,6 +455,11 @@ impl Engine {
         detached(py, || {
             self.with(|e| e.set_provisioning_state(name, &instance_ids, state))
         })
+    }
+
+    /// Sets a quota family's vCPU quota (None: no quota).
+    fn set_core_quota(&self, py: Python<'_>, family: &str, cores: Option<u64>) -> PyResult<()> {
+        detached(py, || self.with(|e| e.set_core_quota(family, cores)))
     }
 
     /// Marks a size as not offered in a zone for a priority (SkuNotAvailable at placement), or offered.
@@ -647,6 +657,14 @@ impl Engine {
                             available: p.available,
                             price: p.price,
                             restricted: p.restricted,
+                        })
+                        .collect(),
+                    core_quotas: r
+                        .core_quotas
+                        .iter()
+                        .map(|(family, &cores)| CoreQuotaDto {
+                            family: family.clone(),
+                            cores,
                         })
                         .collect(),
                 })
