@@ -427,7 +427,7 @@ pub fn quota_family(vm_size: &str, priority: Priority) -> Option<(String, u64)> 
     let features = tail.to_ascii_uppercase();
     let version = parts
         .filter(|p| p.len() > 1 && p.starts_with('v') && p[1..].chars().all(|c| c.is_ascii_digit()))
-        .last()
+        .next_back()
         .unwrap_or("");
     Some((format!("standard{letters}{features}{version}Family"), cores))
 }
