@@ -426,8 +426,7 @@ pub fn quota_family(vm_size: &str, priority: Priority) -> Option<(String, u64)> 
     let tail = tail.trim_start_matches(|c: char| c == '-' || c.is_ascii_digit());
     let features = tail.to_ascii_uppercase();
     let version = parts
-        .filter(|p| p.len() > 1 && p.starts_with('v') && p[1..].chars().all(|c| c.is_ascii_digit()))
-        .next_back()
+        .rfind(|p| p.len() > 1 && p.starts_with('v') && p[1..].chars().all(|c| c.is_ascii_digit()))
         .unwrap_or("");
     Some((format!("standard{letters}{features}{version}Family"), cores))
 }
