@@ -23,6 +23,7 @@ from scaleset.model import (
     AutoscaleProfile,
     AutoscaleSetting,
     LifecycleHook,
+    PriorityMixPolicy,
     Region,
     ScaleSetSpec,
     Sku,
@@ -237,6 +238,19 @@ def test_a_spot_price_above_max_price_schedules_a_preempt_30_s_ahead_then_evicts
     # the price falling back does not bring the VM back (Azure: not restarted automatically)
     c.set_pool_capacity("1", SIZE, "Spot", None, price=0.01, now=50)
     assert c.advance(200, "web") == [] and c.capacity("web") == 2
+
+
+def test_a_spot_price_above_max_price_at_create_is_azures_error() -> None:
+    c = Controller(REGION)
+    for zone in ("1", "2", "3"):
+        c.set_pool_capacity(zone, SIZE, "Spot", None, price=0.08, now=0)
+    with pytest.raises(CapacityError) as e:
+        c.create_scale_set(spot_spec(), 1, now=1)
+    assert e.value.code == "SpotPriceGreaterThanProvidedMaxPrice"
+    assert "'0.05 USD' is lower than the current spot price '0.08 USD'" in str(e.value)
+    c.set_pool_capacity("2", SIZE, "Spot", None, price=0.04, now=2)
+    c.create_scale_set(spot_spec(), 1, now=3)
+    assert c.instance_columns("web")["zone"] == ["2"]
 
 
 def test_an_acknowledged_notice_evicts_at_once_and_executors_carry_it_out() -> None:
@@ -470,18 +484,29 @@ def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
+#: Executors a test started: stopped before its server goes, even when the test fails.
+_RUNNING: list[tuple[Executor, threading.Thread]] = []
+
+
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[tuple[ServerThread, Client, Clock]]:
     clock = Clock()
     with ServerThread(str(tmp_path / "db"), REGION, executors=True, clock=clock) as server:
         client = Client(server.target)
-        yield server, client, clock
-        client.close()
+        try:
+            yield server, client, clock
+        finally:
+            while _RUNNING:
+                executor, thread = _RUNNING.pop()
+                executor.stop()
+                thread.join(10)
+            client.close()
 
 
 def start(executor: Executor) -> threading.Thread:
     thread = threading.Thread(target=executor.run, daemon=True)
     thread.start()
+    _RUNNING.append((executor, thread))
     return thread
 
 
@@ -496,7 +521,7 @@ def test_a_zone_that_runs_out_mid_scale_out_converges_elsewhere_with_every_decis
     _server, client, _ = fleet
     cloud = FakeCloud(seed=7, capacity={("1", SIZE, "Regular"): 4})
     executor = Executor(client, cloud, executor_id="zone-all", max_in_flight=8)
-    thread = start(executor)
+    start(executor)
     client.create_scale_set(spec(), 30)
     wait_for(lambda: converged(client, 30))
     zones = Counter(client.instance_columns("web")["zone"])
@@ -514,8 +539,6 @@ def test_a_zone_that_runs_out_mid_scale_out_converges_elsewhere_with_every_decis
             break
     assert len(replaced) == len(failures) and all("ZonalAllocationFailed" in text for text in replaced)
     assert len(cloud.log) == 30 + len(failures)  # the fewest operations: one create each, one per failure
-    executor.stop()
-    thread.join(10)
 
 
 def test_an_executor_killed_holding_leases_loses_nothing_and_a_second_report_changes_nothing(
@@ -529,7 +552,7 @@ def test_an_executor_killed_holding_leases_loses_nothing_and_a_second_report_cha
     stream.cancel()  # dies holding four leases
     cloud = FakeCloud(seed=1)
     executor = Executor(client, cloud, executor_id="survivor")
-    thread = start(executor)
+    start(executor)
     wait_for(lambda: client.fleet_report("web").pending_operation_count == 4)  # only the two unleased ran
     clock.offset += 6  # the dead executor's leases lapse
     wait_for(lambda: converged(client, 6))
@@ -537,8 +560,6 @@ def test_an_executor_killed_holding_leases_loses_nothing_and_a_second_report_cha
     revision = client.get_scale_set("web").revision
     assert client.report_operation(leased[0].operation_id, True, executor_id="doomed") is False
     assert client.get_scale_set("web").revision == revision
-    executor.stop()
-    thread.join(10)
 
 
 def test_executors_are_refused_by_a_server_that_applies_plans_immediately(tmp_path: Path) -> None:
@@ -555,16 +576,13 @@ def test_executors_can_split_the_work_by_zone(fleet: tuple[ServerThread, Client,
     _, client, _ = fleet
     clouds = {zone: FakeCloud(seed=3) for zone in ("1", "2", "3")}
     executors = [Executor(client, clouds[z], executor_id=f"zone-{z}", zones=[z]) for z in clouds]
-    threads = [start(e) for e in executors]
+    for e in executors:
+        start(e)
     client.create_scale_set(spec(), 9)
     wait_for(lambda: converged(client, 9))
     assert {z: sorted(i.zone for i in cloud.instances.values()) for z, cloud in clouds.items()} == {
         z: [z] * 3 for z in clouds
     }
-    for e in executors:
-        e.stop()
-    for t in threads:
-        t.join(10)
 
 
 def test_a_spot_preempt_notice_reaches_executors_which_drain_and_acknowledge(
@@ -573,7 +591,7 @@ def test_a_spot_preempt_notice_reaches_executors_which_drain_and_acknowledge(
     _, client, _ = fleet
     cloud = FakeCloud(seed=5)
     executor = Executor(client, cloud, executor_id="spot")
-    thread = start(executor)
+    start(executor)
     client.create_scale_set(spot_spec(), 3)
     wait_for(lambda: converged(client, 3))
     client.set_pool_capacity("3", SIZE, "Spot", None, price=1.0)  # far above the max price of 0.05
@@ -582,8 +600,6 @@ def test_a_spot_preempt_notice_reaches_executors_which_drain_and_acknowledge(
     wait_for(lambda: converged(client, 2))
     assert sorted(cloud.instances) == ["web_0", "web_1"]
     assert client.fleet_report("web").scheduled_events == ()
-    executor.stop()
-    thread.join(10)
 
 
 def test_a_capacity_eviction_in_the_fake_cloud_is_reported_and_try_and_restore_brings_it_back(
@@ -592,7 +608,7 @@ def test_a_capacity_eviction_in_the_fake_cloud_is_reported_and_try_and_restore_b
     server, client, clock = fleet
     cloud = FakeCloud(seed=9)
     executor = Executor(client, cloud, executor_id="spot", probe_interval=0.1)
-    thread = start(executor)
+    start(executor)
     client.create_scale_set(spot_spec(spot_restore_policy=SpotRestorePolicy(enabled=True)), 4)
     wait_for(lambda: converged(client, 4))
     cloud.evict(["web_1", "web_2"])  # the cloud needs its capacity back
@@ -602,8 +618,6 @@ def test_a_capacity_eviction_in_the_fake_cloud_is_reported_and_try_and_restore_b
     server.call(server.control.advance())
     wait_for(lambda: converged(client, 4))
     assert len(cloud.instances) == 4 and client.fleet_report("web").restoring is None
-    executor.stop()
-    thread.join(10)
 
 
 def test_lifecycle_actions_over_grpc_and_the_executor_never_gets_a_held_delete(
@@ -612,7 +626,7 @@ def test_lifecycle_actions_over_grpc_and_the_executor_never_gets_a_held_delete(
     _, client, _ = fleet
     cloud = FakeCloud(seed=2)
     executor = Executor(client, cloud, executor_id="hooks")
-    thread = start(executor)
+    start(executor)
     client.create_scale_set(spec(lifecycle_hooks=HOOKS), 2)
     wait_for(lambda: len(client.fleet_report("web").lifecycle_actions) == 2)
     assert client.fleet_report("web").provisioning_states == {"Creating": 2}
@@ -629,8 +643,61 @@ def test_lifecycle_actions_over_grpc_and_the_executor_never_gets_a_held_delete(
     assert client.complete_lifecycle_action("web", held.instance_id, "drain")
     wait_for(lambda: converged(client, 1) and len(cloud.instances) == 1)
     assert client.complete_lifecycle_action("web", held.instance_id, "drain") is False
-    executor.stop()
-    thread.join(10)
+
+
+def test_a_spot_pool_that_disappears_keeps_the_mix_and_waits_for_spot_capacity(
+    fleet: tuple[ServerThread, Client, Clock],
+) -> None:
+    server, client, clock = fleet
+    cloud = FakeCloud(seed=4)
+    executor = Executor(client, cloud, executor_id="spot-mix")
+    start(executor)
+    mix = spot_spec(priority_mix_policy=PriorityMixPolicy(2, 50))
+    client.create_scale_set(mix, 4)
+    wait_for(lambda: converged(client, 4))
+    for zone in ("1", "2", "3"):
+        cloud.take_pool(zone, SIZE, "Spot", 0)  # Spot capacity is gone everywhere
+    client.set_capacity("web", 8)  # base 2 + half of 6 above it: 5 Regular, 3 Spot (2 more of each)
+    wait_for(lambda: client.fleet_report("web").shortfall == 2)
+    report = client.fleet_report("web")
+    assert report.desired_capacity == 8 and report.provisioning_states == {"Succeeded": 6}
+    assert {z for z, *_ in report.unavailable_pools} == {"1", "2", "3"}
+    priorities = Counter(client.instance_columns("web")["priority"])
+    assert priorities == {"Regular": 5, "Spot": 1}  # the mix holds: no Regular in place of Spot
+    for zone in ("1", "2", "3"):
+        cloud.take_pool(zone, SIZE, "Spot", 100)
+    clock.offset += UNAVAILABLE_TTL_S + 1  # the skipped pools are tried again
+    server.call(server.control.advance())
+    wait_for(lambda: converged(client, 8))
+    assert Counter(client.instance_columns("web")["priority"]) == {"Regular": 5, "Spot": 3}
+
+
+def test_the_clouds_quota_running_out_backs_off_and_converges_once_raised(
+    fleet: tuple[ServerThread, Client, Clock],
+) -> None:
+    server, client, clock = fleet
+    cloud = FakeCloud(seed=6, quota=5)
+    executor = Executor(client, cloud, executor_id="quota")
+    start(executor)
+    client.create_scale_set(spec(), 7)
+    wait_for(
+        lambda: (
+            client.fleet_report("web").shortfall == 2
+            and client.fleet_report("web").pending_operation_count == 0
+        )
+    )
+    report = client.fleet_report("web")
+    assert report.last_error_code == "OperationNotAllowed" and report.retry_at is not None
+    assert report.unavailable_pools == ()  # a quota is no pool's fault
+    info = client.get_scale_set("web")  # every read shows desired and actual
+    assert (info.capacity, info.desired_capacity) == (5, 7)
+    assert server.metrics.registry.get_sample_value("scaleset_shortfall_instances") == 2
+    cloud.quota = 10
+    clock.offset += 400  # past any backoff
+    server.call(server.control.advance())
+    wait_for(lambda: converged(client, 7))
+    failed = sum(1 for *_, code in cloud.log if code != "OK")
+    assert len(cloud.log) == 7 + failed  # one create per instance, one per refusal: nothing else
 
 
 # ----- real local processes ----------------------------------------------------------------------------
@@ -642,7 +709,7 @@ def test_local_processes_carry_a_fleet_health_repairs_and_a_rolling_upgrade(
     server, client, clock = fleet
     local = LocalProcesses(ApplicationHealth(interval_s=0.1))
     executor = Executor(client, local, executor_id="local", probe_interval=0.1)
-    thread = start(executor)
+    start(executor)
     try:
         repairs = AutomaticRepairsPolicy(enabled=True, grace_period="PT10M")
         client.create_scale_set(spec(automatic_repairs_policy=repairs), 3)
@@ -682,8 +749,7 @@ def test_local_processes_carry_a_fleet_health_repairs_and_a_rolling_upgrade(
         assert all(local.pid("web", i) != before[i] for i in ids)  # every process replaced
         assert max(len(b) for b in batches_seen) == 1  # one instance at a time (20% of 3)
     finally:
-        executor.stop()
-        thread.join(10)
+        executor.stop()  # before the processes go, so none is reported unhealthy on the way out
         local.close()
 
 

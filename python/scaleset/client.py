@@ -94,6 +94,8 @@ class ScaleSetInfo:
     capacity: int
     revision: int
     etag: str
+    #: The instances it should have: capacity plus what could not be placed yet (with executors).
+    desired_capacity: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +184,9 @@ def _request_id(request_id: str | None) -> str:
 
 
 def _info(msg: pb.ScaleSet) -> ScaleSetInfo:
-    return ScaleSetInfo(convert.spec_from_proto(msg.spec), msg.capacity, msg.revision, msg.etag)
+    return ScaleSetInfo(
+        convert.spec_from_proto(msg.spec), msg.capacity, msg.revision, msg.etag, msg.desired_capacity
+    )
 
 
 def _upgrade(msg: pb.RollingUpgradeStatus) -> RollingUpgrade:

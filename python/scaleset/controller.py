@@ -130,6 +130,11 @@ class Controller:
         """Operations waiting for an executor (of ``name``, or all), oldest first."""
         return self.policies.lifecycle.pending(name)
 
+    def desired_capacity(self, name: str) -> int:
+        """The instances ``name`` should have: its instances plus what could not be placed yet."""
+        status = self.policies.lifecycle.status.get(name)
+        return self.engine.capacity(name) + (status.shortfall if status is not None else 0)
+
     def fleet_report(self, name: str) -> FleetReport:
         """How far ``name``'s infrastructure is from its desired state: desired capacity, instances by
         provisioning state, the shortfall and its backoff, the last error, pending operations."""

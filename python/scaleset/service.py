@@ -168,6 +168,30 @@ class Metrics:
             lambda: sum(control.controller.capacity(n) for n in control.controller.scale_set_names())
         )
 
+        def ledger() -> Any:  # read each time: a reload after a failed commit replaces the controller
+            return control.controller.policies.lifecycle
+
+        for metric, text, read in (
+            (
+                "scaleset_pending_operations",
+                "Operations waiting for an executor.",
+                lambda: len(ledger().operations),
+            ),
+            (
+                "scaleset_unavailable_pools",
+                "Pools skipped after a failed allocation (the unavailable-capacity cache).",
+                lambda: len(ledger().unavailable),
+            ),
+            (
+                "scaleset_shortfall_instances",
+                "Instances that could not be placed yet, across scale sets (retried with backoff).",
+                lambda: sum(s.shortfall for s in ledger().status.values()),
+            ),
+            ("scaleset_lifecycle_actions", "Instances held by lifecycle hooks.", lambda: len(ledger().waits)),
+        ):
+            gauge = Gauge(metric, text, registry=self.registry)
+            gauge.set_function(read)
+
 
 class RateLimiter:
     """A token bucket per client address: ``rate`` calls a second, bursts of up to ``burst``. Clients
@@ -421,6 +445,7 @@ class ScaleSetsServicer(_Servicer, pb_grpc.ScaleSetsServicer):
         return pb.ScaleSet(
             spec=convert.spec_to_proto(controller.get_spec(name)),
             capacity=controller.capacity(name),
+            desired_capacity=controller.desired_capacity(name),
             revision=self._control.revision(name),
             etag=self._control.etag(name),
         )

@@ -106,6 +106,7 @@ pub mod codes {
     pub const SKU_TIER_MUST_NOT_BE_SET: &str = "SkuTierMustNotBeSetIfSkuProfileIsSpecified";
     pub const SKU_PROFILE_RANK_INVALID: &str = "SkuProfileRankInvalid";
     pub const SKU_NOT_AVAILABLE: &str = "SkuNotAvailable";
+    pub const SPOT_PRICE_ABOVE_MAX_PRICE: &str = "SpotPriceGreaterThanProvidedMaxPrice";
     pub const SPOT_RESTORE_ONLY_FOR_SPOT: &str =
         "SpotRestorationIsSupportedOnlyForAzureSpotScaleSets";
 }

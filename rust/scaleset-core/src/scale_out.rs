@@ -323,6 +323,43 @@ fn allocation_error(
         .copied()
         .filter(|&s| !down[s] && (!strict || zone_count[s] == min_count))
         .collect();
+    // Every Spot pool it could use is priced above the max price: Azure's SpotPriceGreaterThanProvidedMaxPrice.
+    if let Some(max_price) = view
+        .spec
+        .max_price
+        .filter(|&m| m > 0.0 && priority == Priority::Spot)
+    {
+        let over = |s: usize| -> Option<(f64, &str)> {
+            let mut cheapest: Option<(f64, &str)> = None;
+            for size in view.spec.vm_size_names() {
+                let pool = view.region.pool(slots[s], size, priority);
+                if view.region.is_restricted(slots[s], size, priority) {
+                    continue;
+                }
+                if pool.price <= max_price {
+                    return None; // this one is affordable: the failure is capacity, not price
+                }
+                if cheapest.is_none_or(|(p, _)| pool.price < p) {
+                    cheapest = Some((pool.price, size));
+                }
+            }
+            cheapest
+        };
+        let prices: Vec<Option<(f64, &str)>> = must.iter().map(|&s| over(s)).collect();
+        if !must.is_empty() && prices.iter().all(Option::is_some) {
+            let (price, size) = prices
+                .into_iter()
+                .flatten()
+                .min_by(|a, b| a.0.total_cmp(&b.0))
+                .unwrap_or((0.0, ""));
+            return CoreError::capacity(
+                codes::SPOT_PRICE_ABOVE_MAX_PRICE,
+                format!(
+                    "Unable to perform operation 'scale out {name}' since the provided max price '{max_price} USD' is lower than the current spot price '{price} USD' for Azure Spot Virtual Machine size '{size}'."
+                ),
+            );
+        }
+    }
     if !must.is_empty() && must.iter().all(|&s| restricted(s)) {
         let zones: Vec<&str> = must
             .iter()
