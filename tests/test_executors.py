@@ -175,6 +175,21 @@ def test_deleting_a_scale_set_cancels_its_creates_and_deletes_every_instance() -
     assert sorted(ops(c)) == [("Delete", 0, "1"), ("Delete", 1, "2"), ("Delete", 2, "3")]
 
 
+def test_a_recreated_scale_set_waits_for_the_old_deletes_of_its_instance_names() -> None:
+    c = executors_controller()
+    c.create_scale_set(spec(), 2, now=1)
+    for o in c.pending_operations():
+        c.report_operation("web", o.operation_id, True, now=2)
+    c.delete_scale_set("web", now=3)
+    c.create_scale_set(spec(), 2, now=4)  # web_0 and web_1 again
+    ledger = c.policies.lifecycle
+    ready = {(o.kind, o.instance_id): ledger.ready(o) for o in c.pending_operations()}
+    assert ready == {("Delete", 0): True, ("Delete", 1): True, ("Create", 0): False, ("Create", 1): False}
+    old = next(o for o in c.pending_operations() if o.kind == "Delete" and o.instance_id == 0)
+    c.report_operation("web", old.operation_id, True, now=5)
+    assert ledger.ready(next(o for o in c.pending_operations() if o.kind == "Create" and o.instance_id == 0))
+
+
 def test_upgrades_and_restarts_are_operations_and_instances_are_updating_meanwhile() -> None:
     c = executors_controller()
     c.create_scale_set(spec(), 2, now=1)

@@ -138,8 +138,9 @@ class Dispatcher:
         leased: list[Operation] = []
         if room <= 0:
             return leased, cancelled
+        ledger = controller.policies.lifecycle
         for op in pending.values():
-            if op.held or op.not_before > now or (zones is not None and op.zone not in zones):
+            if op.not_before > now or (zones is not None and op.zone not in zones) or not ledger.ready(op):
                 continue
             lease = self._leases.get(op.operation_id)
             if lease is not None and lease.expires > now:

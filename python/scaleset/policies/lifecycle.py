@@ -20,7 +20,13 @@ What could not be placed is the scale set's shortfall, retried with exponential 
 (:data:`BACKOFF_BASE_S` doubling to :data:`BACKOFF_CAP_S`). Desired capacity is the instances the engine
 holds plus the shortfall. Every decision is returned as an :class:`~scaleset.policies.common.Action`
 with its reason. Leases (who is carrying out which operation) are the server's, not this state's: they
-do not survive a restart, and an operation whose lease lapses is simply handed out again.
+do not survive a restart, and an operation whose lease lapses is simply handed out again. Operations on
+one instance are carried out one at a time, oldest first (:meth:`Lifecycle.ready`): a scale set deleted
+and created again reuses instance names, and its old deletes must finish before its new creates start.
+
+The ledger also holds what happens to Spot instances (a price above ``max_price`` schedules a
+``Preempt`` in the manner of Azure's Scheduled Events; Try & restore brings back capacity evictions) and
+lifecycle hooks (launch and terminate actions that hold instances until completed or timed out).
 """
 
 from __future__ import annotations
@@ -47,7 +53,10 @@ __all__ = [
     "FleetReport",
     "FleetStatus",
     "Lifecycle",
+    "LifecycleAction",
     "Operation",
+    "Restore",
+    "ScheduledEvent",
 ]
 
 MODES = ("Immediate", "Executors")
@@ -92,7 +101,7 @@ class Operation:
     """One thing an executor must do to one instance."""
 
     operation_id: int
-    kind: str  # Create | Delete | Reimage | Restart
+    kind: str  # Create | Delete | Deallocate | Reimage | Restart
     scale_set: str
     instance_id: int
     zone: str | None
@@ -314,6 +323,11 @@ class Lifecycle:
             return
         for op_id in [i for i in ids if self.operations[i].kind in kinds]:
             self._forget(self.operations[op_id])
+
+    def ready(self, op: Operation) -> bool:
+        """Whether the ledger lets ``op`` be handed out: not held by a hook, and no older operation on the
+        same instance pending (one at a time per instance, oldest first). Its backoff is the caller's."""
+        return not op.held and min(self._by_instance[(op.scale_set, op.instance_id)]) == op.operation_id
 
     def _forget(self, op: Operation) -> None:
         del self.operations[op.operation_id]
