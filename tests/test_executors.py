@@ -144,7 +144,7 @@ def test_a_quota_failure_places_nothing_until_the_backoff_passes() -> None:
     assert [a.kind for a in c.advance(2 + BACKOFF_BASE_S, "web")] == ["InstancesReplaced"]
 
 
-def test_other_failures_retry_the_same_operation_then_leave_the_instance_failed() -> None:
+def test_other_failures_retry_the_same_operation_then_place_the_instance_again() -> None:
     c = executors_controller()
     c.create_scale_set(spec(), 1, now=1)
     op = op_of(c, 0)

@@ -63,7 +63,8 @@ class Provider(Protocol):
     """What an executor drives. Each method blocks until its operation is done or raises ProviderError."""
 
     def create(self, op: Operation) -> tuple[str, str]:
-        """Creates the instance; returns (address, provider id)."""
+        """Creates the instance; returns (address, provider id). A create that raises leaves nothing
+        behind (the server places the instance again, and deletes nothing for it)."""
         ...
 
     def delete(self, op: Operation) -> None: ...

@@ -13,8 +13,10 @@ What a failed create does (reference §4 and §5; chosen where Azure is silent, 
   the instance is placed again by the scale set's own rules without that pool: best-effort zone balance
   and instance mix fall back to another zone or size, strict zone balance refuses what would unbalance.
 - A quota error (``OperationNotAllowed``) places nothing new until the backoff passes.
-- Any other failure retries the same operation, up to :data:`MAX_ATTEMPTS`, then leaves the instance
-  ``Failed`` (where automatic repairs find it).
+- Any other failure retries the same operation, up to :data:`MAX_ATTEMPTS`; a create that still fails
+  is placed again (without skipping its pool); a reimage or restart that still fails leaves the instance
+  ``Failed`` (where automatic repairs find it). A failed create must leave nothing behind (the
+  executor's contract), so nothing is deleted for it.
 
 What could not be placed is the scale set's shortfall, retried with exponential backoff per scale set
 (:data:`BACKOFF_BASE_S` doubling to :data:`BACKOFF_CAP_S`). Desired capacity is the instances the engine
@@ -368,9 +370,10 @@ class Lifecycle:
         return [h for h in hooks if h.transition == transition]
 
     def _wait(
-        self, op_or_instance: tuple[str, int, int], hooks: list[LifecycleHook], transition: str, now: float
+        self, held: tuple[str, int, int], hooks: list[LifecycleHook], transition: str, now: float
     ) -> None:
-        name, instance_id, operation_id = op_or_instance
+        """Holds (scale set, instance id, the delete operation or 0) on each of ``hooks``."""
+        name, instance_id, operation_id = held
         for hook in hooks:
             seconds = duration_seconds(hook.heartbeat_timeout, "lifecycle_hooks.heartbeat_timeout")
             self.waits[(name, instance_id, hook.name)] = LifecycleAction(
