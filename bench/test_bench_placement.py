@@ -130,3 +130,57 @@ def test_scale_in_1k_to_0_baseline(benchmark: Any, record: Any) -> None:
     order = benchmark.pedantic(run, rounds=1)
     record("baseline")
     assert order == expected
+
+
+# ----- one decision at 100,000 against one at 1,000 (the decisions read kept groups, not every instance) --
+
+
+def test_scale_in_one_decision_at_100k(benchmark: Any, record: Any) -> None:
+    benchmark.group = "scale_in_one_decision_100k_vs_1k"
+    engine = fresh(100_000, limit=100_000)
+    plan = benchmark(lambda: engine.set_capacity("bench", 99_999, dry_run=True))
+    record("core")
+    (delete,) = plan.deletes
+    # The Spot mix decides the priority: a Regular goes when there are more than wanted at 99,999.
+    wanted = "Regular" if regular_target(100_000) > regular_target(99_999) else "Spot"
+    assert delete.priority == wanted
+    assert engine.capacity("bench") == 100_000
+
+
+def test_scale_in_one_decision_at_1k(benchmark: Any, record: Any) -> None:
+    benchmark.group = "scale_in_one_decision_100k_vs_1k"
+    engine = fresh(1_000)
+    plan = benchmark(lambda: engine.set_capacity("bench", 999, dry_run=True))
+    record("baseline")
+    assert len(plan.deletes) == 1 and engine.capacity("bench") == 1_000
+
+
+# ----- 100,000 -> 0 one call at a time, against 1,000 -> 0 a hundred times -------------------------------
+
+
+def test_scale_in_100k_to_0_one_at_a_time(benchmark: Any, record: Any) -> None:
+    benchmark.group = "scale_in_to_0_per_call_100k_vs_1k"
+
+    def run(engine: Engine) -> int:
+        for n in range(99_999, -1, -1):
+            engine.set_capacity("bench", n)
+        return engine.capacity("bench")
+
+    left = benchmark.pedantic(run, setup=lambda: ((fresh(100_000, limit=100_000),), {}), rounds=1)
+    record("core")
+    assert left == 0
+
+
+def test_scale_in_1k_to_0_a_hundred_times(benchmark: Any, record: Any) -> None:
+    benchmark.group = "scale_in_to_0_per_call_100k_vs_1k"
+    engines = [fresh(1_000) for _ in range(100)]
+
+    def run() -> int:
+        for engine in engines:
+            for n in range(999, -1, -1):
+                engine.set_capacity("bench", n)
+        return sum(e.capacity("bench") for e in engines)
+
+    left = benchmark.pedantic(run, rounds=1)
+    record("baseline")
+    assert left == 0

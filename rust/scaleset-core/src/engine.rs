@@ -24,9 +24,95 @@ pub struct ScaleSetState {
     pub instances: Vec<Instance>,
     pub next_instance_id: u64,
     size_ids: Vec<u16>,
+    /// The instances grouped as scale-in decides, kept up to date by scale-outs and scale-ins of a few
+    /// instances (so one decision costs O(groups + log N), not O(N)); dropped by other changes and built
+    /// again by the next single scale-in.
+    groups: GroupCache,
+}
+
+/// What a scale-in decision tells instances apart by: everything else makes them interchangeable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct GroupKey {
+    pub zone: ZoneSlot,
+    pub fault_domain: u32,
+    pub priority: Priority,
+    pub vm_size: u16,
+    pub protected: bool,
+    /// Unhealthy or deallocated (`prioritize_unhealthy_vms`).
+    pub bad: bool,
+}
+
+impl GroupKey {
+    fn of(i: &Instance) -> Self {
+        Self {
+            zone: i.zone,
+            fault_domain: i.fault_domain,
+            priority: i.priority,
+            vm_size: i.vm_size,
+            protected: i.is_protected_from_scale_in(),
+            bad: i.is_unhealthy_or_inactive(),
+        }
+    }
+}
+
+/// Instance ids by [`GroupKey`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Groups(BTreeMap<GroupKey, BTreeSet<u64>>);
+
+impl Groups {
+    /// The groups of `instances`, from scratch.
+    pub fn build(instances: &[Instance]) -> Self {
+        let mut groups = Self::default();
+        for i in instances {
+            groups.insert(i);
+        }
+        groups
+    }
+
+    fn insert(&mut self, i: &Instance) {
+        self.0
+            .entry(GroupKey::of(i))
+            .or_default()
+            .insert(i.instance_id);
+    }
+
+    fn remove(&mut self, i: &Instance) {
+        let key = GroupKey::of(i);
+        if let Some(ids) = self.0.get_mut(&key) {
+            ids.remove(&i.instance_id);
+            if ids.is_empty() {
+                self.0.remove(&key);
+            }
+        }
+    }
+
+    /// Every non-empty group with its ids, ascending.
+    pub fn iter(&self) -> impl Iterator<Item = (&GroupKey, &BTreeSet<u64>)> {
+        self.0.iter()
+    }
+}
+
+/// A cache: two states are equal whatever their caches hold.
+#[derive(Debug, Clone, Default)]
+struct GroupCache(Option<Groups>);
+
+impl PartialEq for GroupCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 impl ScaleSetState {
+    /// The scale-in groups, if kept up to date (see `groups` above).
+    pub fn groups(&self) -> Option<&Groups> {
+        self.groups.0.as_ref()
+    }
+
+    /// A change scale-in groups are not kept through (health, protection, sizes, imports, many changes).
+    pub(crate) fn touched(&mut self) {
+        self.groups.0 = None;
+    }
+
     pub fn capacity(&self) -> u64 {
         self.instances.len() as u64
     }
@@ -150,6 +236,7 @@ impl Engine {
             instances: &state.instances,
             size_ids: &state.size_ids,
             region: &self.region,
+            groups: state.groups(),
         }
     }
 
@@ -203,6 +290,7 @@ impl Engine {
             instances: Vec::new(),
             next_instance_id: 0,
             size_ids,
+            groups: GroupCache::default(),
         };
         let mut plan = Plan {
             scale_set: spec.name.clone(),
@@ -390,6 +478,11 @@ impl Engine {
     }
 
     pub fn set_capacity(&mut self, name: &str, capacity: u64, dry_run: bool) -> Result<Plan> {
+        let state = self.scale_set_mut(name)?;
+        if capacity + 1 == state.capacity() && state.groups.0.is_none() {
+            // One decision: worth the groups, which the following decisions reuse.
+            state.groups.0 = Some(Groups::build(&state.instances));
+        }
         let plan = self.plan_capacity(name, capacity)?;
         if dry_run {
             self.check_quota(&plan)?;
@@ -503,6 +596,9 @@ impl Engine {
                 .zones
                 .sort_by_key(|z| zones.iter().position(|r| r == z));
         }
+        if plan.deletes.len() > 32 || plan.creates.len() > 32 {
+            state.touched(); // many changes: the next single scale-in rebuilds the groups in one pass
+        }
         if plan.deletes.len() <= 32 {
             // A few deletes (one decision at a time is common): find each by id, remove last first.
             let mut at: Vec<usize> = plan
@@ -518,7 +614,10 @@ impl Engine {
             at.sort_unstable_by(|a, b| b.cmp(a));
             at.dedup();
             for p in at {
-                state.instances.remove(p);
+                let gone = state.instances.remove(p);
+                if let Some(groups) = state.groups.0.as_mut() {
+                    groups.remove(&gone);
+                }
             }
         } else {
             let mut gone: Vec<u64> = plan.deletes.iter().map(|d| d.instance_id).collect();
@@ -546,6 +645,9 @@ impl Engine {
                 protect_from_scale_in: false,
                 protect_from_scale_set_actions: false,
             });
+            if let Some(groups) = state.groups.0.as_mut() {
+                groups.insert(state.instances.last().expect("just pushed"));
+            }
         }
         let taken: Vec<(ZoneSlot, u16, Priority)> = plan
             .creates
@@ -625,6 +727,7 @@ impl Engine {
                 instances: Vec::new(),
                 next_instance_id,
                 size_ids,
+                groups: GroupCache::default(),
             },
         );
         if let Err(e) = self.adopt(&name, inputs, false) {
@@ -738,6 +841,7 @@ impl Engine {
         let state = self.scale_set_mut(name)?;
         state.instances.extend(new_instances);
         state.instances.sort_by_key(|i| i.instance_id);
+        state.touched();
         let max_id = state.instances.last().map_or(0, |i| i.instance_id + 1);
         state.next_instance_id = state.next_instance_id.max(max_id);
         Ok(())
@@ -860,6 +964,7 @@ impl Engine {
             }
             EvictionPolicy::Deallocate => {
                 let state = self.scale_set_mut(name)?;
+                state.touched();
                 for &p in &positions {
                     state.instances[p].power_state = PowerState::Deallocated;
                     result.deallocated.push(state.instances[p].instance_id);
@@ -881,6 +986,7 @@ impl Engine {
         }
         let positions = self.positions(name, ids)?;
         let state = self.scale_set_mut(name)?;
+        state.touched();
         for p in positions {
             state.instances[p].protect_from_scale_in = protect_from_scale_in;
             state.instances[p].protect_from_scale_set_actions = protect_from_scale_set_actions;
@@ -899,6 +1005,7 @@ impl Engine {
         }
         let positions = self.positions(name, ids)?;
         let state = self.scale_set_mut(name)?;
+        state.touched();
         for (p, &h) in positions.into_iter().zip(health) {
             state.instances[p].health = h;
         }

@@ -114,6 +114,7 @@ impl Engine {
             instances: &state.instances,
             size_ids: state.size_ids(),
             region: self.region(),
+            groups: None,
         };
         let slots = view.slots()?;
         let available: Vec<bool> = slots
@@ -213,6 +214,7 @@ impl Engine {
             instances: &state.instances,
             size_ids: state.size_ids(),
             region: self.region(),
+            groups: None,
         };
         let index: std::collections::BTreeMap<RowKey, usize> = input
             .rows
@@ -272,6 +274,7 @@ impl Engine {
             instances: &state.instances,
             size_ids: state.size_ids(),
             region: self.region(),
+            groups: None,
         };
         let span = view.fault_domain_span()?;
         let slots = view.slots()?;

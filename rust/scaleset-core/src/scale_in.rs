@@ -102,7 +102,45 @@ pub fn plan_scale_in(
     let mut first = vec![NONE; key_space];
     let mut last = vec![NONE; key_space];
     let mut eligible = 0u64;
+    let grouped = single && view.groups.is_some();
+    if let (true, Some(groups)) = (single, view.groups) {
+        // One decision over the engine's groups: O(groups + log N), never a pass over the instances.
+        let position = |id: u64| {
+            instances
+                .binary_search_by_key(&id, |i| i.instance_id)
+                .unwrap_or(0)
+        };
+        for (g, ids) in groups.iter() {
+            let (Some(&oldest), Some(&newest)) = (ids.first(), ids.last()) else {
+                continue;
+            };
+            let n = ids.len() as u32;
+            let fd = g.fault_domain as usize;
+            let cell = (slot_of(g.zone) * span + if fd < span { fd } else { span - 1 }) * 2
+                + g.priority.index();
+            cells[cell] += n;
+            if g.protected {
+                continue;
+            }
+            eligible += u64::from(n);
+            let bad = prioritize_unhealthy && g.bad;
+            let size = usize::from(g.vm_size);
+            let key =
+                (cell * sizes + if size < sizes { size } else { sizes - 1 }) * 2 + usize::from(bad);
+            per_key[key] += n;
+            let (oldest, newest) = (position(oldest), position(newest));
+            if first[key] == NONE || oldest < first[key] {
+                first[key] = oldest;
+            }
+            if last[key] == NONE || newest > last[key] {
+                last[key] = newest;
+            }
+        }
+    }
     for (i, inst) in instances.iter().enumerate() {
+        if grouped {
+            break; // counted from the groups above
+        }
         let fd = inst.fault_domain as usize;
         let cell = (slot_of(inst.zone) * span + if fd < span { fd } else { span - 1 }) * 2
             + inst.priority.index();

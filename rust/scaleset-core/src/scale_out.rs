@@ -14,6 +14,8 @@ pub struct SetView<'a> {
     /// The spec's VM sizes as indexes into the engine's size table, in the spec's order.
     pub size_ids: &'a [u16],
     pub region: &'a Region,
+    /// The instances grouped as scale-in decides, when the engine keeps them (see `ScaleSetState`).
+    pub groups: Option<&'a crate::engine::Groups>,
 }
 
 impl SetView<'_> {

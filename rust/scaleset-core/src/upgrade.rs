@@ -213,6 +213,7 @@ impl Engine {
         }
         let model_sizes = state.size_ids().to_vec();
         let state = self.scale_set_mut(name)?;
+        state.touched();
         for p in positions {
             let inst = &mut state.instances[p];
             inst.model_version = version.unwrap_or(current);

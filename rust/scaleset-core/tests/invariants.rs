@@ -148,3 +148,71 @@ proptest! {
         prop_assert_eq!(run(), run());
     }
 }
+
+#[derive(Debug, Clone)]
+enum Step {
+    ScaleOut(u64),
+    ScaleInOne,
+    ScaleInMany(u64),
+    Protect(usize),
+    Unhealthy(usize),
+}
+
+fn arb_step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        (1u64..40).prop_map(Step::ScaleOut),
+        Just(Step::ScaleInOne),
+        Just(Step::ScaleInOne),
+        Just(Step::ScaleInOne),
+        (2u64..40).prop_map(Step::ScaleInMany),
+        (0usize..100).prop_map(Step::Protect),
+        (0usize..100).prop_map(Step::Unhealthy),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// One scale-in decision over the engine's kept groups picks exactly what a pass over every
+    /// instance picks, whatever changes came before (scale-outs, scale-ins, protection, health).
+    #[test]
+    fn kept_groups_decide_as_a_full_pass_does(
+        rule in arb_rule(),
+        mix in proptest::option::of((0u32..5, 0u32..100)),
+        unhealthy_first in any::<bool>(),
+        steps in proptest::collection::vec(arb_step(), 1..40),
+    ) {
+        let mut e = engine();
+        let mut s = spec(&["1", "2", "3"], mix, rule);
+        s.scale_in_policy.prioritize_unhealthy_vms = unhealthy_first;
+        e.create_scale_set(s, 10).expect("valid");
+        for step in steps {
+            let set = e.scale_set("p").expect("exists");
+            let capacity = set.capacity();
+            let id_at = |k: usize| set.instances.get(k % set.instances.len().max(1)).map(|i| i.instance_id);
+            match step {
+                Step::ScaleOut(n) => { e.set_capacity("p", capacity + n, false).expect("room"); }
+                Step::ScaleInOne if capacity > 0 => {
+                    // A full pass (on a copy whose groups were dropped by a no-op health report) ...
+                    let mut full = e.clone();
+                    full.report_health("p", &[], &[]).expect("no-op");
+                    let expected = full.plan_capacity("p", capacity - 1).map(|p| p.deletes);
+                    // ... and the decision over the kept groups agree.
+                    let got = e.set_capacity("p", capacity - 1, false).map(|p| p.deletes);
+                    prop_assert_eq!(got.is_ok(), expected.is_ok());
+                    if let (Ok(got), Ok(expected)) = (got, expected) {
+                        prop_assert_eq!(got, expected);
+                    }
+                }
+                Step::ScaleInMany(n) if capacity >= n => { let _ = e.set_capacity("p", capacity - n, false); }
+                Step::Protect(k) => {
+                    if let Some(id) = id_at(k) { e.set_protection("p", &[id], true, false).expect("exists"); }
+                }
+                Step::Unhealthy(k) => {
+                    if let Some(id) = id_at(k) { e.report_health("p", &[id], &[Health::Unhealthy]).expect("exists"); }
+                }
+                _ => {}
+            }
+        }
+    }
+}
