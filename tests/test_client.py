@@ -169,3 +169,24 @@ def test_the_asyncio_client_end_to_end(server: ServerThread) -> None:
             assert stale.value.code == "EtagMismatch"
 
     asyncio.run(run())
+
+
+def test_a_plan_bigger_than_a_reply_is_applied_and_answered_with_its_counts(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, a 1,000,000-instance plan was applied and then failed to send (209 MB against the 64 MB
+    limit), and its retry failed the same way. Now it is answered with its counts, like a summary view."""
+    from scaleset import convert
+
+    monkeypatch.setattr(convert, "MAX_PLAN_ITEMS", 20)  # the server runs in this process
+    with Client(server.target) as client:
+        client.create_scale_set(zonal_spec(), 0)
+        plan = client.set_capacity("web", 30, request_id="grow-30")
+        assert (plan.create_count, len(plan.creates), plan.items_omitted) == (30, 0, True)
+        again = client.set_capacity("web", 30, request_id="grow-30")  # the retry gets the same answer
+        assert (again.create_count, again.items_omitted) == (30, True)
+        small = client.set_capacity("web", 35)
+        assert (small.create_count, len(small.creates), small.items_omitted) == (5, 5, False)
+        summary = client.set_capacity("web", 36, summary_only=True)
+        assert (summary.create_count, len(summary.creates), summary.items_omitted) == (1, 0, True)
+        assert client.get_scale_set("web").capacity == 36

@@ -295,8 +295,10 @@ def _print_plan(plan: Plan, limit: int = 20) -> None:
     what = "dry run" if plan.dry_run else "applied"
     print(
         f"{plan.scale_set}: {plan.capacity_before} -> {plan.capacity_after} instances ({what}): "
-        f"{len(plan.creates)} to create, {len(plan.deletes)} to delete"
+        f"{plan.create_count} to create, {plan.delete_count} to delete"
     )
+    if plan.items_omitted:
+        print("  (too many to list here: scaleset show or scaleset watch shows the instances)")
     items: Sequence[PlannedCreate | PlannedDelete]
     for label, items in (("create", plan.creates), ("delete", plan.deletes)):
         for item in items[:limit]:

@@ -268,6 +268,12 @@ def decision_from_proto(msg: pb.AutoscaleDecision) -> AutoscaleDecision:
 # ----- plans ------------------------------------------------------------------------------------------
 
 
+#: The most creates and deletes one reply carries (about 200 bytes each with their reasons, so well under the
+#: 64 MB reply limit); a bigger plan is sent as its counts, with ``items_omitted``, rather than failing
+#: after it was applied.
+MAX_PLAN_ITEMS = 200_000
+
+
 def plan_to_proto(plan: Plan, summary_only: bool = False) -> pb.Plan:
     msg = pb.Plan(
         scale_set=plan.scale_set,
@@ -279,9 +285,11 @@ def plan_to_proto(plan: Plan, summary_only: bool = False) -> pb.Plan:
         unallocated=plan.unallocated,
         unallocated_reason=plan.unallocated_reason,
     )
-    if not summary_only:
-        msg.creates.extend(map(_planned_change, plan.creates))
-        msg.deletes.extend(map(_planned_change, plan.deletes))
+    if summary_only or msg.create_count + msg.delete_count > MAX_PLAN_ITEMS:
+        msg.items_omitted = msg.create_count + msg.delete_count > 0
+        return msg
+    msg.creates.extend(map(_planned_change, plan.creates))
+    msg.deletes.extend(map(_planned_change, plan.deletes))
     return msg
 
 
@@ -311,6 +319,8 @@ def plan_from_proto(msg: pb.Plan) -> Plan:
         deletes=[item(PlannedDelete, d) for d in msg.deletes],
         unallocated=msg.unallocated,
         unallocated_reason=msg.unallocated_reason,
+        counts=(msg.create_count, msg.delete_count),
+        items_omitted=msg.items_omitted,
     )
 
 

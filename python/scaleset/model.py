@@ -469,12 +469,14 @@ class Plan:
     """
 
     __slots__ = (
+        "_counts",
         "_creates",
         "_deletes",
         "_handle",
         "capacity_after",
         "capacity_before",
         "dry_run",
+        "items_omitted",
         "scale_set",
         "unallocated",
         "unallocated_reason",
@@ -487,6 +489,9 @@ class Plan:
     #: Instances a partial allocation could not place (automatic zone placement), and why.
     unallocated: int
     unallocated_reason: str
+    #: A plan read over the API with its items left out (a summary view, or more than one reply
+    #: carries): ``creates``/``deletes`` are empty, ``create_count``/``delete_count`` still count them.
+    items_omitted: bool
 
     def __init__(
         self,
@@ -500,6 +505,8 @@ class Plan:
         *,
         unallocated: int = 0,
         unallocated_reason: str = "",
+        counts: tuple[int, int] | None = None,
+        items_omitted: bool = False,
     ) -> None:
         self.scale_set, self.capacity_before, self.capacity_after, self.dry_run = (
             scale_set,
@@ -509,6 +516,17 @@ class Plan:
         )
         self._creates, self._deletes, self._handle = creates, deletes, handle
         self.unallocated, self.unallocated_reason = unallocated, unallocated_reason
+        self._counts, self.items_omitted = counts, items_omitted
+
+    @property
+    def create_count(self) -> int:
+        """How many instances the plan creates (also when its items were left out)."""
+        return self._counts[0] if self._counts is not None else len(self.creates)
+
+    @property
+    def delete_count(self) -> int:
+        """How many instances the plan deletes (also when its items were left out)."""
+        return self._counts[1] if self._counts is not None else len(self.deletes)
 
     @property
     def creates(self) -> Sequence[PlannedCreate]:
