@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -116,6 +117,8 @@ class FakeCloud:
     log: list[tuple[str, str, str]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _evicted: dict[str, list[int]] = field(default_factory=dict, repr=False)
+    #: Instances per pool, kept with ``instances``.
+    _used: Counter[tuple[str | None, str, str]] = field(default_factory=Counter, repr=False)
 
     def _fate(self, op: Operation) -> random.Random:
         digest = hashlib.sha256(f"{self.seed}/{op.operation_id}/{op.attempt}".encode()).digest()
@@ -131,8 +134,15 @@ class FakeCloud:
                 self.failure_code, f"injected failure of {op.kind.lower()} {instance_name(op)}"
             )
 
-    def _used(self, pool: tuple[str | None, str, str]) -> int:
-        return sum(1 for i in self.instances.values() if (i.zone, i.vm_size, i.priority) == pool)
+    def _add(self, name: str, op: Operation) -> None:
+        self.instances[name] = op
+        self._used[op.zone, op.vm_size, op.priority] += 1
+
+    def _drop(self, name: str) -> Operation | None:
+        op = self.instances.pop(name, None)
+        if op is not None:
+            self._used[op.zone, op.vm_size, op.priority] -= 1
+        return op
 
     def create(self, op: Operation) -> tuple[str, str]:
         name = instance_name(op)
@@ -141,14 +151,14 @@ class FakeCloud:
             with self._lock:
                 if name not in self.instances:
                     pool = (op.zone, op.vm_size, op.priority)
-                    if pool in self.capacity and self._used(pool) >= self.capacity[pool]:
+                    if pool in self.capacity and self._used[pool] >= self.capacity[pool]:
                         code = "ZonalAllocationFailed" if op.zone else "AllocationFailed"
                         raise ProviderError(
                             code, f"no {op.vm_size} {op.priority} capacity in {op.zone or 'the region'}"
                         )
                     if self.quota is not None and len(self.instances) >= self.quota:
                         raise ProviderError("OperationNotAllowed", f"quota of {self.quota} instances reached")
-                    self.instances[name] = op
+                    self._add(name, op)
                 self.log.append(("Create", name, "OK"))
         except ProviderError as e:
             with self._lock:
@@ -166,7 +176,7 @@ class FakeCloud:
             raise
         with self._lock:
             if op.kind == "Delete":
-                self.instances.pop(name, None)
+                self._drop(name)
             self.log.append((op.kind, name, "OK"))
 
     delete = deallocate = reimage = restart = _simple
@@ -181,7 +191,7 @@ class FakeCloud:
         """Injects a capacity eviction: the instances are gone, and the executor tells the server."""
         with self._lock:
             for name in names:
-                op = self.instances.pop(name, None)
+                op = self._drop(name)
                 if op is not None:
                     self._evicted.setdefault(op.scale_set, []).append(op.instance_id)
                     self.log.append(("Evicted", name, "OK"))
