@@ -833,3 +833,25 @@ def test_serve_with_executors_and_the_local_executor_make_a_working_fleet_from_t
         assert executor.wait(timeout=20) == 0
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=20)
+
+
+def test_an_executor_renews_the_leases_of_long_operations() -> None:
+    """A cloud's create takes minutes: the executor reports progress every third of the lease, so the
+    server does not offer the operation to another executor meanwhile."""
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.reports: list[tuple[int, bool]] = []
+
+        def report_operation(self, operation_id: int, succeeded: bool, *a: object, **k: object) -> bool:
+            self.reports.append((operation_id, bool(k.get("in_progress"))))
+            return True
+
+    recorder = Recorder()
+    executor = Executor(recorder, FakeCloud(), lease_seconds=30)  # type: ignore[arg-type]
+    now = time.monotonic()
+    executor._in_flight = {7: now - 11, 8: now - 2}  # 7 began 11 s ago, 8 just now
+    executor._renew_leases()
+    assert recorder.reports == [(7, True)]
+    executor._renew_leases()
+    assert recorder.reports == [(7, True)]  # renewed: not again until another third of the lease

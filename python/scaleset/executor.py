@@ -374,6 +374,8 @@ class Executor:
         self._reported: dict[tuple[str, int], str] = {}
         #: Instances with an operation under way: not probed (a reimage is not a failure).
         self._busy: set[tuple[str, int]] = set()
+        #: Operations under way -> when their lease was last renewed (monotonic seconds).
+        self._in_flight: dict[int, float] = {}
         self._stream: LeaseStream | None = None
         self._lock = threading.Lock()
 
@@ -423,9 +425,12 @@ class Executor:
                 self._cancelled.discard(op.operation_id)
                 return
             self._busy.add(key)
+            self._in_flight[op.operation_id] = time.monotonic()
         try:
             address, provider_id, code, message = self._run(op)
-            self.carried_out += 1
+            with self._lock:
+                self.carried_out += 1
+                self._in_flight.pop(op.operation_id, None)
             applied = self.client.report_operation(
                 op.operation_id,
                 not code,
@@ -443,6 +448,7 @@ class Executor:
         finally:
             with self._lock:
                 self._busy.discard(key)
+                self._in_flight.pop(op.operation_id, None)
         with self._lock:
             self.applied += applied
             if not code:  # a new, reimaged or restarted instance starts over (the server set Initializing)
@@ -467,11 +473,30 @@ class Executor:
             return "", "", "ExecutorError", f"{type(e).__name__}: {e}"
         return "", "", "", ""
 
+    def _renew_leases(self) -> None:
+        """Operations that take long (a cloud's create takes minutes) keep their leases: a progress
+        report every third of the lease."""
+        now = time.monotonic()
+        with self._lock:
+            due = [i for i, at in self._in_flight.items() if now - at >= self.lease_seconds / 3]
+            for i in due:
+                self._in_flight[i] = now
+        for operation_id in due:
+            try:
+                self.client.report_operation(
+                    operation_id, False, executor_id=self.executor_id, in_progress=True
+                )
+            except ScaleSetError as e:
+                log.info(
+                    "executor %s: lease of operation %d not renewed: %s", self.executor_id, operation_id, e
+                )
+
     def _probe_loop(self) -> None:
         """Reports what the infrastructure did on its own (evictions) and, with a probe interval, the
         instances' health changes."""
         reported = self._reported
         while not self.stopped.wait(self.probe_interval or 1.0):
+            self._renew_leases()
             for scale_set, ids in self.provider.evictions().items():
                 try:
                     self.client.evict(scale_set, ids)
