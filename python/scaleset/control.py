@@ -48,6 +48,10 @@ WATCH_BUFFER_BYTES = 64 * 1024 * 1024
 #: While changes stream, a watcher sends at most one message per this interval (each carrying every
 #: event since its last): the cost of many watchers grows with their number, not with the change rate.
 WATCH_INTERVAL_S = 0.05
+#: ... and the interval grows with the number of watchers, so that all of them together send at most
+#: about 1 / WATCH_SEND_BUDGET_S messages a second (1,000 watchers: one message each per 0.5 s), and the
+#: fan-out cannot crowd out the mutations it reports.
+WATCH_SEND_BUDGET_S = 0.0005
 #: Watchers replaying history read the store in aligned chunks of this many events, and the last few
 #: chunks read are shared (at most REPLAY_CACHE_BYTES): many watchers replaying the same history decode it once.
 REPLAY_CHUNK = 500
@@ -708,6 +712,6 @@ class ControlPlane:
                             return
                         # At most one message per watcher per interval while changes stream: the first
                         # event after a quiet spell goes out at once, a burst goes out in fewer messages.
-                        await asyncio.sleep(WATCH_INTERVAL_S)
+                        await asyncio.sleep(max(WATCH_INTERVAL_S, self._watchers * WATCH_SEND_BUDGET_S))
         finally:
             self._watchers -= 1
