@@ -55,6 +55,8 @@ WATCH_SEND_BUDGET_S = 0.0005
 #: Watchers replaying history read the store in aligned chunks of this many events, and the last few
 #: chunks read are shared (at most REPLAY_CACHE_BYTES): many watchers replaying the same history decode it once.
 REPLAY_CHUNK = 500
+#: A snapshot is taken once the log since the last one reaches half its size, but not before this much.
+SNAPSHOT_MIN_LOG_BYTES = 1 << 20
 REPLAY_CACHE_BYTES = 32 * 1024 * 1024
 
 
@@ -97,7 +99,9 @@ class ControlPlane:
         region: the region to start with when the store is empty (a stored state wins).
         instance_limit: the engine's instance ceiling override (stored with the state; see README).
         clock: seconds since the epoch; injectable for tests.
-        snapshot_every: take a snapshot after this many events.
+        snapshot_every: take a snapshot after at most this many events; sooner once the log written since
+            the last one reaches half that snapshot's size (at least SNAPSHOT_MIN_LOG_BYTES), so a
+            snapshot costs about what the log it replaces costs, whatever the size of the state.
     """
 
     def __init__(
@@ -107,7 +111,7 @@ class ControlPlane:
         *,
         instance_limit: int | None = None,
         clock: Callable[[], float] = time.time,
-        snapshot_every: int = 1000,
+        snapshot_every: int = 100_000,
         event_retention: int = 100_000,
         request_retention: int = 100_000,
         max_watchers: int = 1000,
@@ -160,6 +164,9 @@ class ControlPlane:
         self.region_revision = 0
         self.sequence = 0
         self._snapshot_sequence = 0
+        #: Bytes of events logged since the last snapshot, and that snapshot's size.
+        self._log_bytes = 0
+        self._snapshot_bytes = 0
         self.healthy = True
         #: The time of the change being applied (live: the clock; replay: the logged time).
         self.now = 0.0
@@ -515,9 +522,10 @@ class ControlPlane:
                         if p.request is not None:
                             self._remember(p.request)
                     self._publish([p.event for p in batch], sizes)
-                    if (
+                    self._log_bytes += sum(sizes)
+                    if self._snapshot_task is None and (
                         self.sequence - self._snapshot_sequence >= self._snapshot_every
-                        and self._snapshot_task is None
+                        or self._log_bytes >= max(SNAPSHOT_MIN_LOG_BYTES, self._snapshot_bytes // 2)
                     ):
                         self._snapshot_task = asyncio.create_task(self._snapshot_soon())
             if self._closing and not self._queue:
@@ -602,8 +610,10 @@ class ControlPlane:
             last = self._last_commit
         if last is not None and not last.done():
             await asyncio.shield(last)
-        await asyncio.to_thread(self._store.save_snapshot, Snapshot(sequence, state))
+        logged = self._log_bytes
+        self._snapshot_bytes = await asyncio.to_thread(self._store.save_snapshot, Snapshot(sequence, state))
         self._snapshot_sequence = sequence
+        self._log_bytes -= logged  # what was logged while the snapshot was written still counts
         # Bounded history: what the snapshot holds no longer needs its events, beyond the retention
         # that resuming watchers use; request_id replies are kept for the last N requests.
         await asyncio.to_thread(

@@ -288,7 +288,7 @@ class PostgresStore:
             RequestRecord(rows[0][0], rows[0][1], rows[0][2], bytes(rows[0][3]), rows[0][4]) if rows else None
         )
 
-    def save_snapshot(self, snapshot: Snapshot) -> None:
+    def save_snapshot(self, snapshot: Snapshot) -> int:
         data = json.dumps(snapshot.state, separators=(",", ":"))
         with self._write_lock, self._writing().transaction():
             self._writer.execute(
@@ -297,6 +297,7 @@ class PostgresStore:
                 (snapshot.sequence, data),
             )
             self._writer.execute("DELETE FROM snapshots WHERE sequence < %s", (snapshot.sequence,))
+        return len(data)
 
     def compact(self, events_through: int, requests_through: int) -> None:
         with self._write_lock, self._writing().transaction():

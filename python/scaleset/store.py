@@ -79,7 +79,9 @@ class Store(Protocol):
 
     def lookup_request(self, request_id: str) -> RequestRecord | None: ...
 
-    def save_snapshot(self, snapshot: Snapshot) -> None: ...
+    def save_snapshot(self, snapshot: Snapshot) -> int:
+        """Stores ``snapshot`` (replacing older ones); returns its size in bytes."""
+        ...
 
     def compact(self, events_through: int, requests_through: int) -> None:
         """Drops events and stored replies up to the given sequences (both already in a snapshot)."""
@@ -269,7 +271,7 @@ class SQLiteStore:
             ).fetchone()
         return RequestRecord(*row) if row else None
 
-    def save_snapshot(self, snapshot: Snapshot) -> None:
+    def save_snapshot(self, snapshot: Snapshot) -> int:
         data = json.dumps(snapshot.state, separators=(",", ":"))
         with self._write_lock:
             self._writer.execute("BEGIN IMMEDIATE")
@@ -279,6 +281,7 @@ class SQLiteStore:
             # Older snapshots are no longer needed to rebuild; events stay for WatchEvents.
             self._writer.execute("DELETE FROM snapshots WHERE sequence < ?", (snapshot.sequence,))
             self._writer.execute("COMMIT")
+        return len(data)
 
     def check(self) -> None:
         with self._read_lock:
