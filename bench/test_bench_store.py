@@ -74,3 +74,56 @@ def test_durable_set_capacity(benchmark: Any, postgres: PostgresServer, tmp_path
             share = RESULTS["postgresql"] / RESULTS["sqlite"]
             print(f"postgresql/sqlite: {share:.2f}x")
             assert share >= FLOOR, f"PostgreSQL at {share:.2f}x SQLite, below the gate of {FLOOR}x"
+
+
+#: Gate: durable SetCapacity on small sets while the server also holds 4 sets of 100,000 instances, as a
+#: share of the rate before they were created, same server and run (issue 12's target 0.8x; measured
+#: 0.97x with 8 such sets: snapshots are taken by bytes of log, so a big state is not rewritten every
+#: 1,000 changes; it was 0.19x).
+BIG_STATE_FLOOR = 0.5
+
+
+def test_durable_set_capacity_beside_big_scale_sets(benchmark: Any, tmp_path: Path) -> None:
+    benchmark.group = "durable_set_capacity_big_state"
+    n = 20 if benchmark.disabled else 300
+    port = free_port()
+    db = tmp_path / "state.db"
+    proc = start_server_process(db, port, tmp_path / "server.log", "--instance-limit", "200000")
+    target = f"127.0.0.1:{port}"
+    try:
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.ScaleSetsStub(channel)
+            spec = pb.ScaleSetSpec(zones=["1", "2", "3"], sku=pb.Sku(name="Standard_D2s_v5"))
+            for p in range(PROCESSES):
+                for k in range(64):
+                    spec.name = f"load-{p}-{k}"
+                    stub.CreateScaleSet(pb.CreateScaleSetRequest(scale_set=spec, capacity=10))
+            small = run_load(target, "set_capacity", PROCESSES, INFLIGHT, n)
+            for i in range(4):
+                spec.name = f"big-{i}"
+                request = pb.CreateScaleSetRequest(
+                    scale_set=spec, capacity=100_000, view=pb.PLAN_VIEW_SUMMARY
+                )
+                stub.CreateScaleSet(request, timeout=120)
+        run_load(
+            target, "set_capacity", PROCESSES, INFLIGHT, 4 * n
+        )  # past the first snapshot of the big state
+        size = db.stat().st_size + db.with_name(db.name + "-wal").stat().st_size
+        big = benchmark.pedantic(
+            run_load, args=(target, "set_capacity", PROCESSES, INFLIGHT, n), rounds=1, iterations=1
+        )
+        grown = db.stat().st_size + db.with_name(db.name + "-wal").stat().st_size - size
+        assert small.errors == big.errors == 0 and big.requests == PROCESSES * INFLIGHT * n
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    if not benchmark.disabled:
+        share = big.per_second / small.per_second
+        print(
+            f"\nbeside 4 x 100,000 instances: {big.per_second:.0f}/s p99 {big.p99_ms:.1f} ms against "
+            f"{small.per_second:.0f}/s p99 {small.p99_ms:.1f} ms ({share:.2f}x); "
+            f"database +{grown / big.requests:.0f} B per call"
+        )
+        assert share >= BIG_STATE_FLOOR, (
+            f"{share:.2f}x the small-state rate, below the gate of {BIG_STATE_FLOOR}x"
+        )
