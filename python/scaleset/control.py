@@ -55,9 +55,9 @@ WATCH_SEND_BUDGET_S = 0.0005
 #: Watchers replaying history read the store in aligned chunks of this many events, and the last few
 #: chunks read are shared (at most REPLAY_CACHE_BYTES): many watchers replaying the same history decode it once.
 REPLAY_CHUNK = 500
+REPLAY_CACHE_BYTES = 32 * 1024 * 1024
 #: A snapshot is taken once the log since the last one reaches half its size, but not before this much.
 SNAPSHOT_MIN_LOG_BYTES = 1 << 20
-REPLAY_CACHE_BYTES = 32 * 1024 * 1024
 
 
 class Encodable(Protocol):
