@@ -997,9 +997,8 @@ class ExecutorsServicer(pb_grpc.ExecutorsServicer):
     ) -> Any:
         name = _require(request.name, "name")
         event = self._control.controller.policies.lifecycle.events.get(request.event_id)
-        if (
-            event is None or event.scale_set != name
-        ):  # carried out already (or never scheduled): nothing to do
+        if event is None or event.scale_set != name:
+            # Carried out already (or never scheduled): nothing to do, and nothing is logged.
             return pb.AcknowledgeScheduledEventResponse(applied=False, revision=self._control.revision(name))
         return await self._control.mutate(
             method="AcknowledgeScheduledEvent",
