@@ -855,3 +855,23 @@ def test_an_executor_renews_the_leases_of_long_operations() -> None:
     assert recorder.reports == [(7, True)]
     executor._renew_leases()
     assert recorder.reports == [(7, True)]  # renewed: not again until another third of the lease
+
+
+def test_lifecycle_actions_from_the_cli(
+    fleet: tuple[ServerThread, Client, Clock], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from scaleset.cli import main
+
+    server, client, _ = fleet
+    start(Executor(client, FakeCloud(seed=8), executor_id="cli-hooks"))
+    client.create_scale_set(spec(lifecycle_hooks=HOOKS), 1)
+    wait_for(lambda: len(client.fleet_report("web").lifecycle_actions) == 1)
+    assert main(["--server", server.target, "fleet", "web"]) == 0
+    assert "waits on launching hook 'warm-up'" in capsys.readouterr().out
+    assert main(["--server", server.target, "hook", "heartbeat", "web", "0", "warm-up"]) == 0
+    assert "extended by a heartbeat" in capsys.readouterr().out
+    assert main(["--server", server.target, "hook", "complete", "web", "0", "warm-up"]) == 0
+    assert "completed" in capsys.readouterr().out
+    assert main(["--server", server.target, "hook", "complete", "web", "0", "warm-up"]) == 1
+    assert "no lifecycle action" in capsys.readouterr().err
+    wait_for(lambda: converged(client, 1))

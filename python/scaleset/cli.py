@@ -751,7 +751,8 @@ def cmd_hook(args: argparse.Namespace) -> int:
     if not applied:
         print(f"no lifecycle action of hook '{args.hook}' waits on instance {args.instance}", file=sys.stderr)
         return 1
-    print(f"{args.name}_{args.instance}: hook '{args.hook}' {args.action}d")
+    done = "completed" if args.action == "complete" else "extended by a heartbeat"
+    print(f"{args.name}_{args.instance}: hook '{args.hook}' {done}")
     return 0
 
 
