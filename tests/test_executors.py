@@ -875,3 +875,23 @@ def test_lifecycle_actions_from_the_cli(
     assert main(["--server", server.target, "hook", "complete", "web", "0", "warm-up"]) == 1
     assert "no lifecycle action" in capsys.readouterr().err
     wait_for(lambda: converged(client, 1))
+
+
+@pytest.mark.parametrize("protocol", ["http", "tcp"])
+def test_application_health_probes_a_live_process_and_notices_a_dead_one(protocol: str) -> None:
+    from scaleset.policies.lifecycle import Operation
+
+    local = LocalProcesses(ApplicationHealth(protocol=protocol, interval_s=0.1, probes=2))
+    op = Operation(1, "Create", "web", 0, "1", 0, SIZE, "Regular", 1, 0.0)
+    try:
+        address, provider_id = local.create(op)
+        assert address.startswith("127.0.0.1:") and provider_id.startswith("pid://")
+        assert local.create(op) == (address, provider_id)  # idempotent by instance name
+        assert local.health() == {}  # one success: two in a row are needed to change the state
+        assert local.health() == {"web": {0: "Healthy"}}
+        pid = local.pid("web", 0)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: local.health() == {"web": {0: "Unhealthy"}}, timeout=10)
+    finally:
+        local.close()

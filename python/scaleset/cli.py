@@ -686,7 +686,11 @@ def cmd_executor(args: argparse.Namespace) -> int:
             failure_rate=args.failure_rate,
         )
     else:
-        provider = LocalProcesses(ApplicationHealth(interval_s=args.probe_interval, probes=args.probes))
+        provider = LocalProcesses(
+            ApplicationHealth(
+                protocol=args.probe_protocol, interval_s=args.probe_interval, probes=args.probes
+            )
+        )
     with _client(args) as client:
         executor = Executor(
             client,
@@ -873,6 +877,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--pool", action="append", help="fake: ZONE/SIZE[/PRIORITY]=COUNT capacity of one pool (repeatable)"
     )
     p.add_argument("--probe-interval", type=float, default=5.0, help="local: seconds between health probes")
+    p.add_argument(
+        "--probe-protocol",
+        choices=["http", "tcp"],
+        default="http",
+        help="local: GET /health, or a TCP connect",
+    )
     p.add_argument(
         "--probes", type=int, default=1, help="local: probes in a row that change the health state"
     )

@@ -23,6 +23,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -212,9 +213,11 @@ class FakeCloud:
 
 @dataclass
 class ApplicationHealth:
-    """Azure's Application Health extension: a probe every ``interval_s``; ``probes`` failures (or
-    successes) in a row change the state; Initializing until the first success or ``grace_s``."""
+    """Azure's Application Health extension: a probe every ``interval_s`` (``http``: GET ``path`` answers
+    200; ``tcp``: the port accepts a connection); ``probes`` failures (or successes) in a row change the
+    state; Initializing until the first success or ``grace_s``."""
 
+    protocol: str = "http"
     path: str = "/health"
     interval_s: float = 5.0
     probes: int = 1
@@ -286,6 +289,12 @@ class LocalProcesses:
         return None if known is None else known[0].pid
 
     def _probe(self, port: int) -> bool:
+        if self.settings.protocol == "tcp":
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            except OSError:
+                return False
+            return True
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}{self.settings.path}", timeout=2) as reply:
                 return bool(reply.status == 200)
