@@ -33,10 +33,11 @@ def postgres() -> Iterator[PostgresServer]:
         yield server
 
 
-def serve(store: str, postgres: PostgresServer, tmp: Path) -> tuple[Any, str]:
+def serve(store: str, postgres: PostgresServer | None, tmp: Path, *flags: str) -> tuple[Any, str]:
+    """A server on ``store`` with the load's 128 small scale sets; returns its process and target."""
     port = free_port()
-    extra = ("--store", postgres.create_database()) if store == "postgresql" else ()
-    proc = start_server_process(tmp / "state.db", port, tmp / "server.log", *extra)
+    extra = ("--store", postgres.create_database()) if store == "postgresql" and postgres else ()
+    proc = start_server_process(tmp / "state.db", port, tmp / "server.log", *extra, *flags)
     target = f"127.0.0.1:{port}"
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.ScaleSetsStub(channel)
@@ -86,18 +87,12 @@ BIG_STATE_FLOOR = 0.5
 def test_durable_set_capacity_beside_big_scale_sets(benchmark: Any, tmp_path: Path) -> None:
     benchmark.group = "durable_set_capacity_big_state"
     n = 20 if benchmark.disabled else 300
-    port = free_port()
     db = tmp_path / "state.db"
-    proc = start_server_process(db, port, tmp_path / "server.log", "--instance-limit", "200000")
-    target = f"127.0.0.1:{port}"
+    proc, target = serve("sqlite", None, tmp_path, "--instance-limit", "200000")
     try:
         with grpc.insecure_channel(target) as channel:
             stub = pb_grpc.ScaleSetsStub(channel)
             spec = pb.ScaleSetSpec(zones=["1", "2", "3"], sku=pb.Sku(name="Standard_D2s_v5"))
-            for p in range(PROCESSES):
-                for k in range(64):
-                    spec.name = f"load-{p}-{k}"
-                    stub.CreateScaleSet(pb.CreateScaleSetRequest(scale_set=spec, capacity=10))
             small = run_load(target, "set_capacity", PROCESSES, INFLIGHT, n)
             for i in range(4):
                 spec.name = f"big-{i}"

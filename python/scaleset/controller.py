@@ -132,8 +132,7 @@ class Controller:
 
     def desired_capacity(self, name: str) -> int:
         """The instances ``name`` should have: its instances plus what could not be placed yet."""
-        status = self.policies.lifecycle.status.get(name)
-        return self.engine.capacity(name) + (status.shortfall if status is not None else 0)
+        return self.policies.lifecycle.desired_capacity(self.engine, name)
 
     def fleet_report(self, name: str) -> FleetReport:
         """How far ``name``'s infrastructure is from its desired state: desired capacity, instances by

@@ -774,6 +774,11 @@ class Lifecycle:
 
     # ----- reads -----------------------------------------------------------------------------------------
 
+    def desired_capacity(self, engine: Engine, name: str) -> int:
+        """The instances ``name`` should have: those the engine holds plus what could not be placed yet."""
+        status = self.status.get(name)
+        return engine.capacity(name) + (status.shortfall if status is not None else 0)
+
     def report(self, engine: Engine, name: str, pending_limit: int = 1000) -> FleetReport:
         """``name``'s infrastructure against its desired state."""
         status = self.status.get(name, FleetStatus())
@@ -784,7 +789,7 @@ class Lifecycle:
         return FleetReport(
             scale_set=name,
             execution_mode=self.mode,
-            desired_capacity=engine.capacity(name) + status.shortfall,
+            desired_capacity=self.desired_capacity(engine, name),
             provisioning_states=dict(sorted(states.items())),
             shortfall=status.shortfall,
             consecutive_failures=status.failures,

@@ -1029,6 +1029,17 @@ impl Engine {
 
     // ----- region -------------------------------------------------------------------------------------
 
+    /// The key of a pool named by zone (None: regional), size and priority; both names checked.
+    fn pool_key(&self, zone: Option<&str>, vm_size: &str, priority: Priority) -> Result<PoolKey> {
+        let zone = zone.map(|z| self.region.zone_index(z)).transpose()?;
+        crate::validate::check_size_name(vm_size, "pool.vm_size")?;
+        Ok(PoolKey {
+            zone,
+            vm_size: vm_size.to_owned(),
+            priority,
+        })
+    }
+
     /// Marks a size as not offered in a zone (or regionally) for a priority, or offered again.
     pub fn set_pool_restricted(
         &mut self,
@@ -1037,13 +1048,7 @@ impl Engine {
         priority: Priority,
         restricted: bool,
     ) -> Result<()> {
-        let zone = zone.map(|z| self.region.zone_index(z)).transpose()?;
-        crate::validate::check_size_name(vm_size, "pool.vm_size")?;
-        let key = PoolKey {
-            zone,
-            vm_size: vm_size.to_owned(),
-            priority,
-        };
+        let key = self.pool_key(zone, vm_size, priority)?;
         self.region.pools.entry(key).or_default().restricted = restricted;
         Ok(())
     }
@@ -1056,13 +1061,7 @@ impl Engine {
         priority: Priority,
         blocked: bool,
     ) -> Result<()> {
-        let zone = zone.map(|z| self.region.zone_index(z)).transpose()?;
-        crate::validate::check_size_name(vm_size, "pool.vm_size")?;
-        let key = PoolKey {
-            zone,
-            vm_size: vm_size.to_owned(),
-            priority,
-        };
+        let key = self.pool_key(zone, vm_size, priority)?;
         if blocked {
             self.region.blocked.insert(key);
         } else {
@@ -1086,8 +1085,7 @@ impl Engine {
         available: Option<u64>,
         price: Option<f64>,
     ) -> Result<()> {
-        let zone = zone.map(|z| self.region.zone_index(z)).transpose()?;
-        crate::validate::check_size_name(vm_size, "pool.vm_size")?;
+        let key = self.pool_key(zone, vm_size, priority)?;
         if let Some(p) = price {
             if !(p.is_finite() && p >= 0.0) {
                 return Err(CoreError::invalid(
@@ -1097,11 +1095,6 @@ impl Engine {
                 .at("pool.price"));
             }
         }
-        let key = PoolKey {
-            zone,
-            vm_size: vm_size.to_owned(),
-            priority,
-        };
         let pool = self.region.pools.entry(key).or_default();
         pool.available = available;
         if let Some(p) = price {
