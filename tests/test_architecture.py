@@ -21,7 +21,19 @@ LAYERS = [
     {"controller"},
     {"store", "postgres", "control", "documents", "prometheus"},
     {"dispatch"},
-    {"convert", "service", "client", "cli", "__main__", "v1", "auth", "gateway", "executor", "instance"},
+    {
+        "convert",
+        "service",
+        "client",
+        "cli",
+        "__main__",
+        "v1",
+        "auth",
+        "gateway",
+        "executor",
+        "instance",
+        "cluster",
+    },
     {"testing"},
 ]
 

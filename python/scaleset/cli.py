@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -69,6 +70,8 @@ async def run_server(
     http_tls: Any = None,
     standby: bool = False,
     executors: bool = False,
+    cluster: bool = False,
+    partitions: int | None = None,
 ) -> int:
     """Runs the service until SIGTERM or SIGINT, then drains in-flight calls and commits. Every
     ``advance_interval`` seconds the time-driven policies (rolling upgrades, repairs, autoscale, automatic
@@ -79,6 +82,30 @@ async def run_server(
     from scaleset.service import build_server
 
     _raise_file_limit()
+    if cluster:
+        if metrics_port:
+            log.warning("metrics are kept per partition with --cluster and not served on a port yet")
+        return await _run_cluster_member(
+            store,
+            address,
+            region,
+            partitions=partitions,
+            instance_limit=instance_limit,
+            grace=grace,
+            advance_interval=advance_interval,
+            prometheus_url=prometheus_url,
+            event_retention=event_retention,
+            request_retention=request_retention,
+            authenticator=authenticator,
+            rate_limit=rate_limit,
+            max_watchers=max_watchers,
+            refused={
+                "--standby": standby,
+                "--executors": executors,
+                "--tls-cert": credentials is not None,
+                "--http-port": http_port is not None,
+            },
+        )
     opened = open_store(store, standby=standby, address=address)
     control = ControlPlane(
         opened,
@@ -119,27 +146,12 @@ async def run_server(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    source = None
+    pull = None
     if prometheus_url:
         from scaleset.prometheus import PrometheusSource, pull_metrics
 
-        source = PrometheusSource(prometheus_url)
-
-    async def drive_policies() -> None:
-        while not stop.is_set():
-            try:
-                if source is not None:
-                    await pull_metrics(control, source)
-                for action in await control.advance():
-                    log.info("%s %s: %s", action.scale_set, action.kind, action.reason)
-            except Exception:
-                log.exception("advancing the time-driven policies failed; retrying next interval")
-            try:
-                await asyncio.wait_for(stop.wait(), advance_interval)
-            except TimeoutError:
-                pass
-
-    driver = asyncio.create_task(drive_policies(), name="scaleset-policies")
+        pull = functools.partial(pull_metrics, control, PrometheusSource(prometheus_url))
+    driver = asyncio.create_task(control.run_policies(advance_interval, stop, pull), name="scaleset-policies")
     lost: list[str] = []
 
     async def hold_the_database() -> None:
@@ -178,6 +190,57 @@ async def run_server(
         shutil.rmtree(private, ignore_errors=True)
     log.info("stopped")
     return 1 if lost else 0
+
+
+async def _run_cluster_member(
+    store: str,
+    address: str,
+    region: Region,
+    *,
+    partitions: int | None,
+    refused: dict[str, bool],
+    grace: float,
+    advance_interval: float,
+    prometheus_url: str | None,
+    rate_limit: float,
+    **cell: Any,
+) -> int:
+    """``serve --cluster``: this server as one of several active ones on a PostgreSQL database."""
+    from scaleset.cluster import PARTITIONS, CellSettings, serve_cluster
+    from scaleset.errors import invalid_input
+
+    if not store.startswith(("postgresql://", "postgres://")):
+        raise invalid_input(
+            "--cluster needs --store postgresql://... (the servers share it).", field="cluster"
+        )
+    for flag, given in refused.items():
+        if given:
+            raise invalid_input(
+                f"{flag} does not work with --cluster yet; run a single server for it.", field="cluster"
+            )
+    if partitions is not None and not 1 <= partitions <= 256:
+        raise invalid_input("--partitions must be between 1 and 256.", field="partitions")
+    pull = None
+    if prometheus_url:
+        from scaleset.prometheus import PrometheusSource, pull_metrics
+
+        pull = functools.partial(pull_metrics, source=PrometheusSource(prometheus_url))
+    settings = CellSettings(
+        region, address.rsplit(":", 1)[0], advance_interval=advance_interval, pull=pull, **cell
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return await serve_cluster(
+        store,
+        address,
+        settings,
+        stop=stop,
+        partitions=partitions or PARTITIONS,
+        rate_limit=rate_limit,
+        grace=grace,
+    )
 
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -275,6 +338,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             http_tls=_http_tls(args),
             standby=args.standby,
             executors=args.executors,
+            cluster=args.cluster,
+            partitions=args.partitions,
         )
     )
 
@@ -589,18 +654,35 @@ def cmd_autoscale(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
-    """``scaleset cluster status``: the servers of a PostgreSQL database, which one is active, and when each
-    was last seen."""
-    from scaleset.postgres import LEASE_S, PostgresStore
+    """``scaleset cluster status``: the servers of a PostgreSQL database and when each was last seen; for
+    a cluster (``serve --cluster``), which partitions each owns; else which server is active."""
+    from scaleset.postgres import LEASE_S, ClusterDirectory, PostgresStore
 
     if not (args.store or "").startswith(("postgresql://", "postgres://")):
         print("error: cluster status needs --store postgresql://... (or $SCALESET_STORE)", file=sys.stderr)
         return 2
+
+    def seen(age: float) -> str:
+        return f"{age:.1f} s ago" if age < 3 * LEASE_S else f"{age:.0f} s ago (gone)"
+
+    cluster = ClusterDirectory.read(args.store)
+    if cluster is not None:
+        partitions, members, owners = cluster
+        owned = {address: sorted(p for p, (server, _, age) in owners.items() if server == address and age < 3 * LEASE_S)
+                 for address, _ in members}  # fmt: skip
+        print(f"{'address':<28} {'partitions':<40} last seen")
+        for address, age in members:
+            print(f"{address:<28} {','.join(map(str, owned[address])) or '-':<40} {seen(age)}")
+        orphans = sorted(set(range(partitions)) - {p for ps in owned.values() for p in ps})
+        print(
+            f"{partitions} partitions; "
+            + (f"without an owner: {','.join(map(str, orphans))}" if orphans else "all owned")
+        )
+        return 0
     servers = PostgresStore.list_servers(args.store)
     print(f"{'address':<28} {'role':<8} last seen")
     for address, role, age in servers:
-        state = f"{age:.1f} s ago" if age < 3 * LEASE_S else f"{age:.0f} s ago (gone)"
-        print(f"{address:<28} {role:<8} {state}")
+        print(f"{address:<28} {role:<8} {seen(age)}")
     if not any(role == "active" and age < 3 * LEASE_S for _, role, age in servers):
         print("no active server")
     return 0
@@ -791,6 +873,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--standby",
         action="store_true",
         help="with --store postgresql://: wait while another server holds the database, take over when it goes",
+    )
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="with --store postgresql://: one of several active servers; scale sets are shared out among them "
+        "by partition, and any server answers for any scale set",
+    )
+    p.add_argument(
+        "--partitions",
+        type=int,
+        help="with --cluster, on a new database: how many partitions the scale sets are hashed onto (default 12)",
     )
     p.add_argument(
         "--http-port",
@@ -990,7 +1083,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("values", type=float, nargs="+")
     p.set_defaults(func=cmd_autoscale)
 
-    p = sub.add_parser("cluster", help="the servers of a PostgreSQL database: which is active, which wait")
+    p = sub.add_parser(
+        "cluster", help="the servers of a PostgreSQL database: which is active, or which partitions each owns"
+    )
     p.add_argument("action", choices=["status"])
     p.add_argument("--store", default=os.environ.get("SCALESET_STORE"), help="the postgresql:// URL")
     p.set_defaults(func=cmd_cluster)

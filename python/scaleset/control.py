@@ -262,6 +262,24 @@ class ControlPlane:
         self._wake.set()
         self._published.set()
 
+    async def run_policies(
+        self, interval: float, stop: asyncio.Event, pull: Callable[[], Awaitable[object]] | None = None
+    ) -> None:
+        """Until ``stop``: every ``interval`` seconds, ``pull`` (the autoscale queries, read from
+        Prometheus) and then :meth:`advance`; a failed round is logged and tried again next interval."""
+        while not stop.is_set() and not self._closing:
+            try:
+                if pull is not None:
+                    await pull()
+                for action in await self.advance():
+                    log.info("%s %s: %s", action.scale_set, action.kind, action.reason)
+            except Exception:
+                log.exception("advancing the time-driven policies failed; retrying next interval")
+            try:
+                await asyncio.wait_for(stop.wait(), interval)
+            except TimeoutError:
+                pass
+
     # ----- reads --------------------------------------------------------------------------------------
 
     async def settled(self) -> Controller:

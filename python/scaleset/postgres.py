@@ -25,7 +25,7 @@ from scaleset.store import EVENT_COLUMNS, EventRecord, RequestRecord, Snapshot, 
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LEASE_S", "SCHEMA_VERSION", "PostgresStore"]
+__all__ = ["LEASE_S", "SCHEMA_VERSION", "ClusterDirectory", "PostgresStore"]
 
 #: Each entry migrates the schema from its index to the next version; SCHEMA_VERSION is their count.
 _MIGRATIONS = [
@@ -62,6 +62,8 @@ STANDBY_POLL_S = 0.5
 LEASE_S = 5.0
 #: The advisory lock key a serving store holds ("scaleset" in ASCII).
 _LOCK_KEY = 0x7363616C65736574
+#: In a cluster, partition N's owner holds the two-key advisory lock (_PARTITION_LOCK, N) instead.
+_PARTITION_LOCK = 0x73636C73  # "scls"
 
 
 def _redacted(url: str) -> str:
@@ -76,10 +78,26 @@ def _redacted(url: str) -> str:
 class PostgresStore:
     """The :class:`~scaleset.store.Store` on PostgreSQL."""
 
-    def __init__(self, url: str, *, pool_size: int = 4, standby: bool = False, address: str = "") -> None:
-        self.path = _redacted(url)
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 4,
+        standby: bool = False,
+        address: str = "",
+        partition: int | None = None,
+    ) -> None:
+        #: In a cluster (``serve --cluster``) the store of one partition: its own schema ``p<N>`` with the
+        #: same tables, its own lock; else the whole database's state in the public schema.
+        self.partition = partition
+        self.path = _redacted(url) + ("" if partition is None else f" (partition {partition})")
         self._url = url
-        self._standby = standby
+        self._schema = "public" if partition is None else f"p{partition}"
+        #: Where this partition's own gRPC server listens (the cluster's forwarding target), once bound.
+        self.cell = ""
+        # A server that lost its session never takes the database (or a partition) back on its own: a
+        # standby, or another server of the cluster, may have taken over and written since.
+        self._standby = standby or partition is not None
         #: The newest position this server has read or written (a reconnect checks nobody wrote since).
         self._last_sequence = 0
         #: Where clients reach this server, as listed by `scaleset cluster status` ("" lists nothing).
@@ -92,7 +110,15 @@ class PostgresStore:
             self._writer.close()
             raise
         self._pool = ConnectionPool(
-            url, min_size=1, max_size=pool_size, kwargs={"autocommit": True}, open=True
+            url,
+            min_size=1,
+            max_size=pool_size,
+            kwargs={
+                "autocommit": True,
+                "options": f"-c search_path={self._schema}",
+                "application_name": self._application_name,
+            },
+            open=True,
         )
         self._announce(self._writer, "active")
 
@@ -120,8 +146,17 @@ class PostgresStore:
                 announcer.close()
 
     def _announce(self, conn: psycopg.Connection[Any], role: str) -> None:
-        """Records this server (its address and role, now) for `scaleset cluster status`."""
-        if self.address:
+        """Records this server (its address and role, now) for `scaleset cluster status`; a partition's
+        owner records where its partition is served, which is where the cluster forwards requests."""
+        if self.partition is not None:
+            if self.cell:
+                conn.execute(
+                    "INSERT INTO public.partition_owners (partition, server, cell, seen_ms) VALUES (%s, %s, %s, %s) "
+                    "ON CONFLICT (partition) DO UPDATE SET server = EXCLUDED.server, cell = EXCLUDED.cell, "
+                    "seen_ms = EXCLUDED.seen_ms",
+                    (self.partition, self.address, self.cell, round(time.time() * 1000)),
+                )
+        elif self.address:
             conn.execute(
                 "INSERT INTO servers (address, role, seen_ms) VALUES (%s, %s, %s) ON CONFLICT (address) "
                 "DO UPDATE SET role = EXCLUDED.role, seen_ms = EXCLUDED.seen_ms",
@@ -136,6 +171,8 @@ class PostgresStore:
         try:
             with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
                 rows = conn.execute("SELECT address, role, seen_ms FROM servers ORDER BY address").fetchall()
+        except psycopg.errors.UndefinedTable:
+            return []  # no server has served this database yet
         except psycopg.Error as e:
             raise error(
                 UnavailableError,
@@ -153,11 +190,13 @@ class PostgresStore:
                 self._url,
                 autocommit=True,
                 connect_timeout=10,
+                application_name=self._application_name,
                 keepalives=1,
                 keepalives_idle=2,
                 keepalives_interval=1,
                 keepalives_count=3,
-                options="-c tcp_keepalives_idle=2 -c tcp_keepalives_interval=1 -c tcp_keepalives_count=3",
+                options="-c tcp_keepalives_idle=2 -c tcp_keepalives_interval=1 -c tcp_keepalives_count=3 "
+                f"-c search_path={self._schema}",
             )
         except psycopg.Error as e:
             raise error(
@@ -165,7 +204,7 @@ class PostgresStore:
                 f"cannot connect to {self.path}: {str(e).strip().splitlines()[0]}",
                 "DatabaseUnavailable",
             ) from None
-        locked = conn.execute("SELECT pg_try_advisory_lock(%s)", (_LOCK_KEY,)).fetchone()
+        locked = conn.execute(*self._lock_query("pg_try_advisory_lock")).fetchone()
         if not (locked and locked[0]):
             conn.close()
             raise error(
@@ -175,6 +214,16 @@ class PostgresStore:
                 "DatabaseInUse",
             )
         return conn
+
+    @property
+    def _application_name(self) -> str:
+        """How this server's sessions show in pg_stat_activity (an operator can find, or end, them)."""
+        return f"scaleset {self.address}"[:63]
+
+    def _lock_query(self, function: str) -> tuple[str, tuple[int, ...]]:
+        if self.partition is None:
+            return f"SELECT {function}(%s)", (_LOCK_KEY,)
+        return f"SELECT {function}(%s, %s)", (_PARTITION_LOCK, self.partition)
 
     def heartbeat(self) -> None:
         """Proves this server still holds the database; raises (DatabaseInUse, DatabaseUnavailable) when
@@ -221,6 +270,16 @@ class PostgresStore:
 
     def _migrate(self) -> None:
         with self._writer.transaction():
+            if self.partition is None:
+                clustered = self._writer.execute("SELECT to_regclass('public.cluster_config')").fetchone()
+                if clustered and clustered[0] is not None:
+                    raise error(
+                        ConflictError,
+                        f"{self.path} holds a cluster's partitions; serve it with --cluster.",
+                        "ClusterDatabase",
+                    )
+            else:
+                self._writer.execute(f"CREATE SCHEMA IF NOT EXISTS {self._schema}")
             self._writer.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             row = self._writer.execute("SELECT version FROM schema_version FOR UPDATE").fetchone()
             version = row[0] if row else 0
@@ -240,8 +299,15 @@ class PostgresStore:
                 self._writer.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION,))
 
     def _read(self, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        with self._pool.connection() as conn:
-            return conn.execute(query, params).fetchall()
+        try:
+            with self._pool.connection() as conn:
+                return conn.execute(query, params).fetchall()
+        except psycopg.OperationalError as e:  # the pool drops the broken connection; a retry gets another
+            raise error(
+                UnavailableError,
+                f"lost a connection to {self.path}: {str(e).strip().splitlines()[0]}; retry.",
+                "DatabaseUnavailable",
+            ) from None
 
     def load(self) -> tuple[Snapshot | None, list[EventRecord]]:
         rows = self._read("SELECT sequence, state FROM snapshots ORDER BY sequence DESC LIMIT 1")
@@ -340,10 +406,152 @@ class PostgresStore:
         with self._write_lock:
             self._pool.close()
             try:
-                if self.address:
+                if self.partition is not None:
+                    self._writer.execute(
+                        "DELETE FROM public.partition_owners WHERE partition = %s AND cell = %s",
+                        (self.partition, self.cell),
+                    )
+                elif self.address:
                     self._writer.execute("DELETE FROM servers WHERE address = %s", (self.address,))
                 # Released now, not when the server notices the session ended: a restart may follow at once.
-                self._writer.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
+                self._writer.execute(*self._lock_query("pg_advisory_unlock"))
             except psycopg.Error:
                 log.warning("could not release the lock on %s; it goes with the session", self.path)
             self._writer.close()
+
+
+class ClusterDirectory:
+    """Who is in a cluster (``serve --cluster``) and who owns which partition, in the public schema.
+
+    The truth of ownership is the partition's advisory lock, held by its owner's writing session (so a
+    dead server's partitions free themselves when its session ends); ``partition_owners`` says where each
+    owner serves its partition, for forwarding, and ``cluster_servers`` which servers are alive, so each
+    can take its fair share. The number of partitions is fixed when the cluster's database is created.
+    """
+
+    def __init__(self, url: str, *, address: str = "", partitions: int = 12) -> None:
+        self.path = _redacted(url)
+        self._url = url
+        self.address = address
+        self._lock = threading.Lock()
+        self._conn = self._connect()
+        with self._lock, self._conn.transaction():
+            # One creator at a time: the first server fixes the number of partitions.
+            self._conn.execute("SELECT pg_advisory_xact_lock(%s, -1)", (_PARTITION_LOCK,))
+            single = self._conn.execute(
+                "SELECT to_regclass('public.events') IS NOT NULL AND EXISTS (SELECT 1 FROM pg_locks "
+                "WHERE locktype = 'advisory' AND granted AND objsubid = 1 AND classid = %s AND objid = %s)",
+                ((_LOCK_KEY >> 32) & 0xFFFFFFFF, _LOCK_KEY & 0xFFFFFFFF),
+            ).fetchone()
+            if single and single[0]:
+                raise error(
+                    ConflictError,
+                    f"{self.path} is served by a single server (not --cluster); stop it first.",
+                    "DatabaseInUse",
+                )
+            self._conn.execute(
+                """
+                CREATE TABLE IF NOT EXISTS public.cluster_config (partitions INTEGER NOT NULL);
+                CREATE TABLE IF NOT EXISTS public.cluster_servers (address TEXT PRIMARY KEY, seen_ms BIGINT NOT NULL);
+                CREATE TABLE IF NOT EXISTS public.partition_owners (
+                    partition INTEGER PRIMARY KEY, server TEXT NOT NULL, cell TEXT NOT NULL, seen_ms BIGINT NOT NULL
+                );
+                """
+            )
+            row = self._conn.execute("SELECT partitions FROM public.cluster_config").fetchone()
+            if row is None:
+                self._conn.execute("INSERT INTO public.cluster_config VALUES (%s)", (partitions,))
+            self.partitions = int(row[0]) if row else partitions
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        try:
+            return psycopg.connect(
+                self._url,
+                autocommit=True,
+                connect_timeout=10,
+                application_name=f"scaleset {self.address}"[:63],
+            )
+        except psycopg.Error as e:
+            raise error(
+                UnavailableError,
+                f"cannot connect to {self.path}: {str(e).strip().splitlines()[0]}",
+                "DatabaseUnavailable",
+            ) from None
+
+    def _query(self, sql: str, params: Sequence[Any] = (), *, rows: bool = True) -> list[tuple[Any, ...]]:
+        with self._lock:
+            if self._conn.broken or self._conn.closed:
+                self._conn = self._connect()
+            try:
+                cursor = self._conn.execute(sql, params)
+                return cursor.fetchall() if rows else []
+            except psycopg.OperationalError as e:
+                self._conn.close()
+                raise error(
+                    UnavailableError,
+                    f"lost {self.path}: {str(e).strip().splitlines()[0]}",
+                    "DatabaseUnavailable",
+                ) from None
+
+    def beat(self) -> None:
+        """Says this server is alive (every second)."""
+        self._query(
+            "INSERT INTO public.cluster_servers (address, seen_ms) VALUES (%s, %s) ON CONFLICT (address) "
+            "DO UPDATE SET seen_ms = EXCLUDED.seen_ms",
+            (self.address, round(time.time() * 1000)),
+            rows=False,
+        )
+
+    def live_servers(self, within: float) -> list[str]:
+        """Servers seen within ``within`` seconds, by address."""
+        cutoff = round((time.time() - within) * 1000)
+        return [r[0] for r in self._query(
+            "SELECT address FROM public.cluster_servers WHERE seen_ms >= %s ORDER BY address", (cutoff,)
+        )]  # fmt: skip
+
+    def held(self) -> set[int]:
+        """Partitions whose lock some server holds (owned, or being taken over)."""
+        rows = self._query(
+            "SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND classid = %s",
+            (_PARTITION_LOCK,),
+        )
+        return {int(r[0]) for r in rows}
+
+    def owners(self) -> dict[int, tuple[str, str, float]]:
+        """partition -> (owning server, where the partition is served, seconds since its owner said so)."""
+        now = time.time()
+        rows = self._query("SELECT partition, server, cell, seen_ms FROM public.partition_owners")
+        return {int(p): (server, cell, now - seen / 1000) for p, server, cell, seen in rows}
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self._conn.execute("DELETE FROM public.cluster_servers WHERE address = %s", (self.address,))
+            except psycopg.Error:
+                pass  # it ages out of the list
+            self._conn.close()
+
+    @staticmethod
+    def read(url: str) -> tuple[int, list[tuple[str, float]], dict[int, tuple[str, str, float]]] | None:
+        """For `scaleset cluster status`, without joining: the number of partitions, the servers (and
+        seconds since each was seen), and each partition's owner; None if the database is no cluster's."""
+        now = time.time()
+        try:
+            with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+                found = conn.execute("SELECT to_regclass('public.cluster_config')").fetchone()
+                if not found or found[0] is None:
+                    return None
+                config = conn.execute("SELECT partitions FROM public.cluster_config").fetchone()
+                servers = conn.execute("SELECT address, seen_ms FROM public.cluster_servers ORDER BY address")
+                owners = conn.execute("SELECT partition, server, cell, seen_ms FROM public.partition_owners")
+                return (
+                    int(config[0]) if config else 0,
+                    [(a, now - s / 1000) for a, s in servers.fetchall()],
+                    {int(p): (srv, cell, now - s / 1000) for p, srv, cell, s in owners.fetchall()},
+                )
+        except psycopg.Error as e:
+            raise error(
+                UnavailableError,
+                f"cannot read {_redacted(url)}: {str(e).strip().splitlines()[0]}",
+                "DatabaseUnavailable",
+            ) from None

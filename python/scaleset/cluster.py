@@ -1,0 +1,602 @@
+"""Several active servers on one PostgreSQL database (``scaleset serve --cluster``).
+
+The database's scale sets are hashed onto a fixed number of partitions (12 by default, chosen when the
+cluster's database is created). Each partition is a whole state of its own: its own schema with the
+event log, snapshots and request replies of the single-server store, its own engine and control plane,
+and one owner at a time, the server whose database session holds the partition's advisory lock. A
+partition's owner orders its mutations and runs its background work (upgrades, repairs, zone balance,
+autoscale), exactly as a single server does for the whole database.
+
+Each server is a front and a set of cells. The front listens on the server's address and forwards every
+request to the cell that serves the scale set's partition, on this server or another (the owners'
+addresses are in ``partition_owners``), so any client may talk to any server. A cell is a partition's
+store, control plane and gRPC server on a loopback port. Every second each server says it is alive and
+takes its fair share of partitions (ceil(partitions / live servers)): free ones it takes, extra ones it
+hands back (a clean stop: committed, snapshotted, unlocked) for a server below its share to take. A
+server that dies loses its sessions and with them its locks, within ``LEASE_S``; the others take its
+partitions over and replay their logs.
+
+A few requests span partitions. ListScaleSets asks every partition and merges the pages by name. A zone's
+availability or a pool's capacity is a fact about the region that every partition's engine needs: the
+front applies the change to each partition in turn with one request_id (a retry completes it; no
+partition applies it twice), and answers with partition 0's region. What is not shared out is refused
+with FAILED_PRECONDITION (``NotInCluster``): vCPU quotas (a sum over every partition), watching every
+scale set at once (there is no global sequence), and executors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import logging
+import math
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from scaleset.control import ControlPlane
+from scaleset.errors import ConflictError, ScaleSetError, error, unavailable
+from scaleset.model import Region
+from scaleset.postgres import LEASE_S, ClusterDirectory, PostgresStore
+from scaleset.service import (
+    MAX_CONCURRENT_RPCS,
+    MAX_REPLY_BYTES,
+    MAX_REQUEST_BYTES,
+    DiagnosticsServicer,
+    RateLimiter,
+    _client_address,
+    _page_token,
+    _read_token,
+    _serve_reflection,
+    build_server,
+    status_for,
+)
+from scaleset.v1 import scaleset_pb2 as pb
+from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PARTITIONS", "ClusterServer", "partition_of"]
+
+#: Partitions of a new cluster's database: 12 share evenly among 1, 2, 3, 4 or 6 servers.
+PARTITIONS = 12
+#: How long a request waits for its partition to have an owner (a takeover: the dead owner's session
+#: ends within LEASE_S, then a survivor loads the partition) before it is answered UNAVAILABLE.
+OWNER_WAIT_S = 3 * LEASE_S
+#: How often each server says it is alive and rebalances (and each owner that it still owns its partitions).
+MANAGE_INTERVAL_S = 1.0
+#: An owner's address is used for forwarding while it said so within this long (three of its beats).
+ROUTE_TTL_S = 3 * MANAGE_INTERVAL_S
+
+_ROUTED_SERVICES = ("ScaleSets", "Autoscale", "Regions", "Executors")
+#: Region changes every partition applies; the other region RPCs are answered by partition 0, or refused.
+_BROADCAST = {"SetZoneAvailability", "SetPoolCapacity"}
+_NOT_SHARED = {
+    "SetCoreQuota": "vCPU quotas bound the sum over every partition, which no one server sees",
+    "LeaseOperations": "executors are not shared out among servers yet; run them with a single server",
+}
+
+
+def partition_of(name: str, partitions: int) -> int:
+    """The partition that holds scale set ``name`` (stable across servers and restarts)."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") % partitions
+
+
+def _scale_set_name(request: Any) -> str:
+    if isinstance(request, pb.CreateScaleSetRequest | pb.UpdateScaleSetRequest):
+        return str(request.scale_set.name)
+    if isinstance(request, pb.WatchEventsRequest):
+        return str(request.scale_set)
+    return str(getattr(request, "name", ""))
+
+
+def _not_in_cluster(what: str) -> ScaleSetError:
+    return error(ConflictError, f"not available on a cluster (serve --cluster): {what}.", "NotInCluster")
+
+
+@dataclass(frozen=True, slots=True)
+class CellSettings:
+    """What every cell's control plane and gRPC server are built with (the server's flags)."""
+
+    region: Region
+    host: str
+    instance_limit: int | None = None
+    advance_interval: float = 30.0
+    event_retention: int = 100_000
+    request_retention: int = 100_000
+    max_watchers: int = 1000
+    authenticator: Any = None
+    pull: Callable[[ControlPlane], Awaitable[object]] | None = None
+
+
+class Cell:
+    """One partition served by this server: its store (holding the partition's lock), its control plane
+    and policies, and its gRPC server on a loopback port, which the fronts forward to."""
+
+    def __init__(self, partition: int, store: PostgresStore, control: ControlPlane) -> None:
+        self.partition = partition
+        self.store = store
+        self.control = control
+        self.server: grpc.aio.Server | None = None
+        self.address = ""
+        self.stopping = asyncio.Event()
+        self.lost = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @classmethod
+    async def open(cls, url: str, partition: int, front: str, settings: CellSettings) -> Cell | None:
+        """Takes ``partition`` if no server holds it (None if one does), loads its state and serves it."""
+        try:
+            store = await asyncio.to_thread(
+                PostgresStore, url, pool_size=2, address=front, partition=partition
+            )
+        except ScaleSetError as e:
+            if e.code == "DatabaseInUse":
+                return None
+            raise
+        control = ControlPlane(
+            store,
+            settings.region,
+            instance_limit=settings.instance_limit,
+            event_retention=settings.event_retention,
+            request_retention=settings.request_retention,
+            max_watchers=settings.max_watchers,
+        )
+        cell = cls(partition, store, control)
+        try:
+            await control.start()
+            await control.set_execution_mode("Immediate")
+            cell.server, port, _ = await build_server(
+                control, f"{settings.host}:0", authenticator=settings.authenticator, rate_limit=None
+            )
+            await cell.server.start()
+        except BaseException:
+            await asyncio.to_thread(store.close)
+            raise
+        cell.address = f"{settings.host}:{port}"
+        store.cell = cell.address
+        await asyncio.to_thread(store.heartbeat)  # announces where the partition is served now
+        pull = None if settings.pull is None else functools.partial(settings.pull, control)
+        cell._tasks = [
+            asyncio.create_task(control.run_policies(settings.advance_interval, cell.stopping, pull)),
+            asyncio.create_task(cell._hold()),
+        ]
+        log.info("partition %d: serving on %s (sequence %d)", partition, cell.address, control.sequence)
+        return cell
+
+    async def _hold(self) -> None:
+        """Proves every second that this server still holds the partition; stops serving it at once when
+        it does not (another server may own it now)."""
+        while not self.stopping.is_set():
+            try:
+                await asyncio.to_thread(self.store.heartbeat)
+            except ScaleSetError as e:
+                log.error("partition %d: %s; no longer serving it", self.partition, e)
+                self.lost = True
+                self.stopping.set()
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), MANAGE_INTERVAL_S)
+
+    async def stop(self, grace: float) -> None:
+        """Stops serving the partition: cleanly (commits, snapshots, releases the lock) unless the lock
+        was lost, when nothing more is written and what was queued is answered UNAVAILABLE."""
+        self.stopping.set()
+        for task in self._tasks:
+            await task
+        if self.lost:
+            self.control.abandon()
+            if self.server is not None:
+                await self.server.stop(0.5)
+            await asyncio.to_thread(self.store.close)
+            return
+        if self.server is not None:
+            await self.server.stop(grace)
+        await self.control.stop()
+        log.info("partition %d: handed back", self.partition)
+
+
+class ClusterServer:
+    """This server's part of the cluster: its membership, its cells, and the front that routes requests."""
+
+    def __init__(
+        self, url: str, address: str, settings: CellSettings, *, partitions: int = PARTITIONS
+    ) -> None:
+        self._url = url
+        self.address = address
+        self._settings = settings
+        self._wanted_partitions = partitions
+        self.directory: ClusterDirectory | None = None
+        self.cells: dict[int, Cell] = {}
+        #: partition -> where it is served (the forwarding table), refreshed every MANAGE_INTERVAL_S.
+        self.routes: dict[int, str] = {}
+        self._routes_changed = asyncio.Event()
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stop = asyncio.Event()
+        self._manager: asyncio.Task[None] | None = None
+        self._free_last_round: set[int] = set()
+
+    @property
+    def partitions(self) -> int:
+        assert self.directory is not None
+        return self.directory.partitions
+
+    async def start(self) -> None:
+        self.directory = await asyncio.to_thread(
+            ClusterDirectory, self._url, address=self.address, partitions=self._wanted_partitions
+        )
+        await asyncio.to_thread(self.directory.beat)
+        self._manager = asyncio.create_task(self._manage(), name="scaleset-cluster")
+
+    async def stop(self, grace: float) -> None:
+        """Hands every partition back (so survivors take them at once, not after a lease) and leaves."""
+        self._stop.set()
+        if self._manager is not None:
+            await self._manager
+        await asyncio.gather(*(cell.stop(grace) for cell in self.cells.values()))
+        self.cells.clear()
+        for channel in self._channels.values():
+            await channel.close()
+        if self.directory is not None:
+            await asyncio.to_thread(self.directory.close)
+
+    # ----- membership ---------------------------------------------------------------------------------
+
+    async def _manage(self) -> None:
+        # One beat before the first share-out, so servers starting together see one another.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), MANAGE_INTERVAL_S)
+        while not self._stop.is_set():
+            try:
+                await self._rebalance()
+            except Exception:
+                log.exception("cluster: this round of share-out failed; retrying")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), MANAGE_INTERVAL_S)
+
+    async def _rebalance(self) -> None:
+        directory = self.directory
+        assert directory is not None
+        for partition, cell in list(self.cells.items()):
+            if cell.lost:
+                del self.cells[partition]
+                await cell.stop(0)
+        await asyncio.to_thread(directory.beat)
+        live = await asyncio.to_thread(directory.live_servers, ROUTE_TTL_S)
+        share = math.ceil(self.partitions / max(1, len(live)))
+        held = await asyncio.to_thread(directory.held)
+        free = [p for p in range(self.partitions) if p not in held]
+        # A partition free for a whole round has no server about to take it (its owner died, or every
+        # server is at its share while one that left still counts as live): take it beyond the share,
+        # and hand extras back later. Being served comes before being shared evenly.
+        orphans = [p for p in free if p in self._free_last_round]
+        self._free_last_round = set(free)
+        if len(self.cells) > share and not free:
+            # One a round, the highest first: a server below its share takes it in its next round.
+            partition = max(self.cells)
+            cell = self.cells.pop(partition)
+            await cell.stop(5.0)
+        elif len(self.cells) < share or orphans:
+            # Servers start their search at different partitions, so they rarely race for the same one.
+            me = live.index(self.address) if self.address in live else 0
+            free.sort(key=lambda p: (p not in orphans, (p - me * share) % self.partitions))
+            for partition in free[: max(share - len(self.cells), len(orphans))]:
+                opened = await Cell.open(self._url, partition, self.address, self._settings)
+                if opened is not None:
+                    self.cells[partition] = opened
+        await self._refresh_routes()
+
+    async def _refresh_routes(self) -> None:
+        assert self.directory is not None
+        owners = await asyncio.to_thread(self.directory.owners)
+        routes = {p: cell for p, (_, cell, age) in owners.items() if age < ROUTE_TTL_S}
+        routes.update({p: cell.address for p, cell in self.cells.items() if not cell.stopping.is_set()})
+        if routes != self.routes:
+            self.routes = routes
+            self._routes_changed.set()
+            self._routes_changed = asyncio.Event()
+
+    # ----- forwarding ---------------------------------------------------------------------------------
+
+    def _channel(self, target: str) -> grpc.aio.Channel:
+        channel = self._channels.get(target)
+        if channel is None:
+            channel = self._channels[target] = grpc.aio.insecure_channel(
+                target,
+                options=[
+                    ("grpc.max_receive_message_length", MAX_REPLY_BYTES),
+                    ("grpc.max_send_message_length", MAX_REQUEST_BYTES),
+                ],
+            )
+        return channel
+
+    async def route(self, partition: int, deadline: float | None) -> str:
+        """Where ``partition`` is served; waits (up to OWNER_WAIT_S, or the call's deadline) while it has no
+        owner, as during a takeover."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + min(OWNER_WAIT_S, deadline if deadline is not None else OWNER_WAIT_S)
+        while (target := self.routes.get(partition)) is None:
+            remaining = give_up - loop.time()
+            if remaining <= 0:
+                raise unavailable(
+                    f"partition {partition} has no server now (a takeover in progress?); retry with the same "
+                    "request_id."
+                )
+            changed = self._routes_changed
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), min(remaining, MANAGE_INTERVAL_S))
+        return target
+
+    async def forward(
+        self,
+        method: str,
+        partition: int,
+        payload: bytes,
+        metadata: list[tuple[str, str]],
+        deadline: float | None,
+    ) -> bytes:
+        """Sends a unary call to ``partition``'s cell. A cell that is gone (stopped, or its server died)
+        is dropped from the routes and the call waits for the partition's next owner: the call never
+        reached it, so sending it again cannot apply it twice."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        while True:
+            remaining = None if deadline is None else deadline - (loop.time() - started)
+            target = await self.route(partition, remaining)
+            channel = self._channel(target)
+            try:
+                await asyncio.wait_for(channel.channel_ready(), timeout=1.0)
+            except TimeoutError:
+                log.warning(
+                    "partition %d: %s does not answer; waiting for the partition's owner", partition, target
+                )
+                if self.routes.get(partition) == target:
+                    del self.routes[partition]
+                continue
+            call = channel.unary_unary(method)
+            try:
+                return await call(payload, metadata=metadata, timeout=remaining)  # type: ignore[no-any-return]
+            finally:
+                if (took := loop.time() - started) > 2.0:
+                    log.warning(
+                        "%s on partition %d took %.1f s (through %s)", method, partition, took, target
+                    )
+
+    async def stream(
+        self, method: str, partition: int, payload: bytes, metadata: list[tuple[str, str]]
+    ) -> AsyncIterator[bytes]:
+        target = await self.route(partition, None)
+        call = self._channel(target).unary_stream(method)(payload, metadata=metadata)
+        async for message in call:
+            yield message
+
+
+class Router:
+    """The front's handler for every routed method: decodes the request to find its scale set, and
+    forwards the request's bytes (and the caller's metadata: its token) to the partition's cell."""
+
+    def __init__(self, cluster: ClusterServer, limiter: RateLimiter | None) -> None:
+        self._cluster = cluster
+        self._limiter = limiter
+        self._methods: dict[str, tuple[str, type[Any], bool]] = {}
+        for service in _ROUTED_SERVICES:
+            descriptor = pb.DESCRIPTOR.services_by_name[service]
+            for m in descriptor.methods:
+                request_type = getattr(pb, m.input_type.name)
+                self._methods[f"/{descriptor.full_name}/{m.name}"] = (
+                    m.name,
+                    request_type,
+                    m.server_streaming,
+                )
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method
+        entry = self._methods.get(method)
+        if entry is None:
+            return None
+        name, request_type, streaming = entry
+        if streaming:
+            return grpc.unary_stream_rpc_method_handler(
+                functools.partial(self._stream, method, name, request_type)
+            )
+        return grpc.unary_unary_rpc_method_handler(functools.partial(self._unary, method, name, request_type))
+
+    @staticmethod
+    def _metadata(context: grpc.aio.ServicerContext) -> list[tuple[str, str]]:
+        return [
+            (k, v)
+            for k, v in (context.invocation_metadata() or ())
+            if not k.startswith((":", "grpc-")) and k not in ("user-agent", "content-type", "te")
+        ]
+
+    async def _admit(self, context: grpc.aio.ServicerContext, request_type: type[Any], payload: bytes) -> Any:
+        if self._limiter is not None and not self._limiter.allow(_client_address(context)):
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "too many requests from this client; slow down."
+            )
+        try:
+            return request_type.FromString(payload)
+        except Exception:
+            # Malformed bytes: let the owning cell's service answer (INVALID_ARGUMENT), via partition 0.
+            return None
+
+    async def _fail(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+        status = status_for(exc)
+        await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
+
+    async def _relay(self, context: grpc.aio.ServicerContext, call: Awaitable[bytes]) -> bytes:
+        try:
+            return await call
+        except grpc.aio.AioRpcError as e:
+            await context.abort(
+                e.code(), e.details() or "", trailing_metadata=tuple(e.trailing_metadata() or ())
+            )
+            raise  # unreachable: abort raises
+
+    async def _unary(
+        self,
+        method: str,
+        name: str,
+        request_type: type[Any],
+        payload: bytes,
+        context: grpc.aio.ServicerContext,
+    ) -> bytes:
+        request = await self._admit(context, request_type, payload)
+        cluster, metadata, deadline = self._cluster, self._metadata(context), context.time_remaining()
+        try:
+            if name in _NOT_SHARED:
+                raise _not_in_cluster(_NOT_SHARED[name])
+            if request is not None and name in _BROADCAST:
+                return await self._broadcast(method, request, metadata, deadline, context)
+            if request is not None and name == "ListScaleSets":
+                return await self._list_scale_sets(method, request, metadata, deadline, context)
+            scale_set = "" if request is None else _scale_set_name(request)
+            partition = partition_of(scale_set, cluster.partitions) if scale_set else 0
+        except ScaleSetError as e:
+            await self._fail(context, e)
+            raise
+        return await self._relay(context, cluster.forward(method, partition, payload, metadata, deadline))
+
+    async def _broadcast(
+        self,
+        method: str,
+        request: Any,
+        metadata: list[tuple[str, str]],
+        deadline: float | None,
+        context: grpc.aio.ServicerContext,
+    ) -> bytes:
+        """A region change, applied to every partition in turn under one request_id: a retry after a
+        partial failure finishes it, and each partition applies it once."""
+        if not request.request_id:
+            request.request_id = f"cluster-{uuid.uuid4()}"
+        payload = request.SerializeToString()
+        replies = [
+            await self._relay(context, self._cluster.forward(method, p, payload, metadata, deadline))
+            for p in range(self._cluster.partitions)
+        ]
+        return replies[0]
+
+    async def _list_scale_sets(
+        self,
+        method: str,
+        request: pb.ListScaleSetsRequest,
+        metadata: list[tuple[str, str]],
+        deadline: float | None,
+        context: grpc.aio.ServicerContext,
+    ) -> bytes:
+        """Every partition's page after the same name, merged: the first ``page_size`` by name."""
+        size = min(request.page_size or 100, 1000)
+        if request.page_token:
+            _read_token(request.page_token, "ListScaleSets")  # INVALID_ARGUMENT for a foreign token, here
+        payload = request.SerializeToString()
+        pages = await asyncio.gather(
+            *(
+                self._relay(context, self._cluster.forward(method, p, payload, metadata, deadline))
+                for p in range(self._cluster.partitions)
+            )
+        )
+        merged = sorted(
+            (s for page in pages for s in pb.ListScaleSetsResponse.FromString(page).scale_sets),
+            key=lambda s: s.spec.name,
+        )
+        more = len(merged) > size or any(
+            pb.ListScaleSetsResponse.FromString(p).next_page_token for p in pages
+        )
+        reply = pb.ListScaleSetsResponse(scale_sets=merged[:size])
+        if more and merged:
+            reply.next_page_token = _page_token("ListScaleSets", merged[:size][-1].spec.name)
+        return bytes(reply.SerializeToString())
+
+    async def _stream(
+        self,
+        method: str,
+        name: str,
+        request_type: type[Any],
+        payload: bytes,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[bytes]:
+        request = await self._admit(context, request_type, payload)
+        scale_set = "" if request is None else _scale_set_name(request)
+        if name in _NOT_SHARED or (request is not None and not scale_set):
+            await self._fail(
+                context,
+                _not_in_cluster(
+                    _NOT_SHARED.get(
+                        name, "watching every scale set at once; watch each scale set by its name"
+                    )
+                ),
+            )
+        partition = partition_of(scale_set, self._cluster.partitions) if scale_set else 0
+        try:
+            async for message in self._cluster.stream(method, partition, payload, self._metadata(context)):
+                yield message
+        except grpc.aio.AioRpcError as e:
+            await context.abort(
+                e.code(), e.details() or "", trailing_metadata=tuple(e.trailing_metadata() or ())
+            )
+        except ScaleSetError as e:
+            await self._fail(context, e)
+
+
+async def build_front(
+    cluster: ClusterServer, address: str, *, rate_limit: float | None
+) -> tuple[grpc.aio.Server, int]:
+    """The server's public face in a cluster: routed services, health checking, reflection, Echo."""
+    server = grpc.aio.server(
+        maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+        options=[
+            ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+            ("grpc.max_send_message_length", MAX_REPLY_BYTES),
+            ("grpc.max_concurrent_streams", 256),
+        ],
+    )
+    server.add_generic_rpc_handlers((Router(cluster, RateLimiter(rate_limit) if rate_limit else None),))
+    pb_grpc.add_DiagnosticsServicer_to_server(DiagnosticsServicer(), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [pb.DESCRIPTOR.services_by_name[s].full_name for s in (*_ROUTED_SERVICES, "Diagnostics")]
+    for name in ["", *names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    _serve_reflection(server, [*names, health.SERVICE_NAME])
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    return server, port
+
+
+async def serve_cluster(
+    url: str,
+    address: str,
+    settings: CellSettings,
+    *,
+    stop: asyncio.Event,
+    partitions: int = PARTITIONS,
+    rate_limit: float | None = None,
+    grace: float = 5.0,
+) -> int:
+    """Runs this server as a member of the cluster on ``url`` until ``stop``, then hands its partitions
+    back (so the others take them at once) and leaves."""
+    cluster = ClusterServer(url, "", settings, partitions=partitions)
+    server, port = await build_front(cluster, address, rate_limit=rate_limit)
+    cluster.address = f"{address.rsplit(':', 1)[0]}:{port}"  # who this server is, to the others
+    await cluster.start()
+    await server.start()
+    log.info(
+        "scaleset listening on %s (port %d), a member of the cluster on %s (%d partitions)",
+        address,
+        port,
+        url if cluster.directory is None else cluster.directory.path,
+        cluster.partitions,
+    )
+    await stop.wait()
+    log.info("shutting down: handing partitions back")
+    await cluster.stop(grace)
+    await server.stop(grace)
+    log.info("stopped")
+    return 0

@@ -1,0 +1,259 @@
+"""Several active servers on one PostgreSQL (`scaleset serve --cluster`): scale sets shared out among them
+by partition, any server answering for any scale set, and the partitions of a server that dies (or is cut
+off from the database) taken over by the others, with nothing acknowledged lost and nothing applied twice."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from scaleset.client import Client
+from scaleset.cluster import partition_of
+from scaleset.errors import ConflictError
+from scaleset.model import RollingUpgradePolicy, Sku, UpgradePolicy
+from scaleset.testing.server import free_port
+
+from tests.conftest import zonal_spec
+from tests.test_replicas import serving
+
+pytestmark = pytest.mark.slow
+
+
+class Cluster:
+    """``size`` servers started with --cluster on one database, each logging to its own file."""
+
+    def __init__(self, url: str, tmp: Path, size: int = 3, partitions: int = 12) -> None:
+        self.url, self.tmp, self.partitions = url, tmp, partitions
+        self.ports = [free_port() for _ in range(size)]
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        for port in self.ports:
+            self.start(port)
+
+    def start(self, port: int) -> None:
+        if port in self.procs:
+            self.procs[port].wait(timeout=30)  # reaped before it is replaced
+        with (self.tmp / f"server-{port}.log").open("ab") as log:
+            self.procs[port] = subprocess.Popen(
+                [
+                    sys.executable, "-m", "scaleset", "serve", "--store", self.url, "--cluster",
+                    "--partitions", str(self.partitions), "--port", str(port), "--metrics-port", "0",
+                    "--advance-interval", "0.2",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )  # fmt: skip
+
+    def target(self, first: int) -> str:
+        """All servers, this one first: a client sticks to it while it is up, then moves on."""
+        ports = self.ports[first:] + self.ports[:first]
+        return "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in ports)
+
+    def owners(self) -> dict[int, list[int]]:
+        """port -> the partitions it owns, as `scaleset cluster status` prints them."""
+        out = subprocess.run(
+            [sys.executable, "-m", "scaleset", "cluster", "status", "--store", self.url],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout  # fmt: skip
+        owned: dict[int, list[int]] = {}
+        for line in out.splitlines()[1:]:
+            if line.startswith("127.") and "(gone)" not in line:
+                address, partitions = line.split()[:2]
+                owned[int(address.rsplit(":", 1)[1])] = (
+                    [] if partitions == "-" else [int(p) for p in partitions.split(",")]
+                )
+        return owned
+
+    def wait_shared(self, ports: list[int], timeout: float = 60) -> dict[int, list[int]]:
+        """Waits until ``ports`` own every partition between them, evenly."""
+        deadline = time.monotonic() + timeout
+        while True:
+            owned = self.owners()
+            counts = sorted(len(owned.get(p, [])) for p in ports)
+            if sum(counts) == self.partitions and counts[-1] - counts[0] <= 1:
+                return owned
+            if time.monotonic() > deadline:
+                logs = " | ".join(p.read_text()[-600:] for p in self.tmp.glob("*.log"))
+                raise AssertionError(f"partitions not shared out: {owned} | {logs}")
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def drive(
+    target: str, name: str, acked: list[tuple[str, int]], stop: threading.Event, errors: list[str]
+) -> None:
+    """SetCapacity with request_ids until stopped; each acknowledged request_id with its capacity."""
+    with Client(target, retries=15, timeout=15) as c:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            try:
+                plan = c.set_capacity(name, 1 + n % 5, request_id=f"{name}-{n}")
+            except Exception as e:
+                errors.append(f"{name}: {type(e).__name__}: {e}")
+                return
+            acked.append((f"{name}-{n}", plan.capacity_after))
+
+
+def logged_capacity_changes(url: str, partitions: int, name: str) -> list[tuple[str, int]]:
+    """Every SetCapacity in the scale set's log (its partition's schema), in order: (its request_id, the
+    capacity it set)."""
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            f"SELECT command, summary FROM p{partition_of(name, partitions)}.events "
+            "WHERE scale_set = %s AND type = 'CapacitySet' ORDER BY revision",
+            (name,),
+        ).fetchall()
+    return [(json.loads(summary)["request_id"], json.loads(command)["capacity"]) for command, summary in rows]
+
+
+def test_three_servers_share_the_scale_sets_and_survive_a_kill_and_a_cut_off(
+    postgres: Any, tmp_path: Path
+) -> None:
+    import psycopg
+
+    url = postgres.create_database()
+    cluster = Cluster(url, tmp_path)
+    stop = threading.Event()
+    try:
+        owned = cluster.wait_shared(cluster.ports)
+        assert sorted(len(v) for v in owned.values()) == [4, 4, 4]
+
+        # Any server answers for any scale set: created through one, read through the others.
+        names = [f"set-{i}" for i in range(6)]
+        with Client(cluster.target(0), retries=15) as c:
+            for name in names:
+                c.create_scale_set(zonal_spec(name), 2)
+            rolling = zonal_spec(
+                "roll",
+                upgrade_policy=UpgradePolicy(
+                    "Rolling", RollingUpgradePolicy(pause_time_between_batches="PT1S")
+                ),
+            )
+            c.create_scale_set(rolling, 10)
+            c.report_health("roll", range(10), "Healthy")
+            c.update_scale_set(
+                zonal_spec("roll", sku=Sku(name="Standard_D4s_v5"), upgrade_policy=rolling.upgrade_policy)
+            )
+            assert len(c.start_rolling_upgrade("roll").batches) >= 3
+        for i in (1, 2):
+            with Client(cluster.target(i)) as c:
+                assert [s.spec.name for s in c.list_scale_sets()] == sorted([*names, "roll"])
+                assert c.get_scale_set("set-3").capacity == 2
+                with pytest.raises(ConflictError) as refused:
+                    c.set_core_quota("standardDSv5Family", 100)
+                assert refused.value.code == "NotInCluster"
+
+        acked: dict[str, list[tuple[str, int]]] = {name: [] for name in names}
+        errors: list[str] = []
+        writers = [
+            threading.Thread(
+                target=drive, args=(cluster.target(i % 3), name, acked[name], stop, errors), daemon=True
+            )
+            for i, name in enumerate(names)
+        ]
+        for w in writers:
+            w.start()
+
+        def progress(calls: int) -> None:
+            goal = {n: len(a) + calls for n, a in acked.items()}
+            deadline = time.monotonic() + 60
+            while any(len(acked[n]) < goal[n] for n in names) and not errors:
+                assert time.monotonic() < deadline, {n: len(a) for n, a in acked.items()}
+                time.sleep(0.05)
+
+        progress(20)
+        # 1. The server that owns the rolling upgrade's partition dies.
+        roll = partition_of("roll", cluster.partitions)
+        victim = next(port for port, ps in cluster.owners().items() if roll in ps)
+        cluster.procs[victim].send_signal(signal.SIGKILL)
+        survivors = [p for p in cluster.ports if p != victim]
+        owned = cluster.wait_shared(survivors)
+        assert sorted(len(owned[p]) for p in survivors) == [6, 6]
+        progress(20)
+
+        # 2. Another is cut off from the database: every session it has is ended.
+        cut = survivors[0]
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+                (f"scaleset 127.0.0.1:{cut}",),
+            )
+        progress(20)
+        # 3. The killed one comes back and gets its share again.
+        cluster.start(victim)
+        owned = cluster.wait_shared(cluster.ports)
+        assert sorted(len(v) for v in owned.values()) == [4, 4, 4]
+        progress(20)
+        stop.set()
+        for w in writers:
+            w.join(timeout=120)
+        assert errors == [], "\n".join(errors)
+
+        with Client(cluster.target(2), retries=15) as c:
+            for name in names:
+                # Nothing acknowledged lost, nothing applied twice: the log holds each acknowledged
+                # request once, in the order it was acknowledged, and the state is the last one's.
+                assert logged_capacity_changes(url, cluster.partitions, name) == acked[name]
+                assert c.get_scale_set(name).capacity == acked[name][-1][1]
+            # The rolling upgrade, whose owner was killed, went on on a survivor.
+            deadline = time.monotonic() + 60
+            while (u := c.get_rolling_upgrade("roll")) is not None and u.status == "RollingForward":
+                c.report_health("roll", range(10), "Healthy")
+                assert time.monotonic() < deadline, u
+                time.sleep(0.2)
+            assert (
+                u is not None and u.status == "Completed" and u.progress()["successful_instance_count"] == 10
+            )
+    finally:
+        stop.set()
+        cluster.stop()
+
+
+def test_a_server_leaving_hands_its_partitions_back_and_requests_wait_for_the_new_owner(
+    postgres: Any, tmp_path: Path
+) -> None:
+    url = postgres.create_database()
+    cluster = Cluster(url, tmp_path, size=2, partitions=4)
+    try:
+        cluster.wait_shared(cluster.ports)
+        assert serving(cluster.ports[0]) and serving(cluster.ports[1])
+        with Client(cluster.target(0), retries=15) as c:
+            for i in range(8):
+                c.create_scale_set(zonal_spec(f"s{i}"), 1)
+            # Region changes reach every partition: a zone down is seen by scale sets on both servers.
+            c.set_zone_available("2", False)
+        leaving = cluster.ports[1]
+        cluster.procs[leaving].send_signal(signal.SIGTERM)
+        assert cluster.procs[leaving].wait(timeout=60) == 0
+        with Client(f"127.0.0.1:{cluster.ports[0]}", retries=15) as c:
+            # Clean hand-back: the survivor owns everything, and every scale set answers from it.
+            assert cluster.wait_shared([cluster.ports[0]], timeout=30)[cluster.ports[0]] == [0, 1, 2, 3]
+            for i in range(8):
+                plan = c.set_capacity(f"s{i}", 6)
+                assert plan.capacity_after == 6
+                zones = {inst.zone for inst in c.list_instances(f"s{i}")}
+                assert "2" not in zones, (i, zones)
+            # What is not shared out is refused clearly, with its code.
+            with pytest.raises(ConflictError) as refused:
+                next(iter(c.watch("", 0)))
+            assert refused.value.code == "NotInCluster"
+    finally:
+        cluster.stop()
