@@ -68,6 +68,15 @@ def _workload(channel: grpc.aio.Channel, workload: str, process: int) -> tuple[A
             ]
             for k in slots
         ]
+    elif workload == "set_capacity_big":  # one scale set named "big", 100,000 <-> 100,001 instances
+        path = "/scaleset.v1.ScaleSets/SetCapacity"
+        requests = [
+            [
+                pb.SetCapacityRequest(name="big", capacity=c, view=pb.PLAN_VIEW_SUMMARY).SerializeToString()
+                for c in (100_000, 100_001)
+            ]
+            for _ in slots
+        ]
     else:
         path = "/scaleset.v1.ScaleSets/ListInstances"
         requests = [
@@ -88,11 +97,16 @@ def _process(args: tuple[str, str, int, int, int]) -> tuple[list[float], int]:
 
 
 def run_load(
-    target: str, workload: str, processes: int, inflight_per_process: int, calls_per_slot: int
+    target: str | list[str], workload: str, processes: int, inflight_per_process: int, calls_per_slot: int
 ) -> LoadResult:
-    """Runs ``workload`` (echo | set_capacity | list_instances) and measures it from start to finish."""
+    """Runs ``workload`` (echo | set_capacity | set_capacity_big | list_instances) and measures it from start to finish.
+    Given several targets (the servers of a cluster), client process ``p`` talks to ``target[p % n]``."""
     ctx = multiprocessing.get_context("spawn")
-    jobs = [(target, workload, p, inflight_per_process, calls_per_slot) for p in range(processes)]
+    targets = [target] if isinstance(target, str) else target
+    jobs = [
+        (targets[p % len(targets)], workload, p, inflight_per_process, calls_per_slot)
+        for p in range(processes)
+    ]
     with ctx.Pool(processes) as pool:
         # Warm the workers (interpreter start and imports) before the clock starts.
         pool.map(_noop, range(processes))
