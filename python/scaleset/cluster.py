@@ -49,6 +49,7 @@ from scaleset.service import (
     MAX_REPLY_BYTES,
     MAX_REQUEST_BYTES,
     DiagnosticsServicer,
+    InProcess,
     RateLimiter,
     _client_address,
     _page_token,
@@ -124,6 +125,8 @@ class Cell:
         self.store = store
         self.control = control
         self.server: grpc.aio.Server | None = None
+        #: The partition's services for this server's own front, called without a gRPC hop.
+        self.local = InProcess()
         self.address = ""
         self.stopping = asyncio.Event()
         self.lost = False
@@ -153,7 +156,11 @@ class Cell:
             await control.start()
             await control.set_execution_mode("Immediate")
             cell.server, port, _ = await build_server(
-                control, f"{settings.host}:0", authenticator=settings.authenticator, rate_limit=None
+                control,
+                f"{settings.host}:0",
+                authenticator=settings.authenticator,
+                rate_limit=None,
+                in_process=cell.local,
             )
             await cell.server.start()
         except BaseException:
@@ -461,6 +468,13 @@ class Router:
         except ScaleSetError as e:
             await self._fail(context, e)
             raise
+        cell = cluster.cells.get(partition)
+        if cell is not None and not cell.stopping.is_set():
+            # This server owns the partition: its services run here, on this call's own context.
+            handler = await cell.local.handler(method, context.invocation_metadata())
+            if handler is not None and handler.unary_unary is not None:
+                reply = await handler.unary_unary(handler.request_deserializer(payload), context)
+                return bytes(handler.response_serializer(reply))
         return await self._relay(context, cluster.forward(method, partition, payload, metadata, deadline))
 
     async def _broadcast(

@@ -13,12 +13,13 @@ import base64
 import bisect
 import dataclasses
 import datetime
+import functools
 import importlib.resources
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, NamedTuple
 
 import grpc
 from google.protobuf import any_pb2, descriptor_pb2, field_mask_pb2
@@ -1091,6 +1092,39 @@ def _serve_reflection(server: grpc.aio.Server, service_names: list[str]) -> None
     )
 
 
+class _CallDetails(NamedTuple):
+    method: str
+    invocation_metadata: Any
+
+
+class InProcess:
+    """A server's services called in this process, with the caller's own call context: what the server
+    would run for a method (its interceptors included), without another gRPC hop. A cluster's front
+    calls the partitions it owns this way."""
+
+    def __init__(self) -> None:
+        self._handlers: list[Any] = []
+        #: The server's interceptors, set by :func:`build_server`.
+        self.interceptors: list[Any] = []
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[Any]) -> None:
+        self._handlers.extend(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: Any) -> None:
+        pass  # the generic handlers above serve the same methods
+
+    async def handler(self, method: str, metadata: Any) -> grpc.RpcMethodHandler | None:
+        """The handler the server would run for ``method``, through its interceptors (outermost first)."""
+
+        async def innermost(details: Any) -> Any:
+            return next((h for g in self._handlers if (h := g.service(details)) is not None), None)
+
+        continuation: Callable[[Any], Awaitable[Any]] = innermost
+        for interceptor in reversed(self.interceptors):
+            continuation = functools.partial(interceptor.intercept_service, continuation)
+        return await continuation(_CallDetails(method, metadata))
+
+
 async def build_server(
     control: ControlPlane,
     address: str,
@@ -1098,9 +1132,11 @@ async def build_server(
     authenticator: Any = None,
     credentials: Any = None,
     rate_limit: float | None = DEFAULT_RATE_LIMIT,
+    in_process: InProcess | None = None,
 ) -> tuple[grpc.aio.Server, int, Metrics]:
     """A server with every service, health checking and reflection, bound to ``address``
-    (``host:port``; port 0 picks a free one). Returns the server, its port and its metrics."""
+    (``host:port``; port 0 picks a free one). Returns the server, its port and its metrics. Given
+    ``in_process``, the same services (same interceptors, same metrics) are also callable through it."""
     metrics = Metrics(control)
     limiter = RateLimiter(rate_limit) if rate_limit else None
     interceptors: list[Any] = [_Interceptor(metrics, limiter)]
@@ -1123,9 +1159,13 @@ async def build_server(
             ("grpc.keepalive_permit_without_calls", 1),
         ],
     )
-    pb_grpc.add_ScaleSetsServicer_to_server(ScaleSetsServicer(control), server)
-    pb_grpc.add_RegionsServicer_to_server(RegionsServicer(control), server)
-    pb_grpc.add_AutoscaleServicer_to_server(AutoscaleServicer(control), server)
+    servicers = (ScaleSetsServicer(control), RegionsServicer(control), AutoscaleServicer(control))
+    for target in (server, in_process) if in_process is not None else (server,):
+        pb_grpc.add_ScaleSetsServicer_to_server(servicers[0], target)
+        pb_grpc.add_RegionsServicer_to_server(servicers[1], target)
+        pb_grpc.add_AutoscaleServicer_to_server(servicers[2], target)
+    if in_process is not None:
+        in_process.interceptors = interceptors
     pb_grpc.add_DiagnosticsServicer_to_server(DiagnosticsServicer(), server)
     pb_grpc.add_ExecutorsServicer_to_server(ExecutorsServicer(control), server)
     health_servicer = health.aio.HealthServicer()
