@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from scaleset.client import Client
 from scaleset.cluster import partition_of
-from scaleset.errors import ConflictError
+from scaleset.errors import AccessDeniedError, ConflictError
 from scaleset.model import RollingUpgradePolicy, Sku, UpgradePolicy
 from scaleset.testing.server import free_port
 
@@ -29,8 +29,10 @@ pytestmark = pytest.mark.slow
 class Cluster:
     """``size`` servers started with --cluster on one database, each logging to its own file."""
 
-    def __init__(self, url: str, tmp: Path, size: int = 3, partitions: int = 12) -> None:
-        self.url, self.tmp, self.partitions = url, tmp, partitions
+    def __init__(
+        self, url: str, tmp: Path, size: int = 3, partitions: int = 12, flags: tuple[str, ...] = ()
+    ) -> None:
+        self.url, self.tmp, self.partitions, self.flags = url, tmp, partitions, flags
         self.ports = [free_port() for _ in range(size)]
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         for port in self.ports:
@@ -44,7 +46,7 @@ class Cluster:
                 [
                     sys.executable, "-m", "scaleset", "serve", "--store", self.url, "--cluster",
                     "--partitions", str(self.partitions), "--port", str(port), "--metrics-port", "0",
-                    "--advance-interval", "0.2",
+                    "--advance-interval", "0.2", *self.flags,
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=log,
@@ -255,5 +257,36 @@ def test_a_server_leaving_hands_its_partitions_back_and_requests_wait_for_the_ne
             with pytest.raises(ConflictError) as refused:
                 next(iter(c.watch("", 0)))
             assert refused.value.code == "NotInCluster"
+    finally:
+        cluster.stop()
+
+
+def test_tokens_and_roles_hold_on_every_server_for_every_partition(postgres: Any, tmp_path: Path) -> None:
+    """The front forwards the caller's token; the partition's owner checks it, wherever it runs."""
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text(
+        "tokens:\n  - {token: r-token, name: rita, role: reader}\n  - {token: o-token, name: omar, role: operator}\n"
+    )
+    cluster = Cluster(
+        postgres.create_database(), tmp_path, size=2, partitions=2, flags=("--tokens", str(tokens))
+    )
+    try:
+        cluster.wait_shared(cluster.ports)
+        names = ["a", "b", "c", "d", "e", "f"]
+        assert {partition_of(n, 2) for n in names} == {0, 1}  # owned by both servers
+        with Client(cluster.target(0), token="o-token") as operator:
+            for name in names:
+                operator.create_scale_set(zonal_spec(name), 1)
+        for first in (0, 1):  # through each server: one partition in process, the other forwarded
+            with Client(cluster.target(first), token="r-token") as reader:
+                for name in names:
+                    assert reader.get_scale_set(name).capacity == 1
+                    with pytest.raises(AccessDeniedError) as denied:
+                        reader.set_capacity(name, 2)
+                    assert denied.value.code == "PermissionDenied"
+            with Client(cluster.target(first)) as anonymous, pytest.raises(AccessDeniedError) as denied:
+                anonymous.get_scale_set(names[first])
+            assert denied.value.code == "Unauthenticated"
+        assert serving(cluster.ports[0])  # probes need no token
     finally:
         cluster.stop()
