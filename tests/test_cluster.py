@@ -242,6 +242,11 @@ def test_a_server_leaving_hands_its_partitions_back_and_requests_wait_for_the_ne
                 c.create_scale_set(zonal_spec(f"s{i}"), 1)
             # Region changes reach every partition: a zone down is seen by scale sets on both servers.
             c.set_zone_available("2", False)
+        for port in cluster.ports:  # any server streams any scale set's events, from its owner
+            with Client(f"127.0.0.1:{port}") as c:
+                for i in range(8):
+                    first = next(iter(c.watch(f"s{i}", 0)))
+                    assert (first.scale_set, first.revision, first.type) == (f"s{i}", 1, "ScaleSetCreated")
         leaving = cluster.ports[1]
         cluster.procs[leaving].send_signal(signal.SIGTERM)
         assert cluster.procs[leaving].wait(timeout=60) == 0
