@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ class Cluster:
     ) -> None:
         self.url, self.tmp, self.partitions, self.flags = url, tmp, partitions, flags
         self.ports = [free_port() for _ in range(size)]
+        self.metrics = {port: free_port() for port in self.ports}
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         for port in self.ports:
             self.start(port)
@@ -45,7 +47,7 @@ class Cluster:
             self.procs[port] = subprocess.Popen(
                 [
                     sys.executable, "-m", "scaleset", "serve", "--store", self.url, "--cluster",
-                    "--partitions", str(self.partitions), "--port", str(port), "--metrics-port", "0",
+                    "--partitions", str(self.partitions), "--port", str(port), "--metrics-port", str(self.metrics[port]),
                     "--advance-interval", "0.2", *self.flags,
                 ],
                 stdout=subprocess.DEVNULL,
@@ -247,6 +249,20 @@ def test_a_server_leaving_hands_its_partitions_back_and_requests_wait_for_the_ne
                 for i in range(8):
                     first = next(iter(c.watch(f"s{i}", 0)))
                     assert (first.scale_set, first.revision, first.type) == (f"s{i}", 1, "ScaleSetCreated")
+        # Each server's metrics port shows the partitions it owns, each partition's metrics labelled.
+        for port in cluster.ports:
+            text = (
+                urllib.request.urlopen(f"http://127.0.0.1:{cluster.metrics[port]}/metrics", timeout=10)
+                .read()
+                .decode()
+            )
+            assert "scaleset_partitions_owned 2.0" in text
+            sets = sum(
+                float(line.split()[-1])
+                for line in text.splitlines()
+                if line.startswith("scaleset_scale_sets{")
+            )
+            assert 'scaleset_scale_sets{partition="' in text and 0 < sets < 8
         leaving = cluster.ports[1]
         cluster.procs[leaving].send_signal(signal.SIGTERM)
         assert cluster.procs[leaving].wait(timeout=60) == 0

@@ -83,8 +83,6 @@ async def run_server(
 
     _raise_file_limit()
     if cluster:
-        if metrics_port:
-            log.warning("metrics are kept per partition with --cluster and not served on a port yet")
         return await _run_cluster_member(
             store,
             address,
@@ -99,6 +97,7 @@ async def run_server(
             authenticator=authenticator,
             rate_limit=rate_limit,
             max_watchers=max_watchers,
+            metrics_port=metrics_port,
             refused={
                 "--standby": standby,
                 "--executors": executors,
@@ -203,6 +202,7 @@ async def _run_cluster_member(
     advance_interval: float,
     prometheus_url: str | None,
     rate_limit: float,
+    metrics_port: int,
     **cell: Any,
 ) -> int:
     """``serve --cluster``: this server as one of several active ones on a PostgreSQL database."""
@@ -239,6 +239,7 @@ async def _run_cluster_member(
         stop=stop,
         partitions=partitions or PARTITIONS,
         rate_limit=rate_limit,
+        metrics_port=metrics_port,
         grace=grace,
     )
 

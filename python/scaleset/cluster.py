@@ -33,12 +33,14 @@ import hashlib
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.metrics_core import Metric
 
 from scaleset.control import ControlPlane
 from scaleset.errors import ConflictError, ScaleSetError, error, unavailable
@@ -50,6 +52,7 @@ from scaleset.service import (
     MAX_REQUEST_BYTES,
     DiagnosticsServicer,
     InProcess,
+    Metrics,
     RateLimiter,
     _client_address,
     _page_token,
@@ -125,6 +128,7 @@ class Cell:
         self.store = store
         self.control = control
         self.server: grpc.aio.Server | None = None
+        self.metrics: Metrics | None = None
         #: The partition's services for this server's own front, called without a gRPC hop.
         self.local = InProcess()
         self.address = ""
@@ -155,7 +159,7 @@ class Cell:
         try:
             await control.start()
             await control.set_execution_mode("Immediate")
-            cell.server, port, _ = await build_server(
+            cell.server, port, cell.metrics = await build_server(
                 control,
                 f"{settings.host}:0",
                 authenticator=settings.authenticator,
@@ -558,6 +562,31 @@ class Router:
             await self._fail(context, e)
 
 
+class CellMetrics:
+    """A Prometheus collector: the metrics of every partition this server owns, each sample labelled
+    with its ``partition``, and how many partitions it owns."""
+
+    def __init__(self, cluster: ClusterServer) -> None:
+        self._cluster = cluster
+
+    def collect(self) -> Iterator[Metric]:
+        owned = Metric("scaleset_partitions_owned", "Partitions this server owns.", "gauge")
+        owned.add_sample("scaleset_partitions_owned", {}, len(self._cluster.cells))
+        yield owned
+        families: dict[str, Metric] = {}
+        for partition, cell in sorted(self._cluster.cells.items()):
+            if cell.metrics is None:
+                continue
+            for family in cell.metrics.registry.collect():
+                merged = families.setdefault(
+                    family.name, Metric(family.name, family.documentation, family.type)
+                )
+                merged.samples += [
+                    s._replace(labels={**s.labels, "partition": str(partition)}) for s in family.samples
+                ]
+        yield from families.values()
+
+
 async def build_front(
     cluster: ClusterServer, address: str, *, rate_limit: float | None
 ) -> tuple[grpc.aio.Server, int]:
@@ -593,12 +622,17 @@ async def serve_cluster(
     partitions: int = PARTITIONS,
     rate_limit: float | None = None,
     grace: float = 5.0,
+    metrics_port: int = 0,
 ) -> int:
     """Runs this server as a member of the cluster on ``url`` until ``stop``, then hands its partitions
     back (so the others take them at once) and leaves."""
     cluster = ClusterServer(url, "", settings, partitions=partitions)
     server, port = await build_front(cluster, address, rate_limit=rate_limit)
     cluster.address = f"{address.rsplit(':', 1)[0]}:{port}"  # who this server is, to the others
+    if metrics_port:
+        registry = CollectorRegistry()
+        registry.register(CellMetrics(cluster))
+        start_http_server(metrics_port, addr=settings.host.strip("[]") or "127.0.0.1", registry=registry)
     await cluster.start()
     await server.start()
     log.info(
