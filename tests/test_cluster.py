@@ -5,6 +5,7 @@ off from the database) taken over by the others, with nothing acknowledged lost 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 from scaleset.client import Client
 from scaleset.cluster import partition_of
-from scaleset.errors import AccessDeniedError, ConflictError
+from scaleset.errors import AccessDeniedError, ConflictError, ScaleSetError
 from scaleset.model import RollingUpgradePolicy, Sku, UpgradePolicy
 from scaleset.testing.server import free_port
 
@@ -31,9 +32,16 @@ class Cluster:
     """``size`` servers started with --cluster on one database, each logging to its own file."""
 
     def __init__(
-        self, url: str, tmp: Path, size: int = 3, partitions: int = 12, flags: tuple[str, ...] = ()
+        self,
+        url: str,
+        tmp: Path,
+        size: int = 3,
+        partitions: int = 12,
+        flags: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
         self.url, self.tmp, self.partitions, self.flags = url, tmp, partitions, flags
+        self.env = {**os.environ, **(env or {})}
         self.ports = [free_port() for _ in range(size)]
         self.metrics = {port: free_port() for port in self.ports}
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
@@ -52,6 +60,7 @@ class Cluster:
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=log,
+                env=self.env,
             )  # fmt: skip
 
     def target(self, first: int) -> str:
@@ -309,5 +318,38 @@ def test_tokens_and_roles_hold_on_every_server_for_every_partition(postgres: Any
                 anonymous.get_scale_set(names[first])
             assert denied.value.code == "Unauthenticated"
         assert serving(cluster.ports[0])  # probes need no token
+    finally:
+        cluster.stop()
+
+
+def test_a_cluster_serves_tls_and_forwards_over_tls(postgres: Any, tmp_path: Path) -> None:
+    """With --tls-cert the front and every partition serve TLS only; fronts verify one another against
+    --tls-ca ($SCALESET_TLS_CA) when they forward."""
+    from tests.test_security import authority, write
+
+    ca, server, _ = authority("cluster-ca")
+    cert, key, ca_file = write(tmp_path, server, ca)
+    assert ca_file is not None
+    cluster = Cluster(
+        postgres.create_database(),
+        tmp_path,
+        size=2,
+        partitions=2,
+        flags=("--tls-cert", cert, "--tls-key", key),
+        env={"SCALESET_TLS_CA": ca_file},
+    )
+    try:
+        cluster.wait_shared(cluster.ports)
+        names = ["a", "b", "c", "d"]
+        assert {partition_of(n, 2) for n in names} == {0, 1}
+        with Client(f"127.0.0.1:{cluster.ports[0]}", root_certificates=ca.cert) as c:
+            for name in names:
+                c.create_scale_set(zonal_spec(name), 1)
+        for first in (0, 1):  # each server: one partition in process, the other forwarded over TLS
+            with Client(f"127.0.0.1:{cluster.ports[first]}", root_certificates=ca.cert) as c:
+                assert [c.get_scale_set(n).capacity for n in names] == [1, 1, 1, 1]
+            with Client(f"127.0.0.1:{cluster.ports[first]}", retries=0, timeout=5) as plain:
+                with pytest.raises(ScaleSetError):
+                    plain.get_scale_set("a")
     finally:
         cluster.stop()

@@ -72,6 +72,7 @@ async def run_server(
     executors: bool = False,
     cluster: bool = False,
     partitions: int | None = None,
+    cluster_tls: tuple[Any, Any] | None = None,
 ) -> int:
     """Runs the service until SIGTERM or SIGINT, then drains in-flight calls and commits. Every
     ``advance_interval`` seconds the time-driven policies (rolling upgrades, repairs, autoscale, automatic
@@ -98,10 +99,11 @@ async def run_server(
             rate_limit=rate_limit,
             max_watchers=max_watchers,
             metrics_port=metrics_port,
+            credentials=None if cluster_tls is None else cluster_tls[0],
+            peer_credentials=None if cluster_tls is None else cluster_tls[1],
             refused={
                 "--standby": standby,
                 "--executors": executors,
-                "--tls-cert": credentials is not None,
                 "--http-port": http_port is not None,
             },
         )
@@ -299,6 +301,26 @@ def _security(args: argparse.Namespace) -> tuple[Any, Any]:
     return authenticator, credentials
 
 
+def _cluster_tls(args: argparse.Namespace) -> tuple[Any, Any] | None:
+    """With --cluster and TLS: what the front and each partition's server listen with (a fresh
+    credentials object per server: gRPC binds one to one server), and how this server reaches the others
+    (their certificates chain to --tls-ca, or to the system's roots; it presents its own, for mutual TLS)."""
+    if not (args.cluster and args.tls_cert):
+        return None
+    from pathlib import Path
+
+    import grpc
+
+    from scaleset.auth import server_credentials
+
+    peer = grpc.ssl_channel_credentials(
+        root_certificates=Path(args.tls_ca).read_bytes() if args.tls_ca else None,
+        private_key=Path(args.tls_key).read_bytes(),
+        certificate_chain=Path(args.tls_cert).read_bytes(),
+    )
+    return functools.partial(server_credentials, args.tls_cert, args.tls_key, args.tls_client_ca), peer
+
+
 def _http_tls(args: argparse.Namespace) -> Any:
     """The HTTP/JSON gateway's TLS context: the gRPC server's certificate and, with --tls-client-ca,
     client certificates required as on gRPC."""
@@ -341,6 +363,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             executors=args.executors,
             cluster=args.cluster,
             partitions=args.partitions,
+            cluster_tls=_cluster_tls(args),
         )
     )
 

@@ -117,6 +117,11 @@ class CellSettings:
     max_watchers: int = 1000
     authenticator: Any = None
     pull: Callable[[ControlPlane], Awaitable[object]] | None = None
+    #: TLS: makes what the front and every cell serve with (one credentials object per server), and what
+    #: a front forwards to other servers with (their CA, and this server's own certificate for mutual
+    #: TLS); None for both is plain text.
+    credentials: Callable[[], grpc.ServerCredentials] | None = None
+    peer_credentials: grpc.ChannelCredentials | None = None
 
 
 class Cell:
@@ -163,6 +168,7 @@ class Cell:
                 control,
                 f"{settings.host}:0",
                 authenticator=settings.authenticator,
+                credentials=None if settings.credentials is None else settings.credentials(),
                 rate_limit=None,
                 in_process=cell.local,
             )
@@ -318,12 +324,15 @@ class ClusterServer:
     def _channel(self, target: str) -> grpc.aio.Channel:
         channel = self._channels.get(target)
         if channel is None:
-            channel = self._channels[target] = grpc.aio.insecure_channel(
-                target,
-                options=[
-                    ("grpc.max_receive_message_length", MAX_REPLY_BYTES),
-                    ("grpc.max_send_message_length", MAX_REQUEST_BYTES),
-                ],
+            options = [
+                ("grpc.max_receive_message_length", MAX_REPLY_BYTES),
+                ("grpc.max_send_message_length", MAX_REQUEST_BYTES),
+            ]
+            tls = self._settings.peer_credentials
+            channel = self._channels[target] = (
+                grpc.aio.insecure_channel(target, options=options)
+                if tls is None
+                else grpc.aio.secure_channel(target, tls, options=options)
             )
         return channel
 
@@ -588,7 +597,7 @@ class CellMetrics:
 
 
 async def build_front(
-    cluster: ClusterServer, address: str, *, rate_limit: float | None
+    cluster: ClusterServer, address: str, *, rate_limit: float | None, credentials: Any = None
 ) -> tuple[grpc.aio.Server, int]:
     """The server's public face in a cluster: routed services, health checking, reflection, Echo."""
     server = grpc.aio.server(
@@ -607,7 +616,11 @@ async def build_front(
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     _serve_reflection(server, [*names, health.SERVICE_NAME])
-    port = server.add_insecure_port(address)
+    port = (
+        server.add_secure_port(address, credentials)
+        if credentials is not None
+        else server.add_insecure_port(address)
+    )
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     return server, port
@@ -627,7 +640,8 @@ async def serve_cluster(
     """Runs this server as a member of the cluster on ``url`` until ``stop``, then hands its partitions
     back (so the others take them at once) and leaves."""
     cluster = ClusterServer(url, "", settings, partitions=partitions)
-    server, port = await build_front(cluster, address, rate_limit=rate_limit)
+    tls = None if settings.credentials is None else settings.credentials()
+    server, port = await build_front(cluster, address, rate_limit=rate_limit, credentials=tls)
     cluster.address = f"{address.rsplit(':', 1)[0]}:{port}"  # who this server is, to the others
     if metrics_port:
         registry = CollectorRegistry()
