@@ -353,3 +353,52 @@ def test_a_cluster_serves_tls_and_forwards_over_tls(postgres: Any, tmp_path: Pat
                     plain.get_scale_set("a")
     finally:
         cluster.stop()
+
+
+def test_executors_serve_the_whole_cluster_through_any_server(postgres: Any, tmp_path: Path) -> None:
+    """An executor on one server carries out every partition's operations (forwarded lease streams,
+    cluster-wide operation ids), through a takeover as well."""
+    from scaleset.executor import Executor, FakeCloud
+
+    cluster = Cluster(postgres.create_database(), tmp_path, size=2, partitions=2, flags=("--executors",))
+    names = ["a", "b", "c", "d"]
+    assert {partition_of(n, 2) for n in names} == {0, 1}
+    cloud = FakeCloud(seed=11)
+    first = f"127.0.0.1:{cluster.ports[0]}"
+    with Client(first, retries=15) as lessee, Client(first, retries=15) as c:
+        executor = Executor(lessee, cloud, executor_id="everywhere", max_in_flight=8)
+        worker = threading.Thread(target=executor.run, daemon=True)
+
+        def converged(capacity: int) -> bool:
+            for name in names:
+                report = c.fleet_report(name)
+                if report.pending_operation_count or report.provisioning_states != {"Succeeded": capacity}:
+                    return False
+            return True
+
+        try:
+            cluster.wait_shared(cluster.ports)
+            worker.start()
+            for name in names:
+                c.create_scale_set(zonal_spec(name), 3)
+            wait_until(lambda: converged(3))
+            assert sorted(cloud.instances) == sorted(f"{n}_{i}" for n in names for i in range(3))
+            # The other server stops: its partition moves to the first, and the executor's stream follows.
+            cluster.procs[cluster.ports[1]].send_signal(signal.SIGTERM)
+            assert cluster.procs[cluster.ports[1]].wait(timeout=60) == 0
+            cluster.wait_shared([cluster.ports[0]])
+            for name in names:
+                c.set_capacity(name, 5)
+            wait_until(lambda: converged(5))
+            assert len(cloud.instances) == 20
+        finally:
+            executor.stop()
+            worker.join(timeout=30)
+            cluster.stop()
+
+
+def wait_until(condition: Any, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)

@@ -101,11 +101,8 @@ async def run_server(
             metrics_port=metrics_port,
             credentials=None if cluster_tls is None else cluster_tls[0],
             peer_credentials=None if cluster_tls is None else cluster_tls[1],
-            refused={
-                "--standby": standby,
-                "--executors": executors,
-                "--http-port": http_port is not None,
-            },
+            executors=executors,
+            refused={"--standby": standby, "--http-port": http_port is not None},
         )
     opened = open_store(store, standby=standby, address=address)
     control = ControlPlane(

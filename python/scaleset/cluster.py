@@ -21,7 +21,8 @@ availability or a pool's capacity is a fact about the region that every partitio
 front applies the change to each partition in turn with one request_id (a retry completes it; no
 partition applies it twice), and answers with partition 0's region. What is not shared out is refused
 with FAILED_PRECONDITION (``NotInCluster``): vCPU quotas (a sum over every partition), watching every
-scale set at once (there is no global sequence), and executors.
+scale set at once (there is no global sequence). Executors stream from every server: the front merges a
+lease stream from each partition's owner and numbers operations uniquely in the cluster.
 """
 
 from __future__ import annotations
@@ -83,7 +84,6 @@ _ROUTED_SERVICES = ("ScaleSets", "Autoscale", "Regions", "Executors")
 _BROADCAST = {"SetZoneAvailability", "SetPoolCapacity"}
 _NOT_SHARED = {
     "SetCoreQuota": "vCPU quotas bound the sum over every partition, which no one server sees",
-    "LeaseOperations": "executors are not shared out among servers yet; run them with a single server",
 }
 
 
@@ -115,6 +115,8 @@ class CellSettings:
     event_retention: int = 100_000
     request_retention: int = 100_000
     max_watchers: int = 1000
+    #: Hand plans to executors (``serve --executors``) instead of applying them at once.
+    executors: bool = False
     authenticator: Any = None
     pull: Callable[[ControlPlane], Awaitable[object]] | None = None
     #: TLS: makes what the front and every cell serve with (one credentials object per server), and what
@@ -163,7 +165,7 @@ class Cell:
         cell = cls(partition, store, control)
         try:
             await control.start()
-            await control.set_execution_mode("Immediate")
+            await control.set_execution_mode("Executors" if settings.executors else "Immediate")
             cell.server, port, cell.metrics = await build_server(
                 control,
                 f"{settings.host}:0",
@@ -476,19 +478,103 @@ class Router:
                 return await self._broadcast(method, request, metadata, deadline, context)
             if request is not None and name == "ListScaleSets":
                 return await self._list_scale_sets(method, request, metadata, deadline, context)
-            scale_set = "" if request is None else _scale_set_name(request)
-            partition = partition_of(scale_set, cluster.partitions) if scale_set else 0
+            if isinstance(request, pb.ReportOperationRequest):
+                # Operation ids are the cluster's (see _lease_operations): the partition is in the id.
+                partition, request.operation_id = self._local_operation(request.operation_id)
+                payload = request.SerializeToString()
+            else:
+                scale_set = "" if request is None else _scale_set_name(request)
+                partition = partition_of(scale_set, cluster.partitions) if scale_set else 0
         except ScaleSetError as e:
             await self._fail(context, e)
             raise
-        cell = cluster.cells.get(partition)
+        reply = await self._call(method, partition, payload, metadata, deadline, context)
+        if name == "GetFleetStatus":
+            status = pb.FleetStatus.FromString(reply)
+            for operation in status.pending_operations:
+                operation.operation_id = self._cluster_operation(operation.operation_id, partition)
+            reply = status.SerializeToString()
+        return reply
+
+    async def _call(
+        self,
+        method: str,
+        partition: int,
+        payload: bytes,
+        metadata: list[tuple[str, str]],
+        deadline: float | None,
+        context: grpc.aio.ServicerContext,
+    ) -> bytes:
+        cell = self._cluster.cells.get(partition)
         if cell is not None and not cell.stopping.is_set():
             # This server owns the partition: its services run here, on this call's own context.
             handler = await cell.local.handler(method, context.invocation_metadata())
             if handler is not None and handler.unary_unary is not None:
                 reply = await handler.unary_unary(handler.request_deserializer(payload), context)
                 return bytes(handler.response_serializer(reply))
-        return await self._relay(context, cluster.forward(method, partition, payload, metadata, deadline))
+        return await self._relay(
+            context, self._cluster.forward(method, partition, payload, metadata, deadline)
+        )
+
+    # Each partition numbers its operations; executors see ids unique in the cluster, the partition's id
+    # times the number of partitions plus the partition.
+    def _cluster_operation(self, local: int, partition: int) -> int:
+        return local * self._cluster.partitions + partition
+
+    def _local_operation(self, operation_id: int) -> tuple[int, int]:
+        return operation_id % self._cluster.partitions, operation_id // self._cluster.partitions
+
+    async def _lease_operations(
+        self, method: str, payload: bytes, metadata: list[tuple[str, str]], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        """One executor stream of the whole cluster: a stream from every partition's owner, merged, with
+        the cluster's operation ids. When a partition changes owner its stream is opened again on the
+        new one (leases are not durable: the new owner offers every pending operation again)."""
+        partitions = self._cluster.partitions
+        merged: asyncio.Queue[bytes | grpc.aio.AioRpcError] = asyncio.Queue(maxsize=4 * partitions)
+        final = {
+            grpc.StatusCode.FAILED_PRECONDITION,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.StatusCode.UNAUTHENTICATED,
+            grpc.StatusCode.PERMISSION_DENIED,
+        }
+
+        async def follow(partition: int) -> None:
+            while True:
+                try:
+                    async for message in self._cluster.stream(method, partition, payload, metadata):
+                        reply = pb.LeaseOperationsResponse.FromString(message)
+                        for operation in reply.operations:
+                            operation.operation_id = self._cluster_operation(
+                                operation.operation_id, partition
+                            )
+                        reply.cancelled_operation_ids[:] = [
+                            self._cluster_operation(i, partition) for i in reply.cancelled_operation_ids
+                        ]
+                        await merged.put(reply.SerializeToString())
+                except grpc.aio.AioRpcError as e:
+                    if e.code() in final:  # the executor's own fault (or executors are off): tell it
+                        await merged.put(e)
+                        return
+                except ScaleSetError:
+                    pass  # no owner yet
+                await asyncio.sleep(MANAGE_INTERVAL_S / 2)  # the owner went: follow the next one
+
+        followers = [asyncio.create_task(follow(p)) for p in range(partitions)]
+        try:
+            await context.send_initial_metadata(())
+            while True:
+                item = await merged.get()
+                if isinstance(item, grpc.aio.AioRpcError):
+                    await context.abort(
+                        item.code(),
+                        item.details() or "",
+                        trailing_metadata=tuple(item.trailing_metadata() or ()),
+                    )
+                yield item
+        finally:
+            for task in followers:
+                task.cancel()
 
     async def _broadcast(
         self,
@@ -549,6 +635,10 @@ class Router:
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[bytes]:
         request = await self._admit(context, request_type, payload)
+        if name == "LeaseOperations":
+            async for message in self._lease_operations(method, payload, self._metadata(context), context):
+                yield message
+            return
         scale_set = "" if request is None else _scale_set_name(request)
         if name in _NOT_SHARED or (request is not None and not scale_set):
             await self._fail(
