@@ -4,6 +4,7 @@ off from the database) taken over by the others, with nothing acknowledged lost 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -273,8 +274,27 @@ def test_a_server_leaving_hands_its_partitions_back_and_requests_wait_for_the_ne
             )
             assert 'scaleset_scale_sets{partition="' in text and 0 < sets < 8
         leaving = cluster.ports[1]
+        # A watch through the staying server of a scale set the leaving one owns: it ends with the hand-
+        # back, and resumes from its last revision on the new owner.
+        moving = next(f"s{i}" for i in range(8) if partition_of(f"s{i}", 4) in cluster.owners()[leaving])
+        seen: list[tuple[int, str]] = []
+        watcher = Client(f"127.0.0.1:{cluster.ports[0]}")
+
+        def follow() -> None:
+            try:
+                for event in watcher.watch(moving, 0):
+                    seen.append((event.revision, event.type))
+            except ScaleSetError:
+                pass  # the owner went away mid-stream: resume below
+
+        following = threading.Thread(target=follow, daemon=True)
+        following.start()
+        wait_until(lambda: len(seen) == 1)
         cluster.procs[leaving].send_signal(signal.SIGTERM)
         assert cluster.procs[leaving].wait(timeout=60) == 0
+        following.join(timeout=30)
+        assert not following.is_alive() and seen == [(1, "ScaleSetCreated")]
+        watcher.close()
         with Client(f"127.0.0.1:{cluster.ports[0]}", retries=15) as c:
             # Clean hand-back: the survivor owns everything, and every scale set answers from it.
             assert cluster.wait_shared([cluster.ports[0]], timeout=30)[cluster.ports[0]] == [0, 1, 2, 3]
@@ -283,6 +303,8 @@ def test_a_server_leaving_hands_its_partitions_back_and_requests_wait_for_the_ne
                 assert plan.capacity_after == 6
                 zones = {inst.zone for inst in c.list_instances(f"s{i}")}
                 assert "2" not in zones, (i, zones)
+            resumed = c.watch(moving, seen[-1][0])
+            assert [(e.revision, e.type) for e in itertools.islice(resumed, 1)] == [(2, "CapacitySet")]
             # What is not shared out is refused clearly, with its code.
             with pytest.raises(ConflictError) as refused:
                 next(iter(c.watch("", 0)))
