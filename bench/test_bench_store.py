@@ -122,3 +122,51 @@ def test_durable_set_capacity_beside_big_scale_sets(benchmark: Any, tmp_path: Pa
         assert share >= BIG_STATE_FLOOR, (
             f"{share:.2f}x the small-state rate, below the gate of {BIG_STATE_FLOOR}x"
         )
+
+
+#: Gate: a restart with a 1,000,000-instance snapshot to SERVING, as a multiple of an empty server's start
+#: in the same run (process start and imports included in both; issue 12's target is under 3 s; measured
+#: 2.4-2.5 s against 1.1 s).
+RESTART_CEILING = 5.0
+
+
+def test_restart_with_a_million_instance_snapshot(benchmark: Any, tmp_path: Path) -> None:
+    import time
+
+    benchmark.group = "restart"
+    capacity = 10_000 if benchmark.disabled else 1_000_000
+    port = free_port()
+    flags = ("--instance-limit", "1000000")
+    proc = start_server_process(tmp_path / "big.db", port, tmp_path / "big.log", *flags)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        spec = pb.ScaleSetSpec(name="huge", zones=["1", "2", "3"], sku=pb.Sku(name="Standard_D2s_v5"))
+        request = pb.CreateScaleSetRequest(scale_set=spec, capacity=capacity, view=pb.PLAN_VIEW_SUMMARY)
+        pb_grpc.ScaleSetsStub(channel).CreateScaleSet(request, timeout=300)
+    proc.send_signal(signal.SIGTERM)  # a clean stop snapshots the state
+    assert proc.wait(timeout=120) == 0
+
+    started = time.perf_counter()
+    empty = start_server_process(tmp_path / "empty.db", free_port(), tmp_path / "empty.log")
+    empty_s = time.perf_counter() - started
+    empty.send_signal(signal.SIGTERM)
+    assert empty.wait(timeout=60) == 0
+
+    def restart() -> Any:
+        return start_server_process(tmp_path / "big.db", port, tmp_path / "big.log", *flags)
+
+    started = time.perf_counter()
+    proc = benchmark.pedantic(restart, rounds=1, iterations=1)
+    restart_s = time.perf_counter() - started
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            got = pb_grpc.ScaleSetsStub(channel).GetScaleSet(pb.GetScaleSetRequest(name="huge"))
+            assert got.capacity == capacity and got.revision == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    if not benchmark.disabled:
+        ratio = restart_s / empty_s
+        print(
+            f"\nrestart with {capacity:,} instances: {restart_s:.2f} s to SERVING, empty {empty_s:.2f} s ({ratio:.1f}x)"
+        )
+        assert ratio <= RESTART_CEILING, f"{ratio:.1f}x an empty start, above {RESTART_CEILING}x"
