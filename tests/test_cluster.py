@@ -24,6 +24,7 @@ from scaleset.model import RollingUpgradePolicy, Sku, UpgradePolicy
 from scaleset.testing.server import free_port
 
 from tests.conftest import zonal_spec
+from tests.test_gateway import post
 from tests.test_replicas import serving
 
 pytestmark = pytest.mark.slow
@@ -45,6 +46,7 @@ class Cluster:
         self.env = {**os.environ, **(env or {})}
         self.ports = [free_port() for _ in range(size)]
         self.metrics = {port: free_port() for port in self.ports}
+        self.http = {port: free_port() for port in self.ports}
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         for port in self.ports:
             self.start(port)
@@ -56,7 +58,7 @@ class Cluster:
             self.procs[port] = subprocess.Popen(
                 [
                     sys.executable, "-m", "scaleset", "serve", "--store", self.url, "--cluster",
-                    "--partitions", str(self.partitions), "--port", str(port), "--metrics-port", str(self.metrics[port]),
+                    "--partitions", str(self.partitions), "--port", str(port), "--metrics-port", str(self.metrics[port]), "--http-port", str(self.http[port]),
                     "--advance-interval", "0.2", *self.flags,
                 ],
                 stdout=subprocess.DEVNULL,
@@ -259,6 +261,16 @@ def test_a_server_leaving_hands_its_partitions_back_and_requests_wait_for_the_ne
                 for i in range(8):
                     first = next(iter(c.watch(f"s{i}", 0)))
                     assert (first.scale_set, first.revision, first.type) == (f"s{i}", 1, "ScaleSetCreated")
+        # The HTTP/JSON gateway of each server reaches every partition as well.
+        for port in cluster.ports:
+            for i in range(8):
+                status, got = post(
+                    f"http://127.0.0.1:{cluster.http[port]}",
+                    "/scaleset.v1.ScaleSets/GetScaleSet",
+                    {"name": f"s{i}"},
+                    token=None,
+                )
+                assert status == 200 and got["capacity"] == "1"
         # Each server's metrics port shows the partitions it owns, each partition's metrics labelled.
         for port in cluster.ports:
             text = (

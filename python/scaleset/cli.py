@@ -102,7 +102,9 @@ async def run_server(
             credentials=None if cluster_tls is None else cluster_tls[0],
             peer_credentials=None if cluster_tls is None else cluster_tls[1],
             executors=executors,
-            refused={"--standby": standby, "--http-port": http_port is not None},
+            http_port=http_port,
+            http_tls=http_tls,
+            refused={"--standby": standby},
         )
     opened = open_store(store, standby=standby, address=address)
     control = ControlPlane(
@@ -123,16 +125,11 @@ async def run_server(
             metrics_port, addr=address.rsplit(":", 1)[0].strip("[]") or "127.0.0.1", registry=metrics.registry
         )
         log.info("metrics on port %d", metrics_port)
-    gateway, private = None, None
+    gateway = None
     if http_port is not None:
-        import tempfile
-
         from scaleset.gateway import Gateway
 
-        # The gateway reaches the gRPC services over a Unix socket in a directory only we can open (0700).
-        private = tempfile.mkdtemp(prefix="scaleset-gateway-")
-        server.add_insecure_port(f"unix:{private}/grpc.sock")
-        gateway = Gateway(f"unix:{private}/grpc.sock", tls=http_tls)
+        gateway = Gateway.attach(server, tls=http_tls)
     await server.start()
     log.info("scaleset listening on %s (port %d), state in %s", address, port, opened.path)
     if gateway is not None and http_port is not None:
@@ -182,10 +179,6 @@ async def run_server(
     else:
         await server.stop(grace)
         await control.stop()
-    if private is not None:
-        import shutil
-
-        shutil.rmtree(private, ignore_errors=True)
     log.info("stopped")
     return 1 if lost else 0
 
@@ -202,6 +195,8 @@ async def _run_cluster_member(
     prometheus_url: str | None,
     rate_limit: float,
     metrics_port: int,
+    http_port: int | None,
+    http_tls: Any,
     **cell: Any,
 ) -> int:
     """``serve --cluster``: this server as one of several active ones on a PostgreSQL database."""
@@ -239,6 +234,8 @@ async def _run_cluster_member(
         partitions=partitions or PARTITIONS,
         rate_limit=rate_limit,
         metrics_port=metrics_port,
+        http_port=http_port,
+        http_tls=http_tls,
         grace=grace,
     )
 

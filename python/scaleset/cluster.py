@@ -45,6 +45,7 @@ from prometheus_client.metrics_core import Metric
 
 from scaleset.control import ControlPlane
 from scaleset.errors import ConflictError, ScaleSetError, error, unavailable
+from scaleset.gateway import Gateway
 from scaleset.model import Region
 from scaleset.postgres import LEASE_S, ClusterDirectory, PostgresStore
 from scaleset.service import (
@@ -726,6 +727,8 @@ async def serve_cluster(
     rate_limit: float | None = None,
     grace: float = 5.0,
     metrics_port: int = 0,
+    http_port: int | None = None,
+    http_tls: Any = None,
 ) -> int:
     """Runs this server as a member of the cluster on ``url`` until ``stop``, then hands its partitions
     back (so the others take them at once) and leaves."""
@@ -737,8 +740,11 @@ async def serve_cluster(
         registry = CollectorRegistry()
         registry.register(CellMetrics(cluster))
         start_http_server(metrics_port, addr=settings.host.strip("[]") or "127.0.0.1", registry=registry)
+    gateway = None if http_port is None else Gateway.attach(server, tls=http_tls)
     await cluster.start()
     await server.start()
+    if gateway is not None and http_port is not None:
+        await gateway.start(settings.host.strip("[]") or "127.0.0.1", http_port)
     log.info(
         "scaleset listening on %s (port %d), a member of the cluster on %s (%d partitions)",
         address,
@@ -748,6 +754,8 @@ async def serve_cluster(
     )
     await stop.wait()
     log.info("shutting down: handing partitions back")
+    if gateway is not None:
+        await gateway.stop()
     await cluster.stop(grace)
     await server.stop(grace)
     log.info("stopped")

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import base64
 import logging
+import shutil
 import ssl
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -97,7 +99,18 @@ class Gateway:
     """Serves the HTTP/JSON face on ``host:port``, forwarding to the gRPC server at ``grpc_target``
     (``unix:/path``)."""
 
+    @classmethod
+    def attach(cls, server: grpc.aio.Server, *, tls: ssl.SSLContext | None = None) -> Gateway:
+        """A gateway in front of ``server`` (call before the server starts): it reaches the gRPC services
+        over a Unix socket in a directory only this process can open (0700), removed by :meth:`stop`."""
+        private = tempfile.mkdtemp(prefix="scaleset-gateway-")
+        server.add_insecure_port(f"unix:{private}/grpc.sock")
+        gateway = cls(f"unix:{private}/grpc.sock", tls=tls)
+        gateway._private = private
+        return gateway
+
     def __init__(self, grpc_target: str, *, tls: ssl.SSLContext | None = None) -> None:
+        self._private: str | None = None
         self._channel = grpc.aio.insecure_channel(
             grpc_target, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
         )
@@ -120,6 +133,8 @@ class Gateway:
         await self._channel.close()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._private is not None:
+            shutil.rmtree(self._private, ignore_errors=True)
 
     def _metadata(self, request: web.Request) -> list[tuple[str, str]]:
         metadata = [(FORWARDED_FOR, request.remote or "")]
