@@ -13,13 +13,14 @@ import sys
 import threading
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 from scaleset.client import Client
 from scaleset.cluster import partition_of
-from scaleset.errors import AccessDeniedError, ConflictError, ScaleSetError
+from scaleset.errors import AccessDeniedError, ConflictError, InvalidInputError, ScaleSetError
 from scaleset.model import RollingUpgradePolicy, Sku, UpgradePolicy
 from scaleset.testing.server import free_port
 
@@ -285,6 +286,12 @@ def test_a_server_leaving_hands_its_partitions_back_and_requests_wait_for_the_ne
                 if line.startswith("scaleset_scale_sets{")
             )
             assert 'scaleset_scale_sets{partition="' in text and 0 < sets < 8
+        # A watch of every scale set through any server: each partition's events, merged, each with a
+        # resume_token; a region change is an event in every partition.
+        with Client(f"127.0.0.1:{cluster.ports[1]}") as c:
+            everything = list(itertools.islice(c.watch(""), 12))
+        assert Counter(e.type for e in everything) == {"ScaleSetCreated": 8, "ZoneAvailabilityChanged": 4}
+        assert len({e.sequence for e in everything}) == 12 and all(e.resume_token for e in everything)
         leaving = cluster.ports[1]
         # A watch through the staying server of a scale set the leaving one owns: it ends with the hand-
         # back, and resumes from its last revision on the new owner.
@@ -317,10 +324,15 @@ def test_a_server_leaving_hands_its_partitions_back_and_requests_wait_for_the_ne
                 assert "2" not in zones, (i, zones)
             resumed = c.watch(moving, seen[-1][0])
             assert [(e.revision, e.type) for e in itertools.islice(resumed, 1)] == [(2, "CapacitySet")]
-            # What is not shared out is refused clearly, with its code.
-            with pytest.raises(ConflictError) as refused:
-                next(iter(c.watch("", 0)))
-            assert refused.value.code == "NotInCluster"
+            # The watch of everything, resumed on the other server after the hand-back, from its 6th event:
+            # exactly what it had not delivered yet, then what came since.
+            rest = list(itertools.islice(c.watch("", resume_token=everything[5].resume_token), 6 + 8))
+            key = lambda e: (e.scale_set, e.revision, e.type)  # noqa: E731
+            expected = [key(e) for e in everything[6:]] + [(f"s{i}", 2, "CapacitySet") for i in range(8)]
+            assert sorted(map(key, rest)) == sorted(expected)
+            with pytest.raises(InvalidInputError) as bad:
+                next(iter(c.watch("", 5)))
+            assert bad.value.field == "after"
     finally:
         cluster.stop()
 

@@ -302,6 +302,10 @@ def test_watch_events_resume(client: Client) -> None:
         "",
         "ZoneAvailabilityChanged",
     )
+    assert region_event.resume_token == ""  # a single server resumes by sequence; tokens are a cluster's
+    with pytest.raises(InvalidInputError) as token:
+        next(iter(client.watch("", resume_token="YWxsOjE=")))
+    assert token.value.field == "resume_token"
 
 
 def test_a_watch_answers_at_once_and_ends_with_its_scale_set(stub: pb_grpc.ScaleSetsStub) -> None:

@@ -107,6 +107,9 @@ class WatchedEvent:
     summary: str
     time_unix_ms: int
     plan: Plan | None
+    #: On a cluster, in a watch of every scale set: pass it to :meth:`Client.watch` to resume after this
+    #: event ("" elsewhere: resume with ``after``).
+    resume_token: str = ""
 
 
 # ----- errors -----------------------------------------------------------------------------------------
@@ -609,7 +612,9 @@ class _Operations:
 
 def _event(e: pb.Event) -> WatchedEvent:
     plan = convert.plan_from_proto(e.plan) if e.HasField("plan") else None
-    return WatchedEvent(e.sequence, e.scale_set, e.revision, e.type, e.summary, e.time_unix_ms, plan)
+    return WatchedEvent(
+        e.sequence, e.scale_set, e.revision, e.type, e.summary, e.time_unix_ms, plan, e.resume_token
+    )
 
 
 _STUBS = {
@@ -774,9 +779,10 @@ class Client(_Connection):
             if not token or pages.enough(replies):
                 return pages.read(replies)
 
-    def watch(self, scale_set: str = "", after: int = 0) -> Iterator[WatchedEvent]:
-        """Events after ``after`` (a revision of ``scale_set``, or a global sequence), then live ones."""
-        request = pb.WatchEventsRequest(scale_set=scale_set, after=after)
+    def watch(self, scale_set: str = "", after: int = 0, resume_token: str = "") -> Iterator[WatchedEvent]:
+        """Events after ``after`` (a revision of ``scale_set``, or a global sequence), then live ones; on a
+        cluster, a watch of every scale set resumes after the event whose ``resume_token`` is given."""
+        request = pb.WatchEventsRequest(scale_set=scale_set, after=after, resume_token=resume_token)
         try:
             for message in self._stubs["ScaleSets"].WatchEvents(request, metadata=self._metadata):
                 yield from map(_event, message.events)
@@ -871,9 +877,12 @@ class AsyncClient(_Connection):
             if not token or pages.enough(replies):
                 return pages.read(replies)
 
-    async def watch(self, scale_set: str = "", after: int = 0) -> AsyncIterator[WatchedEvent]:
-        """Events after ``after`` (a revision of ``scale_set``, or a global sequence), then live ones."""
-        request = pb.WatchEventsRequest(scale_set=scale_set, after=after)
+    async def watch(
+        self, scale_set: str = "", after: int = 0, resume_token: str = ""
+    ) -> AsyncIterator[WatchedEvent]:
+        """Events after ``after`` (a revision of ``scale_set``, or a global sequence), then live ones; on a
+        cluster, a watch of every scale set resumes after the event whose ``resume_token`` is given."""
+        request = pb.WatchEventsRequest(scale_set=scale_set, after=after, resume_token=resume_token)
         try:
             async for message in self._stubs["ScaleSets"].WatchEvents(request, metadata=self._metadata):
                 for e in message.events:

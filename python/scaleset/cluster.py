@@ -19,15 +19,17 @@ partitions over and replay their logs.
 A few requests span partitions. ListScaleSets asks every partition and merges the pages by name. A zone's
 availability or a pool's capacity is a fact about the region that every partition's engine needs: the
 front applies the change to each partition in turn with one request_id (a retry completes it; no
-partition applies it twice), and answers with partition 0's region. What is not shared out is refused
-with FAILED_PRECONDITION (``NotInCluster``): vCPU quotas (a sum over every partition), watching every
-scale set at once (there is no global sequence). Executors stream from every server: the front merges a
-lease stream from each partition's owner and numbers operations uniquely in the cluster.
+partition applies it twice), and answers with partition 0's region. A watch of every scale set, and an
+executor's lease stream, merge a stream from each partition's owner (events resume by a vector of
+partition positions, the resume_token; operations are numbered uniquely in the cluster). vCPU quotas (a
+sum over every partition, which no one server sees) are refused with FAILED_PRECONDITION
+(``NotInCluster``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import hashlib
@@ -44,7 +46,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.metrics_core import Metric
 
 from scaleset.control import ControlPlane
-from scaleset.errors import ConflictError, ScaleSetError, error, unavailable
+from scaleset.errors import ConflictError, ScaleSetError, error, invalid_input, unavailable
 from scaleset.gateway import Gateway
 from scaleset.model import Region
 from scaleset.postgres import LEASE_S, ClusterDirectory, PostgresStore
@@ -525,6 +527,100 @@ class Router:
     def _local_operation(self, operation_id: int) -> tuple[int, int]:
         return operation_id % self._cluster.partitions, operation_id // self._cluster.partitions
 
+    def _resume_positions(self, token: str) -> list[int]:
+        """The per-partition sequences a resume_token stands for (see :meth:`_watch_all`)."""
+        partitions = self._cluster.partitions
+        try:
+            text = base64.urlsafe_b64decode(token.encode()).decode()
+            issued_for, _, listed = text.partition(":")
+            positions = [int(x) for x in listed.split(",")]
+        except (ValueError, UnicodeDecodeError):
+            issued_for, positions = "", []
+        if issued_for != "all" or len(positions) != partitions or min(positions) < 0:
+            raise invalid_input(
+                "resume_token is not one this cluster issued; start again without it, or with the last "
+                "event's resume_token.",
+                "InvalidParameter",
+                field="resume_token",
+            )
+        return positions
+
+    @staticmethod
+    def _resume_token(positions: list[int]) -> str:
+        return base64.urlsafe_b64encode(("all:" + ",".join(map(str, positions))).encode()).decode()
+
+    async def _watch_all(
+        self,
+        method: str,
+        request: pb.WatchEventsRequest,
+        metadata: list[tuple[str, str]],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[bytes]:
+        """A watch of every scale set on a cluster: every partition's watch, merged. There is no order
+        between partitions, so an event's position is a vector of each partition's sequence, sent as
+        its resume_token; its sequence is the partition's times the number of partitions, plus the
+        partition. A partition's stream that ends (its owner changed) is opened again where it was."""
+        partitions = self._cluster.partitions
+        try:
+            if request.after and not request.resume_token:
+                raise invalid_input(
+                    "on a cluster, a watch of every scale set resumes with resume_token (an event's), not "
+                    "after: there is no one sequence across partitions.",
+                    "InvalidParameter",
+                    field="after",
+                )
+            positions = (
+                self._resume_positions(request.resume_token) if request.resume_token else [0] * partitions
+            )
+        except ScaleSetError as e:
+            await self._fail(context, e)
+            return
+        merged: asyncio.Queue[tuple[int, bytes] | grpc.aio.AioRpcError] = asyncio.Queue(
+            maxsize=4 * partitions
+        )
+
+        async def follow(partition: int) -> None:
+            while True:
+                upstream = pb.WatchEventsRequest(after=positions[partition]).SerializeToString()
+                try:
+                    async for message in self._cluster.stream(method, partition, upstream, metadata):
+                        await merged.put((partition, message))
+                except grpc.aio.AioRpcError as e:
+                    if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                        await merged.put(e)  # compacted, refused, unauthenticated: the client's to know
+                        return
+                except ScaleSetError:
+                    pass  # no owner yet
+                await asyncio.sleep(MANAGE_INTERVAL_S / 2)
+
+        followers = [asyncio.create_task(follow(p)) for p in range(partitions)]
+        try:
+            await context.send_initial_metadata(())
+            while True:
+                item = await merged.get()
+                if isinstance(item, grpc.aio.AioRpcError):
+                    await context.abort(
+                        item.code(),
+                        item.details() or "",
+                        trailing_metadata=tuple(item.trailing_metadata() or ()),
+                    )
+                    return
+                partition, message = item
+                reply = pb.WatchEventsResponse.FromString(message)
+                fresh = pb.WatchEventsResponse()
+                for event in reply.events:
+                    if event.sequence <= positions[partition]:
+                        continue  # sent before the partition's stream was opened again
+                    positions[partition] = event.sequence
+                    event.sequence = event.sequence * partitions + partition
+                    event.resume_token = self._resume_token(positions)
+                    fresh.events.append(event)
+                if fresh.events:
+                    yield fresh.SerializeToString()
+        finally:
+            for task in followers:
+                task.cancel()
+
     async def _lease_operations(
         self, method: str, payload: bytes, metadata: list[tuple[str, str]], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
@@ -641,13 +737,18 @@ class Router:
                 yield message
             return
         scale_set = "" if request is None else _scale_set_name(request)
-        if name in _NOT_SHARED or (request is not None and not scale_set):
+        if isinstance(request, pb.WatchEventsRequest) and not scale_set:
+            async for message in self._watch_all(method, request, self._metadata(context), context):
+                yield message
+            return
+        if isinstance(request, pb.WatchEventsRequest) and request.resume_token:
             await self._fail(
                 context,
-                _not_in_cluster(
-                    _NOT_SHARED.get(
-                        name, "watching every scale set at once; watch each scale set by its name"
-                    )
+                invalid_input(
+                    "resume_token resumes a watch of every scale set; a scale set's watch resumes with after "
+                    "(its last revision).",
+                    "InvalidParameter",
+                    field="resume_token",
                 ),
             )
         partition = partition_of(scale_set, self._cluster.partitions) if scale_set else 0

@@ -740,6 +740,13 @@ class ScaleSetsServicer(_Servicer, pb_grpc.ScaleSetsServicer):
             raise invalid_input(
                 f"after must be below 2**63, got {request.after}.", "InvalidParameter", field="after"
             )
+        if request.resume_token:
+            raise invalid_input(
+                "resume_token comes from a cluster's watch of every scale set; on a single server, resume "
+                "with after (the last event's sequence, or revision with scale_set).",
+                "InvalidParameter",
+                field="resume_token",
+            )
         batches = await self._control.watch(request.scale_set, request.after)
         # Headers now, not with the first event: a client may open a watch and then make the change.
         await context.send_initial_metadata(())

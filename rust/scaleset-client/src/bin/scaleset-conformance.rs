@@ -150,7 +150,7 @@ async fn watch(client: &mut ScaleSetsClient<Channel>) -> Result<()> {
     let mut stream = client
         .watch_events(WatchEventsRequest {
             scale_set: "web".into(),
-            after: 0,
+            ..Default::default()
         })
         .await?
         .into_inner();
