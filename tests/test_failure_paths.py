@@ -207,3 +207,31 @@ def test_a_watch_opened_while_a_change_is_being_committed_still_gets_it(tmp_path
 
         assert server.call(first_event()) == "ScaleSetCreated"
         creating.join(10)
+
+
+def test_a_change_that_arrives_while_the_control_plane_stops_is_refused_not_left_hanging(
+    tmp_path: Path,
+) -> None:
+    """A cluster's front calls a partition's control plane in process, so a change can arrive after the
+    partition began its hand-back: it must fail UNAVAILABLE at once (the client retries on the new
+    owner), never be applied without a commit and wait forever."""
+    from scaleset.commands import CreateScaleSet, SetCapacity
+    from scaleset.control import ControlPlane
+    from scaleset.store import SQLiteStore
+
+    async def scenario() -> tuple[str, int]:
+        control = ControlPlane(SQLiteStore(str(tmp_path / "state.db")), REGION)
+        await control.start()
+        await control.mutate(
+            method="CreateScaleSet", command=CreateScaleSet(zonal_spec(), 1), encode=lambda o: o
+        )
+        await control.stop()
+        try:
+            await asyncio.wait_for(
+                control.mutate(method="SetCapacity", command=SetCapacity("web", 3), encode=lambda o: o), 5
+            )
+        except UnavailableError as e:
+            return type(e).__name__, control.controller.capacity("web")
+        return "answered", control.controller.capacity("web")
+
+    assert asyncio.run(scenario()) == ("UnavailableError", 1)  # refused before the engine changed

@@ -236,8 +236,10 @@ class ControlPlane:
             self.region_revision = event.revision
 
     async def stop(self) -> None:
-        """Commits what is queued, takes a snapshot and closes the store."""
-        self._closing = True
+        """Commits what is queued, takes a snapshot and closes the store. No change is half-applied when
+        it begins (it takes the lock), and none starts after (see :meth:`_check_open`)."""
+        async with self._lock:
+            self._closing = True
         self._wake.set()
         if self._committer is not None:
             await self._committer
@@ -302,9 +304,16 @@ class ControlPlane:
         """The server's clock (for reads that ask about "now", such as an autoscale dry run)."""
         return self._clock()
 
+    def _check_open(self) -> None:
+        """Refuses a change once the control plane is stopping (its state is being handed over, as a
+        cluster's partition is): it would be applied and never committed. Call holding the lock."""
+        if self._closing:
+            raise unavailable("this server is stopping (or handing the scale set over); retry.")
+
     async def record(self, command: Command) -> None:
         """Applies and logs a change the server makes itself (metrics it pulled): durable, no reply."""
         async with self._lock:
+            self._check_open()
             time_ms = self._tick()
             future = self._queue_event(command, self.controller.execute(command, self.now), time_ms)
         await asyncio.shield(future)
@@ -369,6 +378,7 @@ class ControlPlane:
             if cached is not None:
                 return cached
         async with self._lock:
+            self._check_open()
             if request_id and (earlier := self._recent.get(request_id)) is not None:
                 # Committed while we looked in the store.
                 self._check_same_request(earlier, request_id, method, fp)
@@ -476,6 +486,8 @@ class ControlPlane:
         for name in self.controller.scale_set_names():
             await asyncio.sleep(0)  # one scale set at a time: requests (and health checks) go in between
             async with self._lock:
+                if self._closing:
+                    break  # stopping: the next owner (or the next start) advances from here
                 time_ms = self._tick()
                 command = Advance(name)
                 try:
