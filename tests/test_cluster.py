@@ -448,3 +448,19 @@ def wait_until(condition: Any, timeout: float = 60) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.1)
+
+
+def test_each_client_is_rate_limited_at_the_front_it_calls(postgres: Any, tmp_path: Path) -> None:
+    from scaleset.errors import CapacityError
+
+    cluster = Cluster(postgres.create_database(), tmp_path, size=1, partitions=2, flags=("--rate-limit", "5"))
+    try:
+        cluster.wait_shared(cluster.ports)
+        with Client(cluster.target(0)) as c:
+            c.create_scale_set(zonal_spec("web"), 1)
+        with Client(cluster.target(0), retries=0) as hasty, pytest.raises(CapacityError) as limited:
+            for _ in range(30):
+                hasty.get_scale_set("web")
+        assert limited.value.code == "RateLimited"
+    finally:
+        cluster.stop()

@@ -46,7 +46,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.metrics_core import Metric
 
 from scaleset.control import ControlPlane
-from scaleset.errors import ConflictError, ScaleSetError, error, invalid_input, unavailable
+from scaleset.errors import CapacityError, ConflictError, ScaleSetError, error, invalid_input, unavailable
 from scaleset.gateway import Gateway
 from scaleset.model import Region
 from scaleset.postgres import LEASE_S, ClusterDirectory, PostgresStore
@@ -81,6 +81,8 @@ OWNER_WAIT_S = 3 * LEASE_S
 MANAGE_INTERVAL_S = 1.0
 #: An owner's address is used for forwarding while it said so within this long (three of its beats).
 ROUTE_TTL_S = 3 * MANAGE_INTERVAL_S
+#: A channel to an address that has served no partition for this long is closed.
+CHANNEL_IDLE_S = 60.0
 
 _ROUTED_SERVICES = ("ScaleSets", "Autoscale", "Regions", "Executors")
 #: Region changes every partition applies; the other region RPCs are answered by partition 0, or refused.
@@ -240,6 +242,8 @@ class ClusterServer:
         self.routes: dict[int, str] = {}
         self._routes_changed = asyncio.Event()
         self._channels: dict[str, grpc.aio.Channel] = {}
+        #: target -> when it last served a partition (the event loop's clock).
+        self._routed: dict[str, float] = {}
         self._stop = asyncio.Event()
         self._manager: asyncio.Task[None] | None = None
         self._free_last_round: set[int] = set()
@@ -323,6 +327,15 @@ class ClusterServer:
             self.routes = routes
             self._routes_changed.set()
             self._routes_changed = asyncio.Event()
+        # Channels to where no partition has been served for a while (a cell's port lives as long as
+        # its owner holds the partition) are closed: they are bounded by the partitions, not the takeovers.
+        now = asyncio.get_running_loop().time()
+        self._routed.update(dict.fromkeys(routes.values(), now))
+        for target, seen in list(self._routed.items()):
+            if now - seen > CHANNEL_IDLE_S:
+                del self._routed[target]
+                if (channel := self._channels.pop(target, None)) is not None:
+                    await channel.close()
 
     # ----- forwarding ---------------------------------------------------------------------------------
 
@@ -441,9 +454,15 @@ class Router:
         ]
 
     async def _admit(self, context: grpc.aio.ServicerContext, request_type: type[Any], payload: bytes) -> Any:
-        if self._limiter is not None and not self._limiter.allow(_client_address(context)):
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, "too many requests from this client; slow down."
+        limiter = self._limiter
+        if limiter is not None and not limiter.allow(_client_address(context)):
+            await self._fail(  # as a single server says it: RESOURCE_EXHAUSTED, RateLimited, RetryInfo
+                context,
+                error(
+                    CapacityError,
+                    f"too many requests from this client (more than {limiter.rate:g} a second); retry shortly.",
+                    "RateLimited",
+                ),
             )
         try:
             return request_type.FromString(payload)
