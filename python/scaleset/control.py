@@ -18,6 +18,7 @@ import collections
 import hashlib
 import json
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
@@ -716,6 +717,8 @@ class ControlPlane:
             return e.revision if scale_set else e.sequence
 
         def wanted(events: list[EventRecord], last: int) -> list[EventRecord]:
+            if not scale_set and (not events or events[0].sequence > last):
+                return events  # every scale set, all new: nothing to filter (the common case, in O(1))
             batch = [e for e in events if (not scale_set or e.scale_set == scale_set) and key(e) > last]
             if scale_set:  # a watch of one scale set ends with its deletion
                 ends = next((i for i, e in enumerate(batch) if e.type == "ScaleSetDeleted"), None)
@@ -752,6 +755,8 @@ class ControlPlane:
                             return
                         # At most one message per watcher per interval while changes stream: the first
                         # event after a quiet spell goes out at once, a burst goes out in fewer messages.
-                        await asyncio.sleep(max(WATCH_INTERVAL_S, self._watchers * WATCH_SEND_BUDGET_S))
+                        # Jittered, so watchers woken by the same change do not all wake again together.
+                        interval = max(WATCH_INTERVAL_S, self._watchers * WATCH_SEND_BUDGET_S)
+                        await asyncio.sleep(interval * random.uniform(0.5, 1.5))
         finally:
             self._watchers -= 1
