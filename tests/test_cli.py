@@ -166,3 +166,13 @@ def test_cli_upgrade(server: ServerThread, capsys: pytest.CaptureFixture[str], t
     assert "Cancelled" in out.splitlines()[0]
     code, _, err = run(server, capsys, "upgrade", "cancel", "web")
     assert code == 2 and "[NoRollingUpgradeInProgress]" in err
+
+
+def test_serve_cluster_refuses_what_it_cannot_do(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["serve", "--cluster", "--db", str(tmp_path / "x.db"), "--metrics-port", "0"]) == 2
+    assert "--cluster needs --store postgresql://" in capsys.readouterr().err
+    url = "postgresql://nobody@127.0.0.1:1/none"
+    assert main(["serve", "--cluster", "--standby", "--store", url, "--metrics-port", "0"]) == 2
+    assert "--standby has no use with --cluster" in capsys.readouterr().err
+    assert main(["serve", "--cluster", "--partitions", "0", "--store", url, "--metrics-port", "0"]) == 2
+    assert "--partitions must be between 1 and 256" in capsys.readouterr().err

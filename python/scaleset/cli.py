@@ -104,7 +104,7 @@ async def run_server(
             executors=executors,
             http_port=http_port,
             http_tls=http_tls,
-            refused={"--standby": standby},
+            standby=standby,
         )
     opened = open_store(store, standby=standby, address=address)
     control = ControlPlane(
@@ -189,7 +189,7 @@ async def _run_cluster_member(
     region: Region,
     *,
     partitions: int | None,
-    refused: dict[str, bool],
+    standby: bool,
     grace: float,
     advance_interval: float,
     prometheus_url: str | None,
@@ -207,11 +207,12 @@ async def _run_cluster_member(
         raise invalid_input(
             "--cluster needs --store postgresql://... (the servers share it).", field="cluster"
         )
-    for flag, given in refused.items():
-        if given:
-            raise invalid_input(
-                f"{flag} does not work with --cluster yet; run a single server for it.", field="cluster"
-            )
+    if standby:
+        raise invalid_input(
+            "--standby has no use with --cluster: every server of a cluster serves, and the others take "
+            "over a lost server's partitions.",
+            field="standby",
+        )
     if partitions is not None and not 1 <= partitions <= 256:
         raise invalid_input("--partitions must be between 1 and 256.", field="partitions")
     pull = None
