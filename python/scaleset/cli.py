@@ -681,17 +681,19 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         print("error: cluster status needs --store postgresql://... (or $SCALESET_STORE)", file=sys.stderr)
         return 2
 
-    def seen(age: float) -> str:
-        return f"{age:.1f} s ago" if age < 3 * LEASE_S else f"{age:.0f} s ago (gone)"
+    def seen(age: float, lease: float = 3 * LEASE_S) -> str:
+        return f"{age:.1f} s ago" if age < lease else f"{age:.0f} s ago (gone)"
 
     cluster = ClusterDirectory.read(args.store)
     if cluster is not None:
+        from scaleset.cluster import ROUTE_TTL_S  # a cluster's servers beat every second
+
         partitions, members, owners = cluster
-        owned = {address: sorted(p for p, (server, _, age) in owners.items() if server == address and age < 3 * LEASE_S)
+        owned = {address: sorted(p for p, (server, _, age) in owners.items() if server == address and age < ROUTE_TTL_S)
                  for address, _ in members}  # fmt: skip
         print(f"{'address':<28} {'partitions':<40} last seen")
         for address, age in members:
-            print(f"{address:<28} {','.join(map(str, owned[address])) or '-':<40} {seen(age)}")
+            print(f"{address:<28} {','.join(map(str, owned[address])) or '-':<40} {seen(age, ROUTE_TTL_S)}")
         orphans = sorted(set(range(partitions)) - {p for ps in owned.values() for p in ps})
         print(
             f"{partitions} partitions; "
