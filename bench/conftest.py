@@ -7,9 +7,11 @@ is what the README reports.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from scaleset.testing.postgres import PostgresServer
 
 #: group -> {"core" | "baseline": median seconds}
 MEDIANS: dict[str, dict[str, float]] = defaultdict(dict)
@@ -19,6 +21,13 @@ LOAD: dict[str, Any] = {}
 EXECUTORS: dict[str, str] = {}
 #: rebalance results: label -> (replacements, weighted violation left, median seconds, status)
 REBALANCE: dict[str, tuple[int, int, float, str]] = {}
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL for every benchmark that needs one (each takes a fresh database)."""
+    with PostgresServer() as server:
+        yield server
 
 
 #: The gates: the least speed-up (baseline median / core median, same run) each group must show. About

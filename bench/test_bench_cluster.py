@@ -11,7 +11,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +33,6 @@ ONE_SERVER_FLOOR = 0.25
 #: out costs no collapse (half the rate at most).
 MORE_SERVERS_FLOOR = 0.5
 RESULTS: dict[str, float] = {}
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    with PostgresServer() as server:
-        yield server
 
 
 def create_sets(target: str) -> None:

@@ -7,7 +7,6 @@ Run: ``pytest bench/test_bench_store.py --benchmark-only -s``.
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +24,6 @@ PROCESSES, INFLIGHT = 2, 4
 #: group commit is a round trip to another process, and PostgreSQL fsyncs its WAL as SQLite does).
 FLOOR = 0.4
 RESULTS: dict[str, float] = {}
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    with PostgresServer() as server:
-        yield server
 
 
 def serve(store: str, postgres: PostgresServer | None, tmp: Path, *flags: str) -> tuple[Any, str]:

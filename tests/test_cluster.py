@@ -21,12 +21,11 @@ import pytest
 from scaleset.client import Client
 from scaleset.cluster import partition_of
 from scaleset.errors import AccessDeniedError, ConflictError, InvalidInputError, ScaleSetError
-from scaleset.model import RollingUpgradePolicy, Sku, UpgradePolicy
 from scaleset.testing.server import free_port
 
 from tests.conftest import zonal_spec
 from tests.test_gateway import post
-from tests.test_replicas import serving
+from tests.test_replicas import finish_rolling_upgrade, serving, start_rolling_upgrade
 
 pytestmark = pytest.mark.slow
 
@@ -158,18 +157,7 @@ def test_three_servers_share_the_scale_sets_and_survive_a_kill_and_a_cut_off(
         with Client(cluster.target(0), retries=15) as c:
             for name in names:
                 c.create_scale_set(zonal_spec(name), 2)
-            rolling = zonal_spec(
-                "roll",
-                upgrade_policy=UpgradePolicy(
-                    "Rolling", RollingUpgradePolicy(pause_time_between_batches="PT1S")
-                ),
-            )
-            c.create_scale_set(rolling, 10)
-            c.report_health("roll", range(10), "Healthy")
-            c.update_scale_set(
-                zonal_spec("roll", sku=Sku(name="Standard_D4s_v5"), upgrade_policy=rolling.upgrade_policy)
-            )
-            assert len(c.start_rolling_upgrade("roll").batches) >= 3
+            start_rolling_upgrade(c, "roll")
         for i in (1, 2):
             with Client(cluster.target(i)) as c:
                 assert [s.spec.name for s in c.list_scale_sets()] == sorted([*names, "roll"])
@@ -231,14 +219,7 @@ def test_three_servers_share_the_scale_sets_and_survive_a_kill_and_a_cut_off(
                 assert logged_capacity_changes(url, cluster.partitions, name) == acked[name]
                 assert c.get_scale_set(name).capacity == acked[name][-1][1]
             # The rolling upgrade, whose owner was killed, went on on a survivor.
-            deadline = time.monotonic() + 60
-            while (u := c.get_rolling_upgrade("roll")) is not None and u.status == "RollingForward":
-                c.report_health("roll", range(10), "Healthy")
-                assert time.monotonic() < deadline, u
-                time.sleep(0.2)
-            assert (
-                u is not None and u.status == "Completed" and u.progress()["successful_instance_count"] == 10
-            )
+            finish_rolling_upgrade(c, "roll", timeout=60)
     finally:
         stop.set()
         cluster.stop()

@@ -18,7 +18,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from scaleset.client import Client
-from scaleset.model import RollingUpgradePolicy, UpgradePolicy
+from scaleset.model import RollingUpgradePolicy, Sku, UpgradePolicy
 from scaleset.testing.server import free_port
 
 from tests.conftest import zonal_spec
@@ -96,6 +96,30 @@ def cluster_status(url: str) -> dict[str, str]:
     return {line.split()[0]: line.split()[1] for line in out.splitlines()[1:] if line.startswith("127.")}
 
 
+def start_rolling_upgrade(c: Client, name: str) -> None:
+    """A 10-instance set, healthy, rolling to a new size in batches (pausing a second between them)."""
+    rolling = zonal_spec(
+        name, upgrade_policy=UpgradePolicy("Rolling", RollingUpgradePolicy(pause_time_between_batches="PT1S"))
+    )
+    c.create_scale_set(rolling, 10)
+    c.report_health(name, range(10), "Healthy")
+    c.update_scale_set(
+        zonal_spec(name, sku=Sku(name="Standard_D4s_v5"), upgrade_policy=rolling.upgrade_policy)
+    )
+    started = c.start_rolling_upgrade(name)
+    assert started.status == "RollingForward" and len(started.batches) >= 3
+
+
+def finish_rolling_upgrade(c: Client, name: str, timeout: float) -> None:
+    """Waits (reporting every instance healthy) until the rolling upgrade completes on all 10."""
+    deadline = time.monotonic() + timeout
+    while (u := c.get_rolling_upgrade(name)) is not None and u.status == "RollingForward":
+        c.report_health(name, range(10), "Healthy")
+        assert time.monotonic() < deadline, u
+        time.sleep(0.2)
+    assert u is not None and u.status == "Completed" and u.progress()["successful_instance_count"] == 10
+
+
 def drive(target: str, name: str, acked: dict[int, int], stop: threading.Event, errors: list[str]) -> None:
     """SetCapacity with request_ids until stopped; every acknowledged revision with its capacity."""
     with Client(target, retries=12, timeout=10) as c:
@@ -121,23 +145,7 @@ def test_a_standby_takes_over_and_nothing_acknowledged_is_lost(postgres: Any, tm
     try:
         with Client(cluster.target, retries=12) as c:
             c.create_scale_set(zonal_spec("load"), 1)
-            rolling = zonal_spec(
-                "roll",
-                upgrade_policy=UpgradePolicy(
-                    "Rolling", RollingUpgradePolicy(pause_time_between_batches="PT1S")
-                ),
-            )
-            c.create_scale_set(rolling, 10)
-            c.report_health("roll", range(10), "Healthy")
-            c.update_scale_set(
-                zonal_spec(
-                    "roll",
-                    sku=rolling.sku.__class__(name="Standard_D4s_v5"),
-                    upgrade_policy=rolling.upgrade_policy,
-                )
-            )
-            started = c.start_rolling_upgrade("roll")
-            assert started.status == "RollingForward" and len(started.batches) >= 3
+            start_rolling_upgrade(c, "roll")
 
         first = cluster.active(timeout=5)
         deadline = time.monotonic() + 10
@@ -185,13 +193,6 @@ def test_a_standby_takes_over_and_nothing_acknowledged_is_lost(postgres: Any, tm
             assert got.revision == last and got.capacity == acked[last]  # nothing lost, nothing twice
             assert sorted(acked) == list(range(2, last + 1))  # one revision per acknowledged call
             # The rolling upgrade, started on the first server, went on on the survivors.
-            deadline = time.monotonic() + 30
-            while (u := c.get_rolling_upgrade("roll")) is not None and u.status == "RollingForward":
-                c.report_health("roll", range(10), "Healthy")
-                assert time.monotonic() < deadline, u
-                time.sleep(0.2)
-            assert (
-                u is not None and u.status == "Completed" and u.progress()["successful_instance_count"] == 10
-            )
+            finish_rolling_upgrade(c, "roll", timeout=30)
     finally:
         cluster.stop()

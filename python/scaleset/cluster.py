@@ -54,6 +54,7 @@ from scaleset.service import (
     MAX_CONCURRENT_RPCS,
     MAX_REPLY_BYTES,
     MAX_REQUEST_BYTES,
+    SERVER_OPTIONS,
     DiagnosticsServicer,
     InProcess,
     Metrics,
@@ -63,6 +64,7 @@ from scaleset.service import (
     _read_token,
     _serve_reflection,
     build_server,
+    listen,
     status_for,
 )
 from scaleset.v1 import scaleset_pb2 as pb
@@ -103,6 +105,24 @@ def _scale_set_name(request: Any) -> str:
     if isinstance(request, pb.WatchEventsRequest):
         return str(request.scale_set)
     return str(getattr(request, "name", ""))
+
+
+#: Stream errors after which a partition's stream is opened again (on its next owner), and the errors of
+#: an executor's own making, which end its merged lease stream.
+_FOLLOW_AGAIN = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+_EXECUTOR_FAULTS = {
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+}
+
+
+async def _abort_with(context: grpc.aio.ServicerContext, failure: grpc.aio.AioRpcError) -> None:
+    """Ends the caller's call with the status an owner answered (its code, message and details)."""
+    await context.abort(
+        failure.code(), failure.details() or "", trailing_metadata=tuple(failure.trailing_metadata() or ())
+    )
 
 
 def _not_in_cluster(what: str) -> ScaleSetError:
@@ -478,9 +498,7 @@ class Router:
         try:
             return await call
         except grpc.aio.AioRpcError as e:
-            await context.abort(
-                e.code(), e.details() or "", trailing_metadata=tuple(e.trailing_metadata() or ())
-            )
+            await _abort_with(context, e)
             raise  # unreachable: abort raises
 
     async def _unary(
@@ -594,51 +612,24 @@ class Router:
         except ScaleSetError as e:
             await self._fail(context, e)
             return
-        merged: asyncio.Queue[tuple[int, bytes] | grpc.aio.AioRpcError] = asyncio.Queue(
-            maxsize=4 * partitions
-        )
 
-        async def follow(partition: int) -> None:
-            while True:
-                upstream = pb.WatchEventsRequest(after=positions[partition]).SerializeToString()
-                try:
-                    async for message in self._cluster.stream(method, partition, upstream, metadata):
-                        await merged.put((partition, message))
-                except grpc.aio.AioRpcError as e:
-                    if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-                        await merged.put(e)  # compacted, refused, unauthenticated: the client's to know
-                        return
-                except ScaleSetError:
-                    pass  # no owner yet
-                await asyncio.sleep(MANAGE_INTERVAL_S / 2)
+        def upstream(partition: int) -> bytes:
+            return bytes(pb.WatchEventsRequest(after=positions[partition]).SerializeToString())
 
-        followers = [asyncio.create_task(follow(p)) for p in range(partitions)]
-        try:
-            await context.send_initial_metadata(())
-            while True:
-                item = await merged.get()
-                if isinstance(item, grpc.aio.AioRpcError):
-                    await context.abort(
-                        item.code(),
-                        item.details() or "",
-                        trailing_metadata=tuple(item.trailing_metadata() or ()),
-                    )
-                    return
-                partition, message = item
-                reply = pb.WatchEventsResponse.FromString(message)
-                fresh = pb.WatchEventsResponse()
-                for event in reply.events:
-                    if event.sequence <= positions[partition]:
-                        continue  # sent before the partition's stream was opened again
-                    positions[partition] = event.sequence
-                    event.sequence = event.sequence * partitions + partition
-                    event.resume_token = self._resume_token(positions)
-                    fresh.events.append(event)
-                if fresh.events:
-                    yield fresh.SerializeToString()
-        finally:
-            for task in followers:
-                task.cancel()
+        # Compacted, refused, unauthenticated: the client's to know; anything else, follow the next owner.
+        merged = self._fan_in(method, upstream, metadata, context, lambda code: code not in _FOLLOW_AGAIN)
+        async for partition, message in merged:
+            reply = pb.WatchEventsResponse.FromString(message)
+            fresh = pb.WatchEventsResponse()
+            for event in reply.events:
+                if event.sequence <= positions[partition]:
+                    continue  # sent before the partition's stream was opened again
+                positions[partition] = event.sequence
+                event.sequence = event.sequence * partitions + partition
+                event.resume_token = self._resume_token(positions)
+                fresh.events.append(event)
+            if fresh.events:
+                yield fresh.SerializeToString()
 
     async def _lease_operations(
         self, method: str, payload: bytes, metadata: list[tuple[str, str]], context: grpc.aio.ServicerContext
@@ -646,30 +637,43 @@ class Router:
         """One executor stream of the whole cluster: a stream from every partition's owner, merged, with
         the cluster's operation ids. When a partition changes owner its stream is opened again on the
         new one (leases are not durable: the new owner offers every pending operation again)."""
+        # The executor's own fault (or executors are off) ends the stream; anything else is followed.
+        merged = self._fan_in(
+            method, lambda _: payload, metadata, context, lambda code: code in _EXECUTOR_FAULTS
+        )
+        async for partition, message in merged:
+            reply = pb.LeaseOperationsResponse.FromString(message)
+            for operation in reply.operations:
+                operation.operation_id = self._cluster_operation(operation.operation_id, partition)
+            reply.cancelled_operation_ids[:] = [
+                self._cluster_operation(i, partition) for i in reply.cancelled_operation_ids
+            ]
+            yield reply.SerializeToString()
+
+    async def _fan_in(
+        self,
+        method: str,
+        upstream: Callable[[int], bytes],
+        metadata: list[tuple[str, str]],
+        context: grpc.aio.ServicerContext,
+        final: Callable[[grpc.StatusCode], bool],
+    ) -> AsyncIterator[tuple[int, bytes]]:
+        """Every partition's stream of ``method``, merged as (partition, message). Each is opened on the
+        partition's owner with ``upstream(partition)`` (asked at each opening, so it can resume) and
+        opened again when it ends or its owner goes; an error ``final`` calls the client's ends it all."""
         partitions = self._cluster.partitions
-        merged: asyncio.Queue[bytes | grpc.aio.AioRpcError] = asyncio.Queue(maxsize=4 * partitions)
-        final = {
-            grpc.StatusCode.FAILED_PRECONDITION,
-            grpc.StatusCode.INVALID_ARGUMENT,
-            grpc.StatusCode.UNAUTHENTICATED,
-            grpc.StatusCode.PERMISSION_DENIED,
-        }
+        merged: asyncio.Queue[tuple[int, bytes] | grpc.aio.AioRpcError] = asyncio.Queue(
+            maxsize=4 * partitions
+        )
 
         async def follow(partition: int) -> None:
             while True:
                 try:
-                    async for message in self._cluster.stream(method, partition, payload, metadata):
-                        reply = pb.LeaseOperationsResponse.FromString(message)
-                        for operation in reply.operations:
-                            operation.operation_id = self._cluster_operation(
-                                operation.operation_id, partition
-                            )
-                        reply.cancelled_operation_ids[:] = [
-                            self._cluster_operation(i, partition) for i in reply.cancelled_operation_ids
-                        ]
-                        await merged.put(reply.SerializeToString())
+                    stream = self._cluster.stream(method, partition, upstream(partition), metadata)
+                    async for message in stream:
+                        await merged.put((partition, message))
                 except grpc.aio.AioRpcError as e:
-                    if e.code() in final:  # the executor's own fault (or executors are off): tell it
+                    if final(e.code()):
                         await merged.put(e)
                         return
                 except ScaleSetError:
@@ -682,11 +686,8 @@ class Router:
             while True:
                 item = await merged.get()
                 if isinstance(item, grpc.aio.AioRpcError):
-                    await context.abort(
-                        item.code(),
-                        item.details() or "",
-                        trailing_metadata=tuple(item.trailing_metadata() or ()),
-                    )
+                    await _abort_with(context, item)
+                    return
                 yield item
         finally:
             for task in followers:
@@ -730,13 +731,9 @@ class Router:
                 for p in range(self._cluster.partitions)
             )
         )
-        merged = sorted(
-            (s for page in pages for s in pb.ListScaleSetsResponse.FromString(page).scale_sets),
-            key=lambda s: s.spec.name,
-        )
-        more = len(merged) > size or any(
-            pb.ListScaleSetsResponse.FromString(p).next_page_token for p in pages
-        )
+        replies = [pb.ListScaleSetsResponse.FromString(page) for page in pages]
+        merged = sorted((s for r in replies for s in r.scale_sets), key=lambda s: s.spec.name)
+        more = len(merged) > size or any(r.next_page_token for r in replies)
         reply = pb.ListScaleSetsResponse(scale_sets=merged[:size])
         if more and merged:
             reply.next_page_token = _page_token("ListScaleSets", merged[:size][-1].spec.name)
@@ -775,9 +772,7 @@ class Router:
             async for message in self._cluster.stream(method, partition, payload, self._metadata(context)):
                 yield message
         except grpc.aio.AioRpcError as e:
-            await context.abort(
-                e.code(), e.details() or "", trailing_metadata=tuple(e.trailing_metadata() or ())
-            )
+            await _abort_with(context, e)
         except ScaleSetError as e:
             await self._fail(context, e)
 
@@ -811,14 +806,7 @@ async def build_front(
     cluster: ClusterServer, address: str, *, rate_limit: float | None, credentials: Any = None
 ) -> tuple[grpc.aio.Server, int]:
     """The server's public face in a cluster: routed services, health checking, reflection, Echo."""
-    server = grpc.aio.server(
-        maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
-        options=[
-            ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
-            ("grpc.max_send_message_length", MAX_REPLY_BYTES),
-            ("grpc.max_concurrent_streams", 256),
-        ],
-    )
+    server = grpc.aio.server(maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS, options=SERVER_OPTIONS)
     server.add_generic_rpc_handlers((Router(cluster, RateLimiter(rate_limit) if rate_limit else None),))
     pb_grpc.add_DiagnosticsServicer_to_server(DiagnosticsServicer(), server)
     health_servicer = health.aio.HealthServicer()
@@ -827,14 +815,7 @@ async def build_front(
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     _serve_reflection(server, [*names, health.SERVICE_NAME])
-    port = (
-        server.add_secure_port(address, credentials)
-        if credentials is not None
-        else server.add_insecure_port(address)
-    )
-    if port == 0:
-        raise OSError(f"cannot listen on {address}")
-    return server, port
+    return server, listen(server, address, credentials)
 
 
 async def serve_cluster(

@@ -1132,6 +1132,19 @@ class InProcess:
         return await continuation(_CallDetails(method, metadata))
 
 
+#: Every gRPC server's bounds (a single server's, a cluster's front and partitions): message sizes both
+#: ways, streams per connection, keepalives.
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+    ("grpc.max_send_message_length", MAX_REPLY_BYTES),
+    ("grpc.max_concurrent_streams", 256),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
 async def build_server(
     control: ControlPlane,
     address: str,
@@ -1156,15 +1169,7 @@ async def build_server(
         # Bounds on what a client can make the server hold: calls at once, and message sizes both ways
         # (replies up to 64 MB carry a 100,000-instance plan; the client accepts as much).
         maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
-        options=[
-            ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
-            ("grpc.max_send_message_length", MAX_REPLY_BYTES),
-            ("grpc.max_concurrent_streams", 256),
-            ("grpc.keepalive_time_ms", 60_000),
-            ("grpc.keepalive_timeout_ms", 20_000),
-            ("grpc.http2.max_pings_without_data", 0),
-            ("grpc.keepalive_permit_without_calls", 1),
-        ],
+        options=SERVER_OPTIONS,
     )
     servicers = (ScaleSetsServicer(control), RegionsServicer(control), AutoscaleServicer(control))
     for target in (server, in_process) if in_process is not None else (server,):
@@ -1194,6 +1199,11 @@ async def build_server(
     await set_health(True)
     control.serving_listeners.append(set_health)
     _serve_reflection(server, [*names, health.SERVICE_NAME])
+    return server, listen(server, address, credentials), metrics
+
+
+def listen(server: grpc.aio.Server, address: str, credentials: Any = None) -> int:
+    """Binds ``server`` to ``address`` (TLS when given ``credentials``); returns the port."""
     port = (
         server.add_secure_port(address, credentials)
         if credentials is not None
@@ -1201,4 +1211,4 @@ async def build_server(
     )
     if port == 0:
         raise OSError(f"cannot listen on {address}")
-    return server, port, metrics
+    return int(port)
