@@ -117,49 +117,104 @@ def test_durable_set_capacity_beside_big_scale_sets(benchmark: Any, tmp_path: Pa
         )
 
 
-#: Gate: a restart with a 1,000,000-instance snapshot to SERVING, as a multiple of an empty server's start
-#: in the same run (process start and imports included in both; issue 12's target is under 3 s; measured
-#: 2.4-2.5 s against 1.1 s).
-RESTART_CEILING = 5.0
+#: Gates: a restart to SERVING, as a multiple of an empty server's start in the same run (process start
+#: and imports included in both). Issue 12's targets: under 3 s with a 1,000,000-instance snapshot
+#: (measured 0.9-1.2 s with per-scale-set binary parts, 0.8-1.0x the empty start; 2.4-2.5 s with the
+#: whole-state JSON snapshot before), and under 2 s replaying 100,000 logged single-instance changes
+#: (measured 2.6-2.7 s, 2.3-2.9x: about 1.6 s of replay, 16 us per logged change, most of it Python's
+#: decoding and the command's facade around the core's 3 us decision).
+RESTART_CEILING = 2.5
+REPLAY_CEILING = 4.5
+FLAGS = ("--instance-limit", "1000000")
 
 
-def test_restart_with_a_million_instance_snapshot(benchmark: Any, tmp_path: Path) -> None:
-    import time
-
-    benchmark.group = "restart"
-    capacity = 10_000 if benchmark.disabled else 1_000_000
+def create_and_stop(db: Path, log: Path, capacity: int) -> None:
+    """A server on ``db`` that creates one scale set of ``capacity`` and stops cleanly (which snapshots)."""
     port = free_port()
-    flags = ("--instance-limit", "1000000")
-    proc = start_server_process(tmp_path / "big.db", port, tmp_path / "big.log", *flags)
+    proc = start_server_process(db, port, log, *FLAGS)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         spec = pb.ScaleSetSpec(name="huge", zones=["1", "2", "3"], sku=pb.Sku(name="Standard_D2s_v5"))
         request = pb.CreateScaleSetRequest(scale_set=spec, capacity=capacity, view=pb.PLAN_VIEW_SUMMARY)
         pb_grpc.ScaleSetsStub(channel).CreateScaleSet(request, timeout=300)
-    proc.send_signal(signal.SIGTERM)  # a clean stop snapshots the state
+    proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0
 
+
+def timed_restart(benchmark: Any, db: Path, log: Path, capacity: int, revision: int) -> tuple[float, float]:
+    """Seconds to SERVING for a restart on ``db`` (checked: scale set "huge" at ``capacity`` and
+    ``revision``) and for an empty server, in the same run."""
+    import time
+
+    tmp = db.parent
     started = time.perf_counter()
-    empty = start_server_process(tmp_path / "empty.db", free_port(), tmp_path / "empty.log")
+    empty = start_server_process(tmp / "empty.db", free_port(), tmp / "empty.log")
     empty_s = time.perf_counter() - started
     empty.send_signal(signal.SIGTERM)
     assert empty.wait(timeout=60) == 0
 
-    def restart() -> Any:
-        return start_server_process(tmp_path / "big.db", port, tmp_path / "big.log", *flags)
-
+    port = free_port()
     started = time.perf_counter()
-    proc = benchmark.pedantic(restart, rounds=1, iterations=1)
+    proc = benchmark.pedantic(lambda: start_server_process(db, port, log, *FLAGS), rounds=1, iterations=1)
     restart_s = time.perf_counter() - started
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             got = pb_grpc.ScaleSetsStub(channel).GetScaleSet(pb.GetScaleSetRequest(name="huge"))
-            assert got.capacity == capacity and got.revision == 1
+            assert (got.capacity, got.revision) == (capacity, revision)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0
+    return restart_s, empty_s
+
+
+def test_restart_with_a_million_instance_snapshot(benchmark: Any, tmp_path: Path) -> None:
+    benchmark.group = "restart"
+    capacity = 10_000 if benchmark.disabled else 1_000_000
+    create_and_stop(tmp_path / "big.db", tmp_path / "big.log", capacity)
+    restart_s, empty_s = timed_restart(benchmark, tmp_path / "big.db", tmp_path / "big.log", capacity, 1)
     if not benchmark.disabled:
         ratio = restart_s / empty_s
         print(
             f"\nrestart with {capacity:,} instances: {restart_s:.2f} s to SERVING, empty {empty_s:.2f} s ({ratio:.1f}x)"
         )
         assert ratio <= RESTART_CEILING, f"{ratio:.1f}x an empty start, above {RESTART_CEILING}x"
+
+
+def test_restart_replaying_100k_logged_single_instance_changes(benchmark: Any, tmp_path: Path) -> None:
+    from scaleset.commands import SetCapacity
+    from scaleset.store import EventRecord, SQLiteStore
+
+    benchmark.group = "restart"
+    capacity = 1_000 if benchmark.disabled else 100_000
+    db, log = tmp_path / "log.db", tmp_path / "log.log"
+    create_and_stop(db, log, capacity)
+    # The log a server writes for `capacity` one-instance scale-ins after its snapshot, written straight
+    # to the store (the same records; a server would take a minute to write them durably one by one).
+    store = SQLiteStore(str(db))
+    snapshot, tail = store.load()
+    assert snapshot is not None and not tail
+    sequence, start_ms = snapshot.sequence, 1_800_000_000_000
+    for first in range(0, capacity, 10_000):
+        store.append(
+            [
+                EventRecord(
+                    sequence + k + 1,
+                    "huge",
+                    k + 2,
+                    SetCapacity.event_type,
+                    SetCapacity("huge", capacity - k - 1).encode(),
+                    {"text": "one fewer"},
+                    start_ms + k,
+                )
+                for k in range(first, min(first + 10_000, capacity))
+            ],
+            [],
+        )
+    store.close()
+    restart_s, empty_s = timed_restart(benchmark, db, log, 0, capacity + 1)
+    if not benchmark.disabled:
+        ratio = restart_s / empty_s
+        print(
+            f"\nrestart replaying {capacity:,} logged scale-ins: {restart_s:.2f} s to SERVING, "
+            f"empty {empty_s:.2f} s ({ratio:.1f}x)"
+        )
+        assert ratio <= REPLAY_CEILING, f"{ratio:.1f}x an empty start, above {REPLAY_CEILING}x"

@@ -3,6 +3,7 @@ WatchEvents, health checking, reflection, and durability across restarts."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -380,6 +381,69 @@ def test_state_survives_restarts_with_and_without_snapshots(tmp_path: Path) -> N
         assert after == before
         plan = c.set_capacity("web", 12)  # ids continue where they left off
         assert plan.creates[0].instance_id == 11
+
+
+def _stored_parts(db: str) -> dict[str, int]:
+    """Each scale set's stored snapshot part, by the sequence of the snapshot that wrote it."""
+    import sqlite3
+
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        return dict(conn.execute("SELECT name, sequence FROM snapshot_parts").fetchall())
+
+
+def test_a_snapshot_writes_again_only_the_scale_sets_that_changed(tmp_path: Path) -> None:
+    db = str(tmp_path / "state.db")
+    with ServerThread(db, REGION) as server, Client(server.target) as c:
+        c.create_scale_set(zonal_spec("big"), 1000)
+        c.create_scale_set(zonal_spec("small"), 3)
+        c.create_scale_set(zonal_spec("gone"), 1)
+        server.call(server.control._snapshot())
+        first = _stored_parts(db)
+        assert first.keys() == {"big", "small", "gone"} and len(set(first.values())) == 1
+        c.set_capacity("small", 4, dry_run=True)
+        c.set_zone_available("2", False)  # the region's, in the document
+        server.call(server.control._snapshot())
+        assert _stored_parts(db) == first, "dry runs and region changes write no part"
+        c.set_capacity("small", 5)
+        c.delete_scale_set("gone")
+        server.call(server.control._snapshot())
+        second = _stored_parts(db)
+        assert second.keys() == {"big", "small"}
+        assert second["big"] == first["big"] and second["small"] > first["small"]
+        before = (c.list_instances("big"), c.list_instances("small"), c.describe_region())
+    with ServerThread(db, REGION) as again, Client(again.target) as c:
+        assert (c.list_instances("big"), c.list_instances("small"), c.describe_region()) == before
+        assert [s.spec.name for s in c.list_scale_sets()] == ["big", "small"]
+
+
+def test_a_whole_state_snapshot_from_an_older_version_loads_and_is_rewritten_in_parts(tmp_path: Path) -> None:
+    from scaleset.store import Snapshot
+
+    db = str(tmp_path / "state.db")
+    with ServerThread(db, REGION) as server, Client(server.target) as c:
+        c.create_scale_set(zonal_spec("web"), 7)
+        c.set_protection("web", [2], protect_from_scale_in=True)
+        before = (c.get_scale_set("web"), c.list_instances("web"))
+        control = server.control
+        # What the last version stored: the whole engine in the document, no parts.
+        old = Snapshot(
+            control.sequence,
+            {
+                "engine": control.controller.export_state(),
+                "revisions": dict(control.revisions),
+                "region_revision": control.region_revision,
+            },
+            {"web": None},
+        )
+        server.call(asyncio.to_thread(control._store.save_snapshot, old))
+        assert _stored_parts(db) == {}
+        control._snapshot_sequence = control.sequence  # nothing left for the stop's snapshot
+    with ServerThread(db, REGION) as again, Client(again.target) as c:
+        assert (c.get_scale_set("web"), c.list_instances("web")) == before
+        again.call(again.control._snapshot())
+        assert _stored_parts(db).keys() == {"web"}
+    with ServerThread(db, REGION) as third, Client(third.target) as c:
+        assert (c.get_scale_set("web"), c.list_instances("web")) == before
 
 
 def test_metrics_count_rpcs(server: ServerThread, client: Client) -> None:

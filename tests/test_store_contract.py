@@ -90,6 +90,22 @@ def test_snapshots_load_with_the_events_after_them_and_compaction_keeps_the_rest
     store.check()
 
 
+def test_a_snapshot_writes_only_the_parts_it_names_and_all_of_them_or_none(store: Store) -> None:
+    store.save_snapshot(Snapshot(1, {"controller": {}}, {"a": b"A1", "b": b"B1"}))
+    store.save_snapshot(Snapshot(2, {"controller": {"n": 2}}, {"b": b"B2", "c": b"\x00C2"}))
+    snapshot, _ = store.load()
+    assert snapshot == Snapshot(2, {"controller": {"n": 2}}, {"a": b"A1", "b": b"B2", "c": b"\x00C2"})
+    store.save_snapshot(Snapshot(3, {"controller": {}}, {"a": None}))
+    snapshot, _ = store.load()
+    assert snapshot is not None and dict(snapshot.parts) == {"b": b"B2", "c": b"\x00C2"}
+    with pytest.raises(Exception):  # noqa: B017 - each store raises its driver's error for a non-bytes part
+        store.save_snapshot(Snapshot(4, {"controller": {}}, {"d": b"D4", "e": object()}))  # type: ignore[dict-item]
+    snapshot, _ = store.load()
+    assert snapshot is not None and snapshot.sequence == 3 and "d" not in snapshot.parts
+    store.save_snapshot(Snapshot(5, {"controller": {}}, {"d": b"D5"}))  # the store is still usable
+    assert store.load()[0] == Snapshot(5, {"controller": {}}, {"b": b"B2", "c": b"\x00C2", "d": b"D5"})
+
+
 def test_metadata_is_kept(store: Store) -> None:
     assert store.get_meta("initial_region") is None
     store.set_meta("initial_region", "{}")

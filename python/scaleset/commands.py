@@ -169,7 +169,14 @@ class Command:
 
     @classmethod
     def _field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))
+        names = _FIELD_NAMES.get(cls)
+        if names is None:
+            names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+        return names
+
+
+#: Each command class's fields, by name (looked up once per class: a replay decodes every entry).
+_FIELD_NAMES: dict[type[Command], tuple[str, ...]] = {}
 
 
 # ----- scale sets -----------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -30,7 +31,7 @@ from scaleset.controller import Controller
 from scaleset.errors import CapacityError, NotFoundError, conflict, error, invalid_input, unavailable
 from scaleset.model import Region
 from scaleset.policies import Action
-from scaleset.store import EventRecord, RequestRecord, Snapshot, Store
+from scaleset.store import EventRecord, RequestRecord, Snapshot, Store, decode_part, encode_part
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +166,14 @@ class ControlPlane:
         self.region_revision = 0
         self.sequence = 0
         self._snapshot_sequence = 0
-        #: Bytes of events logged since the last snapshot, and that snapshot's size.
+        #: Bytes of events logged since the last snapshot, and the stored snapshot's size (its document
+        #: and every part).
         self._log_bytes = 0
         self._snapshot_bytes = 0
+        #: The stored size of each scale set's snapshot part, and the scale sets whose changes a failed
+        #: snapshot did not store (the next one writes them).
+        self._part_bytes: dict[str, int] = {}
+        self._unsaved: set[str] = set()
         self.healthy = True
         #: The time of the change being applied (live: the clock; replay: the logged time).
         self.now = 0.0
@@ -207,9 +213,14 @@ class ControlPlane:
         else:
             initial = Region.from_dict(json.loads(stored_region))
         snapshot, events = self._store.load()
+        self._unsaved = set()
+        self._part_bytes = {}
         if snapshot is not None:
             state = snapshot.state
-            self.controller = Controller.from_state(state["engine"], instance_limit=self._instance_limit)
+            if "engine" in state:  # a whole-state snapshot (before parts): the next one writes every part
+                self.controller = Controller.from_state(state["engine"], instance_limit=self._instance_limit)
+            else:
+                self.controller = self._restore(state["controller"], snapshot.parts)
             self.revisions = dict(state["revisions"])
             self.region_revision = state["region_revision"]
             self.sequence = self._snapshot_sequence = snapshot.sequence
@@ -228,6 +239,21 @@ class ControlPlane:
         self._published_sequence = self.sequence  # everything loaded is committed
         self._committed = dict(self.revisions)
         log.info("loaded state at sequence %d (%d events replayed)", self.sequence, len(events))
+
+    def _restore(self, state: dict[str, Any], parts: Mapping[str, bytes | None]) -> Controller:
+        """The controller of a snapshot stored in parts: the document, with each scale set's part."""
+        scale_sets = []
+        for name, data in parts.items():
+            try:
+                scale_sets.append(decode_part(data or b""))
+            except (zlib.error, ValueError, KeyError) as exc:
+                raise RuntimeError(f"the stored snapshot of scale set '{name}' is damaged: {exc}") from exc
+            self._part_bytes[name] = len(data or b"")
+        controller = Controller.from_state(
+            {**state, "scale_sets": scale_sets}, instance_limit=self._instance_limit
+        )
+        controller.engine.take_changed()  # as stored: nothing to write again
+        return controller
 
     def _count(self, event: EventRecord) -> None:
         self.sequence = event.sequence
@@ -631,18 +657,36 @@ class ControlPlane:
             self._snapshot_task = None
 
     async def _snapshot(self) -> None:
+        """Stores the state: a document (region, policies, revisions) and a part for each scale set
+        changed since the last snapshot, encoded by the core under the lock (a copy, a few bytes per
+        instance) and compressed outside it."""
         async with self._lock:
             sequence = self.sequence
             state = {
-                "engine": self.controller.export_state(),
+                "controller": self.controller.export_state(scale_sets=False),
                 "revisions": dict(self.revisions),
                 "region_revision": self.region_revision,
             }
+            engine = self.controller.engine
+            self._unsaved.update(engine.take_changed())
+            changed = sorted(self._unsaved)
+            live = set(engine.scale_set_names())
+            exported = {name: engine.export_scale_set(name) if name in live else None for name in changed}
             last = self._last_commit
         if last is not None and not last.done():
             await asyncio.shield(last)
         logged = self._log_bytes
-        self._snapshot_bytes = await asyncio.to_thread(self._store.save_snapshot, Snapshot(sequence, state))
+        parts = await asyncio.to_thread(
+            lambda: {name: None if e is None else encode_part(e) for name, e in exported.items()}
+        )
+        document = await asyncio.to_thread(self._store.save_snapshot, Snapshot(sequence, state, parts))
+        self._unsaved.difference_update(changed)
+        for name, data in parts.items():
+            if data is None:
+                self._part_bytes.pop(name, None)
+            else:
+                self._part_bytes[name] = len(data)
+        self._snapshot_bytes = document + sum(self._part_bytes.values())
         self._snapshot_sequence = sequence
         self._log_bytes -= logged  # what was logged while the snapshot was written still counts
         # Bounded history: what the snapshot holds no longer needs its events, beyond the retention

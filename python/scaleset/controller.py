@@ -61,9 +61,14 @@ class Controller:
         controller.now = float(state.get("now", 0.0))
         return controller
 
-    def export_state(self) -> dict[str, Any]:
-        """The engine's and the policies' state as plain data, for snapshots."""
-        return {**self.engine.export_state(), "policies": self.policies.export(), "now": self.now}
+    def export_state(self, *, scale_sets: bool = True) -> dict[str, Any]:
+        """The engine's and the policies' state as plain data, for snapshots; without the scale sets
+        (an empty list) when they are saved one by one (:meth:`Engine.export_scale_set`)."""
+        return {
+            **self.engine.export_state(scale_sets=scale_sets),
+            "policies": self.policies.export(),
+            "now": self.now,
+        }
 
     def execute(self, command: cmd.Command, now: float | None = None) -> Any:
         """Validates and applies one command at ``now`` (default: the controller's time)."""

@@ -194,9 +194,11 @@ class Engine:
     def capacity(self, name: str) -> int:
         return int(self._core.capacity(name))
 
-    def export_state(self) -> dict[str, Any]:
+    def export_state(self, *, scale_sets: bool = True) -> dict[str, Any]:
         """The whole engine as plain data (region, every scale set with instances and next id), for
-        snapshots. :meth:`from_state` rebuilds an identical engine."""
+        snapshots; :meth:`from_state` rebuilds an identical engine. Without ``scale_sets`` the list is
+        empty (they are saved one by one with :meth:`export_scale_set`)."""
+        names = self._core.list_scale_sets() if scale_sets else []
         return {
             "region": self._core.region(),
             "scale_sets": [
@@ -205,7 +207,7 @@ class Engine:
                     "instances": dict(self._core.instances(name)),
                     "next_instance_id": self._core.next_instance_id(name),
                 }
-                for name in self._core.list_scale_sets()
+                for name in names
             ],
         }
 
@@ -214,8 +216,25 @@ class Engine:
         """Rebuilds an engine saved by :meth:`export_state`."""
         engine = cls(Region.from_dict(state["region"]), instance_limit=instance_limit)
         for saved in state["scale_sets"]:
-            engine._core.restore_scale_set(saved["spec"], saved["instances"], saved["next_instance_id"])
+            if isinstance(saved["instances"], bytes):
+                engine._core.restore_encoded(saved["spec"], saved["instances"], saved["next_instance_id"])
+            else:
+                engine._core.restore_scale_set(saved["spec"], saved["instances"], saved["next_instance_id"])
         return engine
+
+    def export_scale_set(self, name: str) -> dict[str, Any]:
+        """One scale set as :meth:`export_state` lists it, but with its instances in the core's compact
+        binary columnar encoding (bytes, a few per instance; :meth:`from_state` takes either)."""
+        return {
+            "spec": self._core.get_spec(name),
+            "instances": self._core.encode_instances(name),
+            "next_instance_id": self._core.next_instance_id(name),
+        }
+
+    def take_changed(self) -> list[str]:
+        """The scale sets created, changed or deleted since the last call (what an incremental snapshot
+        writes again), by name; the engine forgets them."""
+        return self._core.take_changed()
 
     def next_instance_id(self, name: str) -> int:
         """The id the next instance created in ``name`` receives."""

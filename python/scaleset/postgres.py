@@ -21,7 +21,16 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from scaleset.errors import ConflictError, ScaleSetError, UnavailableError, error
-from scaleset.store import EVENT_COLUMNS, EventRecord, RequestRecord, Snapshot, event_from_row, event_row
+from scaleset.store import (
+    EVENT_COLUMNS,
+    REPLAY_COLUMNS,
+    EventRecord,
+    RequestRecord,
+    Snapshot,
+    event_from_row,
+    event_row,
+    replayed_from_row,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +63,10 @@ _MIGRATIONS = [
     # 2: the servers of the database, for `scaleset cluster status`.
     """
     CREATE TABLE servers (address TEXT PRIMARY KEY, role TEXT NOT NULL, seen_ms BIGINT NOT NULL);
+    """,
+    # 3: snapshots in parts, one per scale set, each as of the snapshot that last wrote it.
+    """
+    CREATE TABLE snapshot_parts (name TEXT PRIMARY KEY, sequence BIGINT NOT NULL, data BYTEA NOT NULL);
     """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -311,12 +324,15 @@ class PostgresStore:
 
     def load(self) -> tuple[Snapshot | None, list[EventRecord]]:
         rows = self._read("SELECT sequence, state FROM snapshots ORDER BY sequence DESC LIMIT 1")
-        snapshot = Snapshot(rows[0][0], json.loads(rows[0][1])) if rows else None
+        parts = self._read("SELECT name, data FROM snapshot_parts ORDER BY name")
+        snapshot = (
+            Snapshot(rows[0][0], json.loads(rows[0][1]), {n: bytes(d) for n, d in parts}) if rows else None
+        )
         after = snapshot.sequence if snapshot else 0
         events = self._read(
-            f"SELECT {EVENT_COLUMNS} FROM events WHERE sequence > %s ORDER BY sequence", (after,)
+            f"SELECT {REPLAY_COLUMNS} FROM events WHERE sequence > %s ORDER BY sequence", (after,)
         )
-        loaded = [event_from_row(r) for r in events]
+        loaded = [replayed_from_row(r) for r in events]
         self._last_sequence = loaded[-1].sequence if loaded else after
         return snapshot, loaded
 
@@ -363,6 +379,16 @@ class PostgresStore:
                 (snapshot.sequence, data),
             )
             self._writer.execute("DELETE FROM snapshots WHERE sequence < %s", (snapshot.sequence,))
+            with self._writer.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO snapshot_parts (name, sequence, data) VALUES (%s, %s, %s) "
+                    "ON CONFLICT (name) DO UPDATE SET sequence = EXCLUDED.sequence, data = EXCLUDED.data",
+                    [(n, snapshot.sequence, p) for n, p in snapshot.parts.items() if p is not None],
+                )
+                cur.executemany(
+                    "DELETE FROM snapshot_parts WHERE name = %s",
+                    [(n,) for n, p in snapshot.parts.items() if p is None],
+                )
         return len(data)
 
     def compact(self, events_through: int, requests_through: int) -> None:

@@ -16,15 +16,16 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
 from scaleset.errors import ConflictError, UnavailableError, error
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EventRecord", "RequestRecord", "SQLiteStore", "Snapshot", "Store"]
+__all__ = ["EventRecord", "RequestRecord", "SQLiteStore", "Snapshot", "Store", "decode_part", "encode_part"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,8 +57,33 @@ class RequestRecord:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
+    """The state at ``sequence``: a document (JSON) and parts stored one per scale set, so that a
+    snapshot writes again only the scale sets that changed since the last one.
+
+    Saving, ``parts`` holds the parts to write (None deletes one); the parts not named stay as they are.
+    Loading, it holds every stored part."""
+
     sequence: int
     state: dict[str, Any]
+    parts: Mapping[str, bytes | None] = field(default_factory=dict)
+
+
+def encode_part(saved: dict[str, Any]) -> bytes:
+    """A scale set as :meth:`Engine.export_scale_set` gives it, as one compressed part: its spec and next
+    instance id as JSON, then its instances in the core's binary encoding."""
+    header = json.dumps(
+        {"spec": saved["spec"], "next_instance_id": saved["next_instance_id"]}, separators=(",", ":")
+    ).encode()
+    return zlib.compress(len(header).to_bytes(4, "little") + header + saved["instances"], 1)
+
+
+def decode_part(data: bytes) -> dict[str, Any]:
+    """The scale set :func:`encode_part` encoded (its instances still encoded, as the engine restores them)."""
+    raw = zlib.decompress(data)
+    size = int.from_bytes(raw[:4], "little")
+    saved: dict[str, Any] = json.loads(raw[4 : 4 + size])
+    saved["instances"] = raw[4 + size :]
+    return saved
 
 
 class Store(Protocol):
@@ -65,7 +91,8 @@ class Store(Protocol):
     path: str
 
     def load(self) -> tuple[Snapshot | None, list[EventRecord]]:
-        """The newest snapshot and every event after it, in order."""
+        """The newest snapshot and every event after it, in order (:data:`REPLAY_COLUMNS`: without their
+        summaries, which a replay does not read)."""
         ...
 
     def append(self, events: Sequence[EventRecord], requests: Sequence[RequestRecord]) -> list[int]:
@@ -80,7 +107,8 @@ class Store(Protocol):
     def lookup_request(self, request_id: str) -> RequestRecord | None: ...
 
     def save_snapshot(self, snapshot: Snapshot) -> int:
-        """Stores ``snapshot`` (replacing older ones); returns its size in bytes."""
+        """Stores ``snapshot`` (replacing older ones) with its parts, atomically; returns the size in bytes
+        of its document."""
         ...
 
     def compact(self, events_through: int, requests_through: int) -> None:
@@ -124,6 +152,8 @@ CREATE TABLE IF NOT EXISTS requests (
     sequence INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS snapshots (sequence INTEGER PRIMARY KEY, state TEXT NOT NULL);
+-- The newest snapshot's parts, one per scale set, each as of the snapshot that last wrote it.
+CREATE TABLE IF NOT EXISTS snapshot_parts (name TEXT PRIMARY KEY, sequence INTEGER NOT NULL, data BLOB NOT NULL);
 """
 
 #: An event's columns, in the order of :func:`event_row` and :func:`event_from_row` (every store's).
@@ -155,6 +185,16 @@ def event_from_row(row: tuple[Any, ...]) -> EventRecord:
         time_ms,
         len(command) + len(summary),
     )
+
+
+#: What a replay reads of an event: not its summary (what watchers are told), left empty.
+REPLAY_COLUMNS = "sequence, scale_set, revision, type, command, time_ms"
+
+
+def replayed_from_row(row: tuple[Any, ...]) -> EventRecord:
+    """An event as a replay reads it (a row of :data:`REPLAY_COLUMNS`)."""
+    seq, scale_set, revision, type_, command, time_ms = row
+    return EventRecord(seq, scale_set, revision, type_, json.loads(command), {}, time_ms, len(command))
 
 
 def _lock_exclusively(path: str) -> IO[bytes]:
@@ -225,12 +265,13 @@ class SQLiteStore:
             row = self._reader.execute(
                 "SELECT sequence, state FROM snapshots ORDER BY sequence DESC LIMIT 1"
             ).fetchone()
-            snapshot = Snapshot(row[0], json.loads(row[1])) if row else None
+            parts = self._reader.execute("SELECT name, data FROM snapshot_parts ORDER BY name").fetchall()
+            snapshot = Snapshot(row[0], json.loads(row[1]), dict(parts)) if row else None
             after = snapshot.sequence if snapshot else 0
             rows = self._reader.execute(
-                f"SELECT {EVENT_COLUMNS} FROM events WHERE sequence > ? ORDER BY sequence", (after,)
+                f"SELECT {REPLAY_COLUMNS} FROM events WHERE sequence > ? ORDER BY sequence", (after,)
             ).fetchall()
-        return snapshot, [event_from_row(r) for r in rows]
+        return snapshot, [replayed_from_row(r) for r in rows]
 
     def append(self, events: Sequence[EventRecord], requests: Sequence[RequestRecord]) -> list[int]:
         rows = [event_row(e) for e in events]
@@ -275,12 +316,25 @@ class SQLiteStore:
         data = json.dumps(snapshot.state, separators=(",", ":"))
         with self._write_lock:
             self._writer.execute("BEGIN IMMEDIATE")
-            self._writer.execute(
-                "INSERT OR REPLACE INTO snapshots (sequence, state) VALUES (?, ?)", (snapshot.sequence, data)
-            )
-            # Older snapshots are no longer needed to rebuild; events stay for WatchEvents.
-            self._writer.execute("DELETE FROM snapshots WHERE sequence < ?", (snapshot.sequence,))
-            self._writer.execute("COMMIT")
+            try:
+                self._writer.execute(
+                    "INSERT OR REPLACE INTO snapshots (sequence, state) VALUES (?, ?)",
+                    (snapshot.sequence, data),
+                )
+                # Older snapshots are no longer needed to rebuild; events stay for WatchEvents.
+                self._writer.execute("DELETE FROM snapshots WHERE sequence < ?", (snapshot.sequence,))
+                self._writer.executemany(
+                    "INSERT OR REPLACE INTO snapshot_parts (name, sequence, data) VALUES (?, ?, ?)",
+                    [(n, snapshot.sequence, p) for n, p in snapshot.parts.items() if p is not None],
+                )
+                self._writer.executemany(
+                    "DELETE FROM snapshot_parts WHERE name = ?",
+                    [(n,) for n, p in snapshot.parts.items() if p is None],
+                )
+                self._writer.execute("COMMIT")
+            except BaseException:
+                self._writer.execute("ROLLBACK")
+                raise
         return len(data)
 
     def check(self) -> None:

@@ -158,6 +158,9 @@ pub struct Engine {
     sets: BTreeMap<String, ScaleSetState>,
     sizes: Vec<String>,
     instance_limit_override: Option<u64>,
+    /// Scale sets changed (created, mutated or deleted) since [`Engine::take_changed`] last ran: what an
+    /// incremental snapshot must write again.
+    changed: BTreeSet<String>,
 }
 
 /// Extra VMs of an overprovisioned scale-out, as a percentage of it (ours; Azure does not document it).
@@ -177,6 +180,7 @@ impl Engine {
             sets: BTreeMap::new(),
             sizes: Vec::new(),
             instance_limit_override,
+            changed: BTreeSet::new(),
         }
     }
 
@@ -194,7 +198,17 @@ impl Engine {
     }
 
     pub(crate) fn scale_set_mut(&mut self, name: &str) -> Result<&mut ScaleSetState> {
-        self.sets.get_mut(name).ok_or_else(|| not_found(name))
+        let state = self.sets.get_mut(name).ok_or_else(|| not_found(name))?;
+        if !self.changed.contains(name) {
+            self.changed.insert(name.to_owned());
+        }
+        Ok(state)
+    }
+
+    /// The scale sets changed since the last call (each at most once, by name; a deleted one too), and
+    /// forgets them.
+    pub fn take_changed(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.changed).into_iter().collect()
     }
 
     pub fn scale_sets(&self) -> impl Iterator<Item = &ScaleSetState> {
@@ -300,6 +314,7 @@ impl Engine {
         };
         self.scale_out_into(&state, capacity, &mut plan)?;
         let name = spec.name.clone();
+        self.changed.insert(name.clone());
         self.sets.insert(name, state);
         self.apply(&plan)?;
         Ok((spec, plan))
@@ -382,6 +397,7 @@ impl Engine {
     /// Deletes a scale set and all its instances, returning their capacity to the pools.
     pub fn delete_scale_set(&mut self, name: &str) -> Result<()> {
         let state = self.sets.remove(name).ok_or_else(|| not_found(name))?;
+        self.changed.insert(name.to_owned());
         let released: Vec<(ZoneSlot, u16, Priority)> = state
             .instances
             .iter()
@@ -478,7 +494,8 @@ impl Engine {
     }
 
     pub fn set_capacity(&mut self, name: &str, capacity: u64, dry_run: bool) -> Result<Plan> {
-        let state = self.scale_set_mut(name)?;
+        // Not `scale_set_mut`: building the groups (a cache) changes nothing a snapshot holds.
+        let state = self.sets.get_mut(name).ok_or_else(|| not_found(name))?;
         if capacity + 1 == state.capacity() && state.groups.0.is_none() {
             // One decision: worth the groups, which the following decisions reuse.
             state.groups.0 = Some(Groups::build(&state.instances));
@@ -576,6 +593,7 @@ impl Engine {
     /// Applies a plan made by this engine: creates instances, removes instances, moves pool capacity.
     pub fn apply(&mut self, plan: &Plan) -> Result<()> {
         self.check_quota(plan)?;
+        self.scale_set_mut(&plan.scale_set)?; // marks it changed
         let state = self
             .sets
             .get_mut(&plan.scale_set)
@@ -720,6 +738,7 @@ impl Engine {
         }
         let size_ids = self.intern_spec_sizes(&spec)?;
         let name = spec.name.clone();
+        self.changed.insert(name.clone());
         self.sets.insert(
             name.clone(),
             ScaleSetState {

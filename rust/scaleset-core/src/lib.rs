@@ -12,6 +12,7 @@ pub mod plan;
 pub mod rebalance;
 pub mod scale_in;
 pub mod scale_out;
+pub mod snapshot;
 pub mod upgrade;
 pub mod validate;
 

@@ -339,6 +339,39 @@ impl Engine {
         })
     }
 
+    /// Restores a scale set from its spec, its instances as `encode_instances` gave them, and the next
+    /// instance id.
+    fn restore_encoded(
+        &self,
+        py: Python<'_>,
+        spec: &Bound<'_, PyAny>,
+        data: &[u8],
+        next_instance_id: u64,
+    ) -> PyResult<()> {
+        let spec = spec_from_dto(extract(spec, "spec")?)?;
+        detached(py, || {
+            let inputs = core::snapshot::decode_instances(data)?;
+            self.with(|e| e.restore_scale_set(spec, inputs, next_instance_id))
+        })
+    }
+
+    /// The instances of one scale set in the snapshot encoding (bytes).
+    fn encode_instances<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+    ) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
+        let data = detached(py, || {
+            self.with(|e| core::snapshot::encode_instances(e, name))
+        })?;
+        Ok(pyo3::types::PyBytes::new(py, &data))
+    }
+
+    /// The scale sets changed (created, mutated, deleted) since the last call, by name.
+    fn take_changed(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        detached(py, || self.with(|e| Ok(e.take_changed())))
+    }
+
     fn capacity(&self, py: Python<'_>, name: &str) -> PyResult<u64> {
         detached(py, || self.with(|e| Ok(e.scale_set(name)?.capacity())))
     }
