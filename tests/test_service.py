@@ -416,6 +416,29 @@ def test_a_snapshot_writes_again_only_the_scale_sets_that_changed(tmp_path: Path
         assert [s.spec.name for s in c.list_scale_sets()] == ["big", "small"]
 
 
+def test_a_snapshot_that_fails_to_store_leaves_its_changes_for_the_next(tmp_path: Path) -> None:
+    db = str(tmp_path / "state.db")
+    with ServerThread(db, REGION) as server, Client(server.target) as c:
+        c.create_scale_set(zonal_spec("web"), 3)
+        server.call(server.control._snapshot())
+        c.set_capacity("web", 5)
+        store = server.control._store
+        real = store.save_snapshot
+
+        def full(_: object) -> int:
+            raise OSError("disk full")
+
+        store.save_snapshot = full  # type: ignore[method-assign]
+        with pytest.raises(OSError):
+            server.call(server.control._snapshot())
+        store.save_snapshot = real  # type: ignore[method-assign]
+        server.call(server.control._snapshot())
+        before = c.list_instances("web")
+        server.control._snapshot_sequence = server.control.sequence
+    with ServerThread(db, REGION) as again, Client(again.target) as c:
+        assert c.list_instances("web") == before and len(before) == 5
+
+
 def test_a_whole_state_snapshot_from_an_older_version_loads_and_is_rewritten_in_parts(tmp_path: Path) -> None:
     from scaleset.store import Snapshot
 
