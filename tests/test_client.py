@@ -77,6 +77,11 @@ def test_a_rebalance_plan_is_the_controllers_type_with_the_same_content(server: 
             assert [(w.creates, w.deletes) for w in remote.waves] == [
                 (w.creates, w.deletes) for w in here.waves
             ]
+            # The solve's stages, all but their times.
+            assert [(s.objective, s.status, s.value, s.bound) for s in remote.stages] == [
+                (s.objective, s.status, s.value, s.bound) for s in here.stages
+            ]
+            assert len(remote.stages) == 4 and all(s.seconds > 0 for s in remote.stages)
 
 
 def test_a_rolling_upgrade_is_the_controllers_type_with_the_same_state(tmp_path: Path) -> None:

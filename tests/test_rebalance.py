@@ -188,6 +188,40 @@ def test_time_limit_never_returns_nothing() -> None:
     assert plan.replacements == len(plan.creates) == len(plan.deletes)
     assert plan.score_after <= plan.score_before
     assert plan.violation_bound <= plan.score_after
+    # A stage that is not proven ends the solve: no later stage holds an unproven value.
+    unproven = [k for k, s in enumerate(plan.stages) if s.status != "OPTIMAL"]
+    assert not unproven or unproven[0] == len(plan.stages) - 1
+    assert (plan.status == "OPTIMAL") == (not unproven and len(plan.stages) == 4)
+
+
+def test_each_objective_is_a_stage_solved_with_the_ones_before_held() -> None:
+    engine = Controller(Region(zones=["1", "2", "3"], fault_domains_per_zone=FDS), instance_limit=100_000)
+    for zone, price in (("1", 0.3), ("2", 0.1), ("3", 0.2)):
+        engine.set_pool_capacity(zone, SIZE, "Regular", None, price=price)
+    engine.create_scale_set(zonal_spec())
+    engine.set_zone_available("1", False)
+    engine.set_capacity("web", 30)
+    engine.set_zone_available("1", True)
+    zone3 = [i.instance_id for i in engine.get_scale_set("web").instances if i.zone == "3"]
+    engine.report_health("web", zone3[:2], "Unhealthy")
+    plan = engine.rebalance("web")
+    assert [(s.objective, s.status) for s in plan.stages] == [
+        ("violation", "OPTIMAL"),
+        ("replacements", "OPTIMAL"),
+        ("replacement_order", "OPTIMAL"),
+        ("price", "OPTIMAL"),
+    ]
+    assert all(s.value == s.bound for s in plan.stages)
+    violation, replacements, order, price = (s.value for s in plan.stages)
+    assert violation == plan.score_after == 0 and replacements == plan.replacements == 10
+    # Order: the two unhealthy instances (0 each) and eight healthy ones (2 each) go.
+    assert order == 16 and set(zone3[:2]) <= {d.instance_id for d in plan.deletes}
+    # Price: 10 in zone 1 at 0.3 and 10 + 10 at 0.1 and 0.2, in millionths of the hourly price.
+    assert price == round((10 * 0.3 + 10 * 0.1 + 10 * 0.2) * 1_000_000)
+    assert "stages: violation 0 OPTIMAL" in __import__("scaleset.cli").cli.render_rebalance(plan)
+    # Nothing to replace: the order and the price are not solved for.
+    engine.rebalance("web", dry_run=False)
+    assert [s.objective for s in engine.rebalance("web").stages] == ["violation", "replacements"]
 
 
 @settings(max_examples=25, deadline=None)

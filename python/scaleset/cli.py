@@ -553,6 +553,13 @@ def render_rebalance(plan: Any, limit: int = 20) -> str:
         )
         + f" (weighted {plan.score_after}, proven bound {plan.violation_bound})",
     ]
+    if plan.stages:
+        lines.append(
+            "stages: "
+            + ", ".join(
+                f"{s.objective} {s.value} {s.status} in {s.seconds * 1000:.0f} ms" for s in plan.stages
+            )
+        )
     zones = list(plan.zone_counts_before)
     keys = set(plan.fault_domain_counts_before) | set(plan.fault_domain_counts_after)
     fds = sorted({f for _, f in keys})

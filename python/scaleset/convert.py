@@ -23,6 +23,7 @@ from scaleset.model import (
     PlannedDelete,
     Pool,
     RebalancePlan,
+    RebalanceStage,
     Region,
     ScaleSetSpec,
     rebalance_waves,
@@ -395,6 +396,14 @@ def rebalance_plan_to_proto(plan: RebalancePlan) -> pb.RebalancePlan:
         w = msg.waves.add(index=wave.index)
         w.creates.extend(map(_planned_change, wave.creates))
         w.deletes.extend(map(_planned_change, wave.deletes))
+    for stage in plan.stages:
+        msg.stages.add(
+            objective=stage.objective,
+            status=stage.status,
+            value=stage.value,
+            bound=stage.bound,
+            seconds=stage.seconds,
+        )
     return msg
 
 
@@ -433,6 +442,7 @@ def rebalance_plan_from_proto(msg: pb.RebalancePlan) -> RebalancePlan:
         _deletes=raw_deletes,
         first_instance_id=first_id,
         created_ids=tuple(created_ids),
+        stages=tuple(RebalanceStage(s.objective, s.status, s.value, s.bound, s.seconds) for s in msg.stages),
     )
 
 

@@ -859,6 +859,20 @@ class Wave:
 
 
 @dataclass(frozen=True, slots=True)
+class RebalanceStage:
+    """One stage of a rebalance's solve: an objective minimised with the stages before held at their
+    optimum. ``objective``: violation (weighted, :func:`score`), replacements, replacement_order (0 per
+    unhealthy instance replaced, 1 per out-of-date one, 2 per other), price (the result's hourly price in
+    millionths). ``value`` is the best found (-1 if none), ``bound`` the proven lower bound."""
+
+    objective: str
+    status: str
+    value: int
+    bound: int
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class RebalancePlan:
     """A rebalance: the replacements, in waves, and the target shape's violation before and after.
 
@@ -889,6 +903,8 @@ class RebalancePlan:
     first_instance_id: int = 0
     #: Instance ids given to the creates when the plan was applied (wave order); empty for a dry run.
     created_ids: tuple[int, ...] = ()
+    #: The solve, stage by stage (see :class:`RebalanceStage`).
+    stages: tuple[RebalanceStage, ...] = field(default=(), repr=False)
 
     @property
     def optimal(self) -> bool:

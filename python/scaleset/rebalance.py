@@ -14,9 +14,11 @@ The objective, in strict priority:
 3. replacing unhealthy, then out-of-date-model instances before others, then the hourly price of the
    result.
 
-(1) and (2) are one solve (violation weighted above replacements); (3) is a second solve with (1) and
-(2) held at their optimum. Every solve is bounded (``max_time_in_seconds``), seeded and hinted with
-the current placement; a solve stopped by its time limit returns its best plan and the proven bound.
+Each is its own solve (a stage) with the ones before held at their proven optimum and hinted with the
+plan the stage before found, so every objective keeps small coefficients however large the scale set
+(one weighted sum would need coefficients beyond 10^15 at 1,000,000 instances). The stages share the
+time limit (``max_time_in_seconds``: what is left of it), are seeded, and are reported in the plan; a
+stage stopped by the time limit ends the solve with its best plan (FEASIBLE) and the proven bound.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from ortools.sat.python import cp_model
 
 from scaleset.errors import invalid_input
-from scaleset.model import WEIGHTS, RebalancePlan, Wave, rebalance_waves, score
+from scaleset.model import WEIGHTS, RebalancePlan, RebalanceStage, Wave, rebalance_waves, score
 
 if TYPE_CHECKING:
     from scaleset.engine import Engine
@@ -265,15 +267,65 @@ def solve_rebalance(
     for var in new.values():
         model.add_hint(var, 0)
 
-    weight = data["capacity"] + 1  # every replacement weighs less than one unit of violation
-    model.minimize(violation * weight + replacements)
-    solver = _solver(time_limit_s, num_workers, random_seed)
-    status = solver.solve(model)
-    if status == cp_model.INFEASIBLE:
-        # Keeping every instance where it is always fits, so this is a bug, not a user error.
-        raise RuntimeError("the rebalance model is infeasible although the current placement fits it")
-    bound = max(0, int(solver.best_objective_bound) // weight)
-    if status != cp_model.OPTIMAL and status != cp_model.FEASIBLE:
+    # The objectives, most important first, each solved with the ones before held at their optimum:
+    # small coefficients in every stage, however large the scale set.
+    movable_rows = [r for r in range(n_rows) if movable[r]]
+    price_total = sum(keep[r] * round(rows["price"][r] * _PRICE_SCALE) for r in movable_rows) + sum(
+        var * round(pools["price"][q] * _PRICE_SCALE) for (q, _), var in new.items()
+    )
+    class_cost = sum((rows["count"][r] - keep[r]) * rows["class"][r] for r in movable_rows)
+    objectives = [
+        ("violation", violation),
+        ("replacements", replacements),
+        ("replacement_order", class_cost),
+        ("price", price_total),
+    ]
+    stages: list[RebalanceStage] = []
+    solver: cp_model.CpSolver | None = None
+    status = cp_model.OPTIMAL
+    bound = 0
+    for k, (objective, expression) in enumerate(objectives):
+        if k >= 2 and stages[1].value == 0:
+            break  # nothing is replaced: which ones, and the price of the result, are settled
+        if solver is not None:  # hold what the stage before proved, start from its plan
+            previous = objectives[k - 1][1]
+            model.add(previous == solver.value(previous))
+            model.clear_hints()
+            for r in movable_rows:
+                model.add_hint(keep[r], solver.value(keep[r]))
+            for var in new.values():
+                model.add_hint(var, solver.value(var))
+        model.minimize(expression)
+        remaining = time_limit_s - (time.perf_counter() - started)
+        stage_solver = _solver(max(0.01, remaining), num_workers, random_seed)
+        stage_started = time.perf_counter()
+        stage_status = stage_solver.solve(model)
+        if stage_status == cp_model.MODEL_INVALID:
+            raise RuntimeError(f"rebalance model is invalid at stage {objective}: {model.validate()}")
+        if stage_status == cp_model.INFEASIBLE:
+            # Keeping every instance where it is always fits, so this is a bug, not a user error.
+            raise RuntimeError(f"the rebalance model is infeasible at stage {objective}")
+        found = stage_status in (cp_model.OPTIMAL, cp_model.FEASIBLE)
+        stages.append(
+            RebalanceStage(
+                objective=objective,
+                status=stage_solver.status_name(stage_status),
+                value=int(stage_solver.objective_value) if found else -1,
+                bound=max(0, int(stage_solver.best_objective_bound)),
+                seconds=time.perf_counter() - stage_started,
+            )
+        )
+        if k == 0:
+            bound = stages[0].bound
+        if not found:
+            status = cp_model.FEASIBLE
+            break  # no plan within the time left: keep the last stage's
+        solver = stage_solver
+        if stage_status != cp_model.OPTIMAL:
+            status = cp_model.FEASIBLE
+            break  # what a later stage would hold is not proven: stop at this plan
+
+    if solver is None:
         # No solution within the time limit: the current placement (no moves) is the best plan known.
         log.warning(
             "rebalance of %s: no better plan found within %.3f s; returning the empty plan",
@@ -282,43 +334,14 @@ def solve_rebalance(
         )
         removals = [0] * n_rows
         plan = _assemble(
-            engine, name, data, shape, removals, {}, max_surge, cp_model.FEASIBLE, bound, started
+            engine, name, data, shape, removals, {}, max_surge, cp_model.FEASIBLE, bound, started, stages
         )
         return plan, removals
-    first_optimal = status == cp_model.OPTIMAL
-    best_violation = solver.value(violation)
-    best_replacements = solver.value(replacements)
-
-    # Second solve: hold (1) and (2), prefer unhealthy / out-of-date replacements, then the cheapest result.
-    if best_replacements > 0:
-        model.add(violation == best_violation)
-        model.add(replacements == best_replacements)
-        price_total = sum(
-            keep[r] * round(rows["price"][r] * _PRICE_SCALE) for r in range(n_rows) if movable[r]
-        ) + sum(var * round(pools["price"][q] * _PRICE_SCALE) for (q, _), var in new.items())
-        price_bound = (data["capacity"] + 1) * max(
-            [round(p * _PRICE_SCALE) for p in [*rows["price"], *pools["price"]]] + [0]
-        ) + 1
-        class_cost = sum((rows["count"][r] - keep[r]) * rows["class"][r] for r in range(n_rows) if movable[r])
-        model.clear_hints()
-        for r in range(n_rows):
-            if movable[r]:
-                model.add_hint(keep[r], solver.value(keep[r]))
-        for var in new.values():
-            model.add_hint(var, solver.value(var))
-        model.minimize(class_cost * price_bound + price_total)
-        remaining = max(0.01, time_limit_s - (time.perf_counter() - started))
-        second = _solver(remaining, num_workers, random_seed)
-        status2 = second.solve(model)
-        if status2 in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-            solver, status = second, (status2 if first_optimal else cp_model.FEASIBLE)
-        elif status2 == cp_model.MODEL_INVALID:
-            raise RuntimeError(f"rebalance tie-break model is invalid: {model.validate()}")
 
     keep_values = [solver.value(k) if movable[r] else k for r, k in enumerate(keep)]
     removals = [rows["count"][r] - keep_values[r] if movable[r] else 0 for r in range(n_rows)]
     news = {key: solver.value(var) for key, var in new.items() if solver.value(var) > 0}
-    plan = _assemble(engine, name, data, shape, removals, news, max_surge, status, bound, started)
+    plan = _assemble(engine, name, data, shape, removals, news, max_surge, status, bound, started, stages)
     return plan, removals
 
 
@@ -333,6 +356,7 @@ def _assemble(
     status: int,
     bound: int,
     started: float,
+    stages: list[RebalanceStage],
 ) -> RebalancePlan:
     rows, pools = data["rows"], data["new_pools"]
     slots = shape.slots
@@ -419,6 +443,7 @@ def _assemble(
         _creates=creates,
         _deletes=deletes,
         first_instance_id=first_id,
+        stages=tuple(stages),
     )
     assert plan.replacements == len(creates), f"{len(creates)} creates for {plan.replacements} deletes"
     return plan
