@@ -14,6 +14,8 @@ import pytest
 from scaleset import Engine, Instance, PriorityMixPolicy, Region, ScaleSetSpec, Sku
 from scaleset.testing import reference
 
+from bench.conftest import CURVE
+
 SIZE = "Standard_D2s_v5"
 REGION = Region(zones=["1", "2", "3"], fault_domains_per_zone=5)
 
@@ -135,24 +137,31 @@ def test_scale_in_1k_to_0_baseline(benchmark: Any, record: Any) -> None:
 # ----- one decision at 100,000 against one at 1,000 (the decisions read kept groups, not every instance) --
 
 
-def test_scale_in_one_decision_at_100k(benchmark: Any, record: Any) -> None:
-    benchmark.group = "scale_in_one_decision_100k_vs_1k"
-    engine = fresh(100_000, limit=100_000)
-    plan = benchmark(lambda: engine.set_capacity("bench", 99_999, dry_run=True))
-    record("core")
-    (delete,) = plan.deletes
-    # The Spot mix decides the priority: a Regular goes when there are more than wanted at 99,999.
-    wanted = "Regular" if regular_target(100_000) > regular_target(99_999) else "Spot"
-    assert delete.priority == wanted
-    assert engine.capacity("bench") == 100_000
-
-
-def test_scale_in_one_decision_at_1k(benchmark: Any, record: Any) -> None:
-    benchmark.group = "scale_in_one_decision_100k_vs_1k"
-    engine = fresh(1_000)
-    plan = benchmark(lambda: engine.set_capacity("bench", 999, dry_run=True))
-    record("baseline")
-    assert len(plan.deletes) == 1 and engine.capacity("bench") == 1_000
+@pytest.mark.parametrize("n", [1_000, 10_000, 100_000, 1_000_000], ids=["1k", "10k", "100k", "1M"])
+@pytest.mark.parametrize("kind", ["scale_in", "scale_out"])
+def test_one_decision_scaling_curve(benchmark: Any, record: Any, kind: str, n: int) -> None:
+    """One decision (a dry run of one instance fewer, or one more) at each size: the engine's kept
+    groups make it O(groups + log N). 100,000 against 1,000 is gated at 3x (FLOORS)."""
+    benchmark.group = f"{kind}_one_decision_100k_vs_1k" if n in (1_000, 100_000) else f"{kind}_one_decision"
+    engine = fresh(n, limit=max(n + 1, 1_000))
+    target = n - 1 if kind == "scale_in" else n + 1
+    plan = benchmark(lambda: engine.set_capacity("bench", target, dry_run=True))
+    if n == 100_000:
+        record("core")
+    elif n == 1_000:
+        record("baseline")
+    if not benchmark.disabled:
+        CURVE[kind, n] = benchmark.stats.stats.median
+    assert engine.capacity("bench") == n
+    # The Spot mix decides the priority: the one the target count has too many (or too few) of.
+    regular_changes = regular_target(n) != regular_target(target)
+    if kind == "scale_in":
+        (delete,) = plan.deletes
+        assert delete.priority == ("Regular" if regular_changes else "Spot")
+    else:
+        (create,) = plan.creates
+        assert create.priority == ("Regular" if regular_changes else "Spot")
+        assert create.instance_id == n
 
 
 # ----- 100,000 -> 0 one call at a time, against 1,000 -> 0 a hundred times -------------------------------

@@ -496,7 +496,7 @@ impl Engine {
     pub fn set_capacity(&mut self, name: &str, capacity: u64, dry_run: bool) -> Result<Plan> {
         // Not `scale_set_mut`: building the groups (a cache) changes nothing a snapshot holds.
         let state = self.sets.get_mut(name).ok_or_else(|| not_found(name))?;
-        if capacity + 1 == state.capacity() && state.groups.0.is_none() {
+        if capacity.abs_diff(state.capacity()) == 1 && state.groups.0.is_none() {
             // One decision: worth the groups, which the following decisions reuse.
             state.groups.0 = Some(Groups::build(&state.instances));
         }

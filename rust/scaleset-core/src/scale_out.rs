@@ -160,15 +160,28 @@ pub fn plan_scale_out(view: &SetView<'_>, count: u64, next_id: u64) -> Result<Ve
     let mut zone_priority_count = vec![[0u32; 2]; slots.len()];
     let mut fd_count = vec![0u32; slots.len() * span];
     let mut regular = 0u64;
-    for inst in view.instances {
-        if inst.priority == Priority::Regular {
-            regular += 1;
+    let mut tally = |zone: ZoneSlot, fault_domain: u32, priority: Priority, n: u32| {
+        if priority == Priority::Regular {
+            regular += u64::from(n);
         }
-        if let Some(s) = slots.iter().position(|&slot| slot == inst.zone) {
-            zone_count[s] += 1;
-            zone_priority_count[s][inst.priority.index()] += 1;
-            if let Some(c) = fd_count.get_mut(s * span + inst.fault_domain as usize) {
-                *c += 1;
+        if let Some(s) = slots.iter().position(|&slot| slot == zone) {
+            zone_count[s] += n;
+            zone_priority_count[s][priority.index()] += n;
+            if let Some(c) = fd_count.get_mut(s * span + fault_domain as usize) {
+                *c += n;
+            }
+        }
+    };
+    match view.groups {
+        // The engine's kept groups: O(groups), not a pass over every instance.
+        Some(groups) => {
+            for (g, ids) in groups.iter() {
+                tally(g.zone, g.fault_domain, g.priority, ids.len() as u32);
+            }
+        }
+        None => {
+            for i in view.instances {
+                tally(i.zone, i.fault_domain, i.priority, 1);
             }
         }
     }

@@ -161,6 +161,8 @@ enum Step {
 fn arb_step() -> impl Strategy<Value = Step> {
     prop_oneof![
         (1u64..40).prop_map(Step::ScaleOut),
+        Just(Step::ScaleOut(1)),
+        Just(Step::ScaleOut(1)),
         Just(Step::ScaleInOne),
         Just(Step::ScaleInOne),
         Just(Step::ScaleInOne),
@@ -173,8 +175,8 @@ fn arb_step() -> impl Strategy<Value = Step> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(128))]
 
-    /// One scale-in decision over the engine's kept groups picks exactly what a pass over every
-    /// instance picks, whatever changes came before (scale-outs, scale-ins, protection, health).
+    /// One scale-in decision, or a scale-out, over the engine's kept groups picks exactly what a pass
+    /// over every instance picks, whatever changes came before (scale-outs, scale-ins, protection, health).
     #[test]
     fn kept_groups_decide_as_a_full_pass_does(
         rule in arb_rule(),
@@ -191,7 +193,17 @@ proptest! {
             let capacity = set.capacity();
             let id_at = |k: usize| set.instances.get(k % set.instances.len().max(1)).map(|i| i.instance_id);
             match step {
-                Step::ScaleOut(n) => { e.set_capacity("p", capacity + n, false).expect("room"); }
+                Step::ScaleOut(n) => {
+                    // A scale-out counts from the kept groups as from every instance.
+                    let mut full = e.clone();
+                    full.report_health("p", &[], &[]).expect("no-op");
+                    let expected = full.plan_capacity("p", capacity + n).map(|p| p.creates);
+                    let got = e.set_capacity("p", capacity + n, false).map(|p| p.creates);
+                    prop_assert_eq!(got.is_ok(), expected.is_ok());
+                    if let (Ok(got), Ok(expected)) = (got, expected) {
+                        prop_assert_eq!(got, expected);
+                    }
+                }
                 Step::ScaleInOne if capacity > 0 => {
                     // A full pass (on a copy whose groups were dropped by a no-op health report) ...
                     let mut full = e.clone();

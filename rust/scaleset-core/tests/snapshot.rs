@@ -122,11 +122,13 @@ proptest! {
         prop_assert_eq!(&back.instances, &saved.instances);
         prop_assert_eq!(back.next_instance_id, saved.next_instance_id);
 
-        // Every strict prefix and any flipped byte is refused or decodes; never a panic.
-        for end in 0..data.len() {
+        // A strict prefix is refused, and a flipped byte refused or decoded; never a panic (about 64
+        // of each per case, spread over the encoding).
+        let stride = 1 + data.len() / 64;
+        for end in (0..data.len()).step_by(stride) {
             prop_assert!(decode_instances(&data[..end]).is_err());
         }
-        for k in 0..data.len() {
+        for k in (0..data.len()).step_by(stride) {
             let mut bad = data.clone();
             bad[k] ^= 0xa5;
             let _ = decode_instances(&bad);
