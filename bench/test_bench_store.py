@@ -118,13 +118,14 @@ def test_durable_set_capacity_beside_big_scale_sets(benchmark: Any, tmp_path: Pa
 
 
 #: Gates: a restart to SERVING, as a multiple of an empty server's start in the same run (process start
-#: and imports included in both). Issue 12's targets: under 3 s with a 1,000,000-instance snapshot
-#: (measured 0.9-1.2 s with per-scale-set binary parts, 0.8-1.0x the empty start; 2.4-2.5 s with the
-#: whole-state JSON snapshot before), and under 2 s replaying 100,000 logged single-instance changes
-#: (measured 2.6-2.7 s, 2.3-2.9x: about 1.6 s of replay, 16 us per logged change, most of it Python's
-#: decoding and the command's facade around the core's 3 us decision).
-RESTART_CEILING = 2.5
-REPLAY_CEILING = 4.5
+#: and imports included in both; the empty start measures 0.28-0.34 s). Issue 12's targets: under 3 s
+#: with a 1,000,000-instance snapshot (measured 0.8-1.0 s with per-scale-set binary parts, 2.3-3.5x;
+#: the whole-state JSON snapshot before cost about 1.4 s more), and under 2 s replaying 100,000 logged
+#: single-instance changes (measured 1.4-1.8 s, 4.3-6x: about 1.2-1.5 s of replay, 12-15 us per logged
+#: change, most of it Python's decoding and the command's facade around the core's 3 us decision; a
+#: pass over every instance per change, as before the kept groups, took 16 s).
+RESTART_CEILING = 6.0
+REPLAY_CEILING = 12.0
 FLAGS = ("--instance-limit", "1000000")
 
 

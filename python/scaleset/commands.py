@@ -159,13 +159,7 @@ class Command:
     @classmethod
     def from_fields(cls, data: Mapping[str, Any]) -> Command:
         names = cls._field_names()
-        return cls(**{k: cls._decode_field(k, v) for k, v in data.items() if k in names})
-
-    @classmethod
-    def _decode_field(cls, name: str, value: Any) -> Any:
-        return (
-            tuple(tuple(v) if isinstance(v, list) else v for v in value) if isinstance(value, list) else value
-        )
+        return cls(**{k: _tuples(v) if type(v) is list else v for k, v in data.items() if k in names})
 
     @classmethod
     def _field_names(cls) -> tuple[str, ...]:
@@ -173,6 +167,11 @@ class Command:
         if names is None:
             names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
         return names
+
+
+def _tuples(value: list[Any]) -> tuple[Any, ...]:
+    """A logged list as the command's field holds it: a tuple (of tuples, for a list of lists)."""
+    return tuple(tuple(v) if isinstance(v, list) else v for v in value)
 
 
 #: Each command class's fields, by name (looked up once per class: a replay decodes every entry).

@@ -29,7 +29,7 @@ from scaleset.store import (
     Snapshot,
     event_from_row,
     event_row,
-    replayed_from_row,
+    replayed,
 )
 
 log = logging.getLogger(__name__)
@@ -332,7 +332,7 @@ class PostgresStore:
         events = self._read(
             f"SELECT {REPLAY_COLUMNS} FROM events WHERE sequence > %s ORDER BY sequence", (after,)
         )
-        loaded = [replayed_from_row(r) for r in events]
+        loaded = replayed(events)
         self._last_sequence = loaded[-1].sequence if loaded else after
         return snapshot, loaded
 
