@@ -130,7 +130,8 @@ def test_cli_rebalance(server: ServerThread, capsys: pytest.CaptureFixture[str],
         "(dry run)"
     )
     assert "zones 4 -> 0" in lines[1]
-    zone1 = lines[3].split()
+    assert lines[2].startswith("stages: violation 0 OPTIMAL in ") and "price " in lines[2]
+    zone1 = lines[4].split()
     assert (
         zone1[:2] == ["zone", "1"] and zone1[-1] == "0->2" and sorted(zone1[2:5]) == ["0->0", "0->1", "0->1"]
     )
