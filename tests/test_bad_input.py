@@ -222,6 +222,20 @@ def test_db_check_rebuilds_the_state_or_says_what_is_wrong(
     assert main(["db", "check", "--db", str(damaged)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error [DatabaseDamaged]") and "\n" not in err
+    # A scale set's snapshot part whose instances encoding was cut short (compression intact), or whose
+    # bytes are not compressed data at all: the message names the scale set.
+    import sqlite3
+    import zlib
+
+    with sqlite3.connect(db) as conn:
+        (data,) = conn.execute("SELECT data FROM snapshot_parts WHERE name = 'web'").fetchone()
+        for part in (zlib.compress(zlib.decompress(data)[:-3]), b"\x00\x11"):
+            conn.execute("UPDATE snapshot_parts SET data = ? WHERE name = 'web'", (part,))
+            conn.commit()
+            assert main(["db", "check", "--db", db]) == 2
+            err = capsys.readouterr().err.strip()
+            assert err.startswith("error [DatabaseDamaged]") and "\n" not in err
+            assert "the stored snapshot of scale set 'web' is damaged" in err
 
 
 def test_invalid_fields_come_back_as_a_bad_request_at_their_path_in_the_request(

@@ -28,7 +28,15 @@ from typing import Any, Protocol, TypeVar
 
 from scaleset.commands import Advance, Command, SetExecutionMode, decode
 from scaleset.controller import Controller
-from scaleset.errors import CapacityError, NotFoundError, conflict, error, invalid_input, unavailable
+from scaleset.errors import (
+    CapacityError,
+    NotFoundError,
+    ScaleSetError,
+    conflict,
+    error,
+    invalid_input,
+    unavailable,
+)
 from scaleset.model import Region
 from scaleset.policies import Action
 from scaleset.store import EventRecord, RequestRecord, Snapshot, Store, decode_part, encode_part
@@ -242,16 +250,13 @@ class ControlPlane:
 
     def _restore(self, state: dict[str, Any], parts: Mapping[str, bytes | None]) -> Controller:
         """The controller of a snapshot stored in parts: the document, with each scale set's part."""
-        scale_sets = []
+        controller = Controller.from_state(state, instance_limit=self._instance_limit)
         for name, data in parts.items():
             try:
-                scale_sets.append(decode_part(data or b""))
-            except (zlib.error, ValueError, KeyError) as exc:
+                controller.engine.restore_scale_set(decode_part(data or b""))
+            except (zlib.error, ValueError, KeyError, ScaleSetError) as exc:
                 raise RuntimeError(f"the stored snapshot of scale set '{name}' is damaged: {exc}") from exc
             self._part_bytes[name] = len(data or b"")
-        controller = Controller.from_state(
-            {**state, "scale_sets": scale_sets}, instance_limit=self._instance_limit
-        )
         controller.engine.take_changed()  # as stored: nothing to write again
         return controller
 

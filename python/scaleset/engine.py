@@ -216,11 +216,15 @@ class Engine:
         """Rebuilds an engine saved by :meth:`export_state`."""
         engine = cls(Region.from_dict(state["region"]), instance_limit=instance_limit)
         for saved in state["scale_sets"]:
-            if isinstance(saved["instances"], bytes):
-                engine._core.restore_encoded(saved["spec"], saved["instances"], saved["next_instance_id"])
-            else:
-                engine._core.restore_scale_set(saved["spec"], saved["instances"], saved["next_instance_id"])
+            engine.restore_scale_set(saved)
         return engine
+
+    def restore_scale_set(self, saved: dict[str, Any]) -> None:
+        """Puts back one scale set as :meth:`export_state` or :meth:`export_scale_set` saved it."""
+        if isinstance(saved["instances"], bytes):
+            self._core.restore_encoded(saved["spec"], saved["instances"], saved["next_instance_id"])
+        else:
+            self._core.restore_scale_set(saved["spec"], saved["instances"], saved["next_instance_id"])
 
     def export_scale_set(self, name: str) -> dict[str, Any]:
         """One scale set as :meth:`export_state` lists it, but with its instances in the core's compact
