@@ -58,9 +58,8 @@ WATCH_BUFFER_BYTES = 64 * 1024 * 1024
 #: While changes stream, a watcher sends at most one message per this interval (each carrying every
 #: event since its last): the cost of many watchers grows with their number, not with the change rate.
 WATCH_INTERVAL_S = 0.05
-#: ... and the interval grows with the number of watchers, so that all of them together send at most
-#: about 1 / WATCH_SEND_BUDGET_S messages a second (1,000 watchers: one message each per 0.5 s), and the
-#: fan-out cannot crowd out the mutations it reports.
+#: ... and all of them together send at most 1 / WATCH_SEND_BUDGET_S messages a second, evenly spaced
+#: (1,000 watchers: one message each per 0.5 s), so the fan-out cannot crowd out the mutations it reports.
 WATCH_SEND_BUDGET_S = 0.0005
 #: Watchers replaying history read the store in aligned chunks of this many events, and the last few
 #: chunks read are shared (at most REPLAY_CACHE_BYTES): many watchers replaying the same history decode it once.
@@ -165,6 +164,8 @@ class ControlPlane:
         self._replay_bytes = 0
         self._published = asyncio.Event()
         self._watchers = 0
+        #: The loop time of the next watch message's turn (see :meth:`_send_turn`).
+        self._next_send = 0.0
         #: request_id -> (method, fingerprint, the reply's future) of changes applied but not yet committed.
         self._inflight: dict[str, tuple[str, str, asyncio.Future[bytes]]] = {}
         self._recent: dict[str, RequestRecord] = {}
@@ -795,6 +796,10 @@ class ControlPlane:
                         break  # fell behind the buffer: catch up from the store
                     if not live:
                         await published.wait()
+                        # Every watcher's next message takes a turn: one per WATCH_SEND_BUDGET_S across
+                        # all of them, evenly spaced, so a change that wakes 1,000 watchers is sent over
+                        # half a second instead of in one burst that holds up the changes behind it.
+                        await self._send_turn()
                         continue
                     cursor = live[-1].sequence
                     if batch := wanted(live, last):
@@ -802,10 +807,18 @@ class ControlPlane:
                         last = key(batch[-1])
                         if batch[-1].type == "ScaleSetDeleted" and scale_set:
                             return
-                        # At most one message per watcher per interval while changes stream: the first
-                        # event after a quiet spell goes out at once, a burst goes out in fewer messages.
-                        # Jittered, so watchers woken by the same change do not all wake again together.
-                        interval = max(WATCH_INTERVAL_S, self._watchers * WATCH_SEND_BUDGET_S)
-                        await asyncio.sleep(interval * random.uniform(0.5, 1.5))
+                        # At most one message per watcher per interval while changes stream: a burst
+                        # goes out in fewer messages. Jittered, so watchers do not wake together.
+                        await asyncio.sleep(WATCH_INTERVAL_S * random.uniform(0.5, 1.5))
+                        await self._send_turn()
         finally:
             self._watchers -= 1
+
+    async def _send_turn(self) -> None:
+        """Waits for this watcher's turn to send: turns are WATCH_SEND_BUDGET_S apart across every watcher
+        (immediate while they are fewer than that allows)."""
+        now = asyncio.get_running_loop().time()
+        turn = max(now, self._next_send)
+        self._next_send = turn + WATCH_SEND_BUDGET_S
+        if turn > now:
+            await asyncio.sleep(turn - now)
