@@ -38,17 +38,54 @@ pub fn encode_instances(engine: &Engine, name: &str) -> Result<Vec<u8>> {
     let instances = &state.instances;
     let n = instances.len();
     let zones = &engine.region().zones;
+    // One pass over the instances (each is several times larger than its encoding), into one buffer
+    // per column, then the columns one after the other.
+    let mut ids = Vec::with_capacity(n);
+    let mut zone = Vec::with_capacity(n);
+    let mut fault_domain = Vec::with_capacity(n);
+    let mut size = Vec::with_capacity(n);
+    let mut states = [
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    ];
+    let mut model_version = Vec::with_capacity(n);
+    let mut flags = Vec::with_capacity(n);
     // The sizes this set's instances use, numbered in order of first use.
     let mut local = vec![u32::MAX; engine.sizes().len()];
     let mut used: Vec<&str> = Vec::new();
+    let mut previous = 0;
     for i in instances {
         let slot = &mut local[usize::from(i.vm_size)];
         if *slot == u32::MAX {
             *slot = used.len() as u32;
             used.push(&engine.sizes()[usize::from(i.vm_size)]);
         }
+        put_varint(&mut ids, i.instance_id - previous);
+        previous = i.instance_id;
+        put_varint(&mut zone, i.zone.map_or(0, |z| u64::from(z) + 1));
+        put_varint(&mut fault_domain, u64::from(i.fault_domain));
+        put_varint(&mut size, u64::from(*slot));
+        states[0].push(index_of(Priority::ALL, &i.priority));
+        states[1].push(index_of(PowerState::ALL, &i.power_state));
+        states[2].push(index_of(Health::ALL, &i.health));
+        states[3].push(index_of(ProvisioningState::ALL, &i.provisioning_state));
+        put_varint(&mut model_version, i.model_version);
+        let mut f = 0;
+        if i.protect_from_scale_in {
+            f |= PROTECT_FROM_SCALE_IN;
+        }
+        if i.protect_from_scale_set_actions {
+            f |= PROTECT_FROM_SCALE_SET_ACTIONS;
+        }
+        if i.name.is_some() {
+            f |= NAMED;
+        }
+        flags.push(f);
     }
-    let mut out = Vec::with_capacity(16 + n * 10);
+    let mut out =
+        Vec::with_capacity(64 + ids.len() + zone.len() + fault_domain.len() + size.len() + 6 * n);
     out.extend_from_slice(MAGIC);
     put_varint(&mut out, n as u64);
     put_varint(&mut out, used.len() as u64);
@@ -59,52 +96,14 @@ pub fn encode_instances(engine: &Engine, name: &str) -> Result<Vec<u8>> {
     for zone in zones {
         put_text(&mut out, zone);
     }
-    let mut previous = 0;
-    for i in instances {
-        put_varint(&mut out, i.instance_id - previous);
-        previous = i.instance_id;
+    for column in [&ids, &zone, &fault_domain, &size] {
+        out.extend_from_slice(column);
     }
-    for i in instances {
-        put_varint(&mut out, i.zone.map_or(0, |z| u64::from(z) + 1));
+    for column in &states {
+        out.extend_from_slice(column);
     }
-    for i in instances {
-        put_varint(&mut out, u64::from(i.fault_domain));
-    }
-    for i in instances {
-        put_varint(&mut out, u64::from(local[usize::from(i.vm_size)]));
-    }
-    out.extend(
-        instances
-            .iter()
-            .map(|i| index_of(Priority::ALL, &i.priority)),
-    );
-    out.extend(
-        instances
-            .iter()
-            .map(|i| index_of(PowerState::ALL, &i.power_state)),
-    );
-    out.extend(instances.iter().map(|i| index_of(Health::ALL, &i.health)));
-    out.extend(
-        instances
-            .iter()
-            .map(|i| index_of(ProvisioningState::ALL, &i.provisioning_state)),
-    );
-    for i in instances {
-        put_varint(&mut out, i.model_version);
-    }
-    out.extend(instances.iter().map(|i| {
-        let mut flags = 0;
-        if i.protect_from_scale_in {
-            flags |= PROTECT_FROM_SCALE_IN;
-        }
-        if i.protect_from_scale_set_actions {
-            flags |= PROTECT_FROM_SCALE_SET_ACTIONS;
-        }
-        if i.name.is_some() {
-            flags |= NAMED;
-        }
-        flags
-    }));
+    out.extend_from_slice(&model_version);
+    out.extend_from_slice(&flags);
     for name in instances.iter().filter_map(|i| i.name.as_deref()) {
         put_text(&mut out, name);
     }
