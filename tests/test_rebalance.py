@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scaleset import Controller, Instance, PriorityMixPolicy, Region, ScaleSetSpec, Sku, SkuProfile, VmSize
+from scaleset.cli import render_rebalance
 from scaleset.errors import InvalidInputError
 from scaleset.testing.rebalance_baselines import greedy_rebalance, per_vm_rebalance
 
@@ -218,7 +219,7 @@ def test_each_objective_is_a_stage_solved_with_the_ones_before_held() -> None:
     assert order == 16 and set(zone3[:2]) <= {d.instance_id for d in plan.deletes}
     # Price: 10 in zone 1 at 0.3 and 10 + 10 at 0.1 and 0.2, in millionths of the hourly price.
     assert price == round((10 * 0.3 + 10 * 0.1 + 10 * 0.2) * 1_000_000)
-    assert "stages: violation 0 OPTIMAL" in __import__("scaleset.cli").cli.render_rebalance(plan)
+    assert "stages: violation 0 OPTIMAL" in render_rebalance(plan)
     # Nothing to replace: the order and the price are not solved for.
     engine.rebalance("web", dry_run=False)
     assert [s.objective for s in engine.rebalance("web").stages] == ["violation", "replacements"]
