@@ -53,6 +53,20 @@ async def _client(
     return latencies, errors
 
 
+def create_load_sets(target: str, processes: int, per_process: int = 64) -> None:
+    """The small scale sets the ``set_capacity`` workload scales: ``load-<process>-<slot>``, 10 instances
+    each, in 3 zones."""
+    from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.ScaleSetsStub(channel)
+        spec = pb.ScaleSetSpec(zones=["1", "2", "3"], sku=pb.Sku(name="Standard_D2s_v5"))
+        for p in range(processes):
+            for k in range(per_process):
+                spec.name = f"load-{p}-{k}"
+                stub.CreateScaleSet(pb.CreateScaleSetRequest(scale_set=spec, capacity=10), timeout=30)
+
+
 def _workload(channel: grpc.aio.Channel, workload: str, process: int) -> tuple[Any, list[list[bytes]]]:
     """The raw method and, per in-flight slot, two alternating encoded requests."""
     slots = range(64)

@@ -8,9 +8,11 @@ Run: ``pytest bench/test_bench_cluster.py --benchmark-only -s``.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from scaleset.testing.server import free_port, start_server_process
 from scaleset.v1 import scaleset_pb2 as pb
 from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
 
-from bench.load import run_load
+from bench.load import create_load_sets, run_load
 
 PROCESSES, INFLIGHT = 3, 4
 #: Gates, as shares of rates measured in the same run. One server of a cluster against the single SQLite
@@ -33,16 +35,6 @@ ONE_SERVER_FLOOR = 0.25
 #: out costs no collapse (half the rate at most).
 MORE_SERVERS_FLOOR = 0.5
 RESULTS: dict[str, float] = {}
-
-
-def create_sets(target: str) -> None:
-    with grpc.insecure_channel(target) as channel:
-        stub = pb_grpc.ScaleSetsStub(channel)
-        spec = pb.ScaleSetSpec(zones=["1", "2", "3"], sku=pb.Sku(name="Standard_D2s_v5"))
-        for p in range(PROCESSES):
-            for k in range(64):
-                spec.name = f"load-{p}-{k}"
-                stub.CreateScaleSet(pb.CreateScaleSetRequest(scale_set=spec, capacity=10), timeout=30)
 
 
 def start_cluster(
@@ -71,20 +63,37 @@ def start_cluster(
         time.sleep(0.2)
 
 
+@contextlib.contextmanager
+def serving(
+    servers: str, postgres: PostgresServer, tmp: Path, *flags: str
+) -> Iterator[tuple[list[str], str]]:
+    """``servers`` ("sqlite", or "cluster-<size>" on a fresh PostgreSQL database) with the load's small
+    scale sets; yields their targets and the database URL ("" for SQLite), then stops them cleanly."""
+    url = ""
+    if servers == "sqlite":
+        port = free_port()
+        procs = [start_server_process(tmp / "state.db", port, tmp / "server.log", *flags)]
+        targets = [f"127.0.0.1:{port}"]
+    else:
+        url = postgres.create_database()
+        procs, targets = start_cluster(url, int(servers.split("-")[1]), tmp, *flags)
+    try:
+        create_load_sets(targets[0], PROCESSES)
+        yield targets, url
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            assert proc.wait(timeout=120) == 0
+
+
 @pytest.mark.parametrize("servers", ["sqlite", "cluster-1", "cluster-2", "cluster-3"])
 def test_durable_set_capacity_by_servers(
     benchmark: Any, postgres: PostgresServer, tmp_path: Path, servers: str
 ) -> None:
     benchmark.group = "durable_set_capacity_by_servers"
     n = 10 if benchmark.disabled else 200
-    if servers == "sqlite":
-        port = free_port()
-        procs = [start_server_process(tmp_path / "state.db", port, tmp_path / "server.log")]
-        targets = [f"127.0.0.1:{port}"]
-    else:
-        procs, targets = start_cluster(postgres.create_database(), int(servers.split("-")[1]), tmp_path)
-    try:
-        create_sets(targets[0])
+    with serving(servers, postgres, tmp_path) as (targets, _):
         result = benchmark.pedantic(
             run_load, args=(targets, "set_capacity", PROCESSES, INFLIGHT, n), rounds=1, iterations=1
         )
@@ -96,11 +105,6 @@ def test_durable_set_capacity_by_servers(
             for p in range(PROCESSES):
                 got = stub.GetScaleSet(pb.GetScaleSetRequest(name=f"load-{p}-0"))
                 assert got.revision == n + 1
-    finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            assert proc.wait(timeout=60) == 0
     benchmark.extra_info.update(
         {"requests_per_second": round(result.per_second), "p99_ms": round(result.p99_ms, 2)}
     )
@@ -147,17 +151,7 @@ def test_durable_set_capacity_on_a_100k_scale_set_by_servers(
 ) -> None:
     benchmark.group = "durable_set_capacity_big_set_by_servers"
     n = 10 if benchmark.disabled else 100
-    flags = ("--instance-limit", "200000")
-    url = ""
-    if servers == "sqlite":
-        port = free_port()
-        procs = [start_server_process(tmp_path / "state.db", port, tmp_path / "server.log", *flags)]
-        targets = [f"127.0.0.1:{port}"]
-    else:
-        url = postgres.create_database()
-        procs, targets = start_cluster(url, int(servers.split("-")[1]), tmp_path, *flags)
-    try:
-        create_sets(targets[0])
+    with serving(servers, postgres, tmp_path, "--instance-limit", "200000") as (targets, url):
         with grpc.insecure_channel(targets[0]) as channel:
             spec = pb.ScaleSetSpec(name="big", zones=["1", "2", "3"], sku=pb.Sku(name="Standard_D2s_v5"))
             pb_grpc.ScaleSetsStub(channel).CreateScaleSet(
@@ -177,11 +171,6 @@ def test_durable_set_capacity_on_a_100k_scale_set_by_servers(
         with grpc.insecure_channel(targets[-1]) as channel:  # acknowledged, from any server
             got = pb_grpc.ScaleSetsStub(channel).GetScaleSet(pb.GetScaleSetRequest(name="big"))
             assert got.revision == 1 + 4 * PROCESSES * INFLIGHT * n and got.capacity in (100_000, 100_001)
-    finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            assert proc.wait(timeout=120) == 0
     if benchmark.disabled:
         return
     share = big.per_second / small.per_second

@@ -20,7 +20,7 @@ from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
 
 from bench import conftest
 from bench.conftest import LOAD, MEDIANS
-from bench.load import run_load
+from bench.load import create_load_sets, run_load
 
 PROCESSES = 2
 INFLIGHT = 4  # per process: 8 in flight
@@ -35,15 +35,10 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     proc = start_server_process(tmp / "state.db", port, tmp / "server.log")
     target = f"127.0.0.1:{port}"
+    create_load_sets(target, PROCESSES, INFLIGHT)
     with grpc.insecure_channel(target) as channel:
-        stub = pb_grpc.ScaleSetsStub(channel)
-        spec = pb.ScaleSetSpec(zones=["1", "2", "3"], sku=pb.Sku(name="Standard_D2s_v5"))
-        for p in range(PROCESSES):
-            for k in range(INFLIGHT):
-                spec.name = f"load-{p}-{k}"
-                stub.CreateScaleSet(pb.CreateScaleSetRequest(scale_set=spec, capacity=10))
-        spec.name = "listing"
-        stub.CreateScaleSet(pb.CreateScaleSetRequest(scale_set=spec, capacity=1000))
+        spec = pb.ScaleSetSpec(name="listing", zones=["1", "2", "3"], sku=pb.Sku(name="Standard_D2s_v5"))
+        pb_grpc.ScaleSetsStub(channel).CreateScaleSet(pb.CreateScaleSetRequest(scale_set=spec, capacity=1000))
     yield target
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0

@@ -17,7 +17,7 @@ from scaleset.testing.server import free_port, start_server_process
 from scaleset.v1 import scaleset_pb2 as pb
 from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
 
-from bench.load import run_load
+from bench.load import create_load_sets, run_load
 
 PROCESSES, INFLIGHT = 2, 4
 #: Gate: PostgreSQL's durable throughput as a share of SQLite's in the same run (measured 0.84x: each
@@ -32,13 +32,7 @@ def serve(store: str, postgres: PostgresServer | None, tmp: Path, *flags: str) -
     extra = ("--store", postgres.create_database()) if store == "postgresql" and postgres else ()
     proc = start_server_process(tmp / "state.db", port, tmp / "server.log", *extra, *flags)
     target = f"127.0.0.1:{port}"
-    with grpc.insecure_channel(target) as channel:
-        stub = pb_grpc.ScaleSetsStub(channel)
-        spec = pb.ScaleSetSpec(zones=["1", "2", "3"], sku=pb.Sku(name="Standard_D2s_v5"))
-        for p in range(PROCESSES):
-            for k in range(64):
-                spec.name = f"load-{p}-{k}"
-                stub.CreateScaleSet(pb.CreateScaleSetRequest(scale_set=spec, capacity=10))
+    create_load_sets(target, PROCESSES)
     return proc, target
 
 

@@ -25,7 +25,7 @@ from scaleset.testing.server import free_port
 
 from tests.conftest import zonal_spec
 from tests.test_gateway import post
-from tests.test_replicas import finish_rolling_upgrade, serving, start_rolling_upgrade
+from tests.test_replicas import finish_rolling_upgrade, serving, start_rolling_upgrade, stop_all
 
 pytestmark = pytest.mark.slow
 
@@ -100,14 +100,7 @@ class Cluster:
             time.sleep(0.3)
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all(self.procs.values())
 
 
 def drive(

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -75,14 +76,7 @@ class Cluster:
         )
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all(self.procs.values())
 
 
 def cluster_status(url: str) -> dict[str, str]:
@@ -95,6 +89,19 @@ def cluster_status(url: str) -> dict[str, str]:
         check=True,
     ).stdout
     return {line.split()[0]: line.split()[1] for line in out.splitlines()[1:] if line.startswith("127.")}
+
+
+def stop_all(procs: Iterable[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM to every server still running, then waits for each (killing one that does not stop)."""
+    procs = list(procs)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def start_rolling_upgrade(c: Client, name: str) -> None:

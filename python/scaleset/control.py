@@ -256,7 +256,10 @@ class ControlPlane:
             try:
                 controller.engine.restore_scale_set(decode_part(data or b""))
             except (zlib.error, ValueError, KeyError, ScaleSetError) as exc:
-                raise RuntimeError(f"the stored snapshot of scale set '{name}' is damaged: {exc}") from exc
+                raise RuntimeError(
+                    f"the stored snapshot of scale set '{name}' is damaged ({exc}); restore the database from a "
+                    "backup"
+                ) from exc
             self._part_bytes[name] = len(data or b"")
         controller.engine.take_changed()  # as stored: nothing to write again
         return controller

@@ -79,6 +79,12 @@ _LOCK_KEY = 0x7363616C65736574
 _PARTITION_LOCK = 0x73636C73  # "scls"
 
 
+def _unavailable(what: str, e: psycopg.Error, then: str = "") -> ScaleSetError:
+    """``DatabaseUnavailable``: what failed, with the first line of the driver's reason."""
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return error(UnavailableError, f"{what}: {reason}{then}", "DatabaseUnavailable")
+
+
 def _redacted(url: str) -> str:
     """The URL without its password, for messages."""
     try:
@@ -187,11 +193,7 @@ class PostgresStore:
         except psycopg.errors.UndefinedTable:
             return []  # no server has served this database yet
         except psycopg.Error as e:
-            raise error(
-                UnavailableError,
-                f"cannot read the servers of {_redacted(url)}: {str(e).strip().splitlines()[0]}",
-                "DatabaseUnavailable",
-            ) from None
+            raise _unavailable(f"cannot read the servers of {_redacted(url)}", e) from None
         return [(address, role, now - seen / 1000) for address, role, seen in rows]
 
     def _connect_writer(self) -> psycopg.Connection[Any]:
@@ -212,11 +214,7 @@ class PostgresStore:
                 f"-c search_path={self._schema}",
             )
         except psycopg.Error as e:
-            raise error(
-                UnavailableError,
-                f"cannot connect to {self.path}: {str(e).strip().splitlines()[0]}",
-                "DatabaseUnavailable",
-            ) from None
+            raise _unavailable(f"cannot connect to {self.path}", e) from None
         locked = conn.execute(*self._lock_query("pg_try_advisory_lock")).fetchone()
         if not (locked and locked[0]):
             conn.close()
@@ -247,11 +245,7 @@ class PostgresStore:
                 self._writing().execute("SELECT 1")
             except psycopg.Error as e:
                 self._writer.close()
-                raise error(
-                    UnavailableError,
-                    f"lost {self.path}: {str(e).strip().splitlines()[0]}",
-                    "DatabaseUnavailable",
-                ) from None
+                raise _unavailable(f"lost {self.path}", e) from None
 
     def _writing(self) -> psycopg.Connection[Any]:
         """The writer, reconnected (and relocked) if the last one broke; call holding the write lock.
@@ -316,11 +310,7 @@ class PostgresStore:
             with self._pool.connection() as conn:
                 return conn.execute(query, params).fetchall()
         except psycopg.OperationalError as e:  # the pool drops the broken connection; a retry gets another
-            raise error(
-                UnavailableError,
-                f"lost a connection to {self.path}: {str(e).strip().splitlines()[0]}; retry.",
-                "DatabaseUnavailable",
-            ) from None
+            raise _unavailable(f"lost a connection to {self.path}", e, then="; retry.") from None
 
     def load(self) -> tuple[Snapshot | None, list[EventRecord]]:
         rows = self._read("SELECT sequence, state FROM snapshots ORDER BY sequence DESC LIMIT 1")
@@ -498,11 +488,7 @@ class ClusterDirectory:
                 application_name=f"scaleset {self.address}"[:63],
             )
         except psycopg.Error as e:
-            raise error(
-                UnavailableError,
-                f"cannot connect to {self.path}: {str(e).strip().splitlines()[0]}",
-                "DatabaseUnavailable",
-            ) from None
+            raise _unavailable(f"cannot connect to {self.path}", e) from None
 
     def _query(self, sql: str, params: Sequence[Any] = (), *, rows: bool = True) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -513,11 +499,7 @@ class ClusterDirectory:
                 return cursor.fetchall() if rows else []
             except psycopg.OperationalError as e:
                 self._conn.close()
-                raise error(
-                    UnavailableError,
-                    f"lost {self.path}: {str(e).strip().splitlines()[0]}",
-                    "DatabaseUnavailable",
-                ) from None
+                raise _unavailable(f"lost {self.path}", e) from None
 
     def beat(self) -> None:
         """Says this server is alive (every second)."""
@@ -576,8 +558,4 @@ class ClusterDirectory:
                     {int(p): (srv, cell, now - s / 1000) for p, srv, cell, s in owners.fetchall()},
                 )
         except psycopg.Error as e:
-            raise error(
-                UnavailableError,
-                f"cannot read {_redacted(url)}: {str(e).strip().splitlines()[0]}",
-                "DatabaseUnavailable",
-            ) from None
+            raise _unavailable(f"cannot read {_redacted(url)}", e) from None
