@@ -8,6 +8,7 @@ import threading
 import pytest
 import scaleset
 from scaleset import Engine, Instance, Region, ScaleSetSpec
+from scaleset.engine import EAGER_ITEMS
 from scaleset.errors import NotFoundError
 
 from tests.conftest import SIZE, zonal_spec
@@ -61,6 +62,27 @@ def test_plan_items_and_columns(engine: Engine) -> None:
         plan.creates[6]
     deletes = engine.set_capacity("web", 4)
     assert deletes.delete_columns()["instance_id"] == [d.instance_id for d in deletes.deletes]
+
+
+@pytest.mark.parametrize("n", [EAGER_ITEMS, EAGER_ITEMS + 1, 300], ids=["eager", "lazy", "lazy300"])
+def test_plan_items_read_at_once_or_one_by_one_agree(n: int) -> None:
+    """Small plans read their items in one call, large ones item by item: the same items either way,
+    in the columns' order, with reasons, negative indexes and slices."""
+    engine = Engine(Region(zones=["1", "2", "3"], fault_domains_per_zone=5), instance_limit=1_000)
+    out = engine.create_scale_set(zonal_spec(), capacity=n)
+    back = engine.set_capacity("web", 0)
+    for items, cols in ((out.creates, out.create_columns()), (back.deletes, back.delete_columns())):
+        assert len(items) == n and (type(items) is tuple) == (n <= EAGER_ITEMS)
+        assert [i.instance_id for i in items] == cols["instance_id"]
+        assert [i.zone for i in items] == cols["zone"] and [i.fault_domain for i in items] == cols[
+            "fault_domain"
+        ]
+        assert all(i.reason for i in items)
+        assert items[-1] == items[n - 1] and list(items[2:5]) == [items[2], items[3], items[4]]
+        with pytest.raises(IndexError):
+            items[n]
+    assert sorted(d.instance_id for d in back.deletes) == list(range(n))
+    assert (out.create_count, back.delete_count, back.capacity_before, back.capacity_after) == (n, n, n, 0)
 
 
 def test_import_then_scale_continues_ids(engine: Engine) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from functools import partial
 from typing import Any, NamedTuple
 
 from scaleset import _core
@@ -19,7 +20,10 @@ from scaleset.model import (
     AutoscaleCapacity,
     Eviction,
     Instance,
+    LazyItems,
     Plan,
+    PlannedCreate,
+    PlannedDelete,
     Region,
     ScaleRule,
     ScaleSet,
@@ -27,6 +31,7 @@ from scaleset.model import (
 )
 
 log = logging.getLogger(__name__)
+
 
 __all__ = ["Change", "Engine", "MetricBuffer", "check_count", "compile_rules", "duration_seconds"]
 
@@ -83,11 +88,59 @@ class Change(NamedTuple):
     priority: str
 
 
-def _plan(handle: Any, dry_run: bool) -> Plan:
-    plan = Plan(handle.scale_set, handle.capacity_before, handle.capacity_after, dry_run, handle=handle)
-    if unallocated := handle.unallocated:  # only automatic zone placement leaves any (a hot path otherwise)
-        plan.unallocated, plan.unallocated_reason = unallocated, handle.unallocated_reason
-    return plan
+#: Plans of up to this many items are read from the core in one call when first read; larger ones
+#: build each item when it is read.
+EAGER_ITEMS = 64
+
+_new_create = partial(tuple.__new__, PlannedCreate)
+_new_delete = partial(tuple.__new__, PlannedDelete)
+
+
+class CorePlan(Plan):
+    """A plan the core made, read from its handle: the items are built when first read (all at once
+    for small plans, one by one for large ones), so making a plan costs one call into the core, and one
+    decision at a time stays cheap."""
+
+    __slots__ = ("_handle",)
+
+    def __init__(self, handle: _core.PlanHandle, dry_run: bool) -> None:
+        (
+            self.scale_set,
+            self.capacity_before,
+            self.capacity_after,
+            self.unallocated,
+            self.unallocated_reason,
+        ) = handle.header()
+        self._handle, self.dry_run, self._creates, self._deletes = handle, dry_run, None, None
+        self._counts, self.items_omitted = None, False
+
+    @property
+    def creates(self) -> Sequence[PlannedCreate]:
+        if self._creates is None:
+            handle, n = self._handle, self._handle.creates_len()
+            self._creates = (
+                tuple(map(_new_create, handle.create_items(0, n)))
+                if n <= EAGER_ITEMS
+                else LazyItems(n, lambda i: _new_create(handle.create_items(i, i + 1)[0]))
+            )
+        return self._creates
+
+    @property
+    def deletes(self) -> Sequence[PlannedDelete]:
+        if self._deletes is None:
+            handle, n = self._handle, self._handle.deletes_len()
+            self._deletes = (
+                tuple(map(_new_delete, handle.delete_items(0, n)))
+                if n <= EAGER_ITEMS
+                else LazyItems(n, lambda i: _new_delete(handle.delete_items(i, i + 1)[0]))
+            )
+        return self._deletes
+
+    def create_columns(self) -> dict[str, list[Any]]:
+        return self._handle.create_columns()
+
+    def delete_columns(self) -> dict[str, list[Any]]:
+        return self._handle.delete_columns()
 
 
 class Engine:
@@ -157,7 +210,7 @@ class Engine:
         """
         _, handle = self._core.create_scale_set(spec.to_dict(), _count(capacity, "capacity"))
         log.debug("created scale set %s with %d instances", spec.name, capacity)
-        return self._record(_plan(handle, dry_run=False))
+        return self._record(CorePlan(handle, dry_run=False))
 
     def get_scale_set(self, name: str) -> ScaleSet:
         """The stored spec (with Azure's defaults filled in) and every instance."""
@@ -252,8 +305,10 @@ class Engine:
 
     def set_capacity(self, name: str, capacity: int, dry_run: bool = False) -> Plan:
         """Scales out or in to ``capacity`` instances. With ``dry_run`` nothing changes."""
-        handle = self._core.set_capacity(name, _count(capacity, "capacity"), dry_run)
-        return self._record(_plan(handle, dry_run=dry_run))
+        if type(capacity) is not int or not 0 <= capacity < 1 << 64:  # cheap: one decision is a hot path
+            capacity = _count(capacity, "capacity")
+        plan = CorePlan(self._core.set_capacity(name, capacity, dry_run), dry_run)
+        return plan if self.journal is None else self._record(plan)
 
     # ----- instances ----------------------------------------------------------------------------------
 
@@ -284,7 +339,7 @@ class Engine:
 
     def delete_instances(self, name: str, instance_ids: Iterable[int]) -> Plan:
         """Deletes chosen instances, protected ones included (as Azure allows for user deletes)."""
-        return self._record(_plan(self._core.delete_instances(name, _ids(instance_ids)), dry_run=False))
+        return self._record(CorePlan(self._core.delete_instances(name, _ids(instance_ids)), dry_run=False))
 
     def evict(self, name: str, instance_ids: Iterable[int]) -> Eviction:
         """Spot eviction per the scale set's ``eviction_policy`` (Delete removes, Deallocate keeps)."""
@@ -342,7 +397,7 @@ class Engine:
             [c[3] for c in creates],
             _ids(deletes),
         )
-        return self._record(_plan(handle, dry_run=False))
+        return self._record(CorePlan(handle, dry_run=False))
 
     # ----- upgrades ----------------------------------------------------------------------------------------
 

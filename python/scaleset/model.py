@@ -464,15 +464,15 @@ _COLUMNS = ("instance_id", "zone", "fault_domain", "vm_size", "priority")
 class Plan:
     """What a change does: ``creates`` and ``deletes``, each with the rule that chose it (``reason``).
 
-    Read-only. ``creates``/``deletes`` build their items on access, so a 100,000-instance plan costs
-    nothing until it is read; :meth:`create_columns` and :meth:`delete_columns` return plain columns.
+    Read-only. The engine's plans (:class:`scaleset.engine.CorePlan`) build their items on access, so a
+    100,000-instance plan costs nothing until it is read; :meth:`create_columns` and
+    :meth:`delete_columns` return plain columns.
     """
 
     __slots__ = (
         "_counts",
         "_creates",
         "_deletes",
-        "_handle",
         "capacity_after",
         "capacity_before",
         "dry_run",
@@ -492,6 +492,9 @@ class Plan:
     #: A plan read over the API with its items left out (a summary view, or more than one reply
     #: carries): ``creates``/``deletes`` are empty, ``create_count``/``delete_count`` still count them.
     items_omitted: bool
+    #: The items; ``None`` in a plan that reads them when first asked (``CorePlan``).
+    _creates: Sequence[PlannedCreate] | None
+    _deletes: Sequence[PlannedDelete] | None
 
     def __init__(
         self,
@@ -499,9 +502,8 @@ class Plan:
         capacity_before: int,
         capacity_after: int,
         dry_run: bool,
-        creates: Sequence[PlannedCreate] | None = None,
-        deletes: Sequence[PlannedDelete] | None = None,
-        handle: Any = None,
+        creates: Sequence[PlannedCreate] = (),
+        deletes: Sequence[PlannedDelete] = (),
         *,
         unallocated: int = 0,
         unallocated_reason: str = "",
@@ -514,7 +516,7 @@ class Plan:
             capacity_after,
             dry_run,
         )
-        self._creates, self._deletes, self._handle = creates, deletes, handle
+        self._creates, self._deletes = creates, deletes
         self.unallocated, self.unallocated_reason = unallocated, unallocated_reason
         self._counts, self.items_omitted = counts, items_omitted
 
@@ -530,32 +532,18 @@ class Plan:
 
     @property
     def creates(self) -> Sequence[PlannedCreate]:
-        if self._creates is None:
-            handle = self._handle
-            self._creates = LazyItems(
-                handle.creates_len(), lambda i: PlannedCreate._make(handle.create_at(i))
-            )
-        return self._creates
+        return self._creates or ()
 
     @property
     def deletes(self) -> Sequence[PlannedDelete]:
-        if self._deletes is None:
-            handle = self._handle
-            self._deletes = LazyItems(
-                handle.deletes_len(), lambda i: PlannedDelete._make(handle.delete_at(i))
-            )
-        return self._deletes
+        return self._deletes or ()
 
     def create_columns(self) -> dict[str, list[Any]]:
         """The creates as columns: instance_id, zone, fault_domain, vm_size, priority."""
-        if self._handle is not None:
-            return self._handle.create_columns()  # type: ignore[no-any-return]
         return {c: [getattr(item, c) for item in self.creates] for c in _COLUMNS}
 
     def delete_columns(self) -> dict[str, list[Any]]:
         """The deletes as columns: instance_id, zone, fault_domain, vm_size, priority."""
-        if self._handle is not None:
-            return self._handle.delete_columns()  # type: ignore[no-any-return]
         return {c: [getattr(item, c) for item in self.deletes] for c in _COLUMNS}
 
     def __repr__(self) -> str:

@@ -86,6 +86,15 @@ impl Groups {
         }
     }
 
+    /// How many groups there are.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// Every non-empty group with its ids, ascending.
     pub fn iter(&self) -> impl Iterator<Item = (&GroupKey, &BTreeSet<u64>)> {
         self.0.iter()
@@ -685,6 +694,9 @@ impl Engine {
 
     /// Moves limited pools' capacity: `release` gives it back, otherwise it is taken.
     fn adjust_pools(&mut self, items: &[(ZoneSlot, u16, Priority)], release: bool) {
+        if self.region.pools.is_empty() {
+            return; // no capacity pools: nothing to count
+        }
         let mut per_pool: BTreeMap<(ZoneSlot, u16, Priority), u64> = BTreeMap::new();
         for &key in items {
             *per_pool.entry(key).or_default() += 1;

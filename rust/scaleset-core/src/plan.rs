@@ -2,6 +2,8 @@
 //! Reasons are stored as small enums and rendered to text only when somebody reads them, so a plan for
 //! 100,000 instances costs no strings.
 
+use std::fmt::Write as _;
+
 use crate::model::{zone_label, AllocationStrategy, Priority, ScaleInRule, ZoneSlot};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,45 +185,45 @@ impl PlannedDelete {
                 "rebalance: replaced by an instance in a better place".to_owned()
             }
             DeleteCause::ScaleIn(r) => {
-                let mut parts = vec![format!("scale-in ({})", r.rule)];
+                // One buffer, no intermediate strings: a plan of one delete is a hot path.
+                let mut text = String::with_capacity(200);
+                let _ = write!(text, "scale-in ({})", r.rule);
                 if r.unhealthy_first {
-                    parts.push("unhealthy or deallocated instances go first".to_owned());
+                    text.push_str("; unhealthy or deallocated instances go first");
                 }
                 if let Some((target, total)) = r.mix {
-                    parts.push(format!(
-                        "{} per priority_mix_policy ({target} Regular wanted at {total} instances)",
+                    let _ = write!(
+                        text,
+                        "; {} per priority_mix_policy ({target} Regular wanted at {total} instances)",
                         self.priority
-                    ));
+                    );
                 }
                 if r.regional_first {
-                    parts.push("regional instances go before zonal ones".to_owned());
+                    text.push_str("; regional instances go before zonal ones");
                 } else if self.zone.is_some() {
-                    parts.push(format!(
-                        "zone {zone} held the most instances ({})",
+                    let _ = write!(
+                        text,
+                        "; zone {zone} held the most instances ({})",
                         r.zone_count
-                    ));
+                    );
                 }
                 if r.most_expensive {
-                    parts.push("LowestPrice removes the most expensive size first".to_owned());
+                    text.push_str("; LowestPrice removes the most expensive size first");
                 }
                 if let Some(fd) = r.fault_domain_count {
-                    parts.push(format!(
-                        "fault domain {} held the most in its zone ({fd})",
+                    let _ = write!(
+                        text,
+                        "; fault domain {} held the most in its zone ({fd})",
                         self.fault_domain
-                    ));
+                    );
                 }
-                parts.push(
-                    match r.rule {
-                        ScaleInRule::OldestVm => {
-                            "the oldest (lowest instance id) eligible instance"
-                        }
-                        ScaleInRule::NewestVm | ScaleInRule::Default => {
-                            "the newest (highest instance id) eligible instance"
-                        }
+                text.push_str(match r.rule {
+                    ScaleInRule::OldestVm => "; the oldest (lowest instance id) eligible instance",
+                    ScaleInRule::NewestVm | ScaleInRule::Default => {
+                        "; the newest (highest instance id) eligible instance"
                     }
-                    .to_owned(),
-                );
-                parts.join("; ")
+                });
+                text
             }
         }
     }

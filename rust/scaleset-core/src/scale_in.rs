@@ -31,6 +31,29 @@ impl Bucket {
     }
 }
 
+/// What pass 1 learns of one bucket key.
+#[derive(Clone, Copy)]
+struct KeyStats {
+    /// Eligible instances.
+    n: u32,
+    /// The oldest and newest (positions, or indexes into a grouped decision's ids).
+    first: usize,
+    last: usize,
+    /// A grouped decision's first group of this key.
+    rep: Option<crate::engine::GroupKey>,
+}
+
+impl Default for KeyStats {
+    fn default() -> Self {
+        Self {
+            n: 0,
+            first: usize::MAX,
+            last: usize::MAX,
+            rep: None,
+        }
+    }
+}
+
 fn balanced(counts: &[u32]) -> bool {
     match (counts.iter().max(), counts.iter().min()) {
         (Some(max), Some(min)) => max - min <= 1,
@@ -98,23 +121,21 @@ pub fn plan_scale_in(
     let key_space = slots.len() * span * 2 * sizes * 2;
     let mut keys = Vec::with_capacity(if single { 0 } else { instances.len() });
     let mut cells = vec![0u32; slots.len() * span * 2];
-    let mut per_key = vec![0u32; key_space];
-    let mut first = vec![NONE; key_space];
-    let mut last = vec![NONE; key_space];
+    let mut stats = vec![KeyStats::default(); key_space];
     let mut eligible = 0u64;
     let grouped = single && view.groups.is_some();
+    // A grouped decision never looks at the instances: a key's `first`/`last` are indexes into `ids`
+    // (each bucket's oldest and newest id) and its `rep` the first group seen, which carries every field
+    // a bucket needs. Otherwise they are positions in `instances`.
+    let mut ids: Vec<u64> = Vec::new();
     if let (true, Some(groups)) = (single, view.groups) {
-        // One decision over the engine's groups: O(groups + log N), never a pass over the instances.
-        let position = |id: u64| {
-            instances
-                .binary_search_by_key(&id, |i| i.instance_id)
-                .unwrap_or(0)
-        };
-        for (g, ids) in groups.iter() {
-            let (Some(&oldest), Some(&newest)) = (ids.first(), ids.last()) else {
+        ids.reserve(2 * groups.len());
+        // One decision over the engine's groups: O(groups), never a pass over the instances.
+        for (g, members) in groups.iter() {
+            let (Some(&oldest), Some(&newest)) = (members.first(), members.last()) else {
                 continue;
             };
-            let n = ids.len() as u32;
+            let n = members.len() as u32;
             let fd = g.fault_domain as usize;
             let cell = (slot_of(g.zone) * span + if fd < span { fd } else { span - 1 }) * 2
                 + g.priority.index();
@@ -127,13 +148,16 @@ pub fn plan_scale_in(
             let size = usize::from(g.vm_size);
             let key =
                 (cell * sizes + if size < sizes { size } else { sizes - 1 }) * 2 + usize::from(bad);
-            per_key[key] += n;
-            let (oldest, newest) = (position(oldest), position(newest));
-            if first[key] == NONE || oldest < first[key] {
-                first[key] = oldest;
+            let stat = &mut stats[key];
+            stat.n += n;
+            stat.rep.get_or_insert(*g);
+            if stat.first == NONE || oldest < ids[stat.first] {
+                stat.first = ids.len();
+                ids.push(oldest);
             }
-            if last[key] == NONE || newest > last[key] {
-                last[key] = newest;
+            if stat.last == NONE || newest > ids[stat.last] {
+                stat.last = ids.len();
+                ids.push(newest);
             }
         }
     }
@@ -156,11 +180,12 @@ pub fn plan_scale_in(
         let size = usize::from(inst.vm_size);
         let key =
             (cell * sizes + if size < sizes { size } else { sizes - 1 }) * 2 + usize::from(bad);
-        per_key[key] += 1;
-        if first[key] == NONE {
-            first[key] = i;
+        let stat = &mut stats[key];
+        stat.n += 1;
+        if stat.first == NONE {
+            stat.first = i;
         }
-        last[key] = i;
+        stat.last = i;
         if !single {
             keys.push(key);
         }
@@ -168,14 +193,16 @@ pub fn plan_scale_in(
     let mut zone_count = vec![0u32; slots.len()];
     let mut fd_count = vec![0u32; slots.len() * span];
     let mut regular = 0u64;
-    for (c, &n) in cells.iter().enumerate() {
-        fd_count[c / 2] += n;
-        zone_count[c / 2 / span] += n;
-        if c % 2 == Priority::Regular.index() {
-            regular += u64::from(n);
+    // Cells are laid out slot-major, then fault domain, then priority (no divisions: this is per decision).
+    for (slot, zone_cells) in cells.chunks_exact(span * 2).enumerate() {
+        for (fd, fd_cells) in zone_cells.chunks_exact(2).enumerate() {
+            let n = fd_cells[0] + fd_cells[1];
+            fd_count[slot * span + fd] = n;
+            zone_count[slot] += n;
+            regular += u64::from(fd_cells[Priority::Regular.index()]);
         }
     }
-    let nonempty = per_key.iter().filter(|&&n| n > 0).count();
+    let nonempty = stats.iter().filter(|s| s.n > 0).count();
     let mut buckets: Vec<Bucket> = Vec::with_capacity(nonempty);
     let mut flat: Vec<u32> = Vec::with_capacity(if single {
         2 * nonempty
@@ -183,25 +210,32 @@ pub fn plan_scale_in(
         eligible as usize
     });
     let mut fill = vec![0usize; if single { 0 } else { key_space }];
-    for (key, &n) in per_key.iter().enumerate() {
+    for (key, stat) in stats.iter().enumerate() {
+        let n = stat.n;
         if n == 0 {
             continue;
         }
-        let inst = &instances[first[key]];
+        let (zone, fault_domain, vm_size, priority) = match stat.rep {
+            Some(g) => (g.zone, g.fault_domain, g.vm_size, g.priority),
+            None => {
+                let inst = &instances[stat.first];
+                (inst.zone, inst.fault_domain, inst.vm_size, inst.priority)
+            }
+        };
         let price = if lowest_price {
             let size_name = size_table
-                .get(usize::from(inst.vm_size))
+                .get(usize::from(vm_size))
                 .map_or("", String::as_str);
-            view.region.pool(inst.zone, size_name, inst.priority).price
+            view.region.pool(zone, size_name, priority).price
         } else {
             0.0
         };
         let head = flat.len();
         let len = if single {
             // Only the oldest and the newest can be picked by one decision.
-            flat.push(first[key] as u32);
+            flat.push(stat.first as u32);
             if n > 1 {
-                flat.push(last[key] as u32);
+                flat.push(stat.last as u32);
             }
             flat.len() - head
         } else {
@@ -210,9 +244,9 @@ pub fn plan_scale_in(
             n as usize
         };
         buckets.push(Bucket {
-            slot: slot_of(inst.zone),
-            fd: (inst.fault_domain as usize).min(span - 1),
-            priority: inst.priority,
+            slot: slot_of(zone),
+            fd: (fault_domain as usize).min(span - 1),
+            priority,
             bad: key % 2 == 1,
             price,
             head,
@@ -239,6 +273,7 @@ pub fn plan_scale_in(
     let mut total = instances.len() as u64;
     let mut active: Vec<usize> = (0..buckets.len()).collect();
     let mut cands: Vec<usize> = Vec::with_capacity(buckets.len());
+    let mut most_in_slot = vec![0u32; slots.len()];
     let mut deletes = Vec::with_capacity(usize::try_from(count.min(1 << 16)).unwrap_or(0));
     for _ in 0..count {
         active.retain(|&b| !buckets[b].is_empty());
@@ -290,24 +325,24 @@ pub fn plan_scale_in(
             cands.retain(|&b| buckets[b].price == max_price);
         }
         if rule == ScaleInRule::Default {
+            // In each zone, only the fault domains holding the most of it stay candidates.
             let fd_of = |b: usize| fd_count[buckets[b].slot * span + buckets[b].fd];
-            let most_in_slot = |slot: usize| {
-                cands
-                    .iter()
-                    .filter(|&&b| buckets[b].slot == slot)
-                    .map(|&b| fd_of(b))
-                    .max()
-                    .unwrap_or(0)
-            };
-            let keep: Vec<bool> = cands
-                .iter()
-                .map(|&b| fd_of(b) == most_in_slot(buckets[b].slot))
-                .collect();
-            let mut k = keep.iter();
-            cands.retain(|_| *k.next().unwrap_or(&false));
+            most_in_slot.iter_mut().for_each(|m| *m = 0);
+            for &b in &cands {
+                let m = &mut most_in_slot[buckets[b].slot];
+                *m = (*m).max(fd_of(b));
+            }
+            cands.retain(|&b| fd_of(b) == most_in_slot[buckets[b].slot]);
         }
 
-        let id_at = |pos: usize| instances[flat[pos] as usize].instance_id;
+        let id_of = |v: u32| {
+            if grouped {
+                ids[v as usize]
+            } else {
+                instances[v as usize].instance_id
+            }
+        };
+        let id_at = |pos: usize| id_of(flat[pos]);
         let pick = match rule {
             ScaleInRule::OldestVm => cands
                 .iter()
@@ -334,7 +369,13 @@ pub fn plan_scale_in(
                 flat[buckets[b].tail]
             }
         };
-        let inst = &instances[member as usize];
+        let inst = if grouped {
+            let id = ids[member as usize];
+            let at = instances.binary_search_by_key(&id, |i| i.instance_id);
+            &instances[at.expect("the kept groups hold the scale set's instance ids")]
+        } else {
+            &instances[member as usize]
+        };
         let slot = buckets[b].slot;
         let fd = buckets[b].fd;
         if rule == ScaleInRule::Default {

@@ -144,25 +144,16 @@ impl PlanHandle {
 
 #[pymethods]
 impl PlanHandle {
-    #[getter]
-    fn scale_set(&self) -> &str {
-        &self.plan.scale_set
-    }
-    #[getter]
-    fn capacity_before(&self) -> u64 {
-        self.plan.capacity_before
-    }
-    #[getter]
-    fn capacity_after(&self) -> u64 {
-        self.plan.capacity_after
-    }
-    #[getter]
-    fn unallocated(&self) -> u64 {
-        self.plan.unallocated
-    }
-    #[getter]
-    fn unallocated_reason(&self) -> &str {
-        &self.plan.unallocated_reason
+    /// (scale_set, capacity_before, capacity_after, unallocated, unallocated_reason), in one call.
+    fn header(&self) -> (&str, u64, u64, u64, &str) {
+        let p = &self.plan;
+        (
+            &p.scale_set,
+            p.capacity_before,
+            p.capacity_after,
+            p.unallocated,
+            &p.unallocated_reason,
+        )
     }
     fn creates_len(&self) -> usize {
         self.plan.creates.len()
@@ -171,38 +162,41 @@ impl PlanHandle {
         self.plan.deletes.len()
     }
 
-    /// One planned create: (instance_id, zone, fault_domain, vm_size, priority, reason).
-    fn create_at(&self, i: usize) -> PyResult<PlanItem<'_>> {
-        let c = self
-            .plan
-            .creates
-            .get(i)
-            .ok_or_else(|| pyo3::exceptions::PyIndexError::new_err(i))?;
-        Ok((
-            c.instance_id,
-            self.zone(c.zone),
-            c.fault_domain,
-            self.size(c.vm_size),
-            c.priority.as_str(),
-            c.describe(&self.zones, &self.sizes),
-        ))
+    /// Planned creates `start..stop` (clipped to the plan): (instance_id, zone, fault_domain, vm_size,
+    /// priority, reason) each.
+    fn create_items(&self, start: usize, stop: usize) -> Vec<PlanItem<'_>> {
+        let creates = &self.plan.creates;
+        creates[start.min(creates.len())..stop.min(creates.len())]
+            .iter()
+            .map(|c| {
+                (
+                    c.instance_id,
+                    self.zone(c.zone),
+                    c.fault_domain,
+                    self.size(c.vm_size),
+                    c.priority.as_str(),
+                    c.describe(&self.zones, &self.sizes),
+                )
+            })
+            .collect()
     }
 
-    /// One planned delete: (instance_id, zone, fault_domain, vm_size, priority, reason).
-    fn delete_at(&self, i: usize) -> PyResult<PlanItem<'_>> {
-        let d = self
-            .plan
-            .deletes
-            .get(i)
-            .ok_or_else(|| pyo3::exceptions::PyIndexError::new_err(i))?;
-        Ok((
-            d.instance_id,
-            self.zone(d.zone),
-            d.fault_domain,
-            self.size(d.vm_size),
-            d.priority.as_str(),
-            d.describe(&self.zones),
-        ))
+    /// Planned deletes `start..stop` (clipped to the plan), as `create_items`.
+    fn delete_items(&self, start: usize, stop: usize) -> Vec<PlanItem<'_>> {
+        let deletes = &self.plan.deletes;
+        deletes[start.min(deletes.len())..stop.min(deletes.len())]
+            .iter()
+            .map(|d| {
+                (
+                    d.instance_id,
+                    self.zone(d.zone),
+                    d.fault_domain,
+                    self.size(d.vm_size),
+                    d.priority.as_str(),
+                    d.describe(&self.zones),
+                )
+            })
+            .collect()
     }
 
     /// The creates as columns (no reasons): instance_id, zone, fault_domain, vm_size, priority.
