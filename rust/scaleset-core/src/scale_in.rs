@@ -31,29 +31,6 @@ impl Bucket {
     }
 }
 
-/// What pass 1 learns of one bucket key.
-#[derive(Clone, Copy)]
-struct KeyStats {
-    /// Eligible instances.
-    n: u32,
-    /// The oldest and newest (positions, or indexes into a grouped decision's ids).
-    first: usize,
-    last: usize,
-    /// A grouped decision's first group of this key.
-    rep: Option<crate::engine::GroupKey>,
-}
-
-impl Default for KeyStats {
-    fn default() -> Self {
-        Self {
-            n: 0,
-            first: usize::MAX,
-            last: usize::MAX,
-            rep: None,
-        }
-    }
-}
-
 fn balanced(counts: &[u32]) -> bool {
     match (counts.iter().max(), counts.iter().min()) {
         (Some(max), Some(min)) => max - min <= 1,
@@ -111,83 +88,150 @@ pub fn plan_scale_in(
         }
     }
 
-    // Pass 1 counts the buckets and notes each one's oldest and newest member. A single decision needs
-    // nothing more; larger scale-ins lay every bucket out in one flat array (pass 2), so even a large set
-    // costs a handful of allocations. Per instance it touches one (slot, fd, priority) cell; zone,
-    // fault-domain and Regular counts are summed from the cells afterwards.
-    const NONE: usize = usize::MAX;
     let single = count == 1;
-    let sizes = size_table.len().max(1);
-    let key_space = slots.len() * span * 2 * sizes * 2;
-    let mut keys = Vec::with_capacity(if single { 0 } else { instances.len() });
     let mut cells = vec![0u32; slots.len() * span * 2];
-    let mut stats = vec![KeyStats::default(); key_space];
+    let cell_of = |zone: ZoneSlot, fault_domain: u32, priority: Priority| {
+        let fd = fault_domain as usize;
+        (slot_of(zone) * span + if fd < span { fd } else { span - 1 }) * 2 + priority.index()
+    };
+    let price_of = |zone: ZoneSlot, vm_size: u16, priority: Priority| {
+        if !lowest_price {
+            return 0.0;
+        }
+        let size_name = size_table
+            .get(usize::from(vm_size))
+            .map_or("", String::as_str);
+        view.region.pool(zone, size_name, priority).price
+    };
+    let bucket = |zone: ZoneSlot, fault_domain: u32, priority, bad, price, head, tail| Bucket {
+        slot: slot_of(zone),
+        fd: (fault_domain as usize).min(span - 1),
+        priority,
+        bad,
+        price,
+        head,
+        tail,
+    };
     let mut eligible = 0u64;
-    let grouped = single && view.groups.is_some();
-    // A grouped decision never looks at the instances: a key's `first`/`last` are indexes into `ids`
-    // (each bucket's oldest and newest id) and its `rep` the first group seen, which carries every field
-    // a bucket needs. Otherwise they are positions in `instances`.
+    let mut buckets: Vec<Bucket> = Vec::new();
+    // `flat[bucket.head..bucket.tail]` are a bucket's candidates: positions in `instances`, or, in a
+    // decision over the kept groups, indexes into `ids` (which never looks at the instances).
+    let mut flat: Vec<u32> = Vec::new();
     let mut ids: Vec<u64> = Vec::new();
+    let grouped = single && view.groups.is_some();
     if let (true, Some(groups)) = (single, view.groups) {
+        // One decision over the engine's groups: O(groups). Each group is a bucket of its own (a group
+        // tells instances apart at least as finely as a bucket does, and a decision compares buckets by
+        // their fields and picks by instance id, so finer buckets pick the same instance). Only a
+        // group's oldest and newest can be picked.
+        buckets.reserve(groups.len());
+        flat.reserve(2 * groups.len());
         ids.reserve(2 * groups.len());
-        // One decision over the engine's groups: O(groups), never a pass over the instances.
         for (g, members) in groups.iter() {
             let (Some(&oldest), Some(&newest)) = (members.first(), members.last()) else {
                 continue;
             };
             let n = members.len() as u32;
-            let fd = g.fault_domain as usize;
-            let cell = (slot_of(g.zone) * span + if fd < span { fd } else { span - 1 }) * 2
-                + g.priority.index();
-            cells[cell] += n;
+            cells[cell_of(g.zone, g.fault_domain, g.priority)] += n;
             if g.protected {
                 continue;
             }
             eligible += u64::from(n);
+            let head = flat.len();
+            let ends = [oldest, newest];
+            for &id in &ends[..if n > 1 { 2 } else { 1 }] {
+                flat.push(ids.len() as u32);
+                ids.push(id);
+            }
+            let price = price_of(g.zone, g.vm_size, g.priority);
             let bad = prioritize_unhealthy && g.bad;
-            let size = usize::from(g.vm_size);
+            buckets.push(bucket(
+                g.zone,
+                g.fault_domain,
+                g.priority,
+                bad,
+                price,
+                head,
+                flat.len(),
+            ));
+        }
+    } else {
+        // Pass 1 counts the buckets and notes each one's oldest and newest member. A single decision
+        // needs nothing more; larger scale-ins lay every bucket out in one flat array (pass 2), so even a
+        // large set costs a handful of allocations. Per instance it touches one (slot, fd, priority)
+        // cell; zone, fault-domain and Regular counts are summed from the cells afterwards.
+        const NONE: usize = usize::MAX;
+        let sizes = size_table.len().max(1);
+        let key_space = slots.len() * span * 2 * sizes * 2;
+        let mut keys = Vec::with_capacity(if single { 0 } else { instances.len() });
+        let mut per_key = vec![0u32; key_space];
+        let mut first = vec![NONE; key_space];
+        let mut last = vec![NONE; key_space];
+        for (i, inst) in instances.iter().enumerate() {
+            let cell = cell_of(inst.zone, inst.fault_domain, inst.priority);
+            cells[cell] += 1;
+            if inst.is_protected_from_scale_in() {
+                if !single {
+                    keys.push(NONE);
+                }
+                continue;
+            }
+            eligible += 1;
+            let bad = prioritize_unhealthy && inst.is_unhealthy_or_inactive();
+            let size = usize::from(inst.vm_size);
             let key =
                 (cell * sizes + if size < sizes { size } else { sizes - 1 }) * 2 + usize::from(bad);
-            let stat = &mut stats[key];
-            stat.n += n;
-            stat.rep.get_or_insert(*g);
-            if stat.first == NONE || oldest < ids[stat.first] {
-                stat.first = ids.len();
-                ids.push(oldest);
+            per_key[key] += 1;
+            if first[key] == NONE {
+                first[key] = i;
             }
-            if stat.last == NONE || newest > ids[stat.last] {
-                stat.last = ids.len();
-                ids.push(newest);
-            }
-        }
-    }
-    for (i, inst) in instances.iter().enumerate() {
-        if grouped {
-            break; // counted from the groups above
-        }
-        let fd = inst.fault_domain as usize;
-        let cell = (slot_of(inst.zone) * span + if fd < span { fd } else { span - 1 }) * 2
-            + inst.priority.index();
-        cells[cell] += 1;
-        if inst.is_protected_from_scale_in() {
+            last[key] = i;
             if !single {
-                keys.push(NONE);
+                keys.push(key);
             }
-            continue;
         }
-        eligible += 1;
-        let bad = prioritize_unhealthy && inst.is_unhealthy_or_inactive();
-        let size = usize::from(inst.vm_size);
-        let key =
-            (cell * sizes + if size < sizes { size } else { sizes - 1 }) * 2 + usize::from(bad);
-        let stat = &mut stats[key];
-        stat.n += 1;
-        if stat.first == NONE {
-            stat.first = i;
+        let nonempty = per_key.iter().filter(|&&n| n > 0).count();
+        buckets.reserve(nonempty);
+        flat.reserve(if single {
+            2 * nonempty
+        } else {
+            eligible as usize
+        });
+        let mut fill = vec![0usize; if single { 0 } else { key_space }];
+        for (key, &n) in per_key.iter().enumerate() {
+            if n == 0 {
+                continue;
+            }
+            let inst = &instances[first[key]];
+            let head = flat.len();
+            let len = if single {
+                // Only the oldest and the newest can be picked by one decision.
+                flat.push(first[key] as u32);
+                if n > 1 {
+                    flat.push(last[key] as u32);
+                }
+                flat.len() - head
+            } else {
+                fill[key] = head;
+                flat.resize(head + n as usize, 0);
+                n as usize
+            };
+            let price = price_of(inst.zone, inst.vm_size, inst.priority);
+            buckets.push(bucket(
+                inst.zone,
+                inst.fault_domain,
+                inst.priority,
+                key % 2 == 1,
+                price,
+                head,
+                head + len,
+            ));
         }
-        stat.last = i;
-        if !single {
-            keys.push(key);
+        for (i, &key) in keys.iter().enumerate() {
+            if key != NONE {
+                flat[fill[key]] = i as u32;
+                fill[key] += 1;
+            }
         }
     }
     let mut zone_count = vec![0u32; slots.len()];
@@ -200,63 +244,6 @@ pub fn plan_scale_in(
             fd_count[slot * span + fd] = n;
             zone_count[slot] += n;
             regular += u64::from(fd_cells[Priority::Regular.index()]);
-        }
-    }
-    let nonempty = stats.iter().filter(|s| s.n > 0).count();
-    let mut buckets: Vec<Bucket> = Vec::with_capacity(nonempty);
-    let mut flat: Vec<u32> = Vec::with_capacity(if single {
-        2 * nonempty
-    } else {
-        eligible as usize
-    });
-    let mut fill = vec![0usize; if single { 0 } else { key_space }];
-    for (key, stat) in stats.iter().enumerate() {
-        let n = stat.n;
-        if n == 0 {
-            continue;
-        }
-        let (zone, fault_domain, vm_size, priority) = match stat.rep {
-            Some(g) => (g.zone, g.fault_domain, g.vm_size, g.priority),
-            None => {
-                let inst = &instances[stat.first];
-                (inst.zone, inst.fault_domain, inst.vm_size, inst.priority)
-            }
-        };
-        let price = if lowest_price {
-            let size_name = size_table
-                .get(usize::from(vm_size))
-                .map_or("", String::as_str);
-            view.region.pool(zone, size_name, priority).price
-        } else {
-            0.0
-        };
-        let head = flat.len();
-        let len = if single {
-            // Only the oldest and the newest can be picked by one decision.
-            flat.push(stat.first as u32);
-            if n > 1 {
-                flat.push(stat.last as u32);
-            }
-            flat.len() - head
-        } else {
-            fill[key] = head;
-            flat.resize(head + n as usize, 0);
-            n as usize
-        };
-        buckets.push(Bucket {
-            slot: slot_of(zone),
-            fd: (fault_domain as usize).min(span - 1),
-            priority,
-            bad: key % 2 == 1,
-            price,
-            head,
-            tail: head + len,
-        });
-    }
-    for (i, &key) in keys.iter().enumerate() {
-        if key != NONE {
-            flat[fill[key]] = i as u32;
-            fill[key] += 1;
         }
     }
     if eligible < count {
