@@ -26,8 +26,12 @@ class LoadResult:
 
 
 async def _client(
-    target: str, workload: str, process: int, inflight: int, calls: int
+    target: str, workload: str, process: int, inflight: int, calls: int, rate: float | None = None
 ) -> tuple[list[float], int]:
+    """Closed loop (``rate`` None): ``inflight`` loops of ``calls`` calls each, every call sent when the
+    last one of its loop returns. Open loop: ``inflight * calls`` calls at ``rate`` a second, on a fixed
+    schedule whatever the replies do (at most ``inflight`` waiting at once), each timed from when it was
+    due, so a stall counts against every call it delayed."""
     latencies: list[float] = []
     errors = 0
     # Requests are encoded once and replies kept as bytes (checked, not decoded, on the hot path), so the
@@ -36,20 +40,36 @@ async def _client(
         method, requests = _workload(channel, workload, process)
         expected = await _reply_size(method, requests) if workload == "list_instances" else None
 
-        async def loop(k: int) -> None:
+        async def call(request: bytes, started: float) -> None:
             nonlocal errors
-            for j in range(calls):
-                request = requests[k][j % 2]
-                started = time.perf_counter()
-                try:
-                    reply = await method(request)
-                    if expected is not None and len(reply) != expected:
-                        errors += 1
-                except grpc.aio.AioRpcError:
+            try:
+                reply = await method(request)
+                if expected is not None and len(reply) != expected:
                     errors += 1
-                latencies.append(time.perf_counter() - started)
+            except grpc.aio.AioRpcError:
+                errors += 1
+            latencies.append(time.perf_counter() - started)
 
-        await asyncio.gather(*(loop(k) for k in range(inflight)))
+        async def loop(k: int) -> None:
+            for j in range(calls):
+                await call(requests[k][j % 2], time.perf_counter())
+
+        if rate is None:
+            await asyncio.gather(*(loop(k) for k in range(inflight)))
+            return latencies, errors
+        waiting = asyncio.Semaphore(inflight)
+
+        async def due(j: int, at: float) -> None:
+            async with waiting:
+                await call(requests[j % len(requests)][j // len(requests) % 2], at)
+
+        start, tasks = time.perf_counter(), []
+        for j in range(inflight * calls):
+            at = start + j / rate
+            if (ahead := at - time.perf_counter()) > 0:
+                await asyncio.sleep(ahead)
+            tasks.append(asyncio.create_task(due(j, at)))
+        await asyncio.gather(*tasks)
     return latencies, errors
 
 
@@ -106,19 +126,26 @@ async def _reply_size(method: Any, requests: list[list[bytes]]) -> int:
     return len(reply)
 
 
-def _process(args: tuple[str, str, int, int, int]) -> tuple[list[float], int]:
+def _process(args: tuple[str, str, int, int, int, float | None]) -> tuple[list[float], int]:
     return asyncio.run(_client(*args))
 
 
 def run_load(
-    target: str | list[str], workload: str, processes: int, inflight_per_process: int, calls_per_slot: int
+    target: str | list[str],
+    workload: str,
+    processes: int,
+    inflight_per_process: int,
+    calls_per_slot: int,
+    rate: float | None = None,
 ) -> LoadResult:
     """Runs ``workload`` (echo | set_capacity | set_capacity_big | list_instances) and measures it from start to finish.
-    Given several targets (the servers of a cluster), client process ``p`` talks to ``target[p % n]``."""
+    Given several targets (the servers of a cluster), client process ``p`` talks to ``target[p % n]``.
+    With ``rate`` (calls a second, across the processes) the load is an open loop (see ``_client``)."""
     ctx = multiprocessing.get_context("spawn")
     targets = [target] if isinstance(target, str) else target
+    each = rate / processes if rate else None
     jobs = [
-        (targets[p % len(targets)], workload, p, inflight_per_process, calls_per_slot)
+        (targets[p % len(targets)], workload, p, inflight_per_process, calls_per_slot, each)
         for p in range(processes)
     ]
     with ctx.Pool(processes) as pool:

@@ -2,6 +2,10 @@
 watchers stream every change, some of which never read; prints the server's RSS and database size over
 time, and the unloaded vs loaded p99.
 
+The load is an open loop at ``--rate`` calls a second (default 2x TARGET_RATE), each call timed from when
+it was due, in windows of WINDOW_S; ``--rate 0`` runs it closed-loop instead (as fast as the server
+answers 8 calls in flight: the saturation figures). Unloaded is the same load before the watchers start.
+
 Run: ``python bench/soak.py --minutes 2 --watchers 200``. It starts its own server on a free loopback port
 with its database in a temporary directory, and stops it at the end.
 """
@@ -25,9 +29,14 @@ from scaleset.testing.server import free_port, start_server_process
 from scaleset.v1 import scaleset_pb2 as pb
 from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
 
-from bench.load import create_load_sets, run_load
+from bench.load import LoadResult, create_load_sets, run_load
 
 PROCESSES, INFLIGHT = 2, 4
+#: The durable change rate a server is sized for (docs/behaviour.md): 15,000 autoscaled scale sets, each
+#: changing once a minute, make 250 a second.
+TARGET_RATE = 250
+#: Each measured window of the open-loop load, and the most calls waiting in one client process.
+WINDOW_S, OPEN_INFLIGHT = 10, 64
 
 
 def rss_mb(pid: int) -> float:
@@ -68,7 +77,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--minutes", type=float, default=2.0)
     parser.add_argument("--watchers", type=int, default=200)
+    parser.add_argument("--rate", type=float, default=2 * TARGET_RATE, help="calls a second; 0: closed loop")
     args = parser.parse_args()
+
+    def load(window: int) -> LoadResult:
+        if not args.rate:
+            return run_load(target, "set_capacity", PROCESSES, INFLIGHT, window)
+        calls = max(1, round(args.rate / PROCESSES * WINDOW_S / OPEN_INFLIGHT))
+        return run_load(target, "set_capacity", PROCESSES, OPEN_INFLIGHT, calls, rate=args.rate)
+
     with tempfile.TemporaryDirectory() as tmp:
         db, port = Path(tmp) / "soak.db", free_port()
         proc = start_server_process(
@@ -85,7 +102,7 @@ def main() -> None:
         target = f"127.0.0.1:{port}"
         try:
             create_load_sets(target, PROCESSES)
-            quiet = run_load(target, "set_capacity", PROCESSES, INFLIGHT, 100)
+            quiet = load(100)
             # The watchers run in two processes of their own (asyncio channels), one reading, one not.
             procs = [
                 multiprocessing.Process(
@@ -96,18 +113,21 @@ def main() -> None:
             for w in procs:
                 w.start()
             time.sleep(2)
+            mode = f"open loop at {args.rate:.0f}/s" if args.rate else "closed loop"
             print(
-                f"unloaded: {quiet.per_second:.0f}/s p99 {quiet.p99_ms:.1f} ms; {args.watchers} watchers, half never read"
+                f"{mode}; unloaded: {quiet.per_second:.0f}/s p99 {quiet.p99_ms:.1f} ms; "
+                f"{args.watchers} watchers, half never read"
             )
-            print(f"{'minute':>7} {'req/s':>8} {'p99 ms':>8} {'RSS MB':>8} {'DB MB':>8}")
+            print(f"{'minute':>7} {'req/s':>8} {'p99 ms':>8} {'errors':>7} {'RSS MB':>8} {'DB MB':>8}")
             deadline = time.monotonic() + args.minutes * 60
             worst = 0.0
             while time.monotonic() < deadline:
-                r = run_load(target, "set_capacity", PROCESSES, INFLIGHT, 300)
+                r = load(300)
                 worst = max(worst, r.p99_ms)
                 minute = args.minutes - (deadline - time.monotonic()) / 60
                 print(
-                    f"{minute:7.1f} {r.per_second:8.0f} {r.p99_ms:8.1f} {rss_mb(proc.pid):8.1f} {db_mb(db):8.1f}"
+                    f"{minute:7.1f} {r.per_second:8.0f} {r.p99_ms:8.1f} {r.errors:7d} {rss_mb(proc.pid):8.1f} "
+                    f"{db_mb(db):8.1f}"
                 )
             print(f"worst loaded p99 {worst:.1f} ms = {worst / quiet.p99_ms:.1f}x unloaded")
             for w in procs:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import functools
 import hashlib
 import json
 import logging
@@ -67,6 +68,10 @@ REPLAY_CHUNK = 500
 REPLAY_CACHE_BYTES = 32 * 1024 * 1024
 #: A snapshot is taken once the log since the last one reaches half its size, but not before this much.
 SNAPSHOT_MIN_LOG_BYTES = 1 << 20
+
+
+#: A chunk read of the store under way (see ``ControlPlane._stored_events``).
+_Read = tuple[int, "asyncio.Future[list[EventRecord]]"]
 
 
 class Encodable(Protocol):
@@ -162,6 +167,9 @@ class ControlPlane:
             collections.OrderedDict()
         )
         self._replay_bytes = 0
+        #: (scale_set, first position) -> the read of that chunk under way: (the published sequence when it
+        #: started, its result), awaited by every watcher that wants the chunk meanwhile.
+        self._replay_reads: dict[tuple[str, int], _Read] = {}
         self._published = asyncio.Event()
         self._watchers = 0
         #: The loop time of the next watch message's turn (see :meth:`_send_turn`).
@@ -724,25 +732,41 @@ class ControlPlane:
                 metadata={"oldest_retained": str(first or current), "current": str(current)},
             )
 
-    async def _stored_events(self, scale_set: str, after: int) -> list[EventRecord]:
+    async def _stored_events(self, scale_set: str, after: int, cursor: int) -> list[EventRecord]:
         """Stored events after position ``after`` (a revision of ``scale_set``, or a sequence), up to the
-        end of the aligned chunk that holds ``after + 1``. Full chunks are shared between watchers, so
-        many watchers replaying the same history read and decode it once."""
+        end of the aligned chunk that holds ``after + 1``, as the store holds them once ``cursor`` (a
+        published sequence) is. Chunks are shared between watchers, so many watchers replaying the same
+        history read and decode it once: full chunks from the cache, and a read under way by any watcher
+        whose read started at or after ``cursor`` (1,000 watchers arriving together wait for one read,
+        not a thousand)."""
         start = after // REPLAY_CHUNK * REPLAY_CHUNK
-        chunk = self._replay_cache.get((scale_set, start))
+        key = (scale_set, start)
+        chunk = self._replay_cache.get(key)
         if chunk is not None:
-            self._replay_cache.move_to_end((scale_set, start))
-            key = (lambda e: e.revision) if scale_set else (lambda e: e.sequence)
-            return chunk[bisect.bisect_right(chunk, after, key=key) :]
-        limit = REPLAY_CHUNK - (after - start)
-        events = await asyncio.to_thread(self._store.events_after, scale_set or None, after, limit)
-        if after == start and len(events) == REPLAY_CHUNK:  # complete, and the log is append-only
-            self._replay_cache[(scale_set, start)] = events
-            self._replay_bytes += sum(e.size for e in events)
-            while len(self._replay_cache) > 1 and self._replay_bytes > REPLAY_CACHE_BYTES:
-                _, dropped = self._replay_cache.popitem(last=False)
-                self._replay_bytes -= sum(e.size for e in dropped)
-        return events
+            self._replay_cache.move_to_end(key)
+        else:
+            pending = self._replay_reads.get(key)
+            if pending is None or pending[0] < cursor:
+                read = asyncio.ensure_future(
+                    asyncio.to_thread(self._store.events_after, scale_set or None, start, REPLAY_CHUNK)
+                )
+                pending = self._replay_reads[key] = (self._published_sequence, read)
+                read.add_done_callback(functools.partial(self._replay_read_done, key, pending))
+            chunk = await asyncio.shield(pending[1])
+            if len(chunk) == REPLAY_CHUNK and key not in self._replay_cache:  # complete: the log only grows
+                self._replay_cache[key] = chunk
+                self._replay_bytes += sum(e.size for e in chunk)
+                while len(self._replay_cache) > 1 and self._replay_bytes > REPLAY_CACHE_BYTES:
+                    _, dropped = self._replay_cache.popitem(last=False)
+                    self._replay_bytes -= sum(e.size for e in dropped)
+        if after == start:
+            return chunk
+        position = (lambda e: e.revision) if scale_set else (lambda e: e.sequence)
+        return chunk[bisect.bisect_right(chunk, after, key=position) :]
+
+    def _replay_read_done(self, key: tuple[str, int], pending: _Read, _: object) -> None:
+        if self._replay_reads.get(key) is pending:
+            del self._replay_reads[key]
 
     async def watch(self, scale_set: str, after: int) -> AsyncIterator[list[EventRecord]]:
         """Committed events after ``after`` (a revision of ``scale_set``, or a global sequence when
@@ -786,7 +810,7 @@ class ControlPlane:
                 # Everything published up to here is in the store: read it from there, then follow the
                 # shared buffer from this point (duplicates are skipped by position).
                 cursor = self._published_sequence
-                while stored := await self._stored_events(scale_set, last):
+                while stored := await self._stored_events(scale_set, last, cursor):
                     batch = wanted(stored, last)
                     yield batch
                     last = key(batch[-1])

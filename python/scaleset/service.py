@@ -441,6 +441,9 @@ class ScaleSetsServicer(_Servicer, pb_grpc.ScaleSetsServicer):
         #: Recent events as sent on WatchEvents, by sequence: every watcher shares one encoding.
         self._events: OrderedDict[int, bytes] = OrderedDict()
         self._events_bytes = 0
+        #: Large batches (chunks of history that many watchers replay) as sent, shared by every watcher.
+        self._batches: OrderedDict[tuple[int, int, int], list[bytes]] = OrderedDict()
+        self._batches_bytes = 0
 
     def _scale_set(self, controller: Controller, name: str) -> pb.ScaleSet:
         return pb.ScaleSet(
@@ -751,16 +754,37 @@ class ScaleSetsServicer(_Servicer, pb_grpc.ScaleSetsServicer):
         # Headers now, not with the first event: a client may open a watch and then make the change.
         await context.send_initial_metadata(())
         async for batch in batches:
-            message: list[bytes] = []
-            size = 0
-            for event in batch:
-                field = self._event_field(event)
-                if message and size + len(field) > WATCH_MESSAGE_BYTES:
-                    yield b"".join(message)
-                    message, size = [], 0
-                message.append(field)
-                size += len(field)
-            yield b"".join(message)
+            for message in self._messages(batch):
+                yield message
+
+    def _messages(self, batch: list[EventRecord]) -> list[bytes]:
+        """``batch`` as WatchEventsResponse messages of at most about WATCH_MESSAGE_BYTES each. A large
+        batch (a chunk of history, which every watcher replaying from before it reads whole) is encoded
+        once and its messages shared: (first sequence, last sequence, length) names a batch's events
+        exactly, since a batch is every event of a range of sequences, or every event of one scale set in
+        it."""
+        shared = len(batch) >= SHARED_BATCH_EVENTS
+        key = (batch[0].sequence, batch[-1].sequence, len(batch))
+        if shared and (cached := self._batches.get(key)) is not None:
+            self._batches.move_to_end(key)
+            return cached
+        messages: list[bytes] = []
+        message: list[bytes] = []
+        size = 0
+        for event in batch:
+            field = self._event_field(event)
+            if message and size + len(field) > WATCH_MESSAGE_BYTES:
+                messages.append(b"".join(message))
+                message, size = [], 0
+            message.append(field)
+            size += len(field)
+        messages.append(b"".join(message))
+        if shared:
+            self._batches[key] = messages
+            self._batches_bytes += sum(map(len, messages))
+            while len(self._batches) > 1 and self._batches_bytes > SHARED_BATCHES_BYTES:
+                self._batches_bytes -= sum(map(len, self._batches.popitem(last=False)[1]))
+        return messages
 
     def _event_field(self, event: EventRecord) -> bytes:
         """``event`` encoded as one ``events`` entry of a WatchEventsResponse (field 1, length-delimited),
@@ -779,6 +803,10 @@ class ScaleSetsServicer(_Servicer, pb_grpc.ScaleSetsServicer):
 #: A WatchEventsResponse carries events up to about this many bytes (more only for one larger event),
 #: well under the 4 MB every stock gRPC client accepts by default.
 WATCH_MESSAGE_BYTES = 1 << 20
+#: Batches of at least this many events are encoded once for every watcher, the last few of them kept (at
+#: most this many bytes): replays of history, read in shared chunks (control.REPLAY_CHUNK events).
+SHARED_BATCH_EVENTS = 100
+SHARED_BATCHES_BYTES = 32 << 20
 _EVENTS_TAG = bytes([(pb.WatchEventsResponse.EVENTS_FIELD_NUMBER << 3) | 2])
 
 
