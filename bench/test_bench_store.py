@@ -202,7 +202,7 @@ def test_restart_replaying_100k_logged_single_instance_changes(benchmark: Any, t
     for first in range(0, capacity, 10_000):
         store.append(
             [
-                EventRecord(
+                EventRecord.of(
                     sequence + k + 1,
                     "huge",
                     k + 2,

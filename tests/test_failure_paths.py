@@ -162,7 +162,7 @@ def test_a_database_copied_without_its_write_ahead_log_is_refused_not_served_sta
 
     live = tmp_path / "live.db"
     store = SQLiteStore(str(live))
-    store.append([EventRecord(n, "web", n, "CapacitySet", {}, {}, 0) for n in range(1, 4)], [])
+    store.append([EventRecord.of(n, "web", n, "CapacitySet", {}, {}, 0) for n in range(1, 4)], [])
     # Copied while the server runs, without live.db-wal: the copy would silently miss the changes.
     stale = tmp_path / "stale.db"
     shutil.copy(live, stale)

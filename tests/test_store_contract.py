@@ -40,7 +40,7 @@ def store(location: str) -> Iterator[Store]:
 
 
 def event(sequence: int, scale_set: str = "web", revision: int | None = None) -> EventRecord:
-    return EventRecord(
+    return EventRecord.of(
         sequence,
         scale_set,
         revision or sequence,

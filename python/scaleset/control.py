@@ -504,7 +504,7 @@ class ControlPlane:
         else:
             self.region_revision += 1
             revision = self.region_revision
-        event = EventRecord(
+        event = EventRecord.of(
             sequence=self.sequence,
             scale_set=scale_set,
             revision=revision,

@@ -350,16 +350,17 @@ def event_plan_to_proto(scale_set: str, summary: dict[str, Any]) -> pb.Plan:
 
 
 def event_to_proto(event: EventRecord) -> pb.Event:
+    summary = event.summary  # decoded from its JSON: once
     msg = pb.Event(
         sequence=event.sequence,
         scale_set=event.scale_set,
         revision=event.revision,
         type=event.type,
-        summary=event.summary.get("text", ""),
+        summary=summary.get("text", ""),
         time_unix_ms=event.time_ms,
     )
-    if "plan" in event.summary:
-        msg.plan.CopyFrom(event_plan_to_proto(event.scale_set, event.summary["plan"]))
+    if "plan" in summary:
+        msg.plan.CopyFrom(event_plan_to_proto(event.scale_set, summary["plan"]))
     return msg
 
 

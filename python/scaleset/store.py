@@ -31,17 +31,47 @@ __all__ = ["EventRecord", "RequestRecord", "SQLiteStore", "Snapshot", "Store", "
 @dataclass(frozen=True, slots=True)
 class EventRecord:
     """One committed change. ``sequence`` orders every change; ``revision`` is per scale set
-    (``scale_set`` is empty for region changes)."""
+    (``scale_set`` is empty for region changes).
+
+    Its command and summary are kept as the JSON text the store holds and decoded when read: the
+    thousands of records held in memory (the watchers' buffer, the replay cache) are a few strings each,
+    not trees of dicts and lists for the garbage collector to walk again and again."""
 
     sequence: int
     scale_set: str
     revision: int
     type: str
-    command: dict[str, Any]
-    summary: dict[str, Any]
+    command_json: str
+    summary_json: str
     time_ms: int
-    #: Bytes of its command and summary as stored (0 until stored): what holding it in memory costs.
-    size: int = 0
+    #: The command already decoded, where a replay decoded a whole log's commands at once.
+    decoded: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def of(
+        cls,
+        sequence: int,
+        scale_set: str,
+        revision: int,
+        type: str,
+        command: dict[str, Any],
+        summary: dict[str, Any],
+        time_ms: int,
+    ) -> EventRecord:
+        return cls(sequence, scale_set, revision, type, json.dumps(command), json.dumps(summary), time_ms)
+
+    @property
+    def command(self) -> dict[str, Any]:
+        return self.decoded if self.decoded is not None else json.loads(self.command_json)
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return json.loads(self.summary_json)  # type: ignore[no-any-return]
+
+    @property
+    def size(self) -> int:
+        """Bytes of its command and summary as stored: what holding it in memory costs."""
+        return len(self.command_json) + len(self.summary_json)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,29 +192,11 @@ EVENT_COLUMNS = "sequence, scale_set, revision, type, command, summary, time_ms"
 
 def event_row(e: EventRecord) -> tuple[Any, ...]:
     """An event as a row of :data:`EVENT_COLUMNS` (command and summary as JSON text)."""
-    return (
-        e.sequence,
-        e.scale_set,
-        e.revision,
-        e.type,
-        json.dumps(e.command),
-        json.dumps(e.summary),
-        e.time_ms,
-    )
+    return (e.sequence, e.scale_set, e.revision, e.type, e.command_json, e.summary_json, e.time_ms)
 
 
 def event_from_row(row: tuple[Any, ...]) -> EventRecord:
-    seq, scale_set, revision, type_, command, summary, time_ms = row
-    return EventRecord(
-        seq,
-        scale_set,
-        revision,
-        type_,
-        json.loads(command),
-        json.loads(summary),
-        time_ms,
-        len(command) + len(summary),
-    )
+    return EventRecord(*row)
 
 
 #: What a replay reads of an event: not its summary (what watchers are told), left empty.
@@ -196,7 +208,7 @@ def replayed(rows: Sequence[tuple[Any, ...]]) -> list[EventRecord]:
     JSON array, which costs a third of decoding them one by one."""
     commands = json.loads("[" + ",".join(row[4] for row in rows) + "]")
     return [
-        EventRecord(seq, scale_set, revision, type_, command, {}, time_ms, len(text))
+        EventRecord(seq, scale_set, revision, type_, text, "{}", time_ms, command)
         for (seq, scale_set, revision, type_, text, time_ms), command in zip(rows, commands, strict=True)
     ]
 
