@@ -32,7 +32,6 @@ from scaleset.model import (
 
 log = logging.getLogger(__name__)
 
-
 __all__ = ["Change", "Engine", "MetricBuffer", "check_count", "compile_rules", "duration_seconds"]
 
 
