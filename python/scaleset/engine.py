@@ -9,9 +9,9 @@ one engine, so an :class:`Engine` may be shared between threads.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from scaleset import _core
 from scaleset.errors import invalid_input
@@ -31,6 +31,7 @@ from scaleset.model import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 __all__ = ["Change", "Engine", "MetricBuffer", "check_count", "compile_rules", "duration_seconds"]
 
@@ -116,23 +117,13 @@ class CorePlan(Plan):
     @property
     def creates(self) -> Sequence[PlannedCreate]:
         if self._creates is None:
-            handle, n = self._handle, self._handle.creates_len()
-            self._creates = (
-                tuple(map(_new_create, handle.create_items(0, n)))
-                if n <= EAGER_ITEMS
-                else LazyItems(n, lambda i: _new_create(handle.create_items(i, i + 1)[0]))
-            )
+            self._creates = _read_items(self._handle.creates_len(), self._handle.create_items, _new_create)
         return self._creates
 
     @property
     def deletes(self) -> Sequence[PlannedDelete]:
         if self._deletes is None:
-            handle, n = self._handle, self._handle.deletes_len()
-            self._deletes = (
-                tuple(map(_new_delete, handle.delete_items(0, n)))
-                if n <= EAGER_ITEMS
-                else LazyItems(n, lambda i: _new_delete(handle.delete_items(i, i + 1)[0]))
-            )
+            self._deletes = _read_items(self._handle.deletes_len(), self._handle.delete_items, _new_delete)
         return self._deletes
 
     def create_columns(self) -> dict[str, list[Any]]:
@@ -140,6 +131,13 @@ class CorePlan(Plan):
 
     def delete_columns(self) -> dict[str, list[Any]]:
         return self._handle.delete_columns()
+
+
+def _read_items(n: int, read: Callable[[int, int], list[Any]], make: Callable[[Any], T]) -> Sequence[T]:
+    """A plan's ``n`` items: read in one call when few, else built one by one when read."""
+    if n <= EAGER_ITEMS:
+        return tuple(map(make, read(0, n)))
+    return LazyItems(n, lambda i: make(read(i, i + 1)[0]))
 
 
 class Engine:

@@ -124,6 +124,17 @@ impl Engine {
 /// One plan item as Python receives it: (instance_id, zone, fault_domain, vm_size, priority, reason).
 type PlanItem<'a> = (u64, Option<&'a str>, u32, &'a str, &'static str, String);
 
+/// `items[start..stop]`, clipped to the slice (empty when `start >= stop`), each rendered by `render`.
+fn window<'a, T>(
+    items: &'a [T],
+    start: usize,
+    stop: usize,
+    render: impl Fn(&'a T) -> PlanItem<'a>,
+) -> Vec<PlanItem<'a>> {
+    let stop = stop.min(items.len());
+    items[start.min(stop)..stop].iter().map(render).collect()
+}
+
 /// An immutable plan; items are rendered to Python objects only when read.
 #[pyclass(frozen, module = "scaleset._core")]
 struct PlanHandle {
@@ -165,38 +176,30 @@ impl PlanHandle {
     /// Planned creates `start..stop` (clipped to the plan): (instance_id, zone, fault_domain, vm_size,
     /// priority, reason) each.
     fn create_items(&self, start: usize, stop: usize) -> Vec<PlanItem<'_>> {
-        let creates = &self.plan.creates;
-        creates[start.min(creates.len())..stop.min(creates.len())]
-            .iter()
-            .map(|c| {
-                (
-                    c.instance_id,
-                    self.zone(c.zone),
-                    c.fault_domain,
-                    self.size(c.vm_size),
-                    c.priority.as_str(),
-                    c.describe(&self.zones, &self.sizes),
-                )
-            })
-            .collect()
+        window(&self.plan.creates, start, stop, |c| {
+            (
+                c.instance_id,
+                self.zone(c.zone),
+                c.fault_domain,
+                self.size(c.vm_size),
+                c.priority.as_str(),
+                c.describe(&self.zones, &self.sizes),
+            )
+        })
     }
 
     /// Planned deletes `start..stop` (clipped to the plan), as `create_items`.
     fn delete_items(&self, start: usize, stop: usize) -> Vec<PlanItem<'_>> {
-        let deletes = &self.plan.deletes;
-        deletes[start.min(deletes.len())..stop.min(deletes.len())]
-            .iter()
-            .map(|d| {
-                (
-                    d.instance_id,
-                    self.zone(d.zone),
-                    d.fault_domain,
-                    self.size(d.vm_size),
-                    d.priority.as_str(),
-                    d.describe(&self.zones),
-                )
-            })
-            .collect()
+        window(&self.plan.deletes, start, stop, |d| {
+            (
+                d.instance_id,
+                self.zone(d.zone),
+                d.fault_domain,
+                self.size(d.vm_size),
+                d.priority.as_str(),
+                d.describe(&self.zones),
+            )
+        })
     }
 
     /// The creates as columns (no reasons): instance_id, zone, fault_domain, vm_size, priority.
