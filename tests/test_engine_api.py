@@ -158,6 +158,37 @@ def test_concurrent_callers_share_one_engine(engine: Engine) -> None:
     assert [engine.capacity(f"s{n}") for n in range(4)] == [199] * 4
 
 
+def test_single_decisions_beside_a_large_change_on_another_thread() -> None:
+    """One decision in a small set runs holding the GIL when the engine is free, and waits for it
+    with the GIL released when a large change on another thread holds it: both finish, and the
+    decisions are the ones a single thread makes."""
+    region = Region(zones=["1", "2", "3"], fault_domains_per_zone=5)
+    alone = Engine(region)
+    alone.create_scale_set(zonal_spec("small"), capacity=1_000)
+    expected = [alone.set_capacity("small", n).deletes[0].instance_id for n in range(999, -1, -1)]
+
+    engine = Engine(region, instance_limit=100_000)
+    engine.create_scale_set(zonal_spec("small"), capacity=1_000)
+    engine.create_scale_set(zonal_spec("big"))
+
+    started = threading.Event()
+
+    def churn() -> None:
+        started.set()  # the next call releases the GIL and holds the engine for milliseconds
+        for _ in range(3):
+            engine.set_capacity("big", 100_000)
+            engine.set_capacity("big", 0)
+
+    big = threading.Thread(target=churn)
+    big.start()
+    started.wait()
+    order = [engine.set_capacity("small", n).deletes[0].instance_id for n in range(999, -1, -1)]
+    big.join(timeout=120)
+    assert not big.is_alive()
+    assert order == expected
+    assert (engine.capacity("small"), engine.capacity("big")) == (0, 0)
+
+
 def test_frozen_model() -> None:
     spec = zonal_spec()
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from functools import partial
 from typing import Any, NamedTuple, TypeVar
 
 from scaleset import _core
@@ -92,9 +91,6 @@ class Change(NamedTuple):
 #: build each item when it is read.
 EAGER_ITEMS = 64
 
-_new_create = partial(tuple.__new__, PlannedCreate)
-_new_delete = partial(tuple.__new__, PlannedDelete)
-
 
 class CorePlan(Plan):
     """A plan the core made, read from its handle: the items are built when first read (all at once
@@ -102,6 +98,7 @@ class CorePlan(Plan):
     decision at a time stays cheap."""
 
     __slots__ = ("_handle",)
+    _counts: tuple[int, int]  # always known: the header carries them
 
     def __init__(self, handle: _core.PlanHandle, dry_run: bool) -> None:
         (
@@ -110,20 +107,21 @@ class CorePlan(Plan):
             self.capacity_after,
             self.unallocated,
             self.unallocated_reason,
+            self._counts,
         ) = handle.header()
         self._handle, self.dry_run, self._creates, self._deletes = handle, dry_run, None, None
-        self._counts, self.items_omitted = None, False
+        self.items_omitted = False
 
     @property
     def creates(self) -> Sequence[PlannedCreate]:
         if self._creates is None:
-            self._creates = _read_items(self._handle.creates_len(), self._handle.create_items, _new_create)
+            self._creates = _read_items(self._counts[0], self._handle.create_items, PlannedCreate)
         return self._creates
 
     @property
     def deletes(self) -> Sequence[PlannedDelete]:
         if self._deletes is None:
-            self._deletes = _read_items(self._handle.deletes_len(), self._handle.delete_items, _new_delete)
+            self._deletes = _read_items(self._counts[1], self._handle.delete_items, PlannedDelete)
         return self._deletes
 
     def create_columns(self) -> dict[str, list[Any]]:
@@ -133,11 +131,11 @@ class CorePlan(Plan):
         return self._handle.delete_columns()
 
 
-def _read_items(n: int, read: Callable[[int, int], list[Any]], make: Callable[[Any], T]) -> Sequence[T]:
-    """A plan's ``n`` items: read in one call when few, else built one by one when read."""
+def _read_items(n: int, read: Callable[[type[T], int, int], tuple[T, ...]], kind: type[T]) -> Sequence[T]:
+    """A plan's ``n`` items, made as ``kind`` by the core: in one call when few, else one by one when read."""
     if n <= EAGER_ITEMS:
-        return tuple(map(make, read(0, n)))
-    return LazyItems(n, lambda i: make(read(i, i + 1)[0]))
+        return read(kind, 0, n)
+    return LazyItems(n, lambda i: read(kind, i, i + 1)[0])
 
 
 class Engine:

@@ -175,6 +175,9 @@ pub struct Engine {
 /// Extra VMs of an overprovisioned scale-out, as a percentage of it (ours; Azure does not document it).
 pub const DEFAULT_OVERPROVISION_PERCENT: u32 = 20;
 
+/// Scale sets up to this size count as small for [`Engine::is_one_small_decision`].
+pub const SMALL_SET: u64 = 10_000;
+
 fn not_found(name: &str) -> CoreError {
     CoreError::not_found(
         codes::RESOURCE_NOT_FOUND,
@@ -500,6 +503,22 @@ impl Engine {
             }
             extra /= 2; // capacity short: fewer extras, never a failed request
         }
+    }
+
+    /// Whether `set_capacity(name, capacity, _)` is one decision over the kept groups of a set of at most
+    /// [`SMALL_SET`] instances: a microsecond or two whatever the rules (applying it moves at most that
+    /// many instances in memory; a scale-out is not one when quotas or automatic zone placement apply).
+    /// A caller may then run it without handing its own locks over first.
+    pub fn is_one_small_decision(&self, name: &str, capacity: u64) -> bool {
+        self.sets.get(name).is_some_and(|state| {
+            let current = state.capacity();
+            state.groups.0.is_some()
+                && current <= SMALL_SET
+                && (capacity + 1 == current
+                    || capacity == current + 1
+                        && self.region.core_quotas.is_empty()
+                        && !auto_zones::is_auto(&state.spec))
+        })
     }
 
     pub fn set_capacity(&mut self, name: &str, capacity: u64, dry_run: bool) -> Result<Plan> {

@@ -2,8 +2,6 @@
 //! Reasons are stored as small enums and rendered to text only when somebody reads them, so a plan for
 //! 100,000 instances costs no strings.
 
-use std::fmt::Write as _;
-
 use crate::model::{zone_label, AllocationStrategy, Priority, ScaleInRule, ZoneSlot};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,37 +183,41 @@ impl PlannedDelete {
                 "rebalance: replaced by an instance in a better place".to_owned()
             }
             DeleteCause::ScaleIn(r) => {
-                // One buffer, no intermediate strings: a plan of one delete is a hot path.
-                let mut text = String::with_capacity(200);
-                let _ = write!(text, "scale-in ({})", r.rule);
+                // One buffer, no formatting machinery: a plan of one delete is a hot path.
+                let mut text = String::with_capacity(256);
+                text.push_str("scale-in (");
+                text.push_str(r.rule.as_str());
+                text.push(')');
                 if r.unhealthy_first {
                     text.push_str("; unhealthy or deallocated instances go first");
                 }
                 if let Some((target, total)) = r.mix {
-                    let _ = write!(
-                        text,
-                        "; {} per priority_mix_policy ({target} Regular wanted at {total} instances)",
-                        self.priority
-                    );
+                    text.push_str("; ");
+                    text.push_str(self.priority.as_str());
+                    text.push_str(" per priority_mix_policy (");
+                    push_count(&mut text, target);
+                    text.push_str(" Regular wanted at ");
+                    push_count(&mut text, total);
+                    text.push_str(" instances)");
                 }
                 if r.regional_first {
                     text.push_str("; regional instances go before zonal ones");
                 } else if self.zone.is_some() {
-                    let _ = write!(
-                        text,
-                        "; zone {zone} held the most instances ({})",
-                        r.zone_count
-                    );
+                    text.push_str("; zone ");
+                    text.push_str(zone);
+                    text.push_str(" held the most instances (");
+                    push_count(&mut text, u64::from(r.zone_count));
+                    text.push(')');
                 }
                 if r.most_expensive {
                     text.push_str("; LowestPrice removes the most expensive size first");
                 }
                 if let Some(fd) = r.fault_domain_count {
-                    let _ = write!(
-                        text,
-                        "; fault domain {} held the most in its zone ({fd})",
-                        self.fault_domain
-                    );
+                    text.push_str("; fault domain ");
+                    push_count(&mut text, u64::from(self.fault_domain));
+                    text.push_str(" held the most in its zone (");
+                    push_count(&mut text, u64::from(fd));
+                    text.push(')');
                 }
                 text.push_str(match r.rule {
                     ScaleInRule::OldestVm => "; the oldest (lowest instance id) eligible instance",
@@ -226,5 +228,80 @@ impl PlannedDelete {
                 text
             }
         }
+    }
+}
+
+/// Appends `n` in decimal (what `write!(text, "{n}")` writes, without the formatting machinery).
+fn push_count(text: &mut String, n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    for &d in &digits[at..] {
+        text.push(char::from(d));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_count_writes_what_display_writes() {
+        for n in [0, 7, 10, 99, 504, 1_000, u64::from(u32::MAX), u64::MAX] {
+            let mut text = String::new();
+            push_count(&mut text, n);
+            assert_eq!(text, n.to_string());
+        }
+    }
+
+    #[test]
+    fn a_scale_in_reason_names_each_rule_that_decided_in_order() {
+        let delete = |reason| PlannedDelete {
+            instance_id: 41,
+            zone: Some(1),
+            fault_domain: 3,
+            vm_size: 0,
+            priority: Priority::Regular,
+            cause: DeleteCause::ScaleIn(reason),
+        };
+        let zones = ["1".to_owned(), "2".to_owned()];
+        let every = ScaleInReason {
+            rule: ScaleInRule::Default,
+            unhealthy_first: true,
+            mix: Some((504, 999)),
+            regional_first: false,
+            zone_count: 334,
+            fault_domain_count: Some(67),
+            most_expensive: true,
+        };
+        assert_eq!(
+            delete(every).describe(&zones),
+            "scale-in (Default); unhealthy or deallocated instances go first; Regular per \
+             priority_mix_policy (504 Regular wanted at 999 instances); zone 2 held the most \
+             instances (334); LowestPrice removes the most expensive size first; fault domain 3 held \
+             the most in its zone (67); the newest (highest instance id) eligible instance"
+        );
+        let fewest = ScaleInReason {
+            rule: ScaleInRule::OldestVm,
+            unhealthy_first: false,
+            mix: None,
+            regional_first: true,
+            zone_count: 0,
+            fault_domain_count: None,
+            most_expensive: false,
+        };
+        assert_eq!(
+            delete(fewest).describe(&zones),
+            "scale-in (OldestVM); regional instances go before zonal ones; the oldest (lowest \
+             instance id) eligible instance"
+        );
     }
 }

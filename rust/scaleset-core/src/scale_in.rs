@@ -89,7 +89,14 @@ pub fn plan_scale_in(
     }
 
     let single = count == 1;
-    let mut cells = vec![0u32; slots.len() * span * 2];
+    // The decision's counts share one allocation (one decision at a time is a hot path): a cell per
+    // (slot, fault domain, priority), then per slot, per (slot, fault domain), and each slot's largest
+    // fault domain among the candidates.
+    let cells_len = slots.len() * span * 2;
+    let mut counts = vec![0u32; cells_len + slots.len() * (span + 2)];
+    let (cells, rest) = counts.split_at_mut(cells_len);
+    let (zone_count, rest) = rest.split_at_mut(slots.len());
+    let (fd_count, most_in_slot) = rest.split_at_mut(slots.len() * span);
     let cell_of = |zone: ZoneSlot, fault_domain: u32, priority: Priority| {
         let fd = fault_domain as usize;
         (slot_of(zone) * span + if fd < span { fd } else { span - 1 }) * 2 + priority.index()
@@ -115,9 +122,8 @@ pub fn plan_scale_in(
     let mut eligible = 0u64;
     let mut buckets: Vec<Bucket> = Vec::new();
     // `flat[bucket.head..bucket.tail]` are a bucket's candidates: positions in `instances`, or, in a
-    // decision over the kept groups, indexes into `ids` (which never looks at the instances).
-    let mut flat: Vec<u32> = Vec::new();
-    let mut ids: Vec<u64> = Vec::new();
+    // decision over the kept groups, instance ids (so it never looks at the instances).
+    let mut flat: Vec<u64> = Vec::new();
     let grouped = single && view.groups.is_some();
     if let (true, Some(groups)) = (single, view.groups) {
         // One decision over the engine's groups: O(groups). Each group is a bucket of its own (a group
@@ -126,7 +132,6 @@ pub fn plan_scale_in(
         // group's oldest and newest can be picked.
         buckets.reserve(groups.len());
         flat.reserve(2 * groups.len());
-        ids.reserve(2 * groups.len());
         for (g, members) in groups.iter() {
             let (Some(&oldest), Some(&newest)) = (members.first(), members.last()) else {
                 continue;
@@ -138,10 +143,9 @@ pub fn plan_scale_in(
             }
             eligible += u64::from(n);
             let head = flat.len();
-            let ends = [oldest, newest];
-            for &id in &ends[..if n > 1 { 2 } else { 1 }] {
-                flat.push(ids.len() as u32);
-                ids.push(id);
+            flat.push(oldest);
+            if n > 1 {
+                flat.push(newest);
             }
             let price = price_of(g.zone, g.vm_size, g.priority);
             let bad = prioritize_unhealthy && g.bad;
@@ -206,9 +210,9 @@ pub fn plan_scale_in(
             let head = flat.len();
             let len = if single {
                 // Only the oldest and the newest can be picked by one decision.
-                flat.push(first[key] as u32);
+                flat.push(first[key] as u64);
                 if n > 1 {
-                    flat.push(last[key] as u32);
+                    flat.push(last[key] as u64);
                 }
                 flat.len() - head
             } else {
@@ -229,13 +233,11 @@ pub fn plan_scale_in(
         }
         for (i, &key) in keys.iter().enumerate() {
             if key != NONE {
-                flat[fill[key]] = i as u32;
+                flat[fill[key]] = i as u64;
                 fill[key] += 1;
             }
         }
     }
-    let mut zone_count = vec![0u32; slots.len()];
-    let mut fd_count = vec![0u32; slots.len() * span];
     let mut regular = 0u64;
     // Cells are laid out slot-major, then fault domain, then priority (no divisions: this is per decision).
     for (slot, zone_cells) in cells.chunks_exact(span * 2).enumerate() {
@@ -260,7 +262,6 @@ pub fn plan_scale_in(
     let mut total = instances.len() as u64;
     let mut active: Vec<usize> = (0..buckets.len()).collect();
     let mut cands: Vec<usize> = Vec::with_capacity(buckets.len());
-    let mut most_in_slot = vec![0u32; slots.len()];
     let mut deletes = Vec::with_capacity(usize::try_from(count.min(1 << 16)).unwrap_or(0));
     for _ in 0..count {
         active.retain(|&b| !buckets[b].is_empty());
@@ -322,9 +323,9 @@ pub fn plan_scale_in(
             cands.retain(|&b| fd_of(b) == most_in_slot[buckets[b].slot]);
         }
 
-        let id_of = |v: u32| {
+        let id_of = |v: u64| {
             if grouped {
-                ids[v as usize]
+                v
             } else {
                 instances[v as usize].instance_id
             }
@@ -357,8 +358,7 @@ pub fn plan_scale_in(
             }
         };
         let inst = if grouped {
-            let id = ids[member as usize];
-            let at = instances.binary_search_by_key(&id, |i| i.instance_id);
+            let at = instances.binary_search_by_key(&member, |i| i.instance_id);
             &instances[at.expect("the kept groups hold the scale set's instance ids")]
         } else {
             &instances[member as usize]

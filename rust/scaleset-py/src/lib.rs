@@ -1,5 +1,5 @@
 //! The PyO3 binding of scaleset-core, importable as `scaleset._core`. It converts plain Python data
-//! (dicts and lists built by `scaleset.engine`) to core types, releases the GIL around every core call,
+//! (dicts and lists built by `scaleset.engine`) to core types, releases the GIL around core calls,
 //! and maps `CoreError` to Python exceptions in one place. It holds no logic of its own.
 
 use std::sync::{Arc, Mutex};
@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyTuple, PyType};
 use scaleset_core as core;
 use scaleset_core::{CoreError, ErrorKind};
 
@@ -74,7 +75,8 @@ fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> core::Result<T> + Send)
     py.detach(f).map_err(to_py_err)
 }
 
-/// The placement engine: one region and its scale sets. Thread-safe; every method releases the GIL.
+/// The placement engine: one region and its scale sets. Thread-safe; every method releases the GIL
+/// (`set_capacity` keeps it for one decision in a small set, which is cheaper than the hand-over).
 #[pyclass(frozen, module = "scaleset._core")]
 struct Engine {
     inner: Mutex<core::Engine>,
@@ -121,18 +123,37 @@ impl Engine {
     }
 }
 
-/// One plan item as Python receives it: (instance_id, zone, fault_domain, vm_size, priority, reason).
+/// One plan item's fields: (instance_id, zone, fault_domain, vm_size, priority, reason).
 type PlanItem<'a> = (u64, Option<&'a str>, u32, &'a str, &'static str, String);
 
-/// `items[start..stop]`, clipped to the slice (empty when `start >= stop`), each rendered by `render`.
-fn window<'a, T>(
+/// `tuple.__new__`: makes an instance of a tuple subclass from its fields in C, without the subclass's
+/// Python-level `__new__` (a named tuple's checks its arguments one by one).
+static TUPLE_NEW: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// `items[start..stop]`, clipped to the slice (empty when `start >= stop`), each rendered by `render` as
+/// an instance of `kind`: a tuple subclass of the six `PlanItem` fields (the model's `PlannedCreate` or
+/// `PlannedDelete`, which the facade passes in, so the binding never imports the Python package).
+fn window<'py, 'a, T>(
+    kind: &Bound<'py, PyType>,
     items: &'a [T],
     start: usize,
     stop: usize,
     render: impl Fn(&'a T) -> PlanItem<'a>,
-) -> Vec<PlanItem<'a>> {
+) -> PyResult<Bound<'py, PyTuple>> {
+    let py = kind.py();
+    let new = TUPLE_NEW
+        .get_or_try_init(py, || {
+            py.get_type::<PyTuple>()
+                .getattr("__new__")
+                .map(Bound::unbind)
+        })?
+        .bind(py);
     let stop = stop.min(items.len());
-    items[start.min(stop)..stop].iter().map(render).collect()
+    let made = items[start.min(stop)..stop]
+        .iter()
+        .map(|item| new.call1((kind, render(item))))
+        .collect::<PyResult<Vec<_>>>()?;
+    PyTuple::new(py, made)
 }
 
 /// An immutable plan; items are rendered to Python objects only when read.
@@ -155,8 +176,10 @@ impl PlanHandle {
 
 #[pymethods]
 impl PlanHandle {
-    /// (scale_set, capacity_before, capacity_after, unallocated, unallocated_reason), in one call.
-    fn header(&self) -> (&str, u64, u64, u64, &str) {
+    /// (scale_set, capacity_before, capacity_after, unallocated, unallocated_reason, (creates,
+    /// deletes)), in one call.
+    #[allow(clippy::type_complexity)]
+    fn header(&self) -> (&str, u64, u64, u64, &str, (usize, usize)) {
         let p = &self.plan;
         (
             &p.scale_set,
@@ -164,19 +187,19 @@ impl PlanHandle {
             p.capacity_after,
             p.unallocated,
             &p.unallocated_reason,
+            (p.creates.len(), p.deletes.len()),
         )
     }
-    fn creates_len(&self) -> usize {
-        self.plan.creates.len()
-    }
-    fn deletes_len(&self) -> usize {
-        self.plan.deletes.len()
-    }
 
-    /// Planned creates `start..stop` (clipped to the plan): (instance_id, zone, fault_domain, vm_size,
-    /// priority, reason) each.
-    fn create_items(&self, start: usize, stop: usize) -> Vec<PlanItem<'_>> {
-        window(&self.plan.creates, start, stop, |c| {
+    /// Planned creates `start..stop` (clipped to the plan) as instances of `kind`, whose fields are
+    /// (instance_id, zone, fault_domain, vm_size, priority, reason).
+    fn create_items<'py>(
+        &self,
+        kind: &Bound<'py, PyType>,
+        start: usize,
+        stop: usize,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        window(kind, &self.plan.creates, start, stop, |c| {
             (
                 c.instance_id,
                 self.zone(c.zone),
@@ -189,8 +212,13 @@ impl PlanHandle {
     }
 
     /// Planned deletes `start..stop` (clipped to the plan), as `create_items`.
-    fn delete_items(&self, start: usize, stop: usize) -> Vec<PlanItem<'_>> {
-        window(&self.plan.deletes, start, stop, |d| {
+    fn delete_items<'py>(
+        &self,
+        kind: &Bound<'py, PyType>,
+        start: usize,
+        stop: usize,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        window(kind, &self.plan.deletes, start, stop, |d| {
             (
                 d.instance_id,
                 self.zone(d.zone),
@@ -392,6 +420,14 @@ impl Engine {
         capacity: u64,
         dry_run: bool,
     ) -> PyResult<PlanHandle> {
+        // One decision in a small set costs less than handing the GIL to another thread and taking it
+        // back, so when the engine is free it runs holding the GIL; anything else releases it.
+        if let Ok(mut e) = self.inner.try_lock() {
+            if e.is_one_small_decision(name, capacity) {
+                let plan = e.set_capacity(name, capacity, dry_run).map_err(to_py_err)?;
+                return Ok(self.handle(&e, plan));
+            }
+        }
         detached(py, || {
             self.with(|e| {
                 e.set_capacity(name, capacity, dry_run)
