@@ -83,6 +83,9 @@ def test_plan_items_read_at_once_or_one_by_one_agree(n: int) -> None:
             items[n]
     assert sorted(d.instance_id for d in back.deletes) == list(range(n))
     assert (out.create_count, back.delete_count, back.capacity_before, back.capacity_after) == (n, n, n, 0)
+    assert (back.scale_set, back.unallocated, back.unallocated_reason, back.dry_run) == ("web", 0, "", False)
+    with pytest.raises(AttributeError, match="no attribute 'capacity'"):
+        back.capacity  # type: ignore[attr-defined]  # noqa: B018
 
 
 def test_import_then_scale_continues_ids(engine: Engine) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from scaleset import _core
 from scaleset.errors import invalid_input
@@ -87,41 +87,54 @@ class Change(NamedTuple):
     priority: str
 
 
+#: The plan fields a CorePlan reads from its handle's header, together, when first asked.
+_HEADER = frozenset(
+    ("scale_set", "capacity_before", "capacity_after", "unallocated", "unallocated_reason", "_counts")
+)
+
 #: Plans of up to this many items are read from the core in one call when first read; larger ones
 #: build each item when it is read.
 EAGER_ITEMS = 64
 
 
 class CorePlan(Plan):
-    """A plan the core made, read from its handle: the items are built when first read (all at once
-    for small plans, one by one for large ones), so making a plan costs one call into the core, and one
-    decision at a time stays cheap."""
+    """A plan the core made, read from its handle when first asked: the header (scale set, capacities,
+    counts) in one call, the items all at once for small plans and one by one for large ones. Making a
+    plan costs one call into the core, so one decision at a time stays cheap."""
 
     __slots__ = ("_handle",)
-    _counts: tuple[int, int]  # always known: the header carries them
 
     def __init__(self, handle: _core.PlanHandle, dry_run: bool) -> None:
-        (
-            self.scale_set,
-            self.capacity_before,
-            self.capacity_after,
-            self.unallocated,
-            self.unallocated_reason,
-            self._counts,
-        ) = handle.header()
         self._handle, self.dry_run, self._creates, self._deletes = handle, dry_run, None, None
         self.items_omitted = False
+
+    if not TYPE_CHECKING:  # to type checkers, the header's fields are the plain attributes of a Plan
+
+        def __getattr__(self, name: str) -> Any:
+            """Reads the header from the core the first time one of its fields is asked for (an unset
+            slot lands here)."""
+            if name not in _HEADER:
+                raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+            (
+                self.scale_set,
+                self.capacity_before,
+                self.capacity_after,
+                self.unallocated,
+                self.unallocated_reason,
+                self._counts,
+            ) = self._handle.header()
+            return getattr(self, name)
 
     @property
     def creates(self) -> Sequence[PlannedCreate]:
         if self._creates is None:
-            self._creates = _read_items(self._counts[0], self._handle.create_items, PlannedCreate)
+            self._creates = _read_items(self._handle.creates_len(), self._handle.create_items, PlannedCreate)
         return self._creates
 
     @property
     def deletes(self) -> Sequence[PlannedDelete]:
         if self._deletes is None:
-            self._deletes = _read_items(self._counts[1], self._handle.delete_items, PlannedDelete)
+            self._deletes = _read_items(self._handle.deletes_len(), self._handle.delete_items, PlannedDelete)
         return self._deletes
 
     def create_columns(self) -> dict[str, list[Any]]:

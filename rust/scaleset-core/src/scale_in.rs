@@ -9,6 +9,8 @@
 //! Instances are grouped into buckets of interchangeable instances (slot, fault domain, priority, size,
 //! health), so each decision looks at a few hundred buckets at most, never at every instance.
 
+use std::cell::RefCell;
+
 use crate::error::{codes, CoreError, Result};
 use crate::model::{AllocationStrategy, Priority, ScaleInRule, ZoneSlot};
 use crate::plan::{DeleteCause, PlannedDelete, ScaleInReason};
@@ -31,6 +33,34 @@ impl Bucket {
     }
 }
 
+/// A decision's working buffers, kept per thread between decisions: one decision at a time then
+/// allocates only the deletes it returns. A buffer grown past [`SCRATCH_KEPT`] entries by a large
+/// scale-in is let go afterwards.
+#[derive(Default)]
+struct Scratch {
+    slots: Vec<ZoneSlot>,
+    slot_table: Vec<usize>,
+    counts: Vec<u32>,
+    buckets: Vec<Bucket>,
+    flat: Vec<u64>,
+    active: Vec<usize>,
+    cands: Vec<usize>,
+}
+
+const SCRATCH_KEPT: usize = 1 << 16;
+
+impl Scratch {
+    fn let_go_of_large_buffers(&mut self) {
+        if self.flat.capacity() > SCRATCH_KEPT || self.buckets.capacity() > SCRATCH_KEPT {
+            *self = Self::default();
+        }
+    }
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::default();
+}
+
 fn balanced(counts: &[u32]) -> bool {
     match (counts.iter().max(), counts.iter().min()) {
         (Some(max), Some(min)) => max - min <= 1,
@@ -44,6 +74,28 @@ pub fn plan_scale_in(
     count: u64,
     size_table: &[String],
 ) -> Result<Vec<PlannedDelete>> {
+    SCRATCH.with_borrow_mut(|scratch| {
+        let deletes = decide(scratch, view, count, size_table);
+        scratch.let_go_of_large_buffers();
+        deletes
+    })
+}
+
+fn decide(
+    scratch: &mut Scratch,
+    view: &SetView<'_>,
+    count: u64,
+    size_table: &[String],
+) -> Result<Vec<PlannedDelete>> {
+    let Scratch {
+        slots,
+        slot_table,
+        counts,
+        buckets,
+        flat,
+        active,
+        cands,
+    } = scratch;
     let spec = view.spec;
     let instances = view.instances;
     let zonal = spec.is_zonal();
@@ -56,7 +108,7 @@ pub fn plan_scale_in(
         .is_some_and(|p| p.allocation_strategy == AllocationStrategy::LowestPrice);
 
     // Slots: the set's zones, plus one for regional instances of a zone-spanning set (last).
-    let mut slots: Vec<ZoneSlot> = view.slots()?;
+    view.slots_into(slots)?;
     let zone_slots = if zonal { slots.len() } else { 0 };
     if zonal {
         slots.push(None);
@@ -64,7 +116,8 @@ pub fn plan_scale_in(
     let span = view.fault_domain_span()?.max(1) as usize;
     // Zone -> slot as a table indexed by the region's zone index (the last entry is "no zone").
     let region_zones = view.region.zones.len();
-    let mut slot_table = vec![slots.len() - 1; region_zones + 1];
+    slot_table.clear();
+    slot_table.resize(region_zones + 1, slots.len() - 1);
     for (i, slot) in slots.iter().enumerate() {
         if let Some(z) = slot {
             slot_table[usize::from(*z)] = i;
@@ -93,7 +146,8 @@ pub fn plan_scale_in(
     // (slot, fault domain, priority), then per slot, per (slot, fault domain), and each slot's largest
     // fault domain among the candidates.
     let cells_len = slots.len() * span * 2;
-    let mut counts = vec![0u32; cells_len + slots.len() * (span + 2)];
+    counts.clear();
+    counts.resize(cells_len + slots.len() * (span + 2), 0);
     let (cells, rest) = counts.split_at_mut(cells_len);
     let (zone_count, rest) = rest.split_at_mut(slots.len());
     let (fd_count, most_in_slot) = rest.split_at_mut(slots.len() * span);
@@ -120,10 +174,10 @@ pub fn plan_scale_in(
         tail,
     };
     let mut eligible = 0u64;
-    let mut buckets: Vec<Bucket> = Vec::new();
+    buckets.clear();
     // `flat[bucket.head..bucket.tail]` are a bucket's candidates: positions in `instances`, or, in a
     // decision over the kept groups, instance ids (so it never looks at the instances).
-    let mut flat: Vec<u64> = Vec::new();
+    flat.clear();
     let grouped = single && view.groups.is_some();
     if let (true, Some(groups)) = (single, view.groups) {
         // One decision over the engine's groups: O(groups). Each group is a bucket of its own (a group
@@ -260,13 +314,13 @@ pub fn plan_scale_in(
     }
 
     let mut total = instances.len() as u64;
-    let mut active: Vec<usize> = (0..buckets.len()).collect();
-    let mut cands: Vec<usize> = Vec::with_capacity(buckets.len());
+    active.clear();
+    active.extend(0..buckets.len());
     let mut deletes = Vec::with_capacity(usize::try_from(count.min(1 << 16)).unwrap_or(0));
     for _ in 0..count {
         active.retain(|&b| !buckets[b].is_empty());
         cands.clear();
-        cands.extend_from_slice(&active);
+        cands.extend_from_slice(active);
         let mut reason = ScaleInReason {
             rule,
             unhealthy_first: false,
@@ -316,7 +370,7 @@ pub fn plan_scale_in(
             // In each zone, only the fault domains holding the most of it stay candidates.
             let fd_of = |b: usize| fd_count[buckets[b].slot * span + buckets[b].fd];
             most_in_slot.iter_mut().for_each(|m| *m = 0);
-            for &b in &cands {
+            for &b in cands.iter() {
                 let m = &mut most_in_slot[buckets[b].slot];
                 *m = (*m).max(fd_of(b));
             }

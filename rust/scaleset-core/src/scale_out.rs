@@ -21,14 +21,21 @@ pub struct SetView<'a> {
 impl SetView<'_> {
     /// Zone slots this scale set places into: its zones, or the regional slot.
     pub fn slots(&self) -> Result<Vec<ZoneSlot>> {
+        let mut slots = Vec::with_capacity(self.spec.zones.len().max(1));
+        self.slots_into(&mut slots)?;
+        Ok(slots)
+    }
+
+    /// [`SetView::slots`], written into `slots` (which it clears first).
+    pub fn slots_into(&self, slots: &mut Vec<ZoneSlot>) -> Result<()> {
+        slots.clear();
         if self.spec.zones.is_empty() {
-            return Ok(vec![None]);
+            slots.push(None);
         }
-        self.spec
-            .zones
-            .iter()
-            .map(|z| self.region.zone_index(z).map(Some))
-            .collect()
+        for z in &self.spec.zones {
+            slots.push(Some(self.region.zone_index(z)?));
+        }
+        Ok(())
     }
 
     /// How many fault domains instances spread over in each zone.

@@ -190,6 +190,12 @@ impl PlanHandle {
             (p.creates.len(), p.deletes.len()),
         )
     }
+    fn creates_len(&self) -> usize {
+        self.plan.creates.len()
+    }
+    fn deletes_len(&self) -> usize {
+        self.plan.deletes.len()
+    }
 
     /// Planned creates `start..stop` (clipped to the plan) as instances of `kind`, whose fields are
     /// (instance_id, zone, fault_domain, vm_size, priority, reason).
