@@ -72,7 +72,8 @@ def test_a_rebalance_plan_is_the_controllers_type_with_the_same_content(server: 
             assert isinstance(remote, RebalancePlan)
             for name in ("status", "dry_run", "replacements", "violation_before", "violation_after", "violation_bound",
                          "zone_counts_before", "zone_counts_after", "fault_domain_counts_before",
-                         "fault_domain_counts_after", "creates", "deletes", "created_ids", "score_after"):  # fmt: skip
+                         "fault_domain_counts_after", "creates", "deletes", "created_ids", "score_after",
+                         "time_limit_s"):  # fmt: skip
                 assert getattr(remote, name) == getattr(here, name), name
             assert [(w.creates, w.deletes) for w in remote.waves] == [
                 (w.creates, w.deletes) for w in here.waves
@@ -82,6 +83,9 @@ def test_a_rebalance_plan_is_the_controllers_type_with_the_same_content(server: 
                 (s.objective, s.status, s.value, s.bound) for s in here.stages
             ]
             assert len(remote.stages) == 4 and all(s.seconds > 0 for s in remote.stages)
+        # Without a limit, both solve with the default for the set's size; a given one travels.
+        assert remote.time_limit_s == pytest.approx(1.0 + 9 / 250_000)
+        assert c.rebalance("web", time_limit_s=3.0).time_limit_s == 3.0
 
 
 def test_a_rolling_upgrade_is_the_controllers_type_with_the_same_state(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from scaleset import Controller, Instance, PriorityMixPolicy, Region, ScaleSetSpec, Sku, SkuProfile, VmSize
 from scaleset.cli import render_rebalance
 from scaleset.errors import InvalidInputError
+from scaleset.rebalance import default_time_limit_s
 from scaleset.testing.rebalance_baselines import greedy_rebalance, per_vm_rebalance
 
 from tests.conftest import SIZE, instances_in, zonal_spec
@@ -193,6 +194,19 @@ def test_time_limit_never_returns_nothing() -> None:
     unproven = [k for k, s in enumerate(plan.stages) if s.status != "OPTIMAL"]
     assert not unproven or unproven[0] == len(plan.stages) - 1
     assert (plan.status == "OPTIMAL") == (not unproven and len(plan.stages) == 4)
+
+
+def test_the_default_time_limit_grows_with_the_scale_set_and_a_given_one_wins() -> None:
+    """Without a limit the solve gets 1 s and 1 s more per 250,000 instances; the plan says which
+    limit it had, and the CLI prints it."""
+    assert default_time_limit_s(0) == 1.0 and default_time_limit_s(1_000_000) == 5.0
+    engine = recovered(3000)
+    plan = engine.rebalance("web")
+    assert plan.time_limit_s == pytest.approx(1.0 + 3000 / 250_000) and plan.status == "OPTIMAL"
+    assert engine.rebalance("web", time_limit_s=2.5).time_limit_s == 2.5
+    assert f"of {plan.time_limit_s:g} s" in render_rebalance(plan).splitlines()[0]
+    with pytest.raises(InvalidInputError, match="time_limit_s must be positive"):
+        engine.rebalance("web", time_limit_s=0)
 
 
 def test_each_objective_is_a_stage_solved_with_the_ones_before_held() -> None:

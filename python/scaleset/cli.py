@@ -559,7 +559,9 @@ def render_rebalance(plan: Any, limit: int = 20) -> str:
     what = "dry run" if plan.dry_run else "applied"
     lines = [
         f"{plan.scale_set}: {plan.status}, {plan.replacements} replacements in {len(plan.waves)} waves "
-        f"(max surge {plan.max_surge}), solved in {plan.solve_seconds * 1000:.0f} ms ({what})",
+        f"(max surge {plan.max_surge}), solved in {plan.solve_seconds * 1000:.0f} ms"
+        + (f" of {plan.time_limit_s:g} s" if plan.time_limit_s else "")
+        + f" ({what})",
         "violation: "
         + ", ".join(
             f"{k} {plan.violation_before[k]} -> {plan.violation_after[k]}"
@@ -1094,7 +1096,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-replacements", type=int)
     p.add_argument("--max-replacements-percent", type=float)
     p.add_argument("--max-surge", type=int, default=1)
-    p.add_argument("--time-limit", type=float, default=1.0, help="solver time limit in seconds")
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        help="solver time limit in seconds (default: 1, and 1 more per 250,000 instances)",
+    )
     p.add_argument("--limit", type=int, default=20, help="waves to print")
     p.set_defaults(func=cmd_rebalance)
 

@@ -364,7 +364,7 @@ class _Operations:
         name: str,
         max_replacements: int | None = None,
         max_surge: int = 1,
-        time_limit_s: float = 1.0,
+        time_limit_s: float | None = None,
         dry_run: bool = True,
         *,
         max_replacements_percent: float | None = None,
@@ -375,7 +375,7 @@ class _Operations:
         request = pb.RebalanceRequest(
             name=name,
             max_surge=max_surge,
-            time_limit_s=time_limit_s,
+            time_limit_s=time_limit_s or 0.0,
             dry_run=dry_run,
             etag=etag,
             request_id=_request_id(request_id),

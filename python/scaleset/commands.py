@@ -464,7 +464,8 @@ class Rebalance(Command):
     max_replacements: int | None = None
     max_replacements_percent: float | None = None
     max_surge: int = 1
-    time_limit_s: float = 1.0
+    #: ``None``: scaled with the scale set (:func:`scaleset.rebalance.default_time_limit_s`).
+    time_limit_s: float | None = None
     dry_run: bool = True
     num_workers: int = 1
     random_seed: int = 0
@@ -482,7 +483,7 @@ class Rebalance(Command):
         check_count(self.max_surge, "max_surge")
         if self.max_surge < 1:
             raise invalid_input(f"max_surge must be at least 1, got {self.max_surge}.", field="max_surge")
-        if not self.time_limit_s > 0:
+        if self.time_limit_s is not None and not self.time_limit_s > 0:
             raise invalid_input(
                 f"time_limit_s must be positive, got {self.time_limit_s}.", field="time_limit_s"
             )

@@ -214,7 +214,7 @@ class Controller:
         name: str,
         max_replacements: int | None = None,
         max_surge: int = 1,
-        time_limit_s: float = 1.0,
+        time_limit_s: float | None = None,
         dry_run: bool = True,
         *,
         max_replacements_percent: float | None = None,
@@ -232,7 +232,8 @@ class Controller:
             max_surge: the most extra instances running at once; each wave creates that many, then
                 deletes as many.
             time_limit_s: the solver's time limit; when it ends the proof early, the best plan found is
-                returned with ``status == "FEASIBLE"`` and its bound.
+                returned with ``status == "FEASIBLE"`` and its bound. ``None``: 1 s, and 1 s more per
+                250,000 instances (the plan's ``time_limit_s`` says which limit the solve had).
             num_workers: CP-SAT workers. One (the default) is deterministic.
         """
         command = cmd.Rebalance(

@@ -375,6 +375,7 @@ def rebalance_plan_to_proto(plan: RebalancePlan) -> pb.RebalancePlan:
         score_after=plan.score_after,
         score_bound=plan.violation_bound,
         solve_seconds=plan.solve_seconds,
+        time_limit_s=plan.time_limit_s,
     )
     msg.violation_before.update(plan.violation_before)
     msg.violation_after.update(plan.violation_after)
@@ -444,6 +445,7 @@ def rebalance_plan_from_proto(msg: pb.RebalancePlan) -> RebalancePlan:
         first_instance_id=first_id,
         created_ids=tuple(created_ids),
         stages=tuple(RebalanceStage(s.objective, s.status, s.value, s.bound, s.seconds) for s in msg.stages),
+        time_limit_s=msg.time_limit_s,
     )
 
 

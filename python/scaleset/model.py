@@ -893,6 +893,9 @@ class RebalancePlan:
     created_ids: tuple[int, ...] = ()
     #: The solve, stage by stage (see :class:`RebalanceStage`).
     stages: tuple[RebalanceStage, ...] = field(default=(), repr=False)
+    #: The time limit the solve had: the one asked for, or the default for the scale set's size
+    #: (:func:`scaleset.rebalance.default_time_limit_s`). 0 when unknown (a plan from an older server).
+    time_limit_s: float = 0.0
 
     @property
     def optimal(self) -> bool:

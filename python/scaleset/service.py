@@ -672,7 +672,7 @@ class ScaleSetsServicer(_Servicer, pb_grpc.ScaleSetsServicer):
                 request.max_replacements_percent if request.HasField("max_replacements_percent") else None
             ),
             max_surge=request.max_surge or 1,
-            time_limit_s=request.time_limit_s or 1.0,
+            time_limit_s=request.time_limit_s or None,
             dry_run=not request.HasField("dry_run") or request.dry_run,
         )
 
