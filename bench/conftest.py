@@ -59,6 +59,9 @@ FLOORS: dict[str, float] = {
     # single-instance health reports: at most 25x (measured 7.7-9.2x: 17-26 us against 1.9-3.3 us per
     # instance); an O(N) step per report would cost hundreds of times more.
     "executor_scale_out_1000": 1 / 25,
+    # What a snapshot exports under the lock with 10,000 autoscaled scale sets (the document and one
+    # changed scale set's part) against the whole policy state the document held before (measured ~150x).
+    "snapshot_10000_autoscaled_sets": 20.0,
 }
 
 

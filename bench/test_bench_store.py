@@ -224,3 +224,61 @@ def test_restart_replaying_100k_logged_single_instance_changes(benchmark: Any, t
             f"empty {empty_s:.2f} s ({ratio:.1f}x)"
         )
         assert ratio <= REPLAY_CEILING, f"{ratio:.1f}x an empty start, above {REPLAY_CEILING}x"
+
+
+# ----- a snapshot's cost under the lock with 10,000 autoscaled scale sets ------------------------------
+
+
+@pytest.fixture(scope="module")
+def autoscaled() -> Any:
+    """A controller with 10,000 scale sets of 2 instances, each with an autoscale setting of two rules."""
+    from scaleset import (
+        AutoscaleCapacity,
+        AutoscaleProfile,
+        AutoscaleSetting,
+        Controller,
+        MetricTrigger,
+        Region,
+        ScaleAction,
+        ScaleRule,
+        ScaleSetSpec,
+        Sku,
+    )
+
+    rules = (
+        ScaleRule(MetricTrigger("cpu", "GreaterThan", 70), ScaleAction("Increase")),
+        ScaleRule(MetricTrigger("cpu", "LessThan", 30), ScaleAction("Decrease")),
+    )
+    setting = AutoscaleSetting((AutoscaleProfile("default", AutoscaleCapacity(2, 50, 2), rules),))
+    controller = Controller(Region(zones=["1", "2", "3"], fault_domains_per_zone=5))
+    for i in range(AUTOSCALED):
+        controller.create_scale_set(
+            ScaleSetSpec(f"s{i}", zones=["1", "2", "3"], sku=Sku("Standard_D2s_v5")), 2
+        )
+        controller.set_autoscale_setting(f"s{i}", setting)
+    return controller
+
+
+AUTOSCALED = 10_000
+
+
+def test_snapshot_under_the_lock_with_10k_autoscaled_sets(
+    benchmark: Any, record: Any, autoscaled: Any
+) -> None:
+    benchmark.group = "snapshot_10000_autoscaled_sets"
+
+    def export() -> tuple[dict[str, Any], dict[str, Any]]:
+        return autoscaled.export_state(scale_sets=False), autoscaled.export_scale_set("s7")
+
+    document, part = benchmark(export)
+    record("core")
+    assert document["policies"]["autoscale"] == {} and "autoscale" in part["policies"]
+
+
+def test_snapshot_whole_policy_state_with_10k_autoscaled_sets(
+    benchmark: Any, record: Any, autoscaled: Any
+) -> None:
+    benchmark.group = "snapshot_10000_autoscaled_sets"
+    policies = benchmark.pedantic(autoscaled.policies.export, rounds=3)
+    record("baseline")
+    assert len(policies["autoscale"]) == AUTOSCALED

@@ -7,6 +7,7 @@ import asyncio
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -414,6 +415,89 @@ def test_a_snapshot_writes_again_only_the_scale_sets_that_changed(tmp_path: Path
     with ServerThread(db, REGION) as again, Client(again.target) as c:
         assert (c.list_instances("big"), c.list_instances("small"), c.describe_region()) == before
         assert [s.spec.name for s in c.list_scale_sets()] == ["big", "small"]
+
+
+def _stored_document(db: str) -> dict[str, Any]:
+    import json
+    import sqlite3
+
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        (state,) = conn.execute("SELECT state FROM snapshots ORDER BY sequence DESC LIMIT 1").fetchone()
+    return json.loads(state)  # type: ignore[no-any-return]
+
+
+def test_a_scale_sets_policy_state_is_saved_with_it_and_written_again_only_when_it_changed(
+    tmp_path: Path,
+) -> None:
+    """The policies' state of a scale set (here its autoscale setting and repairs) is in its part, not in
+    the document, so a snapshot rewrites only what changed; a change to policies alone (no instance
+    moved) writes the part again, a restart reads it back, and the state of a name whose scale set was
+    deleted (an autoscale setting outlives it) stays in the document."""
+    from scaleset import AutoscaleCapacity, AutoscaleProfile, AutoscaleSetting
+
+    def setting(maximum: int) -> AutoscaleSetting:
+        return AutoscaleSetting([AutoscaleProfile("default", AutoscaleCapacity(1, maximum, 1))])
+
+    db = str(tmp_path / "state.db")
+    with ServerThread(db, REGION) as server, Client(server.target) as c:
+        for name in ("auto", "still", "gone"):
+            c.create_scale_set(zonal_spec(name), 1)
+            c.set_autoscale_setting(name, setting(5))
+        c.set_repairs_service_state("still", "Suspended")
+        server.call(server.control._snapshot())
+        first = _stored_parts(db)
+        policies = _stored_document(db)["controller"]["policies"]
+        assert first.keys() == {"auto", "still", "gone"}
+        assert policies["autoscale"] == {} and policies["repairs"] == {}, "live scale sets' state is in parts"
+        c.set_autoscale_setting("auto", setting(7))  # policies only: no instance changes
+        c.delete_scale_set("gone")
+        server.call(server.control._snapshot())
+        second = _stored_parts(db)
+        assert second.keys() == {"auto", "still"}
+        assert second["auto"] > first["auto"] and second["still"] == first["still"]
+        assert list(_stored_document(db)["controller"]["policies"]["autoscale"]) == ["gone"]
+        server.control._snapshot_sequence = server.control.sequence  # restart from this snapshot alone
+    with ServerThread(db, REGION) as again, Client(again.target) as c:
+        policies = again.control.controller.policies
+        assert c.get_autoscale_setting("auto") == setting(7) and c.get_autoscale_setting("still") == setting(
+            5
+        )
+        assert policies.get_autoscale_setting("gone") == setting(5)
+        assert policies.export_scale_set("still")["repairs"]["service_state"] == "Suspended"
+
+
+def test_policy_state_in_an_older_snapshots_document_moves_to_the_parts(tmp_path: Path) -> None:
+    """Versions before per-set policy state kept every scale set's in the document, and parts without it:
+    such a snapshot loads, and the next one writes those scale sets' parts with their policies."""
+    from scaleset import AutoscaleCapacity, AutoscaleProfile, AutoscaleSetting
+    from scaleset.store import Snapshot, encode_part
+
+    auto = AutoscaleSetting([AutoscaleProfile("default", AutoscaleCapacity(1, 4, 1))])
+    db = str(tmp_path / "state.db")
+    with ServerThread(db, REGION) as server, Client(server.target) as c:
+        c.create_scale_set(zonal_spec("web"), 2)
+        c.set_autoscale_setting("web", auto)
+        control = server.control
+        controller = control.controller
+        old = Snapshot(
+            control.sequence,
+            {
+                "controller": controller.export_state(scale_sets=False)
+                | {"policies": controller.policies.export()},
+                "revisions": dict(control.revisions),
+                "region_revision": control.region_revision,
+            },
+            {"web": encode_part(controller.engine.export_scale_set("web"))},
+        )
+        server.call(asyncio.to_thread(control._store.save_snapshot, old))
+        control._snapshot_sequence = control.sequence  # nothing left for the stop's snapshot
+    with ServerThread(db, REGION) as again, Client(again.target) as c:
+        assert c.get_autoscale_setting("web") == auto
+        again.call(again.control._snapshot())
+        assert _stored_document(db)["controller"]["policies"]["autoscale"] == {}
+        again.control._snapshot_sequence = again.control.sequence
+    with ServerThread(db, REGION) as third, Client(third.target) as c:
+        assert c.get_autoscale_setting("web") == auto
 
 
 def test_a_snapshot_that_fails_to_store_leaves_its_changes_for_the_next(tmp_path: Path) -> None:

@@ -238,6 +238,16 @@ class ControlPlane:
                 self.controller = Controller.from_state(state["engine"], instance_limit=self._instance_limit)
             else:
                 self.controller = self._restore(state["controller"], snapshot.parts)
+                # A document that still holds scale sets' policy state (as versions before per-set parts
+                # wrote it): the next snapshot writes those sets' parts with it.
+                live = set(self.controller.scale_set_names())
+                self._unsaved.update(
+                    name
+                    for section in state["controller"].get("policies", {}).values()
+                    if isinstance(section, dict)
+                    for name in section
+                    if name in live
+                )
             self.revisions = dict(state["revisions"])
             self.region_revision = state["region_revision"]
             self.sequence = self._snapshot_sequence = snapshot.sequence
@@ -252,17 +262,20 @@ class ControlPlane:
                 raise RuntimeError(
                     f"the stored log cannot be replayed at sequence {event.sequence} ({event.type}): {exc}"
                 ) from exc
+            if event.scale_set:
+                self._unsaved.add(event.scale_set)  # changed since the snapshot: the next one writes it
             self._count(event)
         self._published_sequence = self.sequence  # everything loaded is committed
         self._committed = dict(self.revisions)
         log.info("loaded state at sequence %d (%d events replayed)", self.sequence, len(events))
 
     def _restore(self, state: dict[str, Any], parts: Mapping[str, bytes | None]) -> Controller:
-        """The controller of a snapshot stored in parts: the document, with each scale set's part."""
+        """The controller of a snapshot stored in parts: the document, with each scale set's part (its
+        instances and its policies' state)."""
         controller = Controller.from_state(state, instance_limit=self._instance_limit)
         for name, data in parts.items():
             try:
-                controller.engine.restore_scale_set(decode_part(data or b""))
+                controller.restore_scale_set(decode_part(data or b""))
             except (zlib.error, ValueError, KeyError, ScaleSetError) as exc:
                 raise RuntimeError(
                     f"the stored snapshot of scale set '{name}' is damaged ({exc}); restore the database from a "
@@ -504,6 +517,10 @@ class ControlPlane:
         else:
             self.region_revision += 1
             revision = self.region_revision
+        if scale_set:
+            self._unsaved.add(
+                scale_set
+            )  # its part (instances or policies) changed: the next snapshot writes it
         event = EventRecord.of(
             sequence=self.sequence,
             scale_set=scale_set,
@@ -674,9 +691,11 @@ class ControlPlane:
             self._snapshot_task = None
 
     async def _snapshot(self) -> None:
-        """Stores the state: a document (region, policies, revisions) and a part for each scale set
-        changed since the last snapshot, encoded by the core under the lock (a copy, a few bytes per
-        instance) and compressed outside it."""
+        """Stores the state: a document (region, global policy state, revisions) and a part for each scale
+        set changed since the last snapshot (its instances, encoded by the core under the lock: a copy, a
+        few bytes per instance; and its policies' state), compressed outside the lock. A scale set
+        changes only by a logged command, so the sets named by events since the last snapshot, with
+        those the engine reports, are every set whose part is out of date."""
         async with self._lock:
             sequence = self.sequence
             state = {
@@ -688,7 +707,9 @@ class ControlPlane:
             self._unsaved.update(engine.take_changed())
             changed = sorted(self._unsaved)
             live = set(engine.scale_set_names())
-            exported = {name: engine.export_scale_set(name) if name in live else None for name in changed}
+            exported = {
+                name: self.controller.export_scale_set(name) if name in live else None for name in changed
+            }
             last = self._last_commit
         if last is not None and not last.done():
             await asyncio.shield(last)

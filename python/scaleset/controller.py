@@ -62,13 +62,26 @@ class Controller:
         return controller
 
     def export_state(self, *, scale_sets: bool = True) -> dict[str, Any]:
-        """The engine's and the policies' state as plain data, for snapshots; without the scale sets
-        (an empty list) when they are saved one by one (:meth:`Engine.export_scale_set`)."""
+        """The engine's and the policies' state as plain data, for snapshots. Without ``scale_sets``, the
+        scale sets and their policies' state are left out (saved one by one: :meth:`export_scale_set`);
+        the policy state of a name with no scale set (an autoscale setting outliving its scale set, as an
+        Azure autoscale resource does) stays in."""
+        without = () if scale_sets else frozenset(self.engine.scale_set_names())
         return {
             **self.engine.export_state(scale_sets=scale_sets),
-            "policies": self.policies.export(),
+            "policies": self.policies.export(without=without),
             "now": self.now,
         }
+
+    def export_scale_set(self, name: str) -> dict[str, Any]:
+        """One scale set with its policies' state, for a snapshot part (:meth:`restore_scale_set`)."""
+        return {**self.engine.export_scale_set(name), "policies": self.policies.export_scale_set(name)}
+
+    def restore_scale_set(self, saved: dict[str, Any]) -> None:
+        """Puts back one scale set :meth:`export_scale_set` saved (a part without policies, as older
+        versions wrote, keeps what the snapshot's document holds)."""
+        self.engine.restore_scale_set(saved)
+        self.policies.restore_scale_set(saved["spec"]["name"], saved.get("policies", {}))
 
     def execute(self, command: cmd.Command, now: float | None = None) -> Any:
         """Validates and applies one command at ``now`` (default: the controller's time)."""

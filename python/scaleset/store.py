@@ -99,10 +99,10 @@ class Snapshot:
 
 
 def encode_part(saved: dict[str, Any]) -> bytes:
-    """A scale set as :meth:`Engine.export_scale_set` gives it, as one compressed part: its spec and next
-    instance id as JSON, then its instances in the core's binary encoding."""
+    """A scale set as :meth:`Controller.export_scale_set` gives it, as one compressed part: its spec, next
+    instance id and policies' state as JSON, then its instances in the core's binary encoding."""
     header = json.dumps(
-        {"spec": saved["spec"], "next_instance_id": saved["next_instance_id"]}, separators=(",", ":")
+        {key: value for key, value in saved.items() if key != "instances"}, separators=(",", ":")
     ).encode()
     return zlib.compress(len(header).to_bytes(4, "little") + header + saved["instances"], 1)
 

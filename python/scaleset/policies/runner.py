@@ -9,7 +9,7 @@ set at one instant. The runner's state is plain data (:meth:`export`, :meth:`res
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from scaleset.engine import Engine, MetricBuffer
@@ -26,6 +26,14 @@ from scaleset.policies.zone_balance import ZoneBalanceOperation
 log = logging.getLogger(__name__)
 
 __all__ = ["PolicyRunner"]
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _zone_balance_operation(data: dict[str, Any]) -> ZoneBalanceOperation:
+    return ZoneBalanceOperation(**data)
 
 
 class PolicyRunner:
@@ -302,35 +310,57 @@ class PolicyRunner:
 
     # ----- snapshots ------------------------------------------------------------------------------------------
 
-    def export(self) -> dict[str, Any]:
-        """Every policy's state as plain data."""
-        return {
-            "modified": dict(self._modified),
-            "zone_balance": {n: op.to_dict() for n, op in self._zone_balance.items()},
-            "zone_balance_started": dict(self._zone_balance_started),
-            "upgrades": {n: u.to_dict() for n, u in self._upgrades.items()},
-            "upgrade_pending": sorted(self._upgrade_pending),
-            "repairs": {n: r.to_dict() for n, r in self._repairs.items()},
-            "autoscale": {n: a.to_dict() for n, a in self._autoscale.items()},
-            "metrics": self.metrics.export(),
-            "lifecycle": self.lifecycle.export(),
+    def _per_scale_set(
+        self,
+    ) -> tuple[tuple[str, dict[str, Any], Callable[[Any], Any], Callable[[Any], Any]], ...]:
+        """The state kept by scale set name, section by section: (key, the dict, to plain data, back)."""
+        return (
+            ("modified", self._modified, _same, _same),
+            ("zone_balance", self._zone_balance, ZoneBalanceOperation.to_dict, _zone_balance_operation),
+            ("zone_balance_started", self._zone_balance_started, _same, _same),
+            ("upgrades", self._upgrades, RollingUpgrade.to_dict, RollingUpgrade.from_dict),
+            ("repairs", self._repairs, RepairState.to_dict, RepairState.from_dict),
+            ("autoscale", self._autoscale, AutoscaleState.to_dict, AutoscaleState.from_dict),
+        )
+
+    def export(self, *, without: Collection[str] = ()) -> dict[str, Any]:
+        """Every policy's state as plain data, but for the scale sets named in ``without`` (a snapshot saves
+        theirs with each scale set: :meth:`export_scale_set`)."""
+        state: dict[str, Any] = {
+            key: {n: encode(v) for n, v in items.items() if n not in without}
+            for key, items, encode, _ in self._per_scale_set()
         }
+        state["upgrade_pending"] = sorted(n for n in self._upgrade_pending if n not in without)
+        state["metrics"] = self.metrics.export()
+        state["lifecycle"] = self.lifecycle.export()
+        return state
+
+    def export_scale_set(self, name: str) -> dict[str, Any]:
+        """The policies' state of one scale set as plain data (:meth:`restore_scale_set` puts it back)."""
+        state = {key: encode(items[name]) for key, items, encode, _ in self._per_scale_set() if name in items}
+        if name in self._upgrade_pending:
+            state["upgrade_pending"] = True
+        return state
 
     @classmethod
     def restore(cls, state: dict[str, Any]) -> PolicyRunner:
         """A runner with the state :meth:`export` saved."""
         runner = cls()
-        runner._modified = dict(state.get("modified", {}))
-        runner._zone_balance = {
-            n: ZoneBalanceOperation(**op) for n, op in state.get("zone_balance", {}).items()
-        }
-        runner._zone_balance_started = dict(state.get("zone_balance_started", {}))
-        runner._upgrades = {n: RollingUpgrade.from_dict(u) for n, u in state.get("upgrades", {}).items()}
+        for key, items, _, decode in runner._per_scale_set():
+            items.update((n, decode(v)) for n, v in state.get(key, {}).items())
         runner._upgrade_pending = set(state.get("upgrade_pending", []))
-        runner._repairs = {n: RepairState.from_dict(r) for n, r in state.get("repairs", {}).items()}
-        runner._autoscale = {n: AutoscaleState.from_dict(a) for n, a in state.get("autoscale", {}).items()}
         for n, a in runner._autoscale.items():
             runner.metrics.set_retention(n, autoscale.retention_s(a.setting))
         runner.metrics.restore(state.get("metrics", []))
         runner.lifecycle = Lifecycle.restore(state.get("lifecycle", {}))
         return runner
+
+    def restore_scale_set(self, name: str, state: dict[str, Any]) -> None:
+        """Puts back one scale set's policy state as :meth:`export_scale_set` saved it."""
+        for key, items, _, decode in self._per_scale_set():
+            if key in state:
+                items[name] = decode(state[key])
+        if state.get("upgrade_pending"):
+            self._upgrade_pending.add(name)
+        if (scaling := self._autoscale.get(name)) is not None:
+            self.metrics.set_retention(name, autoscale.retention_s(scaling.setting))
