@@ -108,7 +108,8 @@ def test_scale_in_1k_to_0_core(benchmark: Any, record: Any) -> None:
     def run(engine: Engine) -> list[int]:
         return [engine.set_capacity("bench", n).deletes[0].instance_id for n in range(999, -1, -1)]
 
-    order = benchmark.pedantic(run, setup=lambda: ((fresh(1_000),), {}), rounds=5)
+    # Many short rounds: a slow moment of the machine moves the median of 15 less than that of 5.
+    order = benchmark.pedantic(run, setup=lambda: ((fresh(1_000),), {}), rounds=15)
     record("core")
     assert sorted(order) == list(range(1_000))
 
@@ -129,7 +130,7 @@ def test_scale_in_1k_to_0_baseline(benchmark: Any, record: Any) -> None:
             live = [i for i in live if i.instance_id != victim]
         return order
 
-    order = benchmark.pedantic(run, rounds=1)
+    order = benchmark.pedantic(run, rounds=3)
     record("baseline")
     assert order == expected
 
