@@ -40,6 +40,7 @@ from scaleset.errors import (
 )
 from scaleset.model import Region
 from scaleset.policies import Action
+from scaleset.policies.runner import PolicyRunner
 from scaleset.store import EventRecord, RequestRecord, Snapshot, Store, decode_part, encode_part
 
 log = logging.getLogger(__name__)
@@ -240,14 +241,8 @@ class ControlPlane:
                 self.controller = self._restore(state["controller"], snapshot.parts)
                 # A document that still holds scale sets' policy state (as versions before per-set parts
                 # wrote it): the next snapshot writes those sets' parts with it.
-                live = set(self.controller.scale_set_names())
-                self._unsaved.update(
-                    name
-                    for section in state["controller"].get("policies", {}).values()
-                    if isinstance(section, dict)
-                    for name in section
-                    if name in live
-                )
+                held = PolicyRunner.scale_sets_in(state["controller"].get("policies", {}))
+                self._unsaved.update(held & set(self.controller.scale_set_names()))
             self.revisions = dict(state["revisions"])
             self.region_revision = state["region_revision"]
             self.sequence = self._snapshot_sequence = snapshot.sequence
@@ -517,10 +512,8 @@ class ControlPlane:
         else:
             self.region_revision += 1
             revision = self.region_revision
-        if scale_set:
-            self._unsaved.add(
-                scale_set
-            )  # its part (instances or policies) changed: the next snapshot writes it
+        if scale_set:  # its part (instances or policies' state) changed: the next snapshot writes it
+            self._unsaved.add(scale_set)
         event = EventRecord.of(
             sequence=self.sequence,
             scale_set=scale_set,

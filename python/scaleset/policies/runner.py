@@ -9,7 +9,7 @@ set at one instant. The runner's state is plain data (:meth:`export`, :meth:`res
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
 from scaleset.engine import Engine, MetricBuffer
@@ -34,6 +34,17 @@ def _same(value: Any) -> Any:
 
 def _zone_balance_operation(data: dict[str, Any]) -> ZoneBalanceOperation:
     return ZoneBalanceOperation(**data)
+
+
+#: The policies' state kept by scale set name: (key in an export, attribute, to plain data, back).
+_SECTIONS: tuple[tuple[str, str, Callable[[Any], Any], Callable[[Any], Any]], ...] = (
+    ("modified", "_modified", _same, _same),
+    ("zone_balance", "_zone_balance", ZoneBalanceOperation.to_dict, _zone_balance_operation),
+    ("zone_balance_started", "_zone_balance_started", _same, _same),
+    ("upgrades", "_upgrades", RollingUpgrade.to_dict, RollingUpgrade.from_dict),
+    ("repairs", "_repairs", RepairState.to_dict, RepairState.from_dict),
+    ("autoscale", "_autoscale", AutoscaleState.to_dict, AutoscaleState.from_dict),
+)
 
 
 class PolicyRunner:
@@ -312,16 +323,10 @@ class PolicyRunner:
 
     def _per_scale_set(
         self,
-    ) -> tuple[tuple[str, dict[str, Any], Callable[[Any], Any], Callable[[Any], Any]], ...]:
+    ) -> Iterator[tuple[str, dict[str, Any], Callable[[Any], Any], Callable[[Any], Any]]]:
         """The state kept by scale set name, section by section: (key, the dict, to plain data, back)."""
-        return (
-            ("modified", self._modified, _same, _same),
-            ("zone_balance", self._zone_balance, ZoneBalanceOperation.to_dict, _zone_balance_operation),
-            ("zone_balance_started", self._zone_balance_started, _same, _same),
-            ("upgrades", self._upgrades, RollingUpgrade.to_dict, RollingUpgrade.from_dict),
-            ("repairs", self._repairs, RepairState.to_dict, RepairState.from_dict),
-            ("autoscale", self._autoscale, AutoscaleState.to_dict, AutoscaleState.from_dict),
-        )
+        for key, attribute, encode, decode in _SECTIONS:
+            yield key, getattr(self, attribute), encode, decode
 
     def export(self, *, without: Collection[str] = ()) -> dict[str, Any]:
         """Every policy's state as plain data, but for the scale sets named in ``without`` (a snapshot saves
@@ -334,6 +339,13 @@ class PolicyRunner:
         state["metrics"] = self.metrics.export()
         state["lifecycle"] = self.lifecycle.export()
         return state
+
+    @staticmethod
+    def scale_sets_in(state: dict[str, Any]) -> set[str]:
+        """The names whose per-scale-set state an :meth:`export` holds."""
+        return {n for key, *_ in _SECTIONS for n in state.get(key, {})} | set(
+            state.get("upgrade_pending", [])
+        )
 
     def export_scale_set(self, name: str) -> dict[str, Any]:
         """The policies' state of one scale set as plain data (:meth:`restore_scale_set` puts it back)."""
