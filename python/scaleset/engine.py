@@ -125,17 +125,25 @@ class CorePlan(Plan):
             ) = self._handle.header()
             return getattr(self, name)
 
+    # A small plan's items in one call, inline: one decision at a time is a hot path, where a Python
+    # call more costs 4% of the whole.
     @property
     def creates(self) -> Sequence[PlannedCreate]:
-        if self._creates is None:
-            self._creates = _read_items(self._handle.creates_len(), self._handle.create_items, PlannedCreate)
-        return self._creates
+        if (items := self._creates) is None:
+            n, read = self._handle.creates_len(), self._handle.create_items
+            items = self._creates = (
+                read(PlannedCreate, 0, n) if n <= EAGER_ITEMS else _lazy(n, read, PlannedCreate)
+            )
+        return items
 
     @property
     def deletes(self) -> Sequence[PlannedDelete]:
-        if self._deletes is None:
-            self._deletes = _read_items(self._handle.deletes_len(), self._handle.delete_items, PlannedDelete)
-        return self._deletes
+        if (items := self._deletes) is None:
+            n, read = self._handle.deletes_len(), self._handle.delete_items
+            items = self._deletes = (
+                read(PlannedDelete, 0, n) if n <= EAGER_ITEMS else _lazy(n, read, PlannedDelete)
+            )
+        return items
 
     def create_columns(self) -> dict[str, list[Any]]:
         return self._handle.create_columns()
@@ -144,10 +152,8 @@ class CorePlan(Plan):
         return self._handle.delete_columns()
 
 
-def _read_items(n: int, read: Callable[[type[T], int, int], tuple[T, ...]], kind: type[T]) -> Sequence[T]:
-    """A plan's ``n`` items, made as ``kind`` by the core: in one call when few, else one by one when read."""
-    if n <= EAGER_ITEMS:
-        return read(kind, 0, n)
+def _lazy(n: int, read: Callable[[type[T], int, int], tuple[T, ...]], kind: type[T]) -> LazyItems[T]:
+    """A large plan's ``n`` items, each made as ``kind`` by the core when it is read."""
     return LazyItems(n, lambda i: read(kind, i, i + 1)[0])
 
 
