@@ -344,45 +344,20 @@ def solve_rebalance(
             break  # what a later stage would hold is not proven: stop at this plan
 
     if solver is None:
-        # No solution within the time limit: the current placement (no moves) is the best plan known.
+        # No solution within the time limit (status is FEASIBLE): the current placement (no moves) is the
+        # best plan known.
         log.warning(
             "rebalance of %s: no better plan found within %.3f s; returning the empty plan",
             name,
             time_limit_s,
         )
-        removals = [0] * n_rows
-        plan = _assemble(
-            engine,
-            name,
-            data,
-            shape,
-            removals,
-            {},
-            max_surge,
-            cp_model.FEASIBLE,
-            bound,
-            started,
-            stages,
-            time_limit_s=time_limit_s,
-        )
-        return plan, removals
-
-    keep_values = [solver.value(k) if movable[r] else k for r, k in enumerate(keep)]
-    removals = [rows["count"][r] - keep_values[r] if movable[r] else 0 for r in range(n_rows)]
-    news = {key: solver.value(var) for key, var in new.items() if solver.value(var) > 0}
+        removals, news = [0] * n_rows, {}
+    else:
+        keep_values = [solver.value(k) if movable[r] else k for r, k in enumerate(keep)]
+        removals = [rows["count"][r] - keep_values[r] if movable[r] else 0 for r in range(n_rows)]
+        news = {key: solver.value(var) for key, var in new.items() if solver.value(var) > 0}
     plan = _assemble(
-        engine,
-        name,
-        data,
-        shape,
-        removals,
-        news,
-        max_surge,
-        status,
-        bound,
-        started,
-        stages,
-        time_limit_s=time_limit_s,
+        engine, name, data, shape, removals, news, max_surge, status, bound, started, stages, time_limit_s
     )
     return plan, removals
 
@@ -399,7 +374,6 @@ def _assemble(
     bound: int,
     started: float,
     stages: list[RebalanceStage],
-    *,
     time_limit_s: float,
 ) -> RebalancePlan:
     rows, pools = data["rows"], data["new_pools"]
