@@ -130,19 +130,19 @@ class CorePlan(Plan):
     @property
     def creates(self) -> Sequence[PlannedCreate]:
         if (items := self._creates) is None:
-            n, read = self._handle.creates_len(), self._handle.create_items
-            items = self._creates = (
-                read(PlannedCreate, 0, n) if n <= EAGER_ITEMS else _lazy(n, read, PlannedCreate)
-            )
+            handle = self._handle
+            if (items := handle.all_creates(PlannedCreate, EAGER_ITEMS)) is None:
+                items = _lazy(handle.creates_len(), handle.create_items, PlannedCreate)
+            self._creates = items
         return items
 
     @property
     def deletes(self) -> Sequence[PlannedDelete]:
         if (items := self._deletes) is None:
-            n, read = self._handle.deletes_len(), self._handle.delete_items
-            items = self._deletes = (
-                read(PlannedDelete, 0, n) if n <= EAGER_ITEMS else _lazy(n, read, PlannedDelete)
-            )
+            handle = self._handle
+            if (items := handle.all_deletes(PlannedDelete, EAGER_ITEMS)) is None:
+                items = _lazy(handle.deletes_len(), handle.delete_items, PlannedDelete)
+            self._deletes = items
         return items
 
     def create_columns(self) -> dict[str, list[Any]]:

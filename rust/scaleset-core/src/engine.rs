@@ -55,9 +55,40 @@ impl GroupKey {
     }
 }
 
-/// Instance ids by [`GroupKey`].
+/// One group: its key, its instance ids, and the oldest and newest of them (what a decision reads).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Group {
+    pub key: GroupKey,
+    ids: BTreeSet<u64>,
+    oldest: u64,
+    newest: u64,
+}
+
+impl Group {
+    /// How many instances the group holds (never 0).
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// The lowest instance id.
+    pub fn oldest(&self) -> u64 {
+        self.oldest
+    }
+
+    /// The highest instance id.
+    pub fn newest(&self) -> u64 {
+        self.newest
+    }
+}
+
+/// Instance ids by [`GroupKey`]: the groups in one vector, ascending by key, so a decision reads them
+/// in one sweep of memory (a set holds tens or hundreds of groups; a new group is rare).
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Groups(BTreeMap<GroupKey, BTreeSet<u64>>);
+pub struct Groups(Vec<Group>);
 
 impl Groups {
     /// The groups of `instances`, from scratch.
@@ -69,19 +100,41 @@ impl Groups {
         groups
     }
 
+    fn find(&self, key: &GroupKey) -> std::result::Result<usize, usize> {
+        self.0.binary_search_by(|g| g.key.cmp(key))
+    }
+
     fn insert(&mut self, i: &Instance) {
-        self.0
-            .entry(GroupKey::of(i))
-            .or_default()
-            .insert(i.instance_id);
+        let (key, id) = (GroupKey::of(i), i.instance_id);
+        match self.find(&key) {
+            Ok(at) => {
+                let g = &mut self.0[at];
+                g.ids.insert(id);
+                g.oldest = g.oldest.min(id);
+                g.newest = g.newest.max(id);
+            }
+            Err(at) => self.0.insert(
+                at,
+                Group {
+                    key,
+                    ids: BTreeSet::from([id]),
+                    oldest: id,
+                    newest: id,
+                },
+            ),
+        }
     }
 
     fn remove(&mut self, i: &Instance) {
-        let key = GroupKey::of(i);
-        if let Some(ids) = self.0.get_mut(&key) {
-            ids.remove(&i.instance_id);
-            if ids.is_empty() {
-                self.0.remove(&key);
+        let Ok(at) = self.find(&GroupKey::of(i)) else {
+            return;
+        };
+        let g = &mut self.0[at];
+        g.ids.remove(&i.instance_id);
+        match (g.ids.first(), g.ids.last()) {
+            (Some(&oldest), Some(&newest)) => (g.oldest, g.newest) = (oldest, newest),
+            _ => {
+                self.0.remove(at);
             }
         }
     }
@@ -95,9 +148,14 @@ impl Groups {
         self.0.is_empty()
     }
 
-    /// Every non-empty group with its ids, ascending.
-    pub fn iter(&self) -> impl Iterator<Item = (&GroupKey, &BTreeSet<u64>)> {
+    /// Every group (none is empty), ascending by key.
+    pub fn iter(&self) -> std::slice::Iter<'_, Group> {
         self.0.iter()
+    }
+
+    /// The group at a position of `iter`.
+    pub fn get(&self, at: usize) -> Option<&Group> {
+        self.0.get(at)
     }
 }
 

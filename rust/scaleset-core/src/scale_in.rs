@@ -45,13 +45,32 @@ struct Scratch {
     flat: Vec<u64>,
     active: Vec<usize>,
     cands: Vec<usize>,
+    ranked: Vec<Ranked>,
+}
+
+/// A kept group as one decision over the groups ranks it (see `decide`).
+struct Ranked {
+    /// Unhealthy (bit 34), of the priority the mix wants (33), regional (32), and its zone's count:
+    /// the higher, the sooner its instances go.
+    rank: u64,
+    slot: usize,
+    /// (slot, fault domain) as an index into the fault-domain counts.
+    fd_cell: usize,
+    price: f64,
+    oldest: u64,
+    newest: u64,
+    /// Its position among the groups.
+    at: usize,
 }
 
 const SCRATCH_KEPT: usize = 1 << 16;
 
 impl Scratch {
     fn let_go_of_large_buffers(&mut self) {
-        if self.flat.capacity() > SCRATCH_KEPT || self.buckets.capacity() > SCRATCH_KEPT {
+        if self.flat.capacity() > SCRATCH_KEPT
+            || self.buckets.capacity() > SCRATCH_KEPT
+            || self.ranked.capacity() > SCRATCH_KEPT
+        {
             *self = Self::default();
         }
     }
@@ -66,6 +85,32 @@ fn balanced(counts: &[u32]) -> bool {
         (Some(max), Some(min)) => max - min <= 1,
         _ => true,
     }
+}
+
+/// Strict zone balance: refuses a deletion from `slot` that would unbalance zones balanced before.
+fn check_strict_balance(
+    strict: bool,
+    slot: usize,
+    zone_slots: usize,
+    zone_count: &mut [u32],
+    name: &str,
+) -> Result<()> {
+    if !strict || slot >= zone_slots {
+        return Ok(());
+    }
+    let before = balanced(&zone_count[..zone_slots]);
+    zone_count[slot] -= 1;
+    let after = balanced(&zone_count[..zone_slots]);
+    zone_count[slot] += 1;
+    if before && !after {
+        return Err(CoreError::capacity(
+            codes::ZONE_BALANCE_BLOCKED,
+            format!(
+                "scale-in of '{name}' is blocked by strict zone balance: the zones holding the most instances have only protected instances left, so any deletion would unbalance the zones. Lift protection or turn zone_balance off."
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Plans `count` deletions. Fails as a whole when protection or zone rules forbid them.
@@ -95,6 +140,7 @@ fn decide(
         flat,
         active,
         cands,
+        ranked,
     } = scratch;
     let spec = view.spec;
     let instances = view.instances;
@@ -175,43 +221,17 @@ fn decide(
     };
     let mut eligible = 0u64;
     buckets.clear();
-    // `flat[bucket.head..bucket.tail]` are a bucket's candidates: positions in `instances`, or, in a
-    // decision over the kept groups, instance ids (so it never looks at the instances).
+    // `flat[bucket.head..bucket.tail]` are a bucket's candidates: positions in `instances`.
     flat.clear();
-    let grouped = single && view.groups.is_some();
     if let (true, Some(groups)) = (single, view.groups) {
-        // One decision over the engine's groups: O(groups). Each group is a bucket of its own (a group
-        // tells instances apart at least as finely as a bucket does, and a decision compares buckets by
-        // their fields and picks by instance id, so finer buckets pick the same instance). Only a
-        // group's oldest and newest can be picked.
-        buckets.reserve(groups.len());
-        flat.reserve(2 * groups.len());
-        for (g, members) in groups.iter() {
-            let (Some(&oldest), Some(&newest)) = (members.first(), members.last()) else {
-                continue;
-            };
-            let n = members.len() as u32;
+        // One decision over the engine's kept groups (O(groups), below): here only the counts.
+        for group in groups.iter() {
+            let g = &group.key;
+            let n = group.len() as u32;
             cells[cell_of(g.zone, g.fault_domain, g.priority)] += n;
-            if g.protected {
-                continue;
+            if !g.protected {
+                eligible += u64::from(n);
             }
-            eligible += u64::from(n);
-            let head = flat.len();
-            flat.push(oldest);
-            if n > 1 {
-                flat.push(newest);
-            }
-            let price = price_of(g.zone, g.vm_size, g.priority);
-            let bad = prioritize_unhealthy && g.bad;
-            buckets.push(bucket(
-                g.zone,
-                g.fault_domain,
-                g.priority,
-                bad,
-                price,
-                head,
-                flat.len(),
-            ));
         }
     } else {
         // Pass 1 counts the buckets and notes each one's oldest and newest member. A single decision
@@ -313,6 +333,96 @@ fn decide(
         ));
     }
 
+    if let (true, Some(groups)) = (single, view.groups) {
+        // One decision over the kept groups. Each filter of the general path below keeps the candidates
+        // with a property when any has one, so together they pick the lexicographic best of (unhealthy,
+        // the priority the mix wants, regional, zone count): one integer, a group's rank. Then the most
+        // expensive, the fault domain holding the most in its zone, and the instance id, in sweeps of
+        // the ranked groups, with no buckets laid out. A group tells instances apart at least as finely
+        // as a bucket does, and only its oldest and newest can be picked.
+        let total = instances.len() as u64;
+        let mix = spec.priority_mix_policy.map(|m| {
+            let target = m.regular_target(total - 1);
+            let want = if regular > target {
+                Priority::Regular
+            } else {
+                Priority::Spot
+            };
+            (target, want)
+        });
+        ranked.clear();
+        for (at, group) in groups.iter().enumerate() {
+            let g = &group.key;
+            if g.protected {
+                continue;
+            }
+            let slot = slot_of(g.zone);
+            let flags = u64::from(prioritize_unhealthy && g.bad) << 34
+                | u64::from(mix.is_some_and(|(_, want)| g.priority == want)) << 33
+                | u64::from(zonal && slot == zone_slots) << 32;
+            ranked.push(Ranked {
+                rank: flags | u64::from(zone_count[slot]),
+                slot,
+                fd_cell: slot * span + (g.fault_domain as usize).min(span - 1),
+                price: price_of(g.zone, g.vm_size, g.priority),
+                oldest: group.oldest(),
+                newest: group.newest(),
+                at,
+            });
+        }
+        let Some(best) = ranked.iter().map(|r| r.rank).max() else {
+            return Err(CoreError::conflict(
+                codes::SCALE_IN_BLOCKED_BY_PROTECTION,
+                format!("no instance of '{}' is eligible for scale-in.", spec.name),
+            ));
+        };
+        ranked.retain(|r| r.rank == best);
+        let (mut cheapest, mut dearest) = (f64::INFINITY, f64::NEG_INFINITY);
+        if lowest_price {
+            for r in ranked.iter() {
+                cheapest = cheapest.min(r.price);
+                dearest = dearest.max(r.price);
+            }
+            ranked.retain(|r| r.price == dearest);
+        }
+        if rule == ScaleInRule::Default {
+            most_in_slot.iter_mut().for_each(|m| *m = 0);
+            for r in ranked.iter() {
+                most_in_slot[r.slot] = most_in_slot[r.slot].max(fd_count[r.fd_cell]);
+            }
+            ranked.retain(|r| fd_count[r.fd_cell] == most_in_slot[r.slot]);
+        }
+        let picked = match rule {
+            ScaleInRule::OldestVm => ranked
+                .iter()
+                .min_by_key(|r| r.oldest)
+                .map(|r| (r, r.oldest)),
+            ScaleInRule::NewestVm | ScaleInRule::Default => ranked
+                .iter()
+                .max_by_key(|r| r.newest)
+                .map(|r| (r, r.newest)),
+        };
+        let (r, instance_id) = picked.expect("the best-ranked group is a candidate");
+        let g = &groups.get(r.at).expect("ranked from the groups").key;
+        check_strict_balance(strict, r.slot, zone_slots, zone_count, &spec.name)?;
+        return Ok(vec![PlannedDelete {
+            instance_id,
+            zone: g.zone,
+            fault_domain: g.fault_domain,
+            vm_size: g.vm_size,
+            priority: g.priority,
+            cause: DeleteCause::ScaleIn(ScaleInReason {
+                rule,
+                unhealthy_first: best >> 34 & 1 == 1,
+                mix: mix.map(|(target, _)| (target, total - 1)),
+                regional_first: best >> 32 & 1 == 1,
+                zone_count: best as u32,
+                fault_domain_count: (rule == ScaleInRule::Default).then(|| fd_count[r.fd_cell]),
+                most_expensive: lowest_price && cheapest < dearest,
+            }),
+        }]);
+    }
+
     let mut total = instances.len() as u64;
     active.clear();
     active.extend(0..buckets.len());
@@ -377,14 +487,7 @@ fn decide(
             cands.retain(|&b| fd_of(b) == most_in_slot[buckets[b].slot]);
         }
 
-        let id_of = |v: u64| {
-            if grouped {
-                v
-            } else {
-                instances[v as usize].instance_id
-            }
-        };
-        let id_at = |pos: usize| id_of(flat[pos]);
+        let id_at = |pos: usize| instances[flat[pos] as usize].instance_id;
         let pick = match rule {
             ScaleInRule::OldestVm => cands
                 .iter()
@@ -411,32 +514,13 @@ fn decide(
                 flat[buckets[b].tail]
             }
         };
-        let inst = if grouped {
-            let at = instances.binary_search_by_key(&member, |i| i.instance_id);
-            &instances[at.expect("the kept groups hold the scale set's instance ids")]
-        } else {
-            &instances[member as usize]
-        };
+        let inst = &instances[member as usize];
         let slot = buckets[b].slot;
         let fd = buckets[b].fd;
         if rule == ScaleInRule::Default {
             reason.fault_domain_count = Some(fd_count[slot * span + fd]);
         }
-        if strict && slot < zone_slots {
-            let before = balanced(&zone_count[..zone_slots]);
-            zone_count[slot] -= 1;
-            let after = balanced(&zone_count[..zone_slots]);
-            zone_count[slot] += 1;
-            if before && !after {
-                return Err(CoreError::capacity(
-                    codes::ZONE_BALANCE_BLOCKED,
-                    format!(
-                        "scale-in of '{}' is blocked by strict zone balance: the zones holding the most instances have only protected instances left, so any deletion would unbalance the zones. Lift protection or turn zone_balance off.",
-                        spec.name
-                    ),
-                ));
-            }
-        }
+        check_strict_balance(strict, slot, zone_slots, zone_count, &spec.name)?;
         zone_count[slot] -= 1;
         fd_count[slot * span + fd] -= 1;
         total -= 1;

@@ -182,8 +182,13 @@ pub fn plan_scale_out(view: &SetView<'_>, count: u64, next_id: u64) -> Result<Ve
     match view.groups {
         // The engine's kept groups: O(groups), not a pass over every instance.
         Some(groups) => {
-            for (g, ids) in groups.iter() {
-                tally(g.zone, g.fault_domain, g.priority, ids.len() as u32);
+            for g in groups.iter() {
+                tally(
+                    g.key.zone,
+                    g.key.fault_domain,
+                    g.key.priority,
+                    g.len() as u32,
+                );
             }
         }
         None => {

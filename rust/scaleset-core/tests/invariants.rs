@@ -176,17 +176,39 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(128))]
 
     /// One scale-in decision, or a scale-out, over the engine's kept groups picks exactly what a pass
-    /// over every instance picks, whatever changes came before (scale-outs, scale-ins, protection, health).
+    /// over every instance picks, with the same reason, whatever changes came before (scale-outs,
+    /// scale-ins, protection, health), with or without strict zone balance and a LowestPrice mix of sizes.
     #[test]
     fn kept_groups_decide_as_a_full_pass_does(
         rule in arb_rule(),
         mix in proptest::option::of((0u32..5, 0u32..100)),
         unhealthy_first in any::<bool>(),
+        strict in any::<bool>(),
+        prices in proptest::option::of(proptest::collection::vec(1u32..4, 18)),
         steps in proptest::collection::vec(arb_step(), 1..40),
     ) {
         let mut e = engine();
         let mut s = spec(&["1", "2", "3"], mix, rule);
         s.scale_in_policy.prioritize_unhealthy_vms = unhealthy_first;
+        s.zone_balance = strict;
+        if let Some(prices) = &prices {
+            // Three sizes, priced per zone, size and priority (few distinct prices: ties happen).
+            let sizes = ["Standard_D2s_v5", "Standard_D4s_v5", "Standard_E2s_v5"];
+            let mut price = prices.iter();
+            for zone in ["1", "2", "3"] {
+                for size in sizes {
+                    for priority in [Priority::Regular, Priority::Spot] {
+                        let p = f64::from(*price.next().expect("18 prices"));
+                        e.set_pool_capacity(Some(zone), size, priority, None, Some(p)).expect("pool");
+                    }
+                }
+            }
+            s.sku = Some(Sku { name: "Mix".into(), tier: None });
+            s.sku_profile = Some(SkuProfile {
+                vm_sizes: sizes.iter().map(|n| VmSize { name: (*n).into(), rank: None }).collect(),
+                allocation_strategy: AllocationStrategy::LowestPrice,
+            });
+        }
         e.create_scale_set(s, 10).expect("valid");
         for step in steps {
             let set = e.scale_set("p").expect("exists");

@@ -8,7 +8,7 @@ use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDict, PyTuple, PyType};
+use pyo3::types::{PyDict, PyString, PyTuple, PyType};
 use scaleset_core as core;
 use scaleset_core::{CoreError, ErrorKind};
 
@@ -88,6 +88,70 @@ struct Engine {
 struct Names {
     zones: Arc<[String]>,
     sizes: Arc<[String]>,
+    /// The same names as Python strings, made once for each version of the names when a plan's items
+    /// are first read: every item then shares them (one decision at a time is a hot path).
+    strings: Arc<PyOnceLock<NameStrings>>,
+}
+
+/// [`Names`] as Python strings, and the priorities'.
+struct NameStrings {
+    zones: Vec<Py<PyString>>,
+    sizes: Vec<Py<PyString>>,
+    priorities: Vec<Py<PyString>>,
+    unknown: Py<PyString>,
+}
+
+impl Names {
+    fn new(zones: Arc<[String]>, sizes: Arc<[String]>) -> Self {
+        Self {
+            zones,
+            sizes,
+            strings: Arc::new(PyOnceLock::new()),
+        }
+    }
+
+    fn strings(&self, py: Python<'_>) -> &NameStrings {
+        self.strings.get_or_init(py, || {
+            let all = |names: &[String]| {
+                names
+                    .iter()
+                    .map(|n| PyString::new(py, n).unbind())
+                    .collect()
+            };
+            NameStrings {
+                zones: all(&self.zones),
+                sizes: all(&self.sizes),
+                priorities: core::Priority::ALL
+                    .iter()
+                    .map(|p| PyString::new(py, p.as_str()).unbind())
+                    .collect(),
+                unknown: PyString::new(py, "?").unbind(),
+            }
+        })
+    }
+}
+
+impl NameStrings {
+    fn zone<'py>(&self, py: Python<'py>, slot: core::ZoneSlot) -> Option<Bound<'py, PyString>> {
+        slot.map(|z| Self::pick(py, &self.zones, usize::from(z), &self.unknown))
+    }
+
+    fn size<'py>(&self, py: Python<'py>, i: u16) -> Bound<'py, PyString> {
+        Self::pick(py, &self.sizes, usize::from(i), &self.unknown)
+    }
+
+    fn priority<'py>(&self, py: Python<'py>, p: core::Priority) -> Bound<'py, PyString> {
+        Self::pick(py, &self.priorities, p.index(), &self.unknown)
+    }
+
+    fn pick<'py>(
+        py: Python<'py>,
+        strings: &[Py<PyString>],
+        i: usize,
+        unknown: &Py<PyString>,
+    ) -> Bound<'py, PyString> {
+        strings.get(i).unwrap_or(unknown).bind(py).clone()
+    }
 }
 
 impl Engine {
@@ -106,39 +170,67 @@ impl Engine {
         let names = match self.names.lock() {
             Ok(mut names) => {
                 if names.sizes.len() != e.sizes().len() {
-                    names.sizes = e.sizes().into();
+                    *names = Names::new(names.zones.clone(), e.sizes().into());
                 }
                 names.clone()
             }
-            Err(_) => Names {
-                zones: e.region().zones.as_slice().into(),
-                sizes: e.sizes().into(),
-            },
+            Err(_) => Names::new(e.region().zones.as_slice().into(), e.sizes().into()),
         };
-        PlanHandle {
-            plan,
-            zones: names.zones,
-            sizes: names.sizes,
-        }
+        PlanHandle { plan, names }
     }
 }
 
-/// One plan item's fields: (instance_id, zone, fault_domain, vm_size, priority, reason).
-type PlanItem<'a> = (u64, Option<&'a str>, u32, &'a str, &'static str, String);
+/// A plan item as the binding reads it: the fields every item has, and its reason.
+trait Item {
+    /// (instance_id, zone, fault_domain, vm_size, priority)
+    fn fields(&self) -> (u64, core::ZoneSlot, u32, u16, core::Priority);
+    fn reason(&self, names: &Names) -> String;
+}
+
+impl Item for core::PlannedCreate {
+    fn fields(&self) -> (u64, core::ZoneSlot, u32, u16, core::Priority) {
+        (
+            self.instance_id,
+            self.zone,
+            self.fault_domain,
+            self.vm_size,
+            self.priority,
+        )
+    }
+    fn reason(&self, names: &Names) -> String {
+        self.describe(&names.zones, &names.sizes)
+    }
+}
+
+impl Item for core::PlannedDelete {
+    fn fields(&self) -> (u64, core::ZoneSlot, u32, u16, core::Priority) {
+        (
+            self.instance_id,
+            self.zone,
+            self.fault_domain,
+            self.vm_size,
+            self.priority,
+        )
+    }
+    fn reason(&self, names: &Names) -> String {
+        self.describe(&names.zones)
+    }
+}
 
 /// `tuple.__new__`: makes an instance of a tuple subclass from its fields in C, without the subclass's
 /// Python-level `__new__` (a named tuple's checks its arguments one by one).
 static TUPLE_NEW: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
-/// `items[start..stop]`, clipped to the slice (empty when `start >= stop`), each rendered by `render` as
-/// an instance of `kind`: a tuple subclass of the six `PlanItem` fields (the model's `PlannedCreate` or
-/// `PlannedDelete`, which the facade passes in, so the binding never imports the Python package).
-fn window<'py, 'a, T>(
+/// `items[start..stop]`, clipped to the slice (empty when `start >= stop`), each made as an instance of
+/// `kind`: a tuple subclass of the fields (instance_id, zone, fault_domain, vm_size, priority, reason)
+/// (the model's `PlannedCreate` or `PlannedDelete`, which the facade passes in, so the binding never
+/// imports the Python package). Names are the engine's shared Python strings.
+fn window<'py, T: Item>(
     kind: &Bound<'py, PyType>,
-    items: &'a [T],
+    names: &Names,
+    items: &[T],
     start: usize,
     stop: usize,
-    render: impl Fn(&'a T) -> PlanItem<'a>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let py = kind.py();
     let new = TUPLE_NEW
@@ -148,30 +240,43 @@ fn window<'py, 'a, T>(
                 .map(Bound::unbind)
         })?
         .bind(py);
+    let strings = names.strings(py);
     let stop = stop.min(items.len());
     let made = items[start.min(stop)..stop]
         .iter()
-        .map(|item| new.call1((kind, render(item))))
+        .map(|item| {
+            let (id, zone, fault_domain, size, priority) = item.fields();
+            let fields = (
+                id,
+                strings.zone(py, zone),
+                fault_domain,
+                strings.size(py, size),
+                strings.priority(py, priority),
+                item.reason(names),
+            );
+            new.call1((kind, fields))
+        })
         .collect::<PyResult<Vec<_>>>()?;
     PyTuple::new(py, made)
+}
+
+/// All of `items` as `window` makes them, or `None` when there are more than `at_most`.
+fn all_items<'py, T: Item>(
+    kind: &Bound<'py, PyType>,
+    names: &Names,
+    items: &[T],
+    at_most: usize,
+) -> PyResult<Option<Bound<'py, PyTuple>>> {
+    (items.len() <= at_most)
+        .then(|| window(kind, names, items, 0, items.len()))
+        .transpose()
 }
 
 /// An immutable plan; items are rendered to Python objects only when read.
 #[pyclass(frozen, module = "scaleset._core")]
 struct PlanHandle {
     plan: core::Plan,
-    zones: Arc<[String]>,
-    sizes: Arc<[String]>,
-}
-
-impl PlanHandle {
-    fn size(&self, i: u16) -> &str {
-        self.sizes.get(usize::from(i)).map_or("?", String::as_str)
-    }
-
-    fn zone(&self, slot: core::ZoneSlot) -> Option<&str> {
-        slot.map(|_| core::zone_label(&self.zones, slot))
-    }
+    names: Names,
 }
 
 #[pymethods]
@@ -205,16 +310,7 @@ impl PlanHandle {
         start: usize,
         stop: usize,
     ) -> PyResult<Bound<'py, PyTuple>> {
-        window(kind, &self.plan.creates, start, stop, |c| {
-            (
-                c.instance_id,
-                self.zone(c.zone),
-                c.fault_domain,
-                self.size(c.vm_size),
-                c.priority.as_str(),
-                c.describe(&self.zones, &self.sizes),
-            )
-        })
+        window(kind, &self.names, &self.plan.creates, start, stop)
     }
 
     /// Planned deletes `start..stop` (clipped to the plan), as `create_items`.
@@ -224,24 +320,34 @@ impl PlanHandle {
         start: usize,
         stop: usize,
     ) -> PyResult<Bound<'py, PyTuple>> {
-        window(kind, &self.plan.deletes, start, stop, |d| {
-            (
-                d.instance_id,
-                self.zone(d.zone),
-                d.fault_domain,
-                self.size(d.vm_size),
-                d.priority.as_str(),
-                d.describe(&self.zones),
-            )
-        })
+        window(kind, &self.names, &self.plan.deletes, start, stop)
+    }
+
+    /// Every planned create as `create_items` makes them, or `None` when there are more than `at_most`
+    /// (a small plan's items in one call).
+    fn all_creates<'py>(
+        &self,
+        kind: &Bound<'py, PyType>,
+        at_most: usize,
+    ) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        all_items(kind, &self.names, &self.plan.creates, at_most)
+    }
+
+    /// Every planned delete, as `all_creates`.
+    fn all_deletes<'py>(
+        &self,
+        kind: &Bound<'py, PyType>,
+        at_most: usize,
+    ) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        all_items(kind, &self.names, &self.plan.deletes, at_most)
     }
 
     /// The creates as columns (no reasons): instance_id, zone, fault_domain, vm_size, priority.
     fn create_columns<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         plan_columns(
             py,
-            &self.zones,
-            &self.sizes,
+            &self.names.zones,
+            &self.names.sizes,
             self.plan
                 .creates
                 .iter()
@@ -253,8 +359,8 @@ impl PlanHandle {
     fn delete_columns<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         plan_columns(
             py,
-            &self.zones,
-            &self.sizes,
+            &self.names.zones,
+            &self.names.sizes,
             self.plan
                 .deletes
                 .iter()
@@ -298,10 +404,10 @@ impl Engine {
                 .set_core_quota(&quota.family, Some(quota.cores))
                 .map_err(to_py_err)?;
         }
-        let names = Names {
-            zones: engine.region().zones.as_slice().into(),
-            sizes: engine.sizes().into(),
-        };
+        let names = Names::new(
+            engine.region().zones.as_slice().into(),
+            engine.sizes().into(),
+        );
         Ok(Self {
             inner: Mutex::new(engine),
             names: Mutex::new(names),
