@@ -39,7 +39,8 @@ FLOORS: dict[str, float] = {
     "scale_out_0_to_1000": 40.0,  # measured 89-109x
     "scale_out_0_to_100000": 25.0,  # measured 47-59x
     "scale_in_one_decision_1k": 30.0,  # measured 70x
-    "scale_in_1k_to_0_one_at_a_time": 60.0,  # measured 126x (98-103x before items made by the core); issue 12 aims at 150x
+    # Issue 12 aims at 150x; measured 167-192x in six runs (the core and the baseline interleaved).
+    "scale_in_1k_to_0_one_at_a_time": 75.0,
     # One decision at 100,000 instances within 3x of one at 1,000 (issue 12's target; measured 1.3x
     # for a scale-in, 1.0x for a scale-out: both read the engine's kept groups).
     "scale_in_one_decision_100k_vs_1k": 1 / 3,
@@ -70,12 +71,13 @@ def record(benchmark: Any) -> Any:
     """Call ``record(kind)`` after a benchmark ran, to file its median under its group. Once a group has
     both its core and its baseline, its speed-up is held to :data:`FLOORS`."""
 
-    def _record(kind: str) -> None:
+    def _record(kind: str, median: float | None = None) -> None:
+        """``median``: a side the benchmark timed itself (a baseline run between its rounds)."""
         stats = getattr(benchmark, "stats", None)
         if stats is None or not benchmark.group:
             return
         group = benchmark.group
-        MEDIANS[group][kind] = stats.stats.median
+        MEDIANS[group][kind] = stats.stats.median if median is None else median
         medians = MEDIANS[group]
         if group in FLOORS and {"core", "baseline"} <= set(medians):
             speedup = medians["baseline"] / medians["core"]

@@ -244,9 +244,8 @@ fn push_count(text: &mut String, n: u64) {
             break;
         }
     }
-    for &d in &digits[at..] {
-        text.push(char::from(d));
-    }
+    // ASCII digits: always UTF-8.
+    text.push_str(std::str::from_utf8(&digits[at..]).unwrap_or_default());
 }
 
 #[cfg(test)]
