@@ -1,6 +1,6 @@
 """Soak test (on demand, not in CI): sustained durable SetCapacity load against `scaleset serve` while many
-watchers stream every change, some of which never read; prints the server's RSS and database size over
-time, and the unloaded vs loaded p99: as the clients see it, and as the server measured it (the bucket of
+watchers stream every change, some of which never read; prints the server's RSS, CPU (share of one core)
+and database size over time, and the unloaded vs loaded p99: as the clients see it, and as the server measured it (the bucket of
 its own latency histogram, from its metrics endpoint, that holds the 99th percentile).
 
 The load is an open loop at ``--rate`` calls a second (default 2x TARGET_RATE), each call timed from when
@@ -72,6 +72,12 @@ def p99_bound_ms(before: dict[float, float], after: dict[float, float]) -> str:
     return "-"
 
 
+def cpu_seconds(pid: int) -> float:
+    """The process's CPU time so far (user and system), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def db_mb(db: Path) -> float:
     return sum(p.stat().st_size for p in db.parent.glob(db.name + "*") if p.is_file()) / 1e6
 
@@ -131,7 +137,9 @@ def main() -> None:
         try:
             create_load_sets(target, PROCESSES)
             seen = latency_buckets(metrics_port)
+            began, cpu = time.monotonic(), cpu_seconds(proc.pid)
             quiet = load(100)
+            quiet_busy = (cpu_seconds(proc.pid) - cpu) / (time.monotonic() - began) * 100
             quiet_server = p99_bound_ms(seen, seen := latency_buckets(metrics_port))
             # The watchers run in two processes of their own (asyncio channels), one reading, one not.
             procs = [
@@ -146,21 +154,25 @@ def main() -> None:
             mode = f"open loop at {args.rate:.0f}/s" if args.rate else "closed loop"
             print(
                 f"{mode}; unloaded: {quiet.per_second:.0f}/s p99 {quiet.p99_ms:.1f} ms (in the server "
-                f"{quiet_server} ms); {args.watchers} watchers, half never read"
+                f"{quiet_server} ms, CPU {quiet_busy:.0f}% of a core); {args.watchers} watchers, half never read"
             )
             print(
-                f"{'minute':>7} {'req/s':>8} {'p99 ms':>8} {'server':>8} {'errors':>7} {'RSS MB':>8} {'DB MB':>8}"
+                f"{'minute':>7} {'req/s':>8} {'p99 ms':>8} {'server':>8} {'CPU %':>6} {'errors':>7} {'RSS MB':>8} "
+                f"{'DB MB':>8}"
             )
             seen = latency_buckets(metrics_port)
             deadline = time.monotonic() + args.minutes * 60
             worst = 0.0
             while time.monotonic() < deadline:
+                began, cpu = time.monotonic(), cpu_seconds(proc.pid)
                 r = load(300)
+                busy = (cpu_seconds(proc.pid) - cpu) / (time.monotonic() - began) * 100
                 server = p99_bound_ms(seen, seen := latency_buckets(metrics_port))
                 worst = max(worst, r.p99_ms)
                 minute = args.minutes - (deadline - time.monotonic()) / 60
                 print(
-                    f"{minute:7.1f} {r.per_second:8.0f} {r.p99_ms:8.1f} {server:>8} {r.errors:7d} {rss_mb(proc.pid):8.1f} "
+                    f"{minute:7.1f} {r.per_second:8.0f} {r.p99_ms:8.1f} {server:>8} {busy:6.0f} {r.errors:7d} "
+                    f"{rss_mb(proc.pid):8.1f} "
                     f"{db_mb(db):8.1f}"
                 )
             print(f"worst loaded p99 {worst:.1f} ms = {worst / quiet.p99_ms:.1f}x unloaded")
