@@ -310,6 +310,60 @@ def test_watch_events_resume(client: Client) -> None:
     assert token.value.field == "resume_token"
 
 
+def test_watch_messages_sliced_from_the_shared_encoding_are_those_of_each_event_joined(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A watch of every scale set slices its messages from the recent events encoded end to end: the same
+    bytes, split at the same events, as joining each event's encoding, through runs that extend it,
+    gaps, overlaps, runs older than it holds, single events past the message limit, and its bounds."""
+    import random
+
+    from scaleset import service
+    from scaleset.store import EventRecord
+
+    monkeypatch.setattr(service, "WATCH_MESSAGE_BYTES", 64)
+    rng = random.Random(7)
+    sizes = [rng.choice([3, 10, 30, 90]) for _ in range(50_000)]  # by sequence; some past the limit alone
+
+    def encode(e: EventRecord) -> bytes:
+        return f"<{e.sequence}>".encode().ljust(sizes[e.sequence], b".")
+
+    def joined(batch: list[EventRecord]) -> list[bytes]:
+        messages, message, size = [], b"", 0
+        for field in map(encode, batch):
+            if message and size + len(field) > service.WATCH_MESSAGE_BYTES:
+                messages.append(message)
+                message, size = b"", 0
+            message, size = message + field, size + len(field)
+        return [*messages, message]
+
+    def run(first: int, n: int) -> list[EventRecord]:
+        return [EventRecord.of(s, "web", s, "CapacitySet", {}, {}, 0) for s in range(first, first + n)]
+
+    stream = service.EncodedEvents(encode, max_events=40, max_bytes=1_500)
+    newest, sliced = 0, 0
+    for _ in range(3_000):
+        kind = rng.random()
+        if kind < 0.6:  # the next run after the newest (a live watcher), sometimes overlapping it
+            first = max(1, newest + 1 - rng.randrange(3))
+        elif kind < 0.7:  # a gap
+            first = newest + 1 + rng.randrange(1, 20)
+        else:  # a run behind the newest: held, or older than held
+            first = max(1, newest - rng.randrange(1, 80))
+        batch = run(first, rng.randrange(1, 25))
+        got = stream.messages(batch)
+        if first > newest:
+            assert got is not None  # a run past everything seen is always sliced
+        if got is not None:
+            sliced += 1
+            assert got == joined(batch)
+        newest = max(newest, batch[-1].sequence)
+        assert len(stream._starts) <= 40 + 25 and len(stream._data) <= 1_500 + 25 * 90
+    # Not a run of consecutive sequences (a filtered batch): left to the caller.
+    assert stream.messages([*run(newest + 1, 1), *run(newest + 3, 1)]) is None
+    assert sliced > 1_000
+
+
 def test_a_watch_answers_at_once_and_ends_with_its_scale_set(stub: pb_grpc.ScaleSetsStub) -> None:
     # Unknown scale set: NOT_FOUND, not a stream that waits for the name to appear.
     with pytest.raises(grpc.RpcError) as unknown:

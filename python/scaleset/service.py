@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from scaleset import commands as cmd
 from scaleset import convert
-from scaleset.control import ControlPlane, Outcome
+from scaleset.control import WATCH_BACKLOG, WATCH_BUFFER_BYTES, ControlPlane, Outcome
 from scaleset.controller import Controller
 from scaleset.errors import (
     CapacityError,
@@ -444,6 +444,8 @@ class ScaleSetsServicer(_Servicer, pb_grpc.ScaleSetsServicer):
         #: Large batches (chunks of history that many watchers replay) as sent, shared by every watcher.
         self._batches: OrderedDict[tuple[int, int, int], list[bytes]] = OrderedDict()
         self._batches_bytes = 0
+        #: Recent consecutive events end to end: a message of a run of them is one slice.
+        self._stream = EncodedEvents(self._event_field)
 
     def _scale_set(self, controller: Controller, name: str) -> pb.ScaleSet:
         return pb.ScaleSet(
@@ -753,16 +755,20 @@ class ScaleSetsServicer(_Servicer, pb_grpc.ScaleSetsServicer):
         batches = await self._control.watch(request.scale_set, request.after)
         # Headers now, not with the first event: a client may open a watch and then make the change.
         await context.send_initial_metadata(())
+        every_set = not request.scale_set
         async for batch in batches:
-            for message in self._messages(batch):
+            for message in self._messages(batch, every_set):
                 yield message
 
-    def _messages(self, batch: list[EventRecord]) -> list[bytes]:
-        """``batch`` as WatchEventsResponse messages of at most about WATCH_MESSAGE_BYTES each. A large
-        batch (a chunk of history, which every watcher replaying from before it reads whole) is encoded
-        once and its messages shared: (first sequence, last sequence, length) names a batch's events
-        exactly, since a batch is every event of a range of sequences, or every event of one scale set in
-        it."""
+    def _messages(self, batch: list[EventRecord], every_set: bool = False) -> list[bytes]:
+        """``batch`` as WatchEventsResponse messages of at most about WATCH_MESSAGE_BYTES each. A run of
+        recent consecutive events (a watch of every scale set, following the changes) is sliced from the
+        events encoded end to end, at no cost per event. A large batch (a chunk of history, which every
+        watcher replaying from before it reads whole) is encoded once and its messages shared: (first
+        sequence, last sequence, length) names a batch's events exactly, since a batch is every event of
+        a range of sequences, or every event of one scale set in it."""
+        if every_set and (sliced := self._stream.messages(batch)) is not None:
+            return sliced
         shared = len(batch) >= SHARED_BATCH_EVENTS
         key = (batch[0].sequence, batch[-1].sequence, len(batch))
         if shared and (cached := self._batches.get(key)) is not None:
@@ -803,6 +809,69 @@ class ScaleSetsServicer(_Servicer, pb_grpc.ScaleSetsServicer):
 #: A WatchEventsResponse carries events up to about this many bytes (more only for one larger event),
 #: well under the 4 MB every stock gRPC client accepts by default.
 WATCH_MESSAGE_BYTES = 1 << 20
+
+
+class EncodedEvents:
+    """The most recent consecutive events, each encoded once as a WatchEventsResponse ``events`` entry, end
+    to end in one buffer: a message of a run of them is a slice, whatever the run's length (with 1,000
+    watchers of every scale set, each event goes out hundreds of times). Holds at most ``max_events`` and
+    ``max_bytes`` (the oldest half goes first); runs older than it holds are left to the caller."""
+
+    def __init__(
+        self,
+        encode: Callable[[EventRecord], bytes],
+        max_events: int = WATCH_BACKLOG,
+        max_bytes: int = WATCH_BUFFER_BYTES,
+    ) -> None:
+        self._encode, self._max_events, self._max_bytes = encode, max_events, max_bytes
+        self._data = bytearray()
+        #: Where each held event starts in ``_data``; the first is sequence ``_first``.
+        self._starts: list[int] = []
+        self._first = 0
+
+    def messages(self, batch: list[EventRecord]) -> list[bytes] | None:
+        """``batch`` as messages of at most about WATCH_MESSAGE_BYTES, or None unless it is a run of
+        consecutive sequences this buffer holds or can extend to."""
+        first, last = batch[0].sequence, batch[-1].sequence
+        if last - first + 1 != len(batch) or first < self._first:
+            return None
+        end = self._first + len(self._starts)  # the next sequence to append
+        if first > end or not self._starts:  # a gap (or nothing yet): start over at this run
+            self._data.clear()
+            self._starts.clear()
+            self._first = end = first
+        self._make_room(first)
+        for event in batch[end - first :]:
+            self._starts.append(len(self._data))
+            self._data += self._encode(event)
+        at, end_at = first - self._first, first - self._first + len(batch)
+        start = self._starts[at]
+        stop = self._starts[end_at] if end_at < len(self._starts) else len(self._data)
+        messages = []
+        with memoryview(self._data) as view:
+            while stop - start > WATCH_MESSAGE_BYTES and at + 1 < end_at:
+                # Cut at the last event boundary within the limit, after at least one event.
+                cut_at = max(
+                    bisect.bisect_right(self._starts, start + WATCH_MESSAGE_BYTES, at + 1, end_at) - 1, at + 1
+                )
+                messages.append(view[start : self._starts[cut_at]].tobytes())
+                start, at = self._starts[cut_at], cut_at
+            messages.append(view[start:stop].tobytes())
+        return messages
+
+    def _make_room(self, keep_from: int) -> None:
+        """Past either bound, drops the oldest half of the events held (none from ``keep_from`` on)."""
+        if len(self._starts) <= self._max_events and len(self._data) <= self._max_bytes:
+            return
+        drop = min(len(self._starts) // 2, keep_from - self._first)
+        if drop <= 0:
+            return
+        cut = self._starts[drop]
+        del self._data[:cut]
+        self._starts = [s - cut for s in self._starts[drop:]]
+        self._first += drop
+
+
 #: Batches of at least this many events are encoded once for every watcher, the last few of them kept (at
 #: most this many bytes): replays of history, read in shared chunks (control.REPLAY_CHUNK events).
 SHARED_BATCH_EVENTS = 100
