@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -19,10 +19,17 @@ class LoadResult:
     seconds: float
     p50_ms: float
     p99_ms: float
+    #: Every call's latency in seconds, ascending (to pool several runs' percentiles).
+    latencies: list[float] = field(default_factory=list, repr=False)
 
     @property
     def per_second(self) -> float:
         return self.requests / self.seconds
+
+
+def percentile_ms(latencies: list[float], q: float) -> float:
+    """The ``q`` quantile of ascending latencies (seconds), in milliseconds."""
+    return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else 0.0
 
 
 async def _client(
@@ -156,11 +163,14 @@ def run_load(
         seconds = time.perf_counter() - started
     latencies = sorted(t for lat, _ in results for t in lat)
     errors = sum(e for _, e in results)
-
-    def pct(q: float) -> float:
-        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000
-
-    return LoadResult(len(latencies), errors, seconds, pct(0.50), pct(0.99))
+    return LoadResult(
+        len(latencies),
+        errors,
+        seconds,
+        percentile_ms(latencies, 0.50),
+        percentile_ms(latencies, 0.99),
+        latencies,
+    )
 
 
 def _noop(_: int) -> None:

@@ -237,6 +237,37 @@ def test_a_change_that_arrives_while_the_control_plane_stops_is_refused_not_left
     assert asyncio.run(scenario()) == ("UnavailableError", 1)  # refused before the engine changed
 
 
+def test_watch_messages_take_turns_at_the_configured_rate(tmp_path: Path) -> None:
+    """Every live watch message takes a turn, turns 1 / watch_messages_per_second apart across all
+    watchers: the fan-out's message rate is bounded whatever their number (serve
+    --watch-messages-per-second); 0 is refused."""
+    from scaleset.control import ControlPlane
+    from scaleset.store import SQLiteStore
+
+    store = SQLiteStore(str(tmp_path / "state.db"))
+    try:
+        with pytest.raises(InvalidInputError) as zero:
+            ControlPlane(store, REGION, watch_messages_per_second=0)
+        assert zero.value.field == "watch_messages_per_second"
+
+        async def scenario() -> float:
+            control = ControlPlane(store, REGION, watch_messages_per_second=50)
+            start = asyncio.get_running_loop().time()
+            turns = [asyncio.create_task(control._send_turn()) for _ in range(10)]
+            await asyncio.sleep(0)  # every watcher has asked for its turn
+            for turn in turns:
+                turn.cancel()
+            return control._next_send - start
+
+        next_free = asyncio.run(scenario())
+    finally:
+        store.close()
+
+    # Ten watchers asking at once get turns 20 ms apart, the next free one 200 ms on (schedule
+    # arithmetic on the loop's clock, nothing timed).
+    assert next_free == pytest.approx(0.2, abs=0.01)
+
+
 def test_watchers_replaying_together_share_each_read_of_history(tmp_path: Path) -> None:
     """200 watchers replaying the same history at once read each chunk of it from the store once (a read
     under way is awaited by every watcher that wants that chunk), and each gets every event once, in order.

@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from scaleset.control import WATCH_MESSAGES_PER_SECOND
 from scaleset.errors import ScaleSetError
 from scaleset.model import Instance, Plan, PlannedCreate, PlannedDelete, Region
 
@@ -71,6 +72,7 @@ async def run_server(
     credentials: Any = None,
     rate_limit: float = 10_000.0,
     max_watchers: int = 1000,
+    watch_messages_per_second: float = WATCH_MESSAGES_PER_SECOND,
     http_port: int | None = None,
     http_tls: Any = None,
     standby: bool = False,
@@ -103,6 +105,7 @@ async def run_server(
             authenticator=authenticator,
             rate_limit=rate_limit,
             max_watchers=max_watchers,
+            watch_messages_per_second=watch_messages_per_second,
             metrics_port=metrics_port,
             credentials=None if cluster_tls is None else cluster_tls[0],
             peer_credentials=None if cluster_tls is None else cluster_tls[1],
@@ -119,6 +122,7 @@ async def run_server(
         event_retention=event_retention,
         request_retention=request_retention,
         max_watchers=max_watchers,
+        watch_messages_per_second=watch_messages_per_second,
     )
     await control.start()
     await control.set_execution_mode("Executors" if executors else "Immediate")
@@ -366,6 +370,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             credentials=credentials,
             rate_limit=args.rate_limit,
             max_watchers=args.max_watchers,
+            watch_messages_per_second=args.watch_messages_per_second,
             http_port=args.http_port,
             http_tls=_http_tls(args),
             standby=args.standby,
@@ -962,6 +967,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jwt-issuer", help="required JWT issuer")
     p.add_argument(
         "--max-watchers", type=int, default=1000, help="WatchEvents streams at once (default: %(default)s)"
+    )
+    p.add_argument(
+        "--watch-messages-per-second",
+        type=float,
+        default=WATCH_MESSAGES_PER_SECOND,
+        help="WatchEvents messages a second across all watchers, each with every event since the "
+        "watcher's last: fewer leave more of the server to changes, more deliver sooner with many "
+        "watchers (default: %(default)s)",
     )
     p.add_argument(
         "--rate-limit",

@@ -45,7 +45,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.metrics_core import Metric
 
-from scaleset.control import ControlPlane
+from scaleset.control import WATCH_MESSAGES_PER_SECOND, ControlPlane
 from scaleset.errors import CapacityError, ConflictError, ScaleSetError, error, invalid_input, unavailable
 from scaleset.gateway import Gateway
 from scaleset.model import Region
@@ -140,6 +140,7 @@ class CellSettings:
     event_retention: int = 100_000
     request_retention: int = 100_000
     max_watchers: int = 1000
+    watch_messages_per_second: float = WATCH_MESSAGES_PER_SECOND
     #: Hand plans to executors (``serve --executors``) instead of applying them at once.
     executors: bool = False
     authenticator: Any = None
@@ -186,6 +187,7 @@ class Cell:
             event_retention=settings.event_retention,
             request_retention=settings.request_retention,
             max_watchers=settings.max_watchers,
+            watch_messages_per_second=settings.watch_messages_per_second,
         )
         cell = cls(partition, store, control)
         try:

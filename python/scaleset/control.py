@@ -60,9 +60,10 @@ WATCH_BUFFER_BYTES = 64 * 1024 * 1024
 #: While changes stream, a watcher sends at most one message per this interval (each carrying every
 #: event since its last): the cost of many watchers grows with their number, not with the change rate.
 WATCH_INTERVAL_S = 0.05
-#: ... and all of them together send at most 1 / WATCH_SEND_BUDGET_S messages a second, evenly spaced
-#: (1,000 watchers: one message each per 0.5 s), so the fan-out cannot crowd out the mutations it reports.
-WATCH_SEND_BUDGET_S = 0.0005
+#: ... and all of them together send at most this many messages a second, evenly spaced (1,000 watchers:
+#: one message each per 2 s, each with every event since the last), so the fan-out cannot crowd out the
+#: mutations it reports (`serve --watch-messages-per-second`).
+WATCH_MESSAGES_PER_SECOND = 500
 #: Watchers replaying history read the store in aligned chunks of this many events, and the last few
 #: chunks read are shared (at most REPLAY_CACHE_BYTES): many watchers replaying the same history decode it once.
 REPLAY_CHUNK = 500
@@ -130,7 +131,13 @@ class ControlPlane:
         event_retention: int = 100_000,
         request_retention: int = 100_000,
         max_watchers: int = 1000,
+        watch_messages_per_second: float = WATCH_MESSAGES_PER_SECOND,
     ) -> None:
+        if not watch_messages_per_second > 0:
+            raise invalid_input(
+                f"watch_messages_per_second must be above 0, got {watch_messages_per_second}.",
+                field="watch_messages_per_second",
+            )
         self._store = store
         self._initial_region = region
         self._instance_limit = instance_limit
@@ -142,6 +149,8 @@ class ControlPlane:
         self._request_retention = request_retention
         #: Concurrent WatchEvents streams at most (each costs a buffer and a share of every publish).
         self._max_watchers = max_watchers
+        #: Every watch message takes a turn, this far apart across all watchers.
+        self._send_every = 1 / watch_messages_per_second
         self._lock = asyncio.Lock()
         self._queue: list[_Pending] = []
         self._wake = asyncio.Event()
@@ -837,9 +846,9 @@ class ControlPlane:
                         break  # fell behind the buffer: catch up from the store
                     if not live:
                         await published.wait()
-                        # Every watcher's next message takes a turn: one per WATCH_SEND_BUDGET_S across
-                        # all of them, evenly spaced, so a change that wakes 1,000 watchers is sent over
-                        # half a second instead of in one burst that holds up the changes behind it.
+                        # Every watcher's next message takes a turn: WATCH_MESSAGES_PER_SECOND across all
+                        # of them, evenly spaced, so a change that wakes 1,000 watchers is sent over two
+                        # seconds instead of in one burst that holds up the changes behind it.
                         await self._send_turn()
                         continue
                     cursor = live[-1].sequence
@@ -856,10 +865,10 @@ class ControlPlane:
             self._watchers -= 1
 
     async def _send_turn(self) -> None:
-        """Waits for this watcher's turn to send: turns are WATCH_SEND_BUDGET_S apart across every watcher
+        """Waits for this watcher's turn to send: turns are ``_send_every`` apart across every watcher
         (immediate while they are fewer than that allows)."""
         now = asyncio.get_running_loop().time()
         turn = max(now, self._next_send)
-        self._next_send = turn + WATCH_SEND_BUDGET_S
+        self._next_send = turn + self._send_every
         if turn > now:
             await asyncio.sleep(turn - now)
