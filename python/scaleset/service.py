@@ -445,7 +445,7 @@ class ScaleSetsServicer(_Servicer, pb_grpc.ScaleSetsServicer):
         self._batches: OrderedDict[tuple[int, int, int], list[bytes]] = OrderedDict()
         self._batches_bytes = 0
         #: Recent consecutive events end to end: a message of a run of them is one slice.
-        self._stream = EncodedEvents(self._event_field)
+        self._stream = EncodedEvents(_event_entry)
 
     def _scale_set(self, controller: Controller, name: str) -> pb.ScaleSet:
         return pb.ScaleSet(
@@ -793,13 +793,11 @@ class ScaleSetsServicer(_Servicer, pb_grpc.ScaleSetsServicer):
         return messages
 
     def _event_field(self, event: EventRecord) -> bytes:
-        """``event`` encoded as one ``events`` entry of a WatchEventsResponse (field 1, length-delimited),
-        so a message is these entries joined. Encoded once for every watcher."""
+        """``event``'s ``events`` entry (`_event_entry`), encoded once for every watcher of one scale set
+        or of old history (the last 4,096 kept)."""
         encoded = self._events.get(event.sequence)
         if encoded is None:
-            body = convert.event_to_proto(event).SerializeToString()
-            encoded = _EVENTS_TAG + _varint(len(body)) + body
-            self._events[event.sequence] = encoded
+            encoded = self._events[event.sequence] = _event_entry(event)
             self._events_bytes += len(encoded)
             while len(self._events) > 1 and (len(self._events) > 4096 or self._events_bytes > 64 << 20):
                 self._events_bytes -= len(self._events.popitem(last=False)[1])
@@ -809,6 +807,29 @@ class ScaleSetsServicer(_Servicer, pb_grpc.ScaleSetsServicer):
 #: A WatchEventsResponse carries events up to about this many bytes (more only for one larger event),
 #: well under the 4 MB every stock gRPC client accepts by default.
 WATCH_MESSAGE_BYTES = 1 << 20
+
+
+#: Batches of at least this many events are encoded once for every watcher, the last few of them kept (at
+#: most this many bytes): replays of history, read in shared chunks (control.REPLAY_CHUNK events).
+SHARED_BATCH_EVENTS = 100
+SHARED_BATCHES_BYTES = 32 << 20
+_EVENTS_TAG = bytes([(pb.WatchEventsResponse.EVENTS_FIELD_NUMBER << 3) | 2])
+
+
+def _event_entry(event: EventRecord) -> bytes:
+    """``event`` encoded as one ``events`` entry of a WatchEventsResponse (field 1, length-delimited), so a
+    message is these entries joined."""
+    body = convert.event_to_proto(event).SerializeToString()
+    return _EVENTS_TAG + _varint(len(body)) + body
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 class EncodedEvents:
@@ -870,22 +891,6 @@ class EncodedEvents:
         del self._data[:cut]
         self._starts = [s - cut for s in self._starts[drop:]]
         self._first += drop
-
-
-#: Batches of at least this many events are encoded once for every watcher, the last few of them kept (at
-#: most this many bytes): replays of history, read in shared chunks (control.REPLAY_CHUNK events).
-SHARED_BATCH_EVENTS = 100
-SHARED_BATCHES_BYTES = 32 << 20
-_EVENTS_TAG = bytes([(pb.WatchEventsResponse.EVENTS_FIELD_NUMBER << 3) | 2])
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def _remember(cache: OrderedDict[Any, Any], key: Any, value: Any, limit: int) -> None:

@@ -7,7 +7,9 @@
 //! (OldestVM). Protected instances are never candidates.
 //!
 //! Instances are grouped into buckets of interchangeable instances (slot, fault domain, priority, size,
-//! health), so each decision looks at a few hundred buckets at most, never at every instance.
+//! health), so each decision looks at a few hundred buckets at most, never at every instance. One
+//! decision over the groups the engine keeps ranks each group in one integer instead and never looks at
+//! the instances (see `decide`).
 
 use std::cell::RefCell;
 
