@@ -268,6 +268,64 @@ def test_watch_messages_take_turns_at_the_configured_rate(tmp_path: Path) -> Non
     assert next_free == pytest.approx(0.2, abs=0.01)
 
 
+def test_a_watcher_waiting_for_its_next_turn_holds_neither_its_events_nor_its_message(tmp_path: Path) -> None:
+    """Between its messages a watcher holds nothing of the last one: not the batch of events (a list the
+    garbage collector would walk at every collection while 1,000 watchers wait a second or two for their
+    turns, each walk a pause of the event loop) and not the message's bytes."""
+    import gc
+
+    from scaleset.commands import CreateScaleSet, SetCapacity
+    from scaleset.control import ControlPlane
+    from scaleset.service import ScaleSetsServicer
+    from scaleset.store import SQLiteStore
+    from scaleset.v1 import scaleset_pb2 as pb
+
+    class Context:
+        async def send_initial_metadata(self, metadata: object) -> None:
+            pass
+
+    store = SQLiteStore(str(tmp_path / "state.db"))
+
+    async def scenario() -> tuple[int, int, int]:
+        control = ControlPlane(store, REGION, watch_messages_per_second=1000)
+        await control.start()
+        servicer = ScaleSetsServicer(control)
+        await control.mutate(
+            method="CreateScaleSet", command=CreateScaleSet(zonal_spec(), 1), encode=lambda o: o
+        )
+        streams = [servicer.WatchEvents(pb.WatchEventsRequest(), Context()) for _ in range(10)]
+        for stream in streams:
+            await anext(stream)  # the history: the scale set's creation
+        waiting = [asyncio.create_task(anext(stream)) for stream in streams]
+        await asyncio.sleep(0.01)
+        await control.mutate(method="SetCapacity", command=SetCapacity("web", 2), encode=lambda o: o)
+        messages = await asyncio.gather(*waiting)
+        # Each watcher asks for its next message: it sends the last one on its way, then waits for a turn
+        # and a change.
+        waiting = [asyncio.create_task(anext(stream)) for stream in streams]
+        await asyncio.sleep(0.3)
+        assert not any(w.done() for w in waiting)
+        event = control._recent_events[-1]
+        assert event.type == "CapacitySet"
+        batches = sum(
+            isinstance(r, list) and r is not control._recent_events for r in gc.get_referrers(event)
+        )
+        held = sum(r is not messages for r in gc.get_referrers(messages[0]))
+        for w in waiting:
+            w.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        await control.stop()
+        return len(messages), batches, held
+
+    try:
+        sent, batches, held = asyncio.run(scenario())
+    finally:
+        store.close()
+    assert sent == 10
+    assert batches == 0  # was one list per watcher (the batch it sent, kept while it waited)
+    assert held == 0
+
+
 def test_watchers_replaying_together_share_each_read_of_history(tmp_path: Path) -> None:
     """200 watchers replaying the same history at once read each chunk of it from the store once (a read
     under way is awaited by every watcher that wants that chunk), and each gets every event once, in order.

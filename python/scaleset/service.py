@@ -326,6 +326,7 @@ class _Interceptor(grpc.aio.ServerInterceptor):
                         raise request.error()
                     async for item in inner_stream(request, context):
                         yield item
+                        del item  # a watcher's last message is not kept while it waits for the next
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
@@ -757,8 +758,10 @@ class ScaleSetsServicer(_Servicer, pb_grpc.ScaleSetsServicer):
         await context.send_initial_metadata(())
         every_set = not request.scale_set
         async for batch in batches:
-            for message in self._messages(batch, every_set):
-                yield message
+            messages = self._messages(batch, every_set)
+            del batch  # nothing held while waiting for the next batch (see ControlPlane._follow)
+            while messages:
+                yield messages.pop(0)
 
     def _messages(self, batch: list[EventRecord], every_set: bool = False) -> list[bytes]:
         """``batch`` as WatchEventsResponse messages of at most about WATCH_MESSAGE_BYTES each. A run of
