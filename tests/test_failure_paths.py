@@ -326,6 +326,48 @@ def test_a_watcher_waiting_for_its_next_turn_holds_neither_its_events_nor_its_me
     assert held == 0
 
 
+def test_watchers_replaying_a_shared_batch_each_get_all_of_it(tmp_path: Path) -> None:
+    """A large batch of history is encoded once and its messages shared by every watcher replaying it:
+    each watcher still gets every event of it (sending must not use up the shared messages)."""
+    from scaleset.commands import CreateScaleSet, SetCapacity
+    from scaleset.control import ControlPlane
+    from scaleset.service import SHARED_BATCH_EVENTS, ScaleSetsServicer
+    from scaleset.store import SQLiteStore
+    from scaleset.v1 import scaleset_pb2 as pb
+
+    class Context:
+        async def send_initial_metadata(self, metadata: object) -> None:
+            pass
+
+    store = SQLiteStore(str(tmp_path / "state.db"))
+
+    async def scenario() -> list[list[int]]:
+        control = ControlPlane(store, REGION)
+        await control.start()
+        servicer = ScaleSetsServicer(control)
+        await control.mutate(
+            method="CreateScaleSet", command=CreateScaleSet(zonal_spec(), 1), encode=lambda o: o
+        )
+        for k in range(SHARED_BATCH_EVENTS + 50):
+            await control.mutate(
+                method="SetCapacity", command=SetCapacity("web", 1 + k % 2), encode=lambda o: o
+            )
+        seen = []
+        for _ in range(3):  # one after another: each replays the same batch of one scale set's history
+            stream = servicer.WatchEvents(pb.WatchEventsRequest(scale_set="web"), Context())
+            message = pb.WatchEventsResponse.FromString(await asyncio.wait_for(anext(stream), 10))
+            seen.append([e.revision for e in message.events])
+            await stream.aclose()
+        await control.stop()
+        return seen
+
+    try:
+        seen = asyncio.run(scenario())
+    finally:
+        store.close()
+    assert seen == [list(range(1, SHARED_BATCH_EVENTS + 52))] * 3
+
+
 def test_watchers_replaying_together_share_each_read_of_history(tmp_path: Path) -> None:
     """200 watchers replaying the same history at once read each chunk of it from the store once (a read
     under way is awaited by every watcher that wants that chunk), and each gets every event once, in order.

@@ -758,10 +758,13 @@ class ScaleSetsServicer(_Servicer, pb_grpc.ScaleSetsServicer):
         await context.send_initial_metadata(())
         every_set = not request.scale_set
         async for batch in batches:
-            messages = self._messages(batch, every_set)
-            del batch  # nothing held while waiting for the next batch (see ControlPlane._follow)
+            # Reversed into a list of this stream's own (a large batch's messages are shared by every
+            # watcher replaying it) and popped as sent: nothing of this batch is held while waiting
+            # for the next (see ControlPlane._follow).
+            messages = self._messages(batch, every_set)[::-1]
+            del batch
             while messages:
-                yield messages.pop(0)
+                yield messages.pop()
 
     def _messages(self, batch: list[EventRecord], every_set: bool = False) -> list[bytes]:
         """``batch`` as WatchEventsResponse messages of at most about WATCH_MESSAGE_BYTES each. A run of
