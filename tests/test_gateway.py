@@ -87,9 +87,12 @@ def test_tokens_and_roles_apply_as_on_grpc(http: str) -> None:
 
 
 def test_watch_streams_newline_delimited_json(http: str) -> None:
+    spec = {"name": "watched", "zones": ["1"], "sku": {"name": "Standard_D2s_v5"}}
+    status, _ = post(http, "/scaleset.v1.ScaleSets/CreateScaleSet", {"scale_set": spec, "capacity": 1})
+    assert status == 200
     request = urllib.request.Request(
         http + "/scaleset.v1.ScaleSets/WatchEvents",
-        data=json.dumps({"scale_set": "web"}).encode(),
+        data=json.dumps({"scale_set": "watched"}).encode(),
         headers={"Content-Type": "application/json", "Authorization": "Bearer read-secret"},
         method="POST",
     )
