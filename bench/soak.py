@@ -6,7 +6,7 @@ its own latency histogram, from its metrics endpoint, that holds the 99th percen
 The load is an open loop at ``--rate`` calls a second (default 2x TARGET_RATE), each call timed from when
 it was due, in windows of WINDOW_S; ``--rate 0`` runs it closed-loop instead (as fast as the server
 answers 8 calls in flight: the saturation figures). Unloaded is the same load for QUIET_WINDOWS windows
-before the watchers start, pooled; the summary compares the p99 of every loaded window after the first (the
+before the watchers start and as many after they stop, pooled; the summary compares the p99 of every loaded window after the first (the
 warm-up, while the watchers connect and replay the history) pooled, and the worst single window.
 
 Run: ``python bench/soak.py --minutes 2 --watchers 200``. It starts its own server on a free loopback port
@@ -141,14 +141,20 @@ def main() -> None:
         try:
             create_load_sets(target, PROCESSES)
             seen = latency_buckets(metrics_port)
-            # Unloaded: QUIET_WINDOWS windows of the same load before the watchers start, pooled.
-            began, cpu = time.monotonic(), cpu_seconds(proc.pid)
-            quiet_runs = [load(100) for _ in range(QUIET_WINDOWS)]
-            quiet_busy = (cpu_seconds(proc.pid) - cpu) / (time.monotonic() - began) * 100
-            quiet_latencies = sorted(t for r in quiet_runs for t in r.latencies)
-            quiet_p99 = percentile_ms(quiet_latencies, 0.99)
-            quiet_rate = len(quiet_latencies) / sum(r.seconds for r in quiet_runs)
-            quiet_server = p99_bound_ms(seen, seen := latency_buckets(metrics_port))
+
+            def quiet() -> tuple[list[float], float, float, str]:
+                """QUIET_WINDOWS windows with no watcher: latencies, calls a second, server CPU, server p99."""
+                nonlocal seen
+                began, cpu = time.monotonic(), cpu_seconds(proc.pid)
+                runs = [load(100) for _ in range(QUIET_WINDOWS)]
+                busy = (cpu_seconds(proc.pid) - cpu) / (time.monotonic() - began) * 100
+                latencies = [t for r in runs for t in r.latencies]
+                server = p99_bound_ms(seen, seen := latency_buckets(metrics_port))
+                return latencies, len(latencies) / sum(r.seconds for r in runs), busy, server
+
+            # Unloaded: QUIET_WINDOWS windows of the same load before the watchers start, and as many after
+            # they stop, pooled (the machine's speed drifts over minutes: the two sides bracket the loaded run).
+            before, quiet_rate, quiet_busy, quiet_server = quiet()
             # The watchers run in two processes of their own (asyncio channels), one reading, one not.
             procs = [
                 multiprocessing.Process(
@@ -161,7 +167,8 @@ def main() -> None:
             time.sleep(2)
             mode = f"open loop at {args.rate:.0f}/s" if args.rate else "closed loop"
             print(
-                f"{mode}; unloaded: {quiet_rate:.0f}/s p99 {quiet_p99:.1f} ms (in the server "
+                f"{mode}; unloaded before: {quiet_rate:.0f}/s p99 {percentile_ms(sorted(before), 0.99):.1f} ms "
+                f"(in the server "
                 f"{quiet_server} ms, CPU {quiet_busy:.0f}% of a core); {args.watchers} watchers, half never read"
             )
             print(
@@ -184,16 +191,25 @@ def main() -> None:
                     f"{rss_mb(proc.pid):8.1f} "
                     f"{db_mb(db):8.1f}"
                 )
+            for w in procs:
+                w.kill()
+                w.join()
+            time.sleep(2)
+            after, rate, busy, server = quiet()
+            print(
+                f"unloaded after: {rate:.0f}/s p99 {percentile_ms(sorted(after), 0.99):.1f} ms (in the server "
+                f"{server} ms, CPU {busy:.0f}% of a core)"
+            )
+            quiet_p99 = percentile_ms(sorted(before + after), 0.99)
             # The first window is the warm-up: every watcher connects and replays the history.
             steady = sorted(t for window in loaded[1:] for t in window)
             if steady:
                 p99 = percentile_ms(steady, 0.99)
                 print(
-                    f"loaded p99 after the first window {p99:.1f} ms = {p99 / quiet_p99:.1f}x unloaded; "
-                    f"worst window {worst:.1f} ms = {worst / quiet_p99:.1f}x"
+                    f"loaded p99 after the first window {p99:.1f} ms = {p99 / quiet_p99:.1f}x unloaded "
+                    f"({quiet_p99:.1f} ms, before and after pooled); worst window {worst:.1f} ms = "
+                    f"{worst / quiet_p99:.1f}x"
                 )
-            for w in procs:
-                w.kill()
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)

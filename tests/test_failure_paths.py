@@ -423,3 +423,86 @@ def test_watchers_replaying_together_share_each_read_of_history(tmp_path: Path) 
     assert last > 2 * REPLAY_CHUNK
     assert all(got == list(range(1, last + 1)) for got in seen)
     assert len(reads) <= 2 * (last // REPLAY_CHUNK + 1), reads  # one read per chunk, give or take the tail
+
+
+def _slow_consumers(server: ServerThread) -> float:
+    return (
+        server.metrics.registry.get_sample_value("scaleset_slow_consumers_total", {"method": "WatchEvents"})
+        or 0.0
+    )
+
+
+def _flood(c: Client, rounds: int) -> None:
+    """Changes whose events carry large plans (999 instances each; above 1,000 only counts) to overflow
+    what gRPC's flow control lets a client hold unread."""
+    for _ in range(rounds):
+        c.set_capacity("web", 999)
+        c.set_capacity("web", 0)
+
+
+def test_a_watcher_that_stops_reading_is_let_go_and_its_slot_freed(tmp_path: Path) -> None:
+    """A client that takes no message for --stream-send-timeout gets every message written before, then
+    RESOURCE_EXHAUSTED SlowConsumer; its watch slot is free for another watcher."""
+    import time
+
+    from scaleset.errors import CapacityError
+    from scaleset.v1 import scaleset_pb2 as pb
+    from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
+
+    with ServerThread(
+        str(tmp_path / "state.db"), REGION, max_watchers=1, stream_send_timeout=0.5, instance_limit=10_000
+    ) as server:
+        with Client(server.target) as c, grpc.insecure_channel(server.target) as channel:
+            c.create_scale_set(zonal_spec(), 0)
+            stalled = pb_grpc.ScaleSetsStub(channel).WatchEvents(pb.WatchEventsRequest())
+            received = [e.sequence for e in next(stalled).events]
+            with pytest.raises(CapacityError) as refused:  # the only slot is taken
+                next(iter(c.watch()))
+            assert refused.value.code == "TooManyWatchers"
+            # Changes until the stalled watcher is let go: then its slot is free and a new watch accepted.
+            for _ in range(30):
+                _flood(c, 25)
+                time.sleep(0.6)
+                watch = c.watch()
+                try:
+                    assert next(watch).sequence == 1
+                    break
+                except CapacityError:
+                    continue
+                finally:
+                    watch.close()
+            else:
+                pytest.fail("the watcher that stopped reading was never let go")
+            with pytest.raises(grpc.RpcError) as ended:
+                for message in stalled:
+                    received.extend(e.sequence for e in message.events)
+        assert _slow_consumers(server) == 1
+    assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "took no message from this stream for 0.5 s" in ended.value.details()
+    # What was written before the status arrives, in order and whole: the watch resumes after its last.
+    assert received == list(range(1, len(received) + 1)) and len(received) > 1
+
+
+def test_the_client_resumes_a_watch_it_read_too_slowly_after_its_last_event(tmp_path: Path) -> None:
+    """Client.watch, read too slowly, is let go by the server and opens the watch again after the last
+    event it received: the reader sees every event once, in order."""
+    import time
+
+    with ServerThread(
+        str(tmp_path / "state.db"), REGION, stream_send_timeout=0.5, instance_limit=10_000
+    ) as server:
+        with Client(server.target) as c:
+            c.create_scale_set(zonal_spec(), 0)
+            watch = c.watch()
+            seen = [next(watch).sequence]
+            changes = 0
+            while not _slow_consumers(server):
+                assert changes < 1500, "the slow reader was never let go"
+                _flood(c, 25)
+                changes += 50
+                time.sleep(0.6)
+            last = 1 + changes
+            while seen[-1] < last:
+                seen.append(next(watch).sequence)
+            watch.close()
+    assert seen == list(range(1, last + 1))

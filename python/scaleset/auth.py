@@ -150,10 +150,10 @@ def _guarded(handler: grpc.RpcMethodHandler, check: Callable[[], Any]) -> grpc.R
     if handler.unary_stream is not None:
         inner_stream = handler.unary_stream
 
-        async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        # The stream inside writes its own messages (see service.send_within): awaited, not iterated.
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> None:
             await check_or_abort(check, context)
-            async for item in inner_stream(request, context):
-                yield item
+            await inner_stream(request, context)
 
         return grpc.unary_stream_rpc_method_handler(
             stream,

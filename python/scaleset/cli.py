@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from scaleset.control import WATCH_MESSAGES_PER_SECOND
+from scaleset.control import STREAM_SEND_TIMEOUT_S, WATCH_MESSAGES_PER_SECOND
 from scaleset.errors import ScaleSetError
 from scaleset.model import Instance, Plan, PlannedCreate, PlannedDelete, Region
 
@@ -73,6 +73,7 @@ async def run_server(
     rate_limit: float = 10_000.0,
     max_watchers: int = 1000,
     watch_messages_per_second: float = WATCH_MESSAGES_PER_SECOND,
+    stream_send_timeout: float = STREAM_SEND_TIMEOUT_S,
     http_port: int | None = None,
     http_tls: Any = None,
     standby: bool = False,
@@ -89,6 +90,13 @@ async def run_server(
     from scaleset.control import ControlPlane
     from scaleset.service import build_server
 
+    if not stream_send_timeout > 0:
+        from scaleset.errors import invalid_input
+
+        raise invalid_input(
+            f"--stream-send-timeout must be above 0 seconds, got {stream_send_timeout:g}.",
+            field="stream_send_timeout",
+        )
     _raise_file_limit()
     if cluster:
         return await _run_cluster_member(
@@ -106,6 +114,7 @@ async def run_server(
             rate_limit=rate_limit,
             max_watchers=max_watchers,
             watch_messages_per_second=watch_messages_per_second,
+            stream_send_timeout=stream_send_timeout,
             metrics_port=metrics_port,
             credentials=None if cluster_tls is None else cluster_tls[0],
             peer_credentials=None if cluster_tls is None else cluster_tls[1],
@@ -127,7 +136,12 @@ async def run_server(
     await control.start()
     await control.set_execution_mode("Executors" if executors else "Immediate")
     server, port, metrics = await build_server(
-        control, address, authenticator=authenticator, credentials=credentials, rate_limit=rate_limit
+        control,
+        address,
+        authenticator=authenticator,
+        credentials=credentials,
+        rate_limit=rate_limit,
+        stream_send_timeout=stream_send_timeout,
     )
     if metrics_port:
         start_http_server(
@@ -371,6 +385,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             rate_limit=args.rate_limit,
             max_watchers=args.max_watchers,
             watch_messages_per_second=args.watch_messages_per_second,
+            stream_send_timeout=args.stream_send_timeout,
             http_port=args.http_port,
             http_tls=_http_tls(args),
             standby=args.standby,
@@ -975,6 +990,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="WatchEvents messages a second across all watchers, each with every event since the "
         "watcher's last: fewer leave more of the server to changes, more deliver sooner with many "
         "watchers (default: %(default)s)",
+    )
+    p.add_argument(
+        "--stream-send-timeout",
+        type=float,
+        default=STREAM_SEND_TIMEOUT_S,
+        help="seconds a WatchEvents or LeaseOperations client may take no message before the server ends "
+        "its stream with RESOURCE_EXHAUSTED SlowConsumer (a watch resumes after its last event) "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--rate-limit",

@@ -617,6 +617,25 @@ def _event(e: pb.Event) -> WatchedEvent:
     )
 
 
+def _resume_after(request: pb.WatchEventsRequest, e: pb.Event) -> None:
+    """Moves a watch's request past ``e``: opened again, it resumes after that event."""
+    if e.resume_token:  # a cluster's watch of every scale set
+        request.after, request.resume_token = 0, e.resume_token
+    else:
+        request.after = e.revision if request.scale_set else e.sequence
+
+
+def _watch_goes_on(err: grpc.RpcError) -> bool:
+    """Whether a watch that failed with ``err`` opens again (the server let it go as too slow to read),
+    ends (cancelled), or raises the error."""
+    failure = _Failure.of(err)
+    if failure.reason == "SlowConsumer":
+        return True
+    if failure.code == grpc.StatusCode.CANCELLED:
+        return False
+    raise failure.exception() from None
+
+
 _STUBS = {
     "ScaleSets": pb_grpc.ScaleSetsStub,
     "Regions": pb_grpc.RegionsStub,
@@ -781,14 +800,20 @@ class Client(_Connection):
 
     def watch(self, scale_set: str = "", after: int = 0, resume_token: str = "") -> Iterator[WatchedEvent]:
         """Events after ``after`` (a revision of ``scale_set``, or a global sequence), then live ones; on a
-        cluster, a watch of every scale set resumes after the event whose ``resume_token`` is given."""
+        cluster, a watch of every scale set resumes after the event whose ``resume_token`` is given. A
+        stream the server ends because it was read too slowly (``SlowConsumer``) is opened again after the
+        last event received."""
         request = pb.WatchEventsRequest(scale_set=scale_set, after=after, resume_token=resume_token)
-        try:
-            for message in self._stubs["ScaleSets"].WatchEvents(request, metadata=self._metadata):
-                yield from map(_event, message.events)
-        except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.CANCELLED:
-                raise _Failure.of(err).exception() from None
+        while True:
+            try:
+                for message in self._stubs["ScaleSets"].WatchEvents(request, metadata=self._metadata):
+                    for e in message.events:
+                        _resume_after(request, e)
+                        yield _event(e)
+                return
+            except grpc.RpcError as err:
+                if not _watch_goes_on(err):
+                    return
 
     def lease_operations(
         self, executor_id: str, zones: Iterable[str] = (), max_in_flight: int = 16, lease_seconds: int = 60
@@ -881,15 +906,20 @@ class AsyncClient(_Connection):
         self, scale_set: str = "", after: int = 0, resume_token: str = ""
     ) -> AsyncIterator[WatchedEvent]:
         """Events after ``after`` (a revision of ``scale_set``, or a global sequence), then live ones; on a
-        cluster, a watch of every scale set resumes after the event whose ``resume_token`` is given."""
+        cluster, a watch of every scale set resumes after the event whose ``resume_token`` is given. A
+        stream the server ends because it was read too slowly (``SlowConsumer``) is opened again after the
+        last event received."""
         request = pb.WatchEventsRequest(scale_set=scale_set, after=after, resume_token=resume_token)
-        try:
-            async for message in self._stubs["ScaleSets"].WatchEvents(request, metadata=self._metadata):
-                for e in message.events:
-                    yield _event(e)
-        except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.CANCELLED:
-                raise _Failure.of(err).exception() from None
+        while True:
+            try:
+                async for message in self._stubs["ScaleSets"].WatchEvents(request, metadata=self._metadata):
+                    for e in message.events:
+                        _resume_after(request, e)
+                        yield _event(e)
+                return
+            except grpc.RpcError as err:
+                if not _watch_goes_on(err):
+                    return
 
     create_scale_set = _async(_Operations.create_scale_set)
     get_scale_set = _async(_Operations.get_scale_set)

@@ -45,7 +45,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.metrics_core import Metric
 
-from scaleset.control import WATCH_MESSAGES_PER_SECOND, ControlPlane
+from scaleset.control import STREAM_SEND_TIMEOUT_S, WATCH_MESSAGES_PER_SECOND, ControlPlane
 from scaleset.errors import CapacityError, ConflictError, ScaleSetError, error, invalid_input, unavailable
 from scaleset.gateway import Gateway
 from scaleset.model import Region
@@ -65,6 +65,7 @@ from scaleset.service import (
     _serve_reflection,
     build_server,
     listen,
+    send_within,
     status_for,
 )
 from scaleset.v1 import scaleset_pb2 as pb
@@ -141,6 +142,8 @@ class CellSettings:
     request_retention: int = 100_000
     max_watchers: int = 1000
     watch_messages_per_second: float = WATCH_MESSAGES_PER_SECOND
+    #: A client of a server stream that takes no message for this long is let go (``SlowConsumer``).
+    stream_send_timeout: float = STREAM_SEND_TIMEOUT_S
     #: Hand plans to executors (``serve --executors``) instead of applying them at once.
     executors: bool = False
     authenticator: Any = None
@@ -200,6 +203,7 @@ class Cell:
                 credentials=None if settings.credentials is None else settings.credentials(),
                 rate_limit=None,
                 in_process=cell.local,
+                stream_send_timeout=settings.stream_send_timeout,
             )
             await cell.server.start()
         except BaseException:
@@ -441,9 +445,12 @@ class Router:
     """The front's handler for every routed method: decodes the request to find its scale set, and
     forwards the request's bytes (and the caller's metadata: its token) to the partition's cell."""
 
-    def __init__(self, cluster: ClusterServer, limiter: RateLimiter | None) -> None:
+    def __init__(
+        self, cluster: ClusterServer, limiter: RateLimiter | None, send_timeout: float = STREAM_SEND_TIMEOUT_S
+    ) -> None:
         self._cluster = cluster
         self._limiter = limiter
+        self._send_timeout = send_timeout
         self._methods: dict[str, tuple[str, type[Any], bool]] = {}
         for service in _ROUTED_SERVICES:
             descriptor = pb.DESCRIPTOR.services_by_name[service]
@@ -748,6 +755,22 @@ class Router:
         request_type: type[Any],
         payload: bytes,
         context: grpc.aio.ServicerContext,
+    ) -> None:
+        """A routed server stream, written here (see ``send_within``): a client that stops reading is let
+        go, and with it the partitions' streams that feed it."""
+        async for message in self._stream_messages(method, name, request_type, payload, context):
+            try:
+                await send_within(context, message, self._send_timeout)
+            except ScaleSetError as e:
+                await self._fail(context, e)
+
+    async def _stream_messages(
+        self,
+        method: str,
+        name: str,
+        request_type: type[Any],
+        payload: bytes,
+        context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[bytes]:
         request = await self._admit(context, request_type, payload)
         if name == "LeaseOperations":
@@ -805,11 +828,17 @@ class CellMetrics:
 
 
 async def build_front(
-    cluster: ClusterServer, address: str, *, rate_limit: float | None, credentials: Any = None
+    cluster: ClusterServer,
+    address: str,
+    *,
+    rate_limit: float | None,
+    credentials: Any = None,
+    stream_send_timeout: float = STREAM_SEND_TIMEOUT_S,
 ) -> tuple[grpc.aio.Server, int]:
     """The server's public face in a cluster: routed services, health checking, reflection, Echo."""
     server = grpc.aio.server(maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS, options=SERVER_OPTIONS)
-    server.add_generic_rpc_handlers((Router(cluster, RateLimiter(rate_limit) if rate_limit else None),))
+    limiter = RateLimiter(rate_limit) if rate_limit else None
+    server.add_generic_rpc_handlers((Router(cluster, limiter, stream_send_timeout),))
     pb_grpc.add_DiagnosticsServicer_to_server(DiagnosticsServicer(), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -837,7 +866,13 @@ async def serve_cluster(
     back (so the others take them at once) and leaves."""
     cluster = ClusterServer(url, "", settings, partitions=partitions)
     tls = None if settings.credentials is None else settings.credentials()
-    server, port = await build_front(cluster, address, rate_limit=rate_limit, credentials=tls)
+    server, port = await build_front(
+        cluster,
+        address,
+        rate_limit=rate_limit,
+        credentials=tls,
+        stream_send_timeout=settings.stream_send_timeout,
+    )
     cluster.address = f"{address.rsplit(':', 1)[0]}:{port}"  # who this server is, to the others
     if metrics_port:
         registry = CollectorRegistry()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import bisect
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -32,7 +33,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from scaleset import commands as cmd
 from scaleset import convert
-from scaleset.control import WATCH_BACKLOG, WATCH_BUFFER_BYTES, ControlPlane, Outcome
+from scaleset.control import STREAM_SEND_TIMEOUT_S, WATCH_BACKLOG, WATCH_BUFFER_BYTES, ControlPlane, Outcome
 from scaleset.controller import Controller
 from scaleset.errors import (
     CapacityError,
@@ -85,6 +86,23 @@ _RESOURCE_FIELD = {
 }
 #: How long a client should wait before retrying errors that pass by themselves (google.rpc.RetryInfo).
 _RETRY_AFTER_S = {"StoreUnavailable": 1.0, "RateLimited": 0.1, "TooManyWatchers": 5.0}
+
+
+async def send_within(context: grpc.aio.ServicerContext, message: Any, timeout: float) -> None:
+    """Writes one message of a server stream, or raises SlowConsumer when the client has not taken it
+    within ``timeout`` seconds (it reads too slowly, or not at all). The messages written before it reach
+    the client ahead of the status, so a watcher resumes after the last event it received."""
+    try:
+        async with asyncio.timeout(timeout):
+            await context.write(message)
+    except TimeoutError:
+        raise error(
+            CapacityError,
+            f"the client took no message from this stream for {timeout:g} s (it reads too slowly, or not at "
+            "all), so the server ended it; open it again to go on (a watch: after the last event received, "
+            "which the Python client does by itself).",
+            "SlowConsumer",
+        ) from None
 
 
 def field_path(field: str, request: Any = None) -> str:
@@ -162,6 +180,12 @@ class Metrics:
             registry=self.registry,
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
+        self.slow_consumers = Counter(
+            "scaleset_slow_consumers_total",
+            "Server streams ended because their client took no message for --stream-send-timeout, by method.",
+            ["method"],
+            registry=self.registry,
+        )
         scale_sets = Gauge("scaleset_scale_sets", "Scale sets.", registry=self.registry)
         scale_sets.set_function(lambda: len(control.controller.scale_set_names()))
         instances = Gauge("scaleset_instances", "Instances across all scale sets.", registry=self.registry)
@@ -236,9 +260,15 @@ class _Interceptor(grpc.aio.ServerInterceptor):
     """Maps every exception through :func:`status_for` and records metrics, for every RPC; applies the
     per-client rate limit."""
 
-    def __init__(self, metrics: Metrics, limiter: RateLimiter | None = None) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        limiter: RateLimiter | None = None,
+        send_timeout: float = STREAM_SEND_TIMEOUT_S,
+    ) -> None:
         self._metrics = metrics
         self._limiter = limiter
+        self._send_timeout = send_timeout
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
@@ -259,9 +289,11 @@ class _Interceptor(grpc.aio.ServerInterceptor):
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         metrics = self._metrics
         limiter = self._limiter
+        send_timeout = self._send_timeout
         # Label children bound once per handler, not looked up on every call.
         ok = metrics.requests.labels(method, "OK")
         latency = metrics.latency.labels(method)
+        let_go = metrics.slow_consumers.labels(method)
 
         async def abort(
             context: grpc.aio.ServicerContext, exc: BaseException, started: float, request: Any
@@ -319,17 +351,22 @@ class _Interceptor(grpc.aio.ServerInterceptor):
         if handler.unary_stream is not None:
             inner_stream = handler.unary_stream
 
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            # Written here rather than yielded, so that a client that stops reading can be let go.
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> None:
                 started = time.perf_counter()
                 try:
                     if isinstance(request, _Malformed):
                         raise request.error()
-                    async for item in inner_stream(request, context):
-                        yield item
-                        del item  # a watcher's last message is not kept while it waits for the next
+                    # Closed as soon as the stream ends, however it ends: a watch frees its slot at once.
+                    async with contextlib.aclosing(inner_stream(request, context)) as items:
+                        async for item in items:
+                            await send_within(context, item, send_timeout)
+                            del item  # a watcher's last message is not kept while it waits for the next
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
+                    if isinstance(exc, ScaleSetError) and exc.code == "SlowConsumer":
+                        let_go.inc()
                     await abort(context, exc, started, request)
                 ok.inc()
 
@@ -1261,13 +1298,14 @@ async def build_server(
     credentials: Any = None,
     rate_limit: float | None = DEFAULT_RATE_LIMIT,
     in_process: InProcess | None = None,
+    stream_send_timeout: float = STREAM_SEND_TIMEOUT_S,
 ) -> tuple[grpc.aio.Server, int, Metrics]:
     """A server with every service, health checking and reflection, bound to ``address``
     (``host:port``; port 0 picks a free one). Returns the server, its port and its metrics. Given
     ``in_process``, the same services (same interceptors, same metrics) are also callable through it."""
     metrics = Metrics(control)
     limiter = RateLimiter(rate_limit) if rate_limit else None
-    interceptors: list[Any] = [_Interceptor(metrics, limiter)]
+    interceptors: list[Any] = [_Interceptor(metrics, limiter, stream_send_timeout)]
     if authenticator is not None:
         from scaleset.auth import AuthInterceptor
 

@@ -82,13 +82,16 @@ class ServerThread:
         authenticator: Any = None,
         credentials: Any = None,
         rate_limit: float | None = None,
+        stream_send_timeout: float | None = None,
         executors: bool = False,
         **control_options: Any,
     ) -> None:
         self._mode = "Executors" if executors else "Immediate"
-        self._security = {"authenticator": authenticator, "credentials": credentials}
+        self._server_options = {"authenticator": authenticator, "credentials": credentials}
         if rate_limit is not None:
-            self._security["rate_limit"] = rate_limit
+            self._server_options["rate_limit"] = rate_limit
+        if stream_send_timeout is not None:
+            self._server_options["stream_send_timeout"] = stream_send_timeout
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="scaleset-test-server", daemon=True
@@ -101,7 +104,9 @@ class ServerThread:
     async def _start(self) -> int:
         await self.control.start()
         await self.control.set_execution_mode(self._mode)
-        self._server, port, self.metrics = await build_server(self.control, "127.0.0.1:0", **self._security)
+        self._server, port, self.metrics = await build_server(
+            self.control, "127.0.0.1:0", **self._server_options
+        )
         await self._server.start()
         return port
 
