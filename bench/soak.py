@@ -66,6 +66,14 @@ def latency_buckets(metrics_port: int) -> dict[float, float]:
     return counts
 
 
+def slow_consumers(metrics_port: int) -> int:
+    """Watch streams the server has let go because their client took no message for
+    --stream-send-timeout (the never-reading watchers, once gRPC's flow control is full)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    found = re.search(r'^scaleset_slow_consumers_total\{method="WatchEvents"\} (\S+)$', text, re.M)
+    return int(float(found.group(1))) if found else 0
+
+
 def p99_bound_ms(before: dict[float, float], after: dict[float, float]) -> str:
     """The histogram bucket holding the 99th percentile of the calls between two readings ("<=20" ms)."""
     bounds = sorted(after)
@@ -191,6 +199,7 @@ def main() -> None:
                     f"{rss_mb(proc.pid):8.1f} "
                     f"{db_mb(db):8.1f}"
                 )
+            print(f"watchers let go as too slow to read: {slow_consumers(metrics_port)}")
             for w in procs:
                 w.kill()
                 w.join()

@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from scaleset.client import Client
 from scaleset.cluster import partition_of
@@ -438,3 +439,34 @@ def test_each_client_is_rate_limited_at_the_front_it_calls(postgres: Any, tmp_pa
         assert limited.value.code == "RateLimited"
     finally:
         cluster.stop()
+
+
+def test_a_cluster_front_lets_go_of_a_watcher_that_stops_reading(postgres: Any, tmp_path: Path) -> None:
+    """On a cluster, a watch of every scale set whose client stops reading ends, through the front, with
+    RESOURCE_EXHAUSTED SlowConsumer after the messages written before it (each event once, with the
+    resume_token to go on from)."""
+    from scaleset.v1 import scaleset_pb2 as pb
+    from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
+
+    flags = ("--stream-send-timeout", "0.5", "--instance-limit", "10000")
+    cluster = Cluster(postgres.create_database(), tmp_path, size=1, partitions=2, flags=flags)
+    try:
+        cluster.wait_shared(cluster.ports)
+        with Client(cluster.target(0)) as c, grpc.insecure_channel(f"127.0.0.1:{cluster.ports[0]}") as ch:
+            c.create_scale_set(zonal_spec("web"), 0)
+            stalled = pb_grpc.ScaleSetsStub(ch).WatchEvents(pb.WatchEventsRequest(), timeout=120)
+            events = list(next(stalled).events)
+            # Plans of 999 instances (~28 KB an event): more than the client, the front and the
+            # partition's stream to the front hold unread between them.
+            for _ in range(400):
+                c.set_capacity("web", 999)
+                c.set_capacity("web", 0)
+            time.sleep(2)
+            with pytest.raises(grpc.RpcError) as ended:
+                for message in stalled:
+                    events.extend(message.events)
+    finally:
+        cluster.stop()
+    assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "took no message from this stream" in ended.value.details()
+    assert len({e.sequence for e in events}) == len(events) > 1 and all(e.resume_token for e in events)

@@ -483,26 +483,47 @@ def test_a_watcher_that_stops_reading_is_let_go_and_its_slot_freed(tmp_path: Pat
     assert received == list(range(1, len(received) + 1)) and len(received) > 1
 
 
-def test_the_client_resumes_a_watch_it_read_too_slowly_after_its_last_event(tmp_path: Path) -> None:
-    """Client.watch, read too slowly, is let go by the server and opens the watch again after the last
-    event it received: the reader sees every event once, in order."""
+@pytest.mark.parametrize("flavour", ["Client", "AsyncClient"])
+def test_the_client_resumes_a_watch_it_read_too_slowly_after_its_last_event(
+    tmp_path: Path, flavour: str
+) -> None:
+    """Client.watch (and AsyncClient.watch), read too slowly, is let go by the server and opens the watch
+    again after the last event it received: the reader sees every event once, in order."""
     import time
+
+    from scaleset.client import AsyncClient
+
+    def flood_until_let_go(server: ServerThread, c: Client) -> int:
+        changes = 0
+        while not _slow_consumers(server):
+            assert changes < 1500, "the slow reader was never let go"
+            _flood(c, 25)
+            changes += 50
+            time.sleep(0.6)
+        return changes
+
+    async def read_slowly(server: ServerThread, c: Client) -> list[int]:
+        async with AsyncClient(server.target) as reader:
+            watch = reader.watch()
+            seen = [(await anext(watch)).sequence]
+            last = 1 + await asyncio.to_thread(flood_until_let_go, server, c)
+            while seen[-1] < last:
+                seen.append((await anext(watch)).sequence)
+            await watch.aclose()
+        return seen
 
     with ServerThread(
         str(tmp_path / "state.db"), REGION, stream_send_timeout=0.5, instance_limit=10_000
     ) as server:
         with Client(server.target) as c:
             c.create_scale_set(zonal_spec(), 0)
-            watch = c.watch()
-            seen = [next(watch).sequence]
-            changes = 0
-            while not _slow_consumers(server):
-                assert changes < 1500, "the slow reader was never let go"
-                _flood(c, 25)
-                changes += 50
-                time.sleep(0.6)
-            last = 1 + changes
-            while seen[-1] < last:
-                seen.append(next(watch).sequence)
-            watch.close()
-    assert seen == list(range(1, last + 1))
+            if flavour == "AsyncClient":
+                seen = asyncio.run(read_slowly(server, c))
+            else:
+                watch = c.watch()
+                seen = [next(watch).sequence]
+                last = 1 + flood_until_let_go(server, c)
+                while seen[-1] < last:
+                    seen.append(next(watch).sequence)
+                watch.close()
+    assert seen == list(range(1, seen[-1] + 1)) and len(seen) > 100

@@ -758,11 +758,14 @@ class Router:
     ) -> None:
         """A routed server stream, written here (see ``send_within``): a client that stops reading is let
         go, and with it the partitions' streams that feed it."""
-        async for message in self._stream_messages(method, name, request_type, payload, context):
-            try:
-                await send_within(context, message, self._send_timeout)
-            except ScaleSetError as e:
-                await self._fail(context, e)
+        # Closed as soon as the stream ends, however it ends: the partitions' streams go with it.
+        messages = self._stream_messages(method, name, request_type, payload, context)
+        async with contextlib.aclosing(messages):
+            async for message in messages:
+                try:
+                    await send_within(context, message, self._send_timeout)
+                except ScaleSetError as e:
+                    await self._fail(context, e)
 
     async def _stream_messages(
         self,
