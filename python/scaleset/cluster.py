@@ -36,7 +36,7 @@ import hashlib
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -774,7 +774,7 @@ class Router:
         request_type: type[Any],
         payload: bytes,
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         request = await self._admit(context, request_type, payload)
         if name == "LeaseOperations":
             async for message in self._lease_operations(method, payload, self._metadata(context), context):
