@@ -66,11 +66,10 @@ def latency_buckets(metrics_port: int) -> dict[float, float]:
     return counts
 
 
-def slow_consumers(metrics_port: int) -> int:
-    """Watch streams the server has let go because their client took no message for
-    --stream-send-timeout (the never-reading watchers, once gRPC's flow control is full)."""
+def metric(metrics_port: int, sample: str) -> int:
+    """One sample of the server's metrics, e.g. ``scaleset_watchers`` (0 when absent)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    found = re.search(r'^scaleset_slow_consumers_total\{method="WatchEvents"\} (\S+)$', text, re.M)
+    found = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.M)
     return int(float(found.group(1))) if found else 0
 
 
@@ -94,22 +93,31 @@ def db_mb(db: Path) -> float:
     return sum(p.stat().st_size for p in db.parent.glob(db.name + "*") if p.is_file()) / 1e6
 
 
+#: Watch streams per client connection: the server takes at most 256 streams at once on one connection
+#: (SERVER_OPTIONS), and gRPC queues any more in the client until one ends.
+STREAMS_PER_CHANNEL = 200
+
+
 async def _watch(target: str, count: int, reads: bool) -> None:
-    """``count`` watch streams on one asyncio channel; a reading stream reads every message, the others
-    read one and then hold the stream open without reading another."""
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.ScaleSetsStub(channel)
+    """``count`` watch streams on asyncio channels of STREAMS_PER_CHANNEL streams; a reading stream reads
+    every message, the others read one and then hold the stream open without reading another."""
+    channels = [
+        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(-(-count // STREAMS_PER_CHANNEL))
+    ]
 
-        async def one() -> None:
-            stream = stub.WatchEvents(pb.WatchEventsRequest())
-            try:
-                async for _ in stream:
-                    if not reads:
-                        await asyncio.Event().wait()  # never set: stops reading
-            except grpc.RpcError:
-                pass
+    async def one(k: int) -> None:
+        stream = pb_grpc.ScaleSetsStub(channels[k // STREAMS_PER_CHANNEL]).WatchEvents(
+            pb.WatchEventsRequest()
+        )
+        try:
+            async for _ in stream:
+                if not reads:
+                    await asyncio.Event().wait()  # never set: stops reading
+        except grpc.RpcError:
+            pass
 
-        await asyncio.gather(*(one() for _ in range(count)))
+    await asyncio.gather(*(one(k) for k in range(count)))
 
 
 def watchers(target: str, count: int, reads: bool) -> None:
@@ -181,7 +189,7 @@ def main() -> None:
             )
             print(
                 f"{'minute':>7} {'req/s':>8} {'p99 ms':>8} {'server':>8} {'CPU %':>6} {'errors':>7} {'RSS MB':>8} "
-                f"{'DB MB':>8}"
+                f"{'DB MB':>8} {'watchers':>8}"
             )
             seen = latency_buckets(metrics_port)
             deadline = time.monotonic() + args.minutes * 60
@@ -196,10 +204,12 @@ def main() -> None:
                 minute = args.minutes - (deadline - time.monotonic()) / 60
                 print(
                     f"{minute:7.1f} {r.per_second:8.0f} {r.p99_ms:8.1f} {server:>8} {busy:6.0f} {r.errors:7d} "
-                    f"{rss_mb(proc.pid):8.1f} "
-                    f"{db_mb(db):8.1f}"
+                    f"{rss_mb(proc.pid):8.1f} {db_mb(db):8.1f} {metric(metrics_port, 'scaleset_watchers'):8d}"
                 )
-            print(f"watchers let go as too slow to read: {slow_consumers(metrics_port)}")
+            print(
+                "watchers let go as too slow to read: "
+                + str(metric(metrics_port, 'scaleset_slow_consumers_total{method="WatchEvents"}'))
+            )
             for w in procs:
                 w.kill()
                 w.join()

@@ -391,6 +391,11 @@ class ControlPlane:
             await self.record(SetExecutionMode(mode))
             log.info("execution mode is now %s", mode)
 
+    @property
+    def watchers(self) -> int:
+        """WatchEvents streams being served now."""
+        return self._watchers
+
     def revision(self, name: str) -> int:
         return self.revisions.get(name, 0)
 

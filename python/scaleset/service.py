@@ -186,6 +186,8 @@ class Metrics:
             ["method"],
             registry=self.registry,
         )
+        watchers = Gauge("scaleset_watchers", "WatchEvents streams being served.", registry=self.registry)
+        watchers.set_function(lambda: control.watchers)
         scale_sets = Gauge("scaleset_scale_sets", "Scale sets.", registry=self.registry)
         scale_sets.set_function(lambda: len(control.controller.scale_set_names()))
         instances = Gauge("scaleset_instances", "Instances across all scale sets.", registry=self.registry)
