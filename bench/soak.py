@@ -130,6 +130,9 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=2.0)
     parser.add_argument("--watchers", type=int, default=200)
     parser.add_argument("--rate", type=float, default=2 * TARGET_RATE, help="calls a second; 0: closed loop")
+    parser.add_argument(
+        "--watch-messages-per-second", type=float, help="passed to the server (default: the server's)"
+    )
     args = parser.parse_args()
 
     def load(window: int) -> LoadResult:
@@ -152,6 +155,11 @@ def main() -> None:
             "20000",
             "--request-retention",
             "20000",
+            *(
+                ["--watch-messages-per-second", str(args.watch_messages_per_second)]
+                if args.watch_messages_per_second
+                else []
+            ),
         )
         target = f"127.0.0.1:{port}"
         try:
