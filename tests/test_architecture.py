@@ -33,6 +33,7 @@ LAYERS = [
         "executor",
         "instance",
         "cluster",
+        "limits",
     },
     {"testing"},
 ]

@@ -325,3 +325,54 @@ def test_a_retry_matches_its_request_id_on_meaning_not_bytes(stub: pb_grpc.Scale
         name="web", capacity=5, request_id="same-meaning", view=pb.PLAN_VIEW_SUMMARY
     )
     assert code_of(lambda: stub.SetCapacity(summary)) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_connections_beyond_the_limit_are_closed_until_one_ends(tmp_path: Path) -> None:
+    """`serve --max-connections 3`: a fourth client connection is closed as it arrives (UNAVAILABLE), and
+    accepted once one of the three has gone."""
+    import signal
+    import time
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from scaleset.testing.server import free_port, start_server_process
+
+    port = free_port()
+    proc = start_server_process(
+        tmp_path / "state.db", port, tmp_path / "server.log", "--max-connections", "3"
+    )
+
+    def connect() -> grpc.Channel:  # a connection of its own (channels would otherwise share one)
+        return grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
+
+    def check(channel: grpc.Channel) -> int:
+        return int(
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        )
+
+    try:
+        held = [connect() for _ in range(3)]
+        deadline = time.monotonic() + 30
+        while True:  # the start-up check's own connection may take a moment to go
+            try:
+                assert all(check(c) == health_pb2.HealthCheckResponse.SERVING for c in held)
+                break
+            except grpc.RpcError:
+                assert time.monotonic() < deadline, "three connections were never all accepted"
+                time.sleep(0.2)
+        with connect() as fourth, pytest.raises(grpc.RpcError) as refused:
+            check(fourth)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        held.pop().close()
+        while True:
+            with connect() as again:
+                try:
+                    assert check(again) == health_pb2.HealthCheckResponse.SERVING
+                    break
+                except grpc.RpcError:
+                    assert time.monotonic() < deadline + 30, "no connection accepted after one ended"
+                    time.sleep(0.2)
+        for c in held:
+            c.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0

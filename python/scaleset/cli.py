@@ -19,8 +19,9 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from scaleset.control import STREAM_SEND_TIMEOUT_S, WATCH_MESSAGES_PER_SECOND
+from scaleset.control import WATCH_MESSAGES_PER_SECOND
 from scaleset.errors import ScaleSetError
+from scaleset.limits import MAX_CONNECTIONS, STREAM_SEND_TIMEOUT_S
 from scaleset.model import Instance, Plan, PlannedCreate, PlannedDelete, Region
 
 if TYPE_CHECKING:
@@ -74,6 +75,7 @@ async def run_server(
     max_watchers: int = 1000,
     watch_messages_per_second: float = WATCH_MESSAGES_PER_SECOND,
     stream_send_timeout: float = STREAM_SEND_TIMEOUT_S,
+    max_connections: int = MAX_CONNECTIONS,
     http_port: int | None = None,
     http_tls: Any = None,
     standby: bool = False,
@@ -88,14 +90,17 @@ async def run_server(
     from prometheus_client import start_http_server
 
     from scaleset.control import ControlPlane
+    from scaleset.errors import invalid_input
     from scaleset.service import build_server
 
     if not stream_send_timeout > 0:
-        from scaleset.errors import invalid_input
-
         raise invalid_input(
             f"--stream-send-timeout must be above 0 seconds, got {stream_send_timeout:g}.",
             field="stream_send_timeout",
+        )
+    if max_connections < 1:
+        raise invalid_input(
+            f"--max-connections must be at least 1, got {max_connections}.", field="max_connections"
         )
     _raise_file_limit()
     if cluster:
@@ -115,6 +120,7 @@ async def run_server(
             max_watchers=max_watchers,
             watch_messages_per_second=watch_messages_per_second,
             stream_send_timeout=stream_send_timeout,
+            max_connections=max_connections,
             metrics_port=metrics_port,
             credentials=None if cluster_tls is None else cluster_tls[0],
             peer_credentials=None if cluster_tls is None else cluster_tls[1],
@@ -142,6 +148,7 @@ async def run_server(
         credentials=credentials,
         rate_limit=rate_limit,
         stream_send_timeout=stream_send_timeout,
+        max_connections=max_connections,
     )
     if metrics_port:
         start_http_server(
@@ -386,6 +393,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_watchers=args.max_watchers,
             watch_messages_per_second=args.watch_messages_per_second,
             stream_send_timeout=args.stream_send_timeout,
+            max_connections=args.max_connections,
             http_port=args.http_port,
             http_tls=_http_tls(args),
             standby=args.standby,
@@ -997,6 +1005,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=STREAM_SEND_TIMEOUT_S,
         help="seconds a WatchEvents or LeaseOperations client may take no message before the server ends "
         "its stream with RESOURCE_EXHAUSTED SlowConsumer (a watch resumes after its last event) "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=MAX_CONNECTIONS,
+        help="client connections at once; more are closed as they arrive, until one ends "
         "(default: %(default)s)",
     )
     p.add_argument(

@@ -45,16 +45,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.metrics_core import Metric
 
-from scaleset.control import STREAM_SEND_TIMEOUT_S, WATCH_MESSAGES_PER_SECOND, ControlPlane
+from scaleset.control import WATCH_MESSAGES_PER_SECOND, ControlPlane
 from scaleset.errors import CapacityError, ConflictError, ScaleSetError, error, invalid_input, unavailable
 from scaleset.gateway import Gateway
+from scaleset.limits import MAX_CONNECTIONS, STREAM_SEND_TIMEOUT_S
 from scaleset.model import Region
 from scaleset.postgres import LEASE_S, ClusterDirectory, PostgresStore
 from scaleset.service import (
     MAX_CONCURRENT_RPCS,
     MAX_REPLY_BYTES,
     MAX_REQUEST_BYTES,
-    SERVER_OPTIONS,
     DiagnosticsServicer,
     InProcess,
     Metrics,
@@ -66,6 +66,7 @@ from scaleset.service import (
     build_server,
     listen,
     send_within,
+    server_options,
     status_for,
 )
 from scaleset.v1 import scaleset_pb2 as pb
@@ -144,6 +145,8 @@ class CellSettings:
     watch_messages_per_second: float = WATCH_MESSAGES_PER_SECOND
     #: A client of a server stream that takes no message for this long is let go (``SlowConsumer``).
     stream_send_timeout: float = STREAM_SEND_TIMEOUT_S
+    #: Client connections at once, on the front (cells are reached by the fronts only).
+    max_connections: int = MAX_CONNECTIONS
     #: Hand plans to executors (``serve --executors``) instead of applying them at once.
     executors: bool = False
     authenticator: Any = None
@@ -837,9 +840,12 @@ async def build_front(
     rate_limit: float | None,
     credentials: Any = None,
     stream_send_timeout: float = STREAM_SEND_TIMEOUT_S,
+    max_connections: int = MAX_CONNECTIONS,
 ) -> tuple[grpc.aio.Server, int]:
     """The server's public face in a cluster: routed services, health checking, reflection, Echo."""
-    server = grpc.aio.server(maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS, options=SERVER_OPTIONS)
+    server = grpc.aio.server(
+        maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS, options=server_options(max_connections)
+    )
     limiter = RateLimiter(rate_limit) if rate_limit else None
     server.add_generic_rpc_handlers((Router(cluster, limiter, stream_send_timeout),))
     pb_grpc.add_DiagnosticsServicer_to_server(DiagnosticsServicer(), server)
@@ -875,6 +881,7 @@ async def serve_cluster(
         rate_limit=rate_limit,
         credentials=tls,
         stream_send_timeout=settings.stream_send_timeout,
+        max_connections=settings.max_connections,
     )
     cluster.address = f"{address.rsplit(':', 1)[0]}:{port}"  # who this server is, to the others
     if metrics_port:

@@ -64,11 +64,6 @@ WATCH_INTERVAL_S = 0.05
 #: one message each per 2 s, each with every event since the last), so the fan-out cannot crowd out the
 #: mutations it reports (`serve --watch-messages-per-second`).
 WATCH_MESSAGES_PER_SECOND = 500
-#: A server stream (WatchEvents, LeaseOperations) whose client takes no message for this long is ended
-#: with RESOURCE_EXHAUSTED `SlowConsumer` (`serve --stream-send-timeout`; the service applies it): gRPC's
-#: flow control lets a client hold a few MB unread, then the server's next write waits, and without a
-#: bound a client that stops reading would hold its stream (a watch slot, the waiting message) for good.
-STREAM_SEND_TIMEOUT_S = 30.0
 #: Watchers replaying history read the store in aligned chunks of this many events, and the last few
 #: chunks read are shared (at most REPLAY_CACHE_BYTES): many watchers replaying the same history decode it once.
 REPLAY_CHUNK = 500

@@ -33,7 +33,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from scaleset import commands as cmd
 from scaleset import convert
-from scaleset.control import STREAM_SEND_TIMEOUT_S, WATCH_BACKLOG, WATCH_BUFFER_BYTES, ControlPlane, Outcome
+from scaleset.control import WATCH_BACKLOG, WATCH_BUFFER_BYTES, ControlPlane, Outcome
 from scaleset.controller import Controller
 from scaleset.errors import (
     CapacityError,
@@ -46,6 +46,7 @@ from scaleset.errors import (
     invalid_input,
     not_found,
 )
+from scaleset.limits import MAX_CONNECTIONS, STREAM_SEND_TIMEOUT_S
 from scaleset.model import AutoscaleSetting
 from scaleset.store import EventRecord
 from scaleset.v1 import scaleset_pb2 as pb
@@ -1292,6 +1293,11 @@ SERVER_OPTIONS = [
 ]
 
 
+def server_options(max_connections: int) -> list[tuple[str, Any]]:
+    """SERVER_OPTIONS with the bound on client connections at once (see ``limits.MAX_CONNECTIONS``)."""
+    return [*SERVER_OPTIONS, ("grpc.max_allowed_incoming_connections", max_connections)]
+
+
 async def build_server(
     control: ControlPlane,
     address: str,
@@ -1301,6 +1307,7 @@ async def build_server(
     rate_limit: float | None = DEFAULT_RATE_LIMIT,
     in_process: InProcess | None = None,
     stream_send_timeout: float = STREAM_SEND_TIMEOUT_S,
+    max_connections: int = MAX_CONNECTIONS,
 ) -> tuple[grpc.aio.Server, int, Metrics]:
     """A server with every service, health checking and reflection, bound to ``address``
     (``host:port``; port 0 picks a free one). Returns the server, its port and its metrics. Given
@@ -1317,7 +1324,7 @@ async def build_server(
         # Bounds on what a client can make the server hold: calls at once, and message sizes both ways
         # (replies up to 64 MB carry a 100,000-instance plan; the client accepts as much).
         maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
-        options=SERVER_OPTIONS,
+        options=server_options(max_connections),
     )
     servicers = (ScaleSetsServicer(control), RegionsServicer(control), AutoscaleServicer(control))
     for target in (server, in_process) if in_process is not None else (server,):
