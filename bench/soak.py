@@ -6,10 +6,12 @@ its own latency histogram, from its metrics endpoint, that holds the 99th percen
 The load is an open loop at ``--rate`` calls a second (default 2x TARGET_RATE), each call timed from when
 it was due, in windows of WINDOW_S; ``--rate 0`` runs it closed-loop instead (as fast as the server
 answers 8 calls in flight: the saturation figures). Unloaded is the same load for QUIET_WINDOWS windows
-before the watchers start and as many after they stop, pooled; the summary compares the p99 of every loaded window after the first (the
-warm-up, while the watchers connect and replay the history) pooled, and the worst single window.
+before the watchers start and as many after they stop, pooled; the summary compares the p99 of every
+loaded window after the first (the warm-up, while the watchers connect and replay the history) pooled,
+and the worst single window. Each window also shows the watch streams the server serves: the
+never-reading ones are let go once their flow control is full and --stream-send-timeout has passed.
 
-Run: ``python bench/soak.py --minutes 2 --watchers 200``. It starts its own server on a free loopback port
+Run: ``python bench/soak.py --minutes 2 --watchers 1000``. It starts its own server on a free loopback port
 with its database in a temporary directory, and stops it at the end.
 """
 
@@ -228,14 +230,18 @@ def main() -> None:
                 f"{server} ms, CPU {busy:.0f}% of a core)"
             )
             quiet_p99 = percentile_ms(sorted(before + after), 0.99)
+            sides_of = (("before", before), ("after", after))
             # The first window is the warm-up: every watcher connects and replays the history.
             steady = sorted(t for window in loaded[1:] for t in window)
             if steady:
                 p99 = percentile_ms(steady, 0.99)
+                sides = " and ".join(
+                    f"{p99 / percentile_ms(sorted(side), 0.99):.1f}x {name}" for name, side in sides_of
+                )
                 print(
                     f"loaded p99 after the first window {p99:.1f} ms = {p99 / quiet_p99:.1f}x unloaded "
-                    f"({quiet_p99:.1f} ms, before and after pooled); worst window {worst:.1f} ms = "
-                    f"{worst / quiet_p99:.1f}x"
+                    f"({quiet_p99:.1f} ms, before and after pooled; {sides}); worst window {worst:.1f} ms "
+                    f"= {worst / quiet_p99:.1f}x"
                 )
         finally:
             proc.send_signal(signal.SIGTERM)
