@@ -177,3 +177,13 @@ def test_serve_cluster_refuses_what_it_cannot_do(capsys: pytest.CaptureFixture[s
     assert "--standby has no use with --cluster" in capsys.readouterr().err
     assert main(["serve", "--cluster", "--partitions", "0", "--store", url, "--metrics-port", "0"]) == 2
     assert "--partitions must be between 1 and 256" in capsys.readouterr().err
+
+
+def test_serve_refuses_bounds_that_would_let_nothing_through(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    db = str(tmp_path / "x.db")
+    assert main(["serve", "--db", db, "--metrics-port", "0", "--stream-send-timeout", "0"]) == 2
+    assert "--stream-send-timeout must be above 0 seconds, got 0." in capsys.readouterr().err
+    assert main(["serve", "--db", db, "--metrics-port", "0", "--max-connections", "0"]) == 2
+    assert "--max-connections must be at least 1, got 0." in capsys.readouterr().err
