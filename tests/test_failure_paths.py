@@ -268,6 +268,13 @@ def test_watch_messages_take_turns_at_the_configured_rate(tmp_path: Path) -> Non
     assert next_free == pytest.approx(0.2, abs=0.01)
 
 
+class _Context:
+    """The servicer context WatchEvents needs when it is called directly (not through gRPC)."""
+
+    async def send_initial_metadata(self, metadata: object) -> None:
+        pass
+
+
 def test_a_watcher_waiting_for_its_next_turn_holds_neither_its_events_nor_its_message(tmp_path: Path) -> None:
     """Between its messages a watcher holds nothing of the last one: not the batch of events (a list the
     garbage collector would walk at every collection while 1,000 watchers wait a second or two for their
@@ -280,10 +287,6 @@ def test_a_watcher_waiting_for_its_next_turn_holds_neither_its_events_nor_its_me
     from scaleset.store import SQLiteStore
     from scaleset.v1 import scaleset_pb2 as pb
 
-    class Context:
-        async def send_initial_metadata(self, metadata: object) -> None:
-            pass
-
     store = SQLiteStore(str(tmp_path / "state.db"))
 
     async def scenario() -> tuple[int, int, int]:
@@ -293,7 +296,7 @@ def test_a_watcher_waiting_for_its_next_turn_holds_neither_its_events_nor_its_me
         await control.mutate(
             method="CreateScaleSet", command=CreateScaleSet(zonal_spec(), 1), encode=lambda o: o
         )
-        streams = [servicer.WatchEvents(pb.WatchEventsRequest(), Context()) for _ in range(10)]
+        streams = [servicer.WatchEvents(pb.WatchEventsRequest(), _Context()) for _ in range(10)]
         for stream in streams:
             await anext(stream)  # the history: the scale set's creation
         waiting = [asyncio.create_task(anext(stream)) for stream in streams]
@@ -335,10 +338,6 @@ def test_watchers_replaying_a_shared_batch_each_get_all_of_it(tmp_path: Path) ->
     from scaleset.store import SQLiteStore
     from scaleset.v1 import scaleset_pb2 as pb
 
-    class Context:
-        async def send_initial_metadata(self, metadata: object) -> None:
-            pass
-
     store = SQLiteStore(str(tmp_path / "state.db"))
 
     async def scenario() -> list[list[int]]:
@@ -354,7 +353,7 @@ def test_watchers_replaying_a_shared_batch_each_get_all_of_it(tmp_path: Path) ->
             )
         seen = []
         for _ in range(3):  # one after another: each replays the same batch of one scale set's history
-            stream = servicer.WatchEvents(pb.WatchEventsRequest(scale_set="web"), Context())
+            stream = servicer.WatchEvents(pb.WatchEventsRequest(scale_set="web"), _Context())
             message = pb.WatchEventsResponse.FromString(await asyncio.wait_for(anext(stream), 10))
             seen.append([e.revision for e in message.events])
             await stream.aclose()

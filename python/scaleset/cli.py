@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from scaleset.control import WATCH_MESSAGES_PER_SECOND
-from scaleset.errors import ScaleSetError
+from scaleset.errors import ScaleSetError, invalid_input
 from scaleset.limits import MAX_CONNECTIONS, STREAM_SEND_TIMEOUT_S
 from scaleset.model import Instance, Plan, PlannedCreate, PlannedDelete, Region
 
@@ -43,8 +43,6 @@ def open_store(location: str, *, standby: bool = False, address: str = "") -> St
 
         return PostgresStore(location, standby=standby, address=address)
     if standby:
-        from scaleset.errors import invalid_input
-
         raise invalid_input(
             "--standby needs --store postgresql://... (a SQLite file has one server).", field="standby"
         )
@@ -90,7 +88,6 @@ async def run_server(
     from prometheus_client import start_http_server
 
     from scaleset.control import ControlPlane
-    from scaleset.errors import invalid_input
     from scaleset.service import build_server
 
     if not stream_send_timeout > 0:
@@ -240,7 +237,6 @@ async def _run_cluster_member(
 ) -> int:
     """``serve --cluster``: this server as one of several active ones on a PostgreSQL database."""
     from scaleset.cluster import PARTITIONS, CellSettings, serve_cluster
-    from scaleset.errors import invalid_input
 
     if not store.startswith(("postgresql://", "postgres://")):
         raise invalid_input(
@@ -301,8 +297,6 @@ def _raise_file_limit() -> None:
 def _security(args: argparse.Namespace) -> tuple[Any, Any]:
     """The server's authenticator and TLS credentials from the serve flags; refuses to listen beyond
     localhost without TLS unless told to."""
-    from scaleset.errors import invalid_input
-
     authenticator = credentials = None
     if bool(args.tls_cert) != bool(args.tls_key):
         raise invalid_input("--tls-cert and --tls-key go together.", field="tls")
