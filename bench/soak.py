@@ -55,17 +55,40 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def latency_buckets(metrics_port: int) -> dict[float, float]:
-    """The server's own SetCapacity latency histogram (cumulative counts by upper bound, seconds), read
-    from its metrics endpoint."""
+def latency_buckets(
+    metrics_port: int, histogram: str = "scaleset_rpc_latency_seconds", label: str = 'method="SetCapacity"'
+) -> dict[float, float]:
+    """One of the server's histograms (by default its own SetCapacity latency): cumulative counts by upper
+    bound (seconds) of the series with ``label``, read from its metrics endpoint."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     counts: dict[float, float] = {}
     for line in text.splitlines():
-        if line.startswith("scaleset_rpc_latency_seconds_bucket{") and 'method="SetCapacity"' in line:
+        if line.startswith(f"{histogram}_bucket{{") and label in line:
             bound = re.search(r'le="([^"]+)"', line)
             if bound:
                 counts[float(bound.group(1))] = float(line.rsplit(" ", 1)[1])
     return counts
+
+
+def gc_pauses(metrics_port: int) -> dict[str, dict[float, float]]:
+    """The server's garbage-collection pauses by generation (its scaleset_gc_pause_seconds histogram)."""
+    return {g: latency_buckets(metrics_port, "scaleset_gc_pause_seconds", f'generation="{g}"') for g in "012"}
+
+
+def gc_summary(
+    before: dict[str, dict[float, float]], after: dict[str, dict[float, float]]
+) -> tuple[str, int]:
+    """Between two readings of gc_pauses: the histogram bucket holding the longest pause ("<=5" ms) and
+    the number of full collections."""
+    longest = 0.0
+    for g, counts in after.items():
+        total = counts.get(float("inf"), 0) - before[g].get(float("inf"), 0)
+        if total:
+            longest = max(
+                longest, next(b for b in sorted(counts) if counts[b] - before[g].get(b, 0) >= total)
+            )
+    full = after["2"].get(float("inf"), 0) - before["2"].get(float("inf"), 0)
+    return (f"<={longest * 1000:g}" if longest else "-"), int(full)
 
 
 def metric(metrics_port: int, sample: str) -> int:
@@ -199,9 +222,9 @@ def main() -> None:
             )
             print(
                 f"{'minute':>7} {'req/s':>8} {'p99 ms':>8} {'server':>8} {'CPU %':>6} {'errors':>7} {'RSS MB':>8} "
-                f"{'DB MB':>8} {'watchers':>8}"
+                f"{'DB MB':>8} {'watchers':>8} {'GC ms':>6} {'full':>4}"
             )
-            seen = latency_buckets(metrics_port)
+            seen, collected = latency_buckets(metrics_port), gc_pauses(metrics_port)
             deadline = time.monotonic() + args.minutes * 60
             worst, loaded = 0.0, []
             while time.monotonic() < deadline:
@@ -209,12 +232,14 @@ def main() -> None:
                 r = load(300)
                 busy = (cpu_seconds(proc.pid) - cpu) / (time.monotonic() - began) * 100
                 server = p99_bound_ms(seen, seen := latency_buckets(metrics_port))
+                longest, full = gc_summary(collected, collected := gc_pauses(metrics_port))
                 worst = max(worst, r.p99_ms)
                 loaded.append(r.latencies)
                 minute = args.minutes - (deadline - time.monotonic()) / 60
                 print(
                     f"{minute:7.1f} {r.per_second:8.0f} {r.p99_ms:8.1f} {server:>8} {busy:6.0f} {r.errors:7d} "
-                    f"{rss_mb(proc.pid):8.1f} {db_mb(db):8.1f} {metric(metrics_port, 'scaleset_watchers'):8d}"
+                    f"{rss_mb(proc.pid):8.1f} {db_mb(db):8.1f} {metric(metrics_port, 'scaleset_watchers'):8d} "
+                    f"{longest:>6} {full:4d}"
                 )
             print(
                 "watchers let go as too slow to read: "

@@ -187,6 +187,13 @@ class Metrics:
             ["method"],
             registry=self.registry,
         )
+        self.gc_pauses = Histogram(
+            "scaleset_gc_pause_seconds",
+            "Garbage collections while serving (each stops the event loop), by generation (2: full).",
+            ["generation"],
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1),
+        )
         watchers = Gauge("scaleset_watchers", "WatchEvents streams being served.", registry=self.registry)
         watchers.set_function(lambda: control.watchers)
         scale_sets = Gauge("scaleset_scale_sets", "Scale sets.", registry=self.registry)
