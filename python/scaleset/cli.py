@@ -84,8 +84,8 @@ async def collect_garbage(
     for 30-70 ms (`bench/soak.py`, timed with gc.callbacks). So here the oldest generation is collected when
     what it *holds* has grown by a quarter: what it gains between checks is what is still alive, or garbage
     in reference cycles (which only a collection frees). And an object that survives one young collection
-    moves on at the next, so the middle generation stays small and its collections short (10 ms with
-    CPython's ten, 1-5 ms with one)."""
+    moves on at the next, so the middle generation stays small and its collections short (in the loaded
+    soak, up to 7-11 ms with CPython's ten young collections before that, at most 5-10 ms with one)."""
     started: list[float] = []
 
     def held() -> int:
