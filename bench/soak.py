@@ -1,7 +1,8 @@
 """Soak test (on demand, not in CI): sustained durable SetCapacity load against `scaleset serve` while many
-watchers stream every change, some of which never read; prints the server's RSS, CPU (share of one core)
-and database size over time, and the unloaded vs loaded p99: as the clients see it, and as the server measured it (the bucket of
-its own latency histogram, from its metrics endpoint, that holds the 99th percentile).
+watchers stream every change, some of which never read; prints the server's RSS, CPU (share of one core),
+database size and longest garbage-collection pause over time, and the unloaded vs loaded p99: as the
+clients see it, and as the server measured it (the bucket of its own latency histogram, from its metrics
+endpoint, that holds the 99th percentile).
 
 The load is an open loop at ``--rate`` calls a second (default 2x TARGET_RATE), each call timed from when
 it was due, in windows of WINDOW_S; ``--rate 0`` runs it closed-loop instead (as fast as the server
