@@ -97,6 +97,10 @@ async def collect_garbage(
         elif started and pauses is not None:
             pauses.labels(str(info["generation"])).observe(time.perf_counter() - started[0])
 
+    # What start-up made (modules, the server, the loaded state's Python side) lives as long as the
+    # server: keep it out of every later collection, so the full ones walk only what serving makes.
+    gc.collect()
+    gc.freeze()
     thresholds = gc.get_threshold()
     gc.set_threshold(*YOUNG_GC_THRESHOLDS, _NEVER)
     if pauses is not None:
@@ -113,6 +117,7 @@ async def collect_garbage(
         if pauses is not None:
             gc.callbacks.remove(observe)
         gc.set_threshold(*thresholds)
+        gc.unfreeze()
 
 
 async def run_server(
@@ -218,11 +223,6 @@ async def run_server(
 
         gateway = Gateway.attach(server, tls=http_tls)
     await server.start()
-    # What start-up made (modules, the server, the loaded state's Python side) lives as long as the
-    # server: keep it out of every later garbage collection, so the full collections, which pause the
-    # event loop, walk only what serving makes.
-    gc.collect()
-    gc.freeze()
     # The commit thread (and the store's other threads) wait for the GIL while the event loop serves
     # watchers: hand it over every 0.5 ms rather than every 5 ms, or each of a commit's few returns to
     # Python can wait 5 ms.
