@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import sys
 import weakref
 
 from prometheus_client import CollectorRegistry, Histogram
@@ -46,21 +47,22 @@ def test_a_full_collection_runs_when_the_oldest_generation_grows_not_for_what_pa
         collector = asyncio.create_task(collect_garbage(stop, pauses, interval=0.01))
         await asyncio.sleep(0.05)
         assert gc.get_threshold()[:2] == YOUNG_GC_THRESHOLDS
-        held = len(gc.get_objects(generation=2))
+        oldest = len(gc.get_objects(generation=2))
         before = full_collections()
 
         # Objects that live long enough to reach the oldest generation and are then freed by their
         # reference counts: 40 times as many as it holds moved through it (CPython's own rule collects
         # it each time a quarter as many have), and it has not grown.
         for _ in range(40):
-            passing = [[] for _ in range(held)]
+            passing = [[] for _ in range(oldest)]
             gc.collect(1)  # survivors of the young generations move to the oldest
             del passing
             await asyncio.sleep(0.02)
         assert full_collections() == before
 
-        # Garbage in reference cycles, more than the growth that triggers a collection: freed within a
-        # few checks.
+        # Garbage in reference cycles (a memory block each), more than the growth that triggers a
+        # collection: freed within a few checks.
+        held = sys.getallocatedblocks()
         count = int(max(FULL_COLLECTION_MIN_GROWTH, held * FULL_COLLECTION_GROWTH)) + 10_000
         nodes = [Node() for _ in range(count)]
         for a, b in zip(nodes, nodes[1:] + nodes[:1], strict=True):

@@ -60,12 +60,13 @@ SWITCH_INTERVAL_S = 0.0005
 
 #: While serving (see collect_garbage): an object that survives a young collection moves to the oldest
 #: generation at the next, and the oldest is collected by collect_garbage, checked every
-#: GC_CHECK_INTERVAL_S, once it holds FULL_COLLECTION_GROWTH more objects than after the last full
-#: collection (and at least FULL_COLLECTION_MIN_GROWTH more).
+#: GC_CHECK_INTERVAL_S, once the interpreter holds FULL_COLLECTION_GROWTH more memory blocks (objects,
+#: and the arrays of lists, dicts and sets) than after the last full collection, and at least
+#: FULL_COLLECTION_MIN_GROWTH more.
 YOUNG_GC_THRESHOLDS = (700, 1)
 GC_CHECK_INTERVAL_S = 5.0
 FULL_COLLECTION_GROWTH = 0.25
-FULL_COLLECTION_MIN_GROWTH = 20_000
+FULL_COLLECTION_MIN_GROWTH = 50_000
 #: The largest threshold gc.set_threshold takes (a C int): the oldest generation is never collected by
 #: CPython's own rule.
 _NEVER = 2**31 - 1
@@ -82,14 +83,14 @@ async def collect_garbage(
     (each stream's gRPC call state and coroutines), most of what moves into it is freed by its reference
     count moments later, and under a steady load a full collection came every ~10 s and stopped every call
     for 30-70 ms (`bench/soak.py`, timed with gc.callbacks). So here the oldest generation is collected when
-    what it *holds* has grown by a quarter: what it gains between checks is what is still alive, or garbage
-    in reference cycles (which only a collection frees). And an object that survives one young collection
-    moves on at the next, so the middle generation stays small and its collections short (in the loaded
-    soak, up to 7-11 ms with CPython's ten young collections before that, at most 5-10 ms with one)."""
+    what the interpreter *holds* has grown by a quarter: what it gains between checks is what is still
+    alive, or garbage in reference cycles (which only a collection frees). It is counted in memory blocks
+    (`sys.getallocatedblocks`, ~0.1 ms), not by listing the oldest generation's objects, which took over
+    10 ms in the loaded soak: a pause of its own every check. And an object that survives one young
+    collection moves on at the next, so the middle generation stays small and its collections short (in the
+    loaded soak, up to 7-11 ms with CPython's ten young collections before that, at most 5-10 ms with one)."""
     started: list[float] = []
-
-    def held() -> int:
-        return len(gc.get_objects(generation=2))
+    held = sys.getallocatedblocks
 
     def observe(phase: str, info: dict[str, int]) -> None:
         if phase == "start":
