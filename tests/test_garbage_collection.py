@@ -1,6 +1,7 @@
 """How a serving process collects garbage (scaleset.cli.collect_garbage): objects that pass through the
 oldest generation and are freed by their reference counts cause no full collection, while garbage in
-reference cycles that makes the oldest generation grow is collected; each pause is observed."""
+reference cycles that makes what the interpreter holds (its memory blocks) grow is collected; each pause is
+observed."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def observed(pauses: Histogram, generation: str) -> float:
     )
 
 
-def test_a_full_collection_runs_when_the_oldest_generation_grows_not_for_what_passes_through() -> None:
+def test_a_full_collection_runs_when_what_is_held_grows_not_for_what_passes_through() -> None:
     pauses = Histogram("pauses", "GC pauses.", ["generation"], registry=CollectorRegistry())
     thresholds = gc.get_threshold()
 

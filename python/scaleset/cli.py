@@ -90,7 +90,6 @@ async def collect_garbage(
     collection moves on at the next, so the middle generation stays small and its collections short (in the
     loaded soak, up to 7-11 ms with CPython's ten young collections before that, at most 5-10 ms with one)."""
     started: list[float] = []
-    held = sys.getallocatedblocks
 
     def observe(phase: str, info: dict[str, int]) -> None:
         if phase == "start":
@@ -107,13 +106,14 @@ async def collect_garbage(
     if pauses is not None:
         gc.callbacks.append(observe)
     try:
-        baseline = held()
+        baseline = sys.getallocatedblocks()
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
-            if held() > baseline + max(FULL_COLLECTION_MIN_GROWTH, baseline * FULL_COLLECTION_GROWTH):
+            growth = max(FULL_COLLECTION_MIN_GROWTH, baseline * FULL_COLLECTION_GROWTH)
+            if sys.getallocatedblocks() > baseline + growth:
                 gc.collect()
-                baseline = held()
+                baseline = sys.getallocatedblocks()
     finally:
         if pauses is not None:
             gc.callbacks.remove(observe)
