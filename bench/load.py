@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
+import queue
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -25,6 +28,12 @@ class LoadResult:
     @property
     def per_second(self) -> float:
         return self.requests / self.seconds
+
+
+def cpu_seconds(pid: int) -> float:
+    """The process's CPU time so far (user and system), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile_ms(latencies: list[float], q: float) -> float:
@@ -175,3 +184,54 @@ def run_load(
 
 def _noop(_: int) -> None:
     import scaleset.v1.scaleset_pb2  # noqa: F401 - import cost paid before timing
+
+
+#: Watch streams per client connection: the server takes at most 256 streams at once on one connection
+#: (SERVER_OPTIONS), and gRPC queues any more in the client until one ends.
+STREAMS_PER_CHANNEL = 200
+
+
+def watch_every_set(target: str, count: int, asks: Any, answers: Any) -> None:
+    """A watcher process: ``count`` streams of every scale set from the start, reading every message as
+    bytes (nothing decoded while they stream). For each item put on ``asks`` it puts on ``answers`` each
+    stream's last event sequence so far (-1 for a stream that ended); None on ``asks`` ends it."""
+    asyncio.run(_watch_every_set(target, count, asks, answers))
+
+
+async def _watch_every_set(target: str, count: int, asks: Any, answers: Any) -> None:
+    # A connection each (channels to one target otherwise share one, and its stream limit).
+    channels = [
+        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(-(-count // STREAMS_PER_CHANNEL))
+    ]
+    request = pb.WatchEventsRequest().SerializeToString()
+    last: list[bytes | None] = [b""] * count
+
+    async def one(k: int) -> None:
+        watch = channels[k // STREAMS_PER_CHANNEL].unary_stream("/scaleset.v1.ScaleSets/WatchEvents")
+        try:
+            async for message in watch(request):
+                last[k] = message
+        except grpc.RpcError:
+            pass
+        last[k] = None
+
+    streams = [asyncio.create_task(one(k)) for k in range(count)]
+    while True:
+        try:
+            ask = asks.get_nowait()
+        except queue.Empty:
+            await asyncio.sleep(0.1)
+            continue
+        if ask is None:
+            break
+        answers.put(
+            [
+                -1 if m is None else pb.WatchEventsResponse.FromString(m).events[-1].sequence if m else 0
+                for m in last
+            ]
+        )
+    for stream in streams:
+        stream.cancel()
+    for channel in channels:
+        await channel.close()

@@ -37,7 +37,14 @@ from scaleset.testing.server import free_port, start_server_process
 from scaleset.v1 import scaleset_pb2 as pb
 from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
 
-from bench.load import LoadResult, create_load_sets, percentile_ms, run_load
+from bench.load import (
+    STREAMS_PER_CHANNEL,
+    LoadResult,
+    cpu_seconds,
+    create_load_sets,
+    percentile_ms,
+    run_load,
+)
 
 PROCESSES, INFLIGHT = 2, 4
 #: The durable change rate a server is sized for (docs/behaviour.md): 15,000 autoscaled scale sets, each
@@ -109,19 +116,8 @@ def p99_bound_ms(before: dict[float, float], after: dict[float, float]) -> str:
     return "-"
 
 
-def cpu_seconds(pid: int) -> float:
-    """The process's CPU time so far (user and system), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def db_mb(db: Path) -> float:
     return sum(p.stat().st_size for p in db.parent.glob(db.name + "*") if p.is_file()) / 1e6
-
-
-#: Watch streams per client connection: the server takes at most 256 streams at once on one connection
-#: (SERVER_OPTIONS), and gRPC queues any more in the client until one ends.
-STREAMS_PER_CHANNEL = 200
 
 
 async def _watch(target: str, count: int, reads: bool) -> None:
