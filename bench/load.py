@@ -198,12 +198,24 @@ def watch_every_set(target: str, count: int, asks: Any, answers: Any) -> None:
     asyncio.run(_watch_every_set(target, count, asks, answers))
 
 
-async def _watch_every_set(target: str, count: int, asks: Any, answers: Any) -> None:
-    # A connection each (channels to one target otherwise share one, and its stream limit).
-    channels = [
+def watch_channels(target: str, streams: int) -> list[grpc.aio.Channel]:
+    """Enough asyncio channels for ``streams`` streams, STREAMS_PER_CHANNEL each, on a connection each
+    (channels to one target otherwise share one connection, and its stream limit)."""
+    return [
         grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
-        for _ in range(-(-count // STREAMS_PER_CHANNEL))
+        for _ in range(-(-streams // STREAMS_PER_CHANNEL))
     ]
+
+
+def _last_sequence(message: bytes | None) -> int:
+    """The sequence of the last event in a WatchEventsResponse (0 before any, -1 once the stream ended)."""
+    if message is None:
+        return -1
+    return pb.WatchEventsResponse.FromString(message).events[-1].sequence if message else 0
+
+
+async def _watch_every_set(target: str, count: int, asks: Any, answers: Any) -> None:
+    channels = watch_channels(target, count)
     request = pb.WatchEventsRequest().SerializeToString()
     last: list[bytes | None] = [b""] * count
 
@@ -225,12 +237,7 @@ async def _watch_every_set(target: str, count: int, asks: Any, answers: Any) -> 
             continue
         if ask is None:
             break
-        answers.put(
-            [
-                -1 if m is None else pb.WatchEventsResponse.FromString(m).events[-1].sequence if m else 0
-                for m in last
-            ]
-        )
+        answers.put([_last_sequence(m) for m in last])
     for stream in streams:
         stream.cancel()
     for channel in channels:

@@ -44,6 +44,7 @@ from bench.load import (
     create_load_sets,
     percentile_ms,
     run_load,
+    watch_channels,
 )
 
 PROCESSES, INFLIGHT = 2, 4
@@ -123,10 +124,7 @@ def db_mb(db: Path) -> float:
 async def _watch(target: str, count: int, reads: bool) -> None:
     """``count`` watch streams on asyncio channels of STREAMS_PER_CHANNEL streams; a reading stream reads
     every message, the others read one and then hold the stream open without reading another."""
-    channels = [
-        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
-        for _ in range(-(-count // STREAMS_PER_CHANNEL))
-    ]
+    channels = watch_channels(target, count)
 
     async def one(k: int) -> None:
         stream = pb_grpc.ScaleSetsStub(channels[k // STREAMS_PER_CHANNEL]).WatchEvents(
