@@ -5,7 +5,7 @@ The load is the soak's open loop (bench/soak.py) at 500 calls a second; the cost
 CPU time (every thread, from /proc) per call. Every change goes to every watcher, but each event is
 encoded once and a watcher's message is a slice of the encoded run (service.EncodedEvents), sent at most
 WATCH_MESSAGES_PER_SECOND times a second across the watchers. The gate holds the CPU a call with the
-watchers to at most 2.1 times that without: measured 1.18-1.47x (1.0-1.1 ms a call quiet, 1.2-1.4 ms with
+watchers to at most 2.1 times that without: measured 1.18-1.52x (0.9-1.1 ms a call quiet, 1.2-1.4 ms with
 the watchers); with each event encoded once per watcher instead (tried, to check the gate), 3.0x.
 Every watcher must end on the last change.
 
