@@ -55,6 +55,8 @@ TARGET_RATE = 250
 WINDOW_S, OPEN_INFLIGHT = 10, 64
 #: Unloaded windows, pooled (a single window's p99 moves by 2x between runs on this machine).
 QUIET_WINDOWS = 3
+#: Unloaded p99 before and after the watchers further apart than this: the run does not measure them.
+DRIFT = 2.0
 
 
 def rss_mb(pid: int) -> float:
@@ -262,6 +264,13 @@ def main() -> None:
                     f"loaded p99 after the first window {p99:.1f} ms = {p99 / quiet_p99:.1f}x unloaded "
                     f"({quiet_p99:.1f} ms, before and after pooled; {sides}); worst window {worst:.1f} ms "
                     f"= {worst / quiet_p99:.1f}x"
+                )
+            sides_p99 = sorted(percentile_ms(sorted(side), 0.99) for _, side in sides_of)
+            if sides_p99[1] > DRIFT * sides_p99[0]:
+                print(
+                    f"the unloaded windows before and after differ by {sides_p99[1] / sides_p99[0]:.1f}x: the "
+                    "machine's speed drifted during the run (or its load generator stalled), so the ratio "
+                    "above does not measure the watchers; run again"
                 )
         finally:
             proc.send_signal(signal.SIGTERM)
