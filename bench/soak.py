@@ -252,23 +252,24 @@ def main() -> None:
                 f"{server} ms, CPU {busy:.0f}% of a core)"
             )
             quiet_p99 = percentile_ms(sorted(before + after), 0.99)
-            sides_of = (("before", before), ("after", after))
+            sides_p99 = {
+                name: percentile_ms(sorted(side), 0.99)
+                for name, side in (("before", before), ("after", after))
+            }
             # The first window is the warm-up: every watcher connects and replays the history.
             steady = sorted(t for window in loaded[1:] for t in window)
             if steady:
                 p99 = percentile_ms(steady, 0.99)
-                sides = " and ".join(
-                    f"{p99 / percentile_ms(sorted(side), 0.99):.1f}x {name}" for name, side in sides_of
-                )
+                sides = " and ".join(f"{p99 / side:.1f}x {name}" for name, side in sides_p99.items())
                 print(
                     f"loaded p99 after the first window {p99:.1f} ms = {p99 / quiet_p99:.1f}x unloaded "
                     f"({quiet_p99:.1f} ms, before and after pooled; {sides}); worst window {worst:.1f} ms "
                     f"= {worst / quiet_p99:.1f}x"
                 )
-            sides_p99 = sorted(percentile_ms(sorted(side), 0.99) for _, side in sides_of)
-            if sides_p99[1] > DRIFT * sides_p99[0]:
+            low, high = sorted(sides_p99.values())
+            if high > DRIFT * low:
                 print(
-                    f"the unloaded windows before and after differ by {sides_p99[1] / sides_p99[0]:.1f}x: the "
+                    f"the unloaded windows before and after differ by {high / low:.1f}x: the "
                     "machine's speed drifted during the run (or its load generator stalled), so the ratio "
                     "above does not measure the watchers; run again"
                 )
