@@ -14,7 +14,7 @@ PACKAGE = Path(scaleset.__file__).parent
 
 #: Lower layers first; a module may import only from its own layer or below.
 LAYERS = [
-    {"_core", "errors", "model"},
+    {"_core", "errors", "model", "limits"},
     {"engine"},
     {"rebalance", "policies"},
     {"commands"},
@@ -33,7 +33,7 @@ LAYERS = [
         "executor",
         "instance",
         "cluster",
-        "limits",
+        "watchproxy",
     },
     {"testing"},
 ]

@@ -467,6 +467,51 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_watch_proxy(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    authenticator, credentials = _security(args)
+    upstream_credentials = None
+    if args.tls_ca or args.upstream_tls:
+        import grpc
+
+        upstream_credentials = grpc.ssl_channel_credentials(
+            Path(args.tls_ca).read_bytes() if args.tls_ca else None
+        )
+
+    async def run() -> int:
+        from scaleset.watchproxy import serve_watch_proxy
+
+        _raise_file_limit()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        collector = asyncio.create_task(collect_garbage(stop), name="scaleset-gc")
+        try:
+            return await serve_watch_proxy(
+                args.server,
+                f"{args.host}:{args.port}",
+                stop=stop,
+                upstream_credentials=upstream_credentials,
+                token=args.token,
+                credentials=credentials,
+                authenticator=authenticator,
+                max_watchers=args.max_watchers,
+                messages_per_second=args.watch_messages_per_second,
+                stream_send_timeout=args.stream_send_timeout,
+                max_connections=args.max_connections,
+                buffer_events=args.buffer_events,
+                buffer_bytes=int(args.buffer_mb * 1024 * 1024),
+                metrics_port=args.metrics_port,
+                grace=args.grace,
+            )
+        finally:
+            collector.cancel()
+
+    return asyncio.run(run())
+
+
 # ----- client commands ----------------------------------------------------------------------------------
 
 
@@ -976,70 +1021,18 @@ def cmd_hook(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scaleset", description=__doc__)
-    parser.add_argument("--log-level", default=os.environ.get("SCALESET_LOG_LEVEL", "INFO"))
-    parser.add_argument(
-        "--server",
-        default=os.environ.get("SCALESET_SERVER", "localhost:50051"),
-        help="server address (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--token", default=os.environ.get("SCALESET_TOKEN", ""), help="bearer token ($SCALESET_TOKEN)"
-    )
-    parser.add_argument(
-        "--tls-ca",
-        default=os.environ.get("SCALESET_TLS_CA"),
-        help="CA certificate (PEM) of a TLS server ($SCALESET_TLS_CA)",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("serve", help="run the gRPC service")
-    p.add_argument("--db", default="scaleset.db", help="SQLite file (default: %(default)s)")
-    p.add_argument(
-        "--store",
-        default=os.environ.get("SCALESET_STORE"),
-        help="a postgresql:// URL to keep the state in PostgreSQL instead of --db ($SCALESET_STORE)",
-    )
+def _listener_flags(p: argparse.ArgumentParser, port: int, metrics_port: int) -> None:
+    """What ``serve`` and ``watch-proxy`` share: where they listen, TLS and who may call (see `_security`),
+    and the bounds on watchers, connections and streams."""
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--port", type=int, default=port, help="(default: %(default)s)")
     p.add_argument(
-        "--standby",
-        action="store_true",
-        help="with --store postgresql://: wait while another server holds the database, take over when it goes",
-    )
-    p.add_argument(
-        "--cluster",
-        action="store_true",
-        help="with --store postgresql://: one of several active servers; scale sets are shared out among them "
-        "by partition, and any server answers for any scale set",
-    )
-    p.add_argument(
-        "--partitions",
+        "--metrics-port",
         type=int,
-        help="with --cluster, on a new database: how many partitions the scale sets are hashed onto (default 12)",
-    )
-    p.add_argument(
-        "--http-port",
-        type=int,
-        help="also serve the API as HTTP/JSON on this port (POST /scaleset.v1.ScaleSets/SetCapacity ...); "
-        "off by default",
-    )
-    p.add_argument("--metrics-port", type=int, default=9464, help="Prometheus metrics port; 0 turns it off")
-    p.add_argument(
-        "--region", help="YAML/JSON region: zones, fault_domains_per_zone, pools (first start only)"
-    )
-    p.add_argument(
-        "--instance-limit", type=int, help="raise the per-scale-set instance ceiling (private fleets)"
+        default=metrics_port,
+        help="Prometheus metrics port; 0 turns it off (default: %(default)s)",
     )
     p.add_argument("--grace", type=float, default=5.0, help="seconds to drain calls on shutdown")
-    p.add_argument(
-        "--advance-interval",
-        type=float,
-        default=30.0,
-        help="seconds between runs of the time-driven policies: rolling upgrades, repairs, autoscale "
-        "(Azure evaluates every 30 to 60 s), automatic zone balance (default: %(default)s)",
-    )
     p.add_argument(
         "--tls-cert",
         help="server certificate (PEM); with --tls-key, serve TLS (reloaded when the files change)",
@@ -1077,15 +1070,78 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     p.add_argument(
+        "--allow-insecure",
+        action="store_true",
+        help="listen beyond localhost without TLS (refused otherwise)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scaleset", description=__doc__)
+    parser.add_argument("--log-level", default=os.environ.get("SCALESET_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--server",
+        default=os.environ.get("SCALESET_SERVER", "localhost:50051"),
+        help="server address (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--token", default=os.environ.get("SCALESET_TOKEN", ""), help="bearer token ($SCALESET_TOKEN)"
+    )
+    parser.add_argument(
+        "--tls-ca",
+        default=os.environ.get("SCALESET_TLS_CA"),
+        help="CA certificate (PEM) of a TLS server ($SCALESET_TLS_CA)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the gRPC service")
+    _listener_flags(p, port=50051, metrics_port=9464)
+    p.add_argument("--db", default="scaleset.db", help="SQLite file (default: %(default)s)")
+    p.add_argument(
+        "--store",
+        default=os.environ.get("SCALESET_STORE"),
+        help="a postgresql:// URL to keep the state in PostgreSQL instead of --db ($SCALESET_STORE)",
+    )
+    p.add_argument(
+        "--standby",
+        action="store_true",
+        help="with --store postgresql://: wait while another server holds the database, take over when it goes",
+    )
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="with --store postgresql://: one of several active servers; scale sets are shared out among them "
+        "by partition, and any server answers for any scale set",
+    )
+    p.add_argument(
+        "--partitions",
+        type=int,
+        help="with --cluster, on a new database: how many partitions the scale sets are hashed onto (default 12)",
+    )
+    p.add_argument(
+        "--http-port",
+        type=int,
+        help="also serve the API as HTTP/JSON on this port (POST /scaleset.v1.ScaleSets/SetCapacity ...); "
+        "off by default",
+    )
+    p.add_argument(
+        "--region", help="YAML/JSON region: zones, fault_domains_per_zone, pools (first start only)"
+    )
+    p.add_argument(
+        "--instance-limit", type=int, help="raise the per-scale-set instance ceiling (private fleets)"
+    )
+    p.add_argument(
+        "--advance-interval",
+        type=float,
+        default=30.0,
+        help="seconds between runs of the time-driven policies: rolling upgrades, repairs, autoscale "
+        "(Azure evaluates every 30 to 60 s), automatic zone balance (default: %(default)s)",
+    )
+    p.add_argument(
         "--rate-limit",
         type=float,
         default=10_000.0,
         help="calls a second per client address, in bursts as large; 0 turns it off (default: %(default)s)",
-    )
-    p.add_argument(
-        "--allow-insecure",
-        action="store_true",
-        help="listen beyond localhost without TLS (refused otherwise)",
     )
     p.add_argument(
         "--event-retention",
@@ -1110,6 +1166,32 @@ def build_parser() -> argparse.ArgumentParser:
         "for their reports, instead of applying plans at once",
     )
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "watch-proxy",
+        help="serve WatchEvents to many watchers from one watch of the server (--server, with --token "
+        "and --tls-ca to reach it)",
+    )
+    _listener_flags(p, port=50061, metrics_port=0)
+    p.add_argument(
+        "--upstream-tls",
+        action="store_true",
+        help="reach the server with TLS, trusting the system's CAs (--tls-ca: that CA instead)",
+    )
+    p.add_argument(
+        "--buffer-events",
+        type=int,
+        default=100_000,
+        help="the most recent events held for watchers; one resuming from before them reads the "
+        "server's history (default: %(default)s)",
+    )
+    p.add_argument(
+        "--buffer-mb",
+        type=float,
+        default=128.0,
+        help="... and their most bytes, in MB (default: %(default)s)",
+    )
+    p.set_defaults(func=cmd_watch_proxy)
 
     p = sub.add_parser("executor", help="carry a server's operations out (serve --executors)")
     p.add_argument(

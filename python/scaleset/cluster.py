@@ -120,7 +120,7 @@ _EXECUTOR_FAULTS = {
 }
 
 
-async def _abort_with(context: grpc.aio.ServicerContext, failure: grpc.aio.AioRpcError) -> None:
+async def abort_with(context: grpc.aio.ServicerContext, failure: grpc.aio.AioRpcError) -> None:
     """Ends the caller's call with the status an owner answered (its code, message and details)."""
     await context.abort(
         failure.code(), failure.details() or "", trailing_metadata=tuple(failure.trailing_metadata() or ())
@@ -510,7 +510,7 @@ class Router:
         try:
             return await call
         except grpc.aio.AioRpcError as e:
-            await _abort_with(context, e)
+            await abort_with(context, e)
             raise  # unreachable: abort raises
 
     async def _unary(
@@ -698,7 +698,7 @@ class Router:
             while True:
                 item = await merged.get()
                 if isinstance(item, grpc.aio.AioRpcError):
-                    await _abort_with(context, item)
+                    await abort_with(context, item)
                     return
                 yield item
         finally:
@@ -803,7 +803,7 @@ class Router:
             async for message in self._cluster.stream(method, partition, payload, self._metadata(context)):
                 yield message
         except grpc.aio.AioRpcError as e:
-            await _abort_with(context, e)
+            await abort_with(context, e)
         except ScaleSetError as e:
             await self._fail(context, e)
 

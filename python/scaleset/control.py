@@ -38,6 +38,7 @@ from scaleset.errors import (
     invalid_input,
     unavailable,
 )
+from scaleset.limits import SendTurns
 from scaleset.model import Region
 from scaleset.policies import Action
 from scaleset.policies.runner import PolicyRunner
@@ -149,8 +150,8 @@ class ControlPlane:
         self._request_retention = request_retention
         #: Concurrent WatchEvents streams at most (each costs a buffer and a share of every publish).
         self._max_watchers = max_watchers
-        #: Every watch message takes a turn, this far apart across all watchers.
-        self._send_every = 1 / watch_messages_per_second
+        #: Every watch message takes a turn, evenly spaced across all watchers.
+        self._send_turns = SendTurns(watch_messages_per_second)
         self._lock = asyncio.Lock()
         self._queue: list[_Pending] = []
         self._wake = asyncio.Event()
@@ -182,8 +183,6 @@ class ControlPlane:
         self._replay_reads: dict[tuple[str, int], _Read] = {}
         self._published = asyncio.Event()
         self._watchers = 0
-        #: The loop time of the next watch message's turn (see :meth:`_send_turn`).
-        self._next_send = 0.0
         #: request_id -> (method, fingerprint, the reply's future) of changes applied but not yet committed.
         self._inflight: dict[str, tuple[str, str, asyncio.Future[bytes]]] = {}
         self._recent: dict[str, RequestRecord] = {}
@@ -854,7 +853,7 @@ class ControlPlane:
                         # Every watcher's next message takes a turn: WATCH_MESSAGES_PER_SECOND across all
                         # of them, evenly spaced, so a change that wakes 1,000 watchers is sent over two
                         # seconds instead of in one burst that holds up the changes behind it.
-                        await self._send_turn()
+                        await self._send_turns.take()
                         continue
                     cursor = live[-1].sequence
                     if batch := wanted(live, last):
@@ -869,15 +868,6 @@ class ControlPlane:
                         # At most one message per watcher per interval while changes stream: a burst
                         # goes out in fewer messages. Jittered, so watchers do not wake together.
                         await asyncio.sleep(WATCH_INTERVAL_S * random.uniform(0.5, 1.5))
-                        await self._send_turn()
+                        await self._send_turns.take()
         finally:
             self._watchers -= 1
-
-    async def _send_turn(self) -> None:
-        """Waits for this watcher's turn to send: turns are ``_send_every`` apart across every watcher
-        (immediate while they are fewer than that allows)."""
-        now = asyncio.get_running_loop().time()
-        turn = max(now, self._next_send)
-        self._next_send = turn + self._send_every
-        if turn > now:
-            await asyncio.sleep(turn - now)

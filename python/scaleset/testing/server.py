@@ -17,7 +17,7 @@ from scaleset.control import ControlPlane
 from scaleset.model import Region
 from scaleset.service import build_server
 
-__all__ = ["ServerThread", "free_port", "start_server_process"]
+__all__ = ["ServerThread", "WatchProxyThread", "free_port", "start_server_process", "wait_serving"]
 
 
 def free_port() -> int:
@@ -67,6 +67,28 @@ def start_server_process(db: Path, port: int, log: Path, *extra: str) -> subproc
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 raise RuntimeError(f"server did not start: {log.read_text()}")
+            time.sleep(0.02)
+
+
+def wait_serving(target: str, timeout: float = 30) -> None:
+    """Returns once the gRPC health check of ``target`` answers SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                if (
+                    health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{target} did not become SERVING within {timeout:g} s")
             time.sleep(0.02)
 
 
@@ -129,3 +151,55 @@ class ServerThread:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class WatchProxyThread:
+    """``with WatchProxyThread(server.target) as proxy: Client(proxy.target).watch()``: a watch proxy
+    (`scaleset.watchproxy`) on a background thread of its own, SERVING (following the server) once
+    started; options as :func:`~scaleset.watchproxy.serve_watch_proxy` takes them."""
+
+    def __init__(self, upstream: str, **options: Any) -> None:
+        from scaleset.watchproxy import serve_watch_proxy
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="scaleset-test-proxy", daemon=True
+        )
+        self._thread.start()
+        started: asyncio.Future[tuple[Any, int]] = self._loop.create_future()
+        self._stop = asyncio.Event()
+
+        async def run() -> int:
+            return await serve_watch_proxy(
+                upstream,
+                "127.0.0.1:0",
+                stop=self._stop,
+                started=lambda proxy, port: started.set_result((proxy, port)),
+                grace=1,
+                **options,
+            )
+
+        self._run = asyncio.run_coroutine_threadsafe(run(), self._loop)
+        #: The proxy (its log, its metrics registry) and the port it listens on.
+        self.proxy, self.port = asyncio.run_coroutine_threadsafe(_wait(started), self._loop).result(
+            timeout=30
+        )
+        self.target = f"127.0.0.1:{self.port}"
+        wait_serving(self.target)
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._run.result(timeout=30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+    def __enter__(self) -> WatchProxyThread:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+async def _wait(future: asyncio.Future[tuple[Any, int]]) -> tuple[Any, int]:
+    return await future

@@ -1,0 +1,327 @@
+"""The watch proxy (`scaleset watch-proxy`, issue 13): many watchers served from one watch of the server.
+Its watchers see what the server's own watchers see (same events, same statuses); what its log cannot
+serve goes to the server stream for stream; it follows the server through a restart without a gap or a
+repeat; it keeps the server's bounds and roles; it answers nothing else."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from scaleset.auth import Authenticator
+from scaleset.client import Client, WatchedEvent
+from scaleset.errors import CapacityError, InvalidInputError, NotFoundError
+from scaleset.model import Region
+from scaleset.testing.server import (
+    ServerThread,
+    WatchProxyThread,
+    free_port,
+    start_server_process,
+    wait_serving,
+)
+from scaleset.v1 import scaleset_pb2 as pb
+from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
+from scaleset.watchproxy import EventLog, split_events
+
+from tests.conftest import zonal_spec
+
+REGION = Region(zones=["1", "2", "3"], fault_domains_per_zone=3)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerThread]:
+    with ServerThread(str(tmp_path / "state.db"), REGION) as s:
+        yield s
+
+
+def _history(client: Client) -> None:
+    """Eleven events: two scale sets, capacity changes, a region change."""
+    client.create_scale_set(zonal_spec("web"), 3)
+    client.create_scale_set(zonal_spec("api"), 2)
+    for capacity in (4, 6, 5):
+        client.set_capacity("web", capacity)
+        client.set_capacity("api", capacity)
+    client.set_zone_available("2", False)
+    client.set_zone_available("2", True)
+    client.set_capacity("web", 7)
+
+
+def _take(events: Iterator[WatchedEvent], n: int) -> list[WatchedEvent]:
+    return [next(events) for _ in range(n)]
+
+
+def test_watchers_of_the_proxy_see_what_watchers_of_the_server_see(server: ServerThread) -> None:
+    with Client(server.target) as direct, WatchProxyThread(server.target) as proxy, Client(proxy.target) as c:
+        _history(direct)
+        from_server = _take(direct.watch(), 11)
+        through = c.watch()
+        assert _take(through, 11) == from_server
+        # Resuming from within the history, and a live change after it.
+        resumed = c.watch(after=7)
+        assert _take(resumed, 4) == from_server[7:]
+        direct.set_capacity("api", 9)
+        live = next(through)
+        assert next(resumed) == live
+        assert (live.sequence, live.scale_set, live.summary) == (12, "api", "5 -> 9 instances")
+        assert live == _take(direct.watch(after=11), 1)[0]
+
+
+def test_messages_through_the_proxy_are_the_servers_bytes(server: ServerThread) -> None:
+    """The log keeps each event as the server encoded it: a message through the proxy is the server's
+    events joined, byte for byte."""
+    with Client(server.target) as direct, WatchProxyThread(server.target) as proxy:
+        _history(direct)
+        watches = []
+        for target in (server.target, proxy.target):
+            channel = grpc.insecure_channel(target)
+            watch = channel.unary_stream("/scaleset.v1.ScaleSets/WatchEvents")(b"")
+            entries: list[tuple[int, bytes]] = []
+            while len(entries) < 11:
+                entries += split_events(next(watch))
+            watch.cancel()
+            channel.close()
+            watches.append(entries)
+        assert watches[0] == watches[1]
+        assert [sequence for sequence, _ in watches[1]] == list(range(1, 12))
+
+
+def test_a_watch_from_before_the_log_reads_the_servers_history_then_the_log(server: ServerThread) -> None:
+    """With a log of at most 4 events, a watch from the start reads the older ones from the server and
+    moves onto the log: every event once, in order, then live ones."""
+    with (
+        Client(server.target) as direct,
+        WatchProxyThread(server.target, buffer_events=4) as proxy,
+        Client(proxy.target) as c,
+    ):
+        _history(direct)
+        everything = _take(direct.watch(), 11)
+        through = c.watch()
+        assert _take(through, 11) == everything
+        direct.set_capacity("web", 2)
+        assert next(through).sequence == 12
+        metrics = proxy_metrics(proxy)
+        assert metrics["scaleset_proxy_passed_through_total"] >= 1
+        assert metrics["scaleset_proxy_log_events"] <= 4
+
+
+def proxy_metrics(proxy: WatchProxyThread) -> dict[str, float]:
+    from prometheus_client import generate_latest
+
+    samples = {}
+    for line in generate_latest(proxy.proxy.registry).decode().splitlines():
+        if not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def test_event_log_holds_its_bounds_and_answers_only_what_it_holds() -> None:
+    def message(*sequences: int) -> bytes:
+        return pb.WatchEventsResponse(
+            events=[pb.Event(sequence=s, type="CapacitySet", summary="x" * 40) for s in sequences]
+        ).SerializeToString()
+
+    log = EventLog(max_events=6, max_bytes=1 << 20)
+    assert log.messages(0) is None  # following nothing yet
+    log.reset(0)
+    log.append(message(1, 2, 3))
+    log.append(message(3, 4))  # 3 again (a reconnect's overlap): kept once
+    served = log.messages(1)
+    assert served is not None
+    assert [s for m in served[0] for s, _ in split_events(m)] == [2, 3, 4] and served[1] == 4
+    assert log.messages(4) == ([], 4)
+    log.append(message(5, 6, 7))  # 7 events: the oldest half (3) goes
+    assert (len(log), log.start) == (4, 3)
+    assert log.messages(2) is None and log.messages(3) is not None
+    small = EventLog(max_events=100, max_bytes=200)
+    small.reset(0)
+    small.append(message(*range(1, 6)))  # past the byte bound: the oldest half goes
+    assert small.size <= 200 and small.start == 2
+
+
+def test_what_the_log_cannot_serve_goes_to_the_server_as_it_is(server: ServerThread) -> None:
+    with Client(server.target) as direct, WatchProxyThread(server.target) as proxy, Client(proxy.target) as c:
+        _history(direct)
+        # A watch of one scale set: its revisions, and it ends with the set's deletion.
+        web = c.watch("web")
+        assert [e.revision for e in _take(web, 5)] == [1, 2, 3, 4, 5]
+        direct.delete_scale_set("web")
+        assert next(web).type == "ScaleSetDeleted"
+        with pytest.raises(StopIteration):
+            next(web)
+        with pytest.raises(NotFoundError):
+            next(c.watch("missing"))
+        with pytest.raises(InvalidInputError) as token:
+            next(c.watch("", resume_token="YWxsOjE="))
+        assert token.value.field == "resume_token"
+        stub = pb_grpc.ScaleSetsStub(grpc.insecure_channel(proxy.target))
+        with pytest.raises(grpc.RpcError) as far:
+            next(stub.WatchEvents(pb.WatchEventsRequest(after=2**63)))
+        assert far.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        raw = grpc.insecure_channel(proxy.target).unary_stream("/scaleset.v1.ScaleSets/WatchEvents")
+        with pytest.raises(grpc.RpcError) as garbage:
+            next(raw(b"\xff\xff\xff"))
+        assert garbage.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_the_proxy_answers_nothing_but_watches_and_health(server: ServerThread) -> None:
+    with WatchProxyThread(server.target) as proxy, grpc.insecure_channel(proxy.target) as channel:
+        with pytest.raises(grpc.RpcError) as other:
+            pb_grpc.ScaleSetsStub(channel).SetCapacity(pb.SetCapacityRequest(name="web", capacity=3))
+        assert other.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert f"call SetCapacity on the server at {server.target}" in str(other.value.details())
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_the_proxy_bounds_its_watchers(server: ServerThread) -> None:
+    with (
+        Client(server.target) as direct,
+        WatchProxyThread(server.target, max_watchers=1) as proxy,
+        grpc.insecure_channel(proxy.target) as channel,
+    ):
+        direct.create_scale_set(zonal_spec("web"), 1)
+        stub = pb_grpc.ScaleSetsStub(channel)
+        first = stub.WatchEvents(pb.WatchEventsRequest())
+        assert next(first).events[0].sequence == 1
+        with pytest.raises(grpc.RpcError) as second:
+            next(stub.WatchEvents(pb.WatchEventsRequest()))
+        assert second.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "1 watch streams" in str(second.value.details())
+        first.cancel()
+
+
+def test_the_proxy_lets_a_watcher_that_stops_reading_go(tmp_path: Path) -> None:
+    """A watcher that takes no message for the send timeout gets every message written before, then
+    RESOURCE_EXHAUSTED SlowConsumer, as on the server; its slot is free for another watcher."""
+    with (
+        ServerThread(str(tmp_path / "state.db"), REGION, instance_limit=10_000) as server,
+        Client(server.target) as direct,
+        WatchProxyThread(server.target, max_watchers=1, stream_send_timeout=0.5) as proxy,
+        Client(proxy.target) as c,
+        grpc.insecure_channel(proxy.target) as channel,
+    ):
+        direct.create_scale_set(zonal_spec("web"), 0)
+        stalled = pb_grpc.ScaleSetsStub(channel).WatchEvents(pb.WatchEventsRequest())
+        received = [e.sequence for e in next(stalled).events]  # then it reads no more
+        for _ in range(30):
+            for _ in range(25):  # events of 999 instances' plans overflow what flow control holds unread
+                direct.set_capacity("web", 999)
+                direct.set_capacity("web", 0)
+            threading.Event().wait(0.6)
+            watch = c.watch()
+            try:
+                assert next(watch).sequence == 1
+                break
+            except CapacityError:
+                continue
+            finally:
+                watch.close()
+        else:
+            pytest.fail("the watcher that stopped reading was never let go")
+        with pytest.raises(grpc.RpcError) as ended:
+            for message in stalled:
+                received.extend(e.sequence for e in message.events)
+        assert proxy_metrics(proxy)["scaleset_proxy_slow_consumers_total"] == 1
+    assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "took no message from this stream for 0.5 s" in str(ended.value.details())
+    assert received == list(range(1, len(received) + 1)) and len(received) > 1
+
+
+def test_proxy_roles_and_its_own_token_upstream(tmp_path: Path) -> None:
+    """With tokens on the proxy, a watcher needs the reader role there; the proxy reaches a server with
+    tokens through a token of its own."""
+    tokens = {
+        "r-token": ("reader-bot", "reader"),
+        "p-token": ("proxy", "reader"),
+        "o-token": ("ops", "operator"),
+    }
+    auth = Authenticator(tokens)
+    with (
+        ServerThread(str(tmp_path / "state.db"), REGION, authenticator=auth) as server,
+        Client(server.target, token="o-token") as direct,
+        WatchProxyThread(server.target, token="p-token", authenticator=auth) as proxy,
+    ):
+        direct.create_scale_set(zonal_spec("web"), 1)
+        with Client(proxy.target) as anonymous, pytest.raises(Exception) as denied:
+            next(anonymous.watch())
+        assert getattr(denied.value, "code", "") == "Unauthenticated"
+        with Client(proxy.target, token="r-token") as reader:
+            assert next(reader.watch()).type == "ScaleSetCreated"
+
+
+def test_watch_proxy_command_follows_a_server_restart_without_a_gap(tmp_path: Path) -> None:
+    """`scaleset watch-proxy` (the command operators run) keeps its watchers' streams open while the
+    server restarts, is NOT_SERVING meanwhile, and goes on after the last event it held."""
+    db, port, proxy_port = tmp_path / "state.db", free_port(), free_port()
+    server = start_server_process(db, port, tmp_path / "server.log")
+    target = f"127.0.0.1:{port}"
+    with (tmp_path / "proxy.log").open("ab") as proxy_log:
+        proxy = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "scaleset",
+                "--server",
+                target,
+                "watch-proxy",
+                "--port",
+                str(proxy_port),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=proxy_log,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    try:
+        wait_serving(f"127.0.0.1:{proxy_port}")
+        with Client(target) as direct:
+            direct.create_scale_set(zonal_spec("web"), 1)
+            direct.set_capacity("web", 2)
+        channel = grpc.insecure_channel(f"127.0.0.1:{proxy_port}")
+        watch = pb_grpc.ScaleSetsStub(channel).WatchEvents(pb.WatchEventsRequest())
+        seen = [e.sequence for e in next(watch).events]
+        while seen[-1] < 2:
+            seen += [e.sequence for e in next(watch).events]
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+        health = health_pb2_grpc.HealthStub(channel)
+        for _ in range(200):
+            if health.Check(health_pb2.HealthCheckRequest()).status != health_pb2.HealthCheckResponse.SERVING:
+                break
+            threading.Event().wait(0.05)
+        assert (
+            health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        server = start_server_process(db, port, tmp_path / "server.log")
+        with Client(target) as direct:
+            direct.set_capacity("web", 3)
+        while seen[-1] < 3:
+            seen += [e.sequence for e in next(watch).events]
+        assert seen == [1, 2, 3]
+        wait_serving(f"127.0.0.1:{proxy_port}")
+        watch.cancel()
+        channel.close()
+    finally:
+        proxy.send_signal(signal.SIGTERM)
+        assert proxy.wait(timeout=30) == 0
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_watch_proxy_refuses_to_listen_beyond_localhost_without_tls() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "scaleset", "watch-proxy", "--host", "0.0.0.0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "InsecureListenRefused" in done.stderr
