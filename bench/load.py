@@ -6,12 +6,16 @@ import asyncio
 import multiprocessing
 import os
 import queue
+import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
+from scaleset.testing.server import free_port, wait_serving
 from scaleset.v1 import scaleset_pb2 as pb
 
 
@@ -242,3 +246,42 @@ async def _watch_every_set(target: str, count: int, asks: Any, answers: Any) -> 
         stream.cancel()
     for channel in channels:
         await channel.close()
+
+
+class WatchProxyProcess:
+    """`scaleset watch-proxy` of a server, in a process of its own."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, metrics_port: int) -> None:
+        self.proc, self.pid, self.metrics_port = proc, proc.pid, metrics_port
+        self.target = f"127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=60)
+
+
+def start_proxy(target: str, watchers: int, tmp: Path, *, metrics: bool = False) -> WatchProxyProcess:
+    """A watch proxy of the server at ``target`` for ``watchers`` streams (its log in ``tmp``), SERVING."""
+    port, metrics_port = free_port(), free_port() if metrics else 0
+    with (tmp / "proxy.log").open("ab") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "scaleset",
+                "--server",
+                target,
+                "watch-proxy",
+                "--port",
+                str(port),
+                "--metrics-port",
+                str(metrics_port),
+                "--max-watchers",
+                str(watchers + 10),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    wait_serving(f"127.0.0.1:{port}")
+    return WatchProxyProcess(proc, port, metrics_port)

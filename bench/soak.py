@@ -35,15 +35,16 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from scaleset.testing.server import free_port, start_server_process
 from scaleset.v1 import scaleset_pb2 as pb
-from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
 
 from bench.load import (
     STREAMS_PER_CHANNEL,
     LoadResult,
+    WatchProxyProcess,
     cpu_seconds,
     create_load_sets,
     percentile_ms,
     run_load,
+    start_proxy,
     watch_channels,
 )
 
@@ -125,12 +126,14 @@ def db_mb(db: Path) -> float:
 
 async def _watch(target: str, count: int, reads: bool) -> None:
     """``count`` watch streams on asyncio channels of STREAMS_PER_CHANNEL streams; a reading stream reads
-    every message, the others read one and then hold the stream open without reading another."""
+    every message (as bytes: decoding is the watcher's work, not the server's, and on this machine it
+    would take CPU from both), the others read one and then hold the stream open without reading another."""
     channels = watch_channels(target, count)
+    request = pb.WatchEventsRequest().SerializeToString()
 
     async def one(k: int) -> None:
-        stream = pb_grpc.ScaleSetsStub(channels[k // STREAMS_PER_CHANNEL]).WatchEvents(
-            pb.WatchEventsRequest()
+        stream = channels[k // STREAMS_PER_CHANNEL].unary_stream("/scaleset.v1.ScaleSets/WatchEvents")(
+            request
         )
         try:
             async for _ in stream:
@@ -154,6 +157,11 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=2 * TARGET_RATE, help="calls a second; 0: closed loop")
     parser.add_argument(
         "--watch-messages-per-second", type=float, help="passed to the server (default: the server's)"
+    )
+    parser.add_argument(
+        "--proxy",
+        action="store_true",
+        help="the watchers watch through `scaleset watch-proxy` (its own process), not the server",
     )
     args = parser.parse_args()
 
@@ -184,6 +192,7 @@ def main() -> None:
             ),
         )
         target = f"127.0.0.1:{port}"
+        proxy: WatchProxyProcess | None = None
         try:
             create_load_sets(target, PROCESSES)
             seen = latency_buckets(metrics_port)
@@ -201,10 +210,13 @@ def main() -> None:
             # Unloaded: QUIET_WINDOWS windows of the same load before the watchers start, and as many after
             # they stop, pooled (the machine's speed drifts over minutes: the two sides bracket the loaded run).
             before, quiet_rate, quiet_busy, quiet_server = quiet()
+            # With --proxy the watchers watch through a watch proxy: the server serves it one stream.
+            proxy = start_proxy(target, args.watchers, Path(tmp), metrics=True) if args.proxy else None
+            watched = target if proxy is None else proxy.target
             # The watchers run in two processes of their own (asyncio channels), one reading, one not.
             procs = [
                 multiprocessing.Process(
-                    target=watchers, args=(target, args.watchers // 2, reads), daemon=True
+                    target=watchers, args=(watched, args.watchers // 2, reads), daemon=True
                 )
                 for reads in (True, False)
             ]
@@ -220,12 +232,21 @@ def main() -> None:
             print(
                 f"{'minute':>7} {'req/s':>8} {'p99 ms':>8} {'server':>8} {'CPU %':>6} {'errors':>7} {'RSS MB':>8} "
                 f"{'DB MB':>8} {'watchers':>8} {'GC ms':>6} {'full':>4}"
+                + ("" if proxy is None else f" {'proxy CPU %':>11} {'proxy RSS MB':>12}")
             )
+
+            def watching() -> int:
+                """Watch streams served: by the server, or by the proxy."""
+                if proxy is None:
+                    return metric(metrics_port, "scaleset_watchers")
+                return metric(proxy.metrics_port, "scaleset_proxy_watchers")
+
             seen, collected = latency_buckets(metrics_port), gc_pauses(metrics_port)
             deadline = time.monotonic() + args.minutes * 60
             worst, loaded = 0.0, []
             while time.monotonic() < deadline:
                 began, cpu = time.monotonic(), cpu_seconds(proc.pid)
+                proxy_cpu = 0.0 if proxy is None else cpu_seconds(proxy.pid)
                 r = load(300)
                 busy = (cpu_seconds(proc.pid) - cpu) / (time.monotonic() - began) * 100
                 server = p99_bound_ms(seen, seen := latency_buckets(metrics_port))
@@ -235,16 +256,25 @@ def main() -> None:
                 minute = args.minutes - (deadline - time.monotonic()) / 60
                 print(
                     f"{minute:7.1f} {r.per_second:8.0f} {r.p99_ms:8.1f} {server:>8} {busy:6.0f} {r.errors:7d} "
-                    f"{rss_mb(proc.pid):8.1f} {db_mb(db):8.1f} {metric(metrics_port, 'scaleset_watchers'):8d} "
-                    f"{longest:>6} {full:4d}"
+                    f"{rss_mb(proc.pid):8.1f} {db_mb(db):8.1f} {watching():8d} {longest:>6} {full:4d}"
+                    + (
+                        ""
+                        if proxy is None
+                        else f" {(cpu_seconds(proxy.pid) - proxy_cpu) / (time.monotonic() - began) * 100:11.0f}"
+                        f" {rss_mb(proxy.pid):12.1f}"
+                    )
                 )
-            print(
-                "watchers let go as too slow to read: "
-                + str(metric(metrics_port, 'scaleset_slow_consumers_total{method="WatchEvents"}'))
+            let_go = (
+                metric(metrics_port, 'scaleset_slow_consumers_total{method="WatchEvents"}')
+                if proxy is None
+                else metric(proxy.metrics_port, "scaleset_proxy_slow_consumers_total")
             )
+            print(f"watchers let go as too slow to read: {let_go}")
             for w in procs:
                 w.kill()
                 w.join()
+            if proxy is not None:
+                proxy.stop()
             time.sleep(2)
             after, rate, busy, server = quiet()
             print(
@@ -274,6 +304,8 @@ def main() -> None:
                     "above does not measure the watchers; run again"
                 )
         finally:
+            if proxy is not None:
+                proxy.stop()
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
 
