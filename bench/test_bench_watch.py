@@ -81,6 +81,21 @@ def cpu_per_call(server: Server, windows: int) -> tuple[float, list[LoadResult]]
     return (cpu_seconds(server.pid) - cpu) / made, runs
 
 
+def caught_up(asks: Any, answers: Any, changes: int, timeout: float) -> bool:
+    """Whether every watcher's stream reaches sequence ``changes`` (and all the same) within ``timeout``
+    seconds; says where they are if not."""
+    deadline = time.monotonic() + timeout
+    while True:
+        asks.put("last")
+        lasts: list[int] = answers.get(timeout=30)
+        if min(lasts) == max(lasts) >= changes:
+            return True
+        if time.monotonic() > deadline:
+            print(f"watchers behind or ended: last sequences {min(lasts)}..{max(lasts)}, {changes} changes")
+            return False
+        time.sleep(1)
+
+
 @pytest.mark.parametrize("via", list(GROUPS))
 def test_watch_fanout(benchmark: Any, record: Any, server: Server, via: str, tmp_path: Path) -> None:
     benchmark.group = GROUPS[via]
@@ -97,7 +112,8 @@ def test_watch_fanout(benchmark: Any, record: Any, server: Server, via: str, tmp
     watchers = ctx.Process(target=watch_every_set, args=(watched, WATCHERS, asks, answers), daemon=True)
     watchers.start()
     try:
-        time.sleep(5)  # every stream open and caught up with the history
+        # Every stream open and caught up with the history (up to ~40,000 events each) before measuring.
+        assert caught_up(asks, answers, server.changes, timeout=300)
         proxy_cpu = 0.0 if proxy is None else cpu_seconds(proxy.pid)
         loaded, loaded_runs = benchmark.pedantic(cpu_per_call, args=(server, windows), rounds=1, iterations=1)
         if proxy is not None:
@@ -105,17 +121,7 @@ def test_watch_fanout(benchmark: Any, record: Any, server: Server, via: str, tmp
             benchmark.extra_info["proxy_cpu_us_per_call"] = round(proxied * 1e6)
         # The load has stopped: within a few turns of WATCH_MESSAGES_PER_SECOND every stream has the last
         # change (each call made an event, and each scale set's creation one before them).
-        calls = server.changes
-        lasts: list[int] = []
-        for _ in range(30):
-            asks.put("last")
-            lasts = answers.get(timeout=30)
-            if min(lasts) == max(lasts) >= calls:
-                break
-            time.sleep(1)
-        assert min(lasts) == max(lasts) >= calls, (
-            f"watchers behind or ended: last sequences {min(lasts)}..{max(lasts)}, at least {calls} changes"
-        )
+        assert caught_up(asks, answers, server.changes, timeout=30)
     finally:
         asks.put(None)
         watchers.join(timeout=30)

@@ -20,6 +20,7 @@ from scaleset.auth import Authenticator
 from scaleset.client import Client, WatchedEvent
 from scaleset.errors import CapacityError, InvalidInputError, NotFoundError
 from scaleset.model import Region
+from scaleset.service import WATCH_MESSAGE_BYTES
 from scaleset.testing.server import (
     ServerThread,
     WatchProxyThread,
@@ -141,6 +142,21 @@ def test_event_log_holds_its_bounds_and_answers_only_what_it_holds() -> None:
     log.append(message(5, 6, 7))  # 7 events: the oldest half (3) goes
     assert (len(log), log.start) == (4, 3)
     assert log.messages(2) is None and log.messages(3) is not None
+    # Messages of at most about WATCH_MESSAGE_BYTES, cut between events; one larger event goes alone.
+    large = EventLog()
+    large.reset(0)
+    large.append(
+        pb.WatchEventsResponse(
+            events=[pb.Event(sequence=s, summary="x" * 400_000) for s in (1, 2, 3)]
+        ).SerializeToString()
+    )
+    large.append(
+        pb.WatchEventsResponse(events=[pb.Event(sequence=4, summary="y" * 1_500_000)]).SerializeToString()
+    )
+    cut = large.messages(0)
+    assert cut is not None and cut[1] == 4
+    assert [[s for s, _ in split_events(m)] for m in cut[0]] == [[1, 2], [3], [4]]
+    assert all(len(m) <= WATCH_MESSAGE_BYTES for m in cut[0][:2])
     small = EventLog(max_events=100, max_bytes=200)
     small.reset(0)
     small.append(message(*range(1, 6)))  # past the byte bound: the oldest half goes

@@ -92,14 +92,16 @@ def _last_sequence(message: bytes) -> int:
 
 
 class EventLog:
-    """The most recent events of every scale set, as the server sent them, in order: at most
-    ``max_events`` and ``max_bytes`` (the oldest half goes first). It holds every event after ``start``."""
+    """The most recent events of every scale set, as the server sent them, in order and end to end in one
+    buffer (a message of any run of them is one slice): at most ``max_events`` and ``max_bytes`` (the
+    oldest half goes first). It holds every event after ``start``."""
 
     def __init__(self, max_events: int = BUFFER_EVENTS, max_bytes: int = BUFFER_BYTES) -> None:
         self._max_events, self._max_bytes = max_events, max_bytes
         self._sequences: list[int] = []
-        self._entries: list[bytes] = []
-        self._bytes = 0
+        #: Where each event's entry starts in ``_data``.
+        self._starts: list[int] = []
+        self._data = bytearray()
         #: Every event after this sequence is held (None: nothing followed yet).
         self.start: int | None = None
         #: Set, and replaced, on every append: what a watcher with nothing to send waits on.
@@ -115,11 +117,11 @@ class EventLog:
 
     @property
     def size(self) -> int:
-        return self._bytes
+        return len(self._data)
 
     def reset(self, start: int) -> None:
         """Forgets every event: the log follows on from ``start``."""
-        self._sequences, self._entries, self._bytes, self.start = [], [], 0, start
+        self._sequences, self._starts, self._data, self.start = [], [], bytearray(), start
 
     def append(self, message: bytes) -> None:
         """Adds a message's events (any already held are skipped) and wakes the waiting watchers."""
@@ -127,14 +129,15 @@ class EventLog:
         for sequence, entry in split_events(message):
             if last is None or sequence > last:
                 self._sequences.append(sequence)
-                self._entries.append(entry)
-                self._bytes += len(entry)
+                self._starts.append(len(self._data))
+                self._data += entry
                 last = sequence
-        if len(self._sequences) > self._max_events or self._bytes > self._max_bytes:
+        if len(self._sequences) > self._max_events or len(self._data) > self._max_bytes:
             drop = max(1, len(self._sequences) // 2)
             self.start = self._sequences[drop - 1]
-            self._bytes -= sum(map(len, self._entries[:drop]))
-            del self._sequences[:drop], self._entries[:drop]
+            cut = self._starts[drop] if drop < len(self._starts) else len(self._data)
+            del self._data[:cut], self._sequences[:drop]
+            self._starts = [at - cut for at in self._starts[drop:]]
         changed, self.changed = self.changed, asyncio.Event()
         changed.set()
 
@@ -144,19 +147,20 @@ class EventLog:
         None when the log does not reach back to ``after``."""
         if self.start is None or after < self.start:
             return None
-        at = bisect.bisect_right(self._sequences, after)
-        if at == len(self._sequences):
+        at, end = bisect.bisect_right(self._sequences, after), len(self._sequences)
+        if at == end:
             return [], after
-        messages: list[bytes] = []
-        message: list[bytes] = []
-        size = 0
-        for entry in self._entries[at:]:
-            if message and size + len(entry) > WATCH_MESSAGE_BYTES:
-                messages.append(b"".join(message))
-                message, size = [], 0
-            message.append(entry)
-            size += len(entry)
-        messages.append(b"".join(message))
+        starts, begin = self._starts, self._starts[at]
+        messages = []
+        with memoryview(self._data) as view:
+            while len(self._data) - begin > WATCH_MESSAGE_BYTES and at + 1 < end:
+                # Cut at the last event boundary within the limit, after at least one event.
+                cut_at = max(
+                    bisect.bisect_right(starts, begin + WATCH_MESSAGE_BYTES, at + 1, end) - 1, at + 1
+                )
+                messages.append(view[begin : starts[cut_at]].tobytes())
+                begin, at = starts[cut_at], cut_at
+            messages.append(view[begin:].tobytes())
         return messages, self._sequences[-1]
 
 
