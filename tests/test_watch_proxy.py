@@ -18,7 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from scaleset.auth import Authenticator
 from scaleset.client import Client, WatchedEvent
-from scaleset.errors import CapacityError, InvalidInputError, NotFoundError
+from scaleset.errors import CapacityError, ConflictError, InvalidInputError, NotFoundError
 from scaleset.model import Region
 from scaleset.service import WATCH_MESSAGE_BYTES
 from scaleset.testing.server import (
@@ -161,6 +161,29 @@ def test_event_log_holds_its_bounds_and_answers_only_what_it_holds() -> None:
     small.reset(0)
     small.append(message(*range(1, 6)))  # past the byte bound: the oldest half goes
     assert small.size <= 200 and small.start == 2
+
+
+def test_a_proxy_of_a_compacted_history_starts_at_its_oldest_kept_event(tmp_path: Path) -> None:
+    """The server keeps only recent events: the proxy's log starts at the oldest it keeps, and a watcher
+    from before it gets the server's own answer, EventsCompacted."""
+    options = {"snapshot_every": 5, "event_retention": 3, "request_retention": 2}
+    with (
+        ServerThread(str(tmp_path / "state.db"), REGION, **options) as server,
+        Client(server.target) as direct,
+    ):
+        direct.create_scale_set(zonal_spec("web"), 1)
+        for n in range(40):
+            direct.set_capacity("web", n % 3)
+        server.call(server.control._snapshot())
+        oldest = int(server.control._store.first_retained(None))
+        assert oldest > 1
+        with WatchProxyThread(server.target) as proxy, Client(proxy.target) as c:
+            assert proxy.proxy.log.start == oldest - 1
+            with pytest.raises(ConflictError) as compacted:
+                next(c.watch(after=0))
+            assert compacted.value.code == "EventsCompacted"
+            kept = c.watch(after=oldest - 1)
+            assert [e.sequence for e in _take(kept, 41 - oldest + 1)] == list(range(oldest, 42))
 
 
 def test_what_the_log_cannot_serve_goes_to_the_server_as_it_is(server: ServerThread) -> None:

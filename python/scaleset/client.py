@@ -57,7 +57,7 @@ from scaleset.policies.upgrade import RollingUpgrade
 from scaleset.v1 import scaleset_pb2 as pb
 from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
 
-__all__ = ["AsyncClient", "Client", "ScaleSetInfo", "WatchedEvent"]
+__all__ = ["AsyncClient", "Client", "ScaleSetInfo", "WatchedEvent", "error_of"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -155,6 +155,12 @@ class _Failure:
         field = metadata.pop("field", None)
         kind = _ERROR_BY_STATUS.get(self.code, InternalError)
         return error(kind, self.message, self.reason, field=field, metadata=metadata)
+
+
+def error_of(err: grpc.RpcError) -> ScaleSetError:
+    """The error a failed call stands for, as the clients raise it: its kind from the status, its stable
+    code, field and metadata from the ErrorInfo detail."""
+    return _Failure.of(err).exception()
 
 
 # ----- operations: each method's request and the reading of its reply, defined once for both clients ----

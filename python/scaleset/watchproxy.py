@@ -32,6 +32,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from scaleset.client import error_of
 from scaleset.cluster import abort_with
 from scaleset.control import WATCH_INTERVAL_S, WATCH_MESSAGES_PER_SECOND
 from scaleset.errors import CapacityError, ScaleSetError, error, invalid_input
@@ -243,11 +244,11 @@ class WatchProxy:
                     delay = RECONNECT_S
                 log.warning("the upstream watch on %s ended; opening it again", self._upstream)
             except grpc.aio.AioRpcError as e:
-                metadata = dict(e.trailing_metadata() or ())
-                if e.code() == grpc.StatusCode.FAILED_PRECONDITION and "oldest_retained" in metadata:
+                failure = error_of(e)
+                if failure.code == "EventsCompacted" and "oldest_retained" in failure.metadata:
                     # The server compacted the history after the log's newest event: follow on from its
                     # oldest kept. Watchers within the log now resume from the server, which tells them.
-                    self.log.reset(int(str(metadata["oldest_retained"])) - 1)
+                    self.log.reset(int(failure.metadata["oldest_retained"]) - 1)
                     continue
                 log.warning(
                     "the upstream watch on %s failed: %s %s", self._upstream, e.code().name, e.details()
