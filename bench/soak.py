@@ -12,8 +12,11 @@ loaded window after the first (the warm-up, while the watchers connect and repla
 and the worst single window. Each window also shows the watch streams the server serves: the
 never-reading ones are let go once their flow control is full and --stream-send-timeout has passed.
 
-Run: ``python bench/soak.py --minutes 2 --watchers 1000``. It starts its own server on a free loopback port
-with its database in a temporary directory, and stops it at the end.
+With ``--proxy`` the watchers watch through ``scaleset watch-proxy`` (a process of its own, started before
+them and stopped after them), and each window also shows the proxy's CPU and RSS.
+
+Run: ``python bench/soak.py --minutes 2 --watchers 1000 [--proxy]``. It starts its own server on a free
+loopback port with its database in a temporary directory, and stops it at the end.
 """
 
 from __future__ import annotations
