@@ -238,6 +238,36 @@ def test_the_proxy_bounds_its_watchers(server: ServerThread) -> None:
         first.cancel()
 
 
+def test_watches_passed_to_the_server_are_bounded(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Watches of one scale set share the proxy's one connection to the server: at most
+    PASS_THROUGH_STREAMS at once (1 here), and they count as watchers too."""
+    import scaleset.watchproxy
+
+    monkeypatch.setattr(scaleset.watchproxy, "PASS_THROUGH_STREAMS", 1)
+    with (
+        Client(server.target) as direct,
+        WatchProxyThread(server.target, max_watchers=2) as proxy,
+        grpc.insecure_channel(proxy.target) as channel,
+    ):
+        direct.create_scale_set(zonal_spec("web"), 1)
+        stub = pb_grpc.ScaleSetsStub(channel)
+        web = stub.WatchEvents(pb.WatchEventsRequest(scale_set="web"))
+        assert next(web).events[0].type == "ScaleSetCreated"
+        with pytest.raises(grpc.RpcError) as second:
+            next(stub.WatchEvents(pb.WatchEventsRequest(scale_set="web")))
+        assert second.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "already passes 1 watches to the server" in str(second.value.details())
+        every = stub.WatchEvents(pb.WatchEventsRequest())  # served from the log: still there
+        assert next(every).events[0].sequence == 1
+        with pytest.raises(grpc.RpcError) as third:  # the watch of "web" and this one: 2 watchers
+            next(stub.WatchEvents(pb.WatchEventsRequest()))
+        assert third.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        web.cancel()
+        every.cancel()
+
+
 def test_the_proxy_lets_a_watcher_that_stops_reading_go(tmp_path: Path) -> None:
     """A watcher that takes no message for the send timeout gets every message written before, then
     RESOURCE_EXHAUSTED SlowConsumer, as on the server; its slot is free for another watcher."""

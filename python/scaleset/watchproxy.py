@@ -57,6 +57,10 @@ WATCH_PATH = "/scaleset.v1.ScaleSets/WatchEvents"
 #: served from the log; from before them, from the server (`watch-proxy --buffer-events`, `--buffer-mb`).
 BUFFER_EVENTS = 100_000
 BUFFER_BYTES = 128 * 1024 * 1024
+#: Watches passed to the server at once (a watch of one scale set, or the history before the log): they
+#: share one connection, on which the server takes at most 256 streams (service.SERVER_OPTIONS). Watches
+#: that only need history wait for a turn; watches of one scale set beyond it are refused.
+PASS_THROUGH_STREAMS = 200
 #: Seconds between attempts to reach the server again, doubling up to the most.
 RECONNECT_S, RECONNECT_MAX_S = 0.5, 10.0
 _EVENTS_TAG = (pb.WatchEventsResponse.EVENTS_FIELD_NUMBER << 3) | 2
@@ -186,6 +190,7 @@ class WatchProxy:
         self._max_watchers = max_watchers
         self._turns = SendTurns(messages_per_second)
         self._send_timeout = stream_send_timeout
+        self._upstream_streams = asyncio.Semaphore(PASS_THROUGH_STREAMS)
         self.log = EventLog(buffer_events, buffer_bytes)
         self.watchers = 0
         #: Whether the upstream watch is open; told to each listener (health) when it changes.
@@ -268,10 +273,6 @@ class WatchProxy:
                     f"the request is not a valid protobuf message for this method ({str(e)[:120]}).",
                     "MalformedRequest",
                 ) from None
-            if watch.scale_set or watch.resume_token or watch.after >= 2**63:
-                self._passed_through.inc()
-                await self._pass_through(request, context)
-                return
             if self.watchers >= self._max_watchers:
                 raise error(
                     CapacityError,
@@ -279,10 +280,22 @@ class WatchProxy:
                     "another proxy.",
                     "TooManyWatchers",
                 )
+            passed = watch.scale_set or watch.resume_token or watch.after >= 2**63
+            if passed and self._upstream_streams.locked():
+                raise error(
+                    CapacityError,
+                    f"this proxy already passes {PASS_THROUGH_STREAMS} watches to the server (watches of one "
+                    "scale set); retry later, watch every scale set (served by the proxy itself), or watch "
+                    "the server.",
+                    "TooManyWatchers",
+                )
             self.watchers += 1
             try:
-                await context.send_initial_metadata(())
-                await self._follow_log(watch.after, context)
+                if passed:
+                    await self._pass_through(request, context)
+                else:
+                    await context.send_initial_metadata(())
+                    await self._follow_log(watch.after, context)
             finally:
                 self.watchers -= 1
         except ScaleSetError as exc:
@@ -296,7 +309,6 @@ class WatchProxy:
             changed = self.log.changed
             served = self.log.messages(last)
             if served is None:
-                self._passed_through.inc()
                 last = await self._catch_up(last, context)
                 continue
             messages, newest = served
@@ -317,29 +329,34 @@ class WatchProxy:
     async def _catch_up(self, last: int, context: grpc.aio.ServicerContext) -> int:
         """Relays the server's watch after ``last`` until the log reaches back to where it got to; returns
         that sequence."""
-        call = self._watch(pb.WatchEventsRequest(after=last).SerializeToString(), metadata=self._metadata)
-        try:
-            async for message in call:
-                await send_within(context, message, self._send_timeout)
-                last = _last_sequence(message)
-                if self.log.start is not None and last >= self.log.start:
-                    break
-        except grpc.aio.AioRpcError as e:
-            await abort_with(context, e)
-        finally:
-            call.cancel()
+        self._passed_through.inc()
+        async with self._upstream_streams:
+            call = self._watch(pb.WatchEventsRequest(after=last).SerializeToString(), metadata=self._metadata)
+            try:
+                async for message in call:
+                    await send_within(context, message, self._send_timeout)
+                    last = _last_sequence(message)
+                    if self.log.start is not None and last >= self.log.start:
+                        break
+            except grpc.aio.AioRpcError as e:
+                await abort_with(context, e)
+            finally:
+                call.cancel()
         return last
 
     async def _pass_through(self, request: bytes, context: grpc.aio.ServicerContext) -> None:
-        call = self._watch(request, metadata=self._metadata)
-        try:
-            await context.send_initial_metadata(())
-            async for message in call:
-                await send_within(context, message, self._send_timeout)
-        except grpc.aio.AioRpcError as e:
-            await abort_with(context, e)
-        finally:
-            call.cancel()
+        """Relays the server's answer to ``request`` as it is, message for message, status and all."""
+        self._passed_through.inc()
+        async with self._upstream_streams:
+            call = self._watch(request, metadata=self._metadata)
+            try:
+                await context.send_initial_metadata(())
+                async for message in call:
+                    await send_within(context, message, self._send_timeout)
+            except grpc.aio.AioRpcError as e:
+                await abort_with(context, e)
+            finally:
+                call.cancel()
 
 
 class _Handlers:
