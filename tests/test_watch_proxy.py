@@ -18,7 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from scaleset.auth import Authenticator
 from scaleset.client import Client, WatchedEvent
-from scaleset.errors import CapacityError, ConflictError, InvalidInputError, NotFoundError
+from scaleset.errors import CapacityError, ConflictError, InvalidInputError, NotFoundError, ScaleSetError
 from scaleset.model import Region
 from scaleset.service import WATCH_MESSAGE_BYTES
 from scaleset.testing.server import (
@@ -325,6 +325,31 @@ def test_proxy_roles_and_its_own_token_upstream(tmp_path: Path) -> None:
         assert getattr(denied.value, "code", "") == "Unauthenticated"
         with Client(proxy.target, token="r-token") as reader:
             assert next(reader.watch()).type == "ScaleSetCreated"
+
+
+def test_the_proxy_speaks_tls_both_ways(tmp_path: Path) -> None:
+    """A TLS server, reached by the proxy with its CA; the proxy serves TLS itself, and a plain-text
+    client cannot watch through it."""
+    from scaleset.auth import server_credentials
+
+    from tests.test_security import authority, write
+
+    ca, server_pem, _ = authority("ca-proxy")
+    cert, key, _ = write(tmp_path, server_pem)
+    with (
+        ServerThread(str(tmp_path / "state.db"), REGION, credentials=server_credentials(cert, key)) as server,
+        Client(server.target, root_certificates=ca.cert) as direct,
+        WatchProxyThread(
+            server.target,
+            upstream_credentials=grpc.ssl_channel_credentials(ca.cert),
+            credentials=server_credentials(cert, key),
+        ) as proxy,
+    ):
+        direct.create_scale_set(zonal_spec("web"), 1)
+        with Client(proxy.target, root_certificates=ca.cert) as c:
+            assert next(c.watch()).type == "ScaleSetCreated"
+        with Client(proxy.target, retries=0, timeout=5) as plain, pytest.raises(ScaleSetError):
+            next(plain.watch())
 
 
 def test_watch_proxy_command_follows_a_server_restart_without_a_gap(tmp_path: Path) -> None:

@@ -185,7 +185,11 @@ class WatchProxyThread:
             timeout=30
         )
         self.target = f"127.0.0.1:{self.port}"
-        wait_serving(self.target)
+        deadline = time.monotonic() + 30
+        while not self.proxy.following:  # SERVING: its watch of the server is open
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the watch proxy did not reach {upstream}")
+            time.sleep(0.01)
 
     def stop(self) -> None:
         self._loop.call_soon_threadsafe(self._stop.set)
