@@ -1025,7 +1025,7 @@ def _listener_flags(p: argparse.ArgumentParser, port: int, metrics_port: int) ->
     """What ``serve`` and ``watch-proxy`` share: where they listen, TLS and who may call (see `_security`),
     and the bounds on watchers, connections and streams."""
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    p.add_argument("--port", type=int, default=port, help="(default: %(default)s)")
+    p.add_argument("--port", type=int, default=port, help="port to listen on (default: %(default)s)")
     p.add_argument(
         "--metrics-port",
         type=int,

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,6 @@ def free_port() -> int:
 
 def start_server_process(db: Path, port: int, log: Path, *extra: str) -> subprocess.Popen[bytes]:
     """``scaleset serve`` in a child process (the way operators run it); returns once it is SERVING."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
     with log.open("ab") as stderr:
         proc = subprocess.Popen(
             [
@@ -50,33 +48,24 @@ def start_server_process(db: Path, port: int, log: Path, *extra: str) -> subproc
             stderr=stderr,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-    deadline = time.monotonic() + 60
-    # Reconnect at once (gRPC's default backoff starts at 1 s), so SERVING is seen when it is reached.
-    fast = [("grpc.initial_reconnect_backoff_ms", 20), ("grpc.max_reconnect_backoff_ms", 50)]
-    with grpc.insecure_channel(f"127.0.0.1:{port}", options=fast) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                if (
-                    health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                    == health_pb2.HealthCheckResponse.SERVING
-                ):
-                    return proc
-            except grpc.RpcError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"server did not start: {log.read_text()}")
-            time.sleep(0.02)
+    try:
+        wait_serving(f"127.0.0.1:{port}", timeout=60, alive=lambda: proc.poll() is None)
+    except TimeoutError:
+        proc.kill()
+        raise RuntimeError(f"server did not start: {log.read_text()}") from None
+    return proc
 
 
-def wait_serving(target: str, timeout: float = 30) -> None:
-    """Returns once the gRPC health check of ``target`` answers SERVING."""
+def wait_serving(target: str, timeout: float = 30, alive: Callable[[], bool] = lambda: True) -> None:
+    """Returns once the gRPC health check of ``target`` answers SERVING; TimeoutError after ``timeout``
+    seconds, or as soon as ``alive()`` is false."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
+    # Reconnect at once (gRPC's default backoff starts at 1 s), so SERVING is seen when it is reached.
+    fast = [("grpc.initial_reconnect_backoff_ms", 20), ("grpc.max_reconnect_backoff_ms", 50)]
+    with grpc.insecure_channel(target, options=fast) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
@@ -87,7 +76,7 @@ def wait_serving(target: str, timeout: float = 30) -> None:
                     return
             except grpc.RpcError:
                 pass
-            if time.monotonic() > deadline:
+            if not alive() or time.monotonic() > deadline:
                 raise TimeoutError(f"{target} did not become SERVING within {timeout:g} s")
             time.sleep(0.02)
 
