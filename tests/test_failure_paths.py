@@ -253,11 +253,11 @@ def test_watch_messages_take_turns_at_the_configured_rate(tmp_path: Path) -> Non
         async def scenario() -> float:
             control = ControlPlane(store, REGION, watch_messages_per_second=50)
             start = asyncio.get_running_loop().time()
-            turns = [asyncio.create_task(control._send_turn()) for _ in range(10)]
+            turns = [asyncio.create_task(control._send_turns.take()) for _ in range(10)]
             await asyncio.sleep(0)  # every watcher has asked for its turn
             for turn in turns:
                 turn.cancel()
-            return control._next_send - start
+            return control._send_turns.next_turn - start
 
         next_free = asyncio.run(scenario())
     finally:

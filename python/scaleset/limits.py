@@ -23,6 +23,11 @@ class SendTurns:
         #: The loop time of the next turn.
         self._next = 0.0
 
+    @property
+    def next_turn(self) -> float:
+        """The loop time of the next free turn."""
+        return self._next
+
     async def take(self) -> None:
         now = asyncio.get_running_loop().time()
         turn = max(now, self._next)
