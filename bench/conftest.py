@@ -68,7 +68,7 @@ FLOORS: dict[str, float] = {
     # event encoded once per watcher instead of once for all, 3.0x).
     "watch_fanout_1000": 1 / 2.1,
     # The same through a watch proxy (scaleset watch-proxy), which the server serves one stream: at most
-    # 1.3x (measured 0.91-1.02x in four runs; served by the server itself 1.18-1.52x).
+    # 1.3x (measured 0.79-1.02x in five runs; served by the server itself 1.18-1.52x).
     "watch_proxy_1000": 1 / 1.3,
 }
 
