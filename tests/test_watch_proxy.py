@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from scaleset.auth import Authenticator
 from scaleset.client import Client, WatchedEvent
@@ -157,6 +158,8 @@ def test_event_log_holds_its_bounds_and_answers_only_what_it_holds() -> None:
     assert cut is not None and cut[1] == 4
     assert [[s for s, _ in split_events(m)] for m in cut[0]] == [[1, 2], [3], [4]]
     assert all(len(m) <= WATCH_MESSAGE_BYTES for m in cut[0][:2])
+    with pytest.raises(DecodeError):  # a message cut short, in the middle of a length
+        split_events(message(1, 2)[:-60] + bytes([0x0A, 0xFF]))
     small = EventLog(max_events=100, max_bytes=200)
     small.reset(0)
     small.append(message(*range(1, 6)))  # past the byte bound: the oldest half goes
