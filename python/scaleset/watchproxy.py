@@ -381,7 +381,7 @@ class _Handlers:
         if not path.startswith("/scaleset.v1."):
             return None
         message = (
-            f"this is a watch proxy: it serves WatchEvents only; call {path.rsplit('/', 1)[-1]} on the "
+            f"this is a watch proxy: it serves WatchEvents only; call {path.rsplit('/', 1)[-1][:100]} on the "
             f"server at {self._upstream}."
         )
 
