@@ -8,14 +8,13 @@ import os
 import queue
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
-from scaleset.testing.server import free_port, wait_serving
+from scaleset.testing.server import free_port, start_proxy_process
 from scaleset.v1 import scaleset_pb2 as pb
 
 
@@ -264,24 +263,13 @@ class WatchProxyProcess:
 def start_proxy(target: str, watchers: int, tmp: Path, *, metrics: bool = False) -> WatchProxyProcess:
     """A watch proxy of the server at ``target`` for ``watchers`` streams (its log in ``tmp``), SERVING."""
     port, metrics_port = free_port(), free_port() if metrics else 0
-    with (tmp / "proxy.log").open("ab") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "scaleset",
-                "--server",
-                target,
-                "watch-proxy",
-                "--port",
-                str(port),
-                "--metrics-port",
-                str(metrics_port),
-                "--max-watchers",
-                str(watchers + 10),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-        )
-    wait_serving(f"127.0.0.1:{port}")
+    proc = start_proxy_process(
+        target,
+        port,
+        tmp / "proxy.log",
+        "--metrics-port",
+        str(metrics_port),
+        "--max-watchers",
+        str(watchers + 10),
+    )
     return WatchProxyProcess(proc, port, metrics_port)

@@ -9,6 +9,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from scaleset import Engine, Instance, Region, ScaleSetSpec, Sku
+from scaleset.client import Client
 
 SIZE = "Standard_D2s_v5"
 
@@ -84,3 +85,32 @@ def postgres() -> Iterator[object]:
 
     with PostgresServer() as server:
         yield server
+
+
+def flood(c: Client, rounds: int) -> None:
+    """Changes of scale set "web" whose events carry large plans (999 instances each; above 1,000 only
+    counts) to overflow what gRPC's flow control lets a watcher hold unread."""
+    for _ in range(rounds):
+        c.set_capacity("web", 999)
+        c.set_capacity("web", 0)
+
+
+def flood_until_a_watch_is_taken(changes: Client, watches: Client) -> None:
+    """Floods (through ``changes``) until a watcher that stopped reading is let go: ``watches``, whose only
+    watch slot it held, is then given a new watch (from the first event). Fails after 30 rounds."""
+    import time
+
+    from scaleset.errors import CapacityError
+
+    for _ in range(30):
+        flood(changes, 25)
+        time.sleep(0.6)
+        watch = watches.watch()
+        try:
+            assert next(watch).sequence == 1
+            return
+        except CapacityError:
+            continue
+        finally:
+            watch.close()
+    pytest.fail("the watcher that stopped reading was never let go")

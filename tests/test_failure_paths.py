@@ -17,7 +17,7 @@ from scaleset.errors import InvalidInputError, UnavailableError
 from scaleset.service import status_for
 from scaleset.testing.server import ServerThread
 
-from tests.conftest import SIZE, zonal_spec
+from tests.conftest import SIZE, flood, flood_until_a_watch_is_taken, zonal_spec
 
 REGION = Region(zones=["1", "2", "3"], fault_domains_per_zone=3)
 MANY = [Instance(instance_id=1000 + i, zone="1", vm_size=SIZE, name="x" * 200) for i in range(900)]
@@ -431,19 +431,9 @@ def _slow_consumers(server: ServerThread) -> float:
     )
 
 
-def _flood(c: Client, rounds: int) -> None:
-    """Changes whose events carry large plans (999 instances each; above 1,000 only counts) to overflow
-    what gRPC's flow control lets a client hold unread."""
-    for _ in range(rounds):
-        c.set_capacity("web", 999)
-        c.set_capacity("web", 0)
-
-
 def test_a_watcher_that_stops_reading_is_let_go_and_its_slot_freed(tmp_path: Path) -> None:
     """A client that takes no message for --stream-send-timeout gets every message written before, then
     RESOURCE_EXHAUSTED SlowConsumer; its watch slot is free for another watcher."""
-    import time
-
     from scaleset.errors import CapacityError
     from scaleset.v1 import scaleset_pb2 as pb
     from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
@@ -459,19 +449,7 @@ def test_a_watcher_that_stops_reading_is_let_go_and_its_slot_freed(tmp_path: Pat
                 next(iter(c.watch()))
             assert refused.value.code == "TooManyWatchers"
             # Changes until the stalled watcher is let go: then its slot is free and a new watch accepted.
-            for _ in range(30):
-                _flood(c, 25)
-                time.sleep(0.6)
-                watch = c.watch()
-                try:
-                    assert next(watch).sequence == 1
-                    break
-                except CapacityError:
-                    continue
-                finally:
-                    watch.close()
-            else:
-                pytest.fail("the watcher that stopped reading was never let go")
+            flood_until_a_watch_is_taken(c, c)
             with pytest.raises(grpc.RpcError) as ended:
                 for message in stalled:
                     received.extend(e.sequence for e in message.events)
@@ -496,7 +474,7 @@ def test_the_client_resumes_a_watch_it_read_too_slowly_after_its_last_event(
         changes = 0
         while not _slow_consumers(server):
             assert changes < 1500, "the slow reader was never let go"
-            _flood(c, 25)
+            flood(c, 25)
             changes += 50
             time.sleep(0.6)
         return changes

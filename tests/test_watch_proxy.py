@@ -5,7 +5,6 @@ repeat; it keeps the server's bounds and roles; it answers nothing else."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -19,13 +18,14 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from scaleset.auth import Authenticator
 from scaleset.client import Client, WatchedEvent
-from scaleset.errors import CapacityError, ConflictError, InvalidInputError, NotFoundError, ScaleSetError
+from scaleset.errors import ConflictError, InvalidInputError, NotFoundError, ScaleSetError
 from scaleset.model import Region
 from scaleset.service import WATCH_MESSAGE_BYTES
 from scaleset.testing.server import (
     ServerThread,
     WatchProxyThread,
     free_port,
+    start_proxy_process,
     start_server_process,
     wait_serving,
 )
@@ -33,7 +33,7 @@ from scaleset.v1 import scaleset_pb2 as pb
 from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
 from scaleset.watchproxy import EventLog, split_events
 
-from tests.conftest import zonal_spec
+from tests.conftest import flood_until_a_watch_is_taken, zonal_spec
 
 REGION = Region(zones=["1", "2", "3"], fault_domains_per_zone=3)
 
@@ -284,21 +284,7 @@ def test_the_proxy_lets_a_watcher_that_stops_reading_go(tmp_path: Path) -> None:
         direct.create_scale_set(zonal_spec("web"), 0)
         stalled = pb_grpc.ScaleSetsStub(channel).WatchEvents(pb.WatchEventsRequest())
         received = [e.sequence for e in next(stalled).events]  # then it reads no more
-        for _ in range(30):
-            for _ in range(25):  # events of 999 instances' plans overflow what flow control holds unread
-                direct.set_capacity("web", 999)
-                direct.set_capacity("web", 0)
-            threading.Event().wait(0.6)
-            watch = c.watch()
-            try:
-                assert next(watch).sequence == 1
-                break
-            except CapacityError:
-                continue
-            finally:
-                watch.close()
-        else:
-            pytest.fail("the watcher that stopped reading was never let go")
+        flood_until_a_watch_is_taken(direct, c)
         with pytest.raises(grpc.RpcError) as ended:
             for message in stalled:
                 received.extend(e.sequence for e in message.events)
@@ -361,24 +347,8 @@ def test_watch_proxy_command_follows_a_server_restart_without_a_gap(tmp_path: Pa
     db, port, proxy_port = tmp_path / "state.db", free_port(), free_port()
     server = start_server_process(db, port, tmp_path / "server.log")
     target = f"127.0.0.1:{port}"
-    with (tmp_path / "proxy.log").open("ab") as proxy_log:
-        proxy = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "scaleset",
-                "--server",
-                target,
-                "watch-proxy",
-                "--port",
-                str(proxy_port),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=proxy_log,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+    proxy = start_proxy_process(target, proxy_port, tmp_path / "proxy.log")
     try:
-        wait_serving(f"127.0.0.1:{proxy_port}")
         with Client(target) as direct:
             direct.create_scale_set(zonal_spec("web"), 1)
             direct.set_capacity("web", 2)

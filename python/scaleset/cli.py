@@ -121,6 +121,16 @@ async def collect_garbage(
         gc.unfreeze()
 
 
+def _stop_on_signals(pauses: Histogram | None = None) -> tuple[asyncio.Event, asyncio.Task[None]]:
+    """An event that SIGTERM and SIGINT set, and the task that keeps garbage collection short until it is
+    set (see `collect_garbage`; ``pauses`` observes each collection). Called on the running loop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop, asyncio.create_task(collect_garbage(stop, pauses), name="scaleset-gc")
+
+
 async def run_server(
     store: str,
     address: str,
@@ -233,11 +243,7 @@ async def run_server(
         host = address.rsplit(":", 1)[0].strip("[]") or "127.0.0.1"
         await gateway.start(host, http_port)
         log.info("HTTP/JSON gateway on %s port %d", host, http_port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    collector = asyncio.create_task(collect_garbage(stop, metrics.gc_pauses), name="scaleset-gc")
+    stop, collector = _stop_on_signals(metrics.gc_pauses)
 
     pull = None
     if prometheus_url:
@@ -321,11 +327,7 @@ async def _run_cluster_member(
     settings = CellSettings(
         region, address.rsplit(":", 1)[0], advance_interval=advance_interval, pull=pull, **cell
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    collector = asyncio.create_task(collect_garbage(stop), name="scaleset-gc")
+    stop, collector = _stop_on_signals()
     try:
         return await serve_cluster(
             store,
@@ -483,11 +485,7 @@ def cmd_watch_proxy(args: argparse.Namespace) -> int:
         from scaleset.watchproxy import serve_watch_proxy
 
         _raise_file_limit()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        collector = asyncio.create_task(collect_garbage(stop), name="scaleset-gc")
+        stop, collector = _stop_on_signals()
         try:
             return await serve_watch_proxy(
                 args.server,
@@ -507,7 +505,8 @@ def cmd_watch_proxy(args: argparse.Namespace) -> int:
                 grace=args.grace,
             )
         finally:
-            collector.cancel()
+            stop.set()
+            await collector
 
     return asyncio.run(run())
 

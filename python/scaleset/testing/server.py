@@ -18,7 +18,14 @@ from scaleset.control import ControlPlane
 from scaleset.model import Region
 from scaleset.service import build_server
 
-__all__ = ["ServerThread", "WatchProxyThread", "free_port", "start_server_process", "wait_serving"]
+__all__ = [
+    "ServerThread",
+    "WatchProxyThread",
+    "free_port",
+    "start_proxy_process",
+    "start_server_process",
+    "wait_serving",
+]
 
 
 def free_port() -> int:
@@ -29,21 +36,25 @@ def free_port() -> int:
 
 def start_server_process(db: Path, port: int, log: Path, *extra: str) -> subprocess.Popen[bytes]:
     """``scaleset serve`` in a child process (the way operators run it); returns once it is SERVING."""
+    return _start(
+        "server", ["serve", "--db", str(db), "--port", str(port), "--metrics-port", "0", *extra], port, log
+    )
+
+
+def start_proxy_process(upstream: str, port: int, log: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """``scaleset watch-proxy`` of the server at ``upstream`` in a child process; returns once it is SERVING
+    (following the server)."""
+    return _start(
+        "watch proxy", ["--server", upstream, "watch-proxy", "--port", str(port), *extra], port, log
+    )
+
+
+def _start(what: str, args: list[str], port: int, log: Path) -> subprocess.Popen[bytes]:
+    """``scaleset *args`` in a child process, its stderr appended to ``log``; returns once ``port`` answers
+    SERVING."""
     with log.open("ab") as stderr:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "scaleset",
-                "serve",
-                "--db",
-                str(db),
-                "--port",
-                str(port),
-                "--metrics-port",
-                "0",
-                *extra,
-            ],
+            [sys.executable, "-m", "scaleset", *args],
             stdout=subprocess.DEVNULL,
             stderr=stderr,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -52,7 +63,7 @@ def start_server_process(db: Path, port: int, log: Path, *extra: str) -> subproc
         wait_serving(f"127.0.0.1:{port}", timeout=60, alive=lambda: proc.poll() is None)
     except TimeoutError:
         proc.kill()
-        raise RuntimeError(f"server did not start: {log.read_text()}") from None
+        raise RuntimeError(f"{what} did not start: {log.read_text()}") from None
     return proc
 
 
