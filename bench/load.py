@@ -6,6 +6,7 @@ import asyncio
 import multiprocessing
 import os
 import queue
+import random
 import signal
 import subprocess
 import time
@@ -194,11 +195,17 @@ def _noop(_: int) -> None:
 STREAMS_PER_CHANNEL = 200
 
 
-def watch_every_set(target: str, count: int, asks: Any, answers: Any) -> None:
+def watch_every_set(
+    target: str, count: int, asks: Any, answers: Any, *, reads: bool = True, resume: bool = False
+) -> None:
     """A watcher process: ``count`` streams of every scale set from the start, reading every message as
-    bytes (nothing decoded while they stream). For each item put on ``asks`` it puts on ``answers`` each
-    stream's last event sequence so far (-1 for a stream that ended); None on ``asks`` ends it."""
-    asyncio.run(_watch_every_set(target, count, asks, answers))
+    bytes (decoding is the watcher's work, not the server's, and on this machine it would take CPU from
+    both). With ``reads`` False each stream reads one message and then holds the stream open without
+    reading another. A stream that fails before its first message (a connection refused) opens again; with
+    ``resume`` a reading stream that fails later resumes after its last event too, as a real watcher would.
+    For each item put on ``asks`` it puts on ``answers`` each stream's last event sequence so far (-1 for a
+    stream that ended) and how many times its streams opened again; None on ``asks`` ends it."""
+    asyncio.run(_watch_every_set(target, count, asks, answers, reads, resume))
 
 
 def watch_channels(target: str, streams: int) -> list[grpc.aio.Channel]:
@@ -210,26 +217,34 @@ def watch_channels(target: str, streams: int) -> list[grpc.aio.Channel]:
     ]
 
 
-def _last_sequence(message: bytes | None) -> int:
-    """The sequence of the last event in a WatchEventsResponse (0 before any, -1 once the stream ended)."""
-    if message is None:
-        return -1
+def _last_sequence(message: bytes) -> int:
+    """The sequence of the last event in a WatchEventsResponse (0 before any)."""
     return pb.WatchEventsResponse.FromString(message).events[-1].sequence if message else 0
 
 
-async def _watch_every_set(target: str, count: int, asks: Any, answers: Any) -> None:
+async def _watch_every_set(
+    target: str, count: int, asks: Any, answers: Any, reads: bool, resume: bool
+) -> None:
     channels = watch_channels(target, count)
-    request = pb.WatchEventsRequest().SerializeToString()
-    last: list[bytes | None] = [b""] * count
+    last, ended, reopened = [b""] * count, [False] * count, 0
 
     async def one(k: int) -> None:
+        nonlocal reopened
         watch = channels[k // STREAMS_PER_CHANNEL].unary_stream("/scaleset.v1.ScaleSets/WatchEvents")
-        try:
-            async for message in watch(request):
-                last[k] = message
-        except grpc.RpcError:
-            pass
-        last[k] = None
+        while True:
+            request = pb.WatchEventsRequest(after=_last_sequence(last[k])).SerializeToString()
+            try:
+                async for message in watch(request):
+                    last[k] = message
+                    if not reads:
+                        await asyncio.Event().wait()  # never set: stops reading
+            except grpc.RpcError:
+                if not last[k] or (resume and reads):
+                    reopened += 1
+                    await asyncio.sleep(1 + random.random())
+                    continue
+            ended[k] = True
+            return
 
     streams = [asyncio.create_task(one(k)) for k in range(count)]
     while True:
@@ -240,7 +255,7 @@ async def _watch_every_set(target: str, count: int, asks: Any, answers: Any) -> 
             continue
         if ask is None:
             break
-        answers.put([_last_sequence(m) for m in last])
+        answers.put(([-1 if e else _last_sequence(m) for m, e in zip(last, ended, strict=True)], reopened))
     for stream in streams:
         stream.cancel()
     for channel in channels:

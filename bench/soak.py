@@ -8,8 +8,10 @@ The load is an open loop at ``--rate`` calls a second (default 2x TARGET_RATE), 
 it was due, in windows of WINDOW_S; ``--rate 0`` runs it closed-loop instead (as fast as the server
 answers 8 calls in flight: the saturation figures). Unloaded is the same load for QUIET_WINDOWS windows
 before the watchers start and as many after they stop, pooled; the summary compares the p99 of every
-loaded window after the first (the warm-up, while the watchers connect and replay the history) pooled,
-and the worst single window. Each window also shows the watch streams the server serves: the
+loaded window after the warm-up pooled, and the worst single window. The warm-up is the first window and
+any that starts before every reading watcher has replayed the history (each stream watches from the
+start); a reading watcher's stream that fails resumes after its last event, as a real watcher's would,
+and one refused opens again (the soak counts both). Each window also shows the watch streams the server serves: the
 never-reading ones are let go once their flow control is full and --stream-send-timeout has passed.
 
 With ``--proxy`` the watchers watch through ``scaleset watch-proxy`` (a process of its own, started before
@@ -22,7 +24,6 @@ loopback port with its database in a temporary directory, and stops it at the en
 from __future__ import annotations
 
 import argparse
-import asyncio
 import multiprocessing
 import os
 import re
@@ -31,16 +32,15 @@ import sys
 import tempfile
 import time
 import urllib.request
+from multiprocessing import Queue
 from pathlib import Path
-
-import grpc
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scaleset.client import Client
 from scaleset.testing.server import free_port, start_server_process
-from scaleset.v1 import scaleset_pb2 as pb
 
 from bench.load import (
-    STREAMS_PER_CHANNEL,
     LoadResult,
     WatchProxyProcess,
     cpu_seconds,
@@ -48,7 +48,7 @@ from bench.load import (
     percentile_ms,
     run_load,
     start_proxy,
-    watch_channels,
+    watch_every_set,
 )
 
 PROCESSES, INFLIGHT = 2, 4
@@ -61,6 +61,18 @@ WINDOW_S, OPEN_INFLIGHT = 10, 64
 QUIET_WINDOWS = 3
 #: Unloaded p99 before and after the watchers further apart than this: the run does not measure them.
 DRIFT = 2.0
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """The machine's busy and total CPU time so far, in clock ticks of all its cores (/proc/stat)."""
+    ticks = [int(t) for t in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
+
+
+def machine_busy(since: tuple[int, int]) -> float:
+    """How busy the machine's cores were since a reading of cpu_ticks, in % of one core."""
+    busy, total = cpu_ticks()
+    return (busy - since[0]) / max(1, total - since[1]) * 100 * (os.cpu_count() or 1)
 
 
 def rss_mb(pid: int) -> float:
@@ -127,30 +139,11 @@ def db_mb(db: Path) -> float:
     return sum(p.stat().st_size for p in db.parent.glob(db.name + "*") if p.is_file()) / 1e6
 
 
-async def _watch(target: str, count: int, reads: bool) -> None:
-    """``count`` watch streams on asyncio channels of STREAMS_PER_CHANNEL streams; a reading stream reads
-    every message (as bytes: decoding is the watcher's work, not the server's, and on this machine it
-    would take CPU from both), the others read one and then hold the stream open without reading another."""
-    channels = watch_channels(target, count)
-    request = pb.WatchEventsRequest().SerializeToString()
-
-    async def one(k: int) -> None:
-        stream = channels[k // STREAMS_PER_CHANNEL].unary_stream("/scaleset.v1.ScaleSets/WatchEvents")(
-            request
-        )
-        try:
-            async for _ in stream:
-                if not reads:
-                    await asyncio.Event().wait()  # never set: stops reading
-        except grpc.RpcError:
-            pass
-
-    await asyncio.gather(*(one(k) for k in range(count)))
-
-
-def watchers(target: str, count: int, reads: bool) -> None:
-    """A watcher process (killed at the end of the soak)."""
-    asyncio.run(_watch(target, count, reads))
+def head_sequence(target: str) -> int:
+    """The sequence of the server's last event: in the soak every event is a change of one of its scale
+    sets, each of which counts its own in its revision."""
+    with Client(target) as client:
+        return sum(s.revision for s in client.list_scale_sets(1000))
 
 
 def main() -> None:
@@ -200,41 +193,56 @@ def main() -> None:
             create_load_sets(target, PROCESSES)
             seen = latency_buckets(metrics_port)
 
-            def quiet() -> tuple[list[float], float, float, str]:
-                """QUIET_WINDOWS windows with no watcher: latencies, calls a second, server CPU, server p99."""
+            def quiet() -> tuple[list[float], str]:
+                """QUIET_WINDOWS windows with no watcher: their latencies, and what they did (calls a second,
+                the server's own p99, its CPU and the machine's)."""
                 nonlocal seen
-                began, cpu = time.monotonic(), cpu_seconds(proc.pid)
+                began, cpu, ticks = time.monotonic(), cpu_seconds(proc.pid), cpu_ticks()
                 runs = [load(100) for _ in range(QUIET_WINDOWS)]
                 busy = (cpu_seconds(proc.pid) - cpu) / (time.monotonic() - began) * 100
                 latencies = [t for r in runs for t in r.latencies]
                 server = p99_bound_ms(seen, seen := latency_buckets(metrics_port))
-                return latencies, len(latencies) / sum(r.seconds for r in runs), busy, server
+                return latencies, (
+                    f"{len(latencies) / sum(r.seconds for r in runs):.0f}/s p99 "
+                    f"{percentile_ms(sorted(latencies), 0.99):.1f} ms (in the server {server} ms, CPU "
+                    f"{busy:.0f}% of a core; the machine's cores {machine_busy(ticks):.0f}% of one)"
+                )
 
             # Unloaded: QUIET_WINDOWS windows of the same load before the watchers start, and as many after
             # they stop, pooled (the machine's speed drifts over minutes: the two sides bracket the loaded run).
-            before, quiet_rate, quiet_busy, quiet_server = quiet()
+            before, unloaded = quiet()
             # With --proxy the watchers watch through a watch proxy: the server serves it one stream.
             proxy = start_proxy(target, args.watchers, Path(tmp), metrics=True) if args.proxy else None
             watched = target if proxy is None else proxy.target
-            # The watchers run in two processes of their own (asyncio channels), one reading, one not.
+            # The watchers run in two processes of their own (asyncio channels), one reading, one not;
+            # the reading one's streams resume after a failure, as real watchers do.
+            head = head_sequence(target)
+            queues: list[tuple[Queue[Any], Queue[Any]]] = [(Queue(), Queue()) for _ in range(2)]
             procs = [
                 multiprocessing.Process(
-                    target=watchers, args=(watched, args.watchers // 2, reads), daemon=True
+                    target=watch_every_set,
+                    args=(watched, args.watchers // 2, asks, answers),
+                    kwargs={"reads": reads, "resume": reads},
+                    daemon=True,
                 )
-                for reads in (True, False)
+                for reads, (asks, answers) in zip((True, False), queues, strict=True)
             ]
             for w in procs:
                 w.start()
+
+            def reading() -> tuple[int, int]:
+                """The reading watchers: the last event every stream has, and how often one opened again."""
+                asks, answers = queues[0]
+                asks.put("last")
+                lasts, reopened = answers.get(timeout=60)
+                return min(lasts), reopened
+
             time.sleep(2)
             mode = f"open loop at {args.rate:.0f}/s" if args.rate else "closed loop"
-            print(
-                f"{mode}; unloaded before: {quiet_rate:.0f}/s p99 {percentile_ms(sorted(before), 0.99):.1f} ms "
-                f"(in the server "
-                f"{quiet_server} ms, CPU {quiet_busy:.0f}% of a core); {args.watchers} watchers, half never read"
-            )
+            print(f"{mode}; unloaded before: {unloaded}; {args.watchers} watchers, half never read")
             print(
                 f"{'minute':>7} {'req/s':>8} {'p99 ms':>8} {'server':>8} {'CPU %':>6} {'errors':>7} {'RSS MB':>8} "
-                f"{'DB MB':>8} {'watchers':>8} {'GC ms':>6} {'full':>4}"
+                f"{'DB MB':>8} {'watchers':>8} {'GC ms':>6} {'full':>4} {'machine %':>9}"
                 + ("" if proxy is None else f" {'proxy CPU %':>11} {'proxy RSS MB':>12}")
             )
 
@@ -246,56 +254,63 @@ def main() -> None:
 
             seen, collected = latency_buckets(metrics_port), gc_pauses(metrics_port)
             deadline = time.monotonic() + args.minutes * 60
-            worst, loaded = 0.0, []
+            # The warm-up: the first window, and every window that starts before each reading watcher has
+            # the history as it stood when they started (every stream replays it from the start).
+            worst, replaying = 0.0, True
+            loaded: list[tuple[bool, list[float]]] = []  # (warm-up, latencies) a window
             while time.monotonic() < deadline:
-                began, cpu = time.monotonic(), cpu_seconds(proc.pid)
+                warm_up = replaying or not loaded
+                began, cpu, ticks = time.monotonic(), cpu_seconds(proc.pid), cpu_ticks()
                 proxy_cpu = 0.0 if proxy is None else cpu_seconds(proxy.pid)
                 r = load(300)
                 busy = (cpu_seconds(proc.pid) - cpu) / (time.monotonic() - began) * 100
                 server = p99_bound_ms(seen, seen := latency_buckets(metrics_port))
                 longest, full = gc_summary(collected, collected := gc_pauses(metrics_port))
                 worst = max(worst, r.p99_ms)
-                loaded.append(r.latencies)
+                loaded.append((warm_up, r.latencies))
+                replaying = replaying and reading()[0] < head
                 minute = args.minutes - (deadline - time.monotonic()) / 60
                 print(
                     f"{minute:7.1f} {r.per_second:8.0f} {r.p99_ms:8.1f} {server:>8} {busy:6.0f} {r.errors:7d} "
-                    f"{rss_mb(proc.pid):8.1f} {db_mb(db):8.1f} {watching():8d} {longest:>6} {full:4d}"
+                    f"{rss_mb(proc.pid):8.1f} {db_mb(db):8.1f} {watching():8d} {longest:>6} {full:4d} "
+                    f"{machine_busy(ticks):9.0f}"
                     + (
                         ""
                         if proxy is None
                         else f" {(cpu_seconds(proxy.pid) - proxy_cpu) / (time.monotonic() - began) * 100:11.0f}"
                         f" {rss_mb(proxy.pid):12.1f}"
                     )
+                    + ("  warm-up" if warm_up else "")
                 )
             let_go = (
                 metric(metrics_port, 'scaleset_slow_consumers_total{method="WatchEvents"}')
                 if proxy is None
                 else metric(proxy.metrics_port, "scaleset_proxy_slow_consumers_total")
             )
-            print(f"watchers let go as too slow to read: {let_go}")
+            print(
+                f"watchers let go as too slow to read: {let_go}; reading watchers' streams opened again "
+                f"(a connection refused, or a resume): {reading()[1]}"
+            )
             for w in procs:
                 w.kill()
                 w.join()
             if proxy is not None:
                 proxy.stop()
             time.sleep(2)
-            after, rate, busy, server = quiet()
-            print(
-                f"unloaded after: {rate:.0f}/s p99 {percentile_ms(sorted(after), 0.99):.1f} ms (in the server "
-                f"{server} ms, CPU {busy:.0f}% of a core)"
-            )
+            after, unloaded = quiet()
+            print(f"unloaded after: {unloaded}")
             quiet_p99 = percentile_ms(sorted(before + after), 0.99)
             sides_p99 = {
                 name: percentile_ms(sorted(side), 0.99)
                 for name, side in (("before", before), ("after", after))
             }
-            # The first window is the warm-up: every watcher connects and replays the history.
-            steady = sorted(t for window in loaded[1:] for t in window)
+            steady = sorted(t for warm_up, window in loaded if not warm_up for t in window)
             if steady:
                 p99 = percentile_ms(steady, 0.99)
                 sides = " and ".join(f"{p99 / side:.1f}x {name}" for name, side in sides_p99.items())
                 print(
-                    f"loaded p99 after the first window {p99:.1f} ms = {p99 / quiet_p99:.1f}x unloaded "
+                    f"loaded p99 after the warm-up ({sum(w for w, _ in loaded)} windows) {p99:.1f} ms = "
+                    f"{p99 / quiet_p99:.1f}x unloaded "
                     f"({quiet_p99:.1f} ms, before and after pooled; {sides}); worst window {worst:.1f} ms "
                     f"= {worst / quiet_p99:.1f}x"
                 )

@@ -88,7 +88,7 @@ def caught_up(asks: Any, answers: Any, changes: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while True:
         asks.put("last")
-        lasts: list[int] = answers.get(timeout=30)
+        lasts: list[int] = answers.get(timeout=30)[0]
         if min(lasts) == max(lasts) >= changes:
             return True
         if time.monotonic() > deadline:
