@@ -203,7 +203,8 @@ def watch_every_set(
     both). With ``reads`` False each stream reads one message and then holds the stream open without
     reading another. A stream that fails before its first message (a connection refused) opens again; with
     ``resume`` a reading stream that fails later resumes after its last event too, as a real watcher would.
-    For each item put on ``asks`` it puts on ``answers`` each stream's last event sequence so far (-1 for a
+    For each item put on ``asks`` it puts on ``answers`` each stream's last event sequence so far (for
+    "first": the first event's of its last message, which decodes one event, not all of them; -1 for a
     stream that ended) and how many times its streams opened again; None on ``asks`` ends it."""
     asyncio.run(_watch_every_set(target, count, asks, answers, reads, resume))
 
@@ -220,6 +221,20 @@ def watch_channels(target: str, streams: int) -> list[grpc.aio.Channel]:
 def _last_sequence(message: bytes) -> int:
     """The sequence of the last event in a WatchEventsResponse (0 before any)."""
     return pb.WatchEventsResponse.FromString(message).events[-1].sequence if message else 0
+
+
+def _first_sequence(message: bytes) -> int:
+    """The sequence of the first event in a WatchEventsResponse (0 before any), decoding that event alone
+    (a message of a replay holds thousands)."""
+    if not message:
+        return 0
+    length, shift, at = 0, 0, 1  # message[0]: the tag of field 1, events
+    while True:
+        length |= (message[at] & 0x7F) << shift
+        shift, at = shift + 7, at + 1
+        if message[at - 1] < 0x80:
+            sequence: int = pb.Event.FromString(message[at : at + length]).sequence
+            return sequence
 
 
 async def _watch_every_set(
@@ -255,7 +270,8 @@ async def _watch_every_set(
             continue
         if ask is None:
             break
-        answers.put(([-1 if e else _last_sequence(m) for m, e in zip(last, ended, strict=True)], reopened))
+        sequence = _last_sequence if ask == "last" else _first_sequence
+        answers.put(([-1 if e else sequence(m) for m, e in zip(last, ended, strict=True)], reopened))
     for stream in streams:
         stream.cancel()
     for channel in channels:

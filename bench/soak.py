@@ -238,11 +238,12 @@ def main() -> None:
                 w.start()
 
             def reading() -> tuple[int, int]:
-                """The reading watchers: the last event every stream has, and how often one opened again."""
+                """The reading watchers: the first event of the last message every stream has (each has every
+                event before it), and how often one opened again."""
                 asks, answers = queues[0]
-                asks.put("last")
-                lasts, reopened = answers.get(timeout=60)
-                return min(lasts), reopened
+                asks.put("first")
+                firsts, reopened = answers.get(timeout=60)
+                return min(firsts), reopened
 
             time.sleep(2)
             mode = f"open loop at {args.rate:.0f}/s" if args.rate else "closed loop"
@@ -275,7 +276,7 @@ def main() -> None:
                 longest, full = gc_summary(collected, collected := gc_pauses(metrics_port))
                 worst = max(worst, r.p99_ms)
                 loaded.append((warm_up, r))
-                replaying = replaying and reading()[0] < head
+                replaying = replaying and reading()[0] <= head
                 minute = args.minutes - (deadline - time.monotonic()) / 60
                 print(
                     f"{minute:7.1f} {r.per_second:8.0f} {r.p99_ms:8.1f} {server:>8} {busy:6.0f} {r.errors:7d} "
