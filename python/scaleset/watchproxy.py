@@ -3,7 +3,7 @@ every scale set on the server, as etcd's gRPC proxy coalesces watchers.
 
 A server sends each of its watchers every change itself, on the event loop that also answers the
 changes: a thousand watchers add a fifth to two fifths to its work, and to the wait of every call
-(README, Soak). A proxy, in a process of its own and on as many machines as needed, takes that work
+(docs/soak.md). A proxy, in a process of its own and on as many machines as needed, takes that work
 away: the server serves it one stream, and the proxy writes each change to its watchers from a log of
 the most recent events as the server encoded them, end to end in one buffer (a message of any run of
 them is one slice: nothing decoded or encoded per watcher).
