@@ -291,8 +291,11 @@ class WatchProxyProcess:
             self.proc.wait(timeout=60)
 
 
-def start_proxy(target: str, watchers: int, tmp: Path, *, metrics: bool = False) -> WatchProxyProcess:
-    """A watch proxy of the server at ``target`` for ``watchers`` streams (its log in ``tmp``), SERVING."""
+def start_proxy(
+    target: str, watchers: int, tmp: Path, *extra: str, metrics: bool = False
+) -> WatchProxyProcess:
+    """A watch proxy of the server at ``target`` for ``watchers`` streams (its log in ``tmp``; ``extra``
+    flags of `watch-proxy`), SERVING."""
     port, metrics_port = free_port(), free_port() if metrics else 0
     proc = start_proxy_process(
         target,
@@ -302,5 +305,6 @@ def start_proxy(target: str, watchers: int, tmp: Path, *, metrics: bool = False)
         str(metrics_port),
         "--max-watchers",
         str(watchers + 10),
+        *extra,
     )
     return WatchProxyProcess(proc, port, metrics_port)

@@ -159,7 +159,9 @@ def main() -> None:
     parser.add_argument("--watchers", type=int, default=200)
     parser.add_argument("--rate", type=float, default=2 * TARGET_RATE, help="calls a second; 0: closed loop")
     parser.add_argument(
-        "--watch-messages-per-second", type=float, help="passed to the server (default: the server's)"
+        "--watch-messages-per-second",
+        type=float,
+        help="passed to the server and the proxy (default: theirs)",
     )
     parser.add_argument(
         "--proxy",
@@ -174,6 +176,11 @@ def main() -> None:
         calls = max(1, round(args.rate / PROCESSES * WINDOW_S / OPEN_INFLIGHT))
         return run_load(target, "set_capacity", PROCESSES, OPEN_INFLIGHT, calls, rate=args.rate)
 
+    pacing = (
+        ["--watch-messages-per-second", str(args.watch_messages_per_second)]
+        if args.watch_messages_per_second
+        else []
+    )
     with tempfile.TemporaryDirectory() as tmp:
         db, port, metrics_port = Path(tmp) / "soak.db", free_port(), free_port()
         proc = start_server_process(
@@ -188,11 +195,7 @@ def main() -> None:
             "20000",
             "--request-retention",
             "20000",
-            *(
-                ["--watch-messages-per-second", str(args.watch_messages_per_second)]
-                if args.watch_messages_per_second
-                else []
-            ),
+            *pacing,
         )
         target = f"127.0.0.1:{port}"
         proxy: WatchProxyProcess | None = None
@@ -219,7 +222,9 @@ def main() -> None:
             # they stop, pooled (the machine's speed drifts over minutes: the two sides bracket the loaded run).
             before, unloaded = quiet()
             # With --proxy the watchers watch through a watch proxy: the server serves it one stream.
-            proxy = start_proxy(target, args.watchers, Path(tmp), metrics=True) if args.proxy else None
+            proxy = (
+                start_proxy(target, args.watchers, Path(tmp), *pacing, metrics=True) if args.proxy else None
+            )
             watched = target if proxy is None else proxy.target
             # The watchers run in two processes of their own (asyncio channels), one reading, one not;
             # the reading one's streams resume after a failure, as real watchers do.
