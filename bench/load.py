@@ -204,8 +204,8 @@ def watch_every_set(
     reading another. A stream that fails before its first message (a connection refused) opens again; with
     ``resume`` a reading stream that fails later resumes after its last event too, as a real watcher would.
     For each item put on ``asks`` it puts on ``answers`` each stream's last event sequence so far (for
-    "first": the first event's of its last message, which decodes one event, not all of them; -1 for a
-    stream that ended) and how many times its streams opened again; None on ``asks`` ends it."""
+    "first": that of the first event of its last message, which decodes one event, not thousands; -1 for
+    a stream that ended) and how many times its streams opened again; None on ``asks`` ends it."""
     asyncio.run(_watch_every_set(target, count, asks, answers, reads, resume))
 
 

@@ -324,13 +324,17 @@ def main() -> None:
                     f"({quiet_p99:.1f} ms, before and after pooled; {sides}); worst window {worst:.1f} ms "
                     f"= {worst / quiet_p99:.1f}x"
                 )
-                # A hiccup of the machine's in one window moves the pooled p99 (a tenth of the loaded calls
-                # are in one window), and the loaded run has three times the unloaded windows to catch one.
+                # A hiccup of the machine's in one window moves the pooled p99 (about a tenth of the loaded
+                # calls are in one window), and a 2-minute run has twice the unloaded windows to catch one.
                 typical = statistics.median(r.p99_ms for r in steady)
                 quiet_typical = statistics.median(r.p99_ms for r in before + after)
                 print(
                     f"median window's p99: loaded {typical:.1f} ms = {typical / quiet_typical:.1f}x unloaded "
                     f"({quiet_typical:.1f} ms)"
+                )
+            else:
+                print(
+                    "no window after the warm-up: a reading watcher never had the history (or its stream ended)"
                 )
             low, high = sorted(sides_p99.values())
             if high > DRIFT * low:
