@@ -1,7 +1,8 @@
 from __future__ import annotations
 
+import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 import grpc
@@ -98,8 +99,6 @@ def flood(c: Client, rounds: int) -> None:
 def flood_until_a_watch_is_taken(changes: Client, watches: Client) -> None:
     """Floods (through ``changes``) until a watcher that stopped reading is let go: ``watches``, whose only
     watch slot it held, is then given a new watch (from the first event). Fails after 30 rounds."""
-    import time
-
     from scaleset.errors import CapacityError
 
     for _ in range(30):
@@ -114,3 +113,11 @@ def flood_until_a_watch_is_taken(changes: Client, watches: Client) -> None:
         finally:
             watch.close()
     pytest.fail("the watcher that stopped reading was never let go")
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 60, what: str = "the condition") -> None:
+    """Polls ``condition`` until it holds; fails after ``timeout`` seconds, naming ``what`` it waited for."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)

@@ -24,7 +24,7 @@ from scaleset.cluster import partition_of
 from scaleset.errors import AccessDeniedError, ConflictError, InvalidInputError, ScaleSetError
 from scaleset.testing.server import free_port
 
-from tests.conftest import zonal_spec
+from tests.conftest import wait_until, zonal_spec
 from tests.test_gateway import post
 from tests.test_replicas import finish_rolling_upgrade, serving, start_rolling_upgrade, stop_all
 
@@ -416,13 +416,6 @@ def test_executors_serve_the_whole_cluster_through_any_server(postgres: Any, tmp
             executor.stop()
             worker.join(timeout=30)
             cluster.stop()
-
-
-def wait_until(condition: Any, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 def test_each_client_is_rate_limited_at_the_front_it_calls(postgres: Any, tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,6 +34,8 @@ from scaleset.model import (
 )
 from scaleset.policies.lifecycle import BACKOFF_BASE_S, MAX_ATTEMPTS, UNAVAILABLE_TTL_S
 from scaleset.testing.server import ServerThread
+
+from tests.conftest import wait_until
 
 SIZE = "Standard_D2s_v5"
 REGION = Region(zones=("1", "2", "3"), fault_domains_per_zone=1)
@@ -492,13 +494,6 @@ class Clock:
         return time.time() + self.offset
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 #: Executors a test started: stopped before its server goes, even when the test fails.
 _RUNNING: list[tuple[Executor, threading.Thread]] = []
 
@@ -538,7 +533,7 @@ def test_a_zone_that_runs_out_mid_scale_out_converges_elsewhere_with_every_decis
     executor = Executor(client, cloud, executor_id="zone-all", max_in_flight=8)
     start(executor)
     client.create_scale_set(spec(), 30)
-    wait_for(lambda: converged(client, 30))
+    wait_until(lambda: converged(client, 30))
     zones = Counter(client.instance_columns("web")["zone"])
     assert zones["1"] == 4 and sum(zones.values()) == 30
     assert Counter(i.zone for i in cloud.instances.values()) == zones  # the cloud agrees with the engine
@@ -568,9 +563,9 @@ def test_an_executor_killed_holding_leases_loses_nothing_and_a_second_report_cha
     cloud = FakeCloud(seed=1)
     executor = Executor(client, cloud, executor_id="survivor")
     start(executor)
-    wait_for(lambda: client.fleet_report("web").pending_operation_count == 4)  # only the two unleased ran
+    wait_until(lambda: client.fleet_report("web").pending_operation_count == 4)  # only the two unleased ran
     clock.offset += 6  # the dead executor's leases lapse
-    wait_for(lambda: converged(client, 6))
+    wait_until(lambda: converged(client, 6))
     assert sorted(name for kind, name, _ in cloud.log if kind == "Create") == [f"web_{i}" for i in range(6)]
     revision = client.get_scale_set("web").revision
     assert client.report_operation(leased[0].operation_id, True, executor_id="doomed") is False
@@ -594,7 +589,7 @@ def test_executors_can_split_the_work_by_zone(fleet: tuple[ServerThread, Client,
     for e in executors:
         start(e)
     client.create_scale_set(spec(), 9)
-    wait_for(lambda: converged(client, 9))
+    wait_until(lambda: converged(client, 9))
     assert {z: sorted(i.zone for i in cloud.instances.values()) for z, cloud in clouds.items()} == {
         z: [z] * 3 for z in clouds
     }
@@ -608,11 +603,11 @@ def test_a_spot_preempt_notice_reaches_executors_which_drain_and_acknowledge(
     executor = Executor(client, cloud, executor_id="spot")
     start(executor)
     client.create_scale_set(spot_spec(), 3)
-    wait_for(lambda: converged(client, 3))
+    wait_until(lambda: converged(client, 3))
     client.set_pool_capacity("3", SIZE, "Spot", None, price=1.0)  # far above the max price of 0.05
     # the executor hears of the Preempt on its lease stream and acknowledges it (nothing to drain), so the
     # eviction happens now rather than 30 s later, and the executor deletes the VM
-    wait_for(lambda: converged(client, 2))
+    wait_until(lambda: converged(client, 2))
     assert sorted(cloud.instances) == ["web_0", "web_1"]
     assert client.fleet_report("web").scheduled_events == ()
 
@@ -625,13 +620,13 @@ def test_a_capacity_eviction_in_the_fake_cloud_is_reported_and_try_and_restore_b
     executor = Executor(client, cloud, executor_id="spot", probe_interval=0.1)
     start(executor)
     client.create_scale_set(spot_spec(spot_restore_policy=SpotRestorePolicy(enabled=True)), 4)
-    wait_for(lambda: converged(client, 4))
+    wait_until(lambda: converged(client, 4))
     cloud.evict(["web_1", "web_2"])  # the cloud needs its capacity back
-    wait_for(lambda: client.fleet_report("web").restoring is not None)
+    wait_until(lambda: client.fleet_report("web").restoring is not None)
     assert client.get_scale_set("web").capacity == 2
     clock.offset += 61  # Try & restore's next try
     server.call(server.control.advance())
-    wait_for(lambda: converged(client, 4))
+    wait_until(lambda: converged(client, 4))
     assert len(cloud.instances) == 4 and client.fleet_report("web").restoring is None
 
 
@@ -643,20 +638,22 @@ def test_lifecycle_actions_over_grpc_and_the_executor_never_gets_a_held_delete(
     executor = Executor(client, cloud, executor_id="hooks")
     start(executor)
     client.create_scale_set(spec(lifecycle_hooks=HOOKS), 2)
-    wait_for(lambda: len(client.fleet_report("web").lifecycle_actions) == 2)
+    wait_until(lambda: len(client.fleet_report("web").lifecycle_actions) == 2)
     assert client.fleet_report("web").provisioning_states == {"Creating": 2}
     for i in (0, 1):
         assert client.complete_lifecycle_action("web", i, "warm-up")
-    wait_for(lambda: converged(client, 2))
+    wait_until(lambda: converged(client, 2))
     client.set_capacity("web", 1)
-    wait_for(lambda: any(w.transition == "Terminating" for w in client.fleet_report("web").lifecycle_actions))
+    wait_until(
+        lambda: any(w.transition == "Terminating" for w in client.fleet_report("web").lifecycle_actions)
+    )
     time.sleep(0.3)
     assert len(cloud.instances) == 2  # the delete waits for the drain
     (held,) = client.fleet_report("web").pending_operations
     assert held.held and held.kind == "Delete"
     assert client.record_lifecycle_action_heartbeat("web", held.instance_id, "drain")
     assert client.complete_lifecycle_action("web", held.instance_id, "drain")
-    wait_for(lambda: converged(client, 1) and len(cloud.instances) == 1)
+    wait_until(lambda: converged(client, 1) and len(cloud.instances) == 1)
     assert client.complete_lifecycle_action("web", held.instance_id, "drain") is False
 
 
@@ -669,11 +666,11 @@ def test_a_spot_pool_that_disappears_keeps_the_mix_and_waits_for_spot_capacity(
     start(executor)
     mix = spot_spec(priority_mix_policy=PriorityMixPolicy(2, 50))
     client.create_scale_set(mix, 4)
-    wait_for(lambda: converged(client, 4))
+    wait_until(lambda: converged(client, 4))
     for zone in ("1", "2", "3"):
         cloud.take_pool(zone, SIZE, "Spot", 0)  # Spot capacity is gone everywhere
     client.set_capacity("web", 8)  # base 2 + half of 6 above it: 5 Regular, 3 Spot (2 more of each)
-    wait_for(lambda: client.fleet_report("web").shortfall == 2)
+    wait_until(lambda: client.fleet_report("web").shortfall == 2)
     report = client.fleet_report("web")
     assert report.desired_capacity == 8 and report.provisioning_states == {"Succeeded": 6}
     assert {z for z, *_ in report.unavailable_pools} == {"1", "2", "3"}
@@ -683,7 +680,7 @@ def test_a_spot_pool_that_disappears_keeps_the_mix_and_waits_for_spot_capacity(
         cloud.take_pool(zone, SIZE, "Spot", 100)
     clock.offset += UNAVAILABLE_TTL_S + 1  # the skipped pools are tried again
     server.call(server.control.advance())
-    wait_for(lambda: converged(client, 8))
+    wait_until(lambda: converged(client, 8))
     assert Counter(client.instance_columns("web")["priority"]) == {"Regular": 5, "Spot": 3}
 
 
@@ -695,7 +692,7 @@ def test_the_clouds_quota_running_out_backs_off_and_converges_once_raised(
     executor = Executor(client, cloud, executor_id="quota")
     start(executor)
     client.create_scale_set(spec(), 7)
-    wait_for(
+    wait_until(
         lambda: (
             client.fleet_report("web").shortfall == 2
             and client.fleet_report("web").pending_operation_count == 0
@@ -710,7 +707,7 @@ def test_the_clouds_quota_running_out_backs_off_and_converges_once_raised(
     cloud.quota = 10
     clock.offset += 400  # past any backoff
     server.call(server.control.advance())
-    wait_for(lambda: converged(client, 7))
+    wait_until(lambda: converged(client, 7))
     failed = sum(1 for *_, code in cloud.log if code != "OK")
     assert len(cloud.log) == 7 + failed  # one create per instance, one per refusal: nothing else
 
@@ -728,19 +725,19 @@ def test_local_processes_carry_a_fleet_health_repairs_and_a_rolling_upgrade(
     try:
         repairs = AutomaticRepairsPolicy(enabled=True, grace_period="PT10M")
         client.create_scale_set(spec(automatic_repairs_policy=repairs), 3)
-        wait_for(lambda: converged(client, 3))
+        wait_until(lambda: converged(client, 3))
 
         def health() -> list[str]:
             return list(client.instance_columns("web")["health"])
 
-        wait_for(lambda: health() == ["Healthy"] * 3)  # from the processes' own health endpoints
+        wait_until(lambda: health() == ["Healthy"] * 3)  # from the processes' own health endpoints
         pids = {i: local.pid("web", i) for i in range(3)}
         assert all(pid is not None for pid in pids.values())
         os.kill(pids[1], signal.SIGKILL)  # an instance dies
-        wait_for(lambda: health()[1] == "Unhealthy")
+        wait_until(lambda: health()[1] == "Unhealthy")
         clock.offset += 11 * 60  # past the repair grace period
         server.call(server.control.advance())
-        wait_for(lambda: converged(client, 3) and health() == ["Healthy"] * 3)
+        wait_until(lambda: converged(client, 3) and health() == ["Healthy"] * 3)
         ids = list(client.instance_columns("web")["instance_id"])
         assert 1 not in ids and len(ids) == 3  # replaced by a new instance with a new process
         # a rolling upgrade reimages the processes batch by batch, each batch healthy before the next
@@ -758,8 +755,8 @@ def test_local_processes_carry_a_fleet_health_repairs_and_a_rolling_upgrade(
                 batches_seen.add(tuple(status.in_batch))
             return status is not None and status.status == "Completed"
 
-        wait_for(upgraded, timeout=60)
-        wait_for(lambda: converged(client, 3) and health() == ["Healthy"] * 3)
+        wait_until(upgraded, timeout=60)
+        wait_until(lambda: converged(client, 3) and health() == ["Healthy"] * 3)
         assert set(client.instance_columns("web")["model_version"]) == {2}
         assert all(local.pid("web", i) != before[i] for i in ids)  # every process replaced
         assert max(len(b) for b in batches_seen) == 1  # one instance at a time (20% of 3)
@@ -803,8 +800,8 @@ def test_serve_with_executors_and_the_local_executor_make_a_working_fleet_from_t
         )
         subprocess.run([*cli, "scale", "web", "3"], check=True, capture_output=True)
         with Client(target) as client:
-            wait_for(lambda: converged(client, 3))
-            wait_for(lambda: list(client.instance_columns("web")["health"]) == ["Healthy"] * 3)
+            wait_until(lambda: converged(client, 3))
+            wait_until(lambda: list(client.instance_columns("web")["health"]) == ["Healthy"] * 3)
             report = subprocess.run(
                 [*cli, "fleet", "web", "-o", "json"], check=True, capture_output=True, text=True
             )
@@ -816,7 +813,7 @@ def test_serve_with_executors_and_the_local_executor_make_a_working_fleet_from_t
                 with urllib.request.urlopen(f"http://{address}/", timeout=5) as reply:
                     assert json.loads(reply.read())["name"].startswith("web_")
             subprocess.run([*cli, "scale", "web", "1"], check=True, capture_output=True)
-            wait_for(lambda: converged(client, 1))
+            wait_until(lambda: converged(client, 1))
 
             def stopped() -> int:
                 down = 0
@@ -827,7 +824,7 @@ def test_serve_with_executors_and_the_local_executor_make_a_working_fleet_from_t
                         down += 1
                 return down
 
-            wait_for(lambda: stopped() == 2)  # the two scaled-in instances' processes are gone
+            wait_until(lambda: stopped() == 2)  # the two scaled-in instances' processes are gone
     finally:
         executor.send_signal(signal.SIGTERM)
         assert executor.wait(timeout=20) == 0
@@ -865,7 +862,7 @@ def test_lifecycle_actions_from_the_cli(
     server, client, _ = fleet
     start(Executor(client, FakeCloud(seed=8), executor_id="cli-hooks"))
     client.create_scale_set(spec(lifecycle_hooks=HOOKS), 1)
-    wait_for(lambda: len(client.fleet_report("web").lifecycle_actions) == 1)
+    wait_until(lambda: len(client.fleet_report("web").lifecycle_actions) == 1)
     assert main(["--server", server.target, "fleet", "web"]) == 0
     assert "waits on launching hook 'warm-up'" in capsys.readouterr().out
     assert main(["--server", server.target, "hook", "heartbeat", "web", "0", "warm-up"]) == 0
@@ -874,7 +871,7 @@ def test_lifecycle_actions_from_the_cli(
     assert "completed" in capsys.readouterr().out
     assert main(["--server", server.target, "hook", "complete", "web", "0", "warm-up"]) == 1
     assert "no lifecycle action" in capsys.readouterr().err
-    wait_for(lambda: converged(client, 1))
+    wait_until(lambda: converged(client, 1))
 
 
 @pytest.mark.parametrize("protocol", ["http", "tcp"])
@@ -892,6 +889,6 @@ def test_application_health_probes_a_live_process_and_notices_a_dead_one(protoco
         pid = local.pid("web", 0)
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: local.health() == {"web": {0: "Unhealthy"}}, timeout=10)
+        wait_until(lambda: local.health() == {"web": {0: "Unhealthy"}}, timeout=10)
     finally:
         local.close()

@@ -33,7 +33,7 @@ from scaleset.v1 import scaleset_pb2 as pb
 from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
 from scaleset.watchproxy import EventLog, split_events
 
-from tests.conftest import flood_until_a_watch_is_taken, zonal_spec
+from tests.conftest import flood_until_a_watch_is_taken, wait_until, zonal_spec
 
 REGION = Region(zones=["1", "2", "3"], fault_domains_per_zone=3)
 
@@ -166,14 +166,59 @@ def test_event_log_holds_its_bounds_and_answers_only_what_it_holds() -> None:
     assert small.size <= 200 and small.start == 2
 
 
+def test_event_log_serves_one_scale_set_only_from_where_it_holds_all_its_events() -> None:
+    def message(*events: tuple[int, str, int, str]) -> bytes:
+        return pb.WatchEventsResponse(
+            events=[pb.Event(sequence=q, scale_set=n, revision=r, type=t) for q, n, r, t in events]
+        ).SerializeToString()
+
+    def revisions(served: tuple[list[bytes], int, bool] | None) -> list[int]:
+        assert served is not None
+        return [e.revision for m in served[0] for e in pb.WatchEventsResponse.FromString(m).events]
+
+    log = EventLog(max_events=6, max_bytes=1 << 20)
+    log.reset(10)  # web's revisions 1 and 2 came before the log started
+    log.append(message((11, "web", 3, "CapacitySet"), (12, "api", 1, "ScaleSetCreated")))
+    log.append(message((13, "web", 4, "CapacitySet"), (14, "", 7, "ZoneAvailabilityChanged")))
+    assert [log.serves_set("web", after) for after in (1, 2, 3, 4, 5)] == [False, True, True, True, False]
+    assert not log.serves_set("db", 0)  # nothing of it held: the server knows whether it exists
+    assert revisions(log.set_messages("web", 2)) == [3, 4] and log.set_messages("web", 2)[1:] == (4, False)
+    assert log.set_messages("web", 4) == ([], 4, False)  # nothing after it yet
+    assert log.set_messages("web", 1) is None
+    # Deleted and created again: a watch ends with the deletion; after it, the server answers.
+    log.append(message((15, "web", 5, "ScaleSetDeleted"), (16, "api", 2, "CapacitySet")))
+    assert log.set_messages("web", 3)[1:] == (5, True) and not log.serves_set("web", 5)
+    log.append(message((17, "web", 6, "ScaleSetCreated")))  # 7 events: the oldest half goes
+    assert log.start == 13 and log.serves_set("web", 5)
+    assert revisions(log.set_messages("web", 4)) == [5]  # up to the deletion, not past it
+    assert log.set_messages("web", 3) is None  # revision 4 went with the oldest half
+    assert log.set_messages("api", 2) == ([], 2, False)  # all of api's held events went: none after 2
+    log.reset(20)
+    assert not log.serves_set("web", 6) and log.generation == 2
+    log.known("web", 6)  # listed by the server: its events from there on are the log's
+    assert log.serves_set("web", 6) and not log.serves_set("web", 5)
+    assert log.set_messages("web", 6) == ([], 6, False)
+    # A cluster's watch of one scale set numbers its events otherwise: the server serves those.
+    cluster = EventLog()
+    cluster.reset(20)
+    cluster.append(
+        pb.WatchEventsResponse(
+            events=[pb.Event(sequence=21, scale_set="web", revision=7, resume_token="eA==")]
+        ).SerializeToString()
+    )
+    assert not cluster.serves_set("web", 6) and not cluster.serves_set("web", 7)
+
+
 def test_a_proxy_of_a_compacted_history_starts_at_its_oldest_kept_event(tmp_path: Path) -> None:
     """The server keeps only recent events: the proxy's log starts at the oldest it keeps, and a watcher
-    from before it gets the server's own answer, EventsCompacted."""
+    from before it gets the server's own answer, EventsCompacted. A scale set none of whose events is kept
+    is known to the log from the server's list: a watch of it from its revision is the log's."""
     options = {"snapshot_every": 5, "event_retention": 3, "request_retention": 2}
     with (
         ServerThread(str(tmp_path / "state.db"), REGION, **options) as server,
         Client(server.target) as direct,
     ):
+        direct.create_scale_set(zonal_spec("quiet"), 1)
         direct.create_scale_set(zonal_spec("web"), 1)
         for n in range(40):
             direct.set_capacity("web", n % 3)
@@ -186,25 +231,63 @@ def test_a_proxy_of_a_compacted_history_starts_at_its_oldest_kept_event(tmp_path
                 next(c.watch(after=0))
             assert compacted.value.code == "EventsCompacted"
             kept = c.watch(after=oldest - 1)
-            assert [e.sequence for e in _take(kept, 41 - oldest + 1)] == list(range(oldest, 42))
+            assert [e.sequence for e in _take(kept, 42 - oldest + 1)] == list(range(oldest, 43))
+            quiet = c.watch("quiet", after=1)
+            direct.set_capacity("quiet", 2)
+            assert next(quiet).revision == 2
+            assert proxy_metrics(proxy)["scaleset_proxy_passed_through_total"] == 1  # the compacted watch
+
+
+def test_watches_of_one_scale_set_are_served_from_the_log(server: ServerThread) -> None:
+    """A watch of one scale set whose events the log holds is served from it: the server's events, in
+    the server's messages, live ones after them, ending with the set's deletion; nothing goes upstream."""
+    with Client(server.target) as direct, WatchProxyThread(server.target) as proxy, Client(proxy.target) as c:
+        _history(direct)
+        wait_until(lambda: (proxy.proxy.log.last or 0) >= 11, what="the proxy's log to hold the history")
+        from_server = _take(direct.watch("web"), 5)
+        web, resumed = c.watch("web"), c.watch("web", after=3)
+        assert _take(web, 5) == from_server
+        assert [e.revision for e in from_server] == [1, 2, 3, 4, 5]
+        assert _take(resumed, 2) == from_server[3:]
+        direct.set_capacity("api", 1)  # another set's change: not theirs
+        direct.set_capacity("web", 2)
+        live = next(web)
+        assert (live.revision, live.summary) == (6, "7 -> 2 instances")
+        assert next(resumed) == live == _take(direct.watch("web", after=5), 1)[0]
+        direct.delete_scale_set("web")
+        for watch in (web, resumed):
+            assert next(watch).type == "ScaleSetDeleted"
+            with pytest.raises(StopIteration):
+                next(watch)
+        channels = [grpc.insecure_channel(t) for t in (server.target, proxy.target)]
+        request = pb.WatchEventsRequest(scale_set="api", after=2).SerializeToString()
+        messages = [ch.unary_stream("/scaleset.v1.ScaleSets/WatchEvents")(request) for ch in channels]
+        assert next(messages[0]) == next(messages[1])  # api's revisions 3 to 5, byte for byte
+        for watch, channel in zip(messages, channels, strict=True):
+            watch.cancel()
+            channel.close()
+        assert proxy_metrics(proxy)["scaleset_proxy_passed_through_total"] == 0
 
 
 def test_what_the_log_cannot_serve_goes_to_the_server_as_it_is(server: ServerThread) -> None:
     with Client(server.target) as direct, WatchProxyThread(server.target) as proxy, Client(proxy.target) as c:
         _history(direct)
-        # A watch of one scale set: its revisions, and it ends with the set's deletion.
-        web = c.watch("web")
-        assert [e.revision for e in _take(web, 5)] == [1, 2, 3, 4, 5]
         direct.delete_scale_set("web")
-        assert next(web).type == "ScaleSetDeleted"
-        with pytest.raises(StopIteration):
-            next(web)
+        with pytest.raises(NotFoundError):  # deleted: after its last revision, the server says so
+            next(c.watch("web", after=6))
         with pytest.raises(NotFoundError):
             next(c.watch("missing"))
+        # From beyond a set's revision (the log cannot tell whether it is there yet): the server's.
+        stub = pb_grpc.ScaleSetsStub(grpc.insecure_channel(proxy.target))
+        api = stub.WatchEvents(pb.WatchEventsRequest(scale_set="api", after=5))
+        wait_until(lambda: proxy_metrics(proxy)["scaleset_proxy_passed_through_total"] == 3)
+        direct.set_capacity("api", 9)
+        direct.set_capacity("api", 8)
+        assert next(api).events[0].revision == 6
+        api.cancel()
         with pytest.raises(InvalidInputError) as token:
             next(c.watch("", resume_token="YWxsOjE="))
         assert token.value.field == "resume_token"
-        stub = pb_grpc.ScaleSetsStub(grpc.insecure_channel(proxy.target))
         with pytest.raises(grpc.RpcError) as far:
             next(stub.WatchEvents(pb.WatchEventsRequest(after=2**63)))
         assert far.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -256,10 +339,13 @@ def test_watches_passed_to_the_server_are_bounded(
     ):
         direct.create_scale_set(zonal_spec("web"), 1)
         stub = pb_grpc.ScaleSetsStub(channel)
-        web = stub.WatchEvents(pb.WatchEventsRequest(scale_set="web"))
-        assert next(web).events[0].type == "ScaleSetCreated"
+        # From beyond web's revision: the log cannot serve it (it does not know web's next revision yet).
+        web = stub.WatchEvents(pb.WatchEventsRequest(scale_set="web", after=2))
+        direct.set_capacity("web", 2)
+        direct.set_capacity("web", 3)
+        assert next(web).events[0].revision == 3
         with pytest.raises(grpc.RpcError) as second:
-            next(stub.WatchEvents(pb.WatchEventsRequest(scale_set="web")))
+            next(stub.WatchEvents(pb.WatchEventsRequest(scale_set="web", after=5)))
         assert second.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "already passes 1 watches to the server" in str(second.value.details())
         every = stub.WatchEvents(pb.WatchEventsRequest())  # served from the log: still there
@@ -269,6 +355,35 @@ def test_watches_passed_to_the_server_are_bounded(
         assert third.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         web.cancel()
         every.cancel()
+
+
+def test_watchers_of_one_scale_set_from_the_log_are_not_bounded_by_the_upstream_streams(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one stream to spare upstream and a log of 4 events, five watchers of a quiet scale set are
+    served from the log, and stay on it while other sets' changes push its events out of the log."""
+    import scaleset.watchproxy
+
+    monkeypatch.setattr(scaleset.watchproxy, "PASS_THROUGH_STREAMS", 1)
+    with (
+        Client(server.target) as direct,
+        WatchProxyThread(server.target, buffer_events=4) as proxy,
+        grpc.insecure_channel(proxy.target) as channel,
+    ):
+        direct.create_scale_set(zonal_spec("web"), 1)
+        direct.create_scale_set(zonal_spec("api"), 1)
+        wait_until(lambda: (proxy.proxy.log.last or 0) >= 2, what="the proxy's log to hold both creations")
+        stub = pb_grpc.ScaleSetsStub(channel)
+        watches = [stub.WatchEvents(pb.WatchEventsRequest(scale_set="web", after=1)) for _ in range(5)]
+        wait_until(lambda: proxy.proxy.watchers == 5, what="five watchers")
+        for capacity in range(2, 12):  # ten events of api: web's creation leaves the log
+            direct.set_capacity("api", capacity)
+        direct.set_capacity("web", 3)
+        assert [next(w).events[0].revision for w in watches] == [2] * 5
+        assert proxy_metrics(proxy)["scaleset_proxy_passed_through_total"] == 0
+        assert proxy.proxy.log.start is not None and proxy.proxy.log.start > 2
+        for w in watches:
+            w.cancel()
 
 
 def test_the_proxy_lets_a_watcher_that_stops_reading_go(tmp_path: Path) -> None:

@@ -9,10 +9,13 @@ the most recent events as the server encoded them, end to end in one buffer (a m
 them is one slice: nothing decoded or encoded per watcher).
 
 What a watcher of the proxy sees is what it would see on the server: the same events, in the same
-messages (a message carries every event since the stream's last), the same statuses. Watches the log
-cannot serve go to the server as they are, stream for stream: a watch of one scale set, a cluster's
-resume_token, and a watch resuming from before the log's oldest event (it reads that history from the
-server, then moves onto the log). The proxy keeps the server's bounds: watchers at once, messages a
+messages (a message carries every event since the stream's last), the same statuses. A watch of one scale
+set is served from the log too, when it holds that scale set's events from the watch's revision on.
+Watches the log cannot serve go to the server as they are, stream for stream: a watch of one scale set
+from before the log holds its events (or from beyond them, or of a scale set it holds nothing of), a
+cluster's resume_token or any watch of one scale set on a cluster, and a watch of every scale set resuming
+from before the log's oldest event (it reads that history from the server, then moves onto the log); a
+watch of one scale set whose next event the log dropped goes on from the server. The proxy keeps the server's bounds: watchers at once, messages a
 second across them, and a stream whose client takes no message for --stream-send-timeout is ended with
 RESOURCE_EXHAUSTED ``SlowConsumer``; with tokens or JWT it asks each watcher for the reader role, as the
 server does, and reaches the server with a token of its own.
@@ -57,9 +60,9 @@ WATCH_PATH = "/scaleset.v1.ScaleSets/WatchEvents"
 #: served from the log; from before them, from the server (`watch-proxy --buffer-events`, `--buffer-mb`).
 BUFFER_EVENTS = 100_000
 BUFFER_BYTES = 128 * 1024 * 1024
-#: Watches passed to the server at once (a watch of one scale set, or the history before the log): they
-#: share one connection, on which the server takes at most 256 streams (service.SERVER_OPTIONS). Watches
-#: that only need history wait for a turn; watches of one scale set beyond it are refused.
+#: Watches passed to the server at once (what the log cannot serve): they share one connection, on which
+#: the server takes at most 256 streams (service.SERVER_OPTIONS). Watches that only need history, or whose
+#: next event the log dropped, wait for a turn; other watches beyond it are refused.
 PASS_THROUGH_STREAMS = 200
 #: Seconds between attempts to reach the server again, doubling up to the most.
 RECONNECT_S, RECONNECT_MAX_S = 0.5, 10.0
@@ -69,7 +72,12 @@ _EVENTS_TAG = (pb.WatchEventsResponse.EVENTS_FIELD_NUMBER << 3) | 2
 def split_events(message: bytes) -> list[tuple[int, bytes]]:
     """A WatchEventsResponse's events as (sequence, the event's ``events`` entry as sent): entries joined
     end to end make a WatchEventsResponse of those events."""
-    entries: list[tuple[int, bytes]] = []
+    return [(event.sequence, entry) for event, entry in _entries(message)]
+
+
+def _entries(message: bytes) -> list[tuple[pb.Event, bytes]]:
+    """A WatchEventsResponse's events, each decoded and as its ``events`` entry as sent."""
+    entries: list[tuple[pb.Event, bytes]] = []
     at = 0
     while at < len(message):
         start = at
@@ -89,7 +97,7 @@ def split_events(message: bytes) -> list[tuple[int, bytes]]:
         end = at + length
         if end > len(message):
             raise DecodeError("truncated WatchEventsResponse")
-        entries.append((pb.Event.FromString(message[at:end]).sequence, message[start:end]))
+        entries.append((pb.Event.FromString(message[at:end]), message[start:end]))
         at = end
     return entries
 
@@ -101,7 +109,10 @@ def _last_sequence(message: bytes) -> int:
 class EventLog:
     """The most recent events of every scale set, as the server sent them, in order and end to end in one
     buffer (a message of any run of them is one slice): at most ``max_events`` and ``max_bytes`` (the
-    oldest half goes first). It holds every event after ``start``."""
+    oldest half goes first). It holds every event after ``start``, and indexes them by scale set, so that
+    a watch of one scale set is served from it too: a scale set's revisions count its events one by one
+    (deleted and created again, it goes on counting), so the events it holds of a scale set are every one
+    after the oldest of them."""
 
     def __init__(self, max_events: int = BUFFER_EVENTS, max_bytes: int = BUFFER_BYTES) -> None:
         self._max_events, self._max_bytes = max_events, max_bytes
@@ -113,6 +124,23 @@ class EventLog:
         self.start: int | None = None
         #: Set, and replaced, on every append: what a watcher with nothing to send waits on.
         self.changed = asyncio.Event()
+        #: Each scale set's events held: their revisions and sequences, in order.
+        self._sets: dict[str, tuple[list[int], list[int]]] = {}
+        #: The sequences of the ScaleSetDeleted events held (a watch of one scale set ends with one).
+        self._deletions: set[int] = set()
+        #: Each scale set's newest revision since the log started, or as listed then (`known`): its events
+        #: after that are all in the log. One number a name, as the server keeps.
+        self._revisions: dict[str, int] = {}
+        #: The scale sets whose newest event is their deletion.
+        self._gone: set[str] = set()
+        #: What a watcher of one scale set with nothing to send waits on (set on its next event).
+        self._set_changed: dict[str, asyncio.Event] = {}
+        #: Counts the log's starts over (`reset`): a watcher of one scale set from before one goes upstream.
+        self.generation = 0
+        #: Whether the server is a single server (not a cluster's member, whose watch of one scale set numbers
+        #: the events by partition and carries no resume_token, so the server serves those); None until the
+        #: first event tells (a cluster's carry a resume_token).
+        self.single_server: bool | None = None
 
     @property
     def last(self) -> int | None:
@@ -129,24 +157,104 @@ class EventLog:
     def reset(self, start: int) -> None:
         """Forgets every event: the log follows on from ``start``."""
         self._sequences, self._starts, self._data, self.start = [], [], bytearray(), start
+        self._sets, self._deletions, self._revisions, self._gone = {}, set(), {}, set()
+        self.generation += 1
+        for changed in self._set_changed.values():
+            changed.set()
+        self._set_changed = {}
 
     def append(self, message: bytes) -> None:
         """Adds a message's events (any already held are skipped) and wakes the waiting watchers."""
         last = self.last
-        for sequence, entry in split_events(message):
+        touched = set()
+        for event, entry in _entries(message):
+            sequence = event.sequence
             if last is None or sequence > last:
                 self._sequences.append(sequence)
                 self._starts.append(len(self._data))
                 self._data += entry
                 last = sequence
+                if self.single_server is None:
+                    self.single_server = not event.resume_token
+                if event.scale_set:
+                    revisions, sequences = self._sets.setdefault(event.scale_set, ([], []))
+                    revisions.append(event.revision)
+                    sequences.append(sequence)
+                    # A listed revision (`known`) may be newer than events still on their way.
+                    self._revisions[event.scale_set] = max(
+                        event.revision, self._revisions.get(event.scale_set, 0)
+                    )
+                    if event.type == "ScaleSetDeleted":
+                        self._deletions.add(sequence)
+                        self._gone.add(event.scale_set)
+                    else:
+                        self._gone.discard(event.scale_set)
+                    touched.add(event.scale_set)
         if len(self._sequences) > self._max_events or len(self._data) > self._max_bytes:
             drop = max(1, len(self._sequences) // 2)
             self.start = self._sequences[drop - 1]
             cut = self._starts[drop] if drop < len(self._starts) else len(self._data)
             del self._data[:cut], self._sequences[:drop]
             self._starts = [at - cut for at in self._starts[drop:]]
+            for name, (revisions, sequences) in list(self._sets.items()):
+                if gone := bisect.bisect_right(sequences, self.start):
+                    del revisions[:gone], sequences[:gone]
+                    if not revisions:
+                        del self._sets[name]
+            self._deletions = {s for s in self._deletions if s > self.start}
         changed, self.changed = self.changed, asyncio.Event()
         changed.set()
+        for name in touched:
+            if (set_changed := self._set_changed.pop(name, None)) is not None:
+                set_changed.set()
+
+    def known(self, scale_set: str, revision: int) -> None:
+        """``scale_set`` is at ``revision`` (listed by the server): every later event of it will be in the
+        log, so a watch of it from there is the log's to serve."""
+        self._revisions.setdefault(scale_set, revision)
+
+    def serves_set(self, scale_set: str, after: int) -> bool:
+        """Whether a watch of ``scale_set`` after revision ``after`` is the log's to serve: every event of
+        it after ``after`` is, or will be, in the log (``after`` is no older than the revision before the
+        oldest it holds of it, or than its newest when it holds none), and the server would not answer
+        NOT_FOUND (after the newest, or at a deletion). A cluster's are the server's."""
+        newest = self._revisions.get(scale_set)
+        if not self.single_server or newest is None:
+            return False
+        revisions, _ = self._sets.get(scale_set, ([], []))
+        oldest = revisions[0] - 1 if revisions else newest
+        return oldest <= after < newest or (after == newest and scale_set not in self._gone)
+
+    def set_changed(self, scale_set: str) -> asyncio.Event:
+        """Set on ``scale_set``'s next event (or when the log starts over)."""
+        return self._set_changed.setdefault(scale_set, asyncio.Event())
+
+    def set_messages(self, scale_set: str, after: int) -> tuple[list[bytes], int, bool] | None:
+        """``scale_set``'s events after revision ``after`` up to its next deletion, as messages of at most
+        about WATCH_MESSAGE_BYTES, the revision of the last of them, and whether it is a deletion (the
+        watch ends there); None when the log no longer holds the event after ``after``."""
+        revisions, sequences = self._sets.get(scale_set, ([], []))
+        at = bisect.bisect_right(revisions, after)
+        if at == len(revisions):
+            return None if self._revisions.get(scale_set, 0) > after else ([], after, False)
+        if revisions[at] != after + 1:
+            return None
+        messages, message, size, ended, last = [], bytearray(), 0, False, at
+        with memoryview(self._data) as view:
+            for last in range(at, len(sequences)):
+                sequence = sequences[last]
+                i = bisect.bisect_left(self._sequences, sequence)
+                entry = view[self._starts[i] : self._starts[i + 1] if i + 1 < len(self._starts) else None]
+                if message and size + len(entry) > WATCH_MESSAGE_BYTES:
+                    messages.append(bytes(message))
+                    message, size = bytearray(), 0
+                message += entry
+                size += len(entry)
+                if sequence in self._deletions:
+                    ended = True
+                    break
+        messages.append(bytes(message))
+        return messages, revisions[last], ended
 
     def messages(self, after: int) -> tuple[list[bytes], int] | None:
         """Every event after sequence ``after`` as messages of at most about WATCH_MESSAGE_BYTES (more only
@@ -187,6 +295,9 @@ class WatchProxy:
         buffer_bytes: int = BUFFER_BYTES,
     ) -> None:
         self._watch = channel.unary_stream(WATCH_PATH)
+        self._list = channel.unary_unary("/scaleset.v1.ScaleSets/ListScaleSets")
+        #: The log's generation whose scale sets were listed into it (`_list_scale_sets`).
+        self._listed = 0
         self._upstream = upstream
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._max_watchers = max_watchers
@@ -245,6 +356,8 @@ class WatchProxy:
                 await call.initial_metadata()
                 if self.log.start is None:
                     self.log.reset(after)
+                if self._listed != self.log.generation:
+                    await self._list_scale_sets()
                 await self._set_following(True)
                 async for message in call:
                     self.log.append(message)
@@ -271,6 +384,31 @@ class WatchProxy:
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, RECONNECT_MAX_S)
 
+    async def _list_scale_sets(self) -> None:
+        """Tells the log each scale set's revision (`EventLog.known`), once the watch that fills it is open,
+        so that a watch of a scale set that has not changed since the server's oldest kept event, from its
+        revision, is the log's too. Without it (the call failed) such watches go to the server."""
+        token = ""
+        try:
+            while True:
+                request = pb.ListScaleSetsRequest(page_size=1000, page_token=token).SerializeToString()
+                page = pb.ListScaleSetsResponse.FromString(
+                    await self._list(request, metadata=self._metadata, timeout=30)
+                )
+                for scale_set in page.scale_sets:
+                    self.log.known(scale_set.spec.name, scale_set.revision)
+                if not (token := page.next_page_token):
+                    break
+            self._listed = self.log.generation
+        except grpc.aio.AioRpcError as e:
+            log.warning(
+                "listing the scale sets on %s failed (%s %s): watches of scale sets the log holds no event of "
+                "go to the server",
+                self._upstream,
+                e.code().name,
+                e.details(),
+            )
+
     async def serve(self, request: Any, context: grpc.aio.ServicerContext) -> None:
         """One watcher's stream (``request`` as bytes: what the log cannot serve goes upstream as is)."""
         try:
@@ -288,8 +426,12 @@ class WatchProxy:
                     "another proxy.",
                     "TooManyWatchers",
                 )
-            passed = watch.scale_set or watch.resume_token or watch.after >= 2**63
-            if passed and self._upstream_streams.locked():
+            from_log = (
+                not watch.resume_token
+                and watch.after < 2**63
+                and (not watch.scale_set or self.log.serves_set(watch.scale_set, watch.after))
+            )
+            if not from_log and self._upstream_streams.locked():
                 raise error(
                     CapacityError,
                     f"this proxy already passes {PASS_THROUGH_STREAMS} watches to the server (watches of one "
@@ -299,8 +441,11 @@ class WatchProxy:
                 )
             self.watchers += 1
             try:
-                if passed:
+                if not from_log:
                     await self._pass_through(request, context)
+                elif watch.scale_set:
+                    await context.send_initial_metadata(())
+                    await self._follow_set(watch.scale_set, watch.after, context)
                 else:
                     await context.send_initial_metadata(())
                     await self._follow_log(watch.after, context)
@@ -334,6 +479,32 @@ class WatchProxy:
             await asyncio.sleep(WATCH_INTERVAL_S * random.uniform(0.5, 1.5))
             await self._turns.take()
 
+    async def _follow_set(self, scale_set: str, last: int, context: grpc.aio.ServicerContext) -> None:
+        """A watch of one scale set from the log, ending with its deletion; once the log no longer holds
+        its next event (it dropped it, or started over), the rest of the stream is the server's."""
+        generation = self.log.generation
+        while True:
+            changed = self.log.set_changed(scale_set)
+            served = self.log.set_messages(scale_set, last) if self.log.generation == generation else None
+            if served is None:
+                request = pb.WatchEventsRequest(scale_set=scale_set, after=last).SerializeToString()
+                await self._pass_through(request, context, headers_sent=True)
+                return
+            messages, newest, ended = served
+            if not messages:
+                await changed.wait()
+                await self._turns.take()
+                continue
+            del served
+            messages.reverse()
+            while messages:
+                await send_within(context, messages.pop(), self._send_timeout)
+            if ended:
+                return
+            last = newest
+            await asyncio.sleep(WATCH_INTERVAL_S * random.uniform(0.5, 1.5))
+            await self._turns.take()
+
     async def _catch_up(self, last: int, context: grpc.aio.ServicerContext) -> int:
         """Relays the server's watch after ``last`` until the log reaches back to where it got to; returns
         that sequence."""
@@ -352,13 +523,16 @@ class WatchProxy:
                 call.cancel()
         return last
 
-    async def _pass_through(self, request: bytes, context: grpc.aio.ServicerContext) -> None:
+    async def _pass_through(
+        self, request: bytes, context: grpc.aio.ServicerContext, *, headers_sent: bool = False
+    ) -> None:
         """Relays the server's answer to ``request`` as it is, message for message, status and all."""
         self._passed_through.inc()
         async with self._upstream_streams:
             call = self._watch(request, metadata=self._metadata)
             try:
-                await context.send_initial_metadata(())
+                if not headers_sent:
+                    await context.send_initial_metadata(())
                 async for message in call:
                     await send_within(context, message, self._send_timeout)
             except grpc.aio.AioRpcError as e:
