@@ -15,10 +15,11 @@ Watches the log cannot serve go to the server as they are, stream for stream: a 
 from before the log holds its events (or from beyond them, or of a scale set it holds nothing of), a
 cluster's resume_token or any watch of one scale set on a cluster, and a watch of every scale set resuming
 from before the log's oldest event (it reads that history from the server, then moves onto the log); a
-watch of one scale set whose next event the log dropped goes on from the server. The proxy keeps the server's bounds: watchers at once, messages a
-second across them, and a stream whose client takes no message for --stream-send-timeout is ended with
-RESOURCE_EXHAUSTED ``SlowConsumer``; with tokens or JWT it asks each watcher for the reader role, as the
-server does, and reaches the server with a token of its own.
+watch of one scale set whose next event the log dropped goes on from the server. The proxy keeps the
+server's bounds: watchers at once, messages a second across them, and a stream whose client takes no
+message for --stream-send-timeout is ended with RESOURCE_EXHAUSTED ``SlowConsumer``; with tokens or JWT
+it asks each watcher for the reader role, as the server does, and reaches the server with a token of its
+own.
 """
 
 from __future__ import annotations
@@ -402,8 +403,8 @@ class WatchProxy:
             self._listed = self.log.generation
         except grpc.aio.AioRpcError as e:
             log.warning(
-                "listing the scale sets on %s failed (%s %s): watches of scale sets the log holds no event of "
-                "go to the server",
+                "listing the scale sets on %s failed (%s %s): watches of scale sets the log holds no event "
+                "of go to the server",
                 self._upstream,
                 e.code().name,
                 e.details(),
@@ -434,9 +435,8 @@ class WatchProxy:
             if not from_log and self._upstream_streams.locked():
                 raise error(
                     CapacityError,
-                    f"this proxy already passes {PASS_THROUGH_STREAMS} watches to the server (watches of one "
-                    "scale set); retry later, watch every scale set (served by the proxy itself), or watch "
-                    "the server.",
+                    f"this proxy already passes {PASS_THROUGH_STREAMS} watches to the server (what its log "
+                    "does not hold); retry later, or watch the server.",
                     "TooManyWatchers",
                 )
             self.watchers += 1
@@ -470,14 +470,21 @@ class WatchProxy:
                 await self._turns.take()
                 continue
             del served
-            messages.reverse()
-            while messages:
-                await send_within(context, messages.pop(), self._send_timeout)
+            await self._send(messages, context)
             last = newest
-            # As on the server: at most one message per watcher per interval while changes stream,
-            # jittered so that watchers do not wake together, each in its turn across all of them.
-            await asyncio.sleep(WATCH_INTERVAL_S * random.uniform(0.5, 1.5))
-            await self._turns.take()
+            await self._pace()
+
+    async def _send(self, messages: list[bytes], context: grpc.aio.ServicerContext) -> None:
+        """Sends ``messages`` (emptying the list: nothing of them is held once sent)."""
+        messages.reverse()
+        while messages:
+            await send_within(context, messages.pop(), self._send_timeout)
+
+    async def _pace(self) -> None:
+        """As on the server: at most one message per watcher per interval while changes stream, jittered so
+        that watchers do not wake together, each in its turn across all of them."""
+        await asyncio.sleep(WATCH_INTERVAL_S * random.uniform(0.5, 1.5))
+        await self._turns.take()
 
     async def _follow_set(self, scale_set: str, last: int, context: grpc.aio.ServicerContext) -> None:
         """A watch of one scale set from the log, ending with its deletion; once the log no longer holds
@@ -496,14 +503,11 @@ class WatchProxy:
                 await self._turns.take()
                 continue
             del served
-            messages.reverse()
-            while messages:
-                await send_within(context, messages.pop(), self._send_timeout)
+            await self._send(messages, context)
             if ended:
                 return
             last = newest
-            await asyncio.sleep(WATCH_INTERVAL_S * random.uniform(0.5, 1.5))
-            await self._turns.take()
+            await self._pace()
 
     async def _catch_up(self, last: int, context: grpc.aio.ServicerContext) -> int:
         """Relays the server's watch after ``last`` until the log reaches back to where it got to; returns
