@@ -6,10 +6,10 @@ The load is the soak's open loop (bench/soak.py) at 500 calls a second; the cost
 CPU time (every thread, from /proc) per call. Every change goes to every watcher, but each event is
 encoded once and a watcher's message is a slice of the encoded run (service.EncodedEvents), sent at most
 WATCH_MESSAGES_PER_SECOND times a second across the watchers. The gate holds the CPU a call with the
-watchers to at most 2.1 times that without: measured 1.18-1.52x (0.9-1.1 ms a call quiet, 1.2-1.4 ms with
-the watchers); with each event encoded once per watcher instead (tried, to check the gate), 3.0x.
-Through the proxy the gate holds the server's CPU a call to at most 1.3 times that without: measured
-0.79-1.02x in five runs (the proxy's own CPU a call, 0.47 ms, is recorded, ungated). Both measure once
+watchers to at most 2.1 times that without: measured 1.11-1.52x in fifteen runs, once 1.85x with the
+machine at its slowest (README, Benchmarks); with each event encoded once per watcher instead (tried, to
+check the gate), 3.0x. Through the proxy the gate holds the server's CPU a call to at most 1.3 times that
+without: measured 0.79-1.04x in nine runs (the proxy's own CPU a call, 0.47 ms, is recorded, ungated). Both measure once
 every stream has caught up with the history, and every stream must end on the last change.
 
 Run: ``pytest bench/test_bench_watch.py --benchmark-only -s``. The server runs as ``scaleset serve`` in its
