@@ -120,4 +120,4 @@ def wait_until(condition: Callable[[], bool], timeout: float = 60, what: str = "
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
+        time.sleep(0.05)

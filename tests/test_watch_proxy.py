@@ -341,6 +341,7 @@ def test_watches_passed_to_the_server_are_bounded(
         stub = pb_grpc.ScaleSetsStub(channel)
         # From beyond web's revision: the log cannot serve it (it does not know web's next revision yet).
         web = stub.WatchEvents(pb.WatchEventsRequest(scale_set="web", after=2))
+        wait_until(lambda: proxy_metrics(proxy)["scaleset_proxy_passed_through_total"] == 1)
         direct.set_capacity("web", 2)
         direct.set_capacity("web", 3)
         assert next(web).events[0].revision == 3
