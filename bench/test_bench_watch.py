@@ -6,11 +6,12 @@ The load is the soak's open loop (bench/soak.py) at 500 calls a second; the cost
 CPU time (every thread, from /proc) per call. Every change goes to every watcher, but each event is
 encoded once and a watcher's message is a slice of the encoded run (service.EncodedEvents), sent at most
 WATCH_MESSAGES_PER_SECOND times a second across the watchers. The gate holds the CPU a call with the
-watchers to at most 2.1 times that without: measured 1.11-1.52x in fifteen runs, once 1.85x with the
+watchers to at most 2.1 times that without: measured 1.11-1.52x in sixteen runs, once 1.85x with the
 machine at its slowest (README, Benchmarks); with each event encoded once per watcher instead (tried, to
 check the gate), 3.0x. Through the proxy the gate holds the server's CPU a call to at most 1.3 times that
-without: measured 0.79-1.04x in nine runs (the proxy's own CPU a call, 0.47 ms, is recorded, ungated). Both measure once
-every stream has caught up with the history, and every stream must end on the last change.
+without: measured 0.79-1.07x in ten runs (the proxy's own CPU a call, 0.47 ms, is recorded, ungated).
+Both measure once every stream has caught up with the history, and every stream must end on the last
+change.
 
 Run: ``pytest bench/test_bench_watch.py --benchmark-only -s``. The server runs as ``scaleset serve`` in its
 own process, its SQLite file in a temporary directory; the watchers run in a process of their own, and
