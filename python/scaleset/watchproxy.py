@@ -464,15 +464,8 @@ class WatchProxy:
             if served is None:
                 last = await self._catch_up(last, context)
                 continue
-            messages, newest = served
-            if not messages:
-                await changed.wait()
-                await self._turns.take()
-                continue
-            del served
-            await self._send(messages, context)
-            last = newest
-            await self._pace()
+            messages, last = served
+            await self._deliver(messages, changed, context)
 
     async def _send(self, messages: list[bytes], context: grpc.aio.ServicerContext) -> None:
         """Sends ``messages`` (emptying the list: nothing of them is held once sent)."""
@@ -480,10 +473,17 @@ class WatchProxy:
         while messages:
             await send_within(context, messages.pop(), self._send_timeout)
 
-    async def _pace(self) -> None:
-        """As on the server: at most one message per watcher per interval while changes stream, jittered so
-        that watchers do not wake together, each in its turn across all of them."""
-        await asyncio.sleep(WATCH_INTERVAL_S * random.uniform(0.5, 1.5))
+    async def _deliver(
+        self, messages: list[bytes], changed: asyncio.Event, context: grpc.aio.ServicerContext
+    ) -> None:
+        """Sends ``messages`` (none: waits for ``changed``), then waits for the watcher's next turn. As on
+        the server: at most one message per watcher per interval while changes stream, jittered so that
+        watchers do not wake together, each in its turn across all of them."""
+        if messages:
+            await self._send(messages, context)
+            await asyncio.sleep(WATCH_INTERVAL_S * random.uniform(0.5, 1.5))
+        else:
+            await changed.wait()
         await self._turns.take()
 
     async def _follow_set(self, scale_set: str, last: int, context: grpc.aio.ServicerContext) -> None:
@@ -497,17 +497,11 @@ class WatchProxy:
                 request = pb.WatchEventsRequest(scale_set=scale_set, after=last).SerializeToString()
                 await self._pass_through(request, context, headers_sent=True)
                 return
-            messages, newest, ended = served
-            if not messages:
-                await changed.wait()
-                await self._turns.take()
-                continue
-            del served
-            await self._send(messages, context)
-            if ended:
+            messages, last, ended = served
+            if ended:  # its deletion: the last message
+                await self._send(messages, context)
                 return
-            last = newest
-            await self._pace()
+            await self._deliver(messages, changed, context)
 
     async def _catch_up(self, last: int, context: grpc.aio.ServicerContext) -> int:
         """Relays the server's watch after ``last`` until the log reaches back to where it got to; returns
