@@ -70,6 +70,9 @@ FLOORS: dict[str, float] = {
     # The same through a watch proxy (scaleset watch-proxy), which the server serves one stream: at most
     # 1.3x (measured 0.79-1.02x in five runs; served by the server itself 1.18-1.52x).
     "watch_proxy_1000": 1 / 1.3,
+    # The same with each of the 1,000 watching one scale set from its current revision, which the proxy
+    # serves from its log (measured 0.97-1.03x in two runs).
+    "watch_proxy_per_set_1000": 1 / 1.3,
 }
 
 

@@ -7,9 +7,12 @@ import multiprocessing
 import os
 import queue
 import random
+import re
 import signal
 import subprocess
 import time
+import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,18 +198,27 @@ def _noop(_: int) -> None:
 STREAMS_PER_CHANNEL = 200
 
 
-def watch_every_set(
-    target: str, count: int, asks: Any, answers: Any, *, reads: bool = True, resume: bool = False
+def run_watchers(
+    target: str,
+    count: int,
+    asks: Any,
+    answers: Any,
+    *,
+    reads: bool = True,
+    resume: bool = False,
+    sets: Sequence[tuple[str, int]] = (),
 ) -> None:
-    """A watcher process: ``count`` streams of every scale set from the start, reading every message as
-    bytes (decoding is the watcher's work, not the server's, and on this machine it would take CPU from
-    both). With ``reads`` False each stream reads one message and then holds the stream open without
-    reading another. A stream that fails before its first message (a connection refused) opens again; with
-    ``resume`` a reading stream that fails later resumes after its last event too, as a real watcher would.
-    For each item put on ``asks`` it puts on ``answers`` each stream's last event sequence so far (for
-    "first": that of the first event of its last message, which decodes one event, not thousands; -1 for
-    a stream that ended) and how many times its streams opened again; None on ``asks`` ends it."""
-    asyncio.run(_watch_every_set(target, count, asks, answers, reads, resume))
+    """A watcher process: ``count`` streams of every scale set from the start or, with ``sets`` ((name,
+    revision) pairs), stream k of scale set ``sets[k % len(sets)]`` after that revision (an agent watching
+    its own scale set from where it stands). It reads every message as bytes (decoding is the watcher's
+    work, not the server's, and on this machine it would take CPU from both); with ``reads`` False each
+    stream reads one message and then holds the stream open without reading another. A stream that fails
+    before its first message (a connection refused) opens again; with ``resume`` a reading stream that
+    fails later resumes after its last event too, as a real watcher would. For each item put on ``asks`` it
+    puts on ``answers`` where each stream is (its last event's sequence, or with ``sets`` its revision; for
+    "first": the sequence of the first event of its last message, which decodes one event, not thousands;
+    -1 for a stream that ended) and how many times its streams opened again; None on ``asks`` ends it."""
+    asyncio.run(_watchers(target, count, asks, answers, reads, resume, sets))
 
 
 def watch_channels(target: str, streams: int) -> list[grpc.aio.Channel]:
@@ -218,9 +230,9 @@ def watch_channels(target: str, streams: int) -> list[grpc.aio.Channel]:
     ]
 
 
-def _last_sequence(message: bytes) -> int:
-    """The sequence of the last event in a WatchEventsResponse (0 before any)."""
-    return pb.WatchEventsResponse.FromString(message).events[-1].sequence if message else 0
+def _last_event(message: bytes) -> pb.Event | None:
+    """The last event in a WatchEventsResponse (None before any)."""
+    return pb.WatchEventsResponse.FromString(message).events[-1] if message else None
 
 
 def _first_sequence(message: bytes) -> int:
@@ -237,17 +249,31 @@ def _first_sequence(message: bytes) -> int:
             return sequence
 
 
-async def _watch_every_set(
-    target: str, count: int, asks: Any, answers: Any, reads: bool, resume: bool
+async def _watchers(
+    target: str,
+    count: int,
+    asks: Any,
+    answers: Any,
+    reads: bool,
+    resume: bool,
+    sets: Sequence[tuple[str, int]],
 ) -> None:
     channels = watch_channels(target, count)
     last, ended, reopened = [b""] * count, [False] * count, 0
+    watched = [sets[k % len(sets)] if sets else ("", 0) for k in range(count)]
+
+    def position(k: int) -> int:
+        """Where stream ``k`` is: after its last event's sequence or, watching one scale set, revision."""
+        event = _last_event(last[k])
+        if event is None:
+            return watched[k][1]
+        return event.revision if sets else event.sequence
 
     async def one(k: int) -> None:
         nonlocal reopened
         watch = channels[k // STREAMS_PER_CHANNEL].unary_stream("/scaleset.v1.ScaleSets/WatchEvents")
         while True:
-            request = pb.WatchEventsRequest(after=_last_sequence(last[k])).SerializeToString()
+            request = pb.WatchEventsRequest(scale_set=watched[k][0], after=position(k)).SerializeToString()
             try:
                 async for message in watch(request):
                     last[k] = message
@@ -270,12 +296,26 @@ async def _watch_every_set(
             continue
         if ask is None:
             break
-        sequence = _last_sequence if ask == "last" else _first_sequence
-        answers.put(([-1 if e else sequence(m) for m, e in zip(last, ended, strict=True)], reopened))
+        answers.put(
+            (
+                [
+                    -1 if ended[k] else position(k) if ask == "last" else _first_sequence(last[k])
+                    for k in range(count)
+                ],
+                reopened,
+            )
+        )
     for stream in streams:
         stream.cancel()
     for channel in channels:
         await channel.close()
+
+
+def metric(metrics_port: int, sample: str) -> int:
+    """One sample of a server's (or a proxy's) metrics, e.g. ``scaleset_watchers`` (0 when absent)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    found = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.M)
+    return int(float(found.group(1))) if found else 0
 
 
 class WatchProxyProcess:

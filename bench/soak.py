@@ -18,6 +18,11 @@ never-reading ones are let go once their flow control is full and --stream-send-
 With ``--proxy`` the watchers watch through ``scaleset watch-proxy`` (a process of its own, started before
 them and stopped after them), and each window also shows the proxy's CPU and RSS.
 
+With ``--nice N`` the watcher processes (and with ``--proxy`` the proxy) run at nice N, every thread of
+them: on this machine they share 2 cores with the server and the load generator, where a deployment
+would run them on machines of their own (the watchers are other people's agents) or, for a proxy on the
+server's host, at a lower priority than the server.
+
 Run: ``python bench/soak.py --minutes 2 --watchers 1000 [--proxy]``. It starts its own server on a free
 loopback port with its database in a temporary directory, and stops it at the end.
 """
@@ -47,10 +52,11 @@ from bench.load import (
     WatchProxyProcess,
     cpu_seconds,
     create_load_sets,
+    metric,
     percentile_ms,
     run_load,
+    run_watchers,
     start_proxy,
-    watch_every_set,
 )
 
 PROCESSES, INFLIGHT = 2, 4
@@ -75,6 +81,13 @@ def machine_busy(since: tuple[int, int]) -> float:
     """How busy the machine's cores were since a reading of cpu_ticks, in % of one core."""
     busy, total = cpu_ticks()
     return (busy - since[0]) / max(1, total - since[1]) * 100 * (os.cpu_count() or 1)
+
+
+def renice(pid: int, niceness: int) -> None:
+    """Every thread of process ``pid`` at ``niceness`` (Linux keeps a niceness per thread; threads started
+    later take their starter's)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        os.setpriority(os.PRIO_PROCESS, int(task.name), niceness)
 
 
 def rss_mb(pid: int) -> float:
@@ -120,13 +133,6 @@ def gc_summary(
     return (f"<={longest * 1000:g}" if longest else "-"), int(full)
 
 
-def metric(metrics_port: int, sample: str) -> int:
-    """One sample of the server's metrics, e.g. ``scaleset_watchers`` (0 when absent)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    found = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.M)
-    return int(float(found.group(1))) if found else 0
-
-
 def p99_bound_ms(before: dict[float, float], after: dict[float, float]) -> str:
     """The histogram bucket holding the 99th percentile of the calls between two readings ("<=20" ms)."""
     bounds = sorted(after)
@@ -167,6 +173,12 @@ def main() -> None:
         "--proxy",
         action="store_true",
         help="the watchers watch through `scaleset watch-proxy` (its own process), not the server",
+    )
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="niceness of the watcher processes and the proxy (they stand in for other machines)",
     )
     args = parser.parse_args()
 
@@ -226,13 +238,15 @@ def main() -> None:
                 start_proxy(target, args.watchers, Path(tmp), *pacing, metrics=True) if args.proxy else None
             )
             watched = target if proxy is None else proxy.target
+            if proxy is not None:
+                renice(proxy.pid, args.nice)
             # The watchers run in two processes of their own (asyncio channels), one reading, one not;
             # the reading one's streams resume after a failure, as real watchers do.
             head = head_sequence(target)
             queues: list[tuple[Queue[Any], Queue[Any]]] = [(Queue(), Queue()) for _ in range(2)]
             procs = [
                 multiprocessing.Process(
-                    target=watch_every_set,
+                    target=run_watchers,
                     args=(watched, args.watchers // 2, asks, answers),
                     kwargs={"reads": reads, "resume": reads},
                     daemon=True,
@@ -241,6 +255,8 @@ def main() -> None:
             ]
             for w in procs:
                 w.start()
+                assert w.pid is not None
+                renice(w.pid, args.nice)
 
             def reading() -> tuple[int, int]:
                 """The reading watchers: the first event of the last message every stream has (each has every
@@ -252,7 +268,10 @@ def main() -> None:
 
             time.sleep(2)
             mode = f"open loop at {args.rate:.0f}/s" if args.rate else "closed loop"
-            print(f"{mode}; unloaded before: {unloaded}; {args.watchers} watchers, half never read")
+            print(
+                f"{mode}; unloaded before: {unloaded}; {args.watchers} watchers, half never read"
+                + (f", at nice {args.nice}" if args.nice else "")
+            )
             print(
                 f"{'minute':>7} {'req/s':>8} {'p99 ms':>8} {'server':>8} {'CPU %':>6} {'errors':>7} {'RSS MB':>8} "
                 f"{'DB MB':>8} {'watchers':>8} {'GC ms':>6} {'full':>4} {'machine %':>9}"

@@ -10,8 +10,10 @@ watchers to at most 2.1 times that without: measured 1.11-1.52x in sixteen runs,
 machine at its slowest (README, Benchmarks); with each event encoded once per watcher instead (tried, to
 check the gate), 3.0x. Through the proxy the gate holds the server's CPU a call to at most 1.3 times that
 without: measured 0.79-1.07x in ten runs (the proxy's own CPU a call, 0.47 ms, is recorded, ungated).
-Both measure once every stream has caught up with the history, and every stream must end on the last
-change.
+The third case is 1,000 agents each watching one scale set (eight to each of the 128) from its current
+revision through the proxy, which serves them from its log: the same gate, measured 1.03x and 0.97x, and
+the proxy must have passed none of them through to the server. Each measures once every stream is open
+and has caught up with the history, and every stream must end on the last change (of its scale set).
 
 Run: ``pytest bench/test_bench_watch.py --benchmark-only -s``. The server runs as ``scaleset serve`` in its
 own process, its SQLite file in a temporary directory; the watchers run in a process of their own, and
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from scaleset.client import Client
 from scaleset.testing.server import free_port, start_server_process
 
 from bench.load import (
@@ -36,15 +39,23 @@ from bench.load import (
     WatchProxyProcess,
     cpu_seconds,
     create_load_sets,
+    metric,
     run_load,
+    run_watchers,
     start_proxy,
-    watch_every_set,
 )
 
 PROCESSES, INFLIGHT, RATE, WINDOW_S = 2, 64, 500, 10
 LOAD_SETS = 64  # per client process (create_load_sets)
 WATCHERS = 1000
-GROUPS = {"server": "watch_fanout_1000", "proxy": "watch_proxy_1000"}
+#: Who serves the watchers: the server, or a proxy; "proxy_per_set": each watcher watches one scale set
+#: (1,000 over the LOAD_SETS * PROCESSES scale sets) from its current revision, which the proxy serves from
+#: its log.
+GROUPS = {
+    "server": "watch_fanout_1000",
+    "proxy": "watch_proxy_1000",
+    "proxy_per_set": "watch_proxy_per_set_1000",
+}
 
 
 @dataclass
@@ -53,6 +64,11 @@ class Server:
     pid: int
     #: Changes made so far, each an event (every stream of every scale set must end on the last).
     changes: int
+
+    def revisions(self) -> dict[str, int]:
+        """Each scale set's revision (every stream of one scale set must end on it)."""
+        with Client(self.target) as client:
+            return {s.spec.name: s.revision for s in client.list_scale_sets(1000)}
 
 
 @pytest.fixture(scope="module")
@@ -83,17 +99,20 @@ def cpu_per_call(server: Server, windows: int) -> tuple[float, list[LoadResult]]
     return (cpu_seconds(server.pid) - cpu) / made, runs
 
 
-def caught_up(asks: Any, answers: Any, changes: int, timeout: float) -> bool:
-    """Whether every watcher's stream reaches sequence ``changes`` (and all the same) within ``timeout``
-    seconds; says where they are if not."""
+def caught_up(asks: Any, answers: Any, wanted: list[int], timeout: float) -> bool:
+    """Whether every watcher's stream reaches where ``wanted`` says (the last event's sequence, or watching
+    one scale set, its revision) within ``timeout`` seconds; says how many do not if not."""
     deadline = time.monotonic() + timeout
     while True:
         asks.put("last")
         lasts: list[int] = answers.get(timeout=30)[0]
-        if min(lasts) == max(lasts) >= changes:
+        if lasts == wanted:
             return True
         if time.monotonic() > deadline:
-            print(f"watchers behind or ended: last sequences {min(lasts)}..{max(lasts)}, {changes} changes")
+            behind = [(last, want) for last, want in zip(lasts, wanted, strict=True) if last != want]
+            print(
+                f"{len(behind)} watchers behind or ended (where they are, where they should be): {behind[:5]}"
+            )
             return False
         time.sleep(1)
 
@@ -105,17 +124,34 @@ def test_watch_fanout(benchmark: Any, record: Any, server: Server, via: str, tmp
     cpu_per_call(server, 1)  # the scale sets' first changes, the server's caches
     quiet, quiet_runs = cpu_per_call(server, windows)
 
+    sets = sorted(server.revisions().items()) if via == "proxy_per_set" else []
     proxy: WatchProxyProcess | None = None
-    if via == "proxy":
-        proxy = start_proxy(server.target, WATCHERS, tmp_path)
+    if via != "server":
+        proxy = start_proxy(server.target, WATCHERS, tmp_path, metrics=True)
     ctx = multiprocessing.get_context("spawn")
     asks, answers = ctx.Queue(), ctx.Queue()
     watched = server.target if proxy is None else proxy.target
-    watchers = ctx.Process(target=watch_every_set, args=(watched, WATCHERS, asks, answers), daemon=True)
+
+    def wanted() -> list[int]:
+        """Where every stream must be once it has every change."""
+        if not sets:
+            return [server.changes] * WATCHERS
+        revisions = server.revisions()
+        return [revisions[sets[k % len(sets)][0]] for k in range(WATCHERS)]
+
+    watchers = ctx.Process(
+        target=run_watchers, args=(watched, WATCHERS, asks, answers), kwargs={"sets": sets}, daemon=True
+    )
     watchers.start()
     try:
-        # Every stream open and caught up with the history (up to ~40,000 events each) before measuring.
-        assert caught_up(asks, answers, server.changes, timeout=300)
+        # Every stream open and caught up (with the history, up to ~40,000 events each, watching every
+        # scale set) before measuring.
+        assert caught_up(asks, answers, wanted(), timeout=300)
+        if proxy is not None:
+            deadline = time.monotonic() + 60
+            while metric(proxy.metrics_port, "scaleset_proxy_watchers") < WATCHERS:
+                assert time.monotonic() < deadline, "the proxy does not serve every watcher's stream"
+                time.sleep(0.5)
         proxy_cpu = 0.0 if proxy is None else cpu_seconds(proxy.pid)
         loaded, loaded_runs = benchmark.pedantic(cpu_per_call, args=(server, windows), rounds=1, iterations=1)
         if proxy is not None:
@@ -123,7 +159,10 @@ def test_watch_fanout(benchmark: Any, record: Any, server: Server, via: str, tmp
             benchmark.extra_info["proxy_cpu_us_per_call"] = round(proxied * 1e6)
         # The load has stopped: within a few turns of WATCH_MESSAGES_PER_SECOND every stream has the last
         # change (each call made an event, and each scale set's creation one before them).
-        assert caught_up(asks, answers, server.changes, timeout=30)
+        assert caught_up(asks, answers, wanted(), timeout=30)
+        if proxy is not None:
+            # Every watch served from the proxy's log: the server served the proxy its one stream.
+            assert metric(proxy.metrics_port, "scaleset_proxy_passed_through_total") == 0
     finally:
         asks.put(None)
         watchers.join(timeout=30)
