@@ -71,16 +71,25 @@ QUIET_WINDOWS = 3
 DRIFT = 2.0
 
 
-def cpu_ticks() -> tuple[int, int]:
-    """The machine's busy and total CPU time so far, in clock ticks of all its cores (/proc/stat)."""
-    ticks = [int(t) for t in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
+def cpu_ticks() -> tuple[int, int, int]:
+    """The machine's CPU time so far, in clock ticks of all its cores (/proc/stat): busy (its processes and
+    its kernel), stolen (the hypervisor running another guest on a core this one was ready to use), and in
+    all (guest time is counted in user time already)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(t) for t in fields)
+    return (
+        user + nice + system + irq + softirq,
+        steal,
+        user + nice + system + idle + iowait + irq + softirq + steal,
+    )
 
 
-def machine_busy(since: tuple[int, int]) -> float:
-    """How busy the machine's cores were since a reading of cpu_ticks, in % of one core."""
-    busy, total = cpu_ticks()
-    return (busy - since[0]) / max(1, total - since[1]) * 100 * (os.cpu_count() or 1)
+def machine_busy(since: tuple[int, int, int]) -> tuple[float, float]:
+    """How busy the machine's cores were since a reading of cpu_ticks, and how much of them was stolen, in %
+    of one core."""
+    now = cpu_ticks()
+    cores = 100 * (os.cpu_count() or 1) / max(1, now[2] - since[2])
+    return (now[0] - since[0]) * cores, (now[1] - since[1]) * cores
 
 
 def renice(pid: int, niceness: int) -> None:
@@ -227,7 +236,7 @@ def main() -> None:
                     f"{sum(r.requests for r in runs) / sum(r.seconds for r in runs):.0f}/s p99 "
                     f"{pooled_p99(runs):.1f} ms (windows {', '.join(f'{r.p99_ms:.1f}' for r in runs)}; in "
                     f"the server {server} ms, CPU {busy:.0f}% of a core; the machine's cores "
-                    f"{machine_busy(ticks):.0f}% of one)"
+                    "{:.0f}% of one, {:.0f}% stolen)".format(*machine_busy(ticks))
                 )
 
             # Unloaded: QUIET_WINDOWS windows of the same load before the watchers start, and as many after
@@ -274,7 +283,7 @@ def main() -> None:
             )
             print(
                 f"{'minute':>7} {'req/s':>8} {'p99 ms':>8} {'server':>8} {'CPU %':>6} {'errors':>7} {'RSS MB':>8} "
-                f"{'DB MB':>8} {'watchers':>8} {'GC ms':>6} {'full':>4} {'machine %':>9}"
+                f"{'DB MB':>8} {'watchers':>8} {'GC ms':>6} {'full':>4} {'machine %':>9} {'stolen %':>8}"
                 + ("" if proxy is None else f" {'proxy CPU %':>11} {'proxy RSS MB':>12}")
             )
 
@@ -305,7 +314,7 @@ def main() -> None:
                 print(
                     f"{minute:7.1f} {r.per_second:8.0f} {r.p99_ms:8.1f} {server:>8} {busy:6.0f} {r.errors:7d} "
                     f"{rss_mb(proc.pid):8.1f} {db_mb(db):8.1f} {watching():8d} {longest:>6} {full:4d} "
-                    f"{machine_busy(ticks):9.0f}"
+                    "{:9.0f} {:8.0f}".format(*machine_busy(ticks))
                     + (
                         ""
                         if proxy is None
