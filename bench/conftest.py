@@ -64,11 +64,11 @@ FLOORS: dict[str, float] = {
     # changed scale set's part) against the whole policy state the document held before (measured ~150x).
     "snapshot_10000_autoscaled_sets": 20.0,
     # The server's CPU a durable SetCapacity with 1,000 watchers of every scale set against with none, at
-    # 500 calls a second (ratio quiet/loaded): at most 2.1x (measured 1.18-1.52x in seven runs; with each
+    # 500 calls a second (ratio quiet/loaded): at most 2.1x (measured 1.11-1.52x in sixteen runs; with each
     # event encoded once per watcher instead of once for all, 3.0x).
     "watch_fanout_1000": 1 / 2.1,
     # The same through a watch proxy (scaleset watch-proxy), which the server serves one stream: at most
-    # 1.3x (measured 0.79-1.02x in five runs; served by the server itself 1.18-1.52x).
+    # 1.3x (measured 0.79-1.07x in ten runs).
     "watch_proxy_1000": 1 / 1.3,
     # The same with each of the 1,000 watching one scale set from its current revision, which the proxy
     # serves from its log (measured 0.97-1.03x in two runs).

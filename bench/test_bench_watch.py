@@ -10,9 +10,9 @@ watchers to at most 2.1 times that without: measured 1.11-1.52x in sixteen runs,
 machine at its slowest (README, Benchmarks); with each event encoded once per watcher instead (tried, to
 check the gate), 3.0x. Through the proxy the gate holds the server's CPU a call to at most 1.3 times that
 without: measured 0.79-1.07x in ten runs (the proxy's own CPU a call, 0.47 ms, is recorded, ungated).
-The third case is 1,000 agents each watching one scale set (eight to each of the 128) from its current
-revision through the proxy, which serves them from its log: the same gate, measured 1.03x and 0.97x, and
-the proxy must have passed none of them through to the server. Each measures once every stream is open
+The third case is 1,000 agents each watching one scale set (seven or eight to each of the 128) from its
+current revision through the proxy, which serves them from its log: the same gate, measured 1.03x and
+0.97x, and the proxy must have passed none of them through to the server. Each measures once every stream is open
 and has caught up with the history, and every stream must end on the last change (of its scale set).
 
 Run: ``pytest bench/test_bench_watch.py --benchmark-only -s``. The server runs as ``scaleset serve`` in its
