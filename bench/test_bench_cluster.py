@@ -1,7 +1,8 @@
 """Durable SetCapacity/s with 1, 2 and 3 servers of a cluster (`serve --cluster` on one PostgreSQL), against
 the single server on SQLite in the same run: the same 192 scale sets, the same load (3 client processes,
 each talking to one server, 4 calls in flight each); every server answers for every scale set and
-forwards to the partition's owner.
+forwards to the partition's owner. Each configuration's rate is gated as a share of a reference SQLite
+server's, measured right before and after it (RESULTS).
 
 Run: ``pytest bench/test_bench_cluster.py --benchmark-only -s``.
 """
@@ -34,7 +35,25 @@ ONE_SERVER_FLOOR = 0.25
 #: PostgreSQL's), so more servers cannot add throughput here; the gate holds that sharing the scale sets
 #: out costs no collapse (half the rate at most).
 MORE_SERVERS_FLOOR = 0.5
+#: Each configuration's rate as a share of a reference SQLite server's, measured right before and right
+#: after it (REFERENCE_CALLS a slot each time): the machine's speed moves by 2x within a minute, and the
+#: configurations run one after another (a fresh-ci run once measured 2 servers at 0.45x one, with the
+#: machine at a fifth of its usual speed for part of the run).
 RESULTS: dict[str, float] = {}
+REFERENCE_CALLS = 100
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A single SQLite server with the load's scale sets, idle but for the reference loads."""
+    tmp = tmp_path_factory.mktemp("reference")
+    port = free_port()
+    proc = start_server_process(tmp / "state.db", port, tmp / "server.log")
+    target = f"127.0.0.1:{port}"
+    create_load_sets(target, PROCESSES)
+    yield target
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
 
 
 def start_cluster(
@@ -89,14 +108,17 @@ def serving(
 
 @pytest.mark.parametrize("servers", ["sqlite", "cluster-1", "cluster-2", "cluster-3"])
 def test_durable_set_capacity_by_servers(
-    benchmark: Any, postgres: PostgresServer, tmp_path: Path, servers: str
+    benchmark: Any, postgres: PostgresServer, tmp_path: Path, servers: str, reference: str
 ) -> None:
     benchmark.group = "durable_set_capacity_by_servers"
     n = 10 if benchmark.disabled else 200
     with serving(servers, postgres, tmp_path) as (targets, _):
+        before = run_load(reference, "set_capacity", PROCESSES, INFLIGHT, REFERENCE_CALLS)
         result = benchmark.pedantic(
             run_load, args=(targets, "set_capacity", PROCESSES, INFLIGHT, n), rounds=1, iterations=1
         )
+        after = run_load(reference, "set_capacity", PROCESSES, INFLIGHT, REFERENCE_CALLS)
+        assert before.errors == after.errors == 0
         assert result.errors == 0 and result.requests == PROCESSES * INFLIGHT * n
         with grpc.insecure_channel(
             targets[-1]
@@ -110,13 +132,20 @@ def test_durable_set_capacity_by_servers(
     )
     if benchmark.disabled:
         return
-    RESULTS[servers] = result.per_second
-    print(f"\n{servers}: {result.per_second:.0f} durable SetCapacity/s, p99 {result.p99_ms:.1f} ms")
+    machine = (before.per_second + after.per_second) / 2
+    RESULTS[servers] = result.per_second / machine
+    print(
+        f"\n{servers}: {result.per_second:.0f} durable SetCapacity/s, p99 {result.p99_ms:.1f} ms "
+        f"(the reference server {before.per_second:.0f}/s before, {after.per_second:.0f}/s after: "
+        f"{RESULTS[servers]:.2f}x)"
+    )
     if len(RESULTS) == 4:
         one = RESULTS["cluster-1"] / RESULTS["sqlite"]
         more = {k: RESULTS[k] / RESULTS["cluster-1"] for k in ("cluster-2", "cluster-3")}
         print(
-            f"cluster-1/sqlite {one:.2f}x; " + ", ".join(f"{k}/cluster-1 {v:.2f}x" for k, v in more.items())
+            f"cluster-1/sqlite {one:.2f}x; "
+            + ", ".join(f"{k}/cluster-1 {v:.2f}x" for k, v in more.items())
+            + " (each against the reference server around it)"
         )
         assert one >= ONE_SERVER_FLOOR, (
             f"one cluster server at {one:.2f}x the SQLite server, below {ONE_SERVER_FLOOR}x"
