@@ -36,9 +36,9 @@ ONE_SERVER_FLOOR = 0.25
 #: out costs no collapse (half the rate at most).
 MORE_SERVERS_FLOOR = 0.5
 #: Each configuration's rate as a share of a reference SQLite server's, measured right before and right
-#: after it (half the configuration's calls each time): the machine's speed moves by 2x within a minute, and the
-#: configurations run one after another (a fresh-ci run once measured 2 servers at 0.45x one, with the
-#: machine at a fifth of its usual speed for part of the run).
+#: after it (half the configuration's calls each time): the machine's speed moves by 2x within a minute,
+#: and the configurations run one after another (a fresh-ci run once measured 2 servers at 0.45x one,
+#: with the machine at a fifth of its usual speed for part of the run).
 RESULTS: dict[str, float] = {}
 
 
