@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import queue
@@ -12,13 +13,13 @@ import signal
 import subprocess
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
-from scaleset.testing.server import free_port, start_proxy_process
+from scaleset.testing.server import free_port, start_proxy_process, start_server_process
 from scaleset.v1 import scaleset_pb2 as pb
 
 
@@ -108,6 +109,22 @@ def create_load_sets(target: str, processes: int, per_process: int = 64) -> None
             for k in range(per_process):
                 spec.name = f"load-{p}-{k}"
                 stub.CreateScaleSet(pb.CreateScaleSetRequest(scale_set=spec, capacity=10), timeout=30)
+
+
+@contextlib.contextmanager
+def load_server(tmp: Path, processes: int, per_process: int = 64, *flags: str) -> Iterator[tuple[str, int]]:
+    """``scaleset serve`` on SQLite in ``tmp`` (``flags`` added) with the load's scale sets
+    (create_load_sets); yields its target and pid, then stops it and checks that it exited cleanly."""
+    port = free_port()
+    proc = start_server_process(tmp / "state.db", port, tmp / "server.log", *flags)
+    target = f"127.0.0.1:{port}"
+    try:
+        create_load_sets(target, processes, per_process)
+        yield target, proc.pid
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    assert code == 0, f"the server exited with {code}: {(tmp / 'server.log').read_text()[-2000:]}"
 
 
 def _workload(channel: grpc.aio.Channel, workload: str, process: int) -> tuple[Any, list[list[bytes]]]:

@@ -25,7 +25,7 @@ from scaleset.testing.server import free_port, start_server_process
 from scaleset.v1 import scaleset_pb2 as pb
 from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
 
-from bench.load import create_load_sets, run_load
+from bench.load import create_load_sets, load_server, run_load
 
 PROCESSES, INFLIGHT = 3, 4
 #: Gates, as shares of rates measured in the same run. One server of a cluster against the single SQLite
@@ -45,14 +45,8 @@ RESULTS: dict[str, float] = {}
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A single SQLite server with the load's scale sets, idle but for the reference loads."""
-    tmp = tmp_path_factory.mktemp("reference")
-    port = free_port()
-    proc = start_server_process(tmp / "state.db", port, tmp / "server.log")
-    target = f"127.0.0.1:{port}"
-    create_load_sets(target, PROCESSES)
-    yield target
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0
+    with load_server(tmp_path_factory.mktemp("reference"), PROCESSES) as (target, _):
+        yield target
 
 
 def start_cluster(

@@ -7,20 +7,18 @@ its own process with its SQLite file in a temporary directory; every acknowledge
 
 from __future__ import annotations
 
-import signal
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import pytest
-from scaleset.testing.server import free_port, start_server_process
 from scaleset.v1 import scaleset_pb2 as pb
 from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
 
 from bench import conftest
 from bench.conftest import LOAD, MEDIANS
-from bench.load import create_load_sets, run_load
+from bench.load import load_server, run_load
 
 PROCESSES = 2
 INFLIGHT = 4  # per process: 8 in flight
@@ -31,17 +29,13 @@ FLOORS = {"set_capacity": 0.25, "list_instances": 0.45}
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    tmp = tmp_path_factory.mktemp("load")
-    port = free_port()
-    proc = start_server_process(tmp / "state.db", port, tmp / "server.log")
-    target = f"127.0.0.1:{port}"
-    create_load_sets(target, PROCESSES, INFLIGHT)
-    with grpc.insecure_channel(target) as channel:
-        spec = pb.ScaleSetSpec(name="listing", zones=["1", "2", "3"], sku=pb.Sku(name="Standard_D2s_v5"))
-        pb_grpc.ScaleSetsStub(channel).CreateScaleSet(pb.CreateScaleSetRequest(scale_set=spec, capacity=1000))
-    yield target
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0
+    with load_server(tmp_path_factory.mktemp("load"), PROCESSES, INFLIGHT) as (target, _):
+        with grpc.insecure_channel(target) as channel:
+            spec = pb.ScaleSetSpec(name="listing", zones=["1", "2", "3"], sku=pb.Sku(name="Standard_D2s_v5"))
+            pb_grpc.ScaleSetsStub(channel).CreateScaleSet(
+                pb.CreateScaleSetRequest(scale_set=spec, capacity=1000)
+            )
+        yield target
 
 
 def calls(benchmark: Any, full: int) -> int:

@@ -23,7 +23,6 @@ the proxy in another.
 from __future__ import annotations
 
 import multiprocessing
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,13 +31,12 @@ from typing import Any
 
 import pytest
 from scaleset.client import Client
-from scaleset.testing.server import free_port, start_server_process
 
 from bench.load import (
     LoadResult,
     WatchProxyProcess,
     cpu_seconds,
-    create_load_sets,
+    load_server,
     metric,
     run_load,
     run_watchers,
@@ -73,16 +71,10 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("watch")
-    port = free_port()
-    proc = start_server_process(
-        tmp / "state.db", port, tmp / "server.log", "--max-watchers", str(WATCHERS + 10)
-    )
-    target = f"127.0.0.1:{port}"
-    create_load_sets(target, PROCESSES, LOAD_SETS)
-    yield Server(target, proc.pid, PROCESSES * LOAD_SETS)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0
+    with load_server(
+        tmp_path_factory.mktemp("watch"), PROCESSES, LOAD_SETS, "--max-watchers", str(WATCHERS + 10)
+    ) as (target, pid):
+        yield Server(target, pid, PROCESSES * LOAD_SETS)
 
 
 def cpu_per_call(server: Server, windows: int) -> tuple[float, list[LoadResult]]:
