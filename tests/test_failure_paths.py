@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -429,6 +429,41 @@ def _slow_consumers(server: ServerThread) -> float:
         server.metrics.registry.get_sample_value("scaleset_slow_consumers_total", {"method": "WatchEvents"})
         or 0.0
     )
+
+
+def test_a_stream_that_grpc_drops_in_the_middle_ends_quietly(tmp_path: Path) -> None:
+    """gRPC closes a stream's handler in the middle of a call it drops (the server stopping while a watch
+    or a lease stream waits for its next item): the handler ends without an error, and the stream's
+    generator is still closed (its finally runs: a watch frees its slot). Before, closing the running
+    generator raised RuntimeError and the handler then sent a status on the dropped call, which failed
+    (an unraisable exception, which failed a benchmark run in fresh-ci)."""
+    from scaleset.control import ControlPlane
+    from scaleset.service import Metrics, _Interceptor
+    from scaleset.store import SQLiteStore
+
+    closed = []
+
+    async def waits_for_ever(request: object, context: object) -> AsyncIterator[bytes]:
+        try:
+            await asyncio.Event().wait()
+            yield b""
+        finally:
+            closed.append(True)
+
+    async def scenario(store: SQLiteStore) -> None:
+        handler = _Interceptor(Metrics(ControlPlane(store, REGION)))._wrap(
+            grpc.unary_stream_rpc_method_handler(waits_for_ever), "WatchEvents"
+        )
+        call = handler.unary_stream(object(), None)
+        call.send(None)  # running: waiting for the generator's first item
+        call.close()  # as gRPC does with a call it drops: must not raise
+
+    store = SQLiteStore(str(tmp_path / "state.db"))
+    try:
+        asyncio.run(scenario(store))
+    finally:
+        store.close()
+    assert closed == [True]
 
 
 def test_a_watcher_that_stops_reading_is_let_go_and_its_slot_freed(tmp_path: Path) -> None:

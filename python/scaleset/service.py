@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import bisect
-import contextlib
 import dataclasses
 import datetime
 import functools
@@ -367,11 +366,18 @@ class _Interceptor(grpc.aio.ServerInterceptor):
                 try:
                     if isinstance(request, _Malformed):
                         raise request.error()
-                    # Closed as soon as the stream ends, however it ends: a watch frees its slot at once.
-                    async with contextlib.aclosing(inner_stream(request, context)) as items:
+                    items = inner_stream(request, context)
+                    try:
                         async for item in items:
                             await send_within(context, item, send_timeout)
                             del item  # a watcher's last message is not kept while it waits for the next
+                    finally:
+                        # Closed as soon as the stream ends, however it ends: a watch frees its slot at
+                        # once. Not while it is still running: that is gRPC closing this handler in the
+                        # middle of a call it drops (GeneratorExit, the server stopping), where aclose()
+                        # would raise; asyncio closes the generator once it is dropped.
+                        if not items.ag_running:
+                            await items.aclose()
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
