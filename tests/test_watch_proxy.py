@@ -143,6 +143,8 @@ def test_event_log_holds_its_bounds_and_answers_only_what_it_holds() -> None:
     log.append(message(5, 6, 7))  # 7 events: the oldest half (3) goes
     assert (len(log), log.start) == (4, 3)
     assert log.messages(2) is None and log.messages(3) is not None
+    log.append(message(*range(8, 18)))  # 10 events in one message: more than the oldest half goes
+    assert (len(log), log.start) == (6, 11)
     # Messages of at most about WATCH_MESSAGE_BYTES, cut between events; one larger event goes alone.
     large = EventLog()
     large.reset(0)

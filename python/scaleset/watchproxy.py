@@ -192,7 +192,10 @@ class EventLog:
                         self._gone.discard(event.scale_set)
                     touched.add(event.scale_set)
         if len(self._sequences) > self._max_events or len(self._data) > self._max_bytes:
-            drop = max(1, len(self._sequences) // 2)
+            # The oldest half, or more when one message brought more than that: both bounds hold after.
+            held = len(self._sequences)
+            over_bytes = bisect.bisect_left(self._starts, len(self._data) - self._max_bytes)
+            drop = min(held, max(1, held // 2, held - self._max_events, over_bytes))
             self.start = self._sequences[drop - 1]
             cut = self._starts[drop] if drop < len(self._starts) else len(self._data)
             del self._data[:cut], self._sequences[:drop]
