@@ -23,8 +23,10 @@ from scaleset import (
     ScaleRule,
     TimeWindow,
 )
+from scaleset import commands as cmd
 from scaleset.engine import MetricBuffer, compile_rules
 from scaleset.errors import InvalidInputError, NotFoundError
+from scaleset.policies.autoscale import MAX_METRICS
 from scaleset.testing import autoscale_reference
 
 from tests.conftest import zonal_spec
@@ -396,6 +398,34 @@ def test_unknown_scale_sets_and_settings() -> None:
         c.report_metrics("web", "cpu", [(T0, float("nan"))])
     assert bad.value.field == "samples.value"
 
+
+
+@pytest.mark.parametrize(
+    ("bad", "field"),
+    [(("", (T0,), (1.0,)), "metric_name"), (("mem", (T0,), (float("inf"),)), "samples.value")],
+)
+def test_a_report_with_one_bad_series_stores_none_of_them(bad: tuple[object, ...], field: str) -> None:
+    c = fleet(2, setting())
+    before = c.export_state()
+    with pytest.raises(InvalidInputError) as caught:
+        c.execute(cmd.ReportMetrics("web", (("cpu", (T0,), (50.0,)), bad)))  # type: ignore[arg-type]
+    assert caught.value.field == field
+    assert c.export_state() == before
+
+
+def test_a_report_that_would_pass_the_distinct_metrics_limit_stores_nothing() -> None:
+    c = fleet(2, setting())
+    for i in range(MAX_METRICS - 2):  # two more names reach the limit, three pass it
+        c.report_metrics("web", f"m{i}", [(T0, 1.0)])
+    before = c.export_state()
+    series = (("cpu", (T0,), (50.0,)), ("new1", (T0,), (1.0,)), ("new2", (T0,), (1.0,)))
+    with pytest.raises(InvalidInputError) as caught:
+        c.execute(cmd.ReportMetrics("web", series))
+    assert caught.value.code == "TooManyMetrics" and c.export_state() == before
+    c.execute(cmd.ReportMetrics("web", series[:2]))  # up to the limit; then known names only
+    c.report_metrics("web", "cpu", [(T0 + 60, 60.0)])
+    with pytest.raises(InvalidInputError):
+        c.report_metrics("web", "new2", [(T0, 1.0)])
 
 # ----- the Rust evaluator against the plain-Python rules ---------------------------------------------------
 

@@ -14,6 +14,7 @@ method on :class:`~scaleset.controller.Controller`; an RPC that builds it in ``s
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -658,10 +659,14 @@ class ReportMetrics(Command):
                     f"metric {metric!r} has {len(times)} times and {len(values)} values; send one value per time.",
                     field="metrics.samples",
                 )
+            # Checked here for every series before any is stored (the core checks each as it adds it).
+            if (bad := next((v for v in values if not math.isfinite(v)), None)) is not None:
+                raise invalid_input(
+                    f"metric values must be finite numbers, got {bad}.", field="samples.value"
+                )
 
     def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> None:
-        for metric, times, values in self.series:
-            policies.report_metrics(engine, self.name, metric, times, values)
+        policies.report_metrics(engine, self.name, self.series)
 
     def describe(self, result: None) -> dict[str, Any]:
         return {"text": f"{sum(len(t) for _, t, _ in self.series)} samples of {len(self.series)} metrics"}

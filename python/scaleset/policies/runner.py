@@ -259,25 +259,36 @@ class PolicyRunner:
             raise not_found(f"scale set '{name}' has no autoscale setting.", "AutoscaleSettingNotFound")
 
     def report_metrics(
-        self, engine: Engine, name: str, metric: str, times: Sequence[float], values: Sequence[float]
+        self,
+        engine: Engine,
+        name: str,
+        series: Sequence[tuple[str, Sequence[float], Sequence[float]]],
     ) -> None:
-        """Adds samples of ``metric`` for ``name`` (per instance or per set; times in seconds)."""
+        """Adds samples for ``name`` (per instance or per set; times in seconds): (metric, times, values)
+        series, all of them or (a series refused) none."""
         engine.capacity(name)
-        if not isinstance(metric, str) or not metric or len(metric) > 256:
-            raise invalid_input("metric_name must be 1 to 256 characters.", field="metric_name")
         state = self._autoscale.get(name)
-        known = state.metric_names if state is not None else self._loose_metrics.setdefault(name, set())
-        if metric not in known and len(known) >= autoscale.MAX_METRICS:
+        known = state.metric_names if state is not None else self._loose_metrics.get(name, set())
+        for metric, _, _ in series:
+            if not isinstance(metric, str) or not metric or len(metric) > 256:
+                raise invalid_input("metric_name must be 1 to 256 characters.", field="metric_name")
+        new = {metric for metric, _, _ in series} - known
+        if new and len(known) + len(new) > autoscale.MAX_METRICS:
             raise invalid_input(
-                f"scale set '{name}' already reports {autoscale.MAX_METRICS} distinct metrics; "
+                f"scale set '{name}' would report more than {autoscale.MAX_METRICS} distinct metrics; "
                 "reuse a metric name or delete old ones by recreating the autoscale setting.",
                 "TooManyMetrics",
                 field="metric_name",
             )
-        self.metrics.add(name, metric, times, values)
-        known.add(metric)
-        if state is not None:
-            autoscale.record_forecast_samples(state, metric, list(times), list(values), engine.capacity(name))
+        if state is None:
+            known = self._loose_metrics.setdefault(name, set())
+        for metric, times, values in series:
+            self.metrics.add(name, metric, times, values)
+            known.add(metric)
+            if state is not None:
+                autoscale.record_forecast_samples(
+                    state, metric, list(times), list(values), engine.capacity(name)
+                )
 
     def evaluate_autoscale(self, engine: Engine, name: str, now: float) -> AutoscaleDecision:
         """What autoscale would decide for ``name`` at ``now`` (a dry run)."""
