@@ -399,7 +399,6 @@ def test_unknown_scale_sets_and_settings() -> None:
     assert bad.value.field == "samples.value"
 
 
-
 @pytest.mark.parametrize(
     ("bad", "field"),
     [(("", (T0,), (1.0,)), "metric_name"), (("mem", (T0,), (float("inf"),)), "samples.value")],
@@ -426,6 +425,7 @@ def test_a_report_that_would_pass_the_distinct_metrics_limit_stores_nothing() ->
     c.report_metrics("web", "cpu", [(T0 + 60, 60.0)])
     with pytest.raises(InvalidInputError):
         c.report_metrics("web", "new2", [(T0, 1.0)])
+
 
 # ----- the Rust evaluator against the plain-Python rules ---------------------------------------------------
 
