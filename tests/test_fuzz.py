@@ -1,17 +1,44 @@
-"""Fuzzing a live server (issue 13): random bytes and random well-formed messages for every unary method of
-every service. Whatever a client sends, the answer is never INTERNAL or UNKNOWN, and the server stays up."""
+"""Fuzzing a live server (issue 13): random bytes and random well-formed messages for every method of every
+service. Whatever a client sends, the answer is never INTERNAL or UNKNOWN, the server stays up, and a call
+it refuses leaves its state as it was."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from scaleset import Region
+from scaleset import (
+    AutomaticRepairsPolicy,
+    AutoscaleCapacity,
+    AutoscaleProfile,
+    AutoscaleSetting,
+    MetricTrigger,
+    PriorityMixPolicy,
+    Recurrence,
+    RecurrentSchedule,
+    Region,
+    RollingUpgradePolicy,
+    ScaleAction,
+    ScaleRule,
+    ScaleSetSpec,
+    Sku,
+    SkuProfile,
+    UpgradePolicy,
+    VmSize,
+)
+from scaleset.client import Client
+from scaleset.convert import autoscale_setting_to_proto, spec_to_proto
+from scaleset.model import LifecycleHook
 from scaleset.testing.server import ServerThread
 from scaleset.v1 import scaleset_pb2 as pb
 
@@ -21,8 +48,12 @@ METHODS = [
     (service.name, method)
     for service in pb.DESCRIPTOR.services_by_name.values()
     for method in service.methods
-    if not method.server_streaming
 ]
+#: How long the fuzz waits for a stream's first message: a watch from the last change, or a lease with no
+#: operation to lease, rightly waits for one.
+STREAM_WAIT_S = 0.5
+#: Calls a run makes: 1,000 in the test suite; more on demand (SCALESET_FUZZ_EXAMPLES=20000).
+EXAMPLES = int(os.environ.get("SCALESET_FUZZ_EXAMPLES", "1000"))
 NAMES = st.sampled_from(["web", "", "nope", "x" * 300, "ünï", "1", "2", "Standard_D2s_v5", "PT5M"])
 
 
@@ -78,20 +109,220 @@ _classes = {
     m.DESCRIPTOR.full_name: m for m in vars(pb).values() if isinstance(m, type) and hasattr(m, "DESCRIPTOR")
 }
 
+#: A scale set with most of the policies a spec can carry (a Spot mix of two sizes, rolling upgrades,
+#: repairs, a lifecycle hook), and an autoscale setting with a metric rule and a weekly profile.
+RICH = spec_to_proto(
+    ScaleSetSpec(
+        name="mix",
+        zones=["1", "2", "3"],
+        sku_profile=SkuProfile([VmSize(SIZE), VmSize("Standard_D4s_v5")]),
+        priority="Spot",
+        eviction_policy="Delete",
+        priority_mix_policy=PriorityMixPolicy(1, 50),
+        upgrade_policy=UpgradePolicy("Rolling", RollingUpgradePolicy(pause_time_between_batches="PT1S")),
+        automatic_repairs_policy=AutomaticRepairsPolicy(True, "PT10M"),
+        lifecycle_hooks=[LifecycleHook("drain")],
+    )
+)
+SETTING = autoscale_setting_to_proto(
+    AutoscaleSetting(
+        [
+            AutoscaleProfile(
+                "default",
+                AutoscaleCapacity(2, 10, 3),
+                [ScaleRule(MetricTrigger("cpu", "GreaterThan", 70), ScaleAction("Increase", value=2))],
+            ),
+            AutoscaleProfile(
+                "weekend",
+                AutoscaleCapacity(1, 4, 1),
+                recurrence=Recurrence(RecurrentSchedule("UTC", ["Saturday"], [8], [0])),
+            ),
+        ]
+    )
+)
+#: A well-formed request for each method, on the fuzz's scale set "web" (instances 1 and 2 among its own),
+#: for mutations to start from: mostly valid calls with one to three fields changed reach the checks and the
+#: engine behind the first field's validation.
+VALID: dict[str, Message] = {
+    "CreateScaleSet": pb.CreateScaleSetRequest(scale_set=RICH, capacity=4),
+    "GetScaleSet": pb.GetScaleSetRequest(name="web"),
+    "ListScaleSets": pb.ListScaleSetsRequest(page_size=2),
+    "UpdateScaleSet": pb.UpdateScaleSetRequest(
+        scale_set=spec_to_proto(ScaleSetSpec("web", zones=["1", "2", "3"], sku=Sku(SIZE), model_version=2)),
+        update_mask={"paths": ["model_version"]},
+    ),
+    "DeleteScaleSet": pb.DeleteScaleSetRequest(name="web"),
+    "SetCapacity": pb.SetCapacityRequest(name="web", capacity=6),
+    "ImportInstances": pb.ImportInstancesRequest(
+        name="web", instances=[pb.Instance(instance_id=900, zone="1", vm_size=SIZE)]
+    ),
+    "ListInstances": pb.ListInstancesRequest(name="web", page_size=2),
+    "DeleteInstances": pb.DeleteInstancesRequest(name="web", instance_ids=[1]),
+    "EvictInstances": pb.EvictInstancesRequest(name="web", instance_ids=[2]),
+    "SetInstanceProtection": pb.SetInstanceProtectionRequest(
+        name="web", instance_ids=[1, 2], protect_from_scale_in=True
+    ),
+    "ReportInstanceHealth": pb.ReportInstanceHealthRequest(
+        name="web", reports=[pb.HealthReport(instance_ids=[1], health=pb.HEALTH_UNHEALTHY)]
+    ),
+    "WatchEvents": pb.WatchEventsRequest(scale_set="web"),
+    "Rebalance": pb.RebalanceRequest(name="web", max_replacements=2, dry_run=True),
+    "StartRollingUpgrade": pb.StartRollingUpgradeRequest(name="web"),
+    "GetRollingUpgrade": pb.GetRollingUpgradeRequest(name="web"),
+    "CancelRollingUpgrade": pb.CancelRollingUpgradeRequest(name="web"),
+    "UpgradeInstances": pb.UpgradeInstancesRequest(name="web", instance_ids=[1]),
+    "SetRepairsServiceState": pb.SetRepairsServiceStateRequest(
+        name="web", state=pb.REPAIRS_SERVICE_STATE_SUSPENDED
+    ),
+    "SetAutoscaleSetting": pb.SetAutoscaleSettingRequest(name="web", setting=SETTING),
+    "GetAutoscaleSetting": pb.GetAutoscaleSettingRequest(name="web"),
+    "DeleteAutoscaleSetting": pb.DeleteAutoscaleSettingRequest(name="web"),
+    "ReportMetrics": pb.ReportMetricsRequest(
+        name="web",
+        series=[
+            pb.MetricSeries(
+                metric_name="cpu", samples=[pb.MetricSample(time_unix_ms=int(time.time() * 1000), value=80.0)]
+            )
+        ],
+    ),
+    "EvaluateAutoscale": pb.EvaluateAutoscaleRequest(name="web"),
+    "ListAutoscaleHistory": pb.ListAutoscaleHistoryRequest(name="web", page_size=2),
+    "GetRegion": pb.GetRegionRequest(),
+    "SetZoneAvailability": pb.SetZoneAvailabilityRequest(zone="3", available=False),
+    "SetPoolCapacity": pb.SetPoolCapacityRequest(
+        pool=pb.Pool(zone="2", vm_size=SIZE, priority=pb.PRIORITY_SPOT, available=5, price=0.01)
+    ),
+    "SetCoreQuota": pb.SetCoreQuotaRequest(family="standardDSv5Family", cores=400),
+    "Echo": pb.EchoRequest(payload=b"x"),
+    "LeaseOperations": pb.LeaseOperationsRequest(executor_id="e1", max_in_flight=4, lease_seconds=30),
+    "ReportOperation": pb.ReportOperationRequest(
+        executor_id="e1", operation_id=1, outcome=pb.OPERATION_OUTCOME_SUCCEEDED
+    ),
+    "AcknowledgeScheduledEvent": pb.AcknowledgeScheduledEventRequest(name="web", event_id=1),
+    "CompleteLifecycleAction": pb.CompleteLifecycleActionRequest(
+        name="web", instance_id=1, hook="drain", result=pb.LIFECYCLE_HOOK_DEFAULT_RESULT_CONTINUE
+    ),
+    "RecordLifecycleActionHeartbeat": pb.RecordLifecycleActionHeartbeatRequest(
+        name="web", instance_id=1, hook="drain"
+    ),
+    "GetFleetStatus": pb.GetFleetStatusRequest(name="web"),
+}
+
+
+def _mutate(draw: st.DrawFn, msg: Any) -> None:
+    """Changes one field somewhere in ``msg``: a scalar set to a value of its type (often out of range), a
+    repeated field refilled, a message cleared or changed within, an element of a list changed, dropped or
+    duplicated."""
+    if not msg.DESCRIPTOR.fields:
+        return
+    field = draw(st.sampled_from(list(msg.DESCRIPTOR.fields)))
+    value = getattr(msg, field.name)
+    if field.message_type is None:
+        if field.is_repeated:
+            del value[:]
+            value.extend(draw(st.lists(scalar(field), max_size=4)))
+        else:
+            setattr(msg, field.name, draw(scalar(field)))
+    elif field.is_repeated:
+        how = draw(st.sampled_from(["change", "drop", "duplicate", "add"]) if value else st.just("add"))
+        if how == "add":
+            _mutate(draw, value.add())
+        else:
+            item = draw(st.integers(0, len(value) - 1))
+            if how == "change":
+                _mutate(draw, value[item])
+            elif how == "drop":
+                del value[item]
+            else:
+                value.add().CopyFrom(value[item])
+    elif draw(st.integers(0, 4)) == 0:
+        msg.ClearField(field.name)
+    else:
+        _mutate(draw, value)
+
+
+@st.composite
+def mutated(draw: st.DrawFn, valid: Message) -> bytes:
+    """``valid`` with one to three of its fields changed (:func:`_mutate`)."""
+    msg = type(valid)()
+    msg.CopyFrom(valid)
+    for _ in range(draw(st.integers(1, 3))):
+        _mutate(draw, msg)
+    return msg.SerializeToString()
+
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    db = str(tmp_path_factory.mktemp("fuzz") / "state.db")
-    with ServerThread(db, Region(zones=["1", "2", "3"], fault_domains_per_zone=3), instance_limit=2000) as s:
-        with grpc.insecure_channel(s.target) as ch:
-            create = ch.unary_unary("/scaleset.v1.ScaleSets/CreateScaleSet")
-            spec = pb.ScaleSetSpec(name="web", zones=["1", "2", "3"], sku=pb.Sku(name=SIZE))
-            create(pb.CreateScaleSetRequest(scale_set=spec, capacity=3).SerializeToString())
-        yield s
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ServerThread]]:
+    """Two servers: one applying plans as made, one handing them to executors (so that leases, operation
+    reports and lifecycle hooks have something to act on)."""
+    region = Region(zones=["1", "2", "3"], fault_domains_per_zone=3)
+    tmp = tmp_path_factory.mktemp("fuzz")
+    with (
+        ServerThread(str(tmp / "immediate.db"), region, instance_limit=2000) as immediate,
+        ServerThread(str(tmp / "executors.db"), region, instance_limit=2000, executors=True) as executors,
+    ):
+        yield [immediate, executors]
+
+
+def with_scale_sets(server: ServerThread) -> None:
+    """Creates the fuzz's scale sets "web" (3 instances) and "mix" (:data:`RICH`, 4) where a call deleted
+    them, so that most calls find them, with the region's quotas, pools and zones set free first (calls
+    before may have left no room for them)."""
+    names = server.call(server.control.inspect(lambda c: set(c.scale_set_names())))
+    web = pb.ScaleSetSpec(name="web", zones=["1", "2", "3"], sku=pb.Sku(name=SIZE))
+    missing = [(spec, capacity) for spec, capacity in ((web, 3), (RICH, 4)) if spec.name not in names]
+    if not missing:
+        return
+    with Client(server.target) as client:
+        region = client.describe_region()
+        for quota in region.core_quotas:
+            client.set_core_quota(quota.family, None)
+        for pool in region.pools:
+            client.set_pool_capacity(pool.zone, pool.vm_size, pool.priority, None, restricted=False)
+        for zone in region.unavailable_zones:
+            client.set_zone_available(zone, True)
+    with grpc.insecure_channel(server.target) as ch:
+        create = ch.unary_unary("/scaleset.v1.ScaleSets/CreateScaleSet")
+        for spec, capacity in missing:
+            with contextlib.suppress(grpc.RpcError):  # no room left by the scale sets calls created
+                create(pb.CreateScaleSetRequest(scale_set=spec, capacity=capacity).SerializeToString())
+
+
+def state(server: ServerThread) -> tuple[int, str]:
+    """The server's state: the sequence of its last change, and everything its engine and policies hold
+    (but the time of the latest call, which a refused one may move on)."""
+
+    def read(controller: Any) -> tuple[int, str]:
+        exported = {k: v for k, v in controller.export_state().items() if k != "now"}
+        return server.control.sequence, json.dumps(exported, sort_keys=True, default=str)
+
+    return server.call(server.control.inspect(read))  # type: ignore[no-any-return]
+
+
+def call(target: str, service: str, method: Any, payload: bytes) -> grpc.StatusCode:
+    """One call with ``payload`` as its request; the status it ends with (a stream: once its first message
+    is in)."""
+    path = f"/scaleset.v1.{service}/{method.name}"
+    with grpc.insecure_channel(target) as ch:
+        try:
+            if method.server_streaming:
+                replies = ch.unary_stream(path)(payload, timeout=STREAM_WAIT_S)
+                next(iter(replies), None)
+                replies.cancel()
+            else:
+                ch.unary_unary(path)(payload, timeout=30)
+        except grpc.RpcError as err:
+            assert err.code() not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), (
+                f"{service}.{method.name}: {err.code()} {err.details()}"
+            )
+            hung = err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and not method.server_streaming
+            assert not hung, f"{service}.{method.name} did not answer within 30 s"
+            return err.code()  # type: ignore[no-any-return]
+    return grpc.StatusCode.OK
 
 
 @settings(
-    max_examples=400,
+    max_examples=EXAMPLES,
     deadline=None,
     suppress_health_check=[
         HealthCheck.function_scoped_fixture,
@@ -100,14 +331,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     ],
 )
 @given(data=st.data())
-def test_no_request_gets_internal_or_unknown(server: ServerThread, data: st.DataObject) -> None:
+def test_no_request_gets_internal_or_unknown_and_a_refused_one_changes_nothing(
+    servers: list[ServerThread], data: st.DataObject
+) -> None:
+    server = data.draw(st.sampled_from(servers))
+    with_scale_sets(server)
     service, method = data.draw(st.sampled_from(METHODS))
-    payload = data.draw(st.one_of(message(method.input_type), st.binary(max_size=64)))
-    with grpc.insecure_channel(server.target) as ch:
-        call = ch.unary_unary(f"/scaleset.v1.{service}/{method.name}")
-        try:
-            call(payload, timeout=30)
-        except grpc.RpcError as err:
-            assert err.code() not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), (
-                f"{service}.{method.name}: {err.code()} {err.details()}"
-            )
+    payload = data.draw(
+        st.one_of(mutated(VALID[method.name]), message(method.input_type), st.binary(max_size=64))
+    )
+    before = state(server)
+    code = call(server.target, service, method, payload)
+    if code not in (grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+        assert state(server) == before, f"{service}.{method.name} refused with {code} changed the state"
