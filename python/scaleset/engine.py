@@ -416,14 +416,16 @@ class Engine:
     # ----- upgrades ----------------------------------------------------------------------------------------
 
     def upgrade_instances(self, name: str, instance_ids: Iterable[int]) -> None:
-        """Moves the given instances to the latest model in place (health Initializing)."""
-        ids = _ids(instance_ids)
+        """Moves the given instances to the latest model in place (health Initializing); an id listed twice
+        is upgraded once (logs hold such calls: they were always accepted)."""
+        ids = list(dict.fromkeys(_ids(instance_ids)))
         self._core.upgrade_instances(name, ids)
         self._record_ids("Reimage", name, ids)
 
     def roll_back_instances(self, name: str, instance_ids: Iterable[int], model_version: int) -> None:
-        """Puts instances back on an earlier model version (health Initializing)."""
-        ids = _ids(instance_ids)
+        """Puts instances back on an earlier model version (health Initializing); an id listed twice is
+        rolled back once."""
+        ids = list(dict.fromkeys(_ids(instance_ids)))
         self._core.roll_back_instances(name, ids, _count(model_version, "model_version"))
         self._record_ids("Reimage", name, ids)
 
