@@ -130,14 +130,19 @@ def test_autoscale_errors_over_grpc(tmp_path: Path) -> None:
             c.set_autoscale_setting("web", bad)
         assert invalid.value.field == "profiles[0].rules[0].metric_trigger.time_window"
         with pytest.raises(InvalidInputError) as nan:
-            c.report_metrics("web", "cpu", [(T0, float("inf"))])
+            c.report_metrics("web", "cpu", [(time.time(), float("inf"))])
         assert nan.value.field == "samples.value"
+        # Ahead of the server's clock by more than 5 minutes (here: microseconds sent as milliseconds).
+        with pytest.raises(InvalidInputError) as ahead:
+            c.report_metrics("web", "cpu", [(time.time(), 1.0), (time.time() * 1000, 2.0)])
+        assert ahead.value.field == "series.samples.time_unix_ms" and "ahead" in str(ahead.value)
+        assert c.report_metrics("web", "cpu", [(time.time() + 240, 1.0)]) == 1  # within 5 minutes
         with grpc.insecure_channel(server.target) as channel:
             stub = pb_grpc.AutoscaleStub(channel)
             with pytest.raises(grpc.RpcError) as raw:
                 stub.SetAutoscaleSetting(pb.SetAutoscaleSettingRequest(name="web"))
             assert raw.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert c.get_scale_set("web").revision == 1  # nothing rejected was logged
+        assert c.get_scale_set("web").revision == 2  # nothing rejected was logged (one report was kept)
 
 
 AZURE_SETTING = {

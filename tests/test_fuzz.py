@@ -54,7 +54,15 @@ METHODS = [
 STREAM_WAIT_S = 0.5
 #: Calls a run makes: 1,000 in the test suite; more on demand (SCALESET_FUZZ_EXAMPLES=20000).
 EXAMPLES = int(os.environ.get("SCALESET_FUZZ_EXAMPLES", "1000"))
-NAMES = st.sampled_from(["web", "", "nope", "x" * 300, "ünï", "1", "2", "Standard_D2s_v5", "PT5M"])
+#: Strings a field may get: the fuzz's names (scale sets, hook, metric, size, quota family, zones), update
+#: mask paths, durations, and ones that are wrong.
+NAMES = st.sampled_from(
+    [
+        *("web", "mix", "drain", "cpu", "Standard_D2s_v5", "standardDSv5Family", "1", "2", "3", "PT5M"),
+        *("model_version", "upgrade_policy", "sku", "zones", "automatic_repairs_policy", "lifecycle_hooks"),
+        *("PT0S", "", "nope", "x" * 300, "ünï"),
+    ]
+)
 
 
 def scalar(field: FieldDescriptor) -> st.SearchStrategy[Any]:
@@ -209,6 +217,28 @@ VALID: dict[str, Message] = {
 }
 
 
+#: More starting points for the methods whose paths depend on the scale set's policies: "mix" upgrades by
+#: rolling batches, "web" (once updated) automatically.
+MORE_VALID: dict[str, list[Message]] = {
+    "UpdateScaleSet": [
+        pb.UpdateScaleSetRequest(
+            scale_set=pb.ScaleSetSpec(name="mix", model_version=3), update_mask={"paths": ["model_version"]}
+        ),
+        pb.UpdateScaleSetRequest(
+            scale_set=pb.ScaleSetSpec(name="web", upgrade_policy={"mode": pb.UPGRADE_MODE_AUTOMATIC}),
+            update_mask={"paths": ["upgrade_policy"]},
+        ),
+    ],
+    "SetCapacity": [pb.SetCapacityRequest(name="mix", capacity=7)],
+    "StartRollingUpgrade": [pb.StartRollingUpgradeRequest(name="mix")],
+    "CancelRollingUpgrade": [pb.CancelRollingUpgradeRequest(name="mix")],
+    "UpgradeInstances": [pb.UpgradeInstancesRequest(name="mix", instance_ids=[0, 1])],
+    "Rebalance": [pb.RebalanceRequest(name="mix", max_surge=1)],
+    "EvictInstances": [pb.EvictInstancesRequest(name="mix", instance_ids=[0])],
+    "CompleteLifecycleAction": [pb.CompleteLifecycleActionRequest(name="mix", instance_id=4, hook="drain")],
+}
+
+
 def _mutate(draw: st.DrawFn, msg: Any) -> None:
     """Changes one field somewhere in ``msg``: a scalar set to a value of its type (often out of range), a
     repeated field refilled, a message cleared or changed within, an element of a list changed, dropped or
@@ -338,7 +368,11 @@ def test_no_request_gets_internal_or_unknown_and_a_refused_one_changes_nothing(
     with_scale_sets(server)
     service, method = data.draw(st.sampled_from(METHODS))
     payload = data.draw(
-        st.one_of(mutated(VALID[method.name]), message(method.input_type), st.binary(max_size=64))
+        st.one_of(
+            st.sampled_from([VALID[method.name], *MORE_VALID.get(method.name, [])]).flatmap(mutated),
+            message(method.input_type),
+            st.binary(max_size=64),
+        )
     )
     before = state(server)
     code = call(server.target, service, method, payload)

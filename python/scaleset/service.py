@@ -67,6 +67,9 @@ MAX_REQUEST_BYTES = 16 * 1024 * 1024
 MAX_REPLY_BYTES = 64 * 1024 * 1024
 #: The most metric samples one ReportMetrics call may carry.
 MAX_SAMPLES_PER_REPORT = 100_000
+#: How far past the server's clock a metric sample may be (a series keeps its window back from its newest
+#: sample, so one far in the future would push every real one out).
+MAX_SAMPLE_AHEAD_S = 300
 
 _STATUS_BY_KIND: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -1008,6 +1011,13 @@ class AutoscaleServicer(_Servicer, pb_grpc.AutoscaleServicer):
             raise invalid_input(
                 f"{count} samples in one report; send at most {MAX_SAMPLES_PER_REPORT} per call.",
                 field="series",
+            )
+        latest = max((x.time_unix_ms for s in request.series for x in s.samples), default=0) / 1000
+        if latest > (now := self._control.time()) + MAX_SAMPLE_AHEAD_S:
+            raise invalid_input(
+                f"a sample is timed {latest - now:.0f} s after the server's clock; samples may be at most "
+                f"{MAX_SAMPLE_AHEAD_S} s ahead (time_unix_ms is in milliseconds since the Unix epoch).",
+                field="series.samples.time_unix_ms",
             )
         series = tuple(
             (
