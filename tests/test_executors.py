@@ -206,7 +206,6 @@ def test_upgrades_and_restarts_are_operations_and_instances_are_updating_meanwhi
     assert states(c)[1] == "Failed"
 
 
-
 def test_an_instance_listed_twice_for_an_upgrade_is_upgraded_once_in_either_mode() -> None:
     # Executors mode used to upgrade the instance, then refuse the call while making its operation: the
     # refused call changed the state (found by the fuzz). Immediate mode always accepted it.
@@ -222,6 +221,7 @@ def test_an_instance_listed_twice_for_an_upgrade_is_upgraded_once_in_either_mode
     immediate.update_scale_set(spec(sku=Sku("Standard_D4s_v5")), now=3)
     immediate.upgrade_instances("web", [1, 1], now=4)
     assert [i.model_version for i in immediate.engine.get_scale_set("web").instances] == [1, 2]
+
 
 def test_the_ledger_survives_a_snapshot_and_leaving_executors_mode_completes_it() -> None:
     c = executors_controller()
