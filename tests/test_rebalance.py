@@ -239,6 +239,24 @@ def test_each_objective_is_a_stage_solved_with_the_ones_before_held() -> None:
     assert [s.objective for s in engine.rebalance("web").stages] == ["violation", "replacements"]
 
 
+@pytest.mark.parametrize("scale", [1, 1e13, 1e300])
+def test_prices_too_large_for_micro_units_are_solved_in_coarser_ones(scale: float) -> None:
+    # From about 1e12 an hour, millionths overflowed CP-SAT's 64-bit objective: the server answered INTERNAL
+    # ("model is invalid at stage price"; found by the fuzz). The plan is the same at any scale.
+    engine = Controller(Region(zones=["1"], fault_domains_per_zone=1))
+    engine.set_pool_capacity("1", "Standard_D4s_v5", "Regular", None, price=0.2 * scale)
+    engine.set_pool_capacity("1", "Standard_E2s_v5", "Regular", None, price=0.1 * scale)
+    engine.create_scale_set(ScaleSetSpec(name="mix", zones=["1"], sku_profile=SkuProfile([VmSize(SIZE)])), 4)
+    sizes = SkuProfile([VmSize("Standard_D4s_v5"), VmSize("Standard_E2s_v5")])
+    engine.update_scale_set(ScaleSetSpec(name="mix", zones=["1"], sku_profile=sizes))
+    plan = engine.rebalance("mix")
+    assert [(s.objective, s.status) for s in plan.stages][-1] == ("price", "OPTIMAL")
+    assert {c.vm_size for c in plan.creates} == {"Standard_E2s_v5"} and len(plan.creates) == 4
+    # Told in millionths of the hourly price, where that fits in 64 bits.
+    price = 4 * 0.1 * scale * 1_000_000
+    assert plan.stages[-1].value == pytest.approx(min(price, 2**63 - 1), rel=1e-6)
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     st.lists(st.sampled_from(["1", "2", "3"]), min_size=1, max_size=12),

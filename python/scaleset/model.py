@@ -851,7 +851,8 @@ class RebalanceStage:
     """One stage of a rebalance's solve: an objective minimised with the stages before held at their
     optimum. ``objective``: violation (weighted, :func:`score`), replacements, replacement_order (0 per
     unhealthy instance replaced, 1 per out-of-date one, 2 per other), price (the result's hourly price in
-    millionths). ``value`` is the best found (-1 if none), ``bound`` the proven lower bound."""
+    millionths, at most 2^63 - 1). ``value`` is the best found (-1 if none), ``bound`` the proven lower
+    bound."""
 
     objective: str
     status: str

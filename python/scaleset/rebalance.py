@@ -44,6 +44,9 @@ __all__ = ["WEIGHTS", "RebalancePlan", "Wave", "score", "solve_rebalance"]
 _CLASS_NAMES = {0: "unhealthy", 1: "running an out-of-date model", 2: "healthy and current"}
 #: Prices are per hour; the model works in integer micro-units.
 _PRICE_SCALE = 1_000_000
+#: The most the price objective's terms may add up to, each at its variable's bound: CP-SAT refuses a model
+#: whose objective could overflow its 64-bit integers, so coarser units are used beyond it.
+_MAX_PRICE_OBJECTIVE = 2**56
 #: The default time limit: this much, and a second more for every ``_INSTANCES_PER_SECOND`` instances.
 _BASE_TIME_LIMIT_S = 1.0
 _INSTANCES_PER_SECOND = 250_000
@@ -170,6 +173,14 @@ def _pinned_fd_terms(
     return out
 
 
+def _in_units(value: float, objective: str, unit: float) -> int:
+    """A stage's value as reported: the price in millionths even where the model used coarser units (at
+    most the largest int64), every other objective as it is."""
+    if objective != "price" or unit == _PRICE_SCALE:
+        return int(value)
+    return min(2**63 - 1, round(value * _PRICE_SCALE / unit)) if unit else 2**63 - 1
+
+
 def _solver(time_limit_s: float, num_workers: int, random_seed: int) -> cp_model.CpSolver:
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = time_limit_s
@@ -212,10 +223,12 @@ def solve_rebalance(
         for r, count in enumerate(rows["count"])
     ]
     new: dict[tuple[int, int], Any] = {}
+    caps: dict[int, int] = {}  # each new variable's bound, by pool
     for q in range(n_pools):
         cap = budget if pools["available"][q] is None else min(budget, pools["available"][q])
         if cap <= 0:
             continue
+        caps[q] = cap
         per_fd = [model.new_int_var(0, cap, f"new{q}_{f}") for f in range(fds)]
         model.add(sum(per_fd) <= cap)
         for f, var in enumerate(per_fd):
@@ -288,8 +301,12 @@ def solve_rebalance(
     # The objectives, most important first, each solved with the ones before held at their optimum:
     # small coefficients in every stage, however large the scale set.
     movable_rows = [r for r in range(n_rows) if movable[r]]
-    price_total = sum(keep[r] * round(rows["price"][r] * _PRICE_SCALE) for r in movable_rows) + sum(
-        var * round(pools["price"][q] * _PRICE_SCALE) for (q, _), var in new.items()
+    most = sum(rows["price"][r] * rows["count"][r] for r in movable_rows) + sum(
+        pools["price"][q] * caps[q] for q, _ in new
+    )
+    unit = _PRICE_SCALE if most * _PRICE_SCALE <= _MAX_PRICE_OBJECTIVE else _MAX_PRICE_OBJECTIVE / most
+    price_total = sum(keep[r] * round(rows["price"][r] * unit) for r in movable_rows) + sum(
+        var * round(pools["price"][q] * unit) for (q, _), var in new.items()
     )
     class_cost = sum((rows["count"][r] - keep[r]) * rows["class"][r] for r in movable_rows)
     objectives = [
@@ -328,8 +345,8 @@ def solve_rebalance(
             RebalanceStage(
                 objective=objective,
                 status=stage_solver.status_name(stage_status),
-                value=int(stage_solver.objective_value) if found else -1,
-                bound=max(0, int(stage_solver.best_objective_bound)),
+                value=_in_units(stage_solver.objective_value, objective, unit) if found else -1,
+                bound=_in_units(max(0.0, stage_solver.best_objective_bound), objective, unit),
                 seconds=time.perf_counter() - stage_started,
             )
         )
