@@ -376,3 +376,32 @@ def test_connections_beyond_the_limit_are_closed_until_one_ends(tmp_path: Path) 
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+
+
+def test_a_message_left_out_where_one_is_required_is_invalid_at_its_path(tmp_path: Path) -> None:
+    # An autoscale profile without its capacity (or a rule without its trigger) reached the policies as a
+    # placeholder and failed there with INTERNAL (found by the fuzz).
+    with (
+        ServerThread(str(tmp_path / "state.db"), REGION) as server,
+        grpc.insecure_channel(server.target) as ch,
+    ):
+        pb_grpc.ScaleSetsStub(ch).CreateScaleSet(
+            pb.CreateScaleSetRequest(
+                scale_set=pb.ScaleSetSpec(name="web", zones=["1"], sku=pb.Sku(name=SIZE))
+            )
+        )
+        autoscale = pb_grpc.AutoscaleStub(ch)
+        bounds = pb.AutoscaleCapacity(minimum=1, maximum=2, default=1)
+        for profile, path in (
+            (pb.AutoscaleProfile(name="p"), "profiles[0].capacity"),
+            (
+                pb.AutoscaleProfile(name="p", capacity=bounds, rules=[pb.ScaleRule()]),
+                "profiles[0].rules[0].metric_trigger",
+            ),
+        ):
+            setting = pb.AutoscaleSetting(profiles=[profile])
+            request = pb.SetAutoscaleSettingRequest(name="web", setting=setting)
+            code, details = details_of(lambda r=request: autoscale.SetAutoscaleSetting(r))  # type: ignore[misc]
+            assert code == grpc.StatusCode.INVALID_ARGUMENT
+            assert [v.field for v in details[1].field_violations] == [f"setting.{path}"]  # type: ignore[attr-defined]
+        assert server.control.sequence == 1  # the create: nothing refused was logged

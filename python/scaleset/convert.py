@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from google.protobuf.descriptor import EnumDescriptor
 
+from scaleset.errors import invalid_input
 from scaleset.model import (
     AutoscaleDecision,
     AutoscaleSetting,
@@ -72,8 +73,6 @@ def _enum(table: dict[Any, str], value: int, field: str, default: str | None = N
     try:
         return table[value]
     except KeyError:
-        from scaleset.errors import invalid_input
-
         raise invalid_input(f"{field} must be set to one of {sorted(table.values())}.") from None
 
 
@@ -108,8 +107,6 @@ def enum_number(enum: EnumDescriptor, word: str, field: str) -> int:
     by_word, words = _enum_words(enum)
     number = by_word.get(_squash(word)) if isinstance(word, str) else None
     if number is None:
-        from scaleset.errors import invalid_input
-
         raise invalid_input(
             f"{field} '{str(word)[:64]}' is not valid; use one of: {', '.join(words.values())}.", field=field
         )
@@ -120,8 +117,6 @@ def enum_word(enum: EnumDescriptor, number: int, field: str) -> str:
     """Azure's word for a wire value; an unknown value is INVALID_ARGUMENT naming the field."""
     word = _enum_words(enum)[1].get(number)
     if word is None:
-        from scaleset.errors import invalid_input
-
         raise invalid_input(
             f"{field} {number} is not a {enum.name} value; use one of: {', '.join(_enum_words(enum)[1].values())}.",
             field=field,
@@ -168,7 +163,9 @@ def _to_message(obj: Any, msg: Any) -> None:
             setattr(msg, f.name, value)
 
 
-def _from_message(cls: type[T], msg: Any) -> T:
+def _from_message(cls: type[T], msg: Any, path: str = "") -> T:
+    """The dataclass ``cls`` a message describes; ``path`` is where the message is in the request (for the
+    field of an error)."""
     hints = _hints(cls)  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
@@ -181,9 +178,15 @@ def _from_message(cls: type[T], msg: Any) -> T:
         else:
             default = dataclasses.MISSING
         if fd.message_type is not None and fd.is_repeated:
-            kwargs[f.name] = [_from_message(hints[f.name], v) for v in value]
+            kwargs[f.name] = [
+                _from_message(hints[f.name], v, f"{path}{f.name}[{i}].") for i, v in enumerate(value)
+            ]
+        elif fd.message_type is not None and msg.HasField(f.name):
+            kwargs[f.name] = _from_message(hints[f.name], value, f"{path}{f.name}.")
         elif fd.message_type is not None:
-            kwargs[f.name] = _from_message(hints[f.name], value) if msg.HasField(f.name) else default
+            if default is dataclasses.MISSING:
+                raise invalid_input(f"{path}{f.name} is required.", field=f"{path}{f.name}")
+            kwargs[f.name] = default
         elif fd.enum_type is not None and fd.is_repeated:
             words = [enum_word(fd.enum_type, v, f.name) for v in value]
             kwargs[f.name] = words if words or default is dataclasses.MISSING else default
