@@ -383,6 +383,8 @@ impl Engine {
             ..Plan::default()
         };
         self.scale_out_into(&state, capacity, &mut plan)?;
+        // Before the set is stored: a create beyond a core quota leaves no scale set behind.
+        self.check_quota(&plan)?;
         let name = spec.name.clone();
         self.changed.insert(name.clone());
         self.sets.insert(name, state);

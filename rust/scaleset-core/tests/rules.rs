@@ -359,6 +359,21 @@ fn a_plan_beyond_a_core_quota_is_refused_whole_and_a_dry_run_says_so() {
     e.set_capacity("web", 9, false).expect("unlimited");
 }
 
+#[test]
+fn a_create_beyond_a_core_quota_leaves_no_scale_set() {
+    // It stored the set, then refused the plan: a refused call left an empty scale set (found by the fuzz).
+    let mut e = engine(&["1", "2", "3"], 1);
+    e.set_core_quota("standardDSv5Family", Some(4))
+        .expect("quota");
+    let err = e
+        .create_scale_set(with_rule(ScaleInRule::Default), 3)
+        .expect_err("6 > 4 cores");
+    assert_eq!(err.code, "OperationNotAllowed");
+    assert!(e.scale_set("web").is_err());
+    e.create_scale_set(with_rule(ScaleInRule::Default), 2)
+        .expect("4 of 4 cores, under the same name");
+}
+
 // ----- the unavailable-capacity overlay and provisioning states -------------------------------------------
 
 #[test]
