@@ -1,6 +1,6 @@
-"""Fuzzing a live server (issue 13): random bytes and random well-formed messages for every method of every
-service. Whatever a client sends, the answer is never INTERNAL or UNKNOWN, the server stays up, and a call
-it refuses leaves its state as it was."""
+"""Fuzzing live servers (issue 13): random bytes, random messages, and valid requests with a few fields
+changed, for every method of every service. Whatever a client sends, the answer is never INTERNAL or
+UNKNOWN, a unary call is answered, the server stays up, and a call it refuses leaves its state as it was."""
 
 from __future__ import annotations
 
