@@ -119,7 +119,8 @@ _classes = {
 }
 
 #: A scale set with most of the policies a spec can carry (a Spot mix of two sizes, rolling upgrades,
-#: repairs, a lifecycle hook), and an autoscale setting with a metric rule and a weekly profile.
+#: repairs, a lifecycle hook, a Spot max price), and an autoscale setting with a metric rule and a weekly
+#: profile.
 RICH = spec_to_proto(
     ScaleSetSpec(
         name="mix",
@@ -127,6 +128,7 @@ RICH = spec_to_proto(
         sku_profile=SkuProfile([VmSize(SIZE), VmSize("Standard_D4s_v5")]),
         priority="Spot",
         eviction_policy="Delete",
+        max_price=0.5,
         priority_mix_policy=PriorityMixPolicy(1, 50),
         upgrade_policy=UpgradePolicy("Rolling", RollingUpgradePolicy(pause_time_between_batches="PT1S")),
         automatic_repairs_policy=AutomaticRepairsPolicy(True, "PT10M"),
@@ -237,6 +239,20 @@ MORE_VALID: dict[str, list[Message]] = {
     "Rebalance": [pb.RebalanceRequest(name="mix", max_surge=1)],
     "EvictInstances": [pb.EvictInstancesRequest(name="mix", instance_ids=[0])],
     "CompleteLifecycleAction": [pb.CompleteLifecycleActionRequest(name="mix", instance_id=4, hook="drain")],
+    # A Spot price above "mix"'s max price schedules evictions, which an executor acknowledges.
+    "SetPoolCapacity": [
+        pb.SetPoolCapacityRequest(pool=pb.Pool(zone="1", vm_size=SIZE, priority=pb.PRIORITY_SPOT, price=0.9))
+    ],
+    "AcknowledgeScheduledEvent": [pb.AcknowledgeScheduledEventRequest(name="mix", event_id=1)],
+    "LeaseOperations": [pb.LeaseOperationsRequest(executor_id="e2", zones=["2"], max_in_flight=1)],
+    "ReportOperation": [
+        pb.ReportOperationRequest(
+            executor_id="e1",
+            operation_id=2,
+            outcome=pb.OPERATION_OUTCOME_FAILED,
+            error_code="ZonalAllocationFailed",
+        )
+    ],
 }
 
 
