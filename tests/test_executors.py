@@ -192,12 +192,17 @@ def test_a_recreated_scale_set_waits_for_the_old_deletes_of_its_instance_names()
     assert ledger.ready(next(o for o in c.pending_operations() if o.kind == "Create" and o.instance_id == 0))
 
 
-def test_upgrades_and_restarts_are_operations_and_instances_are_updating_meanwhile() -> None:
-    c = executors_controller()
+def behind_the_model(c: Controller) -> None:
+    """Two instances of "web", created (each executor's create reported done), then a new model (a size)."""
     c.create_scale_set(spec(), 2, now=1)
     for o in c.pending_operations():
         c.report_operation("web", o.operation_id, True, now=2)
     c.update_scale_set(spec(sku=Sku("Standard_D4s_v5")), now=3)
+
+
+def test_upgrades_and_restarts_are_operations_and_instances_are_updating_meanwhile() -> None:
+    c = executors_controller()
+    behind_the_model(c)
     c.upgrade_instances("web", [1], now=4)
     (op,) = c.pending_operations()
     assert (op.kind, op.instance_id, op.model_version) == ("Reimage", 1, 2)
@@ -210,15 +215,11 @@ def test_an_instance_listed_twice_for_an_upgrade_is_upgraded_once_in_either_mode
     # Executors mode used to upgrade the instance, then refuse the call while making its operation: the
     # refused call changed the state (found by the fuzz). Immediate mode always accepted it.
     c = executors_controller()
-    c.create_scale_set(spec(), 2, now=1)
-    for o in c.pending_operations():
-        c.report_operation("web", o.operation_id, True, now=2)
-    c.update_scale_set(spec(sku=Sku("Standard_D4s_v5")), now=3)
+    behind_the_model(c)
     c.upgrade_instances("web", [1, 1], now=4)
     assert [(o.kind, o.instance_id) for o in c.pending_operations()] == [("Reimage", 1)]
     immediate = Controller(REGION)
-    immediate.create_scale_set(spec(), 2, now=1)
-    immediate.update_scale_set(spec(sku=Sku("Standard_D4s_v5")), now=3)
+    behind_the_model(immediate)
     immediate.upgrade_instances("web", [1, 1], now=4)
     assert [i.model_version for i in immediate.engine.get_scale_set("web").instances] == [1, 2]
 
