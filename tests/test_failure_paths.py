@@ -169,6 +169,7 @@ def test_a_database_copied_without_its_write_ahead_log_is_refused_not_served_sta
     with pytest.raises(UnavailableError) as refused:
         SQLiteStore(str(stale))
     assert refused.value.code == "WriteAheadLogMissing" and "-wal" in str(refused.value)
+    assert "scaleset db backup" in str(refused.value)  # the way to copy it that works
     # After a clean close the file alone holds everything, and a copy of it opens.
     store.close()
     assert not Path(f"{live}-wal").exists()
@@ -177,6 +178,46 @@ def test_a_database_copied_without_its_write_ahead_log_is_refused_not_served_sta
     copy = SQLiteStore(str(clean))
     assert [e.sequence for e in copy.iter_all_events()] == [1, 2, 3]
     copy.close()
+
+
+def test_db_backup_copies_a_running_servers_database_whole(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`scaleset db backup` while the server runs: the copy holds every acknowledged change (those still in
+    the write-ahead log too), opens on its own, and rebuilds to the server's state; a copy that would
+    replace the database itself, or a database in use, is refused."""
+    from scaleset.cli import main
+
+    db = tmp_path / "state.db"
+    copy = tmp_path / "backup.db"
+    with ServerThread(str(db), REGION) as server, Client(server.target) as c:
+        c.create_scale_set(zonal_spec(), 2)
+        for capacity in (5, 4):
+            c.set_capacity("web", capacity)
+        assert Path(f"{db}-wal").stat().st_size > 0  # changes the database file alone does not have yet
+        assert main(["db", "backup", "--db", str(db), "--to", str(copy)]) == 0
+        sequence = server.control.sequence
+        assert capsys.readouterr().out.strip().endswith(f"at sequence {sequence}")
+        assert main(["db", "backup", "--db", str(db), "--to", str(db)]) == 2
+        assert "error [BackupOntoSource]" in capsys.readouterr().err
+        assert main(["db", "backup", "--db", str(copy), "--to", str(db)]) == 2
+        assert "error [BackupOntoDatabaseInUse]" in capsys.readouterr().err
+        c.set_capacity("web", 9)  # after the backup: not in it
+    assert not Path(f"{copy}-wal").exists()
+    assert main(["db", "check", "--db", str(copy)]) == 0
+    assert f"1 scale sets, 4 instances, state rebuilt at sequence {sequence}" in capsys.readouterr().out
+    # Again onto the same file, from the stopped server's database: the newer copy replaces the older.
+    assert main(["db", "backup", "--db", str(db), "--to", str(copy)]) == 0
+    assert main(["db", "check", "--db", str(copy)]) == 0
+    assert "9 instances" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "backup.db",
+        "backup.db.lock",
+        "state.db",
+        "state.db.lock",
+    ]
+    assert main(["db", "backup", "--store", "postgresql://localhost/x", "--to", str(copy)]) == 2
+    assert "pg_dump" in capsys.readouterr().err
 
 
 def test_a_watch_opened_while_a_change_is_being_committed_still_gets_it(tmp_path: Path) -> None:

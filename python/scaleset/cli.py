@@ -867,9 +867,25 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 
 def cmd_db(args: argparse.Namespace) -> int:
-    """``scaleset db check``: the database's integrity, and a full rebuild of the state from it."""
+    """``scaleset db check``: the database's integrity, and a full rebuild of the state from it. ``scaleset
+    db backup --to COPY``: a copy of a SQLite database, made while its server runs."""
     from scaleset.control import ControlPlane
+    from scaleset.store import backup
 
+    if args.action == "backup":
+        if args.store:
+            print(
+                "error: db backup copies a SQLite database; back up PostgreSQL with its own tools "
+                "(pg_dump, pg_basebackup).",
+                file=sys.stderr,
+            )
+            return 2
+        if not args.to:
+            print("error: db backup needs --to, the file to copy the database to.", file=sys.stderr)
+            return 2
+        sequence = backup(args.db, args.to)
+        print(f"{args.db}: backed up to {args.to} at sequence {sequence}")
+        return 0
     location = args.store or args.db
     if not args.store and not os.path.exists(args.db):
         print(f"error: {args.db} does not exist", file=sys.stderr)
@@ -1332,9 +1348,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default=os.environ.get("SCALESET_STORE"), help="the postgresql:// URL")
     p.set_defaults(func=cmd_cluster)
 
-    p = sub.add_parser("db", help="check a database (stop the server first)")
-    p.add_argument("action", choices=["check"])
+    p = sub.add_parser(
+        "db", help="check a database (stop the server first), or back a SQLite one up (while it runs)"
+    )
+    p.add_argument("action", choices=["check", "backup"])
     p.add_argument("--db", default="scaleset.db", help="SQLite file (default: %(default)s)")
+    p.add_argument("--to", help="backup: the file to copy the database to (replaced whole, or not at all)")
     p.add_argument(
         "--store", default=os.environ.get("SCALESET_STORE"), help="a postgresql:// URL instead of --db"
     )

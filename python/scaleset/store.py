@@ -10,6 +10,7 @@ commit is on disk before it returns). A shared database for several replicas wou
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -25,7 +26,16 @@ from scaleset.errors import ConflictError, UnavailableError, error
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EventRecord", "RequestRecord", "SQLiteStore", "Snapshot", "Store", "decode_part", "encode_part"]
+__all__ = [
+    "EventRecord",
+    "RequestRecord",
+    "SQLiteStore",
+    "Snapshot",
+    "Store",
+    "backup",
+    "decode_part",
+    "encode_part",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +239,46 @@ def _lock_exclusively(path: str) -> IO[bytes]:
     return handle
 
 
+def backup(path: str, to: str) -> int:
+    """Copies the SQLite database at ``path`` to ``to`` while a server may be writing to it (``scaleset db
+    backup``): SQLite's online backup, which copies the committed state of one moment, what is still in the
+    write-ahead log included, and takes no lock a server holds. The copy is marked closed, so it opens on its
+    own. It is written beside ``to`` and renamed onto it: ``to`` holds either what it held before or the
+    whole copy. Returns the sequence of the copy's last event."""
+    if not os.path.isfile(path):
+        raise error(UnavailableError, f"{path} does not exist.", "DatabaseNotFound")
+    if os.path.exists(to) and os.path.samefile(path, to):
+        raise error(
+            UnavailableError, f"{to} is the database itself; back it up to another file.", "BackupOntoSource"
+        )
+    if os.path.exists(f"{to}-wal"):
+        raise error(
+            UnavailableError,
+            f"{to}-wal exists: {to} is a database in use or not closed cleanly, which a copy must not replace "
+            "(its log would be applied to the copy); back up to another file.",
+            "BackupOntoDatabaseInUse",
+        )
+    partial = f"{to}.partial"
+    try:
+        # Not read-only: SQLite then removes the write-ahead log it opens when it closes the last connection
+        # (a stopped server's database is left as it was). The backup only reads.
+        with contextlib.closing(sqlite3.connect(path)) as source:
+            source.execute("PRAGMA busy_timeout=5000")
+            with contextlib.closing(sqlite3.connect(partial, isolation_level=None)) as copy:
+                source.backup(copy)
+                copy.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('open', '0')")
+                copy.execute("PRAGMA journal_mode=DELETE")  # one file: nothing in a log of its own
+                (last,) = copy.execute("SELECT coalesce(max(sequence), 0) FROM events").fetchone()
+    except sqlite3.DatabaseError as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(partial)
+        raise error(
+            UnavailableError, f"{path} is not a readable scaleset database ({e}).", "DatabaseDamaged"
+        ) from None
+    os.replace(partial, to)
+    return int(last)
+
+
 class SQLiteStore:
     """The embedded store. One writer connection (used by the group committer), one reader."""
 
@@ -253,8 +303,8 @@ class SQLiteStore:
                     UnavailableError,
                     f"{path} was not closed cleanly and its write-ahead log {path}-wal is missing, so its latest "
                     "changes are not in it (a copy of a running server's database without its -wal file?). "
-                    'Put the -wal file back, or copy the database with `sqlite3 SOURCE ".backup COPY"` or '
-                    "after stopping the server.",
+                    "Put the -wal file back, or copy the database with `scaleset db backup` (while the server "
+                    "runs) or after stopping the server.",
                     "WriteAheadLogMissing",
                 )
             # Marked open in the database file itself (checkpointed), so a copy of the file alone says so.
