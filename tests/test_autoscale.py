@@ -427,6 +427,35 @@ def test_a_report_that_would_pass_the_distinct_metrics_limit_stores_nothing() ->
         c.report_metrics("web", "new2", [(T0, 1.0)])
 
 
+def test_the_distinct_metrics_limit_of_a_scale_set_without_a_setting_holds_across_a_restart() -> None:
+    """The metric names pushed for a scale set with no autoscale setting are part of its saved state
+    (they were not: after a restart the limit counted from zero, and a setting set later started with
+    other names than the server that logged it had)."""
+    c = Controller(Region(zones=["1", "2", "3"]))
+    c.create_scale_set(zonal_spec(), 2, now=T0)
+    for i in range(MAX_METRICS):
+        c.report_metrics("web", f"m{i}", [(T0, 1.0)])
+    again = Controller.from_state(c.export_state())
+    assert again.export_state() == c.export_state()
+    with pytest.raises(InvalidInputError) as caught:
+        again.report_metrics("web", "one more", [(T0, 1.0)])
+    assert caught.value.code == "TooManyMetrics"
+
+
+def test_a_deleted_scale_set_leaves_no_metrics_behind() -> None:
+    """Its samples and metric names go with it (they stayed for good: memory and snapshots grew with every
+    scale set deleted, and one created again under the name inherited them); its setting stays."""
+    c = fleet(2, setting())
+    c.report_metrics("web", "cpu", [(T0, 90.0)])
+    c.create_scale_set(dataclasses.replace(zonal_spec(), name="api"), 1, now=T0)
+    c.report_metrics("api", "queue", [(T0, 5.0)])
+    c.delete_scale_set("web", now=T0)
+    c.delete_scale_set("api", now=T0)
+    policies = c.export_state()["policies"]
+    assert policies["metrics"] == [] and policies["loose_metrics"] == {}
+    assert list(policies["autoscale"]) == ["web"]
+
+
 # ----- the Rust evaluator against the plain-Python rules ---------------------------------------------------
 
 OPERATORS = ["Equals", "NotEquals", "GreaterThan", "GreaterThanOrEqual", "LessThan", "LessThanOrEqual"]

@@ -1,6 +1,8 @@
 """Fuzzing live servers (issue 13): random bytes, random messages, and valid requests with a few fields
 changed, for every method of every service. Whatever a client sends, the answer is never INTERNAL or
-UNKNOWN, a unary call is answered, the server stays up, and a call it refuses leaves its state as it was."""
+UNKNOWN, a unary call is answered, the server stays up, and a call it refuses leaves its state as it was.
+Between calls the servers' clocks move on and their time-driven policies advance, which never fails on
+what was accepted; and at the end each server's state is what its store replays."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -36,9 +40,12 @@ from scaleset import (
     UpgradePolicy,
     VmSize,
 )
+from scaleset.cli import open_store
 from scaleset.client import Client
+from scaleset.control import ControlPlane
 from scaleset.convert import autoscale_setting_to_proto, spec_to_proto
 from scaleset.model import LifecycleHook
+from scaleset.store import backup
 from scaleset.testing.server import ServerThread
 from scaleset.v1 import scaleset_pb2 as pb
 
@@ -298,17 +305,55 @@ def mutated(draw: st.DrawFn, valid: Message) -> bytes:
     return msg.SerializeToString()
 
 
+REGION = Region(zones=["1", "2", "3"], fault_domains_per_zone=3)
+#: Every this many calls to a server, :func:`replays` checks it.
+REPLAY_EVERY = 100
+#: How far a server's clock moves on before a call: mostly not at all or a little, sometimes past a lease,
+#: a lifecycle hook's or a repair's grace period, an autoscale cooldown, or a day.
+CLOCK_STEPS = [0, 0, 1, 10, 60, 600, 3600, 86_400]
+
+
+class Clock:
+    """A server's clock, which the fuzz moves on between calls (from the real time when it starts)."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Fuzzed:
+    """A live server, its clock, its database and the calls the fuzz made to it."""
+
+    server: ServerThread
+    clock: Clock
+    db: Path
+    calls: int = 0
+
+
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ServerThread]]:
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Fuzzed]]:
     """Two servers: one applying plans as made, one handing them to executors (so that leases, operation
     reports and lifecycle hooks have something to act on)."""
-    region = Region(zones=["1", "2", "3"], fault_domains_per_zone=3)
     tmp = tmp_path_factory.mktemp("fuzz")
+    clocks = Clock(), Clock()
     with (
-        ServerThread(str(tmp / "immediate.db"), region, instance_limit=2000) as immediate,
-        ServerThread(str(tmp / "executors.db"), region, instance_limit=2000, executors=True) as executors,
+        ServerThread(str(tmp / "immediate.db"), REGION, instance_limit=2000, clock=clocks[0]) as immediate,
+        ServerThread(
+            str(tmp / "executors.db"),
+            REGION,
+            instance_limit=2000,
+            clock=clocks[1],
+            executors=True,
+            snapshot_every=40,  # its state is restored from a snapshot as well as replayed
+        ) as executors,
     ):
-        yield [immediate, executors]
+        yield [
+            Fuzzed(immediate, clocks[0], tmp / "immediate.db"),
+            Fuzzed(executors, clocks[1], tmp / "executors.db"),
+        ]
 
 
 def with_scale_sets(server: ServerThread) -> None:
@@ -335,15 +380,71 @@ def with_scale_sets(server: ServerThread) -> None:
                 create(pb.CreateScaleSetRequest(scale_set=spec, capacity=capacity).SerializeToString())
 
 
+def exported(control: ControlPlane) -> tuple[int, str]:
+    """A control plane's state: the sequence of its last change, and everything its engine and policies
+    hold (but the time of the latest call, which a refused one may move on)."""
+    exported = {k: v for k, v in control.controller.export_state().items() if k != "now"}
+    return control.sequence, json.dumps(exported, sort_keys=True, default=str)
+
+
 def state(server: ServerThread) -> tuple[int, str]:
-    """The server's state: the sequence of its last change, and everything its engine and policies hold
-    (but the time of the latest call, which a refused one may move on)."""
+    """:func:`exported` of a live server, with no change in progress."""
+    return server.call(server.control.inspect(lambda _: exported(server.control)))  # type: ignore[no-any-return]
 
-    def read(controller: Any) -> tuple[int, str]:
-        exported = {k: v for k, v in controller.export_state().items() if k != "now"}
-        return server.control.sequence, json.dumps(exported, sort_keys=True, default=str)
 
-    return server.call(server.control.inspect(read))  # type: ignore[no-any-return]
+def replays(fuzzed: Fuzzed) -> None:
+    """A backup of the server's database (made while it runs, as `scaleset db backup` makes one) loads,
+    its newest snapshot and the events since replayed, to the state the server holds: whatever the fuzz got
+    accepted, and the policies' advances in between, is logged in full and replays the same."""
+    server = fuzzed.server
+    server.call(server.control.settled())
+    live = state(server)
+    copy = fuzzed.db.with_name(f"backup-{fuzzed.db.name}")
+    backup(str(fuzzed.db), str(copy))
+    store = open_store(str(copy))
+    try:
+        replayed = ControlPlane(store, REGION, instance_limit=2000)
+        replayed.check()
+    finally:
+        store.close()
+    again = exported(replayed)
+    assert again == live, f"replayed, the state differs: {differences(again, live)}"
+
+
+def differences(replayed: tuple[int, str], live: tuple[int, str]) -> list[str]:
+    """Where a replayed state (:func:`exported`) differs from the live one: up to five paths."""
+    found = [f"sequence: replayed {replayed[0]}, live {live[0]}"] if replayed[0] != live[0] else []
+
+    def walk(a: Any, b: Any, path: str) -> None:
+        if len(found) >= 5 or a == b:
+            return
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                walk(a.get(key), b.get(key), f"{path}/{key}")
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for k, (x, y) in enumerate(zip(a, b, strict=True)):
+                walk(x, y, f"{path}[{k}]")
+        else:
+            found.append(f"{path}: replayed {str(a)[:200]}, live {str(b)[:200]}")
+
+    walk(json.loads(replayed[1]), json.loads(live[1]), "")
+    return found
+
+
+def starting_points(name: str, now: float) -> list[Message]:
+    """The valid requests of method ``name``, metric samples timed at the server's clock ``now``."""
+    found = [VALID[name], *MORE_VALID.get(name, [])]
+    if name != "ReportMetrics":
+        return found
+    timed = []
+    for valid in found:
+        msg = pb.ReportMetricsRequest()
+        msg.CopyFrom(valid)
+        for series in msg.series:
+            for sample in series.samples:
+                sample.time_unix_ms = int(now * 1000)
+        timed.append(msg)
+    return timed
 
 
 def call(target: str, service: str, method: Any, payload: bytes) -> grpc.StatusCode:
@@ -380,14 +481,17 @@ def call(target: str, service: str, method: Any, payload: bytes) -> grpc.StatusC
 )
 @given(data=st.data())
 def test_no_request_gets_internal_or_unknown_and_a_refused_one_changes_nothing(
-    servers: list[ServerThread], data: st.DataObject
+    servers: list[Fuzzed], data: st.DataObject
 ) -> None:
-    server = data.draw(st.sampled_from(servers))
+    fuzzed = data.draw(st.sampled_from(servers))
+    server = fuzzed.server
+    fuzzed.clock.now += data.draw(st.sampled_from(CLOCK_STEPS))
+    server.call(server.control.advance())  # what the policy loop does: it must not fail on what was accepted
     with_scale_sets(server)
     service, method = data.draw(st.sampled_from(METHODS))
     payload = data.draw(
         st.one_of(
-            st.sampled_from([VALID[method.name], *MORE_VALID.get(method.name, [])]).flatmap(mutated),
+            st.sampled_from(starting_points(method.name, fuzzed.clock.now)).flatmap(mutated),
             message(method.input_type),
             st.binary(max_size=64),
         )
@@ -396,3 +500,13 @@ def test_no_request_gets_internal_or_unknown_and_a_refused_one_changes_nothing(
     code = call(server.target, service, method, payload)
     if code not in (grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
         assert state(server) == before, f"{service}.{method.name} refused with {code} changed the state"
+    fuzzed.calls += 1
+    if fuzzed.calls % REPLAY_EVERY == 0:
+        replays(fuzzed)
+
+
+def test_each_fuzzed_server_holds_what_its_store_replays(servers: list[Fuzzed]) -> None:
+    """After the fuzz (it runs first), once more: :func:`replays`."""
+    for fuzzed in servers:
+        with_scale_sets(fuzzed.server)  # (something to replay when this test runs alone)
+        replays(fuzzed)

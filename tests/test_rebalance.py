@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scaleset import Controller, Instance, PriorityMixPolicy, Region, ScaleSetSpec, Sku, SkuProfile, VmSize
+from scaleset import commands as cmd
 from scaleset.cli import render_rebalance
 from scaleset.errors import InvalidInputError
 from scaleset.rebalance import default_time_limit_s
@@ -17,6 +18,7 @@ from scaleset.testing.rebalance_baselines import greedy_rebalance, per_vm_rebala
 from tests.conftest import SIZE, instances_in, zonal_spec
 
 FDS = 3
+REGION = Region(zones=["1", "2", "3"], fault_domains_per_zone=FDS)
 
 
 def recovered(n: int, mix: bool = True, fds: int = FDS) -> Controller:
@@ -181,6 +183,21 @@ def test_same_state_same_plan() -> None:
             )
         )
     assert plans[0] == plans[1] == plans[2]
+
+
+def test_an_applied_rebalance_that_moves_nothing_replays_as_no_change() -> None:
+    """A Rebalance that is not a dry run, whose plan replaces nothing, is logged (as moves, none) but is no
+    user change: it does not restart the quiet and grace periods, live or replayed from its log entry
+    (the replay did restart them, so after a restart repairs and zone balance ran on other times)."""
+    engine, replayed = Controller(REGION), Controller(REGION)
+    for e in (engine, replayed):
+        e.create_scale_set(zonal_spec(), 6, now=1000.0)
+    command = cmd.Rebalance("web", dry_run=False)
+    result = engine.execute(command, 1300.0)
+    assert result.replacements == 0
+    replayed.execute(command.logged(result), 1300.0)
+    assert engine.export_state()["policies"]["modified"] == {"web": 1000.0}
+    assert replayed.export_state() == engine.export_state()
 
 
 def test_time_limit_never_returns_nothing() -> None:

@@ -303,8 +303,9 @@ def test_repairs_batch_limits_protection_and_actions() -> None:
     assert first.instance_ids == (10,)  # one at a time under 20 instances; 1 is protected
     assert small.advance(T0 + 601) == []  # the repair is still in progress
     small.report_health("web", [10], "Healthy")
-    (second,) = small.advance(T0 + 602)
-    assert len(second.instance_ids) == 1
+    ended, second = small.advance(T0 + 602)
+    assert (ended.kind, ended.instance_ids) == ("RepairSucceeded", (10,))
+    assert second.kind == "InstancesRepaired" and len(second.instance_ids) == 1
     big = repairing(100, action="Restart")
     big.report_health("web", range(20), "Unhealthy")
     (batch,) = big.advance(T0 + 600)
@@ -326,10 +327,50 @@ def test_repeated_failed_repairs_suspend_the_service() -> None:
         kinds += [a.kind for a in engine.advance(now)]
         engine.report_health("web", [0], "Unhealthy")
         now += 600
-    assert kinds[-1] == "AutomaticRepairsSuspended" and engine.repairs_service_state("web") == "Suspended"
+    assert kinds == [
+        "InstancesRepaired",
+        *["RepairFailed", "InstancesRepaired"] * (SUSPEND_AFTER - 1),
+        "RepairFailed",
+        "AutomaticRepairsSuspended",
+    ]
+    assert engine.repairs_service_state("web") == "Suspended"
     assert engine.advance(now + 600) == []
     engine.set_repairs_service_state("web", "Running")
     assert engine.advance(now + 1200)[0].kind == "InstancesRepaired"
+
+
+def test_a_repair_that_ends_is_an_action_even_when_nothing_new_is_repaired() -> None:
+    """The control plane logs an advance only when it did something. A repair ending (the instance healthy
+    again, or still unhealthy after its grace period) changes the policy's state (what is in repair, the
+    failures in a row), so it is an action of its own: otherwise a restart would end it at the next logged
+    advance instead, by the health of that time (a success replayed as a failure)."""
+    engine = repairing(5, action="Restart")
+    engine.report_health("web", [0], "Unhealthy")
+    (repair,) = engine.advance(T0 + 600)
+    assert repair.kind == "InstancesRepaired"
+    engine.report_health("web", [0], "Healthy")
+    (ended,) = engine.advance(T0 + 700)
+    assert (ended.kind, ended.instance_ids) == ("RepairSucceeded", (0,))
+    engine.report_health("web", [1], "Unhealthy")
+    engine.advance(T0 + 1300)  # 1 restarted: Initializing
+    assert engine.advance(T0 + 1899) == []  # its grace period not over: still in repair
+    (failed,) = engine.advance(T0 + 1900)  # not Healthy by then
+    assert failed.kind == "RepairFailed" and failed.instance_ids == (1,)
+
+
+def test_repairs_forget_instances_deleted_since_their_repair() -> None:
+    """When each instance was last repaired is kept for its grace period; an instance deleted since is
+    forgotten at the next repair, so the record stays within the scale set's size."""
+    engine = repairing(5)
+    repaired_at = lambda: engine.export_state()["policies"]["repairs"]["web"]["repaired_at"]  # noqa: E731
+    engine.report_health("web", [0], "Unhealthy")
+    (repair,) = engine.advance(T0 + 600)
+    assert repair.instance_ids == (5,) and set(repaired_at()) == {"5"}
+    engine.delete_instances("web", [5], now=T0 + 700)
+    engine.report_health("web", [1], "Unhealthy")
+    ended, repair = engine.advance(T0 + 1300)
+    assert ended.kind == "RepairEnded" and ended.instance_ids == (5,)
+    assert set(repaired_at()) == set(map(str, repair.instance_ids))
 
 
 def test_thousand_instances_with_injected_failures_stop_roll_back_and_resume() -> None:

@@ -444,7 +444,8 @@ class RebalanceMoves(Command):
 
     def apply(self, engine: Engine, policies: PolicyRunner, now: float) -> Plan:
         plan = engine.apply_rebalance_moves(self.name, self.creates, self.deletes)
-        policies.changed(self.name, now)
+        if self.creates or self.deletes:  # a rebalance that moved nothing is no change (as it was live)
+            policies.changed(self.name, now)
         return plan
 
     def describe(self, result: Any) -> dict[str, Any]:

@@ -62,23 +62,17 @@ def step(
     grace = duration_seconds(policy.grace_period)
     cols = engine.instance_columns(name)
     health = dict(zip(cols["instance_id"], cols["health"], strict=False))
-    actions: list[Action] = []
-    for i, started in sorted(state.in_repair.items()):
-        if i not in health or health[i] == "Healthy":
-            del state.in_repair[i]
-            state.consecutive_failures = 0 if i in health else state.consecutive_failures
-        elif now - started >= grace:
-            del state.in_repair[i]
-            state.consecutive_failures += 1
+    actions = _ended(name, now, grace, policy.grace_period, state, health)
     if state.consecutive_failures >= SUSPEND_AFTER:
         state.service_state = "Suspended"
         return [
+            *actions,
             Action(
                 name,
                 "AutomaticRepairsSuspended",
                 (),
                 f"automatic repairs suspended: {state.consecutive_failures} repairs in a row left instances unhealthy; resume the service once the cause is fixed",
-            )
+            ),
         ]
     total = len(health)
     limit = 1 if total < 20 else max(1, total * 5 // 100)
@@ -123,6 +117,8 @@ def step(
     else:
         engine.restart_instances(name, due)
         repaired, text = due, f"restarted unhealthy {due}"
+    for i in [i for i in state.repaired_at if i not in health]:
+        del state.repaired_at[i]  # deleted since its repair: forgotten in a step that is logged (this one)
     for i in repaired:
         state.in_repair[i] = now
         state.repaired_at[i] = now
@@ -130,3 +126,46 @@ def step(
         *actions,
         Action(name, "InstancesRepaired", tuple(repaired), f"automatic repairs ({action}): {text}"),
     ]
+
+
+def _ended(
+    name: str, now: float, grace: float, grace_period: str, state: RepairState, health: dict[int, str]
+) -> list[Action]:
+    """Ends the repairs that are over at ``now``: the instance is Healthy again (a success), still
+    unhealthy after its grace period (a failure), or deleted. Each ending is an action, so that the step
+    that ends a repair is logged even when it repairs nothing new (a restart replays it at its time)."""
+    succeeded, failed, deleted = [], [], []
+    for i, started in sorted(state.in_repair.items()):
+        if i not in health:
+            deleted.append(i)
+        elif health[i] == "Healthy":
+            succeeded.append(i)
+            state.consecutive_failures = 0
+        elif now - started >= grace:
+            failed.append(i)
+            state.consecutive_failures += 1
+        else:
+            continue
+        del state.in_repair[i]
+    actions = []
+    if succeeded:
+        actions.append(
+            Action(name, "RepairSucceeded", tuple(succeeded), f"automatic repairs: {succeeded} healthy again")
+        )
+    if failed:
+        actions.append(
+            Action(
+                name,
+                "RepairFailed",
+                tuple(failed),
+                f"automatic repairs: {failed} still unhealthy {grace_period} after repair "
+                f"({state.consecutive_failures} failed in a row)",
+            )
+        )
+    if deleted:
+        actions.append(
+            Action(
+                name, "RepairEnded", tuple(deleted), f"automatic repairs: {deleted} deleted while in repair"
+            )
+        )
+    return actions

@@ -44,6 +44,7 @@ _SECTIONS: tuple[tuple[str, str, Callable[[Any], Any], Callable[[Any], Any]], ..
     ("upgrades", "_upgrades", RollingUpgrade.to_dict, RollingUpgrade.from_dict),
     ("repairs", "_repairs", RepairState.to_dict, RepairState.from_dict),
     ("autoscale", "_autoscale", AutoscaleState.to_dict, AutoscaleState.from_dict),
+    ("loose_metrics", "_loose_metrics", sorted, set),
 )
 
 
@@ -61,7 +62,8 @@ class PolicyRunner:
         self._upgrades: dict[str, RollingUpgrade] = {}
         self._upgrade_pending: set[str] = set()
         self._repairs: dict[str, RepairState] = {}
-        #: Metric names pushed for scale sets without an autoscale setting (bounded like the others).
+        #: Metric names pushed for scale sets without an autoscale setting (bounded like the others, and
+        #: saved with them: the bound holds across a restart).
         self._loose_metrics: dict[str, set[str]] = {}
         #: Operations for executors, the unavailable-capacity cache, shortfalls and backoff.
         self.lifecycle = Lifecycle()
@@ -123,16 +125,19 @@ class PolicyRunner:
         return state is not None and state.setting.enabled is not False
 
     def deleted(self, name: str) -> None:
-        """Forgets every policy's state of a deleted scale set."""
+        """Forgets every policy's state of a deleted scale set, and its metrics (its autoscale setting
+        stays, as an Azure autoscale resource outlives its target)."""
         for state in (
             self._modified,
             self._zone_balance,
             self._zone_balance_started,
             self._upgrades,
             self._repairs,
+            self._loose_metrics,
         ):
             state.pop(name, None)
         self._upgrade_pending.discard(name)
+        self.metrics.remove(name)
         self.lifecycle.deleted(name)
 
     # ----- time -----------------------------------------------------------------------------------------
@@ -151,8 +156,10 @@ class PolicyRunner:
             if current is not None:
                 actions += upgrade.step(engine, n, now, current)
             busy = set(current.in_batch) if current is not None and current.active else set()
-            repair = self._repairs.setdefault(n, RepairState())
+            repair = self._repairs.get(n, RepairState())
             actions += repairs.step(engine, n, now, repair, self._modified.get(n), busy)
+            if repair != RepairState():  # kept once it holds anything (the step said so: it is logged)
+                self._repairs[n] = repair
             if (scaling := self._autoscale.get(n)) is not None:
                 waiting = "a rolling upgrade is in progress" if busy else None
                 decision, done_by_autoscale = autoscale.step(engine, self.metrics, n, scaling, now, waiting)
