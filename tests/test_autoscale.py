@@ -442,6 +442,42 @@ def test_the_distinct_metrics_limit_of_a_scale_set_without_a_setting_holds_acros
     assert caught.value.code == "TooManyMetrics"
 
 
+def restarted(c: Controller) -> Controller:
+    """``c`` as a restart rebuilds it from a snapshot in parts: the document, then each scale set's part
+    (which holds its autoscale setting)."""
+    again = Controller.from_state(c.export_state(scale_sets=False))
+    for name in c.scale_set_names():
+        again.restore_scale_set(c.export_scale_set(name))
+    return again
+
+
+def test_a_restart_keeps_the_metric_history_a_long_window_needs() -> None:
+    """A 12-hour window keeps 12 hours of samples, and a restart keeps them all (it restored them before
+    the scale set's part said how much to keep, and dropped what the default hour did not cover)."""
+    rule = ScaleRule(MetricTrigger("cpu", "GreaterThan", 70, time_window="PT12H"), ScaleAction("Increase"))
+    c = fleet(2, setting(rule))
+    for minutes in range(0, 180, 10):
+        c.report_metrics("web", "cpu", [(T0 + 60 * minutes, 50.0)])
+    assert [len(times) for _, _, times, _ in c.export_state()["policies"]["metrics"]] == [18]
+    assert restarted(c).export_state() == c.export_state()
+
+
+def test_a_deleted_setting_leaves_the_default_history_as_a_restart_does() -> None:
+    """Without its setting a scale set keeps the default hour of samples again, as a restart (which knows
+    only the settings there are) does; it kept the deleted setting's 5-minute window until a restart."""
+    c = fleet(2, setting(ScaleRule(MetricTrigger("cpu", "GreaterThan", 70), ScaleAction("Increase"))))
+    c.report_metrics("web", "cpu", [(T0, 50.0)])
+    c.delete_autoscale_setting("web", now=T0)
+    c.report_metrics("web", "cpu", [(T0 + 1200, 50.0)])
+    assert [times for _, _, times, _ in c.export_state()["policies"]["metrics"]] == [
+        [int(T0 * 1000), int((T0 + 1200) * 1000)]
+    ]
+    again = restarted(c)
+    for each in (c, again):
+        each.report_metrics("web", "cpu", [(T0 + 1800, 50.0)])
+    assert again.export_state() == c.export_state()
+
+
 def test_a_deleted_scale_set_leaves_no_metrics_behind() -> None:
     """Its samples and metric names go with it (they stayed for good: memory and snapshots grew with every
     scale set deleted, and one created again under the name inherited them); its setting stays."""

@@ -539,6 +539,10 @@ class MetricBuffer:
     def set_retention(self, scale_set: str, seconds: float) -> None:
         self._core.set_retention(scale_set, _ms(seconds))
 
+    def clear_retention(self, scale_set: str) -> None:
+        """``scale_set`` keeps the default history again (its autoscale setting was deleted)."""
+        self._core.clear_retention(scale_set)
+
     def add(self, scale_set: str, metric: str, times: Sequence[float], values: Sequence[float]) -> None:
         self._core.add(scale_set, metric, [_ms(t) for t in times], [float(v) for v in values])
 
@@ -553,8 +557,9 @@ class MetricBuffer:
         return [[s, m, t, v] for s, m, t, v in self._core.export()]
 
     def restore(self, series: Sequence[Sequence[Any]]) -> None:
+        """Puts back what :meth:`export` saved, every sample (none dropped for a retention not set yet)."""
         for scale_set, metric, times_ms, values in series:
-            self._core.add(scale_set, metric, list(times_ms), list(values))
+            self._core.restore(scale_set, metric, list(times_ms), list(values))
 
     def evaluate(
         self,

@@ -138,6 +138,8 @@ class PolicyRunner:
             state.pop(name, None)
         self._upgrade_pending.discard(name)
         self.metrics.remove(name)
+        if (scaling := self._autoscale.get(name)) is not None:
+            self.metrics.set_retention(name, autoscale.retention_s(scaling.setting))
         self.lifecycle.deleted(name)
 
     # ----- time -----------------------------------------------------------------------------------------
@@ -264,6 +266,7 @@ class PolicyRunner:
     def delete_autoscale_setting(self, name: str) -> None:
         if self._autoscale.pop(name, None) is None:
             raise not_found(f"scale set '{name}' has no autoscale setting.", "AutoscaleSettingNotFound")
+        self.metrics.clear_retention(name)
 
     def report_metrics(
         self,

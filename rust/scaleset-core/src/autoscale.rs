@@ -82,6 +82,29 @@ impl Series {
     }
 }
 
+/// One value per time, every value finite.
+fn check_samples(times_ms: &[i64], values: &[f64]) -> Result<()> {
+    if times_ms.len() != values.len() {
+        return Err(CoreError::invalid(
+            codes::INVALID_PARAMETER,
+            format!(
+                "{} sample times but {} values; send one value per time.",
+                times_ms.len(),
+                values.len()
+            ),
+        )
+        .at("samples"));
+    }
+    if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
+        return Err(CoreError::invalid(
+            codes::INVALID_PARAMETER,
+            format!("metric values must be finite numbers, got {bad}."),
+        )
+        .at("samples.value"));
+    }
+    Ok(())
+}
+
 /// Every scale set's pushed metrics. Bounded twice: samples older than the retention are dropped as new
 /// ones arrive, and a series never holds more than `max_samples` (the oldest go first), so memory stays
 /// bounded however long the server runs and however fast clients push.
@@ -112,6 +135,12 @@ impl MetricBuffer {
             .insert(scale_set.to_owned(), retention_ms.max(0));
     }
 
+    /// `scale_set` keeps the default history again (its setting was deleted), as it would after a
+    /// restart, which knows only the retention of the settings there are.
+    pub fn clear_retention(&mut self, scale_set: &str) {
+        self.retention_ms.remove(scale_set);
+    }
+
     /// Adds samples (in any order) and drops what fell out of the retention or over the cap.
     pub fn add(
         &mut self,
@@ -120,28 +149,47 @@ impl MetricBuffer {
         times_ms: &[i64],
         values: &[f64],
     ) -> Result<()> {
-        if times_ms.len() != values.len() {
-            return Err(CoreError::invalid(
-                codes::INVALID_PARAMETER,
-                format!(
-                    "{} sample times but {} values; send one value per time.",
-                    times_ms.len(),
-                    values.len()
-                ),
-            )
-            .at("samples"));
-        }
-        if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
-            return Err(CoreError::invalid(
-                codes::INVALID_PARAMETER,
-                format!("metric values must be finite numbers, got {bad}."),
-            )
-            .at("samples.value"));
-        }
+        check_samples(times_ms, values)?;
         let retention = *self
             .retention_ms
             .get(scale_set)
             .unwrap_or(&self.default_retention_ms);
+        let series = self.insert(scale_set, metric, times_ms, values);
+        if let Some(&(newest, _)) = series.samples.back() {
+            while series
+                .samples
+                .front()
+                .is_some_and(|&(t, _)| t < newest - retention)
+            {
+                series.samples.pop_front();
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts back a series as [`MetricBuffer::export`] gave it: every sample, none dropped for the
+    /// retention (a snapshot is restored before the retention of every scale set is known again).
+    pub fn restore(
+        &mut self,
+        scale_set: &str,
+        metric: &str,
+        times_ms: &[i64],
+        values: &[f64],
+    ) -> Result<()> {
+        check_samples(times_ms, values)?;
+        self.insert(scale_set, metric, times_ms, values);
+        Ok(())
+    }
+
+    /// Inserts samples in time order and drops the oldest over the cap; the series, for the caller to
+    /// trim further.
+    fn insert(
+        &mut self,
+        scale_set: &str,
+        metric: &str,
+        times_ms: &[i64],
+        values: &[f64],
+    ) -> &mut Series {
         let cap = self.max_samples;
         let series = self
             .series
@@ -156,19 +204,10 @@ impl MetricBuffer {
                 _ => series.samples.push_back((t, v)),
             }
         }
-        if let Some(&(newest, _)) = series.samples.back() {
-            while series
-                .samples
-                .front()
-                .is_some_and(|&(t, _)| t < newest - retention)
-            {
-                series.samples.pop_front();
-            }
-        }
         while series.samples.len() > cap {
             series.samples.pop_front();
         }
-        Ok(())
+        series
     }
 
     pub fn series(&self, scale_set: &str, metric: &str) -> Option<&Series> {
@@ -650,6 +689,23 @@ mod tests {
         b.add("s", "m", &[30_000], &[1.0]).expect("valid");
         assert_eq!(b.series("s", "m").expect("exists").len(), 1);
         assert!(b.add("s", "m", &[1], &[f64::NAN]).is_err());
+    }
+
+    #[test]
+    fn a_restored_series_keeps_every_sample_and_a_cleared_retention_is_the_default() {
+        let mut b = MetricBuffer::new(10_000, 5);
+        b.set_retention("s", 2_000);
+        // A snapshot holds what a longer retention kept: restored as it was, whatever the retention now.
+        b.restore("s", "m", &[0, 5_000, 20_000], &[1.0, 2.0, 3.0])
+            .expect("valid");
+        let kept = |b: &MetricBuffer| b.series("s", "m").expect("exists").samples().count();
+        assert_eq!(kept(&b), 3);
+        b.add("s", "m", &[21_000], &[4.0]).expect("valid"); // an add trims to the retention
+        assert_eq!(kept(&b), 2);
+        b.clear_retention("s");
+        b.add("s", "m", &[25_000], &[5.0]).expect("valid");
+        assert_eq!(kept(&b), 3); // 20,000 to 25,000: within the default 10,000 again
+        assert!(b.restore("s", "m", &[1], &[]).is_err());
     }
 
     #[test]

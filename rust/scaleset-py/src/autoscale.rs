@@ -135,6 +135,28 @@ impl MetricBuffer {
         })
     }
 
+    fn clear_retention(&self, py: Python<'_>, scale_set: &str) -> PyResult<()> {
+        detached(py, || {
+            self.with(|b| {
+                b.clear_retention(scale_set);
+                Ok(())
+            })
+        })
+    }
+
+    fn restore(
+        &self,
+        py: Python<'_>,
+        scale_set: &str,
+        metric: &str,
+        times_ms: Vec<i64>,
+        values: Vec<f64>,
+    ) -> PyResult<()> {
+        detached(py, || {
+            self.with(|b| b.restore(scale_set, metric, &times_ms, &values))
+        })
+    }
+
     fn remove_scale_set(&self, py: Python<'_>, scale_set: &str) -> PyResult<()> {
         detached(py, || {
             self.with(|b| {
