@@ -62,7 +62,7 @@ STREAM_WAIT_S = 0.5
 #: Calls a run makes: in the test suite the same 1,000 every time (a gate that a change breaks, not one that
 #: a new random draw may fail); on demand more, drawn afresh (SCALESET_FUZZ_EXAMPLES=20000).
 EXAMPLES = int(os.environ.get("SCALESET_FUZZ_EXAMPLES", "0")) or None
-#: On demand the fuzz takes as long as it takes (20,000 calls: about 10 minutes), beyond the suite's
+#: On demand the fuzz takes as long as it takes (20,000 calls: about 15 minutes), beyond the suite's
 #: 300 s per test.
 AS_LONG_AS_IT_TAKES = pytest.mark.timeout(0) if EXAMPLES else pytest.mark.usefixtures()
 #: Strings a field may get: the fuzz's names (scale sets, hook, metric, size, quota family, zones), update

@@ -259,6 +259,8 @@ def backup(path: str, to: str) -> int:
             "BackupOntoDatabaseInUse",
         )
     partial = f"{to}.partial"
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(partial)  # left by a backup that was stopped
     try:
         # Not read-only: SQLite then removes the write-ahead log it opens when it closes the last connection
         # (a stopped server's database is left as it was). The backup only reads.
