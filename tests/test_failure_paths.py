@@ -4,10 +4,12 @@ disk is full"), a watcher that falls behind, a client that retries, and the INTE
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import shutil
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -218,6 +220,35 @@ def test_db_backup_copies_a_running_servers_database_whole(
     ]
     assert main(["db", "backup", "--store", "postgresql://localhost/x", "--to", str(copy)]) == 2
     assert "pg_dump" in capsys.readouterr().err
+
+
+def test_a_scale_sets_failing_policy_step_does_not_hold_back_the_others(tmp_path: Path) -> None:
+    """A policy step that raises for one scale set is logged and counted (`scaleset_policy_failures_total`),
+    and the round goes on to the scale sets after it (it ended there, every round, so one scale set's repair
+    in a zone that was down stopped every later set's autoscale)."""
+    from prometheus_client import generate_latest
+    from scaleset import AutoscaleCapacity, AutoscaleProfile, AutoscaleSetting
+
+    with ServerThread(str(tmp_path / "state.db"), REGION) as server, Client(server.target) as c:
+        for name in ("a", "b"):
+            c.create_scale_set(dataclasses.replace(zonal_spec(), name=name), 1)
+            c.set_autoscale_setting(
+                name, AutoscaleSetting([AutoscaleProfile("default", AutoscaleCapacity(2, 4, 2))])
+            )
+        policies = server.control.controller.policies
+        advance = policies.advance
+
+        def fails_for_a(engine: Any, now: float, name: str | None = None) -> Any:
+            if name == "a":
+                raise RuntimeError("a policy step failed")
+            return advance(engine, now, name)
+
+        policies.advance = fails_for_a  # type: ignore[method-assign]
+        actions = server.call(server.control.advance())
+        assert {a.scale_set for a in actions} == {"b"}
+        assert (c.get_scale_set("a").capacity, c.get_scale_set("b").capacity) == (1, 2)
+        assert server.control.policy_failures == 1
+        assert "scaleset_policy_failures_total 1.0" in generate_latest(server.metrics.registry).decode()
 
 
 def test_a_watch_opened_while_a_change_is_being_committed_still_gets_it(tmp_path: Path) -> None:

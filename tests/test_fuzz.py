@@ -2,7 +2,7 @@
 changed, for every method of every service. Whatever a client sends, the answer is never INTERNAL or
 UNKNOWN, a unary call is answered, the server stays up, and a call it refuses leaves its state as it was.
 Between calls the servers' clocks move on and their time-driven policies advance, which never fails on
-what was accepted; and at the end each server's state is what its store replays."""
+what was accepted; and every 100 calls, and at the end, each server's state is what its store replays."""
 
 from __future__ import annotations
 
@@ -62,9 +62,6 @@ STREAM_WAIT_S = 0.5
 #: Calls a run makes: in the test suite the same 1,000 every time (a gate that a change breaks, not one that
 #: a new random draw may fail); on demand more, drawn afresh (SCALESET_FUZZ_EXAMPLES=20000).
 EXAMPLES = int(os.environ.get("SCALESET_FUZZ_EXAMPLES", "0")) or None
-#: On demand the fuzz takes as long as it takes (20,000 calls: about 15 minutes), beyond the suite's
-#: 300 s per test.
-AS_LONG_AS_IT_TAKES = pytest.mark.timeout(0) if EXAMPLES else pytest.mark.usefixtures()
 #: Strings a field may get: the fuzz's names (scale sets, hook, metric, size, quota family, zones), update
 #: mask paths, durations, and ones that are wrong.
 NAMES = st.sampled_from(
@@ -386,8 +383,8 @@ def with_scale_sets(server: ServerThread) -> None:
 def exported(control: ControlPlane) -> tuple[int, str]:
     """A control plane's state: the sequence of its last change, and everything its engine and policies
     hold (but the time of the latest call, which a refused one may move on)."""
-    exported = {k: v for k, v in control.controller.export_state().items() if k != "now"}
-    return control.sequence, json.dumps(exported, sort_keys=True, default=str)
+    held = {k: v for k, v in control.controller.export_state().items() if k != "now"}
+    return control.sequence, json.dumps(held, sort_keys=True, default=str)
 
 
 def state(server: ServerThread) -> tuple[int, str]:
@@ -450,6 +447,12 @@ def starting_points(name: str, now: float) -> list[Message]:
     return timed
 
 
+def as_long_as_it_takes(test: Any) -> Any:
+    """On demand the fuzz takes as long as it takes (20,000 calls: about 15 minutes), beyond the suite's
+    300 s per test."""
+    return pytest.mark.timeout(0)(test) if EXAMPLES else test
+
+
 def call(target: str, service: str, method: Any, payload: bytes) -> grpc.StatusCode:
     """One call with ``payload`` as its request; the status it ends with (a stream: once its first message
     is in)."""
@@ -483,7 +486,7 @@ def call(target: str, service: str, method: Any, payload: bytes) -> grpc.StatusC
     ],
 )
 @given(data=st.data())
-@AS_LONG_AS_IT_TAKES
+@as_long_as_it_takes
 def test_no_request_gets_internal_or_unknown_and_a_refused_one_changes_nothing(
     servers: list[Fuzzed], data: st.DataObject
 ) -> None:
@@ -491,6 +494,7 @@ def test_no_request_gets_internal_or_unknown_and_a_refused_one_changes_nothing(
     server = fuzzed.server
     fuzzed.clock.now += data.draw(st.sampled_from(CLOCK_STEPS))
     server.call(server.control.advance())  # what the policy loop does: it must not fail on what was accepted
+    assert server.control.policy_failures == 0, "a policy step failed (the server logged it)"
     with_scale_sets(server)
     service, method = data.draw(st.sampled_from(METHODS))
     payload = data.draw(

@@ -373,6 +373,19 @@ def test_repairs_forget_instances_deleted_since_their_repair() -> None:
     assert set(repaired_at()) == set(map(str, repair.instance_ids))
 
 
+def test_a_repair_by_replacement_waits_while_the_instances_zone_is_down() -> None:
+    """The replacement goes in the instance's zone; while that zone is down the repair waits, as for a
+    full pool. (It failed with InvalidParameter, which stopped the policy loop's round for every scale set
+    after this one, each round, until the zone came back.)"""
+    engine = repairing(5)
+    engine.report_health("web", [0], "Unhealthy")
+    engine.set_zone_available("1", False, now=T0)
+    assert engine.advance(T0 + 600) == []
+    engine.set_zone_available("1", True, now=T0 + 700)
+    (repair,) = engine.advance(T0 + 700)
+    assert repair.kind == "InstancesRepaired" and repair.instance_ids == (5,)
+
+
 def test_thousand_instances_with_injected_failures_stop_roll_back_and_resume() -> None:
     engine = fleet(
         1000,

@@ -201,6 +201,8 @@ class ControlPlane:
         self._part_bytes: dict[str, int] = {}
         self._unsaved: set[str] = set()
         self.healthy = True
+        #: Policy steps of a scale set that raised (see :meth:`advance`), since start.
+        self.policy_failures = 0
         #: The time of the change being applied (live: the clock; replay: the logged time).
         self.now = 0.0
 
@@ -561,6 +563,12 @@ class ControlPlane:
                     actions = self.controller.execute(command, self.now)
                 except NotFoundError:
                     continue  # deleted since the list was taken
+                except Exception:
+                    # One scale set's failure does not hold back the others' policies (their autoscale,
+                    # repairs, upgrades): it is logged, counted and tried again next round.
+                    self.policy_failures += 1
+                    log.exception("advancing the policies of '%s' failed; trying again next round", name)
+                    continue
                 if not actions:
                     continue
                 futures.append(self._queue_event(command, actions, time_ms))

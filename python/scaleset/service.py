@@ -18,7 +18,7 @@ import importlib.resources
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import grpc
@@ -29,6 +29,8 @@ from grpc_reflection.v1alpha import _async as reflection_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from scaleset import commands as cmd
 from scaleset import convert
@@ -165,6 +167,20 @@ def status_for(exc: BaseException, request: Any = None) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
+class _PolicyFailures(Collector):
+    """``scaleset_policy_failures_total``: the control plane's count of failed policy steps."""
+
+    def __init__(self, control: ControlPlane) -> None:
+        self._control = control
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "scaleset_policy_failures",
+            "Policy steps of a scale set that failed (logged; tried again at the next round).",
+            value=self._control.policy_failures,
+        )
+
+
 class Metrics:
     """Prometheus metrics of one server (its own registry, so several servers can share a process)."""
 
@@ -196,6 +212,7 @@ class Metrics:
             registry=self.registry,
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1),
         )
+        self.registry.register(_PolicyFailures(control))
         watchers = Gauge("scaleset_watchers", "WatchEvents streams being served.", registry=self.registry)
         watchers.set_function(lambda: control.watchers)
         scale_sets = Gauge("scaleset_scale_sets", "Scale sets.", registry=self.registry)

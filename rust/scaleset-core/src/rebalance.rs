@@ -323,7 +323,7 @@ impl Engine {
         let mut taken: std::collections::BTreeMap<(ZoneSlot, u16, Priority), u64> =
             std::collections::BTreeMap::new();
         for (k, &(zone, fd, size, priority)) in creates.iter().enumerate() {
-            let ok_zone = slots.contains(&zone) && self.region().is_available(zone);
+            let ok_zone = slots.contains(&zone);
             let ok_size = state.size_ids().contains(&size);
             let ok_priority =
                 state.spec.priority_mix_policy.is_some() || priority == state.spec.priority;
@@ -331,6 +331,17 @@ impl Engine {
                 return Err(CoreError::invalid(
                     codes::INVALID_PARAMETER,
                     format!("rebalance create #{k} targets a pool this scale set cannot use (zone {}, fault domain {fd}).", self.region().zone_name(zone)),
+                ));
+            }
+            if !self.region().is_available(zone) {
+                // A zone that is down is a shortage of capacity, as a full pool is: a policy placing a
+                // replacement there (a repair, a surge) waits for it instead of failing.
+                return Err(CoreError::capacity(
+                    codes::ZONAL_ALLOCATION_FAILED,
+                    format!(
+                        "rebalance create #{k} targets zone {}, which is unavailable.",
+                        self.region().zone_name(zone)
+                    ),
                 ));
             }
             let n = taken.entry((zone, size, priority)).or_default();
