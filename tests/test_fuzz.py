@@ -448,7 +448,7 @@ def starting_points(name: str, now: float) -> list[Message]:
 
 
 def as_long_as_it_takes(test: Any) -> Any:
-    """On demand the fuzz takes as long as it takes (20,000 calls: about 15 minutes), beyond the suite's
+    """On demand the fuzz takes as long as it takes (20,000 calls: 15-20 minutes), beyond the suite's
     300 s per test."""
     return pytest.mark.timeout(0)(test) if EXAMPLES else test
 
