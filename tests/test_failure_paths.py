@@ -204,6 +204,9 @@ def test_db_backup_copies_a_running_servers_database_whole(
         assert "error [BackupOntoSource]" in capsys.readouterr().err
         assert main(["db", "backup", "--db", str(copy), "--to", str(db)]) == 2
         assert "error [BackupOntoDatabaseInUse]" in capsys.readouterr().err
+        for nowhere in (tmp_path / "no such directory" / "backup.db", tmp_path):
+            assert main(["db", "backup", "--db", str(db), "--to", str(nowhere)]) == 2
+            assert "error [BackupDestinationInvalid]" in capsys.readouterr().err
         c.set_capacity("web", 9)  # after the backup: not in it
     assert not Path(f"{copy}-wal").exists()
     assert main(["db", "check", "--db", str(copy)]) == 0

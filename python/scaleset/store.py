@@ -251,6 +251,13 @@ def backup(path: str, to: str) -> int:
         raise error(
             UnavailableError, f"{to} is the database itself; back it up to another file.", "BackupOntoSource"
         )
+    folder = os.path.dirname(os.path.abspath(to))
+    if os.path.isdir(to) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise error(
+            UnavailableError,
+            f"cannot write a backup to {to}: name a file in a directory that exists and can be written.",
+            "BackupDestinationInvalid",
+        )
     if os.path.exists(f"{to}-wal"):
         raise error(
             UnavailableError,
