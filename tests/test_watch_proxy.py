@@ -5,6 +5,8 @@ repeat; it keeps the server's bounds and roles; it answers nothing else."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import signal
 import subprocess
 import sys
@@ -31,7 +33,7 @@ from scaleset.testing.server import (
 )
 from scaleset.v1 import scaleset_pb2 as pb
 from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
-from scaleset.watchproxy import EventLog, split_events
+from scaleset.watchproxy import EventLog, WatchProxy, split_events
 
 from tests.conftest import flood_until_a_watch_is_taken, wait_until, zonal_spec
 
@@ -227,6 +229,9 @@ def test_a_proxy_of_a_compacted_history_starts_at_its_oldest_kept_event(tmp_path
         server.call(server.control._snapshot())
         oldest = int(server.control._store.first_retained(None))
         assert oldest > 1
+        # The log claims no start before the server accepts its watch: the first watch, from 0, is
+        # refused as compacted, so when it follows, the log starts at the oldest kept event.
+        assert asyncio.run(_start_when_following(server.target)) == oldest - 1
         with WatchProxyThread(server.target) as proxy, Client(proxy.target) as c:
             assert proxy.proxy.log.start == oldest - 1
             with pytest.raises(ConflictError) as compacted:
@@ -238,6 +243,29 @@ def test_a_proxy_of_a_compacted_history_starts_at_its_oldest_kept_event(tmp_path
             direct.set_capacity("quiet", 2)
             assert next(quiet).revision == 2
             assert proxy_metrics(proxy)["scaleset_proxy_passed_through_total"] == 1  # the compacted watch
+
+
+async def _start_when_following(upstream: str) -> int | None:
+    """Where a new proxy's log starts when it first reports following ``upstream``."""
+    async with grpc.aio.insecure_channel(upstream) as channel:
+        proxy = WatchProxy(channel, upstream=upstream)
+        starts: list[int | None] = []
+
+        async def heard(following: bool) -> None:
+            if following:
+                starts.append(proxy.log.start)
+
+        proxy.listeners.append(heard)
+        following = asyncio.create_task(proxy.follow())
+        try:
+            async with asyncio.timeout(30):
+                while not starts:
+                    await asyncio.sleep(0.01)
+        finally:
+            following.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await following
+        return starts[0]
 
 
 def test_watches_of_one_scale_set_are_served_from_the_log(server: ServerThread) -> None:

@@ -55,6 +55,7 @@ from scaleset.service import (
     MAX_CONCURRENT_RPCS,
     MAX_REPLY_BYTES,
     MAX_REQUEST_BYTES,
+    STREAM_OPEN,
     DiagnosticsServicer,
     InProcess,
     Metrics,
@@ -694,7 +695,7 @@ class Router:
 
         followers = [asyncio.create_task(follow(p)) for p in range(partitions)]
         try:
-            await context.send_initial_metadata(())
+            await context.send_initial_metadata(STREAM_OPEN)
             while True:
                 item = await merged.get()
                 if isinstance(item, grpc.aio.AioRpcError):

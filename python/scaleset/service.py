@@ -274,6 +274,12 @@ class RateLimiter:
 FORWARDED_FOR = "x-scaleset-forwarded-for"
 
 
+#: The headers of a stream the server accepted (WatchEvents, LeaseOperations), sent before its first
+#: message. A refused stream ends with trailers only, and gRPC's clients then report empty headers just
+#: as they do for an accepted stream that sends none: this one tells them apart without a race.
+STREAM_OPEN = (("scaleset-stream", "open"),)
+
+
 def _client_address(context: grpc.aio.ServicerContext) -> str:
     """The caller's address without its port ("ipv4:127.0.0.1:5555" -> "ipv4:127.0.0.1"); through the
     gateway, the address the gateway was called from."""
@@ -828,7 +834,7 @@ class ScaleSetsServicer(_Servicer, pb_grpc.ScaleSetsServicer):
             )
         batches = await self._control.watch(request.scale_set, request.after)
         # Headers now, not with the first event: a client may open a watch and then make the change.
-        await context.send_initial_metadata(())
+        await context.send_initial_metadata(STREAM_OPEN)
         every_set = not request.scale_set
         async for batch in batches:
             # Reversed into a list of this stream's own (a large batch's messages are shared by every
@@ -1143,7 +1149,7 @@ class ExecutorsServicer(pb_grpc.ExecutorsServicer):
         batches = self.dispatcher.stream(
             request.executor_id, list(request.zones), request.max_in_flight, request.lease_seconds
         )
-        await context.send_initial_metadata(())
+        await context.send_initial_metadata(STREAM_OPEN)
         async for leased, cancelled, events in batches:
             yield pb.LeaseOperationsResponse(
                 operations=[convert.operation_to_proto(o) for o in leased],

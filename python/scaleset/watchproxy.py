@@ -44,6 +44,7 @@ from scaleset.limits import MAX_CONNECTIONS, STREAM_SEND_TIMEOUT_S, SendTurns
 from scaleset.service import (
     MAX_CONCURRENT_RPCS,
     MAX_REPLY_BYTES,
+    STREAM_OPEN,
     WATCH_MESSAGE_BYTES,
     listen,
     send_within,
@@ -357,16 +358,27 @@ class WatchProxy:
                 pb.WatchEventsRequest(after=after).SerializeToString(), metadata=self._metadata
             )
             try:
-                await call.initial_metadata()
-                if self.log.start is None:
-                    self.log.reset(after)
-                if self._listed != self.log.generation:
-                    await self._list_scale_sets()
-                await self._set_following(True)
-                async for message in call:
-                    self.log.append(message)
-                    delay = RECONNECT_S
-                log.warning("the upstream watch on %s ended; opening it again", self._upstream)
+                if not opened(await call.initial_metadata()):
+                    # Not accepted (say, compacted): a refusal is trailers only, and reading it raises
+                    # it. Until it is known, the log must not claim to start at ``after``.
+                    async for _ in call:
+                        break
+                    log.error(
+                        "the upstream on %s streams events without accepting the watch (no %s header): "
+                        "it is not a scaleset server this proxy can follow",
+                        self._upstream,
+                        STREAM_OPEN[0][0],
+                    )
+                else:
+                    if self.log.start is None:
+                        self.log.reset(after)
+                    if self._listed != self.log.generation:
+                        await self._list_scale_sets()
+                    await self._set_following(True)
+                    async for message in call:
+                        self.log.append(message)
+                        delay = RECONNECT_S
+                    log.warning("the upstream watch on %s ended; opening it again", self._upstream)
             except grpc.aio.AioRpcError as e:
                 failure = error_of(e)
                 if failure.code == "EventsCompacted" and "oldest_retained" in failure.metadata:
@@ -447,10 +459,10 @@ class WatchProxy:
                 if not from_log:
                     await self._pass_through(request, context)
                 elif watch.scale_set:
-                    await context.send_initial_metadata(())
+                    await context.send_initial_metadata(STREAM_OPEN)
                     await self._follow_set(watch.scale_set, watch.after, context)
                 else:
-                    await context.send_initial_metadata(())
+                    await context.send_initial_metadata(STREAM_OPEN)
                     await self._follow_log(watch.after, context)
             finally:
                 self.watchers -= 1
@@ -532,14 +544,19 @@ class WatchProxy:
         async with self._upstream_streams:
             call = self._watch(request, metadata=self._metadata)
             try:
-                if not headers_sent:
-                    await context.send_initial_metadata(())
+                if not headers_sent and opened(await call.initial_metadata()):
+                    await context.send_initial_metadata(STREAM_OPEN)
                 async for message in call:
                     await send_within(context, message, self._send_timeout)
             except grpc.aio.AioRpcError as e:
                 await abort_with(context, e)
             finally:
                 call.cancel()
+
+
+def opened(headers: Any) -> bool:
+    """Whether a stream's headers say the server accepted it (`STREAM_OPEN`)."""
+    return STREAM_OPEN[0] in tuple(headers or ())
 
 
 class _Handlers:
