@@ -388,7 +388,7 @@ impl Engine {
         let name = spec.name.clone();
         self.changed.insert(name.clone());
         self.sets.insert(name, state);
-        self.apply(&plan)?;
+        self.apply_within_quota(&plan)?;
         Ok((spec, plan))
     }
 
@@ -681,6 +681,11 @@ impl Engine {
     /// Applies a plan made by this engine: creates instances, removes instances, moves pool capacity.
     pub fn apply(&mut self, plan: &Plan) -> Result<()> {
         self.check_quota(plan)?;
+        self.apply_within_quota(plan)
+    }
+
+    /// [`Engine::apply`] of a plan whose quota was checked against the region as it is.
+    fn apply_within_quota(&mut self, plan: &Plan) -> Result<()> {
         self.scale_set_mut(&plan.scale_set)?; // marks it changed
         let state = self
             .sets
