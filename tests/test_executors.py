@@ -401,6 +401,11 @@ def test_a_core_quota_is_checked_before_placing_and_the_refusal_is_azures() -> N
     with pytest.raises(CapacityError):
         c.set_capacity("web", 5, dry_run=True, now=2)  # a dry run tells the same
     assert c.capacity("web") == 4
+    # A create beyond the quota leaves no scale set behind; one within it (no instances) is made
+    with pytest.raises(CapacityError) as e:
+        c.create_scale_set(spec(name="more"), 1, now=2)
+    assert e.value.code == "OperationNotAllowed" and "more" not in c.engine.scale_set_names()
+    c.create_scale_set(spec(name="more"), 0, now=2)
     # Spot draws on lowPriorityCores, so a Spot set is not held by the Regular family's quota
     c.create_scale_set(spot_spec(name="spot"), 2, now=3)
     c.set_core_quota("lowPriorityCores", 4, now=4)
