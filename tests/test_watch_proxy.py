@@ -33,7 +33,7 @@ from scaleset.testing.server import (
 )
 from scaleset.v1 import scaleset_pb2 as pb
 from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
-from scaleset.watchproxy import EventLog, WatchProxy, split_events
+from scaleset.watchproxy import WATCH_PATH, EventLog, WatchProxy, split_events
 
 from tests.conftest import flood_until_a_watch_is_taken, wait_until, zonal_spec
 
@@ -237,12 +237,16 @@ def test_a_proxy_of_a_compacted_history_starts_at_its_oldest_kept_event(tmp_path
             with pytest.raises(ConflictError) as compacted:
                 next(c.watch(after=0))
             assert compacted.value.code == "EventsCompacted"
+            with grpc.insecure_channel(proxy.target) as channel:  # refused: no headers, as the server's
+                refused = channel.unary_stream(WATCH_PATH)(pb.WatchEventsRequest(after=0).SerializeToString())
+                assert ("scaleset-stream", "open") not in (refused.initial_metadata() or ())
+                assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
             kept = c.watch(after=oldest - 1)
             assert [e.sequence for e in _take(kept, 42 - oldest + 1)] == list(range(oldest, 43))
             quiet = c.watch("quiet", after=1)
             direct.set_capacity("quiet", 2)
             assert next(quiet).revision == 2
-            assert proxy_metrics(proxy)["scaleset_proxy_passed_through_total"] == 1  # the compacted watch
+            assert proxy_metrics(proxy)["scaleset_proxy_passed_through_total"] == 2  # the compacted watches
 
 
 async def _start_when_following(upstream: str) -> int | None:

@@ -462,7 +462,6 @@ class WatchProxy:
                     await context.send_initial_metadata(STREAM_OPEN)
                     await self._follow_set(watch.scale_set, watch.after, context)
                 else:
-                    await context.send_initial_metadata(STREAM_OPEN)
                     await self._follow_log(watch.after, context)
             finally:
                 self.watchers -= 1
@@ -473,12 +472,19 @@ class WatchProxy:
             await context.abort(status.code, status.details, status.trailing_metadata)
 
     async def _follow_log(self, last: int, context: grpc.aio.ServicerContext) -> None:
+        """A watch of every scale set: from the log, and what it no longer holds from the server first
+        (whose headers, or refusal, are the watch's when that comes first)."""
+        headers_sent = False
         while True:
             changed = self.log.changed
             served = self.log.messages(last)
             if served is None:
-                last = await self._catch_up(last, context)
+                last = await self._catch_up(last, context, headers_sent=headers_sent)
+                headers_sent = True
                 continue
+            if not headers_sent:
+                await context.send_initial_metadata(STREAM_OPEN)
+                headers_sent = True
             messages, last = served
             await self._deliver(messages, changed, context)
 
@@ -518,13 +524,15 @@ class WatchProxy:
                 return
             await self._deliver(messages, changed, context)
 
-    async def _catch_up(self, last: int, context: grpc.aio.ServicerContext) -> int:
+    async def _catch_up(self, last: int, context: grpc.aio.ServicerContext, *, headers_sent: bool) -> int:
         """Relays the server's watch after ``last`` until the log reaches back to where it got to; returns
         that sequence."""
         self._passed_through.inc()
         async with self._upstream_streams:
             call = self._watch(pb.WatchEventsRequest(after=last).SerializeToString(), metadata=self._metadata)
             try:
+                if not headers_sent and opened(await call.initial_metadata()):
+                    await context.send_initial_metadata(STREAM_OPEN)
                 async for message in call:
                     await send_within(context, message, self._send_timeout)
                     last = _last_sequence(message)
