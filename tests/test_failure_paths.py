@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import shutil
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -252,6 +253,48 @@ def test_a_scale_sets_failing_policy_step_does_not_hold_back_the_others(tmp_path
         assert (c.get_scale_set("a").capacity, c.get_scale_set("b").capacity) == (1, 2)
         assert server.control.policy_failures == 1
         assert "scaleset_policy_failures_total 1.0" in generate_latest(server.metrics.registry).decode()
+
+
+def test_a_failing_policy_step_holds_back_no_other_policy_and_replays_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A policy step that raises (here a's repairs) does nothing more, but the scale set's other policies
+    go on (its autoscale) and what they did is logged: a restart replays the round, failing the same way,
+    to the same state. The server counts its own rounds' failures, not the replay's."""
+    from scaleset import AutoscaleCapacity, AutoscaleProfile, AutoscaleSetting
+    from scaleset.policies import repairs
+
+    step = repairs.step
+
+    def fails_for_a(engine: Any, name: str, *args: Any) -> Any:
+        if name == "a":
+            raise RuntimeError("a repairs step failed")
+        return step(engine, name, *args)
+
+    monkeypatch.setattr(repairs, "step", fails_for_a)
+    with ServerThread(str(tmp_path / "state.db"), REGION) as server, Client(server.target) as c:
+        for name in ("a", "b"):
+            c.create_scale_set(dataclasses.replace(zonal_spec(), name=name), 1)
+            c.set_autoscale_setting(
+                name, AutoscaleSetting([AutoscaleProfile("default", AutoscaleCapacity(2, 4, 2))])
+            )
+        actions = server.call(server.control.advance())
+        assert sorted((a.scale_set, a.kind) for a in actions) == [
+            ("a", "AutoscaleScaleOut"),
+            ("b", "AutoscaleScaleOut"),
+        ]
+        assert (c.get_scale_set("a").capacity, c.get_scale_set("b").capacity) == (2, 2)
+        assert server.control.policy_failures == 1
+        held = server.call(server.control.inspect(_held))
+    with ServerThread(str(tmp_path / "state.db"), REGION) as server:
+        assert server.call(server.control.inspect(_held)) == held
+        assert server.control.policy_failures == 0
+
+
+def _held(controller: Any) -> str:
+    """Everything a controller's engine and policies hold, but the time of the latest change."""
+    state = {k: v for k, v in controller.export_state().items() if k != "now"}
+    return json.dumps(state, sort_keys=True, default=str)
 
 
 def test_a_watch_opened_while_a_change_is_being_committed_still_gets_it(tmp_path: Path) -> None:

@@ -201,7 +201,8 @@ class ControlPlane:
         self._part_bytes: dict[str, int] = {}
         self._unsaved: set[str] = set()
         self.healthy = True
-        #: Policy steps of a scale set that raised (see :meth:`advance`), since start.
+        #: Policy steps that raised in this server's rounds (not in replays of them), and rounds of a scale
+        #: set that failed outside its steps (see :meth:`advance`), since start.
         self.policy_failures = 0
         #: The time of the change being applied (live: the clock; replay: the logged time).
         self.now = 0.0
@@ -559,16 +560,20 @@ class ControlPlane:
                     break  # stopping: the next owner (or the next start) advances from here
                 time_ms = self._tick()
                 command = Advance(name)
+                policies = self.controller.policies
+                failed = policies.failed_steps
                 try:
                     actions = self.controller.execute(command, self.now)
                 except NotFoundError:
                     continue  # deleted since the list was taken
                 except Exception:
-                    # One scale set's failure does not hold back the others' policies (their autoscale,
-                    # repairs, upgrades): it is logged, counted and tried again next round.
+                    # A failure outside the policies' steps (each step's own is caught, logged and counted
+                    # by the runner): the other scale sets still go on. Logged, counted, tried next round.
                     self.policy_failures += 1
                     log.exception("advancing the policies of '%s' failed; trying again next round", name)
                     continue
+                finally:
+                    self.policy_failures += policies.failed_steps - failed
                 if not actions:
                     continue
                 futures.append(self._queue_event(command, actions, time_ms))

@@ -67,6 +67,8 @@ class PolicyRunner:
         self._loose_metrics: dict[str, set[str]] = {}
         #: Operations for executors, the unavailable-capacity cache, shortfalls and backoff.
         self.lifecycle = Lifecycle()
+        #: Policy steps that raised (:meth:`_guarded`), replayed ones included.
+        self.failed_steps = 0
 
     # ----- what the commands tell the runner ----------------------------------------------------------
 
@@ -147,43 +149,77 @@ class PolicyRunner:
     def advance(self, engine: Engine, now: float, name: str | None = None) -> list[Action]:
         """Advances the policies of every scale set, or of ``name``, to ``now``. Returns what was done.
         The same state and ``now`` give the same actions."""
+        if name is not None:
+            engine.capacity(name)  # NotFoundError: there is nothing to advance
         actions: list[Action] = []
         for n in [name] if name is not None else engine.scale_set_names():
-            actions += self.lifecycle.step(engine, n, now)
-            if n in self._upgrade_pending:
-                self._upgrade_pending.discard(n)
-                self._upgrades[n], started_actions = upgrade.start(engine, n, now)
-                actions += started_actions
+            actions += self._guarded("lifecycle", self.lifecycle.step, engine, n, now)
+            actions += self._guarded("rolling upgrade", self._upgrade_step, engine, n, now)
             current = self._upgrades.get(n)
-            if current is not None:
-                actions += upgrade.step(engine, n, now, current)
             busy = set(current.in_batch) if current is not None and current.active else set()
-            repair = self._repairs.get(n, RepairState())
-            actions += repairs.step(engine, n, now, repair, self._modified.get(n), busy)
-            if repair != RepairState():  # kept once it holds anything (the step said so: it is logged)
-                self._repairs[n] = repair
+            actions += self._guarded("repairs", self._repairs_step, engine, n, now, busy)
             if (scaling := self._autoscale.get(n)) is not None:
                 waiting = "a rolling upgrade is in progress" if busy else None
-                decision, done_by_autoscale = autoscale.step(engine, self.metrics, n, scaling, now, waiting)
-                if decision.capacity != decision.capacity_before and done_by_autoscale:
-                    self.changed(n, now, capacity=True)  # like a user's capacity change
-                actions += done_by_autoscale
-            op, started, done = zone_balance.step(
-                engine,
-                n,
-                now,
-                self._zone_balance.get(n),
-                self._zone_balance_started.get(n),
-                self._modified.get(n),
-            )
-            if op is None:
-                self._zone_balance.pop(n, None)
-            else:
-                self._zone_balance[n] = op
-            if started is not None:
-                self._zone_balance_started[n] = started
-            actions += done
+                actions += self._guarded("autoscale", self._autoscale_step, engine, n, now, scaling, waiting)
+            actions += self._guarded("zone balance", self._zone_balance_step, engine, n, now)
         return actions
+
+    def _guarded(
+        self, policy: str, step: Callable[..., list[Action]], engine: Engine, name: str, *args: Any
+    ) -> list[Action]:
+        """One policy's step of one scale set. One that raises (a defect) is logged and counted in
+        ``failed_steps``, and does nothing more: the set's other policies and the other sets go on, and
+        what they did is logged. A replay of the round raises the same way (the steps are deterministic),
+        so whatever the failed step changed before it raised is rebuilt too."""
+        try:
+            return step(engine, name, *args)
+        except Exception:
+            self.failed_steps += 1
+            log.exception("the %s step of '%s' failed; it is tried again next round", policy, name)
+            return []
+
+    def _upgrade_step(self, engine: Engine, n: str, now: float) -> list[Action]:
+        actions: list[Action] = []
+        if n in self._upgrade_pending:
+            self._upgrades[n], started = upgrade.start(engine, n, now)
+            self._upgrade_pending.discard(n)
+            actions += started
+        current = self._upgrades.get(n)
+        if current is not None:
+            actions += upgrade.step(engine, n, now, current)
+        return actions
+
+    def _repairs_step(self, engine: Engine, n: str, now: float, busy: set[int]) -> list[Action]:
+        repair = self._repairs.get(n, RepairState())
+        actions = repairs.step(engine, n, now, repair, self._modified.get(n), busy)
+        if repair != RepairState():  # kept once it holds anything (the step said so: it is logged)
+            self._repairs[n] = repair
+        return actions
+
+    def _autoscale_step(
+        self, engine: Engine, n: str, now: float, scaling: AutoscaleState, waiting: str | None
+    ) -> list[Action]:
+        decision, done = autoscale.step(engine, self.metrics, n, scaling, now, waiting)
+        if decision.capacity != decision.capacity_before and done:
+            self.changed(n, now, capacity=True)  # like a user's capacity change
+        return done
+
+    def _zone_balance_step(self, engine: Engine, n: str, now: float) -> list[Action]:
+        op, started, done = zone_balance.step(
+            engine,
+            n,
+            now,
+            self._zone_balance.get(n),
+            self._zone_balance_started.get(n),
+            self._modified.get(n),
+        )
+        if op is None:
+            self._zone_balance.pop(n, None)
+        else:
+            self._zone_balance[n] = op
+        if started is not None:
+            self._zone_balance_started[n] = started
+        return done
 
     # ----- rolling upgrades -------------------------------------------------------------------------------
 
