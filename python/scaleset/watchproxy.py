@@ -364,7 +364,7 @@ class WatchProxy:
                     async for _ in call:
                         break
                     log.error(
-                        "the upstream on %s streams events without accepting the watch (no %s header): "
+                        "the upstream on %s answered the watch without the %s header that accepts it: "
                         "it is not a scaleset server this proxy can follow",
                         self._upstream,
                         STREAM_OPEN[0][0],
