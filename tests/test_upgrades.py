@@ -17,7 +17,7 @@ from scaleset import (
     UpgradePolicy,
 )
 from scaleset.client import Client
-from scaleset.errors import ConflictError, InvalidInputError
+from scaleset.errors import CapacityError, ConflictError, InvalidInputError
 from scaleset.policies.repairs import SUSPEND_AFTER
 from scaleset.policies.upgrade import HEALTH_WAIT_S
 from scaleset.testing.server import ServerThread
@@ -381,6 +381,10 @@ def test_a_repair_by_replacement_waits_while_the_instances_zone_is_down() -> Non
     engine.report_health("web", [0], "Unhealthy")
     engine.set_zone_available("1", False, now=T0)
     assert engine.advance(T0 + 600) == []
+    # What the repair met: a move into a zone that is down is a shortage, with what to do about it
+    with pytest.raises(CapacityError) as down:
+        engine.engine.apply_rebalance_moves("web", [("1", 0, SIZE, "Regular")], [0])
+    assert down.value.code == "ZonalAllocationFailed" and "SetZoneAvailability" in str(down.value)
     engine.set_zone_available("1", True, now=T0 + 700)
     (repair,) = engine.advance(T0 + 700)
     assert repair.kind == "InstancesRepaired" and repair.instance_ids == (5,)

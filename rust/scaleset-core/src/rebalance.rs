@@ -339,7 +339,7 @@ impl Engine {
                 return Err(CoreError::capacity(
                     codes::ZONAL_ALLOCATION_FAILED,
                     format!(
-                        "rebalance create #{k} targets zone {}, which is unavailable.",
+                        "rebalance create #{k} targets zone {}, which is unavailable; move the instance to an available zone, or retry once this one is available again (SetZoneAvailability).",
                         self.region().zone_name(zone)
                     ),
                 ));
