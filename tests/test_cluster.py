@@ -463,3 +463,51 @@ def test_a_cluster_front_lets_go_of_a_watcher_that_stops_reading(postgres: Any, 
     assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "took no message from this stream" in ended.value.details()
     assert len({e.sequence for e in events}) == len(events) > 1 and all(e.resume_token for e in events)
+
+
+def test_a_cluster_front_accepts_a_watch_only_once_the_partitions_do(postgres: Any, tmp_path: Path) -> None:
+    """Through the front, a watch's headers say it was accepted (``scaleset-stream: open``) as a single
+    server's do: a routed watch of one scale set gets them from its partition's owner before any event,
+    and a watch of every scale set that a partition refuses (its events compacted) ends with trailers
+    only, so a client (a watch proxy) never takes the refusal for an accepted watch."""
+    from scaleset.v1 import scaleset_pb2 as pb
+    from scaleset.watchproxy import WATCH_PATH
+
+    flags = ("--event-retention", "3", "--instance-limit", "10000")
+    cluster = Cluster(postgres.create_database(), tmp_path, size=1, partitions=2, flags=flags)
+
+    def watch(channel: grpc.Channel, **request: Any) -> Any:
+        return channel.unary_stream(WATCH_PATH)(
+            pb.WatchEventsRequest(**request).SerializeToString(), timeout=30
+        )
+
+    try:
+        cluster.wait_shared(cluster.ports)
+        with Client(cluster.target(0)) as c, grpc.insecure_channel(f"127.0.0.1:{cluster.ports[0]}") as ch:
+            c.create_scale_set(zonal_spec("web"), 0)
+            quiet = watch(ch, scale_set="web", after=1)  # nothing to send yet: the headers alone
+            assert ("scaleset-stream", "open") in (quiet.initial_metadata() or ())
+            quiet.cancel()
+            every = watch(ch)
+            assert ("scaleset-stream", "open") in (every.initial_metadata() or ())
+            assert pb.WatchEventsResponse.FromString(next(every)).events[0].type == "ScaleSetCreated"
+            every.cancel()
+            # Over 1 MB of log in web's partition: a snapshot, then its events compacted to the last 3.
+            for _ in range(30):
+                c.set_capacity("web", 999)
+                c.set_capacity("web", 0)
+
+            def compacted() -> bool:
+                try:
+                    next(c.watch("web", after=0))
+                except ConflictError as e:
+                    return e.code == "EventsCompacted"
+                return False
+
+            wait_until(compacted, what="web's events compacted")
+            refused = watch(ch)
+            assert ("scaleset-stream", "open") not in (refused.initial_metadata() or ())
+            assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "compacted" in refused.details()
+    finally:
+        cluster.stop()

@@ -69,6 +69,7 @@ from scaleset.service import (
     send_within,
     server_options,
     status_for,
+    stream_opened,
 )
 from scaleset.v1 import scaleset_pb2 as pb
 from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
@@ -437,10 +438,19 @@ class ClusterServer:
                     )
 
     async def stream(
-        self, method: str, partition: int, payload: bytes, metadata: list[tuple[str, str]]
+        self,
+        method: str,
+        partition: int,
+        payload: bytes,
+        metadata: list[tuple[str, str]],
+        accepted: Callable[[], Awaitable[None]],
     ) -> AsyncIterator[bytes]:
+        """The partition's stream of ``method`` on its owner; ``accepted`` is awaited once the owner's
+        headers say it accepted the stream (`STREAM_OPEN`), before its first message."""
         target = await self.route(partition, None)
         call = self._channel(target).unary_stream(method)(payload, metadata=metadata)
+        if stream_opened(await call.initial_metadata()):
+            await accepted()
         async for message in call:
             yield message
 
@@ -678,23 +688,44 @@ class Router:
         merged: asyncio.Queue[tuple[int, bytes] | grpc.aio.AioRpcError] = asyncio.Queue(
             maxsize=4 * partitions
         )
+        # The client's stream is accepted (its headers sent) once every partition's first stream has
+        # answered: accepted, or failed in a way that is followed (no owner, within the route's wait).
+        # A partition's refusal before that ends it with trailers only, as a single server's would.
+        unanswered = set(range(partitions))
+        decided = asyncio.Event()
+        refusals: list[grpc.aio.AioRpcError] = []
+
+        def answered(partition: int) -> None:
+            unanswered.discard(partition)
+            if not unanswered:
+                decided.set()
 
         async def follow(partition: int) -> None:
+            async def accepted() -> None:
+                answered(partition)
+
             while True:
                 try:
-                    stream = self._cluster.stream(method, partition, upstream(partition), metadata)
+                    stream = self._cluster.stream(method, partition, upstream(partition), metadata, accepted)
                     async for message in stream:
                         await merged.put((partition, message))
                 except grpc.aio.AioRpcError as e:
                     if final(e.code()):
+                        refusals.append(e)
+                        decided.set()
                         await merged.put(e)
                         return
                 except ScaleSetError:
                     pass  # no owner yet
+                answered(partition)
                 await asyncio.sleep(MANAGE_INTERVAL_S / 2)  # the owner went: follow the next one
 
         followers = [asyncio.create_task(follow(p)) for p in range(partitions)]
         try:
+            await decided.wait()
+            if refusals:
+                await abort_with(context, refusals[0])
+                return
             await context.send_initial_metadata(STREAM_OPEN)
             while True:
                 item = await merged.get()
@@ -800,8 +831,13 @@ class Router:
                 ),
             )
         partition = partition_of(scale_set, self._cluster.partitions) if scale_set else 0
+
+        async def accepted() -> None:
+            await context.send_initial_metadata(STREAM_OPEN)
+
         try:
-            async for message in self._cluster.stream(method, partition, payload, self._metadata(context)):
+            stream = self._cluster.stream(method, partition, payload, self._metadata(context), accepted)
+            async for message in stream:
                 yield message
         except grpc.aio.AioRpcError as e:
             await abort_with(context, e)

@@ -280,6 +280,11 @@ FORWARDED_FOR = "x-scaleset-forwarded-for"
 STREAM_OPEN = (("scaleset-stream", "open"),)
 
 
+def stream_opened(headers: Any) -> bool:
+    """Whether a stream's headers say the server accepted it (`STREAM_OPEN`)."""
+    return STREAM_OPEN[0] in tuple(headers or ())
+
+
 def _client_address(context: grpc.aio.ServicerContext) -> str:
     """The caller's address without its port ("ipv4:127.0.0.1:5555" -> "ipv4:127.0.0.1"); through the
     gateway, the address the gateway was called from."""

@@ -50,6 +50,7 @@ from scaleset.service import (
     send_within,
     server_options,
     status_for,
+    stream_opened,
 )
 from scaleset.v1 import scaleset_pb2 as pb
 
@@ -358,7 +359,7 @@ class WatchProxy:
                 pb.WatchEventsRequest(after=after).SerializeToString(), metadata=self._metadata
             )
             try:
-                if not opened(await call.initial_metadata()):
+                if not stream_opened(await call.initial_metadata()):
                     # Not accepted (say, compacted): a refusal is trailers only, and reading it raises
                     # it. Until it is known, the log must not claim to start at ``after``.
                     async for _ in call:
@@ -531,7 +532,7 @@ class WatchProxy:
         async with self._upstream_streams:
             call = self._watch(pb.WatchEventsRequest(after=last).SerializeToString(), metadata=self._metadata)
             try:
-                if not headers_sent and opened(await call.initial_metadata()):
+                if not headers_sent and stream_opened(await call.initial_metadata()):
                     await context.send_initial_metadata(STREAM_OPEN)
                 async for message in call:
                     await send_within(context, message, self._send_timeout)
@@ -552,7 +553,7 @@ class WatchProxy:
         async with self._upstream_streams:
             call = self._watch(request, metadata=self._metadata)
             try:
-                if not headers_sent and opened(await call.initial_metadata()):
+                if not headers_sent and stream_opened(await call.initial_metadata()):
                     await context.send_initial_metadata(STREAM_OPEN)
                 async for message in call:
                     await send_within(context, message, self._send_timeout)
@@ -560,11 +561,6 @@ class WatchProxy:
                 await abort_with(context, e)
             finally:
                 call.cancel()
-
-
-def opened(headers: Any) -> bool:
-    """Whether a stream's headers say the server accepted it (`STREAM_OPEN`)."""
-    return STREAM_OPEN[0] in tuple(headers or ())
 
 
 class _Handlers:
