@@ -4,6 +4,7 @@ off from the database) taken over by the others, with nothing acknowledged lost 
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import os
@@ -492,6 +493,10 @@ def test_a_cluster_front_accepts_a_watch_only_once_the_partitions_do(postgres: A
             assert ("scaleset-stream", "open") in (every.initial_metadata() or ())
             assert pb.WatchEventsResponse.FromString(next(every)).events[0].type == "ScaleSetCreated"
             every.cancel()
+            for token in ("YWxsOjE=", base64.urlsafe_b64encode(f"all:0,{2**63}".encode()).decode()):
+                with pytest.raises(InvalidInputError) as foreign:  # one partition, or beyond a sequence
+                    next(c.watch("", resume_token=token))
+                assert foreign.value.field == "resume_token"
             # Over 1 MB of log in web's partition: a snapshot, then its events compacted to the last 3.
             for _ in range(30):
                 c.set_capacity("web", 999)

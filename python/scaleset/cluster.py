@@ -596,7 +596,7 @@ class Router:
             positions = [int(x) for x in listed.split(",")]
         except (ValueError, UnicodeDecodeError):
             issued_for, positions = "", []
-        if issued_for != "all" or len(positions) != partitions or min(positions) < 0:
+        if issued_for != "all" or len(positions) != partitions or not all(0 <= p < 2**63 for p in positions):
             raise invalid_input(
                 "resume_token is not one this cluster issued; start again without it, or with the last "
                 "event's resume_token.",
