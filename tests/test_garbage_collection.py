@@ -1,7 +1,7 @@
 """How a serving process collects garbage (scaleset.cli.collect_garbage): objects that pass through the
 oldest generation and are freed by their reference counts cause no full collection, while garbage in
 reference cycles that makes what the interpreter holds (its memory blocks) grow is collected; each pause is
-observed."""
+observed. And memory freed in bulk goes back to the system (scaleset.limits.FreedMemory)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from scaleset.cli import (
     YOUNG_GC_THRESHOLDS,
     collect_garbage,
 )
+from scaleset.limits import FreedMemory
 
 
 class Node:
@@ -87,3 +88,54 @@ def test_a_full_collection_runs_when_what_is_held_grows_not_for_what_passes_thro
     finally:
         gc.set_threshold(*thresholds)
     assert gc.get_threshold() == thresholds  # restored when serving stops
+
+
+def freed_megabytes(count: int) -> list[bytearray]:
+    """Frees ``count`` blocks of 1 MB from glibc's heap, each between two that stay (returned): freed, they
+    cannot join each other or the heap's top, which glibc gives back by itself."""
+    big = bytearray(4 << 20)
+    del big  # freed: glibc's mmap threshold rises past 1 MB, so the blocks below come from its heap
+    blocks = [bytearray(1 << 20) for _ in range(2 * count + 1)]
+    del blocks[1::2]
+    return blocks
+
+
+def test_memory_freed_in_bulk_goes_back_to_the_system_once_and_again_after_reuse() -> None:
+    freed = FreedMemory(threshold=16 << 20)
+    assert freed.free_held() > 0  # glibc, as on the Debian machines this runs on
+    thresholds = gc.get_threshold()
+
+    async def trimmed(after: int) -> None:
+        for _ in range(300):
+            if freed.trims > after:
+                return
+            await asyncio.sleep(0.01)
+
+    async def scenario() -> None:
+        if freed.due():
+            freed.trim()  # what the test process piled up before
+        stop = asyncio.Event()
+        collector = asyncio.create_task(collect_garbage(stop, interval=0.01, freed=freed))
+        trims, returned = freed.trims, freed.returned
+        kept = [bytearray(1 << 20) for _ in range(64)]
+        await asyncio.sleep(0.1)
+        assert freed.trims == trims  # in use: nothing to give back
+
+        kept += freed_megabytes(64)
+        await trimmed(trims)
+        assert freed.trims == trims + 1 and freed.returned - returned >= 32 << 20
+        await asyncio.sleep(0.1)
+        assert freed.trims == trims + 1  # freed memory held steady: not trimmed over and over
+
+        blocks = [bytearray(1 << 20) for _ in range(64)]  # the freed memory used again, then freed again
+        await asyncio.sleep(0.1)
+        del blocks
+        await trimmed(trims + 1)
+        assert freed.trims == trims + 2
+        stop.set()
+        await collector
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        gc.set_threshold(*thresholds)

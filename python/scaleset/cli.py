@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from scaleset.control import WATCH_MESSAGES_PER_SECOND
 from scaleset.errors import ScaleSetError, invalid_input
-from scaleset.limits import MAX_CONNECTIONS, STREAM_SEND_TIMEOUT_S
+from scaleset.limits import MAX_CONNECTIONS, STREAM_SEND_TIMEOUT_S, FreedMemory
 from scaleset.model import Instance, Plan, PlannedCreate, PlannedDelete, Region
 
 if TYPE_CHECKING:
@@ -73,10 +73,14 @@ _NEVER = 2**31 - 1
 
 
 async def collect_garbage(
-    stop: asyncio.Event, pauses: Histogram | None = None, interval: float = GC_CHECK_INTERVAL_S
+    stop: asyncio.Event,
+    pauses: Histogram | None = None,
+    interval: float = GC_CHECK_INTERVAL_S,
+    freed: FreedMemory | None = None,
 ) -> None:
     """Keeps the garbage collector's pauses of the event loop short until ``stop`` is set (``pauses``: a
-    histogram by generation to observe each collection's length in).
+    histogram by generation to observe each collection's length in), and at each check gives memory
+    freed since back to the system once enough of it piled up (``freed``, see `limits.FreedMemory`).
 
     CPython collects its oldest generation whenever a quarter as many objects as it holds have moved into
     it since the last time, alive or not. With 1,000 watchers that generation holds about 100,000 objects
@@ -90,6 +94,7 @@ async def collect_garbage(
     collection moves on at the next, so the middle generation stays small and its collections short (in the
     loaded soak, up to 7-11 ms with CPython's ten young collections before that, at most 5-10 ms with one)."""
     started: list[float] = []
+    freed = freed or FreedMemory()
 
     def observe(phase: str, info: dict[str, int]) -> None:
         if phase == "start":
@@ -114,6 +119,8 @@ async def collect_garbage(
             if sys.getallocatedblocks() > baseline + growth:
                 gc.collect()
                 baseline = sys.getallocatedblocks()
+            if freed.due():
+                await asyncio.to_thread(freed.trim)
     finally:
         if pauses is not None:
             gc.callbacks.remove(observe)

@@ -2,6 +2,13 @@
 standard library imported: the CLI reads the defaults without loading gRPC."""
 
 import asyncio
+import ctypes
+import logging
+import os
+import time
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
 
 #: A server stream (WatchEvents, LeaseOperations) whose client takes no message for this long is ended
 #: with RESOURCE_EXHAUSTED `SlowConsumer` (`serve --stream-send-timeout`): gRPC's flow control lets a
@@ -34,3 +41,77 @@ class SendTurns:
         self._next = turn + self._every
         if turn > now:
             await asyncio.sleep(turn - now)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+            "keepcost",
+        )
+    ]  # fmt: skip
+
+
+class FreedMemory:
+    """Gives the memory the process has freed back to the system once enough of it has piled up in the
+    allocator (glibc's ``malloc_trim``). A stream whose client stopped reading holds up to a message of
+    about 1 MB in gRPC's buffers, and its connection more, until they are let go; glibc keeps what they
+    free in its arenas, so a server (or a watch proxy) otherwise stays at the peak that a crowd of stalled
+    watchers took it to. ``check`` reads how much the arenas hold free (``mallinfo2``, microseconds) and
+    trims when that grew by ``threshold`` bytes from the least it held since the last trim (a trim does
+    not lower it: the pages go back, the chunks stay free), so memory freed again after being reused is
+    given back too, and a steady state is not trimmed over and over. Where the C library is not glibc
+    (2.33 or later) it does nothing."""
+
+    def __init__(self, threshold: int = 16 << 20) -> None:
+        self._threshold = threshold
+        try:
+            libc = ctypes.CDLL(None)
+            info = libc.mallinfo2
+            info.restype = _MallInfo2
+            self._trim: Callable[[int], int] | None = libc.malloc_trim
+            self._info: Callable[[], _MallInfo2] | None = info
+        except (OSError, AttributeError):
+            self._trim = self._info = None
+        #: The least the arenas held free since the last trim.
+        self._least = 0
+        #: Trims run, and the resident memory they gave back (bytes).
+        self.trims = 0
+        self.returned = 0
+
+    def free_held(self) -> int:
+        """Bytes the allocator holds free (0 where it cannot tell)."""
+        return int(self._info().fordblks) if self._info is not None else 0
+
+    def due(self) -> bool:
+        """Whether enough freed memory piled up since the last trim to give back (call it now and then)."""
+        held = self.free_held()
+        self._least = min(self._least, held)
+        return self._trim is not None and held - self._least >= self._threshold
+
+    def trim(self) -> int:
+        """Gives freed memory back to the system; returns the resident bytes that went. It takes the
+        allocator's locks for a few milliseconds: call it off the event loop."""
+        assert self._trim is not None
+        before = _rss_bytes()
+        started = time.perf_counter()
+        self._trim(0)
+        returned = max(0, before - _rss_bytes())
+        self._least = self.free_held()
+        self.trims += 1
+        self.returned += returned
+        log.info(
+            "gave %.1f MB of freed memory back to the system in %.1f ms",
+            returned / 2**20,
+            (time.perf_counter() - started) * 1000,
+        )
+        return returned
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
