@@ -8,6 +8,7 @@ import dataclasses
 import json
 import shutil
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from scaleset.errors import InvalidInputError, UnavailableError
 from scaleset.service import status_for
 from scaleset.testing.server import ServerThread
 
-from tests.conftest import SIZE, flood, flood_until_a_watch_is_taken, zonal_spec
+from tests.conftest import SIZE, flood, flood_until_a_watch_is_taken, wait_until, zonal_spec
 
 REGION = Region(zones=["1", "2", "3"], fault_domains_per_zone=3)
 MANY = [Instance(instance_id=1000 + i, zone="1", vm_size=SIZE, name="x" * 200) for i in range(900)]
@@ -569,7 +570,8 @@ def test_a_stream_that_grpc_drops_in_the_middle_ends_quietly(tmp_path: Path) -> 
             closed.append(True)
 
     async def scenario(store: SQLiteStore) -> None:
-        handler = _Interceptor(Metrics(ControlPlane(store, REGION)))._wrap(
+        control = ControlPlane(store, REGION)
+        handler = _Interceptor(Metrics(control), control.lingering)._wrap(
             grpc.unary_stream_rpc_method_handler(waits_for_ever), "WatchEvents"
         )
         call = handler.unary_stream(object(), None)
@@ -611,6 +613,53 @@ def test_a_watcher_that_stops_reading_is_let_go_and_its_slot_freed(tmp_path: Pat
     assert "took no message from this stream for 0.5 s" in ended.value.details()
     # What was written before the status arrives, in order and whole: the watch resumes after its last.
     assert received == list(range(1, len(received) + 1)) and len(received) > 1
+
+
+def test_streams_let_go_that_their_client_never_reads_are_bounded_until_it_disconnects(
+    tmp_path: Path,
+) -> None:
+    """A client that takes nothing at all, not even into its gRPC library's buffers (BDP probing off, so
+    its windows stay at 64 KB), keeps the calls of its streams let go open: their status waits behind the
+    message queued for each. Their watch slots are free, but they are counted
+    (`scaleset_lingering_streams`), and while there are as many as allowed new watches are refused, until
+    the client disconnects. Before, nothing bounded them: such a client could hold open calls up to the
+    server's limit on concurrent RPCs, after which the server refused every call."""
+    from scaleset.errors import CapacityError
+    from scaleset.v1 import scaleset_pb2 as pb
+    from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
+
+    def lingering(server: ServerThread) -> float | None:
+        return server.metrics.registry.get_sample_value("scaleset_lingering_streams")
+
+    with ServerThread(
+        str(tmp_path / "state.db"),
+        REGION,
+        max_watchers=3,
+        max_lingering=2,
+        stream_send_timeout=0.5,
+        instance_limit=10_000,
+    ) as server:
+        with Client(server.target) as c:
+            c.create_scale_set(zonal_spec(), 0)
+            stalled = grpc.insecure_channel(server.target, options=[("grpc.http2.bdp_probe", 0)])
+            calls = [pb_grpc.ScaleSetsStub(stalled).WatchEvents(pb.WatchEventsRequest()) for _ in range(2)]
+            for call in calls:
+                next(call)
+            for _ in range(30):
+                if _slow_consumers(server) == 2:
+                    break
+                flood(c, 25)
+                time.sleep(0.6)
+            assert _slow_consumers(server) == 2 and server.control.watchers == 0
+            assert lingering(server) == 2
+            with pytest.raises(CapacityError) as refused:
+                next(iter(c.watch()))
+            assert refused.value.code == "TooManyWatchers" and "2 streams let go as too slow" in str(
+                refused.value
+            )
+            stalled.close()
+            wait_until(lambda: lingering(server) == 0, what="the stalled client's calls to end")
+            assert next(iter(c.watch())).sequence == 1
 
 
 @pytest.mark.parametrize("flavour", ["Client", "AsyncClient"])

@@ -48,11 +48,10 @@ from prometheus_client.metrics_core import Metric
 from scaleset.control import WATCH_MESSAGES_PER_SECOND, ControlPlane
 from scaleset.errors import CapacityError, ConflictError, ScaleSetError, error, invalid_input, unavailable
 from scaleset.gateway import Gateway
-from scaleset.limits import MAX_CONNECTIONS, STREAM_SEND_TIMEOUT_S
+from scaleset.limits import MAX_CONCURRENT_RPCS, MAX_CONNECTIONS, STREAM_SEND_TIMEOUT_S, LingeringStreams
 from scaleset.model import Region
 from scaleset.postgres import LEASE_S, ClusterDirectory, PostgresStore
 from scaleset.service import (
-    MAX_CONCURRENT_RPCS,
     MAX_REPLY_BYTES,
     MAX_REQUEST_BYTES,
     STREAM_OPEN,
@@ -460,11 +459,18 @@ class Router:
     forwards the request's bytes (and the caller's metadata: its token) to the partition's cell."""
 
     def __init__(
-        self, cluster: ClusterServer, limiter: RateLimiter | None, send_timeout: float = STREAM_SEND_TIMEOUT_S
+        self,
+        cluster: ClusterServer,
+        limiter: RateLimiter | None,
+        send_timeout: float = STREAM_SEND_TIMEOUT_S,
+        max_watchers: int = 1000,
     ) -> None:
         self._cluster = cluster
         self._limiter = limiter
         self._send_timeout = send_timeout
+        #: Streams this front let go as too slow whose calls are still open (their partitions' streams
+        #: are closed): while full, the front refuses new streams, as a single server does.
+        self._lingering = LingeringStreams(LingeringStreams.limit_for(max_watchers))
         self._methods: dict[str, tuple[str, type[Any], bool]] = {}
         for service in _ROUTED_SERVICES:
             descriptor = pb.DESCRIPTOR.services_by_name[service]
@@ -794,12 +800,24 @@ class Router:
         """A routed server stream, written here (see ``send_within``): a client that stops reading is let
         go, and with it the partitions' streams that feed it."""
         # Closed as soon as the stream ends, however it ends: the partitions' streams go with it.
+        if self._lingering.full:
+            await self._fail(
+                context,
+                error(
+                    CapacityError,
+                    f"this server holds {self._lingering.count} streams let go as too slow whose clients have "
+                    "not taken their status (they stay open until those clients read or disconnect); retry "
+                    "later, or through another server.",
+                    "TooManyWatchers",
+                ),
+            )
         messages = self._stream_messages(method, name, request_type, payload, context)
         async with contextlib.aclosing(messages):
             async for message in messages:
                 try:
                     await send_within(context, message, self._send_timeout)
                 except ScaleSetError as e:
+                    self._lingering.hold(context)
                     await self._fail(context, e)
 
     async def _stream_messages(
@@ -878,13 +896,14 @@ async def build_front(
     credentials: Any = None,
     stream_send_timeout: float = STREAM_SEND_TIMEOUT_S,
     max_connections: int = MAX_CONNECTIONS,
+    max_watchers: int = 1000,
 ) -> tuple[grpc.aio.Server, int]:
     """The server's public face in a cluster: routed services, health checking, reflection, Echo."""
     server = grpc.aio.server(
         maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS, options=server_options(max_connections)
     )
     limiter = RateLimiter(rate_limit) if rate_limit else None
-    server.add_generic_rpc_handlers((Router(cluster, limiter, stream_send_timeout),))
+    server.add_generic_rpc_handlers((Router(cluster, limiter, stream_send_timeout, max_watchers),))
     pb_grpc.add_DiagnosticsServicer_to_server(DiagnosticsServicer(), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -919,6 +938,7 @@ async def serve_cluster(
         credentials=tls,
         stream_send_timeout=settings.stream_send_timeout,
         max_connections=settings.max_connections,
+        max_watchers=settings.max_watchers,
     )
     cluster.address = f"{address.rsplit(':', 1)[0]}:{port}"  # who this server is, to the others
     if metrics_port:

@@ -38,7 +38,7 @@ from scaleset.errors import (
     invalid_input,
     unavailable,
 )
-from scaleset.limits import SendTurns
+from scaleset.limits import LingeringStreams, SendTurns
 from scaleset.model import Region
 from scaleset.policies import Action
 from scaleset.policies.runner import PolicyRunner
@@ -132,6 +132,7 @@ class ControlPlane:
         event_retention: int = 100_000,
         request_retention: int = 100_000,
         max_watchers: int = 1000,
+        max_lingering: int | None = None,
         watch_messages_per_second: float = WATCH_MESSAGES_PER_SECOND,
     ) -> None:
         if not watch_messages_per_second > 0:
@@ -183,6 +184,8 @@ class ControlPlane:
         self._replay_reads: dict[tuple[str, int], _Read] = {}
         self._published = asyncio.Event()
         self._watchers = 0
+        #: Streams let go as too slow whose calls are still open (held by the service's streams).
+        self.lingering = LingeringStreams(max_lingering or LingeringStreams.limit_for(max_watchers))
         #: request_id -> (method, fingerprint, the reply's future) of changes applied but not yet committed.
         self._inflight: dict[str, tuple[str, str, asyncio.Future[bytes]]] = {}
         self._recent: dict[str, RequestRecord] = {}
@@ -822,6 +825,13 @@ class ControlPlane:
                 CapacityError,
                 f"this server already serves {self._max_watchers} watch streams; retry later or watch through "
                 "fewer streams (one stream with an empty scale_set sees every change).",
+                "TooManyWatchers",
+            )
+        if self.lingering.full:
+            raise error(
+                CapacityError,
+                f"this server holds {self.lingering.count} streams let go as too slow whose clients have not "
+                "taken their status (they stay open until those clients read or disconnect); retry later.",
                 "TooManyWatchers",
             )
         return self._follow(scale_set, after)

@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -15,6 +16,13 @@ log = logging.getLogger(__name__)
 #: client hold a few MB unread, then the server's next write waits, and without a bound a client that stops
 #: reading would hold its stream (a watch slot, the waiting message) for good.
 STREAM_SEND_TIMEOUT_S = 30.0
+#: RPCs a server (or a watch proxy) serves at once; more are refused with RESOURCE_EXHAUSTED rather than
+#: queued without bound.
+MAX_CONCURRENT_RPCS = 2000
+#: Of those, how many are kept from watch streams and streams let go as too slow (`LingeringStreams`), for
+#: every other call: with every watch slot taken and as many lingering streams as allowed, a server still
+#: answers its other calls and health checks.
+RPC_HEADROOM = 500
 #: Client connections at once (`serve --max-connections`): gRPC closes any more as they arrive (the client
 #: sees UNAVAILABLE) until one ends, so idle connections cannot pile up without bound.
 MAX_CONNECTIONS = 4096
@@ -41,6 +49,38 @@ class SendTurns:
         self._next = turn + self._every
         if turn > now:
             await asyncio.sleep(turn - now)
+
+
+class LingeringStreams:
+    """Server streams let go as too slow (``SlowConsumer``) whose gRPC calls are still open. gRPC ends a
+    call only once its client has taken the status, which waits behind the messages already queued for
+    it: a client that takes nothing at all, not even into its gRPC library's buffers, keeps the call,
+    and the message queued for it, until it reads or disconnects. A stream let go frees its watch slot at
+    once, but while ``full`` new watches are refused (before, nothing bounded these calls, and a client
+    that never read could hold them up to the server's limit on concurrent RPCs, which then refused every
+    call). ``hold`` counts a stream until gRPC finishes its call."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+
+    @staticmethod
+    def limit_for(max_watchers: int) -> int:
+        """The most a server with ``max_watchers`` watch slots holds: what is left of MAX_CONCURRENT_RPCS
+        after those and RPC_HEADROOM (500 with the defaults), and at least 1."""
+        return max(1, MAX_CONCURRENT_RPCS - RPC_HEADROOM - max_watchers)
+
+    @property
+    def full(self) -> bool:
+        return self.count >= self.limit
+
+    def hold(self, context: Any) -> None:
+        """Counts the stream of ``context`` (a grpc.aio.ServicerContext) until its call is over."""
+        self.count += 1
+        context.add_done_callback(self._release)
+
+    def _release(self, _context: Any) -> None:
+        self.count -= 1
 
 
 class _MallInfo2(ctypes.Structure):

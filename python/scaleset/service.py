@@ -47,7 +47,7 @@ from scaleset.errors import (
     invalid_input,
     not_found,
 )
-from scaleset.limits import MAX_CONNECTIONS, STREAM_SEND_TIMEOUT_S
+from scaleset.limits import MAX_CONCURRENT_RPCS, MAX_CONNECTIONS, STREAM_SEND_TIMEOUT_S, LingeringStreams
 from scaleset.model import AutoscaleSetting
 from scaleset.store import EventRecord
 from scaleset.v1 import scaleset_pb2 as pb
@@ -62,8 +62,6 @@ ERROR_DOMAIN = "scaleset"
 BIG_CHANGE = 2_000
 #: Calls a second per client address (bursts as large); beyond it RESOURCE_EXHAUSTED, RateLimited.
 DEFAULT_RATE_LIMIT = 10_000.0
-#: RPCs served at once; more are refused with RESOURCE_EXHAUSTED rather than queued without bound.
-MAX_CONCURRENT_RPCS = 2000
 #: The largest request and reply a server accepts and sends.
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
 MAX_REPLY_BYTES = 64 * 1024 * 1024
@@ -215,6 +213,13 @@ class Metrics:
         self.registry.register(_PolicyFailures(control))
         watchers = Gauge("scaleset_watchers", "WatchEvents streams being served.", registry=self.registry)
         watchers.set_function(lambda: control.watchers)
+        lingering = Gauge(
+            "scaleset_lingering_streams",
+            "Server streams let go as too slow whose clients have taken neither their last messages nor the "
+            "status; they count against --max-watchers until those clients read or disconnect.",
+            registry=self.registry,
+        )
+        lingering.set_function(lambda: control.lingering.count)
         scale_sets = Gauge("scaleset_scale_sets", "Scale sets.", registry=self.registry)
         scale_sets.set_function(lambda: len(control.controller.scale_set_names()))
         instances = Gauge("scaleset_instances", "Instances across all scale sets.", registry=self.registry)
@@ -303,10 +308,12 @@ class _Interceptor(grpc.aio.ServerInterceptor):
     def __init__(
         self,
         metrics: Metrics,
+        lingering: LingeringStreams,
         limiter: RateLimiter | None = None,
         send_timeout: float = STREAM_SEND_TIMEOUT_S,
     ) -> None:
         self._metrics = metrics
+        self._lingering = lingering
         self._limiter = limiter
         self._send_timeout = send_timeout
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
@@ -330,6 +337,7 @@ class _Interceptor(grpc.aio.ServerInterceptor):
         metrics = self._metrics
         limiter = self._limiter
         send_timeout = self._send_timeout
+        lingering = self._lingering
         # Label children bound once per handler, not looked up on every call.
         ok = metrics.requests.labels(method, "OK")
         latency = metrics.latency.labels(method)
@@ -414,6 +422,7 @@ class _Interceptor(grpc.aio.ServerInterceptor):
                 except Exception as exc:
                     if isinstance(exc, ScaleSetError) and exc.code == "SlowConsumer":
                         let_go.inc()
+                        lingering.hold(context)
                     await abort(context, exc, started, request)
                 ok.inc()
 
@@ -1365,7 +1374,7 @@ async def build_server(
     ``in_process``, the same services (same interceptors, same metrics) are also callable through it."""
     metrics = Metrics(control)
     limiter = RateLimiter(rate_limit) if rate_limit else None
-    interceptors: list[Any] = [_Interceptor(metrics, limiter, stream_send_timeout)]
+    interceptors: list[Any] = [_Interceptor(metrics, control.lingering, limiter, stream_send_timeout)]
     if authenticator is not None:
         from scaleset.auth import AuthInterceptor
 

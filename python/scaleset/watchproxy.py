@@ -40,9 +40,14 @@ from scaleset.client import error_of
 from scaleset.cluster import abort_with
 from scaleset.control import WATCH_INTERVAL_S, WATCH_MESSAGES_PER_SECOND
 from scaleset.errors import CapacityError, ScaleSetError, error, invalid_input
-from scaleset.limits import MAX_CONNECTIONS, STREAM_SEND_TIMEOUT_S, SendTurns
-from scaleset.service import (
+from scaleset.limits import (
     MAX_CONCURRENT_RPCS,
+    MAX_CONNECTIONS,
+    STREAM_SEND_TIMEOUT_S,
+    LingeringStreams,
+    SendTurns,
+)
+from scaleset.service import (
     MAX_REPLY_BYTES,
     STREAM_OPEN,
     WATCH_MESSAGE_BYTES,
@@ -312,6 +317,7 @@ class WatchProxy:
         self._upstream_streams = asyncio.Semaphore(PASS_THROUGH_STREAMS)
         self.log = EventLog(buffer_events, buffer_bytes)
         self.watchers = 0
+        self._lingering = LingeringStreams(LingeringStreams.limit_for(max_watchers))
         #: Whether the upstream watch is open; told to each listener (health) when it changes.
         self.following = False
         self.listeners: list[Callable[[bool], Awaitable[None]]] = []
@@ -333,6 +339,12 @@ class WatchProxy:
         )
         for name, text, read in (
             ("scaleset_proxy_watchers", "WatchEvents streams being served.", lambda: self.watchers),
+            (
+                "scaleset_proxy_lingering_streams",
+                "Streams let go as too slow whose clients have taken neither their last messages nor the "
+                "status; they count against --max-watchers until those clients read or disconnect.",
+                lambda: self._lingering.count,
+            ),
             ("scaleset_proxy_log_events", "Events in the proxy's log.", lambda: len(self.log)),
             ("scaleset_proxy_log_bytes", "Bytes of the events in the proxy's log.", lambda: self.log.size),
             (
@@ -443,6 +455,14 @@ class WatchProxy:
                     "another proxy.",
                     "TooManyWatchers",
                 )
+            if self._lingering.full:
+                raise error(
+                    CapacityError,
+                    f"this proxy holds {self._lingering.count} streams let go as too slow whose clients have "
+                    "not taken their status (they stay open until those clients read or disconnect); retry "
+                    "later, or through another proxy.",
+                    "TooManyWatchers",
+                )
             from_log = (
                 not watch.resume_token
                 and watch.after < 2**63
@@ -469,6 +489,7 @@ class WatchProxy:
         except (ScaleSetError, DecodeError) as exc:  # DecodeError: the server's message, not the client's
             if isinstance(exc, ScaleSetError) and exc.code == "SlowConsumer":
                 self._let_go.inc()
+                self._lingering.hold(context)
             status = status_for(exc)
             await context.abort(status.code, status.details, status.trailing_metadata)
 
