@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import shutil
 import threading
 import time
@@ -616,14 +617,16 @@ def test_a_watcher_that_stops_reading_is_let_go_and_its_slot_freed(tmp_path: Pat
 
 
 def test_streams_let_go_that_their_client_never_reads_are_bounded_until_it_disconnects(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A client that takes nothing at all, not even into its gRPC library's buffers (BDP probing off, so
     its windows stay at 64 KB), keeps the calls of its streams let go open: their status waits behind the
     message queued for each. Their watch slots are free, but they are counted
     (`scaleset_lingering_streams`), and while there are as many as allowed new watches are refused, until
-    the client disconnects. Before, nothing bounded them: such a client could hold open calls up to the
-    server's limit on concurrent RPCs, after which the server refused every call."""
+    the client disconnects, and then end quietly (before, gRPC logged an ERROR with a traceback for each,
+    failing to send a status to a client that had gone). Before, nothing bounded them: such a client could
+    hold open calls up to the server's limit on concurrent RPCs, after which the server refused every
+    call."""
     from scaleset.errors import CapacityError
     from scaleset.v1 import scaleset_pb2 as pb
     from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
@@ -660,6 +663,7 @@ def test_streams_let_go_that_their_client_never_reads_are_bounded_until_it_disco
             stalled.close()
             wait_until(lambda: lingering(server) == 0, what="the stalled client's calls to end")
             assert next(iter(c.watch())).sequence == 1
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 @pytest.mark.parametrize("flavour", ["Client", "AsyncClient"])

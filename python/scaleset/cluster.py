@@ -63,6 +63,7 @@ from scaleset.service import (
     _page_token,
     _read_token,
     _serve_reflection,
+    abort_call,
     build_server,
     listen,
     send_within,
@@ -123,9 +124,7 @@ _EXECUTOR_FAULTS = {
 
 async def abort_with(context: grpc.aio.ServicerContext, failure: grpc.aio.AioRpcError) -> None:
     """Ends the caller's call with the status an owner answered (its code, message and details)."""
-    await context.abort(
-        failure.code(), failure.details() or "", trailing_metadata=tuple(failure.trailing_metadata() or ())
-    )
+    await abort_call(context, failure.code(), failure.details() or "", failure.trailing_metadata() or ())
 
 
 def _not_in_cluster(what: str) -> ScaleSetError:
@@ -521,7 +520,7 @@ class Router:
 
     async def _fail(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
         status = status_for(exc)
-        await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
+        await abort_call(context, status.code, status.details, status.trailing_metadata)
 
     async def _relay(self, context: grpc.aio.ServicerContext, call: Awaitable[bytes]) -> bytes:
         try:

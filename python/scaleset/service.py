@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import grpc
 from google.protobuf import any_pb2, descriptor_pb2, field_mask_pb2
 from google.rpc import error_details_pb2, status_pb2
+from grpc._cython.cygrpc import ExecuteBatchError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import _async as reflection_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
@@ -106,6 +107,24 @@ async def send_within(context: grpc.aio.ServicerContext, message: Any, timeout: 
             "which the Python client does by itself).",
             "SlowConsumer",
         ) from None
+
+
+async def abort_call(
+    context: grpc.aio.ServicerContext,
+    code: grpc.StatusCode,
+    details: str,
+    trailing_metadata: Any = (),
+) -> None:
+    """``context.abort``: raises gRPC's AbortError, which ends the handler; or, when the client went away
+    before taking the status (gRPC fails the status's batch: a stream let go as too slow whose client
+    then disconnected, see `LingeringStreams`), CancelledError, as for any call its client cancelled,
+    which gRPC ends quietly. Raised as it was, that failure was an ERROR with a traceback in the log for
+    every such stream."""
+    try:
+        await context.abort(code, details, tuple(trailing_metadata))
+    except ExecuteBatchError:
+        log.debug("the client went away before taking its status (%s: %s)", code.name, details[:200])
+        raise asyncio.CancelledError from None
 
 
 def field_path(field: str, request: Any = None) -> str:
@@ -349,7 +368,7 @@ class _Interceptor(grpc.aio.ServerInterceptor):
             status = status_for(exc, request)
             metrics.requests.labels(method, status.code.name).inc()
             latency.observe(time.perf_counter() - started)
-            await context.abort(status.code, status.details, status.trailing_metadata)
+            await abort_call(context, status.code, status.details, status.trailing_metadata)
 
         # Handlers may return ready-made bytes (cached listings, replies replayed for a request_id).
         serialize = handler.response_serializer

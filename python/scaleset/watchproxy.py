@@ -51,6 +51,7 @@ from scaleset.service import (
     MAX_REPLY_BYTES,
     STREAM_OPEN,
     WATCH_MESSAGE_BYTES,
+    abort_call,
     listen,
     send_within,
     server_options,
@@ -491,7 +492,7 @@ class WatchProxy:
                 self._let_go.inc()
                 self._lingering.hold(context)
             status = status_for(exc)
-            await context.abort(status.code, status.details, status.trailing_metadata)
+            await abort_call(context, status.code, status.details, status.trailing_metadata)
 
     async def _follow_log(self, last: int, context: grpc.aio.ServicerContext) -> None:
         """A watch of every scale set: from the log, and what it no longer holds from the server first
