@@ -798,7 +798,6 @@ class Router:
     ) -> None:
         """A routed server stream, written here (see ``send_within``): a client that stops reading is let
         go, and with it the partitions' streams that feed it."""
-        # Closed as soon as the stream ends, however it ends: the partitions' streams go with it.
         if self._lingering.full:
             await self._fail(
                 context,
@@ -810,12 +809,13 @@ class Router:
                     "TooManyWatchers",
                 ),
             )
+        # Closed as soon as the stream ends, however it ends: the partitions' streams go with it.
         messages = self._stream_messages(method, name, request_type, payload, context)
         async with contextlib.aclosing(messages):
             async for message in messages:
                 try:
                     await send_within(context, message, self._send_timeout)
-                except ScaleSetError as e:
+                except ScaleSetError as e:  # SlowConsumer
                     self._lingering.hold(context)
                     await self._fail(context, e)
 

@@ -98,7 +98,7 @@ class FreedMemory:
     allocator (glibc's ``malloc_trim``). A stream whose client stopped reading holds up to a message of
     about 1 MB in gRPC's buffers, and its connection more, until they are let go; glibc keeps what they
     free in its arenas, so a server (or a watch proxy) otherwise stays at the peak that a crowd of stalled
-    watchers took it to. ``check`` reads how much the arenas hold free (``mallinfo2``, microseconds) and
+    watchers took it to. ``due`` reads how much the arenas hold free (``mallinfo2``, microseconds) and
     trims when that grew by ``threshold`` bytes from the least it held since the last trim (a trim does
     not lower it: the pages go back, the chunks stay free), so memory freed again after being reused is
     given back too, and a steady state is not trimmed over and over. Where the C library is not glibc

@@ -234,8 +234,8 @@ class Metrics:
         watchers.set_function(lambda: control.watchers)
         lingering = Gauge(
             "scaleset_lingering_streams",
-            "Server streams let go as too slow whose clients have taken neither their last messages nor the "
-            "status; they count against --max-watchers until those clients read or disconnect.",
+            "Server streams let go as too slow whose clients have not taken their status (open until those "
+            "clients read or disconnect); while there are as many as allowed, new watches are refused.",
             registry=self.registry,
         )
         lingering.set_function(lambda: control.lingering.count)

@@ -342,8 +342,8 @@ class WatchProxy:
             ("scaleset_proxy_watchers", "WatchEvents streams being served.", lambda: self.watchers),
             (
                 "scaleset_proxy_lingering_streams",
-                "Streams let go as too slow whose clients have taken neither their last messages nor the "
-                "status; they count against --max-watchers until those clients read or disconnect.",
+                "Streams let go as too slow whose clients have not taken their status (open until those "
+                "clients read or disconnect); while there are as many as allowed, new watches are refused.",
                 lambda: self._lingering.count,
             ),
             ("scaleset_proxy_log_events", "Events in the proxy's log.", lambda: len(self.log)),
