@@ -9,6 +9,8 @@ import asyncio
 import gc
 import sys
 import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram
 from scaleset.cli import (
@@ -40,13 +42,32 @@ def observed(pauses: Histogram, generation: str) -> float:
     )
 
 
-def test_a_full_collection_runs_when_what_is_held_grows_not_for_what_passes_through() -> None:
-    pauses = Histogram("pauses", "GC pauses.", ["generation"], registry=CollectorRegistry())
+def serving(scenario: Callable[[], Awaitable[None]], **options: Any) -> None:
+    """Runs ``scenario`` on an event loop beside collect_garbage (checking every 10 ms, with ``options``),
+    as in a serving process; checks that the collector restores the interpreter's thresholds as it stops
+    (and restores them itself whatever happens)."""
     thresholds = gc.get_threshold()
 
-    async def scenario() -> None:
+    async def run() -> None:
         stop = asyncio.Event()
-        collector = asyncio.create_task(collect_garbage(stop, pauses, interval=0.01))
+        collector = asyncio.create_task(collect_garbage(stop, interval=0.01, **options))
+        try:
+            await scenario()
+        finally:
+            stop.set()
+            await collector
+
+    try:
+        asyncio.run(run())
+        assert gc.get_threshold() == thresholds  # restored when serving stops
+    finally:
+        gc.set_threshold(*thresholds)
+
+
+def test_a_full_collection_runs_when_what_is_held_grows_not_for_what_passes_through() -> None:
+    pauses = Histogram("pauses", "GC pauses.", ["generation"], registry=CollectorRegistry())
+
+    async def scenario() -> None:
         await asyncio.sleep(0.05)
         assert gc.get_threshold()[:2] == YOUNG_GC_THRESHOLDS
         oldest = len(gc.get_objects(generation=2))
@@ -80,14 +101,7 @@ def test_a_full_collection_runs_when_what_is_held_grows_not_for_what_passes_thro
         assert full_collections() > before
         assert observed(pauses, "2") >= 1 and observed(pauses, "0") + observed(pauses, "1") >= 1
 
-        stop.set()
-        await collector
-
-    try:
-        asyncio.run(scenario())
-    finally:
-        gc.set_threshold(*thresholds)
-    assert gc.get_threshold() == thresholds  # restored when serving stops
+    serving(scenario, pauses=pauses)
 
 
 def freed_megabytes(count: int) -> list[bytearray]:
@@ -103,7 +117,8 @@ def freed_megabytes(count: int) -> list[bytearray]:
 def test_memory_freed_in_bulk_goes_back_to_the_system_once_and_again_after_reuse() -> None:
     freed = FreedMemory(threshold=16 << 20)
     assert freed.free_held() > 0  # glibc, as on the Debian machines this runs on
-    thresholds = gc.get_threshold()
+    if freed.due():
+        freed.trim()  # what the test process piled up before
 
     async def trimmed(after: int) -> None:
         for _ in range(300):
@@ -112,10 +127,6 @@ def test_memory_freed_in_bulk_goes_back_to_the_system_once_and_again_after_reuse
             await asyncio.sleep(0.01)
 
     async def scenario() -> None:
-        if freed.due():
-            freed.trim()  # what the test process piled up before
-        stop = asyncio.Event()
-        collector = asyncio.create_task(collect_garbage(stop, interval=0.01, freed=freed))
         trims, returned = freed.trims, freed.returned
         kept = [bytearray(1 << 20) for _ in range(64)]
         await asyncio.sleep(0.1)
@@ -132,10 +143,5 @@ def test_memory_freed_in_bulk_goes_back_to_the_system_once_and_again_after_reuse
         del blocks
         await trimmed(trims + 1)
         assert freed.trims == trims + 2
-        stop.set()
-        await collector
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        gc.set_threshold(*thresholds)
+    serving(scenario, freed=freed)
