@@ -206,6 +206,59 @@ def run_load(
     )
 
 
+RUST = Path(__file__).resolve().parent.parent / "rust"
+
+
+def build_rust_load() -> Path:
+    """Builds the Rust load generator (rust/scaleset-client/src/bin/scaleset-load.rs, optimised: it
+    shares the machine with the server it measures) and returns its path."""
+    subprocess.run(
+        ["cargo", "build", "--quiet", "--release", "-p", "scaleset-client", "--bin", "scaleset-load"],
+        cwd=RUST,
+        check=True,
+        timeout=1800,
+    )
+    return RUST / "target" / "release" / "scaleset-load"
+
+
+def run_rust_load(
+    binary: Path, target: str, rate: float, seconds: float, processes: int, inflight_per_process: int
+) -> LoadResult:
+    """The ``set_capacity`` open loop of run_load, made by the Rust load generator: ``rate * seconds``
+    calls over ``processes`` connections, each call timed from when it was due."""
+    run = subprocess.run(
+        [
+            str(binary),
+            "--target",
+            f"http://{target}",
+            "--rate",
+            str(rate),
+            "--seconds",
+            str(seconds),
+            "--processes",
+            str(processes),
+            "--inflight",
+            str(inflight_per_process),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=seconds * 10 + 60,
+    )
+    first, *lines = run.stdout.splitlines()
+    calls, errors, took = first.split()
+    latencies = sorted(int(us) / 1e6 for us in lines)
+    assert len(latencies) == int(calls), f"{calls} calls reported, {len(latencies)} latencies"
+    return LoadResult(
+        int(calls),
+        int(errors),
+        float(took),
+        percentile_ms(latencies, 0.50),
+        percentile_ms(latencies, 0.99),
+        latencies,
+    )
+
+
 def _noop(_: int) -> None:
     import scaleset.v1.scaleset_pb2  # noqa: F401 - import cost paid before timing
 

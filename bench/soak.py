@@ -23,6 +23,10 @@ them: on this machine they share 2 cores with the server and the load generator,
 would run them on machines of their own (the watchers are other people's agents) or, for a proxy on the
 server's host, at a lower priority than the server.
 
+With ``--load rust`` the open loop is made by the Rust load generator (rust/scaleset-client's
+scaleset-load, built optimised on first use): the same calls on the same schedule, timed the same way,
+from one process that spends a fraction of the CPU of bench/load.py's two, which share the server's cores.
+
 Run: ``python bench/soak.py --minutes 2 --watchers 1000 [--proxy]``. It starts its own server on a free
 loopback port with its database in a temporary directory, and stops it at the end.
 """
@@ -50,11 +54,13 @@ from scaleset.testing.server import free_port, start_server_process
 from bench.load import (
     LoadResult,
     WatchProxyProcess,
+    build_rust_load,
     cpu_seconds,
     create_load_sets,
     metric,
     percentile_ms,
     run_load,
+    run_rust_load,
     run_watchers,
     start_proxy,
 )
@@ -189,9 +195,20 @@ def main() -> None:
         default=0,
         help="niceness of the watcher processes and the proxy (they stand in for other machines)",
     )
+    parser.add_argument(
+        "--load",
+        choices=("python", "rust"),
+        default="python",
+        help="the load generator: bench/load.py's client processes, or the Rust one (open loop only)",
+    )
     args = parser.parse_args()
+    if args.load == "rust" and not args.rate:
+        parser.error("--load rust makes the open loop only: give a --rate above 0")
+    rust_load = build_rust_load() if args.load == "rust" else None
 
     def load(window: int) -> LoadResult:
+        if rust_load is not None:
+            return run_rust_load(rust_load, target, args.rate, WINDOW_S, PROCESSES, OPEN_INFLIGHT)
         if not args.rate:
             return run_load(target, "set_capacity", PROCESSES, INFLIGHT, window)
         calls = max(1, round(args.rate / PROCESSES * WINDOW_S / OPEN_INFLIGHT))
@@ -276,7 +293,9 @@ def main() -> None:
                 return min(firsts), reopened
 
             time.sleep(2)
-            mode = f"open loop at {args.rate:.0f}/s" if args.rate else "closed loop"
+            mode = (f"open loop at {args.rate:.0f}/s" if args.rate else "closed loop") + (
+                " (the Rust load generator)" if rust_load else ""
+            )
             print(
                 f"{mode}; unloaded before: {unloaded}; {args.watchers} watchers, half never read"
                 + (f", at nice {args.nice}" if args.nice else "")
