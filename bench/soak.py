@@ -27,8 +27,8 @@ With ``--load rust`` the open loop is made by the Rust load generator (rust/scal
 scaleset-load, built optimised on first use): the same calls on the same schedule, timed the same way,
 from one process that spends a fraction of the CPU of bench/load.py's two, which share the server's cores.
 
-Run: ``python bench/soak.py --minutes 2 --watchers 1000 [--proxy]``. It starts its own server on a free
-loopback port with its database in a temporary directory, and stops it at the end.
+Run: ``python bench/soak.py --minutes 2 --watchers 1000 [--proxy] [--load rust]``. It starts its own server
+on a free loopback port with its database in a temporary directory, and stops it at the end.
 """
 
 from __future__ import annotations
