@@ -10,11 +10,12 @@ answers 8 calls in flight: the saturation figures). Unloaded is the same load fo
 before the watchers start and as many after they stop; the summary compares the p99 of every loaded
 window after the warm-up with theirs, pooled, then the median of the windows' own p99s on each side (which
 one hiccup of the machine's does not move), the same median of only the windows the hypervisor stole at
-most CALM_STEAL% of a core from (each window prints its share), and the worst single window. The warm-up is the first window
-and any that starts before every reading watcher has replayed the history (each stream watches from the
-start); a reading watcher's stream that fails resumes after its last event, as a real watcher's would,
-and one refused opens again (the soak counts both). Each window also shows the watch streams served: the
-never-reading ones are let go once their flow control is full and --stream-send-timeout has passed.
+most CALM_STEAL% of a core from (each window prints its share), and the worst single window. The warm-up
+is the first window and any that starts before every reading watcher has replayed the history (each
+stream watches from the start); a reading watcher's stream that fails resumes after its last event, as a
+real watcher's would, and one refused opens again (the soak counts both). Each window also shows the
+watch streams served: the never-reading ones are let go once their flow control is full and
+--stream-send-timeout has passed.
 
 With ``--proxy`` the watchers watch through ``scaleset watch-proxy`` (a process of its own, started before
 them and stopped after them), and each window also shows the proxy's CPU and RSS.
@@ -77,7 +78,8 @@ QUIET_WINDOWS = 3
 #: Unloaded p99 before and after the watchers further apart than this: the run does not measure them.
 DRIFT = 2.0
 #: Windows the hypervisor stole at most this much of a core from (%), compared on their own: on this
-#: machine a window it stole a fifth of a core or more from had a p99 ten times that of one it left alone.
+#: machine the windows it stole a fifth of a core or more from had a median p99 18 times that of those it
+#: left alone (docs/soak.md, 2026-11-29).
 CALM_STEAL = 6.0
 
 
@@ -397,8 +399,8 @@ def main() -> None:
                     f"median window's p99: loaded {typical:.1f} ms = {typical / quiet_typical:.1f}x unloaded "
                     f"({quiet_typical:.1f} ms)"
                 )
-                # The same, of the windows the hypervisor left (nearly) alone: what it took is neither the
-                # server's nor the watchers' doing, and moved the p99 tenfold here.
+                # The same, of the windows the hypervisor left (nearly) alone: what it takes is neither the
+                # server's doing nor the watchers'.
                 calm_from = f"windows the hypervisor stole at most {CALM_STEAL:.0f}% of a core from"
                 if calm["loaded"] and calm["unloaded"]:
                     left, quiet_left = (statistics.median(calm[side]) for side in ("loaded", "unloaded"))
