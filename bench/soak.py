@@ -406,7 +406,8 @@ def main() -> None:
                     left, quiet_left = (statistics.median(calm[side]) for side in ("loaded", "unloaded"))
                     print(
                         f"{calm_from}: median p99 loaded {left:.1f} ms ({len(calm['loaded'])} windows) = "
-                        f"{left / quiet_left:.1f}x unloaded ({quiet_left:.1f} ms, {len(calm['unloaded'])} windows)"
+                        f"{left / quiet_left:.1f}x unloaded ({quiet_left:.1f} ms, "
+                        f"{len(calm['unloaded'])} windows)"
                     )
                 else:
                     print(f"{calm_from}: none {'loaded' if not calm['loaded'] else 'unloaded'}")
