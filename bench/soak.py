@@ -10,7 +10,8 @@ answers 8 calls in flight: the saturation figures). Unloaded is the same load fo
 before the watchers start and as many after they stop; the summary compares the p99 of every loaded
 window after the warm-up with theirs, pooled, then the median of the windows' own p99s on each side (which
 one hiccup of the machine's does not move), the same median of only the windows the hypervisor stole at
-most CALM_STEAL% of a core from (each window prints its share), and the worst single window. The warm-up
+most CALM_STEAL% of a core from (each window prints its share; given QUIET_WINDOWS such windows on each
+side), and the worst single window. The warm-up
 is the first window and any that starts before every reading watcher has replayed the history (each
 stream watches from the start); a reading watcher's stream that fails resumes after its last event, as a
 real watcher's would, and one refused opens again (the soak counts both). Each window also shows the
@@ -402,15 +403,19 @@ def main() -> None:
                 # The same, of the windows the hypervisor left (nearly) alone: what it takes is neither the
                 # server's doing nor the watchers'.
                 calm_from = f"windows the hypervisor stole at most {CALM_STEAL:.0f}% of a core from"
-                if calm["loaded"] and calm["unloaded"]:
+                counts = {side: len(p99s) for side, p99s in calm.items()}
+                if min(counts.values()) >= QUIET_WINDOWS:
                     left, quiet_left = (statistics.median(calm[side]) for side in ("loaded", "unloaded"))
                     print(
-                        f"{calm_from}: median p99 loaded {left:.1f} ms ({len(calm['loaded'])} windows) = "
+                        f"{calm_from}: median p99 loaded {left:.1f} ms ({counts['loaded']} windows) = "
                         f"{left / quiet_left:.1f}x unloaded ({quiet_left:.1f} ms, "
-                        f"{len(calm['unloaded'])} windows)"
+                        f"{counts['unloaded']} windows)"
                     )
                 else:
-                    print(f"{calm_from}: none {'loaded' if not calm['loaded'] else 'unloaded'}")
+                    print(
+                        f"{calm_from}: too few to compare ({counts['loaded']} loaded, {counts['unloaded']} "
+                        f"unloaded; at least {QUIET_WINDOWS} on each side)"
+                    )
             else:
                 print(
                     "no window after the warm-up: a reading watcher never had the history (or its stream ended)"
