@@ -15,15 +15,20 @@ from scaleset.testing.server import ServerThread
 RUST = Path(__file__).resolve().parent.parent / "rust"
 
 
-def test_the_rust_client_passes_its_conformance_run(tmp_path: Path) -> None:
-    # Built by the test command's cargo step already; this only links what changed.
+def built(binary: str) -> Path:
+    """The client crate's ``binary``, built by the test command's cargo step already (this only links what
+    changed)."""
     subprocess.run(
-        ["cargo", "build", "--quiet", "-p", "scaleset-client", "--bin", "scaleset-conformance"],
+        ["cargo", "build", "--quiet", "-p", "scaleset-client", "--bin", binary],
         cwd=RUST,
         check=True,
         timeout=1200,
     )
-    binary = RUST / "target" / "debug" / "scaleset-conformance"
+    return RUST / "target" / "debug" / binary
+
+
+def test_the_rust_client_passes_its_conformance_run(tmp_path: Path) -> None:
+    binary = built("scaleset-conformance")
     with ServerThread(
         str(tmp_path / "state.db"), Region(zones=["1", "2", "3"], fault_domains_per_zone=3)
     ) as s:
@@ -36,13 +41,7 @@ def test_the_rust_client_passes_its_conformance_run(tmp_path: Path) -> None:
 def test_the_rust_load_generator_makes_every_call_of_its_schedule(tmp_path: Path) -> None:
     """bench/soak.py --load rust: 200 calls at 200 a second over two connections with two scale sets each
     (load-<connection>-<set>), each set visited 50 times, alternating 10 and 11 instances."""
-    subprocess.run(
-        ["cargo", "build", "--quiet", "-p", "scaleset-client", "--bin", "scaleset-load"],
-        cwd=RUST,
-        check=True,
-        timeout=1200,
-    )
-    binary = RUST / "target" / "debug" / "scaleset-load"
+    binary = built("scaleset-load")
     names = [f"load-{p}-{k}" for p in range(2) for k in range(2)]
     with ServerThread(str(tmp_path / "state.db"), Region(zones=["1", "2", "3"])) as s, Client(s.target) as c:
         for name in names:
