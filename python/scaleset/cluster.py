@@ -799,16 +799,7 @@ class Router:
         """A routed server stream, written here (see ``send_within``): a client that stops reading is let
         go, and with it the partitions' streams that feed it."""
         if self._lingering.full:
-            await self._fail(
-                context,
-                error(
-                    CapacityError,
-                    f"this server holds {self._lingering.count} streams let go as too slow whose clients have "
-                    "not taken their status (they stay open until those clients read or disconnect); retry "
-                    "later, or through another server.",
-                    "TooManyWatchers",
-                ),
-            )
+            await self._fail(context, self._lingering.refusal("server", elsewhere=True))
         # Closed as soon as the stream ends, however it ends: the partitions' streams go with it.
         messages = self._stream_messages(method, name, request_type, payload, context)
         async with contextlib.aclosing(messages):

@@ -828,12 +828,7 @@ class ControlPlane:
                 "TooManyWatchers",
             )
         if self.lingering.full:
-            raise error(
-                CapacityError,
-                f"this server holds {self.lingering.count} streams let go as too slow whose clients have not "
-                "taken their status (they stay open until those clients read or disconnect); retry later.",
-                "TooManyWatchers",
-            )
+            raise self.lingering.refusal("server")
         return self._follow(scale_set, after)
 
     async def _follow(self, scale_set: str, after: int) -> AsyncIterator[list[EventRecord]]:

@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from scaleset.errors import CapacityError, ScaleSetError, error
+
 log = logging.getLogger(__name__)
 
 #: A server stream (WatchEvents, LeaseOperations) whose client takes no message for this long is ended
@@ -73,6 +75,17 @@ class LingeringStreams:
     @property
     def full(self) -> bool:
         return self.count >= self.limit
+
+    def refusal(self, server: str, *, elsewhere: bool = False) -> ScaleSetError:
+        """What a new watch gets while ``full``: ``TooManyWatchers``, from this ``server`` ("server",
+        "proxy"), pointing to another one when the client has one to go to (``elsewhere``)."""
+        return error(
+            CapacityError,
+            f"this {server} holds {self.count} streams let go as too slow whose clients have not taken their "
+            "status (they stay open until those clients read or disconnect); retry later"
+            + (f", or through another {server}." if elsewhere else "."),
+            "TooManyWatchers",
+        )
 
     def hold(self, context: Any) -> None:
         """Counts the stream of ``context`` (a grpc.aio.ServicerContext) until its call is over."""

@@ -457,13 +457,7 @@ class WatchProxy:
                     "TooManyWatchers",
                 )
             if self._lingering.full:
-                raise error(
-                    CapacityError,
-                    f"this proxy holds {self._lingering.count} streams let go as too slow whose clients have "
-                    "not taken their status (they stay open until those clients read or disconnect); retry "
-                    "later, or through another proxy.",
-                    "TooManyWatchers",
-                )
+                raise self._lingering.refusal("proxy", elsewhere=True)
             from_log = (
                 not watch.resume_token
                 and watch.after < 2**63
