@@ -209,16 +209,17 @@ def run_load(
 RUST = Path(__file__).resolve().parent.parent / "rust"
 
 
-def build_rust_load() -> Path:
-    """Builds the Rust load generator (rust/scaleset-client/src/bin/scaleset-load.rs, optimised: it
-    shares the machine with the server it measures) and returns its path."""
+def build_rust_client(binary: str) -> Path:
+    """Builds one of the soak's Rust clients (rust/scaleset-client/src/bin: ``scaleset-load``, the load
+    generator, or ``scaleset-watch``, the watchers), optimised since it shares the machine with the server
+    it measures, and returns its path."""
     subprocess.run(
-        ["cargo", "build", "--quiet", "--release", "-p", "scaleset-client", "--bin", "scaleset-load"],
+        ["cargo", "build", "--quiet", "--release", "-p", "scaleset-client", "--bin", binary],
         cwd=RUST,
         check=True,
         timeout=1800,
     )
-    return RUST / "target" / "release" / "scaleset-load"
+    return RUST / "target" / "release" / binary
 
 
 def run_rust_load(
@@ -257,6 +258,67 @@ def run_rust_load(
         percentile_ms(latencies, 0.99),
         latencies,
     )
+
+
+class PythonWatchers:
+    """run_watchers in a process of its own, asked as RustWatchers are."""
+
+    def __init__(self, target: str, count: int, *, reads: bool, resume: bool) -> None:
+        self._asks: multiprocessing.Queue[Any] = multiprocessing.Queue()
+        self._answers: multiprocessing.Queue[Any] = multiprocessing.Queue()
+        self._proc = multiprocessing.Process(
+            target=run_watchers,
+            args=(target, count, self._asks, self._answers),
+            kwargs={"reads": reads, "resume": resume},
+            daemon=True,
+        )
+        self._proc.start()
+        assert self._proc.pid is not None
+        self.pid = self._proc.pid
+
+    def least(self, which: str) -> tuple[int, int]:
+        """As RustWatchers.least."""
+        self._asks.put(which)
+        positions, reopened = self._answers.get(timeout=60)
+        return min(positions), reopened
+
+    def stop(self) -> None:
+        self._proc.kill()
+        self._proc.join()
+
+
+class RustWatchers:
+    """The Rust watchers (``scaleset-watch``): ``count`` streams of every scale set at ``target`` from the
+    start, in a process of their own, reading each message or (``reads`` False) holding the stream after
+    the first; a reading stream that fails resumes after its last event with ``resume``. Asked as
+    run_watchers' processes are, for the least position over the streams only."""
+
+    def __init__(self, binary: Path, target: str, count: int, *, reads: bool, resume: bool) -> None:
+        flags = {"--target": f"http://{target}", "--streams": str(count)}
+        flags |= {"--reads": "yes" if reads else "no", "--resume": "yes" if resume else "no"}
+        self._proc = subprocess.Popen(
+            [str(binary), *(part for flag in flags.items() for part in flag)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.pid = self._proc.pid
+
+    def least(self, which: str) -> tuple[int, int]:
+        """Over the streams, the least ``which`` ("first": the first event of each stream's last message;
+        "last": its last event; 0 before any message, -1 once ended), and how many times a stream opened
+        again."""
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._proc.stdin.write(which + "\n")
+        self._proc.stdin.flush()
+        answer = self._proc.stdout.readline().split()
+        if len(answer) != 2:
+            raise RuntimeError(f"scaleset-watch gave no answer (exit status {self._proc.poll()})")
+        return int(answer[0]), int(answer[1])
+
+    def stop(self) -> None:
+        self._proc.kill()
+        self._proc.communicate()
 
 
 def _noop(_: int) -> None:

@@ -30,14 +30,17 @@ With ``--load rust`` the open loop is made by the Rust load generator (rust/scal
 scaleset-load, built optimised on first use): the same calls on the same schedule, timed the same way,
 from one process that spends a fraction of the CPU of bench/load.py's two, which share the server's cores.
 
-Run: ``python bench/soak.py --minutes 2 --watchers 1000 [--proxy] [--load rust]``. It starts its own server
+With ``--watch rust`` the watchers are the Rust ones (rust/scaleset-client's scaleset-watch, built the same
+way): the same streams, read or held the same way, in two processes that spend a third of the CPU of
+bench/load.py's watcher processes (each message is scanned for its first and last event, not decoded).
+
+Run: ``python bench/soak.py --minutes 2 --watchers 1000 [--proxy] [--load rust] [--watch rust]``. It starts its own server
 on a free loopback port with its database in a temporary directory, and stops it at the end.
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import re
 import signal
@@ -46,9 +49,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from multiprocessing import Queue
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from scaleset.client import Client
@@ -56,15 +57,16 @@ from scaleset.testing.server import free_port, start_server_process
 
 from bench.load import (
     LoadResult,
+    PythonWatchers,
+    RustWatchers,
     WatchProxyProcess,
-    build_rust_load,
+    build_rust_client,
     cpu_seconds,
     create_load_sets,
     metric,
     percentile_ms,
     run_load,
     run_rust_load,
-    run_watchers,
     start_proxy,
 )
 
@@ -208,10 +210,17 @@ def main() -> None:
         default="python",
         help="the load generator: bench/load.py's client processes, or the Rust one (open loop only)",
     )
+    parser.add_argument(
+        "--watch",
+        choices=("python", "rust"),
+        default="python",
+        help="the watcher processes: bench/load.py's (asyncio gRPC), or the Rust ones (scaleset-watch)",
+    )
     args = parser.parse_args()
     if args.load == "rust" and not args.rate:
         parser.error("--load rust makes the open loop only: give a --rate above 0")
-    rust_load = build_rust_load() if args.load == "rust" else None
+    rust_load = build_rust_client("scaleset-load") if args.load == "rust" else None
+    rust_watch = build_rust_client("scaleset-watch") if args.watch == "rust" else None
 
     def load(window: int) -> LoadResult:
         if rust_load is not None:
@@ -284,35 +293,28 @@ def main() -> None:
             watched = target if proxy is None else proxy.target
             if proxy is not None:
                 renice(proxy.pid, args.nice)
-            # The watchers run in two processes of their own (asyncio channels), one reading, one not;
-            # the reading one's streams resume after a failure, as real watchers do.
+            # The watchers run in two processes of their own, one reading, one not; the reading one's
+            # streams resume after a failure, as real watchers do.
             head = head_sequence(target)
-            queues: list[tuple[Queue[Any], Queue[Any]]] = [(Queue(), Queue()) for _ in range(2)]
             procs = [
-                multiprocessing.Process(
-                    target=run_watchers,
-                    args=(watched, args.watchers // 2, asks, answers),
-                    kwargs={"reads": reads, "resume": reads},
-                    daemon=True,
-                )
-                for reads, (asks, answers) in zip((True, False), queues, strict=True)
+                PythonWatchers(watched, args.watchers // 2, reads=reads, resume=reads)
+                if rust_watch is None
+                else RustWatchers(rust_watch, watched, args.watchers // 2, reads=reads, resume=reads)
+                for reads in (True, False)
             ]
             for w in procs:
-                w.start()
-                assert w.pid is not None
                 renice(w.pid, args.nice)
 
             def reading() -> tuple[int, int]:
                 """The reading watchers: the first event of the last message every stream has (each has every
                 event before it), and how often one opened again."""
-                asks, answers = queues[0]
-                asks.put("first")
-                firsts, reopened = answers.get(timeout=60)
-                return min(firsts), reopened
+                return procs[0].least("first")
 
             time.sleep(2)
-            mode = (f"open loop at {args.rate:.0f}/s" if args.rate else "closed loop") + (
-                " (the Rust load generator)" if rust_load else ""
+            mode = (
+                (f"open loop at {args.rate:.0f}/s" if args.rate else "closed loop")
+                + (" (the Rust load generator)" if rust_load else "")
+                + (" with the Rust watchers" if rust_watch else "")
             )
             print(
                 f"{mode}; unloaded before: {unloaded}; {args.watchers} watchers, half never read"
@@ -373,8 +375,7 @@ def main() -> None:
                 f"(a connection refused, or a resume): {reading()[1]}"
             )
             for w in procs:
-                w.kill()
-                w.join()
+                w.stop()
             if proxy is not None:
                 proxy.stop()
             time.sleep(2)
