@@ -33,7 +33,7 @@ from scaleset.testing.server import (
 )
 from scaleset.v1 import scaleset_pb2 as pb
 from scaleset.v1 import scaleset_pb2_grpc as pb_grpc
-from scaleset.watchproxy import WATCH_PATH, EventLog, WatchProxy, split_events
+from scaleset.watchproxy import WATCH_PATH, EventLog, Served, WatchProxy, split_events
 
 from tests.conftest import flood_until_a_watch_is_taken, wait_until, zonal_spec
 
@@ -134,17 +134,17 @@ def test_event_log_holds_its_bounds_and_answers_only_what_it_holds() -> None:
         ).SerializeToString()
 
     log = EventLog(max_events=6, max_bytes=1 << 20)
-    assert log.messages(0) is None  # following nothing yet
+    assert log.message(0) is None  # following nothing yet
     log.reset(0)
     log.append(message(1, 2, 3))
     log.append(message(3, 4))  # 3 again (a reconnect's overlap): kept once
-    served = log.messages(1)
+    served = log.message(1)
     assert served is not None
-    assert [s for m in served[0] for s, _ in split_events(m)] == [2, 3, 4] and served[1] == 4
-    assert log.messages(4) == ([], 4)
+    assert [s for s, _ in split_events(served.message)] == [2, 3, 4] and served[1:] == (4, False, False)
+    assert log.message(4) == Served(b"", 4)
     log.append(message(5, 6, 7))  # 7 events: the oldest half (3) goes
     assert (len(log), log.start) == (4, 3)
-    assert log.messages(2) is None and log.messages(3) is not None
+    assert log.message(2) is None and log.message(3) is not None
     log.append(message(*range(8, 18)))  # 10 events in one message: more than the oldest half goes
     assert (len(log), log.start) == (6, 11)
     # Messages of at most about WATCH_MESSAGE_BYTES, cut between events; one larger event goes alone.
@@ -152,16 +152,22 @@ def test_event_log_holds_its_bounds_and_answers_only_what_it_holds() -> None:
     large.reset(0)
     large.append(
         pb.WatchEventsResponse(
-            events=[pb.Event(sequence=s, summary="x" * 400_000) for s in (1, 2, 3)]
+            events=[
+                pb.Event(sequence=s, scale_set="big", revision=s, summary="x" * 400_000) for s in (1, 2, 3)
+            ]
         ).SerializeToString()
     )
     large.append(
         pb.WatchEventsResponse(events=[pb.Event(sequence=4, summary="y" * 1_500_000)]).SerializeToString()
     )
-    cut = large.messages(0)
-    assert cut is not None and cut[1] == 4
-    assert [[s for s, _ in split_events(m)] for m in cut[0]] == [[1, 2], [3], [4]]
-    assert all(len(m) <= WATCH_MESSAGE_BYTES for m in cut[0][:2])
+    # One message at a time, each saying whether more follows it at once.
+    cut = [large.message(after) for after in (0, 2, 3)]
+    assert [(s.last, s.more) for s in cut if s is not None] == [(2, True), (3, True), (4, False)]
+    assert [[s for s, _ in split_events(m.message)] for m in cut if m is not None] == [[1, 2], [3], [4]]
+    assert all(m is not None and len(m.message) <= WATCH_MESSAGE_BYTES for m in cut[:2])
+    # A watch of one scale set is cut the same way.
+    of_set = [large.set_message("big", after) for after in (0, 2)]
+    assert [(s.last, s.more) for s in of_set if s is not None] == [(2, True), (3, False)]
     with pytest.raises(DecodeError):  # a message cut short, in the middle of a length
         split_events(message(1, 2)[:-60] + bytes([0x0A, 0xFF]))
     small = EventLog(max_events=100, max_bytes=200)
@@ -176,9 +182,9 @@ def test_event_log_serves_one_scale_set_only_from_where_it_holds_all_its_events(
             events=[pb.Event(sequence=q, scale_set=n, revision=r, type=t) for q, n, r, t in events]
         ).SerializeToString()
 
-    def revisions(served: tuple[list[bytes], int, bool] | None) -> list[int]:
+    def revisions(served: Served | None) -> list[int]:
         assert served is not None
-        return [e.revision for m in served[0] for e in pb.WatchEventsResponse.FromString(m).events]
+        return [e.revision for e in pb.WatchEventsResponse.FromString(served.message).events]
 
     log = EventLog(max_events=6, max_bytes=1 << 20)
     log.reset(10)  # web's revisions 1 and 2 came before the log started
@@ -186,22 +192,24 @@ def test_event_log_serves_one_scale_set_only_from_where_it_holds_all_its_events(
     log.append(message((13, "web", 4, "CapacitySet"), (14, "", 7, "ZoneAvailabilityChanged")))
     assert [log.serves_set("web", after) for after in (1, 2, 3, 4, 5)] == [False, True, True, True, False]
     assert not log.serves_set("db", 0)  # nothing of it held: the server knows whether it exists
-    assert revisions(log.set_messages("web", 2)) == [3, 4] and log.set_messages("web", 2)[1:] == (4, False)
-    assert log.set_messages("web", 4) == ([], 4, False)  # nothing after it yet
-    assert log.set_messages("web", 1) is None
+    two = log.set_message("web", 2)
+    assert revisions(two) == [3, 4] and two is not None and two[1:] == (4, False, False)
+    assert log.set_message("web", 4) == Served(b"", 4)  # nothing after it yet
+    assert log.set_message("web", 1) is None
     # Deleted and created again: a watch ends with the deletion; after it, the server answers.
     log.append(message((15, "web", 5, "ScaleSetDeleted"), (16, "api", 2, "CapacitySet")))
-    assert log.set_messages("web", 3)[1:] == (5, True) and not log.serves_set("web", 5)
+    ends = log.set_message("web", 3)
+    assert ends is not None and ends[1:] == (5, False, True) and not log.serves_set("web", 5)
     log.append(message((17, "web", 6, "ScaleSetCreated")))  # 7 events: the oldest half goes
     assert log.start == 13 and log.serves_set("web", 5)
-    assert revisions(log.set_messages("web", 4)) == [5]  # up to the deletion, not past it
-    assert log.set_messages("web", 3) is None  # revision 4 went with the oldest half
-    assert log.set_messages("api", 2) == ([], 2, False)  # all of api's held events went: none after 2
+    assert revisions(log.set_message("web", 4)) == [5]  # up to the deletion, not past it
+    assert log.set_message("web", 3) is None  # revision 4 went with the oldest half
+    assert log.set_message("api", 2) == Served(b"", 2)  # all of api's held events went: none after 2
     log.reset(20)
     assert not log.serves_set("web", 6) and log.generation == 2
     log.known("web", 6)  # listed by the server: its events from there on are the log's
     assert log.serves_set("web", 6) and not log.serves_set("web", 5)
-    assert log.set_messages("web", 6) == ([], 6, False)
+    assert log.set_message("web", 6) == Served(b"", 6)
     # A cluster's watch of one scale set numbers its events otherwise: the server serves those.
     cluster = EventLog()
     cluster.reset(20)

@@ -29,7 +29,7 @@ import bisect
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -60,7 +60,7 @@ from scaleset.service import (
 )
 from scaleset.v1 import scaleset_pb2 as pb
 
-__all__ = ["EventLog", "WatchProxy", "serve_watch_proxy"]
+__all__ = ["EventLog", "Served", "WatchProxy", "serve_watch_proxy"]
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,20 @@ def _entries(message: bytes) -> list[tuple[pb.Event, bytes]]:
 
 def _last_sequence(message: bytes) -> int:
     return split_events(message)[-1][0]
+
+
+class Served(NamedTuple):
+    """What the log serves a watcher next: one message (empty when it has nothing after the watcher's
+    position yet), the position of its last event, whether the log held more events after it when it was
+    cut at the size of a message (the watcher's next message follows at once, without waiting for a turn,
+    as a replay does on the server), and, in a watch of one scale set, whether it ends with that scale
+    set's deletion. One message at a time: what a watcher replaying the log holds is the message it is
+    sending, not copies of every event it has yet to receive."""
+
+    message: bytes
+    last: int
+    more: bool = False
+    ended: bool = False
 
 
 class EventLog:
@@ -241,54 +255,46 @@ class EventLog:
         """Set on ``scale_set``'s next event (or when the log starts over)."""
         return self._set_changed.setdefault(scale_set, asyncio.Event())
 
-    def set_messages(self, scale_set: str, after: int) -> tuple[list[bytes], int, bool] | None:
-        """``scale_set``'s events after revision ``after`` up to its next deletion, as messages of at most
-        about WATCH_MESSAGE_BYTES, the revision of the last of them, and whether it is a deletion (the
-        watch ends there); None when the log no longer holds the event after ``after``."""
+    def set_message(self, scale_set: str, after: int) -> Served | None:
+        """``scale_set``'s events after revision ``after``, from the first, up to its next deletion, as one
+        message of at most about WATCH_MESSAGE_BYTES (its ``last`` a revision); None when the log no
+        longer holds the event after ``after``."""
         revisions, sequences = self._sets.get(scale_set, ([], []))
         at = bisect.bisect_right(revisions, after)
         if at == len(revisions):
-            return None if self._revisions.get(scale_set, 0) > after else ([], after, False)
+            return None if self._revisions.get(scale_set, 0) > after else Served(b"", after)
         if revisions[at] != after + 1:
             return None
-        messages, message, size, ended, last = [], bytearray(), 0, False, at
+        message, last = bytearray(), at
         with memoryview(self._data) as view:
-            for last in range(at, len(sequences)):
-                sequence = sequences[last]
-                i = bisect.bisect_left(self._sequences, sequence)
+            for k in range(at, len(sequences)):
+                i = bisect.bisect_left(self._sequences, sequences[k])
                 entry = view[self._starts[i] : self._starts[i + 1] if i + 1 < len(self._starts) else None]
-                if message and size + len(entry) > WATCH_MESSAGE_BYTES:
-                    messages.append(bytes(message))
-                    message, size = bytearray(), 0
+                if message and len(message) + len(entry) > WATCH_MESSAGE_BYTES:
+                    return Served(bytes(message), revisions[last], more=True)
                 message += entry
-                size += len(entry)
-                if sequence in self._deletions:
-                    ended = True
-                    break
-        messages.append(bytes(message))
-        return messages, revisions[last], ended
+                last = k
+                if sequences[k] in self._deletions:
+                    return Served(bytes(message), revisions[last], ended=True)
+        return Served(bytes(message), revisions[last])
 
-    def messages(self, after: int) -> tuple[list[bytes], int] | None:
-        """Every event after sequence ``after`` as messages of at most about WATCH_MESSAGE_BYTES (more only
-        for one larger event), and the sequence of the last of them (``after`` when there is none yet);
-        None when the log does not reach back to ``after``."""
+    def message(self, after: int) -> Served | None:
+        """The events after sequence ``after``, from the first, as one message of at most about
+        WATCH_MESSAGE_BYTES (more only for one larger event; ``last`` a sequence, ``after`` when there is
+        none yet); None when the log does not reach back to ``after``."""
         if self.start is None or after < self.start:
             return None
         at, end = bisect.bisect_right(self._sequences, after), len(self._sequences)
         if at == end:
-            return [], after
+            return Served(b"", after)
         starts, begin = self._starts, self._starts[at]
-        messages = []
+        cut_at = end
+        if len(self._data) - begin > WATCH_MESSAGE_BYTES and at + 1 < end:
+            # At the last event boundary within the limit, after at least one event.
+            cut_at = max(bisect.bisect_right(starts, begin + WATCH_MESSAGE_BYTES, at + 1, end) - 1, at + 1)
         with memoryview(self._data) as view:
-            while len(self._data) - begin > WATCH_MESSAGE_BYTES and at + 1 < end:
-                # Cut at the last event boundary within the limit, after at least one event.
-                cut_at = max(
-                    bisect.bisect_right(starts, begin + WATCH_MESSAGE_BYTES, at + 1, end) - 1, at + 1
-                )
-                messages.append(view[begin : starts[cut_at]].tobytes())
-                begin, at = starts[cut_at], cut_at
-            messages.append(view[begin:].tobytes())
-        return messages, self._sequences[-1]
+            message = view[begin : starts[cut_at] if cut_at < end else None].tobytes()
+        return Served(message, self._sequences[cut_at - 1], more=cut_at < end)
 
 
 class WatchProxy:
@@ -494,7 +500,7 @@ class WatchProxy:
         headers_sent = False
         while True:
             changed = self.log.changed
-            served = self.log.messages(last)
+            served = self.log.message(last)
             if served is None:
                 last = await self._catch_up(last, context, headers_sent=headers_sent)
                 headers_sent = True
@@ -502,23 +508,20 @@ class WatchProxy:
             if not headers_sent:
                 await context.send_initial_metadata(STREAM_OPEN)
                 headers_sent = True
-            messages, last = served
-            await self._deliver(messages, changed, context)
-
-    async def _send(self, messages: list[bytes], context: grpc.aio.ServicerContext) -> None:
-        """Sends ``messages`` (emptying the list: nothing of them is held once sent)."""
-        messages.reverse()
-        while messages:
-            await send_within(context, messages.pop(), self._send_timeout)
+            last = served.last
+            await self._deliver(served, changed, context)
 
     async def _deliver(
-        self, messages: list[bytes], changed: asyncio.Event, context: grpc.aio.ServicerContext
+        self, served: Served, changed: asyncio.Event, context: grpc.aio.ServicerContext
     ) -> None:
-        """Sends ``messages`` (none: waits for ``changed``), then waits for the watcher's next turn. As on
-        the server: at most one message per watcher per interval while changes stream, jittered so that
-        watchers do not wake together, each in its turn across all of them."""
-        if messages:
-            await self._send(messages, context)
+        """Sends ``served``'s message (none: waits for ``changed``), then, unless more follows at once,
+        waits for the watcher's next turn. As on the server: at most one message per watcher per interval
+        while changes stream, jittered so that watchers do not wake together, each in its turn across all
+        of them."""
+        if served.message:
+            await send_within(context, served.message, self._send_timeout)
+            if served.more:
+                return
             await asyncio.sleep(WATCH_INTERVAL_S * random.uniform(0.5, 1.5))
         else:
             await changed.wait()
@@ -530,16 +533,16 @@ class WatchProxy:
         generation = self.log.generation
         while True:
             changed = self.log.set_changed(scale_set)
-            served = self.log.set_messages(scale_set, last) if self.log.generation == generation else None
+            served = self.log.set_message(scale_set, last) if self.log.generation == generation else None
             if served is None:
                 request = pb.WatchEventsRequest(scale_set=scale_set, after=last).SerializeToString()
                 await self._pass_through(request, context, headers_sent=True)
                 return
-            messages, last, ended = served
-            if ended:  # its deletion: the last message
-                await self._send(messages, context)
+            if served.ended:  # its deletion: the last message
+                await send_within(context, served.message, self._send_timeout)
                 return
-            await self._deliver(messages, changed, context)
+            last = served.last
+            await self._deliver(served, changed, context)
 
     async def _catch_up(self, last: int, context: grpc.aio.ServicerContext, *, headers_sent: bool) -> int:
         """Relays the server's watch after ``last`` until the log reaches back to where it got to; returns
