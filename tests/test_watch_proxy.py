@@ -176,6 +176,50 @@ def test_event_log_holds_its_bounds_and_answers_only_what_it_holds() -> None:
     assert small.size <= 200 and small.start == 2
 
 
+def test_a_watcher_of_the_proxy_waiting_for_a_change_holds_nothing_of_the_message_it_sent() -> None:
+    """As on the server (tests/test_failure_paths.py): between its messages a watcher of the proxy's log
+    holds nothing of the last one (1,000 waiting watchers would hold up to about 1 MB each); and a replay
+    longer than a message goes out message after message, without waiting for a turn between them."""
+
+    class Context:
+        def __init__(self) -> None:
+            self.written: list[bytes] = []
+
+        async def send_initial_metadata(self, metadata: object) -> None:
+            pass
+
+        async def write(self, message: bytes) -> None:
+            self.written.append(message)
+
+    async def scenario() -> tuple[list[list[int]], int, bool]:
+        channel = grpc.aio.insecure_channel("127.0.0.1:1")  # never called: the log serves the watch
+        # One turn a second: a replay that waited for turns between its messages would take seconds.
+        proxy = WatchProxy(channel, upstream="127.0.0.1:1", messages_per_second=1)
+        proxy.log.reset(0)
+        big = "x" * (WATCH_MESSAGE_BYTES // 3)
+        proxy.log.append(
+            pb.WatchEventsResponse(
+                events=[pb.Event(sequence=s, type="CapacitySet", summary=big) for s in range(1, 8)]
+            ).SerializeToString()
+        )
+        context = Context()
+        await proxy._turns.take()  # the next turn is a second away
+        watch = asyncio.create_task(proxy._follow_log(0, context))  # type: ignore[arg-type]
+        await asyncio.sleep(0.5)  # the replay sent, and the watcher waiting for its next turn
+        # References to the last message beyond context.written's and getrefcount's own (a tuple of bytes
+        # and numbers, as a Served is, is not tracked by the garbage collector: get_referrers misses it).
+        held = sys.getrefcount(context.written[-1]) - 2
+        waiting = not watch.done()
+        watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watch
+        await channel.close()
+        return [[s for s, _ in split_events(m)] for m in context.written], held, waiting
+
+    sent, held, waiting = asyncio.run(scenario())
+    assert sent == [[1, 2], [3, 4], [5, 6], [7]] and held == 0 and waiting
+
+
 def test_event_log_serves_one_scale_set_only_from_where_it_holds_all_its_events() -> None:
     def message(*events: tuple[int, str, int, str]) -> bytes:
         return pb.WatchEventsResponse(

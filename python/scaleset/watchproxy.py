@@ -508,19 +508,23 @@ class WatchProxy:
             if not headers_sent:
                 await context.send_initial_metadata(STREAM_OPEN)
                 headers_sent = True
-            last = served.last
-            await self._deliver(served, changed, context)
+            last, more, outgoing = served.last, served.more, [served.message]
+            del served  # see _deliver
+            await self._deliver(outgoing, more, changed, context)
 
     async def _deliver(
-        self, served: Served, changed: asyncio.Event, context: grpc.aio.ServicerContext
+        self, outgoing: list[bytes], more: bool, changed: asyncio.Event, context: grpc.aio.ServicerContext
     ) -> None:
-        """Sends ``served``'s message (none: waits for ``changed``), then, unless more follows at once,
-        waits for the watcher's next turn. As on the server: at most one message per watcher per interval
-        while changes stream, jittered so that watchers do not wake together, each in its turn across all
-        of them."""
-        if served.message:
-            await send_within(context, served.message, self._send_timeout)
-            if served.more:
+        """Sends the message in ``outgoing`` (empty: waits for ``changed``), then, unless ``more`` follows
+        at once, waits for the watcher's next turn. As on the server: at most one message per watcher per
+        interval while changes stream, jittered so that watchers do not wake together, each in its turn
+        across all of them. The message is taken out of ``outgoing``, which the caller holds in its place:
+        a watcher waiting for its turn holds nothing of what it sent (1,000 of them would otherwise hold
+        up to a message of about 1 MB each)."""
+        if message := outgoing.pop():
+            await send_within(context, message, self._send_timeout)
+            del message
+            if more:
                 return
             await asyncio.sleep(WATCH_INTERVAL_S * random.uniform(0.5, 1.5))
         else:
@@ -541,8 +545,9 @@ class WatchProxy:
             if served.ended:  # its deletion: the last message
                 await send_within(context, served.message, self._send_timeout)
                 return
-            last = served.last
-            await self._deliver(served, changed, context)
+            last, more, outgoing = served.last, served.more, [served.message]
+            del served  # see _deliver
+            await self._deliver(outgoing, more, changed, context)
 
     async def _catch_up(self, last: int, context: grpc.aio.ServicerContext, *, headers_sent: bool) -> int:
         """Relays the server's watch after ``last`` until the log reaches back to where it got to; returns
