@@ -34,8 +34,8 @@ With ``--watch rust`` the watchers are the Rust ones (rust/scaleset-client's sca
 way): the same streams, read or held the same way, in two processes that spend a third of the CPU of
 bench/load.py's watcher processes (each message is scanned for its first and last event, not decoded).
 
-Run: ``python bench/soak.py --minutes 2 --watchers 1000 [--proxy] [--load rust] [--watch rust]``. It starts its own server
-on a free loopback port with its database in a temporary directory, and stops it at the end.
+Run: ``python bench/soak.py --minutes 2 --watchers 1000 [--proxy] [--load rust] [--watch rust]``. It starts
+its own server on a free loopback port with its database in a temporary directory, and stops it at the end.
 """
 
 from __future__ import annotations

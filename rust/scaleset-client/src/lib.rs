@@ -61,3 +61,16 @@ impl ErrorDetails {
         out
     }
 }
+
+/// The `--flag value` pairs of a command line (`std::env::args().skip(1)`), in order: the soak's binaries
+/// (`scaleset-load`, `scaleset-watch`) take nothing else. A flag without a value is an error naming it.
+pub fn flag_values(
+    mut given: impl Iterator<Item = String>,
+) -> Result<Vec<(String, String)>, String> {
+    let mut pairs = Vec::new();
+    while let Some(flag) = given.next() {
+        let value = given.next().ok_or(format!("{flag} needs a value"))?;
+        pairs.push((flag, value));
+    }
+    Ok(pairs)
+}

@@ -40,9 +40,7 @@ fn args() -> Result<Args> {
         per_process: 64,
         inflight: 64,
     };
-    let mut given = std::env::args().skip(1);
-    while let Some(flag) = given.next() {
-        let value = given.next().ok_or(format!("{flag} needs a value"))?;
+    for (flag, value) in scaleset_client::flag_values(std::env::args().skip(1))? {
         match flag.as_str() {
             "--target" => out.target = value,
             "--rate" => out.rate = value.parse()?,

@@ -128,9 +128,7 @@ fn args() -> Result<Args> {
         reads: true,
         resume: false,
     };
-    let mut given = std::env::args().skip(1);
-    while let Some(flag) = given.next() {
-        let value = given.next().ok_or(format!("{flag} needs a value"))?;
+    for (flag, value) in scaleset_client::flag_values(std::env::args().skip(1))? {
         match flag.as_str() {
             "--target" => out.target = value,
             "--streams" => out.streams = value.parse()?,
