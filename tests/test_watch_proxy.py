@@ -176,7 +176,7 @@ def test_event_log_holds_its_bounds_and_answers_only_what_it_holds() -> None:
     assert small.size <= 200 and small.start == 2
 
 
-def test_a_watcher_of_the_proxy_waiting_for_a_change_holds_nothing_of_the_message_it_sent() -> None:
+def test_a_watcher_of_the_proxy_waiting_for_its_turn_holds_nothing_of_the_message_it_sent() -> None:
     """As on the server (tests/test_failure_paths.py): between its messages a watcher of the proxy's log
     holds nothing of the last one (1,000 waiting watchers would hold up to about 1 MB each); and a replay
     longer than a message goes out message after message, without waiting for a turn between them."""
