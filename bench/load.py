@@ -243,9 +243,10 @@ def run_rust_load(
         ],
         capture_output=True,
         text=True,
-        check=True,
         timeout=seconds * 10 + 60,
     )
+    if run.returncode != 0:
+        raise RuntimeError(f"scaleset-load failed (exit status {run.returncode}): {run.stderr.strip()}")
     first, *lines = run.stdout.splitlines()
     calls, errors, took = first.split()
     latencies = sorted(int(us) / 1e6 for us in lines)

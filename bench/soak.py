@@ -11,12 +11,11 @@ before the watchers start and as many after they stop; the summary compares the 
 window after the warm-up with theirs, pooled, then the median of the windows' own p99s on each side (which
 one hiccup of the machine's does not move), the same median of only the windows the hypervisor stole at
 most CALM_STEAL% of a core from (each window prints its share; given QUIET_WINDOWS such windows on each
-side), and the worst single window. The warm-up
-is the first window and any that starts before every reading watcher has replayed the history (each
-stream watches from the start); a reading watcher's stream that fails resumes after its last event, as a
-real watcher's would, and one refused opens again (the soak counts both). Each window also shows the
-watch streams served: the never-reading ones are let go once their flow control is full and
---stream-send-timeout has passed.
+side), and the worst single window. The warm-up is the first window and any that starts before every
+reading watcher has replayed the history (each stream watches from the start); a reading watcher's stream
+that fails resumes after its last event, as a real watcher's would, and one refused opens again (the soak
+counts both). Each window also shows the watch streams served: the never-reading ones are let go once
+their flow control is full and --stream-send-timeout has passed.
 
 With ``--proxy`` the watchers watch through ``scaleset watch-proxy`` (a process of its own, started before
 them and stopped after them), and each window also shows the proxy's CPU and RSS.
