@@ -15,7 +15,9 @@ side), and the worst single window. The warm-up is the first window and any that
 reading watcher has replayed the history (each stream watches from the start); a reading watcher's stream
 that fails resumes after its last event, as a real watcher's would, and one refused opens again (the soak
 counts both). Each window also shows the watch streams served: the never-reading ones are let go once
-their flow control is full and --stream-send-timeout has passed.
+their flow control is full and --stream-send-timeout has passed. Once the load stops, the soak waits up
+to CATCH_UP_S for every reading watcher to hold the server's newest event, and says how long that took
+or how far behind the furthest one was: what they were sent is every change.
 
 With ``--proxy`` the watchers watch through ``scaleset watch-proxy`` (a process of its own, started before
 them and stopped after them), and each window also shows the proxy's CPU and RSS.
@@ -83,6 +85,8 @@ DRIFT = 2.0
 #: machine the windows it stole a fifth of a core or more from had a median p99 18 times that of those it
 #: left alone (docs/soak.md, 2026-11-29).
 CALM_STEAL = 6.0
+#: Seconds the reading watchers have, once the load stops, to hold every event it made.
+CATCH_UP_S = 30.0
 
 
 def cpu_ticks() -> tuple[int, int, int]:
@@ -373,6 +377,20 @@ def main() -> None:
                 f"watchers let go as too slow to read: {let_go}; reading watchers' streams opened again "
                 f"(a connection refused, or a resume): {reading()[1]}"
             )
+            # What the reading watchers were sent is every change: each holds the server's newest event.
+            newest, stopped = head_sequence(target), time.monotonic()
+            while (held := procs[0].least("last")[0]) < newest and time.monotonic() - stopped < CATCH_UP_S:
+                time.sleep(0.2)
+            if held >= newest:
+                print(
+                    f"every reading watcher had every event (to the server's newest, {newest}) "
+                    f"{time.monotonic() - stopped:.1f} s after the load stopped"
+                )
+            else:
+                print(
+                    f"the reading watchers were still behind {CATCH_UP_S:g} s after the load stopped: the "
+                    f"furthest behind at event {held} of {newest} (-1: its stream ended)"
+                )
             for w in procs:
                 w.stop()
             if proxy is not None:
