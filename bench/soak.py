@@ -17,7 +17,8 @@ that fails resumes after its last event, as a real watcher's would, and one refu
 counts both). Each window also shows the watch streams served: the never-reading ones are let go once
 their flow control is full and --stream-send-timeout has passed. Once the load stops, the soak waits up
 to CATCH_UP_S for every reading watcher to hold the server's newest event, and says how long that took
-or how far behind the furthest one was: what they were sent is every change.
+or how far behind the furthest one was (a watcher that fell behind or stopped receiving would show
+there, not in the windows' p99s).
 
 With ``--proxy`` the watchers watch through ``scaleset watch-proxy`` (a process of its own, started before
 them and stopped after them), and each window also shows the proxy's CPU and RSS.
@@ -377,13 +378,13 @@ def main() -> None:
                 f"watchers let go as too slow to read: {let_go}; reading watchers' streams opened again "
                 f"(a connection refused, or a resume): {reading()[1]}"
             )
-            # What the reading watchers were sent is every change: each holds the server's newest event.
+            # The reading watchers kept up: each holds the server's newest event.
             newest, stopped = head_sequence(target), time.monotonic()
             while (held := procs[0].least("last")[0]) < newest and time.monotonic() - stopped < CATCH_UP_S:
                 time.sleep(0.2)
             if held >= newest:
                 print(
-                    f"every reading watcher had every event (to the server's newest, {newest}) "
+                    f"every reading watcher had the server's newest event ({newest}) "
                     f"{time.monotonic() - stopped:.1f} s after the load stopped"
                 )
             else:
