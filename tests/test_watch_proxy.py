@@ -153,12 +153,17 @@ def test_event_log_holds_its_bounds_and_answers_only_what_it_holds() -> None:
     large.append(
         pb.WatchEventsResponse(
             events=[
-                pb.Event(sequence=s, scale_set="big", revision=s, summary="x" * 400_000) for s in (1, 2, 3)
+                pb.Event(
+                    sequence=s, scale_set="big", revision=s, summary="x" * (WATCH_MESSAGE_BYTES * 2 // 5)
+                )
+                for s in (1, 2, 3)
             ]
         ).SerializeToString()
     )
     large.append(
-        pb.WatchEventsResponse(events=[pb.Event(sequence=4, summary="y" * 1_500_000)]).SerializeToString()
+        pb.WatchEventsResponse(
+            events=[pb.Event(sequence=4, summary="y" * (WATCH_MESSAGE_BYTES * 3 // 2))]
+        ).SerializeToString()
     )
     # One message at a time, each saying whether more follows it at once.
     cut = [large.message(after) for after in (0, 2, 3)]

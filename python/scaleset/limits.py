@@ -109,7 +109,7 @@ class _MallInfo2(ctypes.Structure):
 class FreedMemory:
     """Gives the memory the process has freed back to the system once enough of it has piled up in the
     allocator (glibc's ``malloc_trim``). A stream whose client stopped reading holds up to a message of
-    about 1 MB in gRPC's buffers, and its connection more, until they are let go; glibc keeps what they
+    about 256 KB in gRPC's buffers, and its connection more, until they are let go; glibc keeps what they
     free in its arenas, so a server (or a watch proxy) otherwise stays at the peak that a crowd of stalled
     watchers took it to. ``due`` reads how much the arenas hold free (``mallinfo2``, microseconds) and
     trims when that grew by ``threshold`` bytes from the least it held since the last trim (a trim does

@@ -923,8 +923,11 @@ class ScaleSetsServicer(_Servicer, pb_grpc.ScaleSetsServicer):
 
 
 #: A WatchEventsResponse carries events up to about this many bytes (more only for one larger event),
-#: well under the 4 MB every stock gRPC client accepts by default.
-WATCH_MESSAGE_BYTES = 1 << 20
+#: well under the 4 MB every stock gRPC client accepts by default. It is also what a stream whose client
+#: takes nothing holds in gRPC's buffers until it is let go (its first message of a replay): 1 MB until
+#: 2026-11-29 held a watch proxy with 500 such streams at 1.0 GB, 256 KB at 350 MB (docs/behaviour.md,
+#: Watch); a full 128 MB replay is then 512 messages, each followed by the next at once.
+WATCH_MESSAGE_BYTES = 256 << 10
 
 
 #: Batches of at least this many events are encoded once for every watcher, the last few of them kept (at

@@ -520,7 +520,7 @@ class WatchProxy:
         interval while changes stream, jittered so that watchers do not wake together, each in its turn
         across all of them. The message is taken out of ``outgoing``, which the caller holds in its place:
         a watcher waiting for its turn holds nothing of what it sent (1,000 of them would otherwise hold
-        up to a message of about 1 MB each)."""
+        up to a message of about 256 KB each)."""
         if message := outgoing.pop():
             await send_within(context, message, self._send_timeout)
             del message
