@@ -2,18 +2,19 @@
 SetCapacity, against the same load with no watcher, in the same run: served by the server itself, and
 through a watch proxy (`scaleset watch-proxy`), which the server serves one stream.
 
-The load is the soak's open loop (bench/soak.py) at 500 calls a second; the cost is the server process's
-CPU time (every thread, from /proc) per call. Every change goes to every watcher, but each event is
-encoded once and a watcher's message is a slice of the encoded run (service.EncodedEvents), sent at most
-WATCH_MESSAGES_PER_SECOND times a second across the watchers. The gate holds the CPU a call with the
-watchers to at most 2.1 times that without: measured 1.11-1.52x in sixteen runs, once 1.85x with the
-machine at its slowest (README, Benchmarks); with each event encoded once per watcher instead (tried, to
-check the gate), 3.0x. Through the proxy the gate holds the server's CPU a call to at most 1.3 times that
-without: measured 0.79-1.07x in ten runs (the proxy's own CPU a call, 0.47 ms, is recorded, ungated).
-The third case is 1,000 agents each watching one scale set (seven or eight to each of the 128) from its
-current revision through the proxy, which serves them from its log: the same gate, measured 1.03x and
-0.97x, and the proxy must have passed none of them through to the server. Each measures once every stream is open
-and has caught up with the history, and every stream must end on the last change (of its scale set).
+The load is the soak's open loop (bench/soak.py) at 500 calls a second; the cost is the server process's CPU
+time (every thread, from /proc) per call. Every change goes to every watcher, but each event is encoded once
+and a watcher's message is a slice of the encoded run (service.EncodedEvents), sent at most
+WATCH_MESSAGES_PER_SECOND times a second across the watchers. The gate holds the CPU a call with the watchers
+to at most 2.1 times that without: measured 1.11-1.52x in sixteen runs, once 1.85x with the machine at its
+slowest (README, Benchmarks); with each event encoded once per watcher instead (tried, to check the gate),
+3.0x. Through the proxy the gate holds the server's CPU a call to at most 1.3 times that without: measured
+0.79-1.07x in ten runs, 1.05-1.11x in six more on a later host (the proxy's own CPU a call, 0.47 ms, is
+recorded, ungated). The third case is 1,000 agents each watching one scale set (seven or eight to each of the
+128) from its current revision through the proxy, which serves them from its log: the same gate, measured
+1.03x and 0.97x, 0.98-1.20x in six more on that host, and the proxy must have passed none of them through to
+the server. Each measures once every stream is open and has caught up with the history, and every stream must
+end on the last change (of its scale set).
 
 Run: ``pytest bench/test_bench_watch.py --benchmark-only -s``. The server runs as ``scaleset serve`` in its
 own process, its SQLite file in a temporary directory; the watchers run in a process of their own, and
