@@ -183,8 +183,9 @@ def test_event_log_holds_its_bounds_and_answers_only_what_it_holds() -> None:
 
 def test_a_watcher_of_the_proxy_waiting_for_its_turn_holds_nothing_of_the_message_it_sent() -> None:
     """As on the server (tests/test_failure_paths.py): between its messages a watcher of the proxy's log
-    holds nothing of the last one (1,000 waiting watchers would hold up to about 1 MB each); and a replay
-    longer than a message goes out message after message, without waiting for a turn between them."""
+    holds nothing of the last one (1,000 waiting watchers would hold up to a message of about 256 KB each);
+    and a replay longer than a message goes out message after message, without waiting for a turn between
+    them."""
 
     class Context:
         def __init__(self) -> None:
